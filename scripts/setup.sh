@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install what Wiretrail needs on Debian 12: system packages, then a venv with the pinned
+# Python packages. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# libpcap compiles BPF filters; tcpdump, tshark, argus and ndpiReader are the peer tools that
+# the tests and benchmarks compare against.
+debs="libpcap0.8 tcpdump tshark argus-server argus-client libndpi-bin zstd python3-venv"
+missing=""
+for d in $debs; do dpkg -s "$d" >/dev/null 2>&1 || missing="$missing $d"; done
+if [ -n "$missing" ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq $missing >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e '.[test]'

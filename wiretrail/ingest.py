@@ -1,0 +1,262 @@
+"""The file pipeline: capture files -> decode -> sessions -> packet store + metadata store.
+
+One call per batch for every stage; Python runs per batch (and per closed session),
+never per packet. Files of one command are one continuous stream: a session that
+continues from one file into the next stays one session.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from wiretrail.batch import FRAG_NONE, VLAN_NONE, FrameBatch
+from wiretrail.errors import CaptureError, WiretrailError
+
+
+@dataclass
+class IngestOptions:
+    store: Path
+    link: str | None = None            # link name for the files; default: pcapng if_name, else "default"
+    link_by: str = "interface"         # "interface" or "vlan"
+    store_filter: str | None = None    # BPF: only matching packets go to the packet store
+    snaplen: int | None = None         # truncate stored packets
+    session_packets: int | None = None  # store only the first N packets of each session
+    session_bytes: int | None = None   # store only the first N bytes (frame bytes) of each session
+    max_age_days: float | None = None  # age is packet time vs now: off by default for file ingest
+    quota_bytes: int | None = None
+    progress: bool = False
+    batch_bytes: int = 16 << 20
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    packets: int = 0
+    bytes: int = 0
+    stored_packets: int = 0
+    sessions: int = 0
+    seconds: float = 0.0
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        rate = self.packets / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.files} file(s), {self.packets} packets ({self.bytes / 1e6:.1f} MB), "
+                f"{self.sessions} sessions, {self.stored_packets} packets stored, "
+                f"{self.seconds:.1f} s ({rate / 1e3:.0f} k packets/s)"
+                + (f", {len(self.errors)} file(s) with errors" if self.errors else ""))
+
+
+class LinkMapper:
+    """Maps each packet to a virtual link id (int16) by interface name or by VLAN."""
+
+    def __init__(self, link_by: str, default_name: str | None):
+        self.link_by = link_by
+        self.default_name = default_name
+        self.names: list[str] = []
+        self._ids: dict[str, int] = {}
+
+    def _id(self, name: str) -> int:
+        if name not in self._ids:
+            if len(self.names) >= 32767:
+                raise WiretrailError("more than 32767 distinct links")
+            self._ids[name] = len(self.names)
+            self.names.append(name)
+        return self._ids[name]
+
+    def map(self, batch: FrameBatch, cols: dict[str, np.ndarray]) -> np.ndarray:
+        if self.link_by == "vlan":
+            vlan = cols["vlan"]
+            uniq, inverse = np.unique(vlan, return_inverse=True)
+            ids = np.array([self._id("untagged" if v == VLAN_NONE else f"vlan{int(v)}") for v in uniq],
+                           dtype=np.int16)
+            return ids[inverse]
+        ids = np.array([self._id(self._iface_name(batch, i)) for i in range(len(batch.interfaces))] or [0],
+                       dtype=np.int16)
+        return ids[batch.iface]
+
+    def _iface_name(self, batch: FrameBatch, i: int) -> str:
+        if self.default_name:
+            return self.default_name if len(batch.interfaces) <= 1 else f"{self.default_name}{i}"
+        name = batch.interfaces[i].name if i < len(batch.interfaces) else ""
+        return name or "default"
+
+
+class Pipeline:
+    """Holds the state that spans batches and files: flow table, fragments, writers."""
+
+    def __init__(self, opts: IngestOptions):
+        from wiretrail.decode.fragments import FragmentReassembler
+        from wiretrail.sessions.flowtable import FlowTable
+        from wiretrail.sessions.schema import SESSIONS_SCHEMA
+        from wiretrail.store.index import IndexWriter
+        from wiretrail.store.metadata import TableWriter, register_schema
+        from wiretrail.store.packets import PacketWriter
+
+        self.opts = opts
+        root = Path(opts.store)
+        root.mkdir(parents=True, exist_ok=True)
+        register_schema("sessions", SESSIONS_SCHEMA)
+        self.links = LinkMapper(opts.link_by, opts.link)
+        self.flows = FlowTable(link_names=self.links.names)
+        self.fragments = FragmentReassembler()
+        self.packets = PacketWriter(root)
+        self.index = IndexWriter(root)
+        self.tables = TableWriter(root)
+        self._bpf: dict[int, np.ndarray] = {}
+        self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, ts)
+        self._next_tag = 0
+        self._session_stored = None  # per-sid stored packet/byte counts for the session caps
+        self.report = IngestReport()
+
+    # --- store policy -------------------------------------------------------------------
+    def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
+        if not self.opts.store_filter:
+            return None
+        from wiretrail.capture.bpf import bpf_match, compile_bpf
+
+        keep = np.zeros(len(batch), dtype=bool)
+        for lt in np.unique(batch.linktype):
+            lt = int(lt)
+            if lt not in self._bpf:
+                self._bpf[lt] = compile_bpf(self.opts.store_filter, lt)
+            rows = np.nonzero(batch.linktype == lt)[0]
+            sub = bpf_match(self._bpf[lt], batch.data, batch.offset[rows], batch.caplen[rows], batch.wirelen[rows])
+            keep[rows] = sub
+        return keep
+
+    def _session_caps(self, sid: np.ndarray, seq: np.ndarray, cum_bytes: np.ndarray) -> np.ndarray | None:
+        if self.opts.session_packets is None and self.opts.session_bytes is None:
+            return None
+        keep = np.ones(len(sid), dtype=bool)
+        has = sid >= 0
+        if self.opts.session_packets is not None:
+            keep &= ~has | (seq < self.opts.session_packets)
+        if self.opts.session_bytes is not None:
+            keep &= ~has | (cum_bytes <= self.opts.session_bytes)
+        return keep
+
+    # --- one batch ----------------------------------------------------------------------
+    def process(self, batch: FrameBatch) -> None:
+        from wiretrail.decode import decode
+
+        n = len(batch)
+        if n == 0:
+            return
+        cols = decode(batch)
+        link = self.links.map(batch, cols)
+        sid, is_orig, seq, cum_bytes = self.flows.update(cols, batch.ts, batch.wirelen, link)
+
+        keep = self._filter_mask(batch)
+        caps = self._session_caps(sid, seq, cum_bytes)
+        if caps is not None:
+            keep = caps if keep is None else keep & caps
+        file_id, file_off = self.packets.write(batch, link, self.links.names, keep, self.opts.snaplen)
+        stored = file_off >= 0
+        self.report.stored_packets += int(stored.sum())
+
+        indexed = stored & (sid >= 0)
+        self.index.append(sid[indexed], file_id[indexed], file_off[indexed], batch.ts[indexed])
+        self._fragments(batch, cols, link, file_id, file_off)
+
+        self.report.packets += n
+        self.report.bytes += int(batch.caplen.sum())
+        self._close(self.flows.expire(int(batch.ts.max())))
+        self.index.maybe_flush()
+        self.tables.maybe_flush()
+
+    def _fragments(self, batch, cols, link, file_id, file_off) -> None:
+        """Reassemble IP fragments; the reassembled datagram joins its session, and every
+        stored fragment is indexed under that session."""
+        rows = np.nonzero(cols["frag"] != FRAG_NONE)[0]
+        if len(rows) == 0:
+            return
+        tags = np.arange(self._next_tag, self._next_tag + len(rows), dtype=np.int64)
+        self._next_tag += len(rows)
+        for tag, r in zip(tags.tolist(), rows.tolist()):  # per fragment: fragments are rare
+            self._frag_pos[tag] = (int(file_id[r]), int(file_off[r]), int(batch.ts[r]), int(link[r]))
+        whole, parts = self.fragments.add(batch, cols, rows, tags)
+        if len(whole):
+            from wiretrail.decode import decode
+
+            wcols = decode(whole)
+            wlink = np.array([self._frag_pos[int(p[0])][3] for p in parts], dtype=np.int16)
+            wsid, _, _, _ = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
+            for s, p in zip(wsid.tolist(), parts):
+                self._index_fragments(s, p)
+        for p in self.fragments.expire(int(batch.ts.max())):
+            self._index_fragments(-1, p)
+
+    def _index_fragments(self, sid: int, tags) -> None:
+        pos = [self._frag_pos.pop(int(t)) for t in tags]
+        if sid < 0:
+            return
+        pos = [p for p in pos if p[1] >= 0]
+        if pos:
+            arr = np.array(pos, dtype=np.int64)
+            self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32),
+                              arr[:, 1], arr[:, 2])
+
+    def _close(self, sessions) -> None:
+        if sessions is not None and sessions.num_rows:
+            self.report.sessions += sessions.num_rows
+            self.tables.append("sessions", sessions)
+
+    def finish(self) -> None:
+        for p in self.fragments.expire(None):
+            self._index_fragments(-1, p)
+        self._close(self.flows.flush())
+        self.packets.close()
+        self.index.close()
+        self.tables.close()
+
+
+def _progress(opts: IngestOptions, paths: list[Path]):
+    if not opts.progress:
+        return None
+    from tqdm import tqdm
+
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    return tqdm(total=total, unit="B", unit_scale=True, desc="ingest", leave=False)
+
+
+def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
+    """Ingest capture files; a bad file is reported and skipped, the others still go in."""
+    from wiretrail.capture import iter_batches
+
+    paths = [Path(p) for p in paths]
+    started = time.monotonic()
+    pipe = Pipeline(opts)
+    bar = _progress(opts, paths)
+    try:
+        for path in paths:
+            if not path.is_file():
+                pipe.report.errors.append(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
+                continue
+            try:
+                for batch in iter_batches(str(path), batch_bytes=opts.batch_bytes):
+                    pipe.process(batch)
+                    if bar is not None:
+                        bar.update(int(batch.caplen.sum()) + 16 * len(batch))
+            except CaptureError as err:
+                pipe.report.errors.append(str(err))
+            pipe.report.files += 1
+    finally:
+        pipe.finish()
+        if bar is not None:
+            bar.close()
+    if opts.max_age_days is not None or opts.quota_bytes is not None:
+        from wiretrail.store import retention
+
+        retention.enforce(opts.store, max_age_days=opts.max_age_days, quota_bytes=opts.quota_bytes)
+    pipe.report.seconds = time.monotonic() - started
+    return pipe.report
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
