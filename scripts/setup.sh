@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 # libpcap compiles BPF filters; tcpdump, tshark, argus and ndpiReader are the peer tools that
 # the tests and benchmarks compare against.
-debs="libpcap0.8 tcpdump tshark argus-server argus-client libndpi-bin zstd python3-venv"
+debs="libpcap0.8 tcpdump tshark argus-server argus-client libndpi-bin zstd time python3-venv"
 missing=""
 for d in $debs; do dpkg -s "$d" >/dev/null 2>&1 || missing="$missing $d"; done
 if [ -n "$missing" ]; then

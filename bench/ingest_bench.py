@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Full ingest of the benchmark captures against peer tools, in the same run.
+
+    .venv/bin/python bench/ingest_bench.py [--data bench-data] [--capture mix.pcap]
+
+Builds the captures with ../shared/bench/make_capture.sh if they are missing, warms
+numba's compile cache on mix_small.pcap (compile time is a one-off, not ingest work),
+then times, on the same file and the same machine, one after another:
+  wiretrail ingest   (decode, sessions, packet store, packet index, Parquet)
+  argus -r -w        (flow records)
+  ndpiReader -i      (nDPI identification; its "Unique flows" is the session count peer)
+  tcpdump -r -w      (a plain copy: the floor for any tool that writes every packet)
+and prints packets per CPU-second (user + sys), peak RSS and the ratios. The machines are
+shared and noisy: compare ratios from one run, not absolute figures across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_BENCH = REPO.parent / "shared" / "bench"
+
+
+def timed(cmd: list[str], **kw) -> tuple[float, int, str]:
+    """Run cmd under GNU time; returns (cpu seconds, peak RSS in KiB, stdout+stderr)."""
+    fmt = "WTBENCH %U %S %M"
+    proc = subprocess.run(["/usr/bin/time", "-f", fmt, *cmd], capture_output=True, text=True, **kw)
+    out = proc.stdout + proc.stderr
+    m = re.search(r"WTBENCH ([\d.]+) ([\d.]+) (\d+)", out)
+    if proc.returncode != 0 or not m:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out[-2000:]}")
+    return float(m.group(1)) + float(m.group(2)), int(m.group(3)), out
+
+
+def packet_count(path: Path) -> int:
+    out = subprocess.run(["capinfos", "-c", "-M", str(path)], capture_output=True, text=True).stdout
+    m = re.search(r"Number of packets:\s+(\d+)", out)
+    return int(m.group(1)) if m else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=REPO / "bench-data")
+    ap.add_argument("--capture", default="mix.pcap")
+    args = ap.parse_args()
+    data = args.data
+    if not (data / "mix.pcap").exists() or not (data / "mix_small.pcap").exists():
+        subprocess.run(["sh", str(SHARED_BENCH / "make_capture.sh"), str(data)], check=True)
+    capture = data / args.capture
+    packets = packet_count(capture)
+    wiretrail = str(REPO / ".venv" / "bin" / "wiretrail")
+    print(f"capture: {capture.name}, {packets} packets, {capture.stat().st_size / 1e6:.0f} MB")
+
+    with tempfile.TemporaryDirectory(dir=data) as tmp:
+        tmp = Path(tmp)
+        # Warm numba's on-disk cache; keep the session count of the small file for reference.
+        timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "warm"), str(data / "mix_small.pcap")])
+        shutil.rmtree(tmp / "warm")
+
+        results = {}
+        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
+        m = re.search(r"(\d+) sessions", out)
+        sessions = int(m.group(1)) if m else -1
+        results["wiretrail ingest"] = (cpu, rss)
+        store_mb = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file()) / 1e6
+        shutil.rmtree(tmp / "store")
+
+        cpu, rss, _ = timed(["argus", "-r", str(capture), "-w", str(tmp / "out.argus")])
+        results["argus -r -w"] = (cpu, rss)
+        cpu, rss, out = timed(["ndpiReader", "-i", str(capture)])
+        m = re.search(r"Unique flows:\s+(\d+)", out)
+        ndpi_flows = int(m.group(1)) if m else -1
+        results["ndpiReader -i"] = (cpu, rss)
+        cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
+        results["tcpdump -r -w (copy)"] = (cpu, rss)
+
+    ours = packets / results["wiretrail ingest"][0]
+    print(f"{'tool':<24} {'CPU s':>7} {'pkts/CPU-s':>12} {'peak RSS':>10} {'wiretrail/tool':>15}")
+    for name, (cpu, rss) in results.items():
+        rate = packets / cpu if cpu else float("inf")
+        print(f"{name:<24} {cpu:7.2f} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB {ours / rate:14.2f}x")
+    diff = (sessions - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
+    print(f"sessions: wiretrail {sessions}, ndpiReader unique flows {ndpi_flows} ({diff:+.2f}%)")
+    print(f"store size: {store_mb:.0f} MB for {capture.stat().st_size / 1e6:.0f} MB of capture")
+
+
+if __name__ == "__main__":
+    main()
