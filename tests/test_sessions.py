@@ -1,0 +1,322 @@
+"""The flow table: Zeek conn_state/history on synthetic packets, community id, timeouts, growth,
+and agreement with Zeek's conn.log baselines and nDPI's per-flow counts on the corpus."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wiretrail.batch import FRAG_NONE, VLAN_NONE, empty_columns
+from wiretrail.sessions.flowtable import NS, FlowTable, community_id, uid_of
+from wiretrail.sessions.schema import SESSIONS_SCHEMA
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+S, SA, A, PA, F, FA, R, RA = 0x02, 0x12, 0x10, 0x18, 0x01, 0x11, 0x04, 0x14
+T0 = 1_700_000_000 * NS
+
+
+def _addr(a: str) -> tuple[int, int, int]:
+    ip = ipaddress.ip_address(a)
+    if ip.version == 4:
+        return 4, 0, 0x0000FFFF00000000 | int(ip)
+    v = int(ip)
+    return 6, v >> 64, v & 0xFFFFFFFFFFFFFFFF
+
+
+def columns(pkts: list[dict]):
+    """PacketColumns for synthetic packets: dicts with src, dst, proto, sport, dport, and for TCP
+    flags, seq, ack, len (payload), win; ts in ns; vlan optional."""
+    n = len(pkts)
+    c = empty_columns(n)
+    ts = np.zeros(n, dtype=np.int64)
+    wirelen = np.zeros(n, dtype=np.int32)
+    for i, p in enumerate(pkts):
+        ver, shi, slo = _addr(p["src"])
+        _, dhi, dlo = _addr(p["dst"])
+        proto = p.get("proto", 6)
+        iph = 20 if ver == 4 else 40
+        l4h = {6: 20, 17: 8, 1: 8, 58: 8}.get(proto, 0)
+        plen = p.get("len", 0)
+        c["ethertype"][i] = 0x0800 if ver == 4 else 0x86DD
+        c["ip_ver"][i] = ver
+        c["proto"][i] = proto
+        c["src_hi"][i], c["src_lo"][i], c["dst_hi"][i], c["dst_lo"][i] = shi, slo, dhi, dlo
+        c["sport"][i] = p.get("sport", 0)
+        c["dport"][i] = p.get("dport", 0)
+        c["tcp_flags"][i] = p.get("flags", 0)
+        c["tcp_seq"][i] = p.get("seq", 0) & 0xFFFFFFFF
+        c["tcp_ack"][i] = p.get("ack", 0) & 0xFFFFFFFF
+        c["tcp_win"][i] = p.get("win", 65535)
+        c["l3_off"][i] = 14
+        c["l4_off"][i] = 14 + iph
+        c["pl_off"][i] = 14 + iph + l4h
+        c["pl_len"][i] = plen
+        c["ip_len"][i] = iph + l4h + plen
+        c["frag"][i] = p.get("frag", FRAG_NONE)
+        c["vlan"][i] = p.get("vlan", VLAN_NONE)
+        ts[i] = p.get("ts", T0 + i * 1000)
+        wirelen[i] = 14 + iph + l4h + plen
+    return c, ts, wirelen, np.zeros(n, dtype=np.int16)
+
+
+def run(pkts, table=None, **kw):
+    table = table or FlowTable(**kw)
+    c, ts, wl, link = columns(pkts)
+    sid, is_orig, seq, cum = table.update(c, ts, wl, link)
+    out = table.flush()
+    assert out.schema == SESSIONS_SCHEMA
+    return rows_of(out), sid, is_orig
+
+
+def rows_of(table):
+    """Rows as dicts, with timestamps as integer ns."""
+    import pyarrow as pa
+
+    for name in ("ts", "last_ts"):
+        i = table.schema.get_field_index(name)
+        table = table.set_column(i, name, table.column(name).cast(pa.int64()))
+    return table.to_pylist()
+
+
+def tcp(src, sp, dst, dp, flags, seq=0, ack=0, length=0, **kw):
+    return dict(src=src, dst=dst, sport=sp, dport=dp, proto=6, flags=flags, seq=seq, ack=ack, len=length, **kw)
+
+
+C, SV = "10.0.0.1", "10.0.0.2"
+
+
+def handshake_session(isn_c=1000, isn_s=5000, req=100, resp=300, t=T0):
+    ms = 1_000_000
+    return [
+        tcp(C, 40000, SV, 80, S, isn_c, 0, ts=t),
+        tcp(SV, 80, C, 40000, SA, isn_s, isn_c + 1, ts=t + 10 * ms),
+        tcp(C, 40000, SV, 80, A, isn_c + 1, isn_s + 1, ts=t + 20 * ms),
+        tcp(C, 40000, SV, 80, PA, isn_c + 1, isn_s + 1, req, ts=t + 21 * ms),
+        tcp(SV, 80, C, 40000, A, isn_s + 1, isn_c + 1 + req, ts=t + 30 * ms),
+        tcp(SV, 80, C, 40000, PA, isn_s + 1, isn_c + 1 + req, resp, ts=t + 31 * ms),
+        tcp(C, 40000, SV, 80, A, isn_c + 1 + req, isn_s + 1 + resp, ts=t + 40 * ms),
+        tcp(C, 40000, SV, 80, FA, isn_c + 1 + req, isn_s + 1 + resp, ts=t + 41 * ms),
+        tcp(SV, 80, C, 40000, FA, isn_s + 1 + resp, isn_c + 2 + req, ts=t + 50 * ms),
+        tcp(C, 40000, SV, 80, A, isn_c + 2 + req, isn_s + 2 + resp, ts=t + 60 * ms),
+    ]
+
+
+# ---- synthetic -------------------------------------------------------------------------------
+
+def test_handshake_sf():
+    rows, sid, is_orig = run(handshake_session())
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["orig_h"], r["orig_p"], r["resp_h"], r["resp_p"], r["proto"]) == (C, 40000, SV, 80, "tcp")
+    assert r["conn_state"] == "SF"
+    assert r["history"] == "ShADadFf"
+    assert (r["orig_pkts"], r["resp_pkts"]) == (6, 4)
+    assert (r["orig_bytes"], r["resp_bytes"]) == (100, 300)
+    assert r["orig_ip_bytes"] == 6 * 40 + 100 and r["resp_ip_bytes"] == 4 * 40 + 300
+    assert r["rtt"] == 20_000_000
+    assert r["duration"] == 60_000_000
+    assert r["retrans_orig"] == r["retrans_resp"] == 0 and r["missed_bytes"] == 0
+    assert (sid == r["sid"]).all()
+    assert is_orig.tolist() == [True, False, True, True, False, False, True, True, False, True]
+    assert r["uid"] == uid_of(r["sid"]) and r["uid"].startswith("C")
+    assert r["vlan"] is None and r["icmp_type"] is None
+
+
+def test_syn_only_s0_and_rej():
+    rows, _, _ = run([tcp(C, 40001, SV, 22, S, 7)])
+    assert (rows[0]["conn_state"], rows[0]["history"]) == ("S0", "S")
+    assert rows[0]["rtt"] is None
+    rows, _, _ = run([tcp(C, 40001, SV, 22, S, 7), tcp(SV, 22, C, 40001, RA, 0, 8)])
+    r = rows[0]
+    assert (r["conn_state"], r["history"], r["orig_bytes"], r["resp_bytes"]) == ("REJ", "Sr", 0, 0)
+
+
+def test_other_tcp_states():
+    # SYN then the originator gives up with RST: RSTOS0
+    rows, _, _ = run([tcp(C, 40002, SV, 80, S, 7), tcp(C, 40002, SV, 80, R, 8)])
+    assert (rows[0]["conn_state"], rows[0]["history"]) == ("RSTOS0", "SR")
+    # established then the responder resets: RSTR
+    pk = handshake_session()[:4] + [tcp(SV, 80, C, 40000, RA, 5001, 1101, ts=T0 + 10**8)]
+    rows, _, _ = run(pk)
+    assert (rows[0]["conn_state"], rows[0]["history"]) == ("RSTR", "ShADr")
+    # handshake, no teardown: S1
+    rows, _, _ = run(handshake_session()[:6])
+    assert rows[0]["conn_state"] == "S1"
+    # mid-stream pick-up from the server side: flipped on the likely server port
+    rows, _, _ = run([tcp(SV, 80, C, 40000, FA, 100, 200), tcp(C, 40000, SV, 80, A, 200, 101)])
+    r = rows[0]
+    assert (r["orig_h"], r["orig_p"], r["conn_state"], r["history"]) == (C, 40000, "SHR", "^fA")
+
+
+def test_syn_ack_first_flips():
+    pk = handshake_session()
+    pk[0], pk[1] = pk[1], pk[0]  # SYN-ACK recorded before the SYN
+    pk[0]["ts"], pk[1]["ts"] = pk[1]["ts"], pk[0]["ts"]
+    rows, _, is_orig = run(pk)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["orig_h"], r["orig_p"], r["conn_state"]) == (C, 40000, "SF")
+    assert (r["orig_bytes"], r["resp_bytes"]) == (100, 300)
+    assert is_orig[0] == False and is_orig[1] == True  # noqa: E712
+
+
+def test_retransmission_ooo_zero_window():
+    pk = handshake_session()
+    resp2 = tcp(SV, 80, C, 40000, PA, 5301, 1101, 200, ts=T0 + 32_000_000)
+    pk = pk[:6] + [resp2, dict(pk[5], ts=T0 + 33_000_000)] + pk[6:]  # resend the first reply segment
+    for p in pk[8:]:
+        if p["src"] == SV:
+            p["seq"] += 200
+        else:
+            p["ack"] += 200
+    pk.append(tcp(C, 40000, SV, 80, A, 1102, 5502, win=0, ts=T0 + 70_000_000))
+    rows, _, _ = run(pk)
+    r = rows[0]
+    assert r["retrans_resp"] == 1 and r["retrans_orig"] == 0
+    assert r["resp_bytes"] == 500
+    assert r["zero_win_orig"] == 1
+    assert "t" in r["history"] and "W" in r["history"]
+    # a gap filled later: out of order, not a retransmission, no missed bytes
+    base = handshake_session()[:4]
+    seg = lambda seq, t: tcp(SV, 80, C, 40000, PA, seq, 1101, 100, ts=t)  # noqa: E731
+    pk = base + [seg(5001, T0 + 30_000_000), seg(5201, T0 + 31_000_000), seg(5101, T0 + 32_000_000)]
+    rows, _, _ = run(pk)
+    r = rows[0]
+    assert (r["ooo_resp"], r["retrans_resp"], r["missed_bytes"], r["resp_bytes"]) == (1, 0, 0, 300)
+    # a gap never filled counts as missed bytes
+    rows, _, _ = run(base + [seg(5001, T0 + 30_000_000), seg(5201, T0 + 31_000_000)])
+    assert rows[0]["missed_bytes"] == 100
+
+
+def test_udp_states():
+    q = dict(src=C, dst="10.0.0.53", sport=5353 + 10000, dport=53, proto=17, len=40)
+    rows, _, _ = run([q])
+    assert (rows[0]["conn_state"], rows[0]["history"], rows[0]["orig_bytes"]) == ("S0", "D", 40)
+    a = dict(src="10.0.0.53", dst=C, sport=53, dport=15353, proto=17, len=120)
+    rows, _, is_orig = run([q, a])
+    r = rows[0]
+    assert (r["conn_state"], r["history"], r["orig_bytes"], r["resp_bytes"]) == ("SF", "Dd", 40, 120)
+    assert (r["orig_ip_bytes"], r["resp_ip_bytes"]) == (68, 148)
+    # an answer seen alone is flipped to the client as originator: SHR, ^d
+    rows, _, _ = run([a])
+    r = rows[0]
+    assert (r["orig_h"], r["orig_p"], r["conn_state"], r["history"]) == (C, 15353, "SHR", "^d")
+
+
+def test_icmp_echo_pairing():
+    v6a, v6b = "2001:db8::1", "2001:db8::2"
+    pk = [dict(src=C, dst=SV, proto=1, sport=8, dport=0, len=56, ts=T0),
+          dict(src=SV, dst=C, proto=1, sport=0, dport=0, len=56, ts=T0 + 10**6),
+          dict(src=C, dst=SV, proto=1, sport=3, dport=3, len=36, ts=T0 + 2 * 10**6),  # unreachable: own session
+          dict(src=v6a, dst=v6b, proto=58, sport=128, dport=0, len=4, ts=T0 + 3 * 10**6),
+          dict(src=v6b, dst=v6a, proto=58, sport=129, dport=0, len=4, ts=T0 + 4 * 10**6)]
+    rows, sid, _ = run(pk)
+    assert len(rows) == 3 and sid[0] == sid[1] and sid[3] == sid[4] and sid[2] != sid[0]
+    by = {(r["orig_h"], r["orig_p"], r["resp_p"]): r for r in rows}
+    e = by[(C, 8, 0)]
+    assert (e["proto"], e["conn_state"], e["orig_pkts"], e["resp_pkts"], e["orig_bytes"]) == ("icmp", "OTH", 1, 1, 56)
+    assert (e["icmp_type"], e["icmp_code"], e["history"]) == (8, 0, None)
+    assert (C, 3, 3) in by
+    r6 = by[(v6a, 128, 129)]
+    assert (r6["orig_bytes"], r6["resp_bytes"], r6["orig_ip_bytes"]) == (4, 4, 52)
+
+
+def test_non_ip_and_fragments_have_no_session():
+    pk = handshake_session()[:2]
+    c, ts, wl, link = columns(pk + [tcp(C, 1, SV, 2, S, frag=2)])
+    c["ip_ver"][1] = 0  # e.g. ARP
+    t = FlowTable()
+    sid, is_orig, seq, cum = t.update(c, ts, wl, link)
+    assert sid[0] >= 0 and sid[1] == -1 and sid[2] == -1
+    assert seq[0] == 0 and cum[0] == wl[0]
+    assert t.flush().num_rows == 1
+
+
+def test_out_of_order_timestamps():
+    pk = handshake_session()
+    pk[4]["ts"], pk[5]["ts"] = pk[5]["ts"], pk[4]["ts"] - 5_000_000  # earlier than the session's last ts
+    pk[9]["ts"] = T0 - 1000  # even earlier than the first packet
+    rows, _, _ = run(pk)
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["conn_state"] == "SF" and r["ts"] == T0 - 1000 and r["last_ts"] == T0 + 50_000_000
+    assert r["duration"] >= 0 and r["orig_pkts"] == 6 and r["resp_pkts"] == 4
+
+
+def test_timeouts_split_sessions():
+    q = lambda t: dict(src=C, dst="10.0.0.53", sport=15353, dport=53, proto=17, len=40, ts=t)  # noqa: E731
+    # inside one batch: 61 s of silence splits a UDP flow
+    rows, sid, _ = run([q(T0), q(T0 + 10 * NS), q(T0 + 71 * NS + 1)])
+    assert len(rows) == 2 and sid[0] == sid[1] != sid[2]
+    # across batches, with expire()
+    t = FlowTable()
+    for k, when in enumerate([T0, T0 + 30 * NS]):
+        c, ts, wl, link = columns([q(when)])
+        t.update(c, ts, wl, link)
+        assert t.expire(when).num_rows == 0
+    assert t.expire(T0 + 89 * NS).num_rows == 0
+    out = t.expire(T0 + 91 * NS)
+    assert out.num_rows == 1 and out.column("orig_pkts").to_pylist() == [2] and len(t) == 0
+    # active timeout: a long flow is cut and continues in a new session with the same originator
+    pk = [q(T0 + k * 50 * NS) for k in range(10)]
+    rows, sid, _ = run(pk, active_timeout=200 * NS)
+    assert len(rows) == 2 and all(r["orig_h"] == C for r in rows)  # 0..200 s, 250..450 s
+    assert sum(r["orig_pkts"] for r in rows) == 10
+    # TCP: closed sessions go a few seconds after FIN/FIN; port reuse starts a new session
+    t = FlowTable()
+    c, ts, wl, link = columns(handshake_session())
+    t.update(c, ts, wl, link)
+    assert t.expire(T0 + 2 * NS).num_rows == 0
+    assert t.expire(T0 + 6 * NS).num_rows == 1
+    rows, sid, _ = run(handshake_session() + handshake_session(isn_c=9000, t=T0 + NS))
+    assert len(rows) == 2 and all(r["conn_state"] == "SF" for r in rows)
+    # the same REJ attempt twice (same ISN) is two sessions, as in Zeek
+    rej = [tcp(C, 40001, SV, 110, S, 7), tcp(SV, 110, C, 40001, RA, 0, 8)]
+    rows, _, _ = run(rej + [dict(p, ts=T0 + NS + k) for k, p in enumerate(rej)])
+    assert [r["conn_state"] for r in rows] == ["REJ", "REJ"]
+
+
+def test_growth_past_initial_size():
+    n = 20000
+    pk = [dict(src=f"10.{(k >> 16) & 255}.{(k >> 8) & 255}.{k & 255}", dst="192.0.2.1", proto=17,
+               sport=1024 + k % 50000, dport=53, len=10, ts=T0 + k) for k in range(n)]
+    t = FlowTable(initial_capacity=16)
+    c, ts, wl, link = columns(pk)
+    half = n // 2
+    sid1, _, _, _ = t.update({k: v[:half] for k, v in c.items()}, ts[:half], wl[:half], link[:half])
+    sid2, _, _, _ = t.update({k: v[half:] for k, v in c.items()}, ts[half:], wl[half:], link[half:])
+    # the same packets again hit the same sessions
+    sid3, _, _, _ = t.update(c, ts + 1000, wl, link)
+    assert len(t) == n and t.capacity >= 2 * n
+    assert (np.concatenate([sid1, sid2]) == sid3).all()
+    assert len(np.unique(sid3)) == n
+    out = t.flush()
+    assert out.num_rows == n and set(out.column("orig_pkts").to_pylist()) == {2}
+
+
+def test_community_id_spec_examples():
+    # From the spec's baseline (community-id-spec, baseline/baseline_deflt.json / README).
+    ip = lambda a: ipaddress.ip_address(a).packed  # noqa: E731
+    assert community_id(ip("128.232.110.120"), ip("66.35.250.204"), 6, 34855, 80) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    assert community_id(ip("66.35.250.204"), ip("128.232.110.120"), 6, 80, 34855) == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="
+    assert community_id(ip("128.232.110.120"), ip("66.35.250.204"), 6, 34855, 80, seed=1) == \
+        "1:3V71V58M3Ksw/yuFALMcW0LAHvc="
+    assert community_id(ip("192.168.0.89"), ip("192.168.0.1"), 1, 8, 0) == "1:X0snYXpgwiv9TZtqg64sgzUn6Dk="
+    assert community_id(ip("192.168.0.1"), ip("192.168.0.89"), 1, 0, 0) == "1:X0snYXpgwiv9TZtqg64sgzUn6Dk="
+    assert community_id(ip("192.168.0.89"), ip("192.168.0.1"), 1, 20, 1) == "1:tz/fHIDUHs19NkixVVoOZywde+I="
+    assert community_id(ip("fe80::200:86ff:fe05:80da"), ip("fe80::260:97ff:fe07:69ea"), 58, 135, 0) == \
+        "1:dGHyGvjMfljg6Bppwm3bg0LO8TY="
+    assert community_id(ip("fe80::260:97ff:fe07:69ea"), ip("fe80::200:86ff:fe05:80da"), 58, 136, 0) == \
+        "1:dGHyGvjMfljg6Bppwm3bg0LO8TY="
+    assert community_id(ip("3ffe:507:0:1:200:86ff:fe05:80da"), ip("3ffe:507:0:1:260:97ff:fe07:69ea"), 58, 3, 0) == \
+        "1:/OGBt9BN1ofenrmSPWYicpij2Vc="
+    # and through the flow table
+    rows, _, _ = run([tcp("128.232.110.120", 34855, "66.35.250.204", 80, S, 1)])
+    assert rows[0]["community_id"] == "1:LQU9qZlK+B5F3KDmev6m5PMibrg="

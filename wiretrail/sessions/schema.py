@@ -1,0 +1,58 @@
+"""The `sessions` table: one row per closed session, Zeek conn.log names without `id.`."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+SESSIONS_SCHEMA = pa.schema([
+    ("uid", pa.string()),
+    ("sid", pa.int64()),
+    ("ts", pa.timestamp("ns")),
+    ("last_ts", pa.timestamp("ns")),
+    ("duration", pa.int64()),          # ns
+    ("link", pa.string()),
+    ("vlan", pa.int32()),              # null if untagged
+    ("inner_vlan", pa.int32()),        # null if none
+    ("tunnel", pa.string()),           # outermost tunnel removed by the decoder, null if none
+    ("orig_h", pa.string()),
+    ("orig_p", pa.int32()),
+    ("resp_h", pa.string()),
+    ("resp_p", pa.int32()),
+    ("proto", pa.string()),            # tcp, udp, icmp (v4 and v6, as Zeek), unknown_transport
+    ("ip_proto", pa.int32()),
+    ("service", pa.string()),          # filled by a later stage
+    ("orig_bytes", pa.int64()),
+    ("resp_bytes", pa.int64()),
+    ("missed_bytes", pa.int64()),
+    ("orig_pkts", pa.int64()),
+    ("orig_ip_bytes", pa.int64()),
+    ("resp_pkts", pa.int64()),
+    ("resp_ip_bytes", pa.int64()),
+    ("conn_state", pa.string()),
+    ("history", pa.string()),
+    ("community_id", pa.string()),
+    ("icmp_type", pa.int32()),         # null unless ICMP
+    ("icmp_code", pa.int32()),
+    ("rtt", pa.int64()),               # TCP handshake SYN -> ACK, ns; null if not seen
+    ("retrans_orig", pa.int32()),
+    ("retrans_resp", pa.int32()),
+    ("ooo_orig", pa.int32()),
+    ("ooo_resp", pa.int32()),
+    ("zero_win_orig", pa.int32()),
+    ("zero_win_resp", pa.int32()),
+    ("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
+])
+
+
+def _register() -> None:
+    try:
+        from wiretrail.store.metadata import register_schema
+    except ImportError:  # the store may not exist (yet); ingest registers explicitly too
+        return
+    try:
+        register_schema("sessions", SESSIONS_SCHEMA)
+    except Exception:  # pragma: no cover - registration is best effort at import time
+        pass
+
+
+_register()
