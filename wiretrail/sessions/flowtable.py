@@ -40,13 +40,15 @@ PKTS_O, IPB_O, PLB_O = 10, 12, 14
 START_O, MAXREL_O, DATAEND_O, ACKREL_O = 16, 18, 20, 22
 GAPLO_O, GAPHI_O = 24, 26
 LASTSYN_O, LASTFIN_O, LASTRST_O = 28, 30, 32
-N_I64 = 34
+IDLE = 34  # this session's inactivity timeout
+N_I64 = 35
 
 # ---- per-session int32 fields ----------------------------------------------------------------
 ORIG_IS_A, PROTO, IPVER, LINK, VLAN, INNER, TUNNEL, ICMP_T, ICMP_C, HSEEN, HLEN = range(11)
 SLOT, LIVE, CONT = 11, 12, 13
 STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O = 14, 16, 18, 20, 22, 24, 26, 28, 30
-N_I32 = 32
+GAPCNT_O, GAPPEND_O = 32, 34
+N_I32 = 36
 
 HMAX = 32  # history letters kept per session
 
@@ -163,7 +165,7 @@ def _flip(I64, I32, hist, s):
         t = I64[s, f]
         I64[s, f] = I64[s, f + 1]
         I64[s, f + 1] = t
-    for f in (STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O):
+    for f in (STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O, GAPCNT_O, GAPPEND_O):
         t = I32[s, f]
         I32[s, f] = I32[s, f + 1]
         I32[s, f + 1] = t
@@ -183,7 +185,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
                    vlan, inner_vlan, tunnel, anomaly, ts, wirelen, link,
                    tab, K64, I64, I32, hist, free, retired, ctr, idle_to, active_to, close_delay,
-                   server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum):
+                   attempt_delay, dns_to, server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum):
     mask = np.uint64(tab.shape[0] - 1)
     for i in range(start, n):
         # room for one new session and one retired session?
@@ -251,10 +253,13 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
         if s >= 0:
             split = False
             last = I64[s, LAST_TS]
-            if t - last > idle_to[p]:
+            if t - last > I64[s, IDLE]:
                 split = True
             elif I64[s, CLOSE_TS] != 0 and t - last > close_delay:
                 split = True
+            elif p == 6 and (I32[s, STATE_O] == T_SYN_SENT or I32[s, STATE_O] == T_SYN_ACK_SENT) \
+                    and I32[s, STATE_O + 1] == T_INACTIVE and t - I64[s, FIRST_TS] > attempt_delay:
+                split = True  # Zeek's attempt timer removes unanswered attempts
             elif t - I64[s, FIRST_TS] > active_to:
                 split = True
                 cont_orig_is_a = I32[s, ORIG_IS_A]
@@ -305,6 +310,10 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             I64[s, RTT] = -1
             I64[s, FIRST_TS] = t
             I64[s, LAST_TS] = t
+            I64[s, IDLE] = idle_to[p]
+            if p == 17 and (sp == 53 or dp == 53 or sp == 137 or dp == 137 or sp == 5353 or dp == 5353
+                            or sp == 5355 or dp == 5355):
+                I64[s, IDLE] = dns_to  # Zeek's dns_session_timeout
             sid = np.int64(_mix(h ^ np.uint64(t)) & np.uint64(0x7FFFFFFFFFFFFFFF))
             I64[s, SID] = sid
             I32[s, PROTO] = p
@@ -380,7 +389,8 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             _hcheck(hist, I32, s, d, H_DATA, 68)  # 'D'
             continue
         if p != 6:
-            I64[s, PLB_O + d] += plen
+            if p == 1 or p == 58:
+                I64[s, PLB_O + d] += plen
             continue
         if not has_l4:
             continue
@@ -408,6 +418,11 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             if I32[s, ACKSEEN_O + e] == 0 or arel > I64[s, ACKREL_O + e]:
                 I64[s, ACKREL_O + e] = arel
                 I32[s, ACKSEEN_O + e] = 1
+            if I32[s, GAPPEND_O + e] == 1 and arel > I64[s, GAPLO_O + e]:
+                # the peer acknowledged past a hole: the bytes are missing for good (Zeek's 'g')
+                I32[s, GAPPEND_O + e] = 0
+                I32[s, GAPCNT_O + e] += 1
+                _scaled(hist, I32, s, e, 71, I32[s, GAPCNT_O + e])
 
         # data: retransmissions, out-of-order segments, gaps
         if plen > 0 and not rst:
@@ -422,7 +437,10 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                     lo = dstart if dstart > glo else glo
                     hi = dend if dend < ghi else ghi
                     I64[s, MISSED] -= hi - lo
-                    if dstart <= glo:
+                    if dstart <= glo and dend >= ghi:
+                        I32[s, GAPPEND_O + d] = 0  # gap filled
+                        I64[s, GAPLO_O + d] = ghi
+                    elif dstart <= glo:
                         I64[s, GAPLO_O + d] = hi
                     elif dend >= ghi:
                         I64[s, GAPHI_O + d] = lo
@@ -436,6 +454,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                 I64[s, GAPLO_O + d] = de
                 I64[s, GAPHI_O + d] = dstart
                 I64[s, DATAEND_O + d] = dend
+                I32[s, GAPPEND_O + d] = 1
             else:
                 if dstart < de:
                     I32[s, RETR_O + d] += 1
@@ -444,6 +463,10 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
 
         # history (Zeek's update_history)
         nbits = (1 if syn else 0) + (1 if fin else 0) + (1 if rst else 0)
+        if fin and I32[s, GAPPEND_O + d] == 1:
+            I32[s, GAPPEND_O + d] = 0
+            I32[s, GAPCNT_O + d] += 1
+            _scaled(hist, I32, s, d, 71, I32[s, GAPCNT_O + d])
         if nbits > 1:
             if fin and rst:
                 _hcheck(hist, I32, s, d, H_FINRST, 73)  # 'I'
@@ -503,7 +526,8 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                 st = T_CLOSED
         if rst:
             I32[s, RSTCNT_O + d] += 1
-            st = T_RESET
+            if not (st == T_CLOSED and pst == T_CLOSED):  # a RST after FIN/FIN leaves it SF (Zeek)
+                st = T_RESET
         if not syn and not fin and not rst:
             if st == T_INACTIVE:
                 st = T_PARTIAL
@@ -511,9 +535,8 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                 st = T_ESTABLISHED
         I32[s, STATE_O + d] = st
         I32[s, STATE_O + e] = pst
-        if I64[s, CLOSE_TS] == 0:
-            if (st == T_CLOSED and pst == T_CLOSED) or st == T_RESET or pst == T_RESET:
-                I64[s, CLOSE_TS] = t
+        if I64[s, CLOSE_TS] == 0 and (fin or rst):
+            I64[s, CLOSE_TS] = t  # Zeek: close_delay / partial_close_delay after a FIN or RST
     return n
 
 
@@ -686,6 +709,7 @@ class FlowTable:
                  idle_timeout_tcp: int = 300 * NS, idle_timeout_udp: int = 60 * NS,
                  idle_timeout_icmp: int = 60 * NS, idle_timeout_other: int = 60 * NS,
                  active_timeout: int = 1800 * NS, close_delay: int = 5 * NS,
+                 attempt_delay: int = 5 * NS, dns_timeout: int = 10 * NS,
                  scan_interval: int = 1 * NS, initial_capacity: int = 1 << 14,
                  community_id_seed: int = 0):
         self.link_names = link_names if link_names is not None else []
@@ -696,6 +720,8 @@ class FlowTable:
         self.idle_to[58] = idle_timeout_icmp
         self.active_to = int(active_timeout)
         self.close_delay = int(close_delay)
+        self.attempt_delay = int(attempt_delay)
+        self.dns_timeout = int(dns_timeout)
         self.scan_interval = int(scan_interval)
         self.seed = community_id_seed
         cap = 1 << max(4, int(initial_capacity - 1).bit_length())
@@ -778,7 +804,8 @@ class FlowTable:
                                c["tcp_win"], c["pl_len"], c["ip_len"], c["l3_off"], c["l4_off"], c["pl_off"],
                                c["vlan"], c["inner_vlan"], c["tunnel"], c["anomaly"], ts, wirelen, link,
                                self.tab, self.K64, self.I64, self.I32, self.hist, self.free, self.retired,
-                               self.ctr, self.idle_to, self.active_to, self.close_delay, SERVER_PORTS, _CP4, _CP6,
+                               self.ctr, self.idle_to, self.active_to, self.close_delay,
+                               self.attempt_delay, self.dns_timeout, SERVER_PORTS, _CP4, _CP6,
                                out_sid, out_orig, out_seq, out_cum)
             if i >= n:
                 break
@@ -802,9 +829,12 @@ class FlowTable:
             live = self.I32[:, LIVE] == L_TABLE
             last = self.I64[:, LAST_TS]
             idle = now - last
-            to = self.idle_to[self.I32[:, PROTO] & 255]
-            done = live & ((idle > to) | ((self.I64[:, CLOSE_TS] != 0) & (idle > self.close_delay))
-                           | (now - self.I64[:, FIRST_TS] > self.active_to))
+            age = now - self.I64[:, FIRST_TS]
+            st_o, st_r = self.I32[:, STATE_O], self.I32[:, STATE_O + 1]
+            attempt = ((self.I32[:, PROTO] == 6) & ((st_o == T_SYN_SENT) | (st_o == T_SYN_ACK_SENT))
+                       & (st_r == T_INACTIVE) & (age > self.attempt_delay))
+            done = live & ((idle > self.I64[:, IDLE]) | ((self.I64[:, CLOSE_TS] != 0) & (idle > self.close_delay))
+                           | (age > self.active_to) | attempt)
             idx = np.nonzero(done)[0].astype(np.int64)
             if len(idx):
                 self.tab[self.I32[idx, SLOT]] = -2
