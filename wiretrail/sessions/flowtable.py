@@ -648,15 +648,29 @@ _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 def uid_of(sid: int) -> str:
-    """Zeek-style connection uid: 'C' + base62 of the session id."""
-    out = []
+    """Zeek-style connection uid: 'C' + 11 base62 digits of the (63-bit) session id."""
     v = int(sid)
-    while True:
+    out = []
+    for _ in range(11):
         v, r = divmod(v, 62)
         out.append(_B62[r])
-        if v == 0:
-            break
     return "C" + "".join(reversed(out))
+
+
+_B62_BYTES = np.frombuffer(_B62.encode("ascii"), dtype=np.uint8)
+
+
+def uids_of(sids: np.ndarray) -> pa.Array:
+    """uid_of for an array of session ids, vectorised."""
+    v = sids.astype(np.uint64)
+    m = len(v)
+    buf = np.empty((m, 12), dtype=np.uint8)
+    buf[:, 0] = ord("C")
+    for k in range(11, 0, -1):
+        buf[:, k] = _B62_BYTES[(v % np.uint64(62)).astype(np.int64)]
+        v //= np.uint64(62)
+    offsets = np.arange(0, 12 * m + 1, 12, dtype=np.int32)
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
 
 
 def _addr_bytes(hi: int, lo: int, v4: bool) -> bytes:
@@ -689,6 +703,58 @@ def community_id(saddr: bytes, daddr: bytes, proto: int, sport: int | None, dpor
     if sport is not None and dport is not None:
         data += sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
     return "1:" + base64.b64encode(hashlib.sha1(data).digest()).decode("ascii")
+
+
+def _be_bytes(x: np.ndarray, width: int) -> np.ndarray:
+    """uint64[m] -> uint8[m, width], big-endian, low `width` bytes."""
+    b = x.astype(">u8").view(np.uint8).reshape(-1, 8)
+    return b[:, 8 - width:]
+
+
+def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> list[str]:
+    """Community ID v1 for many sessions: the hash input is built with numpy, then one sha1 each.
+    For ICMP pass the type as sp and the code as dp (mapped here as the spec says)."""
+    m = len(proto)
+    sp = sp.astype(np.int64).copy()
+    dp = dp.astype(np.int64).copy()
+    icmp = (proto == 1) | (proto == 58)
+    one_way = np.zeros(m, dtype=bool)
+    if icmp.any():
+        cp = np.where(proto == 1, _CP4[sp & 255], _CP6[sp & 255])
+        paired = icmp & (cp >= 0)
+        dp[paired] = cp[paired]
+        one_way = icmp & (cp < 0)
+    ports = (proto == 6) | (proto == 17) | (proto == 132) | icmp
+    less = (o_hi < r_hi) | ((o_hi == r_hi) & ((o_lo < r_lo) | ((o_lo == r_lo) & (sp < dp))))
+    swap = ~(one_way | less)
+    s_hi, s_lo = np.where(swap, r_hi, o_hi), np.where(swap, r_lo, o_lo)
+    d_hi, d_lo = np.where(swap, o_hi, r_hi), np.where(swap, o_lo, r_lo)
+    s_p, d_p = np.where(swap, dp, sp), np.where(swap, sp, dp)
+    out = [""] * m
+    seed_b = np.frombuffer(int(seed).to_bytes(2, "big"), dtype=np.uint8)
+    for is4 in (True, False):
+        for has_ports in (True, False):
+            rows = np.nonzero((v4 == is4) & (ports == has_ports))[0]
+            if len(rows) == 0:
+                continue
+            aw = 4 if is4 else 16
+            parts = [np.broadcast_to(seed_b, (len(rows), 2))]
+            for hi, lo in ((s_hi, s_lo), (d_hi, d_lo)):
+                if is4:
+                    parts.append(_be_bytes(lo[rows], 4))
+                else:
+                    parts += [_be_bytes(hi[rows], 8), _be_bytes(lo[rows], 8)]
+            parts.append(np.stack([proto[rows].astype(np.uint8), np.zeros(len(rows), dtype=np.uint8)], axis=1))
+            if has_ports:
+                parts += [_be_bytes(s_p[rows].astype(np.uint64), 2), _be_bytes(d_p[rows].astype(np.uint64), 2)]
+            buf = np.ascontiguousarray(np.concatenate(parts, axis=1))
+            width = buf.shape[1]
+            data = buf.tobytes()
+            sha1, b64 = hashlib.sha1, base64.b64encode
+            for k, j in enumerate(rows.tolist()):
+                out[j] = "1:" + b64(sha1(data[k * width:(k + 1) * width]).digest()).decode("ascii")
+            del aw
+    return out
 
 
 def _fmt_v4(lo: np.ndarray) -> pa.Array:
@@ -904,19 +970,10 @@ class FlowTable:
         history = [None if proto[j] not in (6, 17) else hrows[j, :hl[j]].tobytes().decode("ascii")
                    for j in range(m)]
 
-        # community id, per session
-        cids = []
-        for j in range(m):
-            p = int(proto[j])
-            sa = _addr_bytes(int(o_hi[j]), int(o_lo[j]), bool(v4[j]))
-            da = _addr_bytes(int(r_hi[j]), int(r_lo[j]), bool(v4[j]))
-            if p in (1, 58):
-                sp, dp = int(I32[j, ICMP_T]), int(I32[j, ICMP_C])
-            elif p in (6, 17, 132):
-                sp, dp = int(o_p[j]), int(r_p[j])
-            else:
-                sp = dp = None
-            cids.append(community_id(sa, da, p, sp, dp, self.seed))
+        # community id: ICMP uses type/code, protocols without ports hash none
+        icmp_ = (proto == 1) | (proto == 58)
+        cids = community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, np.where(icmp_, I32[:, ICMP_T], o_p),
+                             np.where(icmp_, I32[:, ICMP_C], r_p), self.seed)
 
         sids = I64[:, SID]
         names = self.link_names
@@ -933,7 +990,7 @@ class FlowTable:
         rtt = I64[:, RTT]
         first, last = I64[:, FIRST_TS], I64[:, LAST_TS]
         cols = {
-            "uid": pa.array([uid_of(s) for s in sids.tolist()], type=pa.string()),
+            "uid": uids_of(sids),
             "sid": pa.array(sids, type=pa.int64()),
             "ts": pa.array(first, type=pa.timestamp("ns")),
             "last_ts": pa.array(last, type=pa.timestamp("ns")),
