@@ -48,7 +48,8 @@ ORIG_IS_A, PROTO, IPVER, LINK, VLAN, INNER, TUNNEL, ICMP_T, ICMP_C, HSEEN, HLEN 
 SLOT, LIVE, CONT = 11, 12, 13
 STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O = 14, 16, 18, 20, 22, 24, 26, 28, 30
 GAPCNT_O, GAPPEND_O = 32, 34
-N_I32 = 36
+ZRX_O = 36  # Zeek's rxmt count (the 'T' letters)
+N_I32 = 38
 
 HMAX = 32  # history letters kept per session
 
@@ -165,7 +166,8 @@ def _flip(I64, I32, hist, s):
         t = I64[s, f]
         I64[s, f] = I64[s, f + 1]
         I64[s, f + 1] = t
-    for f in (STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O, GAPCNT_O, GAPPEND_O):
+    for f in (STATE_O, FLAGS_O, RETR_O, OOO_O, ZW_O, FINCNT_O, RSTCNT_O, SEQINIT_O, ACKSEEN_O, GAPCNT_O, GAPPEND_O,
+              ZRX_O):
         t = I32[s, f]
         I32[s, f] = I32[s, f + 1]
         I32[s, f + 1] = t
@@ -413,6 +415,10 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             seg_end = rel + plen + (1 if syn else 0) + (1 if fin else 0)
             if seg_end > I64[s, MAXREL_O + d]:
                 I64[s, MAXREL_O + d] = seg_end
+            elif plen > 0 and I32[s, STATE_O + d] != T_RESET:
+                # Zeek's DidRxmit: data that does not advance the sequence space
+                I32[s, ZRX_O + d] += 1
+                _scaled(hist, I32, s, d, 84, I32[s, ZRX_O + d])  # 'T'
         if ackf and I32[s, SEQINIT_O + e] == 1:
             arel = _unwrap(ackv, I64[s, START_O + e], I64[s, MAXREL_O + e])
             if I32[s, ACKSEEN_O + e] == 0 or arel > I64[s, ACKREL_O + e]:
@@ -448,7 +454,6 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                     pass  # keep-alive
                 else:
                     I32[s, RETR_O + d] += 1
-                    _scaled(hist, I32, s, d, 84, I32[s, RETR_O + d])  # 'T'
             elif dstart > de:
                 I64[s, MISSED] += dstart - de
                 I64[s, GAPLO_O + d] = de
@@ -458,7 +463,6 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             else:
                 if dstart < de:
                     I32[s, RETR_O + d] += 1
-                    _scaled(hist, I32, s, d, 84, I32[s, RETR_O + d])
                 I64[s, DATAEND_O + d] = dend
 
         # history (Zeek's update_history)
