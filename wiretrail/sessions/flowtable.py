@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from wiretrail.batch import FRAG_NONE, TUNNEL_NAMES, VLAN_NONE
+from wiretrail.batch import TUNNEL_NAMES, VLAN_NONE
 from wiretrail.sessions.schema import SESSIONS_SCHEMA
 
 NS = 1_000_000_000
@@ -67,7 +67,7 @@ C_LIVE, C_USED, C_NFREE, C_NRET, C_MAXUSED = range(5)
 
 UNSET = np.int64(-(1 << 62))
 
-# kernel stop reasons
+# splitmix64 constants
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLD = np.uint64(0x9E3779B97F4A7C15)
@@ -198,7 +198,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
         out_seq[i] = -1
         out_cum[i] = 0
         if ip_ver[i] == 0 or frag[i] != 0:
-            continue
+            continue  # not IP, or a fragment: the reassembled datagram comes separately
         p = np.int64(proto[i])
         t = ts[i]
         shi = src_hi[i]
@@ -741,7 +741,6 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> l
             rows = np.nonzero((v4 == is4) & (ports == has_ports))[0]
             if len(rows) == 0:
                 continue
-            aw = 4 if is4 else 16
             parts = [np.broadcast_to(seed_b, (len(rows), 2))]
             for hi, lo in ((s_hi, s_lo), (d_hi, d_lo)):
                 if is4:
@@ -757,7 +756,6 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> l
             sha1, b64 = hashlib.sha1, base64.b64encode
             for k, j in enumerate(rows.tolist()):
                 out[j] = "1:" + b64(sha1(data[k * width:(k + 1) * width]).digest()).decode("ascii")
-            del aw
     return out
 
 
