@@ -32,6 +32,27 @@ LINKTYPE_IPV6 = 229
 LINKTYPE_NFLOG = 239
 LINKTYPE_LINUX_SLL2 = 276
 
+# Link types the decoder understands; a capture whose every interface is of another type is
+# rejected by the reader with a one-line error.
+DECODABLE_LINKTYPES = frozenset({
+    LINKTYPE_NULL, LINKTYPE_ETHERNET, LINKTYPE_RAW_DLT12, LINKTYPE_RAW_DLT14, LINKTYPE_PPP,
+    LINKTYPE_PPP_HDLC, LINKTYPE_PPP_ETHER, LINKTYPE_RAW, LINKTYPE_C_HDLC, LINKTYPE_LOOP,
+    LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2,
+})
+
+# Session ids: the top bits are the hour the session started (hours since the epoch), the
+# low SID_HOUR_SHIFT bits a hash of its key and first timestamp. A uid thus says which hour
+# partitions of the store hold its session and packets (Arkime's session ids carry the date
+# for the same reason), and a lookup never scans the whole store.
+SID_HOUR_SHIFT = 43
+SID_HASH_MASK = (1 << SID_HOUR_SHIFT) - 1
+HOUR_NS = 3_600_000_000_000
+
+
+def sid_hour(sid: int) -> int:
+    """Hours since the epoch at which session `sid` started."""
+    return int(sid) >> SID_HOUR_SHIFT
+
 
 @dataclass
 class Interface:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from numba import njit
 
-from wiretrail.batch import TUNNEL_NAMES, VLAN_NONE
+from wiretrail.batch import HOUR_NS, SID_HASH_MASK, SID_HOUR_SHIFT, TUNNEL_NAMES, VLAN_NONE
 from wiretrail.sessions.schema import SESSIONS_SCHEMA
 
 NS = 1_000_000_000
@@ -316,7 +316,9 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             if p == 17 and (sp == 53 or dp == 53 or sp == 137 or dp == 137 or sp == 5353 or dp == 5353
                             or sp == 5355 or dp == 5355):
                 I64[s, IDLE] = dns_to  # Zeek's dns_session_timeout
-            sid = np.int64(_mix(h ^ np.uint64(t)) & np.uint64(0x7FFFFFFFFFFFFFFF))
+            # hour of the first packet in the top bits (see batch.SID_HOUR_SHIFT)
+            sid = np.int64(((t // HOUR_NS) << SID_HOUR_SHIFT)
+                           | np.int64(_mix(h ^ np.uint64(t)) & np.uint64(SID_HASH_MASK)))
             I64[s, SID] = sid
             I32[s, PROTO] = p
             I32[s, IPVER] = ip_ver[i]
