@@ -1,0 +1,175 @@
+"""The store on its own: capture files, packet index, Parquet tables, retention, extraction."""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from wiretrail.batch import HOUR_NS, SID_HOUR_SHIFT, FrameBatch, Interface
+from wiretrail.errors import WiretrailError
+from wiretrail.sample import generate
+from wiretrail.store import retention
+from wiretrail.store.extract import extract_session, sid_of_uid
+from wiretrail.store.index import IndexWriter, lookup
+from wiretrail.store.metadata import TableWriter, open_db, register_schema
+from wiretrail.store.packets import PacketWriter, file_paths
+
+T0 = 1_714_557_600 * 1_000_000_000  # 2024-05-01 10:00 UTC
+
+
+def batch_of(frames: list[tuple[int, bytes]], linktype: int = 1) -> FrameBatch:
+    data = np.frombuffer(b"".join(f for _, f in frames), dtype=np.uint8)
+    caplen = np.array([len(f) for _, f in frames], dtype=np.int32)
+    offset = np.zeros(len(frames), dtype=np.int64)
+    offset[1:] = np.cumsum(caplen)[:-1]
+    return FrameBatch(data=data, offset=offset, caplen=caplen, wirelen=caplen + 0,
+                      ts=np.array([t for t, _ in frames], dtype=np.int64),
+                      iface=np.zeros(len(frames), dtype=np.int16),
+                      linktype=np.full(len(frames), linktype, dtype=np.uint16),
+                      interfaces=[Interface(linktype)])
+
+
+def read_pcap(path: Path) -> list[tuple[int, bytes, int]]:
+    """An independent reader of the store's files: (ts ns, frame, wirelen) per record."""
+    raw = path.read_bytes()
+    magic = struct.unpack_from("<I", raw)[0]
+    mult = {0xA1B23C4D: 1, 0xA1B2C3D4: 1000}[magic]
+    out, pos = [], 24
+    while pos + 16 <= len(raw):
+        sec, frac, incl, orig = struct.unpack_from("<IIII", raw, pos)
+        out.append((sec * 1_000_000_000 + frac * mult, raw[pos + 16:pos + 16 + incl], orig))
+        pos += 16 + incl
+    assert pos == len(raw)
+    return out
+
+
+def test_packet_files_round_trip_rotate_and_tcpdump_reads_them(tmp_path):
+    frames, _ = generate(sessions=300, seed=3)
+    fid, off = [], []
+    w = PacketWriter(tmp_path, max_file_bytes=64 << 10)  # a file may overshoot by one batch
+    for k in range(0, len(frames), 100):
+        batch = batch_of(frames[k:k + 100])
+        link = np.where(np.arange(k, k + len(batch)) % 3 == 0, 1, 0).astype(np.int16)
+        f, o = w.write(batch, link, ["eth0", "vlan 20/x"], None, None)
+        fid.append(f)
+        off.append(o)
+    w.close()
+    fid, off = np.concatenate(fid), np.concatenate(off)
+    files = file_paths(tmp_path)
+    assert len(files) > 4  # rotated by size and by hour (the sample spans two hours)
+    assert {p.parts[-4] for p in files.values()} == {"eth0", "vlan_20_x"}
+    hours = {(p.parts[-3], p.parts[-2]) for p in files.values()}
+    assert ("20240501", "10") in hours and ("20240501", "11") in hours
+    by_file = {fid_: read_pcap(p) for fid_, p in files.items()}
+    got = 0
+    for i, (t, frame) in enumerate(frames):
+        recs = by_file[int(fid[i])]
+        # offsets are record starts: find the record by offset
+        pos = 24
+        for rec in recs:
+            if pos == off[i]:
+                assert rec == (t, frame, len(frame))
+                got += 1
+                break
+            pos += 16 + len(rec[1])
+    assert got == len(frames)
+    some = next(iter(files.values()))
+    r = subprocess.run(["tcpdump", "-nn", "-r", str(some)], capture_output=True, text=True)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == len(read_pcap(some))
+
+
+def test_keep_mask_snaplen_and_second_writer_refused(tmp_path):
+    frames, _ = generate(sessions=20, seed=1)
+    batch = batch_of(frames)
+    keep = np.arange(len(batch)) % 2 == 0
+    w = PacketWriter(tmp_path)
+    with pytest.raises(WiretrailError, match="another wiretrail process"):
+        PacketWriter(tmp_path)
+    fid, off = w.write(batch, np.zeros(len(batch), np.int16), ["x"], keep, 40)
+    w.close()
+    assert (fid[~keep] == -1).all() and (off[~keep] == -1).all() and (fid[keep] >= 0).all()
+    recs = [r for _, p in sorted(file_paths(tmp_path).items()) for r in read_pcap(p)]
+    assert len(recs) == keep.sum()
+    assert all(len(r[1]) <= 40 for r in recs)
+    assert [r[2] for r in recs] == [len(f) for (t, f), k in zip(frames, keep) if k]  # wire length kept
+    PacketWriter(tmp_path).close()  # the lock went with the first writer
+
+
+def test_index_lookup_and_session_extraction(tmp_path):
+    frames, _ = generate(sessions=50, seed=5)
+    batch = batch_of(frames)
+    n = len(batch)
+    sid = ((batch.ts // HOUR_NS) << SID_HOUR_SHIFT) | (np.arange(n) % 7)  # 7 fake sessions per hour
+    w = PacketWriter(tmp_path)
+    fid, off = w.write(batch, np.zeros(n, np.int16), ["eth0"], None, None)
+    w.close()
+    ix = IndexWriter(tmp_path)
+    half = n // 2
+    ix.append(sid[:half], fid[:half], off[:half], batch.ts[:half])
+    ix.flush()
+    ix.append(sid[half:], fid[half:], off[half:], batch.ts[half:])
+    ix.close()
+    target = int(sid[10])
+    rows = lookup(tmp_path, target)
+    expect = np.flatnonzero(sid == target)
+    assert rows.column("offset").to_pylist() == off[expect].tolist()
+    from wiretrail.sessions.flowtable import uid_of
+
+    uid = uid_of(target)
+    assert sid_of_uid(uid) == target
+    out = tmp_path / "one.pcap"
+    assert extract_session(tmp_path, uid, out) == len(expect)
+    assert [(t, f) for t, f, _ in read_pcap(out)] == [frames[i] for i in expect]
+    with pytest.raises(WiretrailError, match="no stored packets"):
+        extract_session(tmp_path, uid_of(target + 1000), out)
+    with pytest.raises(WiretrailError, match="not a session uid"):
+        extract_session(tmp_path, "nonsense", out)
+
+
+def test_tables_parts_views_compaction(tmp_path):
+    schema = pa.schema([("uid", pa.string()), ("ts", pa.timestamp("ns")), ("n", pa.int64())])
+    register_schema("things", schema)
+    db = open_db(tmp_path)  # empty store: the view exists, with no rows
+    assert db.execute("SELECT count(*) FROM things").fetchone() == (0,)
+    db.close()
+    tw = TableWriter(tmp_path, flush_seconds=1e9, flush_rows=10)
+    for k in range(12):  # each append crosses flush_rows: 12 parts per hour, then compacted
+        ts = pa.array([T0 + k * 60_000_000_000, T0 + HOUR_NS + k], pa.timestamp("ns"))
+        tw.append("things", pa.table({"uid": [f"a{k}", f"b{k}"], "ts": ts, "n": [k, k]}, schema=schema))
+        tw.rows += 10
+        tw.maybe_flush()
+    tw.close()
+    parts = sorted((tmp_path / "tables" / "things").glob("*/*/*.parquet"))
+    assert [p.parent.name for p in parts] == ["hour=10", "hour=11"]  # one part per hour after compaction
+    db = open_db(tmp_path)
+    assert db.execute("SELECT count(*), sum(n) FROM things").fetchone() == (24, 2 * sum(range(12)))
+    assert db.execute("SELECT count(*) FROM packet_index").fetchone() == (0,)
+    db.close()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_retention_by_age_and_quota_removes_packets_and_metadata_together(tmp_path):
+    frames, _ = generate(sessions=200, seed=9)  # two hours of traffic
+    batch = batch_of(frames)
+    w = PacketWriter(tmp_path)
+    w.write(batch, np.zeros(len(batch), np.int16), ["eth0"], None, None)
+    w.close()
+    schema = pa.schema([("ts", pa.timestamp("ns"))])
+    tw = TableWriter(tmp_path)
+    tw.append("sessions_t", pa.table({"ts": pa.array([T0, T0 + HOUR_NS], pa.timestamp("ns"))}, schema=schema))
+    tw.close()
+    hours = retention.store_hours(tmp_path)
+    assert len(hours) == 2 and all(len(d) == 2 for d in hours.values())
+    # age: "now" is 180 days and 90 minutes after T0: the first hour ended > 180 days ago
+    msg = retention.enforce(tmp_path, max_age_days=180, now_ns=T0 + 180 * 86400 * 10**9 + 90 * 60 * 10**9)
+    assert msg.startswith("removed 1 hour(s)")
+    left = retention.store_hours(tmp_path)
+    assert list(left) == [T0 // HOUR_NS + 1] and len(left[T0 // HOUR_NS + 1]) == 2
+    # quota: 1 byte leaves nothing
+    retention.enforce(tmp_path, max_age_days=None, quota_bytes=1)
+    assert retention.store_hours(tmp_path) == {}

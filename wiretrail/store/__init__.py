@@ -1,0 +1,1 @@
+"""The store: capture files + packet index (packets), Parquet tables + DuckDB (metadata)."""

@@ -1,0 +1,166 @@
+"""Packets back out of the store: one session's (index lookup and seeks), or a BPF selection
+over a time range (only the hours in range are read)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from wiretrail.batch import HOUR_NS, SID_HOUR_SHIFT
+from wiretrail.errors import CaptureError, WiretrailError
+from wiretrail.store.index import lookup
+from wiretrail.store.packets import PACKETS_DIR, file_paths
+from wiretrail.store.pcapfile import RECORD_HEADER_LEN, CaptureOutput, read_pcap_header
+
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_UID = re.compile(r"^C[0-9A-Za-z]{11}$")
+
+
+def sid_of_uid(uid: str) -> int:
+    """Inverse of the sessions' uid: 'C' + 11 base62 digits of the session id."""
+    if not _UID.match(uid or ""):
+        raise WiretrailError(f"not a session uid: {uid!r} (expected C followed by 11 letters/digits)")
+    v = 0
+    for ch in uid[1:]:
+        v = v * 62 + _B62.index(ch)
+    if v >= 1 << 63:
+        raise WiretrailError(f"not a session uid: {uid!r}")
+    return v
+
+
+def _open_output(out: Path):
+    try:
+        return open(out, "wb")
+    except OSError as err:
+        raise WiretrailError(f"cannot write {out}: {err.strerror}") from None
+
+
+def _link_of(path: Path, root: Path) -> str:
+    return path.relative_to(Path(root) / PACKETS_DIR).parts[0]
+
+
+def extract_session(store: Path, uid: str, out: Path, fmt: str = "pcap") -> int:
+    """Write session `uid`'s stored packets, in capture order, to `out`; returns the count."""
+    store = Path(store)
+    if not store.is_dir():
+        raise WiretrailError(f"no store at {store}")
+    sid = sid_of_uid(uid)
+    rows = lookup(store, sid)
+    if rows.num_rows == 0:
+        raise WiretrailError(f"no stored packets for session {uid} (unknown uid, or its packets were "
+                             "not kept or have expired)")
+    file_id = rows.column("file_id").to_numpy()
+    offset = rows.column("offset").to_numpy()
+    ts = rows.column("ts").to_numpy()
+    paths = file_paths(store)
+    frames: list[tuple[int, str, int, np.ndarray, np.ndarray, list[bytes]]] = []
+    for fid in np.unique(file_id):  # sorted: file ids grow with capture order
+        path = paths.get(int(fid))
+        if path is None:
+            continue  # removed by retention since
+        sel = np.flatnonzero(file_id == fid)
+        with open(path, "rb") as f:
+            linktype, snaplen = read_pcap_header(f)
+            wire, data = _read_records(f, offset[sel])
+        frames.append((linktype, _link_of(path, store), snaplen, ts[sel], wire, data))
+    nanosecond = bool(np.any(ts % 1000))
+    with _open_output(out) as f:
+        output = CaptureOutput(f, fmt, nanosecond=nanosecond)
+        for linktype, link, snaplen, t, wire, data in frames:
+            output.write(linktype, link, snaplen, t, wire, data)
+    return output.count
+
+
+def _read_records(f, offsets: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
+    """Read the records at `offsets` (sorted) of an open store file: (wire lengths, frames)."""
+    fd = f.fileno()
+    wire = np.empty(len(offsets), dtype=np.int64)
+    frames = []
+    for k, off in enumerate(offsets.tolist()):
+        head = os.pread(fd, RECORD_HEADER_LEN, off)
+        hdr = np.frombuffer(head, dtype="<u4")
+        if len(hdr) < 4:
+            raise WiretrailError(f"{f.name}: packet record at offset {off} is cut short")
+        frames.append(os.pread(fd, int(hdr[2]), off + RECORD_HEADER_LEN))
+        wire[k] = hdr[3]
+    return wire, frames
+
+
+def _hour_dirs(store: Path, links: list[str] | None) -> list[tuple[int, Path]]:
+    out = []
+    base = store / PACKETS_DIR
+    for link_dir in sorted(base.iterdir()) if base.is_dir() else []:
+        if links and link_dir.name not in links:
+            continue
+        for day in link_dir.iterdir():
+            for hh in day.iterdir():
+                try:
+                    hour = int(day.name + hh.name)
+                except ValueError:
+                    continue
+                out.append((hour, hh))
+    return out
+
+
+def _hour_since_epoch(yyyymmddhh: int) -> int:
+    import calendar
+    import time
+
+    t = time.strptime(str(yyyymmddhh), "%Y%m%d%H")
+    return calendar.timegm(t) // 3600
+
+
+def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, out: Path,
+                   fmt: str = "pcap", links: list[str] | str | None = None) -> int:
+    """Write the stored packets that match BPF filter `bpf` with start <= ts < end (ns since the
+    epoch, None = open) to `out`, in time order; only the hour directories in range are read."""
+    from wiretrail.capture import iter_batches
+    from wiretrail.capture.bpf import bpf_match, compile_bpf
+
+    store = Path(store)
+    if not store.is_dir():
+        raise WiretrailError(f"no store at {store}")
+    if isinstance(links, str):
+        links = [links]
+    lo_hour = None if start is None else start // HOUR_NS - 1  # a file may start just before the hour
+    hi_hour = None if end is None else end // HOUR_NS
+    by_hour: dict[int, list[Path]] = {}
+    for ymdh, directory in _hour_dirs(store, links):
+        hour = _hour_since_epoch(ymdh)
+        if (lo_hour is None or hour >= lo_hour) and (hi_hour is None or hour <= hi_hour):
+            by_hour.setdefault(hour, []).extend(sorted(directory.glob("*.pcap")))
+    programs: dict[int, np.ndarray] = {}
+    if bpf:
+        compile_bpf(bpf, 1)  # a bad filter fails before any output is written
+    nanosecond = True
+    with _open_output(out) as f:
+        output = CaptureOutput(f, fmt, nanosecond=nanosecond)
+        for hour in sorted(by_hour):
+            picked = []  # one hour's matches from every file, merged in time order below
+            for path in by_hour[hour]:
+                link = _link_of(path, store)
+                try:
+                    for batch in iter_batches(str(path)):
+                        sel = np.ones(len(batch), dtype=bool)
+                        if start is not None:
+                            sel &= batch.ts >= start
+                        if end is not None:
+                            sel &= batch.ts < end
+                        if bpf and sel.any():
+                            lt = int(batch.interfaces[0].linktype)
+                            if lt not in programs:
+                                programs[lt] = compile_bpf(bpf, lt)
+                            sel &= bpf_match(programs[lt], batch.data, batch.offset, batch.caplen, batch.wirelen)
+                        for i in np.flatnonzero(sel).tolist():
+                            o, n = int(batch.offset[i]), int(batch.caplen[i])
+                            picked.append((int(batch.ts[i]), batch.interfaces[0].linktype, link,
+                                           int(batch.wirelen[i]), batch.data[o:o + n].tobytes()))
+                except CaptureError:
+                    pass  # a file cut short by a crash: its whole records were used
+            picked.sort(key=lambda p: p[0])
+            for p in picked:
+                output.write(p[1], p[2], 262144, np.array([p[0]]), np.array([p[3]]), [p[4]])
+    return output.count

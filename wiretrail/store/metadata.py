@@ -1,0 +1,180 @@
+"""The metadata store: Parquet parts per table and hour, DuckDB views over them.
+
+    tables/<table>/day=<YYYYMMDD>/hour=<HH>/part-<ns>-<pid>-<n>.parquet
+
+Rows are buffered in memory and written out every `flush_seconds` (or `flush_rows`), one
+part per table and hour, under a temporary name renamed when complete: a reader, or what
+is left after a `kill -9`, only ever sees whole parts, and at most the last few seconds of
+rows are lost. The hour of a row is the hour of its `ts` column unless the caller says
+otherwise. When an hour holds many small parts they are merged into one (`compact`).
+"""
+
+from __future__ import annotations
+
+import calendar
+import os
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from wiretrail.batch import HOUR_NS
+from wiretrail.errors import WiretrailError
+
+TABLES_DIR = "tables"
+INDEX_DIR = "index"
+_SCHEMAS: dict[str, pa.Schema] = {}
+_part_seq = 0
+
+
+def register_schema(name: str, schema: pa.Schema) -> None:
+    """Declare a table, so that it is queryable (empty) before any row of it is stored."""
+    _SCHEMAS[name] = schema
+
+
+def registered_schemas() -> dict[str, pa.Schema]:
+    return dict(_SCHEMAS)
+
+
+def partition_dir(base: Path, hour: int) -> Path:
+    day, hh = time.strftime("%Y%m%d %H", time.gmtime(hour * 3600)).split()
+    return base / f"day={day}" / f"hour={hh}"
+
+
+def hour_of_partition(path: Path) -> int | None:
+    """Hours since the epoch of a `day=YYYYMMDD/hour=HH` directory, None if not one."""
+    try:
+        day = time.strptime(path.parent.name.removeprefix("day="), "%Y%m%d")
+        hh = int(path.name.removeprefix("hour="))
+    except ValueError:
+        return None
+    return calendar.timegm(day) // 3600 + hh
+
+
+def write_part(directory: Path, table: pa.Table) -> Path:
+    """Write one Parquet part atomically (temporary name, then rename)."""
+    global _part_seq
+    _part_seq += 1
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"part-{time.time_ns()}-{os.getpid()}-{_part_seq}.parquet"
+    tmp = directory / (name + ".tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 17)
+        os.replace(tmp, directory / name)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise WiretrailError(f"cannot write the metadata store: {err.strerror}: {directory}") from None
+    return directory / name
+
+
+def write_by_hour(base: Path, table: pa.Table, hours: np.ndarray, sort_by: str | None = None) -> None:
+    """Write `table` as one part per hour (`hours[i]` is row i's hour since the epoch)."""
+    if table.num_rows == 0:
+        return
+    uniq = np.unique(hours)
+    for h in uniq:
+        part = table if len(uniq) == 1 else table.filter(pa.array(hours == h))
+        if sort_by:
+            part = part.sort_by(sort_by)
+        write_part(partition_dir(base, int(h)), part)
+
+
+def _ts_hours(table: pa.Table) -> np.ndarray:
+    ts = pc.cast(table.column("ts"), pa.int64()).to_numpy(zero_copy_only=False)
+    return ts // HOUR_NS
+
+
+class TableWriter:
+    """Buffers rows per table and writes them out as hourly parts every few seconds."""
+
+    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 500_000):
+        self.base = Path(root) / TABLES_DIR
+        self.flush_seconds = flush_seconds
+        self.flush_rows = flush_rows
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.rows = 0
+        self.last_flush = time.monotonic()
+        self.touched: set[tuple[str, int]] = set()
+
+    def append(self, name: str, table: pa.Table) -> None:
+        if table.num_rows:
+            self.pending.setdefault(name, []).append(table)
+            self.rows += table.num_rows
+
+    def maybe_flush(self) -> None:
+        if self.rows >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        for name, tables in self.pending.items():
+            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+            hours = _ts_hours(table)
+            write_by_hour(self.base / name, table, hours)
+            self.touched.update((name, int(h)) for h in np.unique(hours))
+        self.pending.clear()
+        self.rows = 0
+        self.last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        for name, hour in sorted(self.touched):
+            compact(partition_dir(self.base / name, hour))
+
+
+def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None) -> None:
+    """Merge the parts of one partition into one when there are at least `min_parts`.
+
+    The merged part is complete on disk before the small ones go: a reader sees the rows
+    twice for an instant at worst, never loses them.
+    """
+    parts = sorted(directory.glob("part-*.parquet"))
+    if len(parts) < min_parts:
+        return
+    table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    if sort_by:
+        table = table.sort_by(sort_by)
+    write_part(directory, table)
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def _view_sql(name: str, pattern: str) -> str:
+    return (f"CREATE OR REPLACE VIEW \"{name}\" AS SELECT * FROM read_parquet('{pattern}', "
+            "union_by_name = true, hive_partitioning = false)")
+
+
+def open_db(root: Path) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with one view per table (and `packet_index` over the packet index).
+
+    Views are built at open from the parts on disk; a table with no part yet is an empty view
+    of its registered schema, so queries work on a new store.
+    """
+    root = Path(root)
+    db = duckdb.connect(":memory:")
+    names = set(_SCHEMAS)
+    tables = root / TABLES_DIR
+    if tables.is_dir():
+        names |= {p.name for p in tables.iterdir() if p.is_dir()}
+    sources = {name: tables / name for name in names}
+    sources["packet_index"] = root / INDEX_DIR
+    for name, base in sorted(sources.items()):
+        if any(base.glob("*/*/*.parquet")):
+            db.execute(_view_sql(name, str(base / "*" / "*" / "*.parquet").replace("'", "''")))
+        elif name in _SCHEMAS or name == "packet_index":
+            schema = _SCHEMAS.get(name) or INDEX_SCHEMA
+            db.register(f"_empty_{name}", schema.empty_table())
+            db.execute(f"CREATE OR REPLACE VIEW \"{name}\" AS SELECT * FROM \"_empty_{name}\"")
+    return db
+
+
+# The packet index: where each stored packet of a session is (see store.index).
+INDEX_SCHEMA = pa.schema([
+    ("sid", pa.int64()),
+    ("file_id", pa.int32()),
+    ("offset", pa.int64()),
+    ("ts", pa.int64()),
+])

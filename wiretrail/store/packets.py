@@ -1,0 +1,157 @@
+"""The packet store: every kept frame, appended to rotating capture files.
+
+    packets/<link>/<YYYYMMDD>/<HH>/<file_id>.pcap
+
+One open file per (link, link type); a file takes the packets of one hour (the hour of its
+first packet: a packet a little out of time order goes into the file that is open) and
+rotates at `max_file_bytes`. `file_id` is a store-wide number, so the packet index holds
+(file_id, byte offset) and a file is found from its name alone. Each batch is laid out by
+one kernel and written with one write per file, then flushed: after `write` returns, a
+`kill -9` of the process cannot lose it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wiretrail.batch import HOUR_NS, FrameBatch
+from wiretrail.errors import WiretrailError
+from wiretrail.store.pcapfile import PCAP_HEADER_LEN, pcap_header, pcap_records
+
+PACKETS_DIR = "packets"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
+
+
+def link_dir_name(link: str) -> str:
+    """A link name made safe as one directory name (interface names may hold odd characters)."""
+    name = _UNSAFE.sub("_", link) or "default"
+    return "_" + name if name.startswith(".") else name
+
+
+def hour_dir(hour: int) -> str:
+    """YYYYMMDD/HH of an hour since the epoch."""
+    return time.strftime("%Y%m%d/%H", time.gmtime(hour * 3600))
+
+
+def file_paths(root: Path) -> dict[int, Path]:
+    """Every capture file of the store by file id."""
+    out = {}
+    for p in (Path(root) / PACKETS_DIR).glob("*/*/*/*.pcap"):
+        if p.stem.isdigit():
+            out[int(p.stem)] = p
+    return out
+
+
+def find_file(root: Path, file_id: int) -> Path | None:
+    hits = list((Path(root) / PACKETS_DIR).glob(f"*/*/*/{file_id:010d}.pcap"))
+    return hits[0] if hits else None
+
+
+class _OpenFile:
+    def __init__(self, file_id: int, path: Path, hour: int, linktype: int):
+        self.file_id = file_id
+        self.path = path
+        self.hour = hour
+        self.linktype = linktype
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(path, "wb", buffering=0)
+        self.f.write(pcap_header(linktype, 262144))
+        self.size = PCAP_HEADER_LEN
+
+    def append(self, records: np.ndarray) -> int:
+        start = self.size
+        view = memoryview(records)
+        while view:  # raw writes may be partial
+            n = self.f.write(view)
+            view = view[n:]
+        self.size += len(records)
+        return start
+
+
+class PacketWriter:
+    """Appends batches to the store's capture files; returns where each packet went.
+
+    One writer per store at a time (file ids are numbered by the writer): a second one
+    fails at once with a clear message instead of interleaving its files with the first's.
+    """
+
+    def __init__(self, root: Path, max_file_bytes: int = 1 << 30):
+        self.root = Path(root)
+        self.max_file_bytes = max_file_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = open(self.root / ".writer.lock", "a")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise WiretrailError(f"{self.root} is being written by another wiretrail process") from None
+        ids = file_paths(self.root)
+        self.next_id = max(ids, default=-1) + 1
+        self.open: dict[tuple[int, int], _OpenFile] = {}
+        self.link_names: list[str] = []
+
+    def _file(self, link: int, linktype: int, hour: int) -> _OpenFile:
+        cur = self.open.get((link, linktype))
+        if cur is not None and cur.hour >= hour and cur.size < self.max_file_bytes:
+            return cur
+        if cur is not None:
+            cur.f.close()
+            hour = max(hour, cur.hour)
+        name = self.link_names[link] if link < len(self.link_names) else f"link{link}"
+        path = self.root / PACKETS_DIR / link_dir_name(name) / hour_dir(hour) / f"{self.next_id:010d}.pcap"
+        try:
+            new = _OpenFile(self.next_id, path, hour, linktype)
+        except OSError as err:
+            raise WiretrailError(f"cannot write the packet store: {err.strerror}: {path}") from None
+        self.next_id += 1
+        self.open[(link, linktype)] = new
+        return new
+
+    def write(self, batch: FrameBatch, link: np.ndarray, link_names: list[str], keep: np.ndarray | None,
+              snaplen: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Store the frames of `batch` where `keep` (all if None), truncated to `snaplen`.
+
+        Returns (file_id int32[n], record offset int64[n]); both -1 for frames not stored.
+        """
+        n = len(batch)
+        self.link_names = link_names
+        file_id = np.full(n, -1, dtype=np.int32)
+        file_off = np.full(n, -1, dtype=np.int64)
+        rows = np.arange(n, dtype=np.int64) if keep is None else np.nonzero(keep)[0]
+        if len(rows) == 0:
+            return file_id, file_off
+        snap = (1 << 30) if snaplen is None else int(snaplen)
+        group = link[rows].astype(np.int64) << 16 | batch.linktype[rows].astype(np.int64)
+        groups = np.unique(group)
+        for g in groups:
+            grows = rows if len(groups) == 1 else rows[group == g]
+            self._write_group(batch, int(g) >> 16, int(g) & 0xFFFF, grows, snap, file_id, file_off)
+        return file_id, file_off
+
+    def _write_group(self, batch, link, linktype, rows, snap, file_id, file_off) -> None:
+        # A file holds one hour: cut the rows where the (never decreasing) hour moves on.
+        hours = np.maximum.accumulate(batch.ts[rows] // HOUR_NS)
+        cuts = np.flatnonzero(np.diff(hours)) + 1
+        for seg in np.split(np.arange(len(rows)), cuts):
+            seg_rows = rows[seg]
+            records, rec_off = pcap_records(batch.data, batch.offset, batch.caplen, batch.wirelen, batch.ts,
+                                            seg_rows, snap)
+            f = self._file(link, linktype, int(hours[seg[0]]))
+            try:
+                start = f.append(records)
+            except OSError as err:
+                raise WiretrailError(f"cannot write the packet store: {err.strerror}: {f.path}") from None
+            file_id[seg_rows] = f.file_id
+            file_off[seg_rows] = start + rec_off
+
+    def close(self) -> None:
+        for f in self.open.values():
+            f.f.close()
+        self.open.clear()
+        if not self._lock.closed:
+            self._lock.close()  # releases the lock
