@@ -1,0 +1,129 @@
+"""Classic pcap: a 24-byte global header, then 16-byte record headers each followed by
+the captured bytes. Microsecond (0xa1b2c3d4) and nanosecond (0xa1b23c4d) magics, in
+either byte order."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+from numba import njit
+
+from wiretrail.batch import FrameBatch, Interface
+from wiretrail.capture.frames import BATCH_FULL, CORRUPT, NEED_INPUT, FrameBuffer
+from wiretrail.capture.source import MAX_RECORD_BYTES, ChunkReader
+from wiretrail.errors import CaptureError
+
+PCAP_USEC_MAGIC = 0xA1B2C3D4
+PCAP_NSEC_MAGIC = 0xA1B23C4D
+GLOBAL_HEADER_BYTES = 24
+RECORD_HEADER_BYTES = 16
+# libpcap's own ceiling for a record (MAXIMUM_SNAPLEN): a caplen beyond both it and the
+# file's snaplen means the record header is garbage, not a big packet.
+LIBPCAP_MAX_SNAPLEN = 262144
+
+
+@njit(cache=True, inline="always")
+def read_u32(buf, p, big_endian):
+    if big_endian:
+        return (np.uint32(buf[p]) << 24) | (np.uint32(buf[p + 1]) << 16) | (np.uint32(buf[p + 2]) << 8) | np.uint32(buf[p + 3])
+    return (np.uint32(buf[p + 3]) << 24) | (np.uint32(buf[p + 2]) << 16) | (np.uint32(buf[p + 1]) << 8) | np.uint32(buf[p])
+
+
+@njit(cache=True, inline="always")
+def read_u16(buf, p, big_endian):
+    if big_endian:
+        return (np.uint32(buf[p]) << 8) | np.uint32(buf[p + 1])
+    return (np.uint32(buf[p + 1]) << 8) | np.uint32(buf[p])
+
+
+@njit(cache=True)
+def parse_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
+                       data, fill, offset, caplen, wirelen, ts, n, batch_bytes):
+    """Append whole records from buf[pos:end] to the output arrays.
+
+    Returns (pos, n, fill, status): pos is the first unconsumed byte; status says why it
+    stopped (NEED_INPUT, BATCH_FULL or CORRUPT with pos at the bad record header).
+    """
+    rows = offset.shape[0]
+    capacity = data.shape[0]
+    while True:
+        if n >= rows:
+            return pos, n, fill, 1
+        if end - pos < 16:
+            return pos, n, fill, 0
+        sec = np.int64(read_u32(buf, pos, big_endian))
+        frac = np.int64(read_u32(buf, pos + 4, big_endian))
+        incl = np.int64(read_u32(buf, pos + 8, big_endian))
+        orig = np.int64(read_u32(buf, pos + 12, big_endian))
+        if incl > max_caplen:
+            return pos, n, fill, 2
+        if end - pos - 16 < incl:
+            return pos, n, fill, 0
+        if fill + incl > capacity:
+            return pos, n, fill, 1
+        start = pos + 16
+        data[fill:fill + incl] = buf[start:start + incl]
+        offset[n] = fill
+        caplen[n] = incl
+        wirelen[n] = min(orig, 0x7FFFFFFF)
+        ts[n] = sec * 1_000_000_000 + frac * frac_to_ns
+        fill += incl
+        n += 1
+        pos = start + incl
+        if fill >= batch_bytes:
+            return pos, n, fill, 1
+
+
+def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
+              linktypes: frozenset[int] | None) -> Iterator[FrameBatch]:
+    if not src.ensure(GLOBAL_HEADER_BYTES):
+        raise CaptureError(path, src.error or "truncated pcap global header", offset=0)
+    header = src.buf[src.pos:src.pos + GLOBAL_HEADER_BYTES].tobytes()
+    magic_le = struct.unpack_from("<I", header)[0]
+    big_endian = magic_le not in (PCAP_USEC_MAGIC, PCAP_NSEC_MAGIC)
+    magic, _major, _minor, _zone, _sigfigs, snaplen, network = struct.unpack(
+        (">" if big_endian else "<") + "IHHiIII", header)
+    frac_to_ns = 1 if magic == PCAP_NSEC_MAGIC else 1000
+    linktype = network & 0x03FFFFFF  # upper bits carry FCS information
+    if linktypes is not None and linktype not in linktypes:
+        raise CaptureError(path, f"unsupported link type {linktype}", offset=20)
+    src.pos += GLOBAL_HEADER_BYTES
+    interfaces = [Interface(linktype=linktype, snaplen=snaplen)]
+    max_caplen = min(max(snaplen, LIBPCAP_MAX_SNAPLEN), MAX_RECORD_BYTES)
+
+    out = FrameBuffer(batch_bytes)
+    packets = 0
+    while True:
+        src.pos, out.n, out.fill, status = parse_pcap_records(
+            src.buf, src.pos, src.end, big_endian, frac_to_ns, max_caplen,
+            out.data, out.fill, out.offset, out.caplen, out.wirelen, out.ts, out.n,
+            out.batch_bytes)
+        if status == BATCH_FULL:
+            if out.n == 0:
+                out.grow_data(max_caplen)
+                continue
+            packets += out.n
+            yield out.take(interfaces, path)
+        elif status == NEED_INPUT:
+            need = RECORD_HEADER_BYTES
+            if src.available >= RECORD_HEADER_BYTES:
+                need += int(read_u32(src.buf, src.pos + 8, big_endian))
+            if not src.fill(need):
+                break
+        else:  # CORRUPT
+            caplen = int(read_u32(src.buf, src.pos + 8, big_endian))
+            fault, fault_at = f"caplen {caplen} exceeds the snaplen {snaplen}", src.offset
+            break
+
+    if out.n:
+        packets += out.n
+        yield out.take(interfaces, path)
+    if status == CORRUPT:
+        raise CaptureError(path, f"corrupt record header: {fault}", offset=fault_at, packets=packets)
+    if src.error:
+        raise CaptureError(path, src.error, offset=src.offset, packets=packets)
+    if src.available:
+        what = "record header" if src.available < RECORD_HEADER_BYTES else "record data"
+        raise CaptureError(path, f"truncated {what}", offset=src.offset, packets=packets)

@@ -1,0 +1,169 @@
+"""Byte sources for the capture readers: plain, gzip or zstd files, read in chunks.
+
+`ChunkReader` keeps one numpy buffer; a parser consumes whole records from
+`buf[pos:end]` and calls `fill()` when the next record is incomplete, which moves the
+unread tail to the front and reads the next chunk behind it. Memory stays bounded by
+the chunk size (or the largest record) whatever the file size.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+# The largest record any reader accepts; a header claiming more is corrupt. Bounds the
+# chunk buffer's growth when one record does not fit in a chunk.
+MAX_RECORD_BYTES = 64 << 20
+DEFAULT_CHUNK_BYTES = 8 << 20
+# Compressed bytes fed per step: bounds the decompressed bytes held at once.
+_COMPRESSED_INPUT_BYTES = 256 << 10
+
+
+class _DecompressStream(io.RawIOBase):
+    """Streaming decompression (gzip or zstd) that notices a stream cut inside a member.
+
+    Built on the decompress objects rather than gzip.GzipFile / zstd stream_reader: the
+    former loses the bytes it decompressed in a read that then hits a truncated end, the
+    latter reports a truncated frame as a clean end of file. Concatenated members or
+    frames are read one after the other.
+    """
+
+    def __init__(self, raw, new_decompressor):
+        self._raw = raw
+        self._new = new_decompressor
+        self._obj = new_decompressor()
+        self._in_member = False
+        self._pending = memoryview(b"")
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, out) -> int:
+        while not self._pending:
+            compressed = self._raw.read(_COMPRESSED_INPUT_BYTES)
+            if not compressed:
+                if self._in_member:
+                    raise EOFError("stream ended inside a compressed member")
+                return 0
+            produced = []
+            while compressed:
+                self._in_member = True
+                produced.append(self._obj.decompress(compressed))
+                if not self._obj.eof:
+                    break
+                compressed = self._obj.unused_data  # the next member follows
+                self._obj = self._new()
+                self._in_member = False
+            self._pending = memoryview(b"".join(produced))
+        n = min(len(out), len(self._pending))
+        out[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def open_stream(path: str):
+    """Open `path` and return (stream, compression) with gzip/zstd undone, streaming."""
+    raw = open(path, "rb", buffering=0)
+    head = raw.read(4)
+    raw.seek(0)
+    if head[:2] == GZIP_MAGIC:
+        return _DecompressStream(raw, lambda: zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)), "gzip"
+    if head == ZSTD_MAGIC:
+        import zstandard
+
+        dctx = zstandard.ZstdDecompressor()
+        return _DecompressStream(raw, dctx.decompressobj), "zstd"
+    return raw, ""
+
+
+# What a damaged compressed stream (or a failing disk) raises while reading: the
+# decompressors raise their own types (zlib.error, gzip.BadGzipFile, zstd.ZstdError, EOFError).
+_STREAM_ERRORS = (Exception,)
+
+
+class ChunkReader:
+    """A sliding window over a byte stream.
+
+    buf[pos:end] are bytes read but not yet consumed; `base` is the stream offset of
+    buf[0], so `base + pos` is the stream offset of the next record. A read error (a
+    truncated or corrupt compressed stream) is kept in `error` and ends the stream, so
+    the parser can hand out every whole record before reporting it.
+    """
+
+    def __init__(self, stream, compression: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.stream = stream
+        self.compression = compression
+        self.buf = np.empty(max(64, chunk_bytes), dtype=np.uint8)
+        self.pos = 0
+        self.end = 0
+        self.base = 0
+        self.eof = False
+        self.error: str | None = None
+
+    @property
+    def offset(self) -> int:
+        return self.base + self.pos
+
+    @property
+    def available(self) -> int:
+        return self.end - self.pos
+
+    def fill(self, need: int = 0) -> bool:
+        """Read more bytes behind the unread tail; False when nothing more came."""
+        if self.eof:
+            return False
+        carry = self.end - self.pos
+        if self.pos:
+            self.buf[:carry] = self.buf[self.pos:self.end]
+            self.base += self.pos
+            self.pos, self.end = 0, carry
+        want = max(need, carry + 1)
+        if want > len(self.buf):
+            # A record larger than the chunk: grow (bounded by MAX_RECORD_BYTES upstream).
+            bigger = np.empty(max(want, 2 * len(self.buf)), dtype=np.uint8)
+            bigger[:carry] = self.buf[:carry]
+            self.buf = bigger
+        view = memoryview(self.buf)
+        got = 0
+        while self.end < len(self.buf):
+            try:
+                n = self.stream.readinto(view[self.end:])
+            except _STREAM_ERRORS as err:
+                self.error = _describe_stream_error(self.compression, err)
+                self.eof = True
+                break
+            if not n:
+                self.eof = True
+                break
+            self.end += n
+            got += n
+        return got > 0
+
+    def ensure(self, n: int) -> bool:
+        """Make at least n unread bytes available; False if the stream ends first."""
+        while self.end - self.pos < n:
+            if not self.fill(n):
+                return False
+        return True
+
+    def close(self) -> None:
+        try:
+            self.stream.close()
+        except _STREAM_ERRORS:
+            pass
+
+
+def _describe_stream_error(compression: str, err: Exception) -> str:
+    if isinstance(err, EOFError):
+        return f"truncated {compression or 'file'} stream"
+    text = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"corrupt {compression} stream: {text}" if compression else f"read error: {text}"
