@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "old captures ingested for forensics would go at once)")
     p.add_argument("--quota", type=parse_size, default=None,
                    help="after ingest, drop the oldest hours until the store fits, e.g. 500G")
+    p.add_argument("--flush-seconds", type=float, default=5.0, metavar="S",
+                   help="write buffered rows out at least this often: what a crash can lose (default 5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sql", help="run SQL over the store's tables (DuckDB)")
@@ -124,6 +126,7 @@ def _cmd_ingest(args) -> int:
         session_bytes=args.session_bytes,
         max_age_days=args.max_age_days,
         quota_bytes=args.quota,
+        flush_seconds=args.flush_seconds,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     report = ingest(args.pcap, opts)

@@ -29,6 +29,7 @@ class IngestOptions:
     session_bytes: int | None = None   # store only the first N bytes (frame bytes) of each session
     max_age_days: float | None = None  # age is packet time vs now: off by default for file ingest
     quota_bytes: int | None = None
+    flush_seconds: float = 5.0         # buffered index/table rows go to disk at least this often
     progress: bool = False
     batch_bytes: int = 16 << 20
 
@@ -94,7 +95,7 @@ class Pipeline:
         from wiretrail.sessions.flowtable import FlowTable
         from wiretrail.sessions.schema import SESSIONS_SCHEMA
         from wiretrail.store.index import IndexWriter
-        from wiretrail.store.metadata import TableWriter, register_schema
+        from wiretrail.store.metadata import TableWriter, register_schema, remove_stale_parts
         from wiretrail.store.packets import PacketWriter
 
         self.opts = opts
@@ -104,9 +105,10 @@ class Pipeline:
         self.links = LinkMapper(opts.link_by, opts.link)
         self.flows = FlowTable(link_names=self.links.names)
         self.fragments = FragmentReassembler()
-        self.packets = PacketWriter(root)
-        self.index = IndexWriter(root)
-        self.tables = TableWriter(root)
+        self.packets = PacketWriter(root)  # takes the store's writer lock
+        remove_stale_parts(root)
+        self.index = IndexWriter(root, flush_seconds=opts.flush_seconds)
+        self.tables = TableWriter(root, flush_seconds=opts.flush_seconds)
         self._bpf: dict[int, np.ndarray] = {}
         self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, ts)
         self._next_tag = 0
@@ -232,6 +234,7 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
     started = time.monotonic()
     pipe = Pipeline(opts)
     bar = _progress(opts, paths)
+    failure: WiretrailError | None = None
     try:
         for path in paths:
             if not path.is_file():
@@ -245,10 +248,17 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
             except CaptureError as err:
                 pipe.report.errors.append(str(err))
             pipe.report.files += 1
+    except WiretrailError as err:  # the store cannot be written (disk full, ...): stop, keep what is in
+        failure = err
     finally:
-        pipe.finish()
         if bar is not None:
             bar.close()
+        try:
+            pipe.finish()
+        except WiretrailError as err:
+            failure = failure or err
+    if failure is not None:
+        raise failure
     if opts.max_age_days is not None or opts.quota_bytes is not None:
         from wiretrail.store import retention
 

@@ -142,6 +142,14 @@ def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None) -> 
         p.unlink(missing_ok=True)
 
 
+def remove_stale_parts(root: Path) -> int:
+    """Delete temporary parts a killed writer left behind (call holding the writer lock)."""
+    stale = [*(Path(root) / TABLES_DIR).glob("*/*/*/*.parquet.tmp"), *(Path(root) / INDEX_DIR).glob("*/*/*.parquet.tmp")]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
 def _view_sql(name: str, pattern: str) -> str:
     return (f"CREATE OR REPLACE VIEW \"{name}\" AS SELECT * FROM read_parquet('{pattern}', "
             "union_by_name = true, hive_partitioning = false)")
