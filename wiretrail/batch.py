@@ -109,6 +109,8 @@ PACKET_FIELDS: dict[str, type] = {
     "tcp_seq": np.uint32,
     "tcp_ack": np.uint32,
     "tcp_win": np.uint16,     # raw window field (unscaled)
+    "tcp_wscale": np.int8,    # window scale option of a SYN, -1 if absent (the decoder fills -1)
+    "tcp_mss": np.uint16,     # MSS option of a SYN, 0 if absent
     "ttl": np.uint8,          # IPv4 TTL / IPv6 hop limit
     "l3_off": np.int32,       # offset of the innermost IP header in the frame, -1 if none
     "l4_off": np.int32,       # offset of the L4 header, -1 if none
