@@ -50,19 +50,19 @@ def parse_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
     capacity = data.shape[0]
     while True:
         if n >= rows:
-            return pos, n, fill, 1
+            return pos, n, fill, BATCH_FULL
         if end - pos < 16:
-            return pos, n, fill, 0
+            return pos, n, fill, NEED_INPUT
         sec = np.int64(read_u32(buf, pos, big_endian))
         frac = np.int64(read_u32(buf, pos + 4, big_endian))
         incl = np.int64(read_u32(buf, pos + 8, big_endian))
         orig = np.int64(read_u32(buf, pos + 12, big_endian))
         if incl > max_caplen:
-            return pos, n, fill, 2
+            return pos, n, fill, CORRUPT
         if end - pos - 16 < incl:
-            return pos, n, fill, 0
+            return pos, n, fill, NEED_INPUT
         if fill + incl > capacity:
-            return pos, n, fill, 1
+            return pos, n, fill, BATCH_FULL
         start = pos + 16
         data[fill:fill + incl] = buf[start:start + incl]
         offset[n] = fill
@@ -73,7 +73,7 @@ def parse_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
         n += 1
         pos = start + incl
         if fill >= batch_bytes:
-            return pos, n, fill, 1
+            return pos, n, fill, BATCH_FULL
 
 
 def read_pcap(src: ChunkReader, path: str, batch_bytes: int,

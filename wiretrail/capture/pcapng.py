@@ -62,71 +62,74 @@ def parse_pcapng_blocks(buf, pos, end, big_endian, if_global, if_snaplen, if_ts_
     n_ifaces = if_global.shape[0]
     while True:
         if n >= rows:
-            return pos, n, fill, 1
+            return pos, n, fill, BATCH_FULL
         if end - pos < 12:
-            return pos, n, fill, 0
+            return pos, n, fill, NEED_INPUT
         block_type = read_u32(buf, pos, big_endian)
-        if block_type == 0x0A0D0D0A:
-            return pos, n, fill, 3
+        if block_type == SHB_TYPE:
+            return pos, n, fill, CONTROL
         block_len = np.int64(read_u32(buf, pos + 4, big_endian))
-        if block_len < 12 or block_len % 4 != 0 or block_len > 0x4000000 + 64:
-            state[2] = 1
-            state[3] = block_len
-            return pos, n, fill, 2
-        if block_type == 1:
-            return pos, n, fill, 3
+        if block_len < 12 or block_len % 4 != 0 or block_len > MAX_RECORD_BYTES:
+            state[ERROR_CODE] = ERR_BLOCK_LENGTH
+            state[ERROR_VALUE] = block_len
+            return pos, n, fill, CORRUPT
+        if block_type == IDB_TYPE:
+            return pos, n, fill, CONTROL
         if end - pos < block_len:
-            return pos, n, fill, 0
-        if block_type == 6 or block_type == 2 or block_type == 3:
+            return pos, n, fill, NEED_INPUT
+        if block_type == EPB_TYPE or block_type == OPB_TYPE or block_type == SPB_TYPE:
             if n_ifaces == 0:
-                state[2] = 4
-                state[3] = 0
-                return pos, n, fill, 2
-            if block_type == 3:
+                state[ERROR_CODE] = ERR_NO_INTERFACE
+                state[ERROR_VALUE] = 0
+                return pos, n, fill, CORRUPT
+            if block_type == SPB_TYPE:
                 if_id = 0
                 orig = np.int64(read_u32(buf, pos + 8, big_endian))
                 incl = min(orig, block_len - 16)
                 if if_snaplen[0] > 0:
                     incl = min(incl, np.int64(if_snaplen[0]))
                 start = pos + 12
-                stamp = state[0]
+                stamp = state[LAST_TS]
             else:
                 if block_len < 32:
-                    state[2] = 2
-                    state[3] = block_len
-                    return pos, n, fill, 2
-                if block_type == 6:
+                    state[ERROR_CODE] = ERR_SHORT_PACKET_BLOCK
+                    state[ERROR_VALUE] = block_len
+                    return pos, n, fill, CORRUPT
+                if block_type == EPB_TYPE:
                     if_id = np.int64(read_u32(buf, pos + 8, big_endian))
                 else:
                     if_id = np.int64(read_u16(buf, pos + 8, big_endian))
                 if if_id >= n_ifaces:
-                    state[2] = 3
-                    state[3] = if_id
-                    return pos, n, fill, 2
+                    state[ERROR_CODE] = ERR_UNDEFINED_INTERFACE
+                    state[ERROR_VALUE] = if_id
+                    return pos, n, fill, CORRUPT
                 units = (np.uint64(read_u32(buf, pos + 12, big_endian)) << np.uint64(32)) | np.uint64(
                     read_u32(buf, pos + 16, big_endian))
                 incl = np.int64(read_u32(buf, pos + 20, big_endian))
                 orig = np.int64(read_u32(buf, pos + 24, big_endian))
                 if incl > block_len - 32:
-                    state[2] = 5
-                    state[3] = incl
-                    return pos, n, fill, 2
+                    state[ERROR_CODE] = ERR_CAPLEN
+                    state[ERROR_VALUE] = incl
+                    return pos, n, fill, CORRUPT
                 start = pos + 28
                 shift = if_ts_shift[if_id]
                 if shift >= 0:
+                    if shift > _MAX_BINARY_SHIFT:
+                        units = units >> np.uint64(shift - _MAX_BINARY_SHIFT)
+                        shift = _MAX_BINARY_SHIFT
                     whole = units >> np.uint64(shift)
                     part = units & ((np.uint64(1) << np.uint64(shift)) - np.uint64(1))
                     stamp = np.int64(whole) * 1_000_000_000 + np.int64((part * np.uint64(1_000_000_000)) >> np.uint64(shift))
                 else:
                     stamp = np.int64(units) * if_ts_mul[if_id] // if_ts_div[if_id]
                 stamp += if_ts_offset[if_id]
-                state[0] = stamp
+                state[LAST_TS] = stamp
             if not if_accept[if_id]:
-                state[1] += 1
+                state[SKIPPED] += 1
                 pos += block_len
                 continue
             if fill + incl > capacity:
-                return pos, n, fill, 1
+                return pos, n, fill, BATCH_FULL
             data[fill:fill + incl] = buf[start:start + incl]
             offset[n] = fill
             caplen[n] = incl
@@ -137,7 +140,7 @@ def parse_pcapng_blocks(buf, pos, end, big_endian, if_global, if_snaplen, if_ts_
             n += 1
             pos += block_len
             if fill >= batch_bytes:
-                return pos, n, fill, 1
+                return pos, n, fill, BATCH_FULL
         else:
             pos += block_len
 
