@@ -364,3 +364,33 @@ def test_missing_file():
 
 def test_decodable_default():
     assert 1 in DECODABLE_LINKTYPES
+
+
+def _pcapng_block(block_type: int, body: bytes) -> bytes:
+    body += b"\0" * (-len(body) % 4)
+    length = 12 + len(body)
+    return struct.pack("<II", block_type, length) + body + struct.pack("<I", length)
+
+
+def _option(code: int, value: bytes) -> bytes:
+    return struct.pack("<HH", code, len(value)) + value + b"\0" * (-len(value) % 4)
+
+
+def test_pcapng_tsresol_tsoffset_and_obsolete_packet_block(tmp_path):
+    """Synthesised: binary and decimal if_tsresol, if_tsoffset, an OPB (type 2), an unknown block."""
+    shb = _pcapng_block(0x0A0D0D0A, struct.pack("<IHHq", 0x1A2B3C4D, 1, 0, -1))
+    idb_bin = _pcapng_block(1, struct.pack("<HHI", 1, 0, 0) + _option(2, b"bin0") + _option(9, bytes([0x94]))
+                            + _option(14, struct.pack("<q", 100)) + _option(0, b""))
+    idb_ns = _pcapng_block(1, struct.pack("<HHI", 1, 0, 0) + _option(9, bytes([9])))
+    frame = bytes(range(60))
+    units = (5 << 20) + (1 << 19)  # 5.5 s in 2^-20 s units
+    epb = _pcapng_block(6, struct.pack("<IIIII", 0, units >> 32, units & 0xFFFFFFFF, 60, 64) + frame)
+    opb = _pcapng_block(2, struct.pack("<HHIIII", 1, 0, 0, 7, 60, 60) + frame)
+    unknown = _pcapng_block(0x40000BAD, b"whatever")
+    path = tmp_path / "opts.pcapng"
+    path.write_bytes(shb + idb_bin + idb_ns + unknown + epb + opb)
+    frames, batches, error = read_all(path)
+    assert error is None
+    assert [(f[0], f[1], f[2], f[3]) for f in frames] == [(105_500_000_000, 60, 64, 0), (7, 60, 60, 1)]
+    assert frames[0][5] == frame and batches[-1].interfaces[0].name == "bin0"
+    assert frames == reference_frames(path)[0]
