@@ -160,10 +160,15 @@ def test_not_captures_are_refused():
         assert str(FORMATS / entry["file"]) in str(error) and "\n" not in str(error)
 
 
-def test_undecodable_linktypes_refused_by_default():
-    for name in ("arkime/nflog.pcap", "arkime/80211http.pcap", "pcapplusplus/microsecs_big_endian.pcap"):
+def test_linktypes_assigned_but_not_decoded_are_read_unassigned_refused():
+    # Kept in the store like any packet (no sessions); only a number outside the registry is an error.
+    for name in ("arkime/nflog.pcap", "arkime/80211http.pcap"):
         frames, _, error = read_all(FORMATS / name)
-        assert not frames and error is not None and "unsupported link type" in str(error)
+        assert frames and error is None, name
+    frames, _, error = read_all(CORPUS / "malformed" / "unknown_linktype.pcap")
+    assert not frames and error is not None and "unknown link type 4242" in str(error)
+    frames, _, error = read_all(FORMATS / "pcapplusplus/microsecs_big_endian.pcap", linktypes=DECODABLE_LINKTYPES)
+    assert not frames and "unknown link type" in str(error)
     # Decodable files are read with the default filter.
     frames, _, error = read_all(FORMATS / "pcapplusplus/sll.pcap")
     assert error is None and len(frames) == 518
@@ -360,10 +365,6 @@ def iter_batches_safely(path):
 def test_missing_file():
     with pytest.raises(CaptureError, match="cannot open"):
         list(iter_batches("/nonexistent/file.pcap"))
-
-
-def test_decodable_default():
-    assert 1 in DECODABLE_LINKTYPES
 
 
 def _pcapng_block(block_type: int, body: bytes) -> bytes:

@@ -40,6 +40,11 @@ DECODABLE_LINKTYPES = frozenset({
     LINKTYPE_LINUX_SLL, LINKTYPE_IPV4, LINKTYPE_IPV6, LINKTYPE_LINUX_SLL2,
 })
 
+# Link types in the assigned range of the tcpdump.org registry (LINKTYPE_MATCHING_MAX is
+# about 300). A capture of an assigned type the decoder does not read (radiotap, NFLOG, ...)
+# is still stored, packet for packet, with no sessions; any other number is a broken file.
+ASSIGNED_LINKTYPES = frozenset(range(300))
+
 # Session ids: the top bits are the hour the session started (hours since the epoch), the
 # low SID_HOUR_SHIFT bits a hash of its key and first timestamp. A uid thus says which hour
 # partitions of the store hold its session and packets (Arkime's session ids carry the date

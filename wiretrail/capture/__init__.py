@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Collection, Iterator
 
-from wiretrail.batch import DECODABLE_LINKTYPES, FrameBatch
+from wiretrail.batch import ASSIGNED_LINKTYPES, FrameBatch
 from wiretrail.capture.pcap import PCAP_NSEC_MAGIC, PCAP_USEC_MAGIC, read_pcap
 from wiretrail.capture.pcapng import SHB_TYPE, read_pcapng
 from wiretrail.capture.source import DEFAULT_CHUNK_BYTES, ChunkReader, open_stream
@@ -24,10 +24,10 @@ _SNOOP_MAGIC = b"snoop\0\0\0"
 
 
 def iter_batches(path: str, batch_bytes: int = 16 << 20, *, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 linktypes: Collection[int] | None = DECODABLE_LINKTYPES) -> Iterator[FrameBatch]:
+                 linktypes: Collection[int] | None = ASSIGNED_LINKTYPES) -> Iterator[FrameBatch]:
     """Yield the frames of the capture file `path` in batches of about `batch_bytes`.
 
-    `linktypes` are the link types to deliver (default: those the decoder understands);
+    `linktypes` are the link types to deliver (default: every assigned one);
     a pcap file of another type is refused, and pcapng packets on interfaces of another
     type are skipped (an error if they were all the file had). None delivers every type.
     """

@@ -88,7 +88,7 @@ def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
     frac_to_ns = 1 if magic == PCAP_NSEC_MAGIC else 1000
     linktype = network & 0x03FFFFFF  # upper bits carry FCS information
     if linktypes is not None and linktype not in linktypes:
-        raise CaptureError(path, f"unsupported link type {linktype}", offset=20)
+        raise CaptureError(path, f"unknown link type {linktype}", offset=20)
     src.pos += GLOBAL_HEADER_BYTES
     interfaces = [Interface(linktype=linktype, snaplen=snaplen)]
     max_caplen = min(max(snaplen, LIBPCAP_MAX_SNAPLEN), MAX_RECORD_BYTES)

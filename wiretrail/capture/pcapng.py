@@ -293,4 +293,4 @@ def read_pcapng(src: ChunkReader, path: str, batch_bytes: int,
     skipped = int(state[SKIPPED])
     if packets == 0 and skipped:
         kinds = sorted({i.linktype for i in interfaces if linktypes is not None and i.linktype not in linktypes})
-        raise CaptureError(path, "unsupported link type " + ", ".join(map(str, kinds)), packets=0)
+        raise CaptureError(path, "unknown link type " + ", ".join(map(str, kinds)), packets=0)
