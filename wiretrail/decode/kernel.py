@@ -652,7 +652,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     nstate = _S_ETH
                 elif gp == 0x8847 or gp == 0x8848:
                     nstate = _S_MPLS
-                elif gp == 0x880B and gver == 1:
+                elif gp == 0x880B:  # PPP: PPTP's enhanced GRE, and plain GRE as some routers send it
                     nstate = _S_PPP
                 elif gp == 0x88BE:
                     # ERSPAN type I has no sequence number and no header; type II an 8-byte header
