@@ -23,7 +23,7 @@ from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition
 
 
 class IndexWriter:
-    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 4_000_000):
+    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 1_000_000):
         self.base = Path(root) / INDEX_DIR
         self.flush_seconds = flush_seconds
         self.flush_rows = flush_rows
@@ -45,8 +45,8 @@ class IndexWriter:
     def flush(self) -> None:
         if self.pending:
             cols = [np.concatenate(c) for c in zip(*self.pending)]
-            # sort by session, then by position (= capture order) so a lookup reads in order
-            order = np.lexsort((cols[2], cols[1], cols[0]))
+            # sort by session; stable, so each session's rows stay in capture order
+            order = np.argsort(cols[0], kind="stable")
             cols = [c[order] for c in cols]
             table = pa.Table.from_arrays([pa.array(c) for c in cols], schema=INDEX_SCHEMA)
             hours = cols[0] >> SID_HOUR_SHIFT

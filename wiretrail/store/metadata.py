@@ -91,7 +91,7 @@ def _ts_hours(table: pa.Table) -> np.ndarray:
 class TableWriter:
     """Buffers rows per table and writes them out as hourly parts every few seconds."""
 
-    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 500_000):
+    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 100_000):
         self.base = Path(root) / TABLES_DIR
         self.flush_seconds = flush_seconds
         self.flush_rows = flush_rows

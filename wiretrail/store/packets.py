@@ -94,6 +94,7 @@ class PacketWriter:
         self.next_id = max(ids, default=-1) + 1
         self.open: dict[tuple[int, int], _OpenFile] = {}
         self.link_names: list[str] = []
+        self._out = np.empty(0, dtype=np.uint8)  # record buffer reused across batches
 
     def _file(self, link: int, linktype: int, hour: int) -> _OpenFile:
         cur = self.open.get((link, linktype))
@@ -139,8 +140,11 @@ class PacketWriter:
         cuts = np.flatnonzero(np.diff(hours)) + 1
         for seg in np.split(np.arange(len(rows)), cuts):
             seg_rows = rows[seg]
+            need = int(np.minimum(batch.caplen[seg_rows], snap).sum()) + 16 * len(seg_rows)
+            if len(self._out) < need:
+                self._out = np.empty(need + need // 4, dtype=np.uint8)
             records, rec_off = pcap_records(batch.data, batch.offset, batch.caplen, batch.wirelen, batch.ts,
-                                            seg_rows, snap)
+                                            seg_rows, snap, out=self._out)
             f = self._file(link, linktype, int(hours[seg[0]]))
             try:
                 start = f.append(records)

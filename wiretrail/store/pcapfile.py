@@ -72,11 +72,13 @@ def _records_kernel(data, offset, caplen, wirelen, ts, rows, snaplen, divisor, o
 
 def pcap_records(data: np.ndarray, offset: np.ndarray, caplen: np.ndarray, wirelen: np.ndarray,
                  ts: np.ndarray, rows: np.ndarray, snaplen: int = 1 << 30,
-                 nanosecond: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """pcap records for frames `rows`: (bytes as uint8 array, each record's offset in it)."""
+                 nanosecond: bool = True, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """pcap records for frames `rows`: (bytes as uint8 array, each record's offset in it).
+    `out`, if given, is a buffer large enough to hold them, reused by the caller."""
     rows = np.ascontiguousarray(rows, dtype=np.int64)
-    stored = np.minimum(caplen[rows].astype(np.int64), snaplen)
-    out = np.empty(int(stored.sum()) + RECORD_HEADER_LEN * len(rows), dtype=np.uint8)
+    if out is None:
+        stored = np.minimum(caplen[rows].astype(np.int64), snaplen)
+        out = np.empty(int(stored.sum()) + RECORD_HEADER_LEN * len(rows), dtype=np.uint8)
     rec_off = np.empty(len(rows), dtype=np.int64)
     end = _records_kernel(data, offset, caplen, wirelen, ts, rows, snaplen,
                           1 if nanosecond else 1000, out, rec_off)
