@@ -315,15 +315,29 @@ def test_tiny_chunks_and_batches(name):
     path = FORMATS / name
     want = read_all(path, linktypes=None)[0]
     for chunk, batch in ((64, 1), (100, 300), (1000, 5000), (4096, 1 << 20)):
-        frames, batches, error = read_all(path, chunk_bytes=chunk, batch_bytes=batch, linktypes=None)
-        assert error is None and frames == want, (chunk, batch)
-        if batch == 1:
-            assert all(len(b) == 1 for b in batches)
-        for b in batches:  # frames back to back, each batch owns its buffer
+        frames, sizes = [], []
+        # checked as read: a batch's arrays are reused by the next-but-one batch
+        for b in iter_batches(str(path), chunk_bytes=chunk, batch_bytes=batch, linktypes=None):
+            sizes.append(len(b))
             assert b.offset[0] == 0 and int(b.offset[-1] + b.caplen[-1]) == len(b.data)
-            assert np.all(b.offset[1:] == b.offset[:-1] + b.caplen[:-1])
-    batches = read_all(path, linktypes=None, batch_bytes=1)[1]
-    assert len({id(b.data.base) for b in batches}) == len(batches) or len(batches) <= 1
+            assert np.all(b.offset[1:] == b.offset[:-1] + b.caplen[:-1])  # frames back to back
+            frames.extend((int(b.ts[i]), int(b.caplen[i]), int(b.wirelen[i]), int(b.iface[i]), int(b.linktype[i]),
+                           b.data[b.offset[i]:b.offset[i] + b.caplen[i]].tobytes()) for i in range(len(b)))
+        assert frames == want, (chunk, batch)
+        if batch == 1:
+            assert all(n == 1 for n in sizes)
+
+
+def test_a_batch_stays_valid_while_the_next_is_read():
+    path = FORMATS / "pcapplusplus/sll.pcap"
+    want = read_all(path)[0]
+    it = iter_batches(str(path), batch_bytes=2000)
+    prev = next(it)
+    snapshot = prev.data.tobytes()
+    for b in it:
+        assert prev.data.tobytes() == snapshot  # untouched by reading `b`
+        prev, snapshot = b, b.data.tobytes()
+    assert len(want) > 10
 
 
 @pytest.mark.skipif(not BENCH_SMALL.is_file(), reason="bench data not built")

@@ -28,6 +28,9 @@ def test_concurrent_reader_and_kill_9(tmp_path):
         seen = []
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None:
+            if not store.is_dir():  # the ingest is still starting
+                time.sleep(0.2)
+                continue
             r = _wiretrail("sql", "--store", str(store), "--format", "json",
                            "SELECT count(*) AS n FROM packet_index")
             assert r.returncode == 0, r.stderr  # a reader never sees a half-written part
