@@ -22,6 +22,12 @@ from wiretrail.batch import SID_HOUR_SHIFT
 from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, write_by_hour
 
 
+# Offsets and times grow within a session: delta encoding packs them; statistics are only
+# useful on `sid`, which lookups filter on.
+PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": ["sid"],
+                   "column_encoding": {"offset": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED"}}
+
+
 class IndexWriter:
     def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 1_000_000):
         self.base = Path(root) / INDEX_DIR
@@ -50,7 +56,7 @@ class IndexWriter:
             cols = [c[order] for c in cols]
             table = pa.Table.from_arrays([pa.array(c) for c in cols], schema=INDEX_SCHEMA)
             hours = cols[0] >> SID_HOUR_SHIFT
-            write_by_hour(self.base, table, hours)
+            write_by_hour(self.base, table, hours, **PARQUET_OPTIONS)
             self.touched.update(np.unique(hours).tolist())
         self.pending.clear()
         self.rows = 0
@@ -59,7 +65,7 @@ class IndexWriter:
     def close(self) -> None:
         self.flush()
         for hour in sorted(self.touched):
-            compact(partition_dir(self.base, hour), sort_by="sid")
+            compact(partition_dir(self.base, hour), sort_by="sid", **PARQUET_OPTIONS)
 
 
 def lookup(root: Path, sid: int) -> pa.Table:

@@ -55,15 +55,28 @@ def hour_of_partition(path: Path) -> int | None:
     return calendar.timegm(day) // 3600 + hh
 
 
-def write_part(directory: Path, table: pa.Table) -> Path:
+# Columns whose values are (nearly) all distinct: dictionary encoding them is wasted work.
+_UNIQUE_COLUMNS = {"uid", "community_id"}
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Dictionary-encode only repeating strings: trying it on integer columns and on unique
+    strings cost more than all the rest of writing a part (measured: 0.25 s vs 0.04 s per
+    million index rows)."""
+    return [f.name for f in schema if pa.types.is_string(f.type) and f.name not in _UNIQUE_COLUMNS]
+
+
+def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     """Write one Parquet part atomically (temporary name, then rename)."""
     global _part_seq
     _part_seq += 1
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns()}-{os.getpid()}-{_part_seq}.parquet"
     tmp = directory / (name + ".tmp")
+    options = {"compression": "zstd", "row_group_size": 1 << 17,
+               "use_dictionary": _dictionary_columns(table.schema), **parquet_options}
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 17)
+        pq.write_table(table, tmp, **options)
         os.replace(tmp, directory / name)
     except OSError as err:
         tmp.unlink(missing_ok=True)
@@ -71,7 +84,8 @@ def write_part(directory: Path, table: pa.Table) -> Path:
     return directory / name
 
 
-def write_by_hour(base: Path, table: pa.Table, hours: np.ndarray, sort_by: str | None = None) -> None:
+def write_by_hour(base: Path, table: pa.Table, hours: np.ndarray, sort_by: str | None = None,
+                  **parquet_options) -> None:
     """Write `table` as one part per hour (`hours[i]` is row i's hour since the epoch)."""
     if table.num_rows == 0:
         return
@@ -80,7 +94,7 @@ def write_by_hour(base: Path, table: pa.Table, hours: np.ndarray, sort_by: str |
         part = table if len(uniq) == 1 else table.filter(pa.array(hours == h))
         if sort_by:
             part = part.sort_by(sort_by)
-        write_part(partition_dir(base, int(h)), part)
+        write_part(partition_dir(base, int(h)), part, **parquet_options)
 
 
 def _ts_hours(table: pa.Table) -> np.ndarray:
@@ -125,7 +139,7 @@ class TableWriter:
             compact(partition_dir(self.base / name, hour))
 
 
-def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None) -> None:
+def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None, **parquet_options) -> None:
     """Merge the parts of one partition into one when there are at least `min_parts`.
 
     The merged part is complete on disk before the small ones go: a reader sees the rows
@@ -137,7 +151,7 @@ def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None) -> 
     table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
     if sort_by:
         table = table.sort_by(sort_by)
-    write_part(directory, table)
+    write_part(directory, table, **parquet_options)
     for p in parts:
         p.unlink(missing_ok=True)
 
