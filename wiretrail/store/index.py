@@ -29,7 +29,7 @@ PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": ["sid"],
 
 
 class IndexWriter:
-    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 1_000_000):
+    def __init__(self, root: Path, flush_seconds: float = 5.0, flush_rows: int = 500_000):
         self.base = Path(root) / INDEX_DIR
         self.flush_seconds = flush_seconds
         self.flush_rows = flush_rows
