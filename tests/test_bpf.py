@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -46,8 +47,10 @@ pytestmark = pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump
 
 
 def frames_of(path: Path, linktypes=None):
-    batches = list(iter_batches(str(path), linktypes=linktypes))
-    return batches
+    # copies: a reader reuses its buffers two batches on, and these batches are kept
+    return [dataclasses.replace(b, data=b.data.copy(), offset=b.offset.copy(), caplen=b.caplen.copy(),
+                                wirelen=b.wirelen.copy())
+            for b in iter_batches(str(path), linktypes=linktypes)]
 
 
 def a_host(path: Path) -> str:

@@ -316,11 +316,13 @@ def test_tiny_chunks_and_batches(name):
     want = read_all(path, linktypes=None)[0]
     for chunk, batch in ((64, 1), (100, 300), (1000, 5000), (4096, 1 << 20)):
         frames, sizes = [], []
-        # checked as read: a batch's arrays are reused by the next-but-one batch
+        # checked as read: a batch's buffers are reused by the next-but-one batch
         for b in iter_batches(str(path), chunk_bytes=chunk, batch_bytes=batch, linktypes=None):
             sizes.append(len(b))
-            assert b.offset[0] == 0 and int(b.offset[-1] + b.caplen[-1]) == len(b.data)
-            assert np.all(b.offset[1:] == b.offset[:-1] + b.caplen[:-1])  # frames back to back
+            # frames in order, inside the buffer, not overlapping (pcap batches point into the
+            # chunk buffer, record headers in between; pcapng ones are copied back to back)
+            assert b.offset[0] >= 0 and int(b.offset[-1] + b.caplen[-1]) <= len(b.data)
+            assert np.all(b.offset[1:] >= b.offset[:-1] + b.caplen[:-1])
             frames.extend((int(b.ts[i]), int(b.caplen[i]), int(b.wirelen[i]), int(b.iface[i]), int(b.linktype[i]),
                            b.data[b.offset[i]:b.offset[i] + b.caplen[i]].tobytes()) for i in range(len(b)))
         assert frames == want, (chunk, batch)
@@ -346,9 +348,10 @@ def test_bench_small_batches():
     sizes = []
     for b in iter_batches(str(BENCH_SMALL), batch_bytes=1 << 20, chunk_bytes=1 << 19):
         total += len(b)
-        sizes.append(len(b.data))
+        sizes.append(int(b.caplen.sum()) + 16 * len(b))  # record bytes in the batch
         assert b.ts.dtype == np.int64 and b.linktype.dtype == np.uint16 and b.iface.dtype == np.int16
-    assert all(s >= 1 << 20 for s in sizes[:-1])
+    # a batch never exceeds batch_bytes by more than one record, nor the chunk it points into
+    assert all(0 < s <= (1 << 19) + 65536 for s in sizes)
     assert total == sum(1 for _ in reference_frames(BENCH_SMALL)[0])
 
 

@@ -30,6 +30,10 @@ def iter_batches(path: str, batch_bytes: int = 16 << 20, *, chunk_bytes: int = D
     `linktypes` are the link types to deliver (default: every assigned one);
     a pcap file of another type is refused, and pcapng packets on interfaces of another
     type are skipped (an error if they were all the file had). None delivers every type.
+
+    A batch's arrays belong to the reader: they stay valid while the next batch is read
+    and are reused after that (pcap batches point straight into the read buffer, so no
+    frame is copied). Copy what must outlive that.
     """
     path = str(path)
     accepted = None if linktypes is None else frozenset(linktypes)

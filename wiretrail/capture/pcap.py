@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 from wiretrail.batch import FrameBatch, Interface
-from wiretrail.capture.frames import BATCH_FULL, CORRUPT, NEED_INPUT, FrameBuffer
+from wiretrail.capture.frames import BATCH_FULL, CORRUPT, NEED_INPUT
 from wiretrail.capture.source import MAX_RECORD_BYTES, ChunkReader
 from wiretrail.errors import CaptureError
 
@@ -39,41 +39,36 @@ def read_u16(buf, p, big_endian):
 
 
 @njit(cache=True)
-def parse_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
-                       data, fill, offset, caplen, wirelen, ts, n, batch_bytes):
-    """Append whole records from buf[pos:end] to the output arrays.
+def index_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
+                       offset, caplen, wirelen, ts, batch_bytes):
+    """Fill the columns for the whole records in buf[pos:end], leaving the frames where they
+    are (offset[i] points into buf): no copy. Stops after `batch_bytes` of records.
 
-    Returns (pos, n, fill, status): pos is the first unconsumed byte; status says why it
-    stopped (NEED_INPUT, BATCH_FULL or CORRUPT with pos at the bad record header).
+    Returns (pos, n, status): pos is the first unconsumed byte; status says why it stopped
+    (NEED_INPUT, BATCH_FULL or CORRUPT with pos at the bad record header).
     """
     rows = offset.shape[0]
-    capacity = data.shape[0]
+    start_pos = pos
+    n = 0
     while True:
-        if n >= rows:
-            return pos, n, fill, BATCH_FULL
+        if n >= rows or pos - start_pos >= batch_bytes:
+            return pos, n, BATCH_FULL
         if end - pos < 16:
-            return pos, n, fill, NEED_INPUT
+            return pos, n, NEED_INPUT
         sec = np.int64(read_u32(buf, pos, big_endian))
         frac = np.int64(read_u32(buf, pos + 4, big_endian))
         incl = np.int64(read_u32(buf, pos + 8, big_endian))
         orig = np.int64(read_u32(buf, pos + 12, big_endian))
         if incl > max_caplen:
-            return pos, n, fill, CORRUPT
+            return pos, n, CORRUPT
         if end - pos - 16 < incl:
-            return pos, n, fill, NEED_INPUT
-        if fill + incl > capacity:
-            return pos, n, fill, BATCH_FULL
-        start = pos + 16
-        data[fill:fill + incl] = buf[start:start + incl]
-        offset[n] = fill
+            return pos, n, NEED_INPUT
+        offset[n] = pos + 16
         caplen[n] = incl
         wirelen[n] = min(orig, 0x7FFFFFFF)
         ts[n] = sec * 1_000_000_000 + frac * frac_to_ns
-        fill += incl
         n += 1
-        pos = start + incl
-        if fill >= batch_bytes:
-            return pos, n, fill, BATCH_FULL
+        pos += 16 + incl
 
 
 def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
@@ -93,33 +88,38 @@ def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
     interfaces = [Interface(linktype=linktype, snaplen=snaplen)]
     max_caplen = min(max(snaplen, LIBPCAP_MAX_SNAPLEN), MAX_RECORD_BYTES)
 
-    out = FrameBuffer(batch_bytes)
+    # Batches point into the reader's chunk buffer (see ChunkReader): the frames are not
+    # copied. A batch is the whole records of one chunk, or `batch_bytes` of them.
+    rows = max(64, min(batch_bytes, len(src.buf)) // RECORD_HEADER_BYTES + 1)
     packets = 0
+    status = NEED_INPUT
     while True:
-        src.pos, out.n, out.fill, status = parse_pcap_records(
-            src.buf, src.pos, src.end, big_endian, frac_to_ns, max_caplen,
-            out.data, out.fill, out.offset, out.caplen, out.wirelen, out.ts, out.n,
-            out.batch_bytes)
+        offset = np.empty(rows, dtype=np.int64)
+        caplen = np.empty(rows, dtype=np.int32)
+        wirelen = np.empty(rows, dtype=np.int32)
+        ts = np.empty(rows, dtype=np.int64)
+        src.pos, n, status = index_pcap_records(src.buf, src.pos, src.end, big_endian, frac_to_ns, max_caplen,
+                                                offset, caplen, wirelen, ts, batch_bytes)
+        if n:
+            packets += n
+            yield FrameBatch(data=src.buf[:src.pos], offset=offset[:n], caplen=caplen[:n], wirelen=wirelen[:n],
+                             ts=ts[:n], iface=np.zeros(n, dtype=np.int16),
+                             linktype=np.full(n, linktype, dtype=np.uint16), interfaces=interfaces, source=path)
         if status == BATCH_FULL:
-            if out.n == 0:
-                out.grow_data(max_caplen)
-                continue
-            packets += out.n
-            yield out.take(interfaces, path)
-        elif status == NEED_INPUT:
+            if n >= rows:  # out of rows before batch_bytes: tiny frames
+                rows *= 2
+            continue
+        if status == NEED_INPUT:
             need = RECORD_HEADER_BYTES
             if src.available >= RECORD_HEADER_BYTES:
                 need += int(read_u32(src.buf, src.pos + 8, big_endian))
             if not src.fill(need):
                 break
         else:  # CORRUPT
-            caplen = int(read_u32(src.buf, src.pos + 8, big_endian))
-            fault, fault_at = f"caplen {caplen} exceeds the snaplen {snaplen}", src.offset
+            caplen_bad = int(read_u32(src.buf, src.pos + 8, big_endian))
+            fault, fault_at = f"caplen {caplen_bad} exceeds the snaplen {snaplen}", src.offset
             break
 
-    if out.n:
-        packets += out.n
-        yield out.take(interfaces, path)
     if status == CORRUPT:
         raise CaptureError(path, f"corrupt record header: {fault}", offset=fault_at, packets=packets)
     if src.error:

@@ -102,7 +102,12 @@ class ChunkReader:
     def __init__(self, stream, compression: str = "", chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self.stream = stream
         self.compression = compression
-        self.buf = np.empty(max(64, chunk_bytes), dtype=np.uint8)
+        # Two buffers, used in turn: fill() reads into the other one, so frames handed out
+        # straight from the buffer (pcap batches point into it) stay valid while the next
+        # chunk is read.
+        self._bufs = [np.empty(max(64, chunk_bytes), dtype=np.uint8), np.empty(max(64, chunk_bytes), dtype=np.uint8)]
+        self._cur = 0
+        self.buf = self._bufs[0]
         self.pos = 0
         self.end = 0
         self.base = 0
@@ -122,16 +127,16 @@ class ChunkReader:
         if self.eof:
             return False
         carry = self.end - self.pos
-        if self.pos:
-            self.buf[:carry] = self.buf[self.pos:self.end]
-            self.base += self.pos
-            self.pos, self.end = 0, carry
         want = max(need, carry + 1)
-        if want > len(self.buf):
+        other = 1 - self._cur
+        if want > len(self._bufs[other]):
             # A record larger than the chunk: grow (bounded by MAX_RECORD_BYTES upstream).
-            bigger = np.empty(max(want, 2 * len(self.buf)), dtype=np.uint8)
-            bigger[:carry] = self.buf[:carry]
-            self.buf = bigger
+            self._bufs[other] = np.empty(max(want, 2 * len(self._bufs[other])), dtype=np.uint8)
+        nxt = self._bufs[other]
+        nxt[:carry] = self.buf[self.pos:self.end]
+        self.base += self.pos
+        self.pos, self.end = 0, carry
+        self.buf, self._cur = nxt, other
         view = memoryview(self.buf)
         got = 0
         while self.end < len(self.buf):
