@@ -807,6 +807,7 @@ class FlowTable:
         self.ctr[C_MAXUSED] = len(self.tab) // 2
         self._last_scan = None
         self.sessions_closed = 0
+        self._v6_names: dict[tuple[int, int], str] = {}
 
     # ---- capacity ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -958,8 +959,15 @@ class FlowTable:
             out = np.empty(m, dtype=object)
             if v4.any():
                 out[v4] = np.asarray(_fmt_v4(lo[v4]).to_pylist(), dtype=object)
-            for j in np.nonzero(~v4)[0]:
-                out[j] = ipaddress.IPv6Address((int(hi[j]) << 64) | int(lo[j])).compressed
+            names = self._v6_names
+            if len(names) > 1 << 16:  # a cache of recent addresses, not of every one ever seen
+                names.clear()
+            for j in np.nonzero(~v4)[0].tolist():
+                key = (int(hi[j]), int(lo[j]))
+                text = names.get(key)
+                if text is None:
+                    text = names[key] = ipaddress.IPv6Address((key[0] << 64) | key[1]).compressed
+                out[j] = text
             return pa.array(out, type=pa.string())
 
         orig_h, resp_h = addrs(o_hi, o_lo), addrs(r_hi, r_lo)
@@ -969,10 +977,14 @@ class FlowTable:
         size_o = np.empty(m, dtype=np.int64)
         size_r = np.empty(m, dtype=np.int64)
         _sizes(self.I64, self.I32, idx, size_o, size_r)
-        hl = I32[:, HLEN]
-        hrows = self.hist[idx]
-        history = [None if proto[j] not in (6, 17) else hrows[j, :hl[j]].tobytes().decode("ascii")
-                   for j in range(m)]
+        # history strings straight into an Arrow string array (null unless TCP/UDP)
+        hl = np.minimum(I32[:, HLEN], HMAX).astype(np.int32)
+        letters = self.hist[idx][np.arange(HMAX)[None, :] < hl[:, None]]
+        hoffsets = np.zeros(m + 1, dtype=np.int32)
+        np.cumsum(hl, out=hoffsets[1:])
+        has_hist = (proto == 6) | (proto == 17)
+        history = pa.StringArray.from_buffers(m, pa.py_buffer(hoffsets), pa.py_buffer(letters.tobytes()),
+                                              pa.array(has_hist).buffers()[1], null_count=int(m - has_hist.sum()))
 
         # community id: ICMP uses type/code, protocols without ports hash none
         icmp_ = (proto == 1) | (proto == 58)
@@ -982,7 +994,9 @@ class FlowTable:
         sids = I64[:, SID]
         names = self.link_names
         link_ids = I32[:, LINK]
-        links = [names[k] if 0 <= k < len(names) else ("default" if k == 0 else str(k)) for k in link_ids.tolist()]
+        known = np.array([*names, *(("default" if k == 0 else str(k)) for k in range(len(names), int(link_ids.max(initial=0)) + 1))],
+                         dtype=object)
+        links = known[link_ids]
         vlan = I32[:, VLAN]
         inner = I32[:, INNER]
         tun = I32[:, TUNNEL]
@@ -1019,7 +1033,7 @@ class FlowTable:
             "resp_pkts": pa.array(I64[:, PKTS_O + 1], type=pa.int64()),
             "resp_ip_bytes": pa.array(I64[:, IPB_O + 1], type=pa.int64()),
             "conn_state": pa.array(CONN_STATES[states], type=pa.string()),
-            "history": pa.array(history, type=pa.string()),
+            "history": history,
             "community_id": pa.array(cids, type=pa.string()),
             "icmp_type": pa.array(I32[:, ICMP_T], type=pa.int32(), mask=~icmp),
             "icmp_code": pa.array(I32[:, ICMP_C], type=pa.int32(), mask=~icmp),
