@@ -90,6 +90,11 @@ class FrameBatch:
     linktype: np.ndarray
     interfaces: list[Interface] = field(default_factory=list)
     source: str = ""
+    # Set by the pcap reader when every frame i is preceded in `data` by its record header in
+    # little-endian pcap layout (data[offset[i] - 16:offset[i]]), with this many nanoseconds per
+    # unit of the header's fraction field (1000: microsecond pcap, 1: nanosecond). The packet
+    # store then writes runs of records as they are, with no re-layout.
+    pcap_record_frac_ns: int = 0
 
     def __len__(self) -> int:
         return len(self.offset)

@@ -104,7 +104,8 @@ def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
             packets += n
             yield FrameBatch(data=src.buf[:src.pos], offset=offset[:n], caplen=caplen[:n], wirelen=wirelen[:n],
                              ts=ts[:n], iface=np.zeros(n, dtype=np.int16),
-                             linktype=np.full(n, linktype, dtype=np.uint16), interfaces=interfaces, source=path)
+                             linktype=np.full(n, linktype, dtype=np.uint16), interfaces=interfaces, source=path,
+                             pcap_record_frac_ns=0 if big_endian else frac_to_ns)
         if status == BATCH_FULL:
             if n >= rows:  # out of rows before batch_bytes: tiny frames
                 rows *= 2

@@ -21,7 +21,7 @@ import numpy as np
 
 from wiretrail.batch import HOUR_NS, FrameBatch
 from wiretrail.errors import WiretrailError
-from wiretrail.store.pcapfile import PCAP_HEADER_LEN, pcap_header, pcap_records
+from wiretrail.store.pcapfile import PCAP_HEADER_LEN, RECORD_HEADER_LEN, pcap_header, pcap_records
 
 PACKETS_DIR = "packets"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
@@ -53,14 +53,14 @@ def find_file(root: Path, file_id: int) -> Path | None:
 
 
 class _OpenFile:
-    def __init__(self, file_id: int, path: Path, hour: int, linktype: int):
+    def __init__(self, file_id: int, path: Path, hour: int, linktype: int, nanosecond: bool):
         self.file_id = file_id
         self.path = path
         self.hour = hour
         self.linktype = linktype
         path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(path, "wb", buffering=0)
-        self.f.write(pcap_header(linktype, 262144))
+        self.f.write(pcap_header(linktype, 262144, nanosecond))
         self.size = PCAP_HEADER_LEN
 
     def append(self, records: np.ndarray) -> int:
@@ -92,12 +92,12 @@ class PacketWriter:
             raise WiretrailError(f"{self.root} is being written by another wiretrail process") from None
         ids = file_paths(self.root)
         self.next_id = max(ids, default=-1) + 1
-        self.open: dict[tuple[int, int], _OpenFile] = {}
+        self.open: dict[tuple[int, int, bool], _OpenFile] = {}
         self.link_names: list[str] = []
         self._out = np.empty(0, dtype=np.uint8)  # record buffer reused across batches
 
-    def _file(self, link: int, linktype: int, hour: int) -> _OpenFile:
-        cur = self.open.get((link, linktype))
+    def _file(self, link: int, linktype: int, nanosecond: bool, hour: int) -> _OpenFile:
+        cur = self.open.get((link, linktype, nanosecond))
         if cur is not None and cur.hour >= hour and cur.size < self.max_file_bytes:
             return cur
         if cur is not None:
@@ -106,11 +106,11 @@ class PacketWriter:
         name = self.link_names[link] if link < len(self.link_names) else f"link{link}"
         path = self.root / PACKETS_DIR / link_dir_name(name) / hour_dir(hour) / f"{self.next_id:010d}.pcap"
         try:
-            new = _OpenFile(self.next_id, path, hour, linktype)
+            new = _OpenFile(self.next_id, path, hour, linktype, nanosecond)
         except OSError as err:
             raise WiretrailError(f"cannot write the packet store: {err.strerror}: {path}") from None
         self.next_id += 1
-        self.open[(link, linktype)] = new
+        self.open[(link, linktype, nanosecond)] = new
         return new
 
     def write(self, batch: FrameBatch, link: np.ndarray, link_names: list[str], keep: np.ndarray | None,
@@ -138,20 +138,37 @@ class PacketWriter:
         # A file holds one hour: cut the rows where the (never decreasing) hour moves on.
         hours = np.maximum.accumulate(batch.ts[rows] // HOUR_NS)
         cuts = np.flatnonzero(np.diff(hours)) + 1
+        # Frames read from a little-endian pcap keep that file's timestamp resolution, so
+        # runs of whole records can be written as they lie in the read buffer.
+        nanosecond = batch.pcap_record_frac_ns != 1000
         for seg in np.split(np.arange(len(rows)), cuts):
             seg_rows = rows[seg]
-            need = int(np.minimum(batch.caplen[seg_rows], snap).sum()) + 16 * len(seg_rows)
-            if len(self._out) < need:
-                self._out = np.empty(need + need // 4, dtype=np.uint8)
-            records, rec_off = pcap_records(batch.data, batch.offset, batch.caplen, batch.wirelen, batch.ts,
-                                            seg_rows, snap, out=self._out)
-            f = self._file(link, linktype, int(hours[seg[0]]))
+            records, rec_off = self._as_is(batch, seg_rows, snap)
+            if records is None:
+                need = int(np.minimum(batch.caplen[seg_rows], snap).sum()) + 16 * len(seg_rows)
+                if len(self._out) < need:
+                    self._out = np.empty(need + need // 4, dtype=np.uint8)
+                records, rec_off = pcap_records(batch.data, batch.offset, batch.caplen, batch.wirelen, batch.ts,
+                                                seg_rows, snap, nanosecond=nanosecond, out=self._out)
+            f = self._file(link, linktype, nanosecond, int(hours[seg[0]]))
             try:
                 start = f.append(records)
             except OSError as err:
                 raise WiretrailError(f"cannot write the packet store: {err.strerror}: {f.path}") from None
             file_id[seg_rows] = f.file_id
             file_off[seg_rows] = start + rec_off
+
+    @staticmethod
+    def _as_is(batch: FrameBatch, rows: np.ndarray, snap: int):
+        """(records, offsets) when `rows` are whole, adjacent pcap records in the batch's buffer
+        (see FrameBatch.pcap_record_frac_ns); (None, None) when they must be laid out anew."""
+        if not batch.pcap_record_frac_ns:
+            return None, None
+        off, cap = batch.offset[rows], batch.caplen[rows]
+        if int(cap.max()) > snap or not np.array_equal(off[1:], off[:-1] + cap[:-1] + RECORD_HEADER_LEN):
+            return None, None
+        start = int(off[0]) - RECORD_HEADER_LEN
+        return batch.data[start:int(off[-1] + cap[-1])], off - RECORD_HEADER_LEN - start
 
     def close(self) -> None:
         for f in self.open.values():

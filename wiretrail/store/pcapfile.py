@@ -1,9 +1,10 @@
 """Writing and reading the store's capture files, and writing extracted captures.
 
-The packet store keeps classic pcap files with nanosecond timestamps (magic 0xa1b23c4d,
-little-endian): every tool reads them, a record is found by its byte offset alone, and
-appending needs no block structure. Record headers and frame bytes of a whole batch are
-laid out by one numba kernel.
+The packet store keeps little-endian classic pcap files: every tool reads them, a record
+is found by its byte offset alone, and appending needs no block structure. Timestamps are
+in nanoseconds (magic 0xa1b23c4d), or in microseconds for frames that came from a
+microsecond pcap, whose records are then stored exactly as they were read. Otherwise
+record headers and frame bytes of a whole batch are laid out by one numba kernel.
 """
 
 from __future__ import annotations
@@ -27,12 +28,12 @@ def pcap_header(linktype: int, snaplen: int, nanosecond: bool = True) -> bytes:
 
 
 def read_pcap_header(f: BinaryIO) -> tuple[int, int]:
-    """(linktype, snaplen) of one of the store's own files."""
+    """(linktype, snaplen) of one of the store's own files (little-endian, µs or ns)."""
     head = f.read(PCAP_HEADER_LEN)
     if len(head) < PCAP_HEADER_LEN:
         raise ValueError("short pcap header")
     magic, _, _, _, _, snaplen, linktype = struct.unpack("<IHHiIII", head)
-    if magic != PCAP_MAGIC_NS:
+    if magic not in (PCAP_MAGIC_NS, PCAP_MAGIC_US):
         raise ValueError("not a store capture file")
     return linktype, snaplen
 
