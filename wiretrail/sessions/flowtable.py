@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -187,7 +188,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
                    vlan, inner_vlan, tunnel, anomaly, ts, wirelen, link,
                    tab, K64, I64, I32, hist, free, retired, ctr, idle_to, active_to, close_delay,
-                   attempt_delay, dns_to, server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum):
+                   attempt_delay, dns_to, server_ports, cp4, cp6, link_salt, out_sid, out_orig, out_seq, out_cum):
     mask = np.uint64(tab.shape[0] - 1)
     for i in range(start, n):
         # room for one new session and one retired session?
@@ -318,7 +319,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                 I64[s, IDLE] = dns_to  # Zeek's dns_session_timeout
             # hour of the first packet in the top bits (see batch.SID_HOUR_SHIFT)
             sid = np.int64(((t // HOUR_NS) << SID_HOUR_SHIFT)
-                           | np.int64(_mix(h ^ np.uint64(t)) & np.uint64(SID_HASH_MASK)))
+                           | np.int64(_mix(h ^ np.uint64(t) ^ link_salt[link[i]]) & np.uint64(SID_HASH_MASK)))
             I64[s, SID] = sid
             I32[s, PROTO] = p
             I32[s, IPVER] = ip_ver[i]
@@ -808,6 +809,11 @@ class FlowTable:
         self._last_scan = None
         self.sessions_closed = 0
         self._v6_names: dict[tuple[int, int], str] = {}
+        # Session ids must differ between links and between runs writing the same store (link
+        # ids are numbered per run; the same capture may be ingested twice): a random salt
+        # per run, mixed with the link's name.
+        self._run_salt = os.urandom(8)
+        self._salts = np.zeros(0, dtype=np.uint64)
 
     # ---- capacity ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -847,6 +853,15 @@ class FlowTable:
         self.ctr[C_USED] = len(live)
         self.ctr[C_MAXUSED] = size // 2
 
+    def _link_salts(self, max_link: int) -> np.ndarray:
+        if len(self._salts) <= max_link or len(self._salts) < len(self.link_names):
+            n = max(max_link + 1, len(self.link_names))
+            names = [self.link_names[k] if k < len(self.link_names) else str(k) for k in range(n)]
+            self._salts = np.array([int.from_bytes(hashlib.blake2b(name.encode(), key=self._run_salt,
+                                                                    digest_size=8).digest(), "little")
+                                    for name in names], dtype=np.uint64)
+        return self._salts
+
     # ---- packets ----------------------------------------------------------------------------
     def update(self, cols: dict, ts: np.ndarray, wirelen: np.ndarray, link: np.ndarray | None = None):
         """Assign sessions to a batch of decoded packets.
@@ -877,7 +892,7 @@ class FlowTable:
                                self.tab, self.K64, self.I64, self.I32, self.hist, self.free, self.retired,
                                self.ctr, self.idle_to, self.active_to, self.close_delay,
                                self.attempt_delay, self.dns_timeout, SERVER_PORTS, _CP4, _CP6,
-                               out_sid, out_orig, out_seq, out_cum)
+                               self._link_salts(int(link.max())), out_sid, out_orig, out_seq, out_cum)
             if i >= n:
                 break
             self._grow()
