@@ -566,7 +566,7 @@ def test_community_ids_vectorised_match_scalar():
     icmp = (proto == 1) | (proto == 58)
     sp = np.where(icmp, rng.choice(np.array([0, 3, 8, 128, 129, 135, 11]), m), sp)
     dp = np.where(icmp, rng.integers(0, 4, m), dp)
-    got = community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed=7)
+    got = community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed=7).to_pylist()
     for j in range(m):
         def ab(hi, lo):
             return int(lo & 0xFFFFFFFF).to_bytes(4, "big") if v4[j] else int(hi).to_bytes(8, "big") + int(lo).to_bytes(8, "big")

@@ -718,9 +718,10 @@ def _be_bytes(x: np.ndarray, width: int) -> np.ndarray:
     return b[:, 8 - width:]
 
 
-def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> list[str]:
-    """Community ID v1 for many sessions: the hash input is built with numpy, then one sha1 each.
-    For ICMP pass the type as sp and the code as dp (mapped here as the spec says)."""
+def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> pa.Array:
+    """Community ID v1 for many sessions: the hash input is built with numpy, hashed by a numba
+    SHA-1 (`_community_id_text`). For ICMP pass the type as sp and the code as dp (mapped here
+    as the spec says)."""
     m = len(proto)
     sp = sp.astype(np.int64).copy()
     dp = dp.astype(np.int64).copy()
@@ -737,7 +738,7 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> l
     s_hi, s_lo = np.where(swap, r_hi, o_hi), np.where(swap, r_lo, o_lo)
     d_hi, d_lo = np.where(swap, o_hi, r_hi), np.where(swap, o_lo, r_lo)
     s_p, d_p = np.where(swap, dp, sp), np.where(swap, sp, dp)
-    out = [""] * m
+    out = np.empty((m, 30), dtype=np.uint8)
     seed_b = np.frombuffer(int(seed).to_bytes(2, "big"), dtype=np.uint8)
     for is4 in (True, False):
         for has_ports in (True, False):
@@ -754,12 +755,72 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> l
             if has_ports:
                 parts += [_be_bytes(s_p[rows].astype(np.uint64), 2), _be_bytes(d_p[rows].astype(np.uint64), 2)]
             buf = np.ascontiguousarray(np.concatenate(parts, axis=1))
-            width = buf.shape[1]
-            data = buf.tobytes()
-            sha1, b64 = hashlib.sha1, base64.b64encode
-            for k, j in enumerate(rows.tolist()):
-                out[j] = "1:" + b64(sha1(data[k * width:(k + 1) * width]).digest()).decode("ascii")
-    return out
+            text = np.empty((len(rows), 30), dtype=np.uint8)
+            _community_id_text(buf, text)
+            out[rows] = text
+    offsets = np.arange(0, 30 * m + 1, 30, dtype=np.int32)
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
+
+
+_B64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", dtype=np.uint8)
+
+
+@njit(cache=True, inline="always")
+def _rotl(x, n):
+    return ((x << np.uint32(n)) | (x >> np.uint32(32 - n))) & np.uint32(0xFFFFFFFF)
+
+
+@njit(cache=True)
+def _community_id_text(msgs, out):
+    """'1:' + base64(SHA-1(row)) for each row of msgs (each under 56 bytes: one SHA-1 block),
+    into out[:, :30]. hashlib per session cost more than the rest of closing a session."""
+    w = np.empty(80, dtype=np.uint32)
+    block = np.empty(64, dtype=np.uint8)
+    digest = np.empty(21, dtype=np.uint8)
+    n = msgs.shape[1]
+    for r in range(msgs.shape[0]):
+        block[:] = 0
+        block[:n] = msgs[r]
+        block[n] = 0x80
+        bits = n * 8
+        block[62] = (bits >> 8) & 0xFF
+        block[63] = bits & 0xFF
+        for t in range(16):
+            w[t] = ((np.uint32(block[4 * t]) << 24) | (np.uint32(block[4 * t + 1]) << 16)
+                    | (np.uint32(block[4 * t + 2]) << 8) | np.uint32(block[4 * t + 3]))
+        for t in range(16, 80):
+            w[t] = _rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1)
+        a, b, c, d, e = (np.uint32(0x67452301), np.uint32(0xEFCDAB89), np.uint32(0x98BADCFE),
+                         np.uint32(0x10325476), np.uint32(0xC3D2E1F0))
+        for t in range(80):
+            if t < 20:
+                f, k = (b & c) | (~b & d), np.uint32(0x5A827999)
+            elif t < 40:
+                f, k = b ^ c ^ d, np.uint32(0x6ED9EBA1)
+            elif t < 60:
+                f, k = (b & c) | (b & d) | (c & d), np.uint32(0x8F1BBCDC)
+            else:
+                f, k = b ^ c ^ d, np.uint32(0xCA62C1D6)
+            tmp = (_rotl(a, 5) + (f & np.uint32(0xFFFFFFFF)) + e + k + w[t]) & np.uint32(0xFFFFFFFF)
+            e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
+        h = (np.uint32(0x67452301) + a, np.uint32(0xEFCDAB89) + b, np.uint32(0x98BADCFE) + c,
+             np.uint32(0x10325476) + d, np.uint32(0xC3D2E1F0) + e)
+        for i in range(5):
+            v = h[i] & np.uint32(0xFFFFFFFF)
+            digest[4 * i] = (v >> 24) & 0xFF
+            digest[4 * i + 1] = (v >> 16) & 0xFF
+            digest[4 * i + 2] = (v >> 8) & 0xFF
+            digest[4 * i + 3] = v & 0xFF
+        digest[20] = 0
+        out[r, 0] = 49  # '1'
+        out[r, 1] = 58  # ':'
+        for g in range(7):  # 21 bytes -> 28 base64 characters, the last one padding
+            v = (np.uint32(digest[3 * g]) << 16) | (np.uint32(digest[3 * g + 1]) << 8) | np.uint32(digest[3 * g + 2])
+            out[r, 2 + 4 * g] = _B64[(v >> 18) & 63]
+            out[r, 3 + 4 * g] = _B64[(v >> 12) & 63]
+            out[r, 4 + 4 * g] = _B64[(v >> 6) & 63]
+            out[r, 5 + 4 * g] = _B64[v & 63]
+        out[r, 29] = 61  # '='
 
 
 def _fmt_v4(lo: np.ndarray) -> pa.Array:
@@ -971,9 +1032,7 @@ class FlowTable:
         def addrs(hi, lo):
             if v4.all():
                 return _fmt_v4(lo)
-            out = np.empty(m, dtype=object)
-            if v4.any():
-                out[v4] = np.asarray(_fmt_v4(lo[v4]).to_pylist(), dtype=object)
+            out = np.full(m, None, dtype=object)
             names = self._v6_names
             if len(names) > 1 << 16:  # a cache of recent addresses, not of every one ever seen
                 names.clear()
@@ -983,7 +1042,9 @@ class FlowTable:
                 if text is None:
                     text = names[key] = ipaddress.IPv6Address((key[0] << 64) | key[1]).compressed
                 out[j] = text
-            return pa.array(out, type=pa.string())
+            v6_text = pa.array(out, type=pa.string())
+            # IPv4 rows formatted by Arrow, never as Python strings
+            return pc.if_else(pa.array(v4), _fmt_v4(lo), v6_text) if v4.any() else v6_text
 
         orig_h, resp_h = addrs(o_hi, o_lo), addrs(r_hi, r_lo)
 
@@ -1049,7 +1110,7 @@ class FlowTable:
             "resp_ip_bytes": pa.array(I64[:, IPB_O + 1], type=pa.int64()),
             "conn_state": pa.array(CONN_STATES[states], type=pa.string()),
             "history": history,
-            "community_id": pa.array(cids, type=pa.string()),
+            "community_id": cids,
             "icmp_type": pa.array(I32[:, ICMP_T], type=pa.int32(), mask=~icmp),
             "icmp_code": pa.array(I32[:, ICMP_C], type=pa.int32(), mask=~icmp),
             "rtt": pa.array(rtt, type=pa.int64(), mask=rtt < 0),
