@@ -15,8 +15,8 @@ import calendar
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,6 +24,9 @@ import pyarrow.parquet as pq
 
 from wiretrail.batch import HOUR_NS
 from wiretrail.errors import WiretrailError
+
+if TYPE_CHECKING:
+    import duckdb
 
 TABLES_DIR = "tables"
 INDEX_DIR = "index"
@@ -175,6 +178,8 @@ def open_db(root: Path) -> duckdb.DuckDBPyConnection:
     Views are built at open from the parts on disk; a table with no part yet is an empty view
     of its registered schema, so queries work on a new store.
     """
+    import duckdb  # here, not at the top: ingest never queries, and the import costs 80 ms
+
     root = Path(root)
     db = duckdb.connect(":memory:")
     names = set(_SCHEMAS)
