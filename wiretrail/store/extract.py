@@ -144,7 +144,8 @@ def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, ou
                 link = _link_of(path, store)
                 try:
                     for batch in iter_batches(str(path)):
-                        sel = np.ones(len(batch), dtype=bool)
+                        # an all-zero record is the padding a killed writer can leave (store.packets)
+                        sel = (batch.wirelen > 0) | (batch.caplen > 0)
                         if start is not None:
                             sel &= batch.ts >= start
                         if end is not None:
