@@ -173,3 +173,22 @@ def test_retention_by_age_and_quota_removes_packets_and_metadata_together(tmp_pa
     # quota: 1 byte leaves nothing
     retention.enforce(tmp_path, max_age_days=None, quota_bytes=1)
     assert retention.store_hours(tmp_path) == {}
+
+
+def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path):
+    from wiretrail.store.packets import _STAGE_BYTES, _OpenFile
+
+    f = _OpenFile(0, tmp_path / "x" / "0.pcap", 0, 1, True)
+    rng = np.random.default_rng(0)
+    written = bytearray(f.stage[:24].tobytes())
+    # pieces smaller than a block, across blocks, and larger than the staging buffer
+    for size in [1, 100, 4095, 4097, 5000, _STAGE_BYTES + 12345, 7, 3 * _STAGE_BYTES]:
+        piece = rng.integers(0, 256, size, dtype=np.uint8)
+        assert f.append(piece) == len(written)
+        written += piece.tobytes()
+        on_disk = (tmp_path / "x" / "0.pcap").read_bytes()
+        # a reader sees every appended byte now; past them, at most one block of zero padding
+        assert on_disk[:len(written)] == written and len(on_disk) - len(written) < 4096
+        assert not any(on_disk[len(written):])
+    f.close()
+    assert (tmp_path / "x" / "0.pcap").read_bytes() == bytes(written)
