@@ -1,0 +1,1 @@
+"""Application layer: reassembly, protocol identification (nDPI), one module per protocol."""

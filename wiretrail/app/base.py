@@ -1,0 +1,71 @@
+"""What a protocol module gives the application stage, and what it gets from it.
+
+A protocol module (`app/dns.py`, `app/tls.py`, ...) declares:
+
+    TABLE = "dns"                    # its table in the store (and Zeek log name where it has one)
+    SCHEMA = pa.schema([...])        # first columns: ts (timestamp ns), uid (string)
+    PORTS = {53, 5353, ...}          # server ports that select a session without nDPI
+    NDPI = {"DNS", ...}              # nDPI master/app names that select a session
+and one of
+    def parse_datagram(d: Datagram) -> list[dict]        # UDP protocols: one payload at a time
+    def parse_stream(s: Stream) -> list[dict]             # TCP protocols: both reassembled directions
+
+Rows are plain dicts keyed by SCHEMA's names (missing keys are null). A parser never
+raises on what it is fed: a malformed message yields a row with `malformed` set (or no
+row), never an exception; the stage still guards every call, so a parser bug costs one
+session's records, not the ingest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Datagram:
+    uid: str
+    ts: int                 # ns since the epoch
+    payload: bytes          # the UDP payload as captured (may be cut short by the snaplen)
+    from_orig: bool         # sent by the session's originator
+    orig_h: str
+    orig_p: int
+    resp_h: str
+    resp_p: int
+    truncated: bool = False  # the payload is shorter than the UDP length said
+
+
+@dataclass
+class Direction:
+    """One direction of a TCP session, reassembled up to the depth limit.
+
+    `data` holds the bytes in sequence order with gaps filled by nothing: `gaps` lists
+    (offset in data, missing byte count) where bytes were never seen. `ts_offsets` and
+    `ts` map stream offsets to packet times: ts[i] is the time of the packet that carried
+    the byte at ts_offsets[i] (the first of that packet's new bytes)."""
+
+    data: bytes = b""
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    ts_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    truncated: bool = False  # the depth limit cut the stream
+
+    def time_at(self, offset: int) -> int:
+        """Time of the packet that carried stream byte `offset` (ns)."""
+        if len(self.ts) == 0:
+            return 0
+        i = int(np.searchsorted(self.ts_offsets, offset, side="right")) - 1
+        return int(self.ts[max(i, 0)])
+
+
+@dataclass
+class Stream:
+    uid: str
+    orig_h: str
+    orig_p: int
+    resp_h: str
+    resp_p: int
+    orig: Direction          # client -> server
+    resp: Direction          # server -> client
+    app: str = ""            # nDPI's Master.App for the session, "" if not known
