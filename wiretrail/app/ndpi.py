@@ -1,0 +1,422 @@
+"""Protocol identification with nDPI 5 (the build inside the `nfstream` wheel).
+
+The `nfstream` wheel (pinned in pyproject.toml) links nDPI 5.0 statically into its cffi
+extension `_lib_engine`, which exports every `ndpi_*` symbol, and whose `ffi` already knows
+nDPI's types (`struct ndpi_flow_struct`, `ndpi_protocol`, ...). We look the symbols up with
+ctypes (dlsym on the already-loaded extension) and cast their addresses to typed function
+pointers with that `ffi`: no compiler, no second copy of nDPI. nfstream's own Python side
+(pandas, dpkt, psutil) is never imported.
+
+`Identifier` is one nDPI detection module; it classifies flows packet by packet (IP-layer
+bytes, as ndpiReader feeds them). `classify_batch` + `NdpiState` drive it from the pipeline:
+numpy picks the rows of sessions that are still undecided (and within the packet cap), Python
+runs only for those packets, and a session's nDPI state is freed as soon as it is decided
+(its small result is kept until `NdpiState.finish(sid)` when the session closes).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+
+from wiretrail.errors import WiretrailError
+
+__all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG"]
+
+# nDPI's own enums (values from ndpi_typedefs.h of the bundled 5.0 build; checked at load).
+STATE_CLASSIFIED = 3        # NDPI_STATE_CLASSIFIED: nothing more to extract
+STATE_MONITORING = 2        # NDPI_STATE_MONITORING: classified, only monitoring left
+RISK_KNOWN_PROTO_NON_STD_PORT = 5  # NDPI_KNOWN_PROTOCOL_ON_NON_STANDARD_PORT
+IN_PKT_DIR_C_TO_S, IN_PKT_DIR_S_TO_C = 1, 2
+
+# Configuration applied before ndpi_finalize_initialization: (protocol or None, param, value).
+# packets_limit_per_flow and ookla's aggressiveness are what nDPI's regression results use
+# (example/config.txt); DNS sub-classification (DNS.Google, ...) is off by default in 5.0 but
+# on in the 4.x results and in nfstream.
+DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
+    (None, "packets_limit_per_flow", "32"),
+    ("dns", "subclassification", "enable"),
+    ("ookla", "dpi.aggressiveness", "0x1"),
+)
+
+# Protocols whose flows carry nDPI's `protos.tls_quic` union member (JA4, JA3S).
+_TLS_FAMILY = ("TLS", "QUIC", "DTLS", "SMTPS", "IMAPS", "POPS", "FTPS")
+
+_SIGS = {
+    "ndpi_init_detection_module": "struct ndpi_detection_module_struct *(*)(void *)",
+    "ndpi_finalize_initialization": "int (*)(struct ndpi_detection_module_struct *)",
+    "ndpi_exit_detection_module": "void (*)(struct ndpi_detection_module_struct *)",
+    "ndpi_set_config": "int (*)(struct ndpi_detection_module_struct *, const char *, const char *, const char *)",
+    "ndpi_detection_get_sizeof_ndpi_flow_struct": "uint32_t (*)(void)",
+    "ndpi_flow_malloc": "void *(*)(size_t)",
+    "ndpi_flow_free": "void (*)(void *)",
+    "ndpi_detection_process_packet":
+        "ndpi_protocol (*)(struct ndpi_detection_module_struct *, struct ndpi_flow_struct *, "
+        "const unsigned char *, unsigned short, uint64_t, struct ndpi_flow_input_info *)",
+    "ndpi_detection_giveup":
+        "ndpi_protocol (*)(struct ndpi_detection_module_struct *, struct ndpi_flow_struct *)",
+    "ndpi_protocol2name":
+        "char *(*)(struct ndpi_detection_module_struct *, ndpi_master_app_protocol, char *, unsigned int)",
+    "ndpi_category_get_name":
+        "const char *(*)(struct ndpi_detection_module_struct *, ndpi_protocol_category_t)",
+    "ndpi_confidence_get_name": "const char *(*)(ndpi_confidence_t)",
+    "ndpi_get_proto_by_name": "uint16_t (*)(struct ndpi_detection_module_struct *, const char *)",
+    "ndpi_risk2str": "const char *(*)(ndpi_risk_enum)",
+    "ndpi_revision": "const char *(*)(void)",
+}
+
+
+class _Lib:
+    """The bundled nDPI: the extension's ffi and typed pointers to its ndpi_* functions."""
+
+    _instance: _Lib | None = None
+
+    def __init__(self):
+        try:
+            import _lib_engine  # nfstream's compiled engine (nDPI 5 + libpcap, statically linked)
+        except Exception as err:  # ImportError, or a broken shared object
+            raise WiretrailError(f"nDPI unavailable: cannot load nfstream's _lib_engine "
+                                 f"(pip install nfstream==6.6.0): {err}".splitlines()[0]) from None
+        ffi = _lib_engine.ffi
+        try:
+            dll = ctypes.CDLL(_lib_engine.__file__)  # same handle as the loaded module: dlsym only
+            for name, sig in _SIGS.items():
+                addr = ctypes.cast(getattr(dll, name), ctypes.c_void_p).value
+                setattr(self, name[5:], ffi.cast(sig, addr))
+            flow_size = int(self.detection_get_sizeof_ndpi_flow_struct())
+            want = ffi.sizeof("struct ndpi_flow_struct")
+            enums = ffi.typeof("enum ndpi_classification_state").relements
+            risks = ffi.typeof("ndpi_risk_enum").relements
+        except Exception as err:
+            raise WiretrailError(f"nDPI unavailable: unexpected _lib_engine build: {err}".splitlines()[0]) from None
+        if flow_size != want:
+            raise WiretrailError(f"nDPI unavailable: flow struct is {flow_size} bytes in the library, "
+                                 f"{want} in its declarations")
+        if (enums.get("NDPI_STATE_CLASSIFIED") != STATE_CLASSIFIED
+                or enums.get("NDPI_STATE_MONITORING") != STATE_MONITORING
+                or risks.get("NDPI_KNOWN_PROTOCOL_ON_NON_STANDARD_PORT") != RISK_KNOWN_PROTO_NON_STD_PORT):
+            raise WiretrailError("nDPI unavailable: unexpected enum values in the bundled nDPI")
+        self.ffi = ffi
+        self.flow_size = flow_size
+        self.version = ffi.string(self.revision()).decode()
+        self.max_risk = int(risks.get("NDPI_MAX_RISK", 64))
+
+    @classmethod
+    def get(cls) -> _Lib:
+        if cls._instance is None:
+            cls._instance = _Lib()
+        return cls._instance
+
+
+class _Flow:
+    """One flow inside an Identifier (the handle returned by new_flow)."""
+
+    __slots__ = ("ptr", "key", "n", "done", "proto", "gaveup")
+
+    def __init__(self, ptr, key):
+        self.ptr = ptr
+        self.key = key
+        self.n = 0            # packets given to nDPI
+        self.done = False     # nDPI concluded (classified, or gave up at the packet cap)
+        self.proto = None     # last ndpi_protocol returned
+        self.gaveup = False
+
+
+class NdpiResult(NamedTuple):
+    app: str            # "Master.App" as ndpiReader prints it: "TLS.YouTube", "DNS", "Unknown"
+    category: str       # nDPI category name ("Web", "Network", "Unspecified", ...)
+    confidence: str     # "DPI", "Match by port", ... ("Unknown" when undetected)
+    extra: dict         # host, ja4, ja3s, risk, risks, non_std_port, dpi_packets
+
+
+UNKNOWN = NdpiResult("Unknown", "Unspecified", "Unknown", {"non_std_port": False})
+
+
+class Identifier:
+    """One nDPI detection module. Flows are created with new_flow, fed with add_packet
+    (IP-layer bytes), read with result and released with free; close() releases the module.
+
+    `max_packets`: packets per flow after which nDPI gives up (ndpiReader's
+    packets_limit_per_flow, 32 in nDPI's own test configuration).
+    `config`: (protocol or None, parameter, value) triples for ndpi_set_config.
+    `use_direction`: tell nDPI each packet's direction (client->server or back) instead of
+    letting it infer directions from addresses and ports, as ndpiReader does by default.
+    """
+
+    def __init__(self, max_packets: int = 32, config=DEFAULT_CONFIG, *, use_direction: bool = False):
+        lib = _Lib.get()
+        self._lib = lib
+        self._ffi = ffi = lib.ffi
+        self.max_packets = int(max_packets)
+        self.version = lib.version
+        mod = lib.init_detection_module(ffi.NULL)
+        if mod == ffi.NULL:
+            raise WiretrailError("nDPI: cannot create a detection module (out of memory?)")
+        for proto, param, value in config:
+            rc = lib.set_config(mod, ffi.NULL if proto is None else proto.encode(), param.encode(),
+                                str(value).encode())
+            if rc != 0:
+                lib.exit_detection_module(mod)
+                raise WiretrailError(f"nDPI: configuration {proto or ''} {param}={value} refused (code {rc})")
+        if lib.finalize_initialization(mod) != 0:
+            lib.exit_detection_module(mod)
+            raise WiretrailError("nDPI: initialisation failed")
+        self._mod = mod
+        self._process = lib.detection_process_packet
+        self._live: set[_Flow] = set()
+        self._names: dict[tuple[int, int], str] = {}
+        self._cats: dict[int, str] = {}
+        self._confs: dict[int, str] = {}
+        self._namebuf = ffi.new("char[128]")
+        self._tls_ids = {i for i in (int(lib.get_proto_by_name(mod, n.encode())) for n in _TLS_FAMILY) if i}
+        self.use_direction = use_direction
+        self._dir = {True: ffi.new("struct ndpi_flow_input_info *"), False: ffi.new("struct ndpi_flow_input_info *")}
+        self._dir[True].in_pkt_dir = IN_PKT_DIR_C_TO_S
+        self._dir[False].in_pkt_dir = IN_PKT_DIR_S_TO_C
+        self.calls = 0  # ndpi_detection_process_packet calls made
+
+    # ---- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_mod", None) is None:
+            return
+        for h in list(self._live):
+            self.free(h)
+        self._lib.exit_detection_module(self._mod)
+        self._mod = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- flows ------------------------------------------------------------------------------
+    def new_flow(self, key=None) -> _Flow:
+        """A new flow (`key` is kept on the handle for the caller's use)."""
+        ffi = self._ffi
+        raw = self._lib.flow_malloc(self._lib.flow_size)
+        if raw == ffi.NULL:
+            raise MemoryError("nDPI flow allocation failed")
+        ptr = ffi.cast("struct ndpi_flow_struct *", raw)
+        ffi.memmove(ptr, bytes(self._lib.flow_size), self._lib.flow_size)
+        h = _Flow(ptr, key)
+        self._live.add(h)
+        return h
+
+    def free(self, handle: _Flow) -> None:
+        if handle.ptr is not None:
+            self._lib.flow_free(handle.ptr)
+            handle.ptr = None
+            self._live.discard(handle)
+
+    def add_packet(self, handle: _Flow, ip_bytes, ts_ms: int, from_orig: bool = True) -> bool:
+        """Give nDPI one packet (bytes from the IP header to the end of the datagram).
+        True when nDPI has concluded and the flow needs no more packets. Never raises."""
+        try:
+            if handle.done or handle.ptr is None:
+                return True
+            n = len(ip_bytes)
+            if n <= 0:
+                return False
+            buf = ip_bytes if isinstance(ip_bytes, bytes) else self._ffi.from_buffer("unsigned char[]", ip_bytes)
+            return self._feed(handle, buf, min(n, 65535), int(ts_ms), bool(from_orig))
+        except Exception:
+            return handle.done
+
+    def _feed(self, h: _Flow, buf, n: int, ts_ms: int, from_orig: bool) -> bool:
+        """add_packet without the checks (buf: bytes or a cffi pointer; 0 < n <= 65535)."""
+        info = self._dir[from_orig] if self.use_direction else self._ffi.NULL
+        h.proto = self._process(self._mod, h.ptr, buf, n, ts_ms, info)
+        self.calls += 1
+        h.n += 1
+        st = h.ptr.state
+        if st == STATE_CLASSIFIED or st == STATE_MONITORING:
+            h.done = True
+        elif h.n >= self.max_packets:
+            self._giveup(h)
+            h.done = True
+        return h.done
+
+    def _giveup(self, h: _Flow) -> None:
+        if not h.gaveup and h.ptr is not None:
+            h.proto = self._lib.detection_giveup(self._mod, h.ptr)
+            h.gaveup = True
+
+    def result(self, handle: _Flow) -> NdpiResult:
+        """(app, category, confidence, extra) of a flow; gives up first if nDPI had not
+        concluded (the session ended before it could)."""
+        h = handle
+        if h.ptr is None:
+            return UNKNOWN
+        if h.n == 0:
+            return UNKNOWN
+        if not h.done:
+            self._giveup(h)
+        ffi, lib, f = self._ffi, self._lib, h.ptr
+        p = h.proto
+        master, app_id = int(p.proto.master_protocol), int(p.proto.app_protocol)
+        name = self._names.get((master, app_id))
+        if name is None:
+            name = ffi.string(lib.protocol2name(self._mod, p.proto, self._namebuf, 128)).decode(errors="replace")
+            self._names[(master, app_id)] = name
+        cat_id = int(p.category)
+        cat = self._cats.get(cat_id)
+        if cat is None:
+            s = lib.category_get_name(self._mod, cat_id)
+            cat = self._cats[cat_id] = ffi.string(s).decode(errors="replace") if s != ffi.NULL else str(cat_id)
+        conf_id = int(f.confidence)
+        conf = self._confs.get(conf_id)
+        if conf is None:
+            s = lib.confidence_get_name(conf_id)
+            conf = self._confs[conf_id] = ffi.string(s).decode(errors="replace") if s != ffi.NULL else str(conf_id)
+        risk = int(f.risk)
+        extra = {"non_std_port": bool((risk >> RISK_KNOWN_PROTO_NON_STD_PORT) & 1), "risk": risk,
+                 "dpi_packets": h.n, "master_id": master, "app_id": app_id}
+        host = ffi.string(f.host_server_name)
+        if host:
+            extra["host"] = host.decode(errors="replace")
+        if master in self._tls_ids or app_id in self._tls_ids:
+            tq = f.protos.tls_quic
+            ja4 = ffi.string(tq.ja4_client)
+            if ja4:
+                extra["ja4"] = ja4.decode(errors="replace")
+            ja3s = ffi.string(tq.ja3_server)
+            if ja3s:
+                extra["ja3s"] = ja3s.decode(errors="replace")
+        if risk:
+            extra["risks"] = self.risk_names(risk)
+        return NdpiResult(name, cat, conf, extra)
+
+    def risk_names(self, risk: int) -> list[str]:
+        ffi, out = self._ffi, []
+        for bit in range(1, self._lib.max_risk):
+            if (risk >> bit) & 1:
+                s = self._lib.risk2str(bit)
+                out.append(ffi.string(s).decode() if s != ffi.NULL else str(bit))
+        return out
+
+
+class NdpiState:
+    """Per-session identification state for the pipeline: nDPI flows of undecided sessions,
+    and the results of decided sessions until they close (`finish`)."""
+
+    def __init__(self, identifier: Identifier):
+        self.identifier = identifier
+        self.live: dict[int, _Flow] = {}            # sid -> nDPI flow (undecided)
+        self.results: dict[int, NdpiResult] = {}    # sid -> result (decided, not closed yet)
+
+    def __len__(self) -> int:
+        return len(self.live) + len(self.results)
+
+    def _decide(self, sid: int, h: _Flow) -> None:
+        ident = self.identifier
+        self.results[sid] = ident.result(h)
+        ident.free(h)
+        self.live.pop(sid, None)
+
+    def finish_result(self, sid: int) -> NdpiResult:
+        """The full result of a closed session; its state is dropped."""
+        sid = int(sid)
+        r = self.results.pop(sid, None)
+        if r is not None:
+            return r
+        h = self.live.pop(sid, None)
+        if h is None:
+            return UNKNOWN  # no IP packet of it was ever seen
+        ident = self.identifier
+        r = ident.result(h)
+        ident.free(h)
+        return r
+
+    def finish(self, sid: int) -> tuple[str, str]:
+        """(app, category) of a closed session; its state is dropped."""
+        r = self.finish_result(sid)
+        return r.app, r.category
+
+    def finish_many(self, sids) -> tuple[list[str], list[str], list[bool]]:
+        """apps, categories and 'known protocol on a non-standard port' flags of closed sessions
+        (e.g. the `sid` column of FlowTable.expire()/flush())."""
+        apps, cats, nonstd = [], [], []
+        for s in np.asarray(sids).tolist():
+            r = self.finish_result(s)
+            apps.append(r.app)
+            cats.append(r.category)
+            nonstd.append(r.extra.get("non_std_port", False))
+        return apps, cats, nonstd
+
+    def close(self) -> None:
+        for h in self.live.values():
+            self.identifier.free(h)
+        self.live.clear()
+        self.results.clear()
+
+
+def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, sid: np.ndarray,
+                   is_orig: np.ndarray, seq: np.ndarray | None = None) -> int:
+    """Feed nDPI the packets of `batch` that belong to sessions not decided yet.
+
+    `sid`, `is_orig` (and optionally `seq`, the packet's number within its session) come from
+    FlowTable.update. Rows are chosen with numpy: a session id, an IP header, fewer than
+    `identifier.max_packets` packets into the session, and the session not decided; Python
+    then runs once per chosen packet. Returns the number of packets given to nDPI.
+    """
+    n = len(sid)
+    if n == 0:
+        return 0
+    l3 = cols["l3_off"]
+    ok = (sid >= 0) & (l3 >= 0)
+    if seq is not None:
+        ok &= seq < identifier.max_packets
+    rows = np.flatnonzero(ok)
+    if len(rows) == 0:
+        return 0
+    srows = sid[rows]
+    results, live = state.results, state.live
+    if results:
+        uniq = np.unique(srows)
+        decided = [s for s in uniq.tolist() if s in results]  # once per session, not per packet
+        if decided:
+            keep = ~np.isin(srows, np.asarray(decided, dtype=srows.dtype))
+            rows, srows = rows[keep], srows[keep]
+            if len(rows) == 0:
+                return 0
+    offset = batch.offset[rows].astype(np.int64)
+    l3r = l3[rows].astype(np.int64)
+    room = batch.caplen[rows].astype(np.int64) - l3r
+    iplen = cols["ip_len"][rows].astype(np.int64)
+    length = np.where(iplen > 0, np.minimum(iplen, room), room)
+    length = np.minimum(length, 65535)
+    good = length > 0
+    if not good.all():
+        rows, srows, offset, l3r, length = rows[good], srows[good], offset[good], l3r[good], length[good]
+    start = offset + l3r
+    ts_ms = batch.ts[rows] // 1_000_000
+    orig = is_orig[rows]
+
+    ident = identifier
+    ffi = ident._ffi
+    base = ffi.from_buffer("unsigned char[]", batch.data)
+    feed, new_flow = ident._feed, ident.new_flow
+    fed = 0
+    for s, st, ln, t, o in zip(srows.tolist(), start.tolist(), length.tolist(), ts_ms.tolist(), orig.tolist()):
+        h = live.get(s)
+        if h is None:
+            if s in results:
+                continue  # decided earlier in this batch
+            h = live[s] = new_flow(s)
+        fed += 1
+        try:
+            done = feed(h, base + st, ln, t, o)
+        except Exception:  # never let one packet stop the batch
+            done = True
+        if done:
+            state._decide(s, h)
+    return fed
