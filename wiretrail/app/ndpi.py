@@ -5,7 +5,13 @@ extension `_lib_engine`, which exports every `ndpi_*` symbol, and whose `ffi` al
 nDPI's types (`struct ndpi_flow_struct`, `ndpi_protocol`, ...). We look the symbols up with
 ctypes (dlsym on the already-loaded extension) and cast their addresses to typed function
 pointers with that `ffi`: no compiler, no second copy of nDPI. nfstream's own Python side
-(pandas, dpkt, psutil) is never imported.
+is never imported: `_lib_engine` needs only cffi's `_cffi_backend` at import (nfstream 6.6.0
+also pulls pandas, dpkt, psutil, python-dateutil, tzdata; it leaves the pinned numpy, numba
+and pyarrow as they are, so the package is installed with its dependencies).
+
+Function signatures are those of nDPI 5.0 (ndpi_api.h): notably `ndpi_detection_giveup(mod,
+flow)` without the 4.x guess arguments and `ndpi_protocol2name(mod, ndpi_master_app_protocol,
+...)`. The library's flow struct size and the enum values used here are checked at load.
 
 `Identifier` is one nDPI detection module; it classifies flows packet by packet (IP-layer
 bytes, as ndpiReader feeds them). `classify_batch` + `NdpiState` drive it from the pipeline:
