@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after ingest, drop the oldest hours until the store fits, e.g. 500G")
     p.add_argument("--flush-seconds", type=float, default=5.0, metavar="S",
                    help="write buffered rows out at least this often: what a crash can lose (default 5)")
+    p.add_argument("--no-app", action="store_true",
+                   help="sessions and packets only: no protocol identification, reassembly or records")
+    p.add_argument("--no-identify", action="store_true", help="no nDPI identification (records by port only)")
+    p.add_argument("--stream-depth", type=parse_size, default=1 << 20, metavar="SIZE",
+                   help="reassembled bytes kept per direction of a session (default 1M)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sql", help="run SQL over the store's tables (DuckDB)")
@@ -127,9 +132,14 @@ def _cmd_ingest(args) -> int:
         max_age_days=args.max_age_days,
         quota_bytes=args.quota,
         flush_seconds=args.flush_seconds,
+        app=not args.no_app,
+        identify=not args.no_identify,
+        stream_depth=args.stream_depth,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     report = ingest(args.pcap, opts)
+    for line in report.notes:
+        print(f"wiretrail: note: {line}", file=sys.stderr)
     for line in report.errors:
         print(f"wiretrail: {line}", file=sys.stderr)
     print(report.summary())

@@ -30,6 +30,9 @@ class IngestOptions:
     max_age_days: float | None = None  # age is packet time vs now: off by default for file ingest
     quota_bytes: int | None = None
     flush_seconds: float = 5.0         # buffered index/table rows go to disk at least this often
+    app: bool = True                   # application layer: identification, reassembly, records
+    identify: bool = True              # nDPI identification (records still come from ports without it)
+    stream_depth: int = 1 << 20        # reassembled bytes kept per direction of a session
     progress: bool = False
     batch_bytes: int = 8 << 20
 
@@ -43,13 +46,17 @@ class IngestReport:
     sessions: int = 0
     seconds: float = 0.0
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)      # worth saying, not an error
+    records: dict[str, int] = field(default_factory=dict)  # protocol records per table
 
     def summary(self) -> str:
         rate = self.packets / self.seconds if self.seconds > 0 else 0.0
         return (f"{self.files} file(s), {self.packets} packets ({self.bytes / 1e6:.1f} MB), "
                 f"{self.sessions} sessions, {self.stored_packets} packets stored, "
                 f"{self.seconds:.1f} s ({rate / 1e3:.0f} k packets/s)"
-                + (f", {len(self.errors)} file(s) with errors" if self.errors else ""))
+                + (f", {len(self.errors)} file(s) with errors" if self.errors else "")
+                + ("\nrecords: " + ", ".join(f"{k} {v}" for k, v in sorted(self.records.items()))
+                   if self.records else ""))
 
 
 class LinkMapper:
@@ -110,6 +117,7 @@ class Pipeline:
         from wiretrail.store.packets import PacketWriter
 
         self.opts = opts
+        self.report = IngestReport()
         _use_jemalloc()
         root = Path(opts.store)
         root.mkdir(parents=True, exist_ok=True)
@@ -121,11 +129,19 @@ class Pipeline:
         remove_stale_parts(root)
         self.index = IndexWriter(root, flush_seconds=opts.flush_seconds)
         self.tables = TableWriter(root, flush_seconds=opts.flush_seconds)
+        self.app = None
+        if opts.app:
+            from wiretrail.app.stage import AppStage
+
+            self.app = AppStage(identify=opts.identify, depth=opts.stream_depth)
+            for name, schema in self.app.tables().items():
+                register_schema(name, schema)
+            if self.app.identify_error:
+                self.report.notes.append(self.app.identify_error)
         self._bpf: dict[int, np.ndarray] = {}
         self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, ts)
         self._next_tag = 0
         self._session_stored = None  # per-sid stored packet/byte counts for the session caps
-        self.report = IngestReport()
 
     # --- store policy -------------------------------------------------------------------
     def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
@@ -164,6 +180,8 @@ class Pipeline:
         cols = decode(batch)
         link = self.links.map(batch, cols)
         sid, is_orig, seq, cum_bytes = self.flows.update(cols, batch.ts, batch.wirelen, link)
+        if self.app is not None:
+            self.app.process(batch, cols, sid, is_orig, seq)
 
         keep = self._filter_mask(batch)
         caps = self._session_caps(sid, seq, cum_bytes)
@@ -199,7 +217,9 @@ class Pipeline:
 
             wcols = decode(whole)
             wlink = np.array([self._frag_pos[int(p[0])][3] for p in parts], dtype=np.int16)
-            wsid, _, _, _ = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
+            wsid, wis_orig, wseq, _ = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
+            if self.app is not None:
+                self.app.process(whole, wcols, wsid, wis_orig, wseq)
             for s, p in zip(wsid.tolist(), parts):
                 self._index_fragments(s, p)
         for p in self.fragments.expire(int(batch.ts.max())):
@@ -216,9 +236,16 @@ class Pipeline:
                               arr[:, 1], arr[:, 2])
 
     def _close(self, sessions) -> None:
-        if sessions is not None and sessions.num_rows:
-            self.report.sessions += sessions.num_rows
-            self.tables.append("sessions", sessions)
+        if sessions is None or not sessions.num_rows:
+            return
+        records = {}
+        if self.app is not None:
+            sessions, records = self.app.close(sessions)
+        self.report.sessions += sessions.num_rows
+        self.tables.append("sessions", sessions)
+        for name, table in records.items():
+            self.report.records[name] = self.report.records.get(name, 0) + table.num_rows
+            self.tables.append(name, table)
 
     def finish(self) -> None:
         for p in self.fragments.expire(None):

@@ -1122,4 +1122,6 @@ class FlowTable:
             "zero_win_resp": pa.array(I32[:, ZW_O + 1], type=pa.int32()),
             "anomalies": pa.array(I64[:, ANOM].astype(np.uint32), type=pa.uint32()),
         }
-        return pa.table(cols, schema=SESSIONS_SCHEMA)
+        # columns later stages fill (app, category, ...) start as nulls
+        arrays = [cols[f.name] if f.name in cols else pa.nulls(m, f.type) for f in SESSIONS_SCHEMA]
+        return pa.Table.from_arrays(arrays, schema=SESSIONS_SCHEMA)

@@ -41,6 +41,10 @@ SESSIONS_SCHEMA = pa.schema([
     ("zero_win_orig", pa.int32()),
     ("zero_win_resp", pa.int32()),
     ("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
+    # filled by the application stage (null without it)
+    ("app", pa.string()),              # nDPI's Master.App, e.g. TLS.YouTube, DNS, Unknown
+    ("category", pa.string()),         # nDPI's category, e.g. Web, Network, Media
+    ("port_mismatch", pa.bool_()),     # a well-known protocol on a port it does not belong to
 ])
 
 

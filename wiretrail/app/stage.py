@@ -1,0 +1,264 @@
+"""The application stage: identification, reassembly and protocol records, per batch.
+
+Per batch (numpy decides which rows matter, Python runs per selected packet or group):
+- nDPI gets the first packets of every session not identified yet (`app.ndpi`);
+- UDP payloads on a datagram protocol's ports go to that protocol's per-session parser;
+- TCP payloads go to the reassembler while their session is unidentified, on a stream
+  protocol's port, or identified as one; a session identified as something no module
+  parses is dropped from the reassembler at once (only the sessions that need it pay).
+When sessions close (`close`), their streams are rebuilt and parsed, and the sessions come
+back with `app`, `category`, `service` and `port_mismatch` filled, together with the
+records of every protocol table, each row carrying its session's uid and 5-tuple.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from wiretrail.app.base import Datagram, Stream
+from wiretrail.app.reassembly import Reassembler
+from wiretrail.batch import TCP_SYN
+
+# The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
+PROTOCOLS = ("dns", "dhcp", "tls", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp")
+
+# nDPI master protocol -> Zeek's `service` name (conn.log), for the protocols Zeek names.
+ZEEK_SERVICE = {
+    "DNS": "dns", "MDNS": "dns", "LLMNR": "dns", "NetBIOS": "dns", "HTTP": "http", "HTTP_Proxy": "http",
+    "TLS": "ssl", "QUIC": "quic", "DTLS": "dtls", "SSH": "ssh", "FTP_CONTROL": "ftp", "FTP_DATA": "ftp-data",
+    "SMTP": "smtp", "SMTPS": "smtp,ssl", "POP3": "pop3", "POPS": "pop3,ssl", "IMAP": "imap",
+    "IMAPS": "imap,ssl", "FTPS": "ftp,ssl", "SMBv1": "smb", "SMBv23": "smb", "DHCP": "dhcp",
+    "HTTP_Connect": "http", "HTTP2": "http2", "TFTP": "tftp",
+    "DHCPV6": "dhcpv6", "NTP": "ntp", "SNMP": "snmp", "SIP": "sip", "RDP": "rdp", "Kerberos": "krb",
+    "LDAP": "ldap", "MySQL": "mysql", "RADIUS": "radius", "Syslog": "syslog", "IRC": "irc",
+    "DCE_RPC": "dce_rpc", "Telnet": "telnet", "SOCKS": "socks", "MQTT": "mqtt", "Modbus": "modbus",
+    "DNP3": "dnp3", "VNC": "vnc", "RTP": "rtp", "STUN": "stun", "BitTorrent": "bittorrent",
+}
+
+
+@dataclass
+class _Module:
+    name: str
+    table: str
+    schema: pa.Schema
+    ports: np.ndarray
+    ndpi: frozenset
+    mod: object
+    stream: bool
+
+
+def load_modules(names=PROTOCOLS) -> list[_Module]:
+    """The protocol modules present (a protocol not written yet is simply absent)."""
+    out = []
+    for name in names:
+        try:
+            mod = importlib.import_module(f"wiretrail.app.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"wiretrail.app.{name}":
+                continue
+            raise
+        if not hasattr(mod, "SCHEMA"):
+            continue
+        stream = hasattr(mod, "parse_stream")
+        if not stream and not (hasattr(mod, "parse_datagram") or hasattr(mod, "Session")):
+            continue
+        out.append(_Module(name, getattr(mod, "TABLE", name), mod.SCHEMA,
+                           np.array(sorted(getattr(mod, "PORTS", ())), dtype=np.int64),
+                           frozenset(getattr(mod, "NDPI", ())), mod, stream))
+    return out
+
+
+def _addr(hi: int, lo: int) -> str:
+    if hi == 0 and (lo >> 32) == 0xFFFF:
+        return str(ipaddress.IPv4Address(lo & 0xFFFFFFFF))
+    return ipaddress.IPv6Address((hi << 64) | lo).compressed
+
+
+class AppStage:
+    def __init__(self, identify: bool = True, depth: int = 1 << 20, memcap: int = 256 << 20,
+                 modules: list[_Module] | None = None):
+        self.modules = load_modules() if modules is None else modules
+        self.datagram_modules = [m for m in self.modules if not m.stream]
+        self.stream_modules = [m for m in self.modules if m.stream]
+        self.stream_ports = np.unique(np.concatenate([m.ports for m in self.stream_modules] or
+                                                     [np.zeros(0, dtype=np.int64)]))
+        self.reasm = Reassembler(depth=depth, memcap=memcap)
+        self.dgram_state: dict[tuple[int, str], object] = {}   # (sid, module) -> parser session
+        self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
+        self.streamed: set[int] = set()                         # sids with reassembly state
+        self._wanted: dict[int, bool | None] = {}               # identified sids: streams wanted?
+        self.parser_errors = 0
+        self.ndpi = self.ndpi_state = None
+        self.identify_error: str | None = None
+        if identify:
+            try:
+                from wiretrail.app.ndpi import Identifier, NdpiState
+
+                self.ndpi = Identifier()
+                self.ndpi_state = NdpiState(self.ndpi)
+            except Exception as err:  # no nDPI here: records still come, from ports
+                self.identify_error = f"protocol identification off: {str(err).splitlines()[0]}"
+
+    # ---- per batch ----------------------------------------------------------------------------
+    def process(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray) -> None:
+        if len(sid) == 0:
+            return
+        if self.ndpi is not None:
+            from wiretrail.app.ndpi import classify_batch
+
+            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq)
+        self._datagrams(batch, cols, sid, is_orig)
+        self._streams(batch, cols, sid, is_orig)
+
+    def _datagrams(self, batch, cols, sid, is_orig) -> None:
+        if not self.datagram_modules:
+            return
+        udp = (cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0)
+        if not udp.any():
+            return
+        sport, dport = cols["sport"].astype(np.int64), cols["dport"].astype(np.int64)
+        for m in self.datagram_modules:
+            rows = np.flatnonzero(udp & (np.isin(sport, m.ports) | np.isin(dport, m.ports)))
+            for r in rows.tolist():  # Python per datagram of this protocol only
+                self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r)
+
+    def _datagram(self, m: _Module, batch, cols, s: int, from_orig: bool, r: int) -> None:
+        start = int(batch.offset[r]) + int(cols["pl_off"][r])
+        payload = batch.data[start:start + int(cols["pl_len"][r])].tobytes()
+        src = _addr(int(cols["src_hi"][r]), int(cols["src_lo"][r]))
+        dst = _addr(int(cols["dst_hi"][r]), int(cols["dst_lo"][r]))
+        sp, dp = int(cols["sport"][r]), int(cols["dport"][r])
+        udp_len = int(cols["ip_len"][r]) - (int(cols["l4_off"][r]) - int(cols["l3_off"][r])) - 8
+        o_h, o_p, r_h, r_p = (src, sp, dst, dp) if from_orig else (dst, dp, src, sp)
+        from wiretrail.sessions.flowtable import uid_of
+
+        d = Datagram(uid=uid_of(s), ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
+                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload))
+        try:
+            if hasattr(m.mod, "Session"):
+                key = (s, m.name)
+                state = self.dgram_state.get(key)
+                if state is None:
+                    state = self.dgram_state[key] = m.mod.Session()
+                rows = state.add(d)
+            else:
+                rows = m.mod.parse_datagram(d)
+        except Exception:
+            self.parser_errors += 1
+            return
+        if rows:
+            self.rows.setdefault(s, []).extend((m, row) for row in rows)
+
+    def _streams(self, batch, cols, sid, is_orig) -> None:
+        if not self.stream_modules:
+            return
+        tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & TCP_SYN) != 0))
+        if not tcp.any():
+            return
+        want = np.isin(cols["sport"], self.stream_ports) | np.isin(cols["dport"], self.stream_ports)
+        if self.ndpi_state is not None:
+            results = self.ndpi_state.results
+            for s in results.keys() - self._wanted.keys():  # sessions identified since the last batch
+                app = results[s].app
+                if self._stream_module(app):
+                    self._wanted[s] = True
+                elif app in ("", "Unknown"):
+                    self._wanted[s] = None  # nDPI does not know: the port decides
+                else:  # identified as something no module parses, whatever its port
+                    self._wanted[s] = False
+                    self.reasm.drop(s)
+                    self.streamed.discard(s)
+            yes = np.fromiter((s for s, v in self._wanted.items() if v), dtype=np.int64)
+            no = np.fromiter((s for s, v in self._wanted.items() if v is False), dtype=np.int64)
+            undecided = ~np.isin(sid, np.fromiter(results.keys(), dtype=np.int64, count=len(results)))
+            want = (want & ~np.isin(sid, no)) | np.isin(sid, yes) | (undecided & ~np.isin(sid, no))
+        rows = np.flatnonzero(tcp & want)
+        if len(rows):
+            self.reasm.add(batch, cols, rows, sid, is_orig)
+            self.streamed.update(np.unique(sid[rows]).tolist())
+
+    def _stream_module(self, app: str, resp_p: int = -1) -> _Module | None:
+        names = set(app.split(".")) if app else set()
+        for m in self.stream_modules:
+            if names & m.ndpi:
+                return m
+        for m in self.stream_modules:
+            if resp_p in m.ports:
+                return m
+        return None
+
+    # ---- sessions closing ---------------------------------------------------------------------
+    def close(self, sessions: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
+        """Finish the closed `sessions`: their app columns filled, and every protocol table's
+        rows for them."""
+        if sessions.num_rows == 0:
+            return sessions, {}
+        sids = sessions.column("sid").to_numpy()
+        apps = cats = None
+        if self.ndpi_state is not None:
+            apps, cats, nonstd = self.ndpi_state.finish_many(sids)
+            sessions = _set(sessions, "app", pa.array(apps, pa.string()))
+            sessions = _set(sessions, "category", pa.array(cats, pa.string()))
+            sessions = _set(sessions, "port_mismatch", pa.array(nonstd, pa.bool_()))
+            services = [ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in apps]
+            sessions = _set(sessions, "service", pa.array(services, pa.string()))
+        tuples = {name: sessions.column(name).to_pylist() for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p")}
+        out: dict[_Module, list[dict]] = {}
+        for k, s in enumerate(sids.tolist()):
+            rows = self.rows.pop(s, [])
+            for m in self.datagram_modules:
+                state = self.dgram_state.pop((s, m.name), None)
+                if state is not None:
+                    try:
+                        rows.extend((m, row) for row in state.close())
+                    except Exception:
+                        self.parser_errors += 1
+            self._wanted.pop(s, None)
+            if s in self.streamed:
+                self.streamed.discard(s)
+                rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else ""))
+            if not rows:
+                continue
+            fill = {name: tuples[name][k] for name in tuples}
+            for m, row in rows:
+                for name, value in fill.items():
+                    row.setdefault(name, value)
+                out.setdefault(m, []).append(row)
+        tables = {}
+        for m, rows in out.items():
+            try:
+                tables[m.table] = pa.Table.from_pylist(rows, schema=m.schema)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
+                self.parser_errors += 1
+                print(f"wiretrail: {m.name} records dropped: {str(err).splitlines()[0]}", file=sys.stderr)
+        return sessions, tables
+
+    def _parse_stream(self, s: int, k: int, tuples: dict, app: str) -> list:
+        orig, resp = self.reasm.take(s, True), self.reasm.take(s, False)
+        m = self._stream_module(app, tuples["resp_p"][k])
+        if m is None or not (orig.data or resp.data):
+            return []
+        stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
+                        resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k], orig=orig, resp=resp, app=app)
+        try:
+            return [(m, row) for row in m.mod.parse_stream(stream)]
+        except Exception:
+            self.parser_errors += 1
+            return []
+
+    def tables(self) -> dict[str, pa.Schema]:
+        return {m.table: m.schema for m in self.modules}
+
+
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    i = table.schema.get_field_index(name)
+    if i < 0:
+        return table.append_column(name, values)
+    return table.set_column(i, table.schema.field(i), pc.cast(values, table.schema.field(i).type))
