@@ -12,6 +12,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from wiretrail.sessions.flowtable import NS, FlowTable
@@ -172,6 +173,8 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
     except WiretrailError:
         pass  # keep what was read before a fault
     sessions = table.flush()
+    sessions = sessions.set_column(sessions.schema.get_field_index("ts"), "ts",
+                                   sessions.column("ts").cast(pa.int64()))  # ns: no datetime needed
     rows = sessions.select(["sid", "ts", "ip_proto", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pylist()
     out = {}
     for r in sorted(rows, key=lambda r: r["ts"]):
