@@ -43,7 +43,7 @@ ZEEK_SERVICE = {
 }
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)  # hashable by identity: modules key the per-table row lists
 class _Module:
     name: str
     table: str
