@@ -1,0 +1,326 @@
+"""QUIC Initial packets: decrypt the client's Initial (RFC 9001 section 5) to read its
+TLS ClientHello: SNI, ALPN and the JA4 fingerprint (with `q`).
+
+Keys come from the Destination Connection ID of the client's first Initial (HKDF-SHA256
+with the version's salt; "client in", then "quic key"/"quic iv"/"quic hp", or the
+"quicv2 ..." labels for QUIC v2); header protection is AES-128-ECB over a 16-byte sample,
+the payload AES-128-GCM. CRYPTO frames are put back in offset order, so a ClientHello
+spread over several Initial packets or datagrams (large post-quantum key shares) is read
+once it is whole.
+
+`parse_initial(payload)` reads one UDP payload (coalesced packets included);
+`parse_initials(payloads)` reads the first client datagrams of a session together.
+`parse_datagram` is the protocol-module entry point (table `quic`, one row per session
+whose ClientHello was read). Nothing raises: undecryptable input gives None / no row.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections import OrderedDict
+
+import pyarrow as pa
+
+from wiretrail.app import tls
+from wiretrail.app.base import Datagram
+
+TABLE = "quic"
+SCHEMA = pa.schema([
+    ("ts", pa.timestamp("ns")),
+    ("uid", pa.string()),
+    ("orig_h", pa.string()),
+    ("orig_p", pa.int32()),
+    ("resp_h", pa.string()),
+    ("resp_p", pa.int32()),
+    ("version", pa.string()),       # QUIC version: "1", "2", or hex
+    ("client_initial_dcid", pa.string()),
+    ("server_name", pa.string()),
+    ("alpn", pa.list_(pa.string())),
+    ("ja4", pa.string()),
+    ("malformed", pa.bool_()),
+])
+PORTS = {443, 80, 8443}
+NDPI = {"QUIC"}
+
+V1 = 0x00000001
+V2 = 0x6B3343CF
+_SALTS = {
+    V1: bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"),
+    V2: bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"),
+    0xFF00001D: bytes.fromhex("afbfec289993d24c9e9786f19c6111e04390a899"),  # draft-29
+}
+_LABELS = {V2: ("quicv2 key", "quicv2 iv", "quicv2 hp")}
+_INITIAL_TYPE = {V2: 1}  # long-header packet type of Initial (0 in v1 and drafts)
+
+
+def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    return hmac.new(salt, ikm, hashlib.sha256).digest()
+
+
+def _hkdf_expand_label(secret: bytes, label: str, length: int) -> bytes:
+    full = b"tls13 " + label.encode()
+    info = length.to_bytes(2, "big") + bytes([len(full)]) + full + b"\x00"
+    out, t, i = b"", b"", 1
+    while len(out) < length:
+        t = hmac.new(secret, t + info + bytes([i]), hashlib.sha256).digest()
+        out += t
+        i += 1
+    return out[:length]
+
+
+def initial_keys(dcid: bytes, version: int = V1, side: str = "client") -> tuple[bytes, bytes, bytes]:
+    """(key, iv, hp) of the client's (or, side="server", the server's) Initial packets."""
+    secret = _hkdf_expand_label(_hkdf_extract(_SALTS.get(version, _SALTS[V1]), dcid), f"{side} in", 32)
+    lk, li, lh = _LABELS.get(version, ("quic key", "quic iv", "quic hp"))
+    return (_hkdf_expand_label(secret, lk, 16), _hkdf_expand_label(secret, li, 12),
+            _hkdf_expand_label(secret, lh, 16))
+
+
+def _varint(b: bytes, p: int) -> tuple[int, int]:
+    if p >= len(b):
+        raise ValueError("varint")
+    n = 1 << (b[p] >> 6)
+    if p + n > len(b):
+        raise ValueError("varint")
+    v = b[p] & 0x3F
+    for k in range(1, n):
+        v = (v << 8) | b[p + k]
+    return v, p + n
+
+
+def _packets(payload: bytes):
+    """(version, dcid, header bytes through the length field, pn offset, packet end) of the
+    long-header Initial packets in one datagram."""
+    p = 0
+    while p + 7 <= len(payload):
+        b0 = payload[p]
+        if not b0 & 0x80:
+            return  # short header: no more long-header packets
+        version = int.from_bytes(payload[p + 1:p + 5], "big")
+        if version == 0:
+            return  # version negotiation
+        q = p + 5
+        dl = payload[q]
+        dcid = payload[q + 1:q + 1 + dl]
+        q += 1 + dl
+        if q >= len(payload):
+            return
+        sl = payload[q]
+        q += 1 + sl
+        ptype = (b0 >> 4) & 3
+        is_initial = ptype == _INITIAL_TYPE.get(version, 0)
+        if is_initial:
+            tl, q = _varint(payload, q)
+            q += tl
+        if ptype == (3 if version != V2 else 0):  # Retry: no length field, ends the datagram
+            return
+        ln, q = _varint(payload, q)
+        end = q + ln
+        if end > len(payload):
+            return
+        if is_initial and len(dcid) <= 20:
+            yield version, bytes(dcid), p, q, end
+        p = end
+
+
+def _decrypt(payload: bytes, start: int, pn_off: int, end: int, keys) -> bytes | None:
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    key, iv, hp = keys
+    if pn_off + 4 + 16 > end:
+        return None
+    sample = payload[pn_off + 4:pn_off + 20]
+    enc = Cipher(algorithms.AES(hp), modes.ECB()).encryptor()
+    mask = enc.update(sample) + enc.finalize()
+    b0 = payload[start] ^ (mask[0] & 0x0F)
+    pn_len = (b0 & 3) + 1
+    pn_bytes = bytes(payload[pn_off + k] ^ mask[1 + k] for k in range(pn_len))
+    header = bytes([b0]) + payload[start + 1:pn_off] + pn_bytes
+    pn = int.from_bytes(pn_bytes, "big")
+    nonce = (int.from_bytes(iv, "big") ^ pn).to_bytes(12, "big")
+    try:
+        return AESGCM(key).decrypt(nonce, payload[pn_off + pn_len:end], header)
+    except Exception:
+        return None
+
+
+def _crypto_frames(plain: bytes, out: dict[int, bytes]) -> None:
+    p = 0
+    n = len(plain)
+    while p < n:
+        ft = plain[p]
+        p += 1
+        if ft == 0x00 or ft == 0x01:          # PADDING, PING
+            continue
+        if ft in (0x02, 0x03):                # ACK
+            _, p = _varint(plain, p)
+            _, p = _varint(plain, p)
+            cnt, p = _varint(plain, p)
+            _, p = _varint(plain, p)
+            for _ in range(cnt):
+                _, p = _varint(plain, p)
+                _, p = _varint(plain, p)
+            if ft == 0x03:
+                for _ in range(3):
+                    _, p = _varint(plain, p)
+        elif ft == 0x06:                      # CRYPTO
+            off, p = _varint(plain, p)
+            ln, p = _varint(plain, p)
+            if p + ln > n:
+                raise ValueError("crypto")
+            out.setdefault(off, plain[p:p + ln])
+            p += ln
+        elif ft in (0x1C, 0x1D):              # CONNECTION_CLOSE
+            return
+        else:
+            return  # not allowed in Initial packets: stop reading this packet
+
+
+def _assemble(chunks: dict[int, bytes]) -> bytes:
+    buf = bytearray()
+    for off in sorted(chunks):
+        c = chunks[off]
+        if off > len(buf):
+            break
+        if off + len(c) > len(buf):
+            buf += c[len(buf) - off:]
+    return bytes(buf)
+
+
+def parse_initials(payloads: list[bytes]) -> dict | None:
+    """ClientHello facts from the client's first datagrams; None if none decrypts."""
+    try:
+        return _parse_initials(payloads)
+    except Exception:
+        return None
+
+
+def _parse_initials(payloads: list[bytes]) -> dict | None:
+    chunks: dict[int, bytes] = {}
+    first = None
+    keys_cache: dict[tuple, tuple] = {}
+    for payload in payloads:
+        payload = bytes(payload)
+        for version, dcid, start, pn_off, end in _packets(payload):
+            tried = [first[1]] if first and first[0] == version else []
+            if dcid not in tried:
+                tried.append(dcid)
+            for cand in tried:
+                k = keys_cache.get((version, cand))
+                if k is None:
+                    k = keys_cache[(version, cand)] = initial_keys(cand, version)
+                plain = _decrypt(payload, start, pn_off, end, k)
+                if plain is not None:
+                    if first is None:
+                        first = (version, cand)
+                    try:
+                        _crypto_frames(plain, chunks)
+                    except ValueError:
+                        pass
+                    break
+    if first is None:
+        return None
+    data = _assemble(chunks)
+    out = {"version": {V1: "1", V2: "2"}.get(first[0], "%08x" % first[0]), "dcid": first[1].hex(),
+           "complete": False}
+    if len(data) >= 4 and data[0] == 1:
+        ln = int.from_bytes(data[1:4], "big")
+        if len(data) >= 4 + ln:
+            ch = tls.parse_client_hello(data[4:4 + ln])
+            out.update(complete=True, server_name=ch.sni,
+                       alpn=[a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None,
+                       ja4=tls.ja4(ch, "q"), ja3=tls.ja3(ch), malformed=ch.malformed, client_hello=ch)
+    return out
+
+
+def parse_server_initials(payloads: list[bytes], dcid: bytes, version: int = V1) -> dict | None:
+    """Negotiated version, cipher and key-share group from the server's Initial packets
+    (keys from the client's first DCID, `dcid`); None if none decrypts."""
+    try:
+        keys = initial_keys(dcid, version, "server")
+        chunks: dict[int, bytes] = {}
+        ok = False
+        for payload in payloads:
+            payload = bytes(payload)
+            for v, _dc, start, pn_off, end in _packets(payload):
+                if v != version:
+                    continue
+                plain = _decrypt(payload, start, pn_off, end, keys)
+                if plain is not None:
+                    ok = True
+                    try:
+                        _crypto_frames(plain, chunks)
+                    except ValueError:
+                        pass
+        if not ok:
+            return None
+        data = _assemble(chunks)
+        if len(data) < 4 or data[0] != 2:
+            return {}
+        ln = int.from_bytes(data[1:4], "big")
+        sh = tls.parse_server_hello(data[4:4 + ln])
+        ver = sh.selected_version or sh.version
+        return {"version": tls._version_name(ver),
+                "cipher": tls.CIPHERS.get(sh.cipher, "unknown-%d" % sh.cipher) if sh.cipher is not None else None,
+                "curve": tls.GROUPS.get(sh.key_share_group) if sh.key_share_group is not None else None,
+                "next_protocol": sh.alpn.decode("utf-8", "backslashreplace") if sh.alpn else None,
+                "ja3s": tls.ja3s(sh), "server_hello": sh}
+    except Exception:
+        return None
+
+
+def session_summary(client: list[bytes], server: list[bytes]) -> dict | None:
+    """ssl.log-style facts of a QUIC session from its first client and server datagrams."""
+    c = parse_initials(client)
+    if c is None:
+        return None
+    out = {k: c.get(k) for k in ("server_name", "alpn", "ja4", "ja3")}
+    out["quic_version"] = c["version"]
+    ver = {"1": V1, "2": V2}.get(c["version"], int(c["version"], 16) if len(c["version"]) == 8 else V1)
+    srv = parse_server_initials(server, bytes.fromhex(c["dcid"]), ver) if server else None
+    if srv:
+        out.update({k: v for k, v in srv.items() if k != "server_hello"})
+    return out
+
+
+def parse_initial(payload: bytes) -> dict | None:
+    """SNI, ALPN, JA4 ('q') of the ClientHello in one client datagram; None if not a
+    decryptable QUIC Initial. `complete` is False when the ClientHello continues in later
+    datagrams (see parse_initials)."""
+    return parse_initials([payload])
+
+
+# ---- protocol-module entry point: per-datagram, with a small bounded per-session buffer ----
+_pending: OrderedDict[str, list] = OrderedDict()
+_done: OrderedDict[str, bool] = OrderedDict()
+_MAX_SESSIONS = 4096
+_MAX_DATAGRAMS = 8
+
+
+def parse_datagram(d: Datagram) -> list[dict]:
+    """One `quic` row per session, when the client's ClientHello has been read."""
+    try:
+        if not d.from_orig or d.uid in _done or not d.payload or not d.payload[0] & 0x80:
+            return []
+        buf = _pending.setdefault(d.uid, [d.ts])
+        _pending.move_to_end(d.uid)
+        buf.append(d.payload)
+        while len(_pending) > _MAX_SESSIONS:
+            _pending.popitem(last=False)
+        info = parse_initials(buf[1:])
+        if info is None or not info["complete"]:
+            if len(buf) - 1 >= _MAX_DATAGRAMS:
+                _pending.pop(d.uid, None)
+                _done[d.uid] = True
+            return []
+        _pending.pop(d.uid, None)
+        _done[d.uid] = True
+        while len(_done) > _MAX_SESSIONS:
+            _done.popitem(last=False)
+        return [{"ts": buf[0], "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
+                 "resp_p": d.resp_p, "version": info["version"], "client_initial_dcid": info["dcid"],
+                 "server_name": info.get("server_name"), "alpn": info.get("alpn"), "ja4": info.get("ja4"),
+                 "malformed": bool(info.get("malformed"))}]
+    except Exception:
+        return []

@@ -1,0 +1,773 @@
+"""TLS handshakes: the `tls` table (Zeek's ssl.log) with JA3, JA3S and JA4.
+
+Input is a session's two reassembled byte streams. Per direction the record layer is
+walked up to the first gap (records split across segments are whole here; a handshake
+message may span records, and one record may carry several messages). TLS that starts
+inside another protocol (STARTTLS in SMTP, IMAP, XMPP, FTP AUTH TLS) is found by looking
+for the first record that opens with a ClientHello (client side) or a ServerHello
+(server side).
+
+What is read: ClientHello (SNI, ALPN, groups, point formats, signature algorithms,
+supported_versions; JA3 and JA4), ServerHello and HelloRetryRequest (negotiated version
+incl. supported_versions, cipher, key_share group, pre_shared_key; JA3S), Certificate
+(TLS 1.2 and earlier, both sides: SHA-256 fingerprints, leaf subject/issuer),
+ServerKeyExchange (named curve), ChangeCipherSpec, plaintext Alerts and encrypted records.
+
+`established` follows Zeek: before TLS 1.3, both sides sent ChangeCipherSpec and an
+encrypted record followed the later of the two; in TLS 1.3, application-data records were
+seen from both sides after the ServerHello.
+
+Nothing raises: a broken record or message sets `malformed` and keeps what was read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from wiretrail.app.base import Direction, Stream
+
+TABLE = "tls"
+SCHEMA = pa.schema([
+    ("ts", pa.timestamp("ns")),
+    ("uid", pa.string()),
+    ("orig_h", pa.string()),
+    ("orig_p", pa.int32()),
+    ("resp_h", pa.string()),
+    ("resp_p", pa.int32()),
+    ("version", pa.string()),              # negotiated: TLSv10 .. TLSv13, SSLv3, TLSv13-draftNN
+    ("cipher", pa.string()),               # IANA name as Zeek prints it
+    ("curve", pa.string()),
+    ("server_name", pa.string()),          # SNI
+    ("resumed", pa.bool_()),
+    ("last_alert", pa.string()),
+    ("next_protocol", pa.string()),        # ALPN protocol chosen by the server
+    ("established", pa.bool_()),
+    ("alpn", pa.list_(pa.string())),       # ALPN protocols offered by the client
+    ("client_version", pa.string()),       # ClientHello legacy version
+    ("ja3", pa.string()),
+    ("ja3s", pa.string()),
+    ("ja4", pa.string()),
+    ("cert_chain_fps", pa.list_(pa.string())),
+    ("client_cert_chain_fps", pa.list_(pa.string())),
+    ("subject", pa.string()),              # server leaf certificate
+    ("issuer", pa.string()),
+    ("client_subject", pa.string()),
+    ("client_issuer", pa.string()),
+    ("validation_status", pa.string()),    # not validated: always null
+    ("malformed", pa.bool_()),
+])
+PORTS = {443, 465, 563, 585, 614, 636, 853, 989, 990, 992, 993, 994, 995, 3269, 5061, 5223,
+         5349, 6697, 8443, 8883}
+NDPI = {"TLS", "DTLS"}
+
+# ---- registries ------------------------------------------------------------------------------
+
+
+def _version_name(v: int) -> str:
+    names = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
+             0x0304: "TLSv13", 0xFEFF: "DTLSv10", 0xFEFD: "DTLSv12", 0xFEFC: "DTLSv13"}
+    if v in names:
+        return names[v]
+    if v >> 8 == 0x7F:
+        return "TLSv13-draft%d" % (v & 0xFF)
+    if v >> 8 == 0x7E:  # Google's experimental TLS 1.3 variants
+        return "TLSv13-draft%d" % (v & 0xFF)
+    if v >> 8 == 0xFB:  # Facebook's TLS 1.3 drafts
+        return "TLSv13-draft%d-fb" % (v & 0xFF)
+    return "unknown-%d" % v
+
+
+def _build_ciphers() -> dict[int, str]:
+    c: dict[int, str] = {}
+    kx6 = ["RSA", "DH_DSS", "DH_RSA", "DHE_DSS", "DHE_RSA", "DH_anon"]
+    simple = {
+        0x0000: "TLS_NULL_WITH_NULL_NULL", 0x0001: "TLS_RSA_WITH_NULL_MD5", 0x0002: "TLS_RSA_WITH_NULL_SHA",
+        0x0003: "TLS_RSA_EXPORT_WITH_RC4_40_MD5", 0x0004: "TLS_RSA_WITH_RC4_128_MD5",
+        0x0005: "TLS_RSA_WITH_RC4_128_SHA", 0x0006: "TLS_RSA_EXPORT_WITH_RC2_CBC_40_MD5",
+        0x0007: "TLS_RSA_WITH_IDEA_CBC_SHA", 0x0008: "TLS_RSA_EXPORT_WITH_DES40_CBC_SHA",
+        0x0009: "TLS_RSA_WITH_DES_CBC_SHA", 0x000A: "TLS_RSA_WITH_3DES_EDE_CBC_SHA",
+        0x0017: "TLS_DH_anon_EXPORT_WITH_RC4_40_MD5", 0x0018: "TLS_DH_anon_WITH_RC4_128_MD5",
+        0x0019: "TLS_DH_anon_EXPORT_WITH_DES40_CBC_SHA", 0x001A: "TLS_DH_anon_WITH_DES_CBC_SHA",
+        0x001B: "TLS_DH_anon_WITH_3DES_EDE_CBC_SHA",
+        0x001E: "TLS_KRB5_WITH_DES_CBC_SHA", 0x001F: "TLS_KRB5_WITH_3DES_EDE_CBC_SHA",
+        0x0020: "TLS_KRB5_WITH_RC4_128_SHA", 0x0021: "TLS_KRB5_WITH_IDEA_CBC_SHA",
+        0x0022: "TLS_KRB5_WITH_DES_CBC_MD5", 0x0023: "TLS_KRB5_WITH_3DES_EDE_CBC_MD5",
+        0x0024: "TLS_KRB5_WITH_RC4_128_MD5", 0x0025: "TLS_KRB5_WITH_IDEA_CBC_MD5",
+        0x0026: "TLS_KRB5_EXPORT_WITH_DES_CBC_40_SHA", 0x0027: "TLS_KRB5_EXPORT_WITH_RC2_CBC_40_SHA",
+        0x0028: "TLS_KRB5_EXPORT_WITH_RC4_40_SHA", 0x0029: "TLS_KRB5_EXPORT_WITH_DES_CBC_40_MD5",
+        0x002A: "TLS_KRB5_EXPORT_WITH_RC2_CBC_40_MD5", 0x002B: "TLS_KRB5_EXPORT_WITH_RC4_40_MD5",
+        0x002C: "TLS_PSK_WITH_NULL_SHA", 0x002D: "TLS_DHE_PSK_WITH_NULL_SHA", 0x002E: "TLS_RSA_PSK_WITH_NULL_SHA",
+        0x003B: "TLS_RSA_WITH_NULL_SHA256", 0x003C: "TLS_RSA_WITH_AES_128_CBC_SHA256",
+        0x003D: "TLS_RSA_WITH_AES_256_CBC_SHA256", 0x003E: "TLS_DH_DSS_WITH_AES_128_CBC_SHA256",
+        0x003F: "TLS_DH_RSA_WITH_AES_128_CBC_SHA256", 0x0040: "TLS_DHE_DSS_WITH_AES_128_CBC_SHA256",
+        0x0067: "TLS_DHE_RSA_WITH_AES_128_CBC_SHA256", 0x0068: "TLS_DH_DSS_WITH_AES_256_CBC_SHA256",
+        0x0069: "TLS_DH_RSA_WITH_AES_256_CBC_SHA256", 0x006A: "TLS_DHE_DSS_WITH_AES_256_CBC_SHA256",
+        0x006B: "TLS_DHE_RSA_WITH_AES_256_CBC_SHA256", 0x006C: "TLS_DH_anon_WITH_AES_128_CBC_SHA256",
+        0x006D: "TLS_DH_anon_WITH_AES_256_CBC_SHA256",
+        0x00FF: "TLS_EMPTY_RENEGOTIATION_INFO_SCSV", 0x5600: "TLS_FALLBACK_SCSV",
+        0x1301: "TLS_AES_128_GCM_SHA256", 0x1302: "TLS_AES_256_GCM_SHA384",
+        0x1303: "TLS_CHACHA20_POLY1305_SHA256", 0x1304: "TLS_AES_128_CCM_SHA256",
+        0x1305: "TLS_AES_128_CCM_8_SHA256",
+        0xC01A: "TLS_SRP_SHA_WITH_3DES_EDE_CBC_SHA", 0xC01B: "TLS_SRP_SHA_RSA_WITH_3DES_EDE_CBC_SHA",
+        0xC01C: "TLS_SRP_SHA_DSS_WITH_3DES_EDE_CBC_SHA", 0xC01D: "TLS_SRP_SHA_WITH_AES_128_CBC_SHA",
+        0xC01E: "TLS_SRP_SHA_RSA_WITH_AES_128_CBC_SHA", 0xC01F: "TLS_SRP_SHA_DSS_WITH_AES_128_CBC_SHA",
+        0xC020: "TLS_SRP_SHA_WITH_AES_256_CBC_SHA", 0xC021: "TLS_SRP_SHA_RSA_WITH_AES_256_CBC_SHA",
+        0xC022: "TLS_SRP_SHA_DSS_WITH_AES_256_CBC_SHA",
+        0xC072: "TLS_ECDHE_ECDSA_WITH_CAMELLIA_128_CBC_SHA256", 0xC073: "TLS_ECDHE_ECDSA_WITH_CAMELLIA_256_CBC_SHA384",
+        0xC074: "TLS_ECDH_ECDSA_WITH_CAMELLIA_128_CBC_SHA256", 0xC075: "TLS_ECDH_ECDSA_WITH_CAMELLIA_256_CBC_SHA384",
+        0xC076: "TLS_ECDHE_RSA_WITH_CAMELLIA_128_CBC_SHA256", 0xC077: "TLS_ECDHE_RSA_WITH_CAMELLIA_256_CBC_SHA384",
+        0xC078: "TLS_ECDH_RSA_WITH_CAMELLIA_128_CBC_SHA256", 0xC079: "TLS_ECDH_RSA_WITH_CAMELLIA_256_CBC_SHA384",
+        0xCC13: "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256_OLD",
+        0xCC14: "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256_OLD",
+        0xCC15: "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256_OLD",
+        0xCCA8: "TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256",
+        0xCCA9: "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+        0xCCAA: "TLS_DHE_RSA_WITH_CHACHA20_POLY1305_SHA256", 0xCCAB: "TLS_PSK_WITH_CHACHA20_POLY1305_SHA256",
+        0xCCAC: "TLS_ECDHE_PSK_WITH_CHACHA20_POLY1305_SHA256",
+        0xCCAD: "TLS_DHE_PSK_WITH_CHACHA20_POLY1305_SHA256",
+        0xCCAE: "TLS_RSA_PSK_WITH_CHACHA20_POLY1305_SHA256",
+        0xD001: "TLS_ECDHE_PSK_WITH_AES_128_GCM_SHA256", 0xD002: "TLS_ECDHE_PSK_WITH_AES_256_GCM_SHA384",
+        0xD003: "TLS_ECDHE_PSK_WITH_AES_128_CCM_8_SHA256", 0xD005: "TLS_ECDHE_PSK_WITH_AES_128_CCM_SHA256",
+    }
+    c.update(simple)
+    # 0x000B..0x0016: DH/DHE with DSS/RSA, export DES40, DES, 3DES
+    for i, kx in enumerate(["DH_DSS", "DH_RSA", "DHE_DSS", "DHE_RSA"]):
+        c[0x000B + 3 * i] = f"TLS_{kx}_EXPORT_WITH_DES40_CBC_SHA"
+        c[0x000C + 3 * i] = f"TLS_{kx}_WITH_DES_CBC_SHA"
+        c[0x000D + 3 * i] = f"TLS_{kx}_WITH_3DES_EDE_CBC_SHA"
+    for i, kx in enumerate(kx6):
+        c[0x002F + i] = f"TLS_{kx}_WITH_AES_128_CBC_SHA"
+        c[0x0035 + i] = f"TLS_{kx}_WITH_AES_256_CBC_SHA"
+        c[0x0041 + i] = f"TLS_{kx}_WITH_CAMELLIA_128_CBC_SHA"
+        c[0x0084 + i] = f"TLS_{kx}_WITH_CAMELLIA_256_CBC_SHA"
+        c[0x0096 + i] = f"TLS_{kx}_WITH_SEED_CBC_SHA"
+        c[0x00BA + i] = f"TLS_{kx}_WITH_CAMELLIA_128_CBC_SHA256"
+        c[0x00C0 + i] = f"TLS_{kx}_WITH_CAMELLIA_256_CBC_SHA256"
+    for i, kx in enumerate(["RSA", "DHE_RSA", "DH_RSA", "DHE_DSS", "DH_DSS", "DH_anon"]):
+        c[0x009C + 2 * i] = f"TLS_{kx}_WITH_AES_128_GCM_SHA256"
+        c[0x009D + 2 * i] = f"TLS_{kx}_WITH_AES_256_GCM_SHA384"
+    for i, kx in enumerate(["PSK", "DHE_PSK", "RSA_PSK"]):
+        c[0x008A + 4 * i] = f"TLS_{kx}_WITH_RC4_128_SHA"
+        c[0x008B + 4 * i] = f"TLS_{kx}_WITH_3DES_EDE_CBC_SHA"
+        c[0x008C + 4 * i] = f"TLS_{kx}_WITH_AES_128_CBC_SHA"
+        c[0x008D + 4 * i] = f"TLS_{kx}_WITH_AES_256_CBC_SHA"
+        c[0x00A8 + 2 * i] = f"TLS_{kx}_WITH_AES_128_GCM_SHA256"
+        c[0x00A9 + 2 * i] = f"TLS_{kx}_WITH_AES_256_GCM_SHA384"
+        c[0x00AE + 4 * i] = f"TLS_{kx}_WITH_AES_128_CBC_SHA256"
+        c[0x00AF + 4 * i] = f"TLS_{kx}_WITH_AES_256_CBC_SHA384"
+        c[0x00B0 + 4 * i] = f"TLS_{kx}_WITH_NULL_SHA256"
+        c[0x00B1 + 4 * i] = f"TLS_{kx}_WITH_NULL_SHA384"
+    for i, kx in enumerate(["ECDH_ECDSA", "ECDHE_ECDSA", "ECDH_RSA", "ECDHE_RSA", "ECDH_anon"]):
+        base = 0xC001 + 5 * i
+        for j, enc in enumerate(["NULL_SHA", "RC4_128_SHA", "3DES_EDE_CBC_SHA", "AES_128_CBC_SHA",
+                                 "AES_256_CBC_SHA"]):
+            c[base + j] = f"TLS_{kx}_WITH_{enc}"
+    for i, kx in enumerate(["ECDHE_ECDSA", "ECDH_ECDSA", "ECDHE_RSA", "ECDH_RSA"]):
+        c[0xC023 + 2 * i] = f"TLS_{kx}_WITH_AES_128_CBC_SHA256"
+        c[0xC024 + 2 * i] = f"TLS_{kx}_WITH_AES_256_CBC_SHA384"
+        c[0xC02B + 2 * i] = f"TLS_{kx}_WITH_AES_128_GCM_SHA256"
+        c[0xC02C + 2 * i] = f"TLS_{kx}_WITH_AES_256_GCM_SHA384"
+    for j, enc in enumerate(["RC4_128_SHA", "3DES_EDE_CBC_SHA", "AES_128_CBC_SHA", "AES_256_CBC_SHA",
+                             "AES_128_CBC_SHA256", "AES_256_CBC_SHA384", "NULL_SHA", "NULL_SHA256",
+                             "NULL_SHA384"]):
+        c[0xC033 + j] = f"TLS_ECDHE_PSK_WITH_{enc}"
+    for j, (kx, enc) in enumerate([(k, e) for k in ["RSA", "DHE_RSA"] for e in ["AES_128_CCM", "AES_256_CCM"]]
+                                  + [(k, e) for k in ["RSA", "DHE_RSA"] for e in ["AES_128_CCM_8", "AES_256_CCM_8"]]):
+        c[0xC09C + j] = f"TLS_{kx}_WITH_{enc}"
+    for j, name in enumerate(["TLS_PSK_WITH_AES_128_CCM", "TLS_PSK_WITH_AES_256_CCM",
+                              "TLS_DHE_PSK_WITH_AES_128_CCM", "TLS_DHE_PSK_WITH_AES_256_CCM",
+                              "TLS_PSK_WITH_AES_128_CCM_8", "TLS_PSK_WITH_AES_256_CCM_8",
+                              "TLS_PSK_DHE_WITH_AES_128_CCM_8", "TLS_PSK_DHE_WITH_AES_256_CCM_8",
+                              "TLS_ECDHE_ECDSA_WITH_AES_128_CCM", "TLS_ECDHE_ECDSA_WITH_AES_256_CCM",
+                              "TLS_ECDHE_ECDSA_WITH_AES_128_CCM_8", "TLS_ECDHE_ECDSA_WITH_AES_256_CCM_8"]):
+        c[0xC0A4 + j] = name
+    # ARIA (RFC 6209): CBC then GCM ranges
+    aria_cbc = ["RSA", "DH_DSS", "DH_RSA", "DHE_DSS", "DHE_RSA", "DH_anon", "ECDHE_ECDSA", "ECDH_ECDSA",
+                "ECDHE_RSA", "ECDH_RSA"]
+    for i, kx in enumerate(aria_cbc):
+        c[0xC03C + 2 * i] = f"TLS_{kx}_WITH_ARIA_128_CBC_SHA256"
+        c[0xC03D + 2 * i] = f"TLS_{kx}_WITH_ARIA_256_CBC_SHA384"
+        c[0xC050 + 2 * i] = f"TLS_{kx}_WITH_ARIA_128_GCM_SHA256"
+        c[0xC051 + 2 * i] = f"TLS_{kx}_WITH_ARIA_256_GCM_SHA384"
+    return c
+
+
+CIPHERS = _build_ciphers()
+
+GROUPS = {i + 1: n for i, n in enumerate(
+    "sect163k1 sect163r1 sect163r2 sect193r1 sect193r2 sect233k1 sect233r1 sect239k1 sect283k1 "
+    "sect283r1 sect409k1 sect409r1 sect571k1 sect571r1 secp160k1 secp160r1 secp160r2 secp192k1 "
+    "secp192r1 secp224k1 secp224r1 secp256k1 secp256r1 secp384r1 secp521r1 brainpoolP256r1 "
+    "brainpoolP384r1 brainpoolP512r1 x25519 x448".split())}
+GROUPS.update({256: "ffdhe2048", 257: "ffdhe3072", 258: "ffdhe4096", 259: "ffdhe6144", 260: "ffdhe8192",
+               0x001F: "brainpoolP256r1tls13", 0x0020: "brainpoolP384r1tls13", 0x0021: "brainpoolP512r1tls13",
+               0x0200: "MLKEM512", 0x0201: "MLKEM768", 0x0202: "MLKEM1024",
+               0x11EB: "SecP256r1MLKEM768", 0x11EC: "X25519MLKEM768", 0x11ED: "SecP384r1MLKEM1024",
+               0x6399: "X25519Kyber768Draft00", 0x639A: "SecP256r1Kyber768Draft00",
+               0xFF01: "arbitrary_explicit_prime_curves", 0xFF02: "arbitrary_explicit_char2_curves"})
+
+ALERTS = {0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 21: "decryption_failed",
+          22: "record_overflow", 30: "decompression_failure", 40: "handshake_failure", 41: "no_certificate",
+          42: "bad_certificate", 43: "unsupported_certificate", 44: "certificate_revoked",
+          45: "certificate_expired", 46: "certificate_unknown", 47: "illegal_parameter", 48: "unknown_ca",
+          49: "access_denied", 50: "decode_error", 51: "decrypt_error", 60: "export_restriction",
+          70: "protocol_version", 71: "insufficient_security", 80: "internal_error",
+          86: "inappropriate_fallback", 90: "user_canceled", 100: "no_renegotiation",
+          109: "missing_extension", 110: "unsupported_extension", 111: "certificate_unobtainable",
+          112: "unrecognized_name", 113: "bad_certificate_status_response",
+          114: "bad_certificate_hash_value", 115: "unknown_psk_identity", 116: "certificate_required",
+          120: "no_application_protocol", 121: "ech_required"}
+
+# SHA-256("HelloRetryRequest"): the ServerHello random of a HelloRetryRequest (RFC 8446 4.1.3).
+HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
+
+CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA, CT_HEARTBEAT = 20, 21, 22, 23, 24
+MAX_RECORD = (1 << 14) + 2048
+SCAN_LIMIT = 1 << 16       # how far into a stream to look for the start of TLS (STARTTLS)
+MAX_HANDSHAKE = 1 << 20    # handshake bytes kept per direction
+
+
+def is_grease(v: int) -> bool:
+    return (v & 0x0F0F) == 0x0A0A and (v >> 8) == (v & 0xFF)
+
+
+# ---- ClientHello / ServerHello ----------------------------------------------------------------
+
+
+class _Bad(Exception):
+    """A message that does not parse."""
+
+
+class _Reader:
+    __slots__ = ("b", "p", "end")
+
+    def __init__(self, b: bytes, p: int = 0, end: int | None = None):
+        self.b, self.p, self.end = b, p, len(b) if end is None else end
+
+    def left(self) -> int:
+        return self.end - self.p
+
+    def u8(self) -> int:
+        if self.p + 1 > self.end:
+            raise _Bad("u8")
+        v = self.b[self.p]
+        self.p += 1
+        return v
+
+    def u16(self) -> int:
+        if self.p + 2 > self.end:
+            raise _Bad("u16")
+        v = (self.b[self.p] << 8) | self.b[self.p + 1]
+        self.p += 2
+        return v
+
+    def u24(self) -> int:
+        if self.p + 3 > self.end:
+            raise _Bad("u24")
+        v = int.from_bytes(self.b[self.p:self.p + 3], "big")
+        self.p += 3
+        return v
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.p + n > self.end:
+            raise _Bad("take")
+        v = self.b[self.p:self.p + n]
+        self.p += n
+        return v
+
+    def sub(self, n: int) -> _Reader:
+        if n < 0 or self.p + n > self.end:
+            raise _Bad("sub")
+        r = _Reader(self.b, self.p, self.p + n)
+        self.p += n
+        return r
+
+
+@dataclass
+class ClientHello:
+    version: int = 0
+    session_id: bytes = b""
+    ciphers: list[int] = field(default_factory=list)
+    extensions: list[int] = field(default_factory=list)      # in order, GREASE included
+    sni: str | None = None
+    alpn: list[bytes] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    point_formats: list[int] = field(default_factory=list)
+    sig_algs: list[int] = field(default_factory=list)
+    supported_versions: list[int] = field(default_factory=list)
+    malformed: bool = False
+
+
+@dataclass
+class ServerHello:
+    version: int = 0
+    session_id: bytes = b""
+    cipher: int | None = None
+    extensions: list[int] = field(default_factory=list)
+    selected_version: int | None = None
+    key_share_group: int | None = None
+    psk: bool = False
+    alpn: bytes | None = None
+    hrr: bool = False
+    malformed: bool = False
+
+
+def parse_client_hello(body: bytes) -> ClientHello:
+    """A ClientHello message body (after the 4-byte handshake header). Never raises."""
+    ch = ClientHello()
+    r = _Reader(body)
+    try:
+        ch.version = r.u16()
+        r.take(32)
+        ch.session_id = r.take(r.u8())
+        cs = r.sub(r.u16())
+        while cs.left() >= 2:
+            ch.ciphers.append(cs.u16())
+        if cs.left():
+            ch.malformed = True
+        r.take(r.u8())  # compression methods
+        if r.left() == 0:
+            return ch
+        ex = r.sub(r.u16())
+        while ex.left() > 0:
+            et = ex.u16()
+            ed = ex.sub(ex.u16())
+            ch.extensions.append(et)
+            try:
+                _client_ext(ch, et, ed)
+            except _Bad:
+                ch.malformed = True
+    except _Bad:
+        ch.malformed = True
+    return ch
+
+
+def _client_ext(ch: ClientHello, et: int, ed: _Reader) -> None:
+    if et == 0:      # server_name
+        lst = ed.sub(ed.u16())
+        while lst.left() > 0:
+            nt = lst.u8()
+            name = lst.take(lst.u16())
+            if nt == 0 and ch.sni is None:
+                ch.sni = name.decode("utf-8", "backslashreplace")
+    elif et == 16:   # ALPN
+        lst = ed.sub(ed.u16())
+        while lst.left() > 0:
+            ch.alpn.append(lst.take(lst.u8()))
+    elif et == 10:   # supported_groups
+        lst = ed.sub(ed.u16())
+        while lst.left() >= 2:
+            ch.groups.append(lst.u16())
+    elif et == 11:   # ec_point_formats
+        lst = ed.sub(ed.u8())
+        while lst.left() > 0:
+            ch.point_formats.append(lst.u8())
+    elif et == 13:   # signature_algorithms
+        lst = ed.sub(ed.u16())
+        while lst.left() >= 2:
+            ch.sig_algs.append(lst.u16())
+    elif et == 43:   # supported_versions
+        lst = ed.sub(ed.u8())
+        while lst.left() >= 2:
+            ch.supported_versions.append(lst.u16())
+
+
+def parse_server_hello(body: bytes) -> ServerHello:
+    """A ServerHello (or HelloRetryRequest) message body. Never raises."""
+    sh = ServerHello()
+    r = _Reader(body)
+    try:
+        sh.version = r.u16()
+        rnd = r.take(32)
+        sh.hrr = rnd == HRR_RANDOM
+        if sh.version >> 8 == 0x7F and (sh.version & 0xFF) < 22:
+            # TLS 1.3 drafts before 22: no session id, no compression
+            sh.cipher = r.u16()
+        else:
+            sh.session_id = r.take(r.u8())
+            sh.cipher = r.u16()
+            r.u8()  # compression
+        if r.left() == 0:
+            return sh
+        ex = r.sub(r.u16())
+        while ex.left() > 0:
+            et = ex.u16()
+            ed = ex.sub(ex.u16())
+            sh.extensions.append(et)
+            try:
+                if et == 43 and ed.left() >= 2:
+                    sh.selected_version = ed.u16()
+                elif et == 51 and ed.left() >= 2:
+                    sh.key_share_group = ed.u16()
+                elif et == 41:
+                    sh.psk = True
+                elif et == 16:
+                    lst = ed.sub(ed.u16())
+                    if lst.left():
+                        sh.alpn = lst.take(lst.u8())
+            except _Bad:
+                sh.malformed = True
+    except _Bad:
+        sh.malformed = True
+    return sh
+
+
+# ---- fingerprints -------------------------------------------------------------------------------
+
+
+def ja3_string(ch: ClientHello) -> str:
+    def j(vals):
+        return "-".join(str(v) for v in vals if not is_grease(v))
+    return ",".join([str(ch.version), j(ch.ciphers), j(ch.extensions), j(ch.groups),
+                     "-".join(str(v) for v in ch.point_formats)])
+
+
+def ja3(ch: ClientHello) -> str:
+    return hashlib.md5(ja3_string(ch).encode()).hexdigest()
+
+
+def ja3s(sh: ServerHello) -> str:
+    s = ",".join([str(sh.version), str(sh.cipher if sh.cipher is not None else ""),
+                  "-".join(str(v) for v in sh.extensions if not is_grease(v))])
+    return hashlib.md5(s.encode()).hexdigest()
+
+
+_JA4_VERSIONS = {0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2",
+                 0xFEFF: "d1", 0xFEFD: "d2", 0xFEFC: "d3"}
+
+
+def _isalnum(b: int) -> bool:
+    return 0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A
+
+
+def ja4_parts(ch: ClientHello, transport: str = "t") -> tuple[str, str, str]:
+    """(JA4_a, sorted cipher list, sorted extension list [+ '_' + signature algorithms])."""
+    versions = [v for v in ch.supported_versions if not is_grease(v)]
+    ver = max(versions) if versions else ch.version
+    vs = _JA4_VERSIONS.get(ver, "00")
+    ciphers = [v for v in ch.ciphers if not is_grease(v)]
+    exts = [v for v in ch.extensions if not is_grease(v)]
+    alpn = "00"
+    if ch.alpn and ch.alpn[0]:
+        a = ch.alpn[0]
+        if _isalnum(a[0]) and _isalnum(a[-1]):
+            alpn = chr(a[0]) + chr(a[-1])
+        elif a[0] > 0x7F or a[-1] > 0x7F:
+            alpn = "99"  # what the JA4 reference tools print for non-ASCII values
+        else:  # the spec: first and last hex digit of the value
+            h = a.hex()
+            alpn = h[0] + h[-1]
+    part_a = "%s%s%s%02d%02d%s" % (transport, vs, "d" if 0 in exts else "i", min(len(ciphers), 99),
+                                   min(len(exts), 99), alpn)
+    c = ",".join("%04x" % v for v in sorted(ciphers))
+    e = ",".join("%04x" % v for v in sorted(v for v in exts if v not in (0x0000, 0x0010)))
+    sigs = [v for v in ch.sig_algs if not is_grease(v)]
+    if sigs:
+        e += "_" + ",".join("%04x" % v for v in sigs)
+    return part_a, c, e
+
+
+def _h12(s: str) -> str:
+    return hashlib.sha256(s.encode()).hexdigest()[:12] if s else "000000000000"
+
+
+def ja4(ch: ClientHello, transport: str = "t") -> str:
+    a, c, e = ja4_parts(ch, transport)
+    return f"{a}_{_h12(c)}_{_h12(e)}"
+
+
+def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
+    a, c, e = ja4_parts(ch, transport)
+    return f"{a}_{c}_{e}"
+
+
+# ---- record layer -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Rec:
+    ctype: int
+    start: int      # offset of the record header in the direction's data
+    body: bytes
+
+
+@dataclass
+class _Side:
+    records: list[_Rec] = field(default_factory=list)
+    malformed: bool = False
+    found: bool = False
+
+
+def _valid_header(d: bytes, p: int) -> bool:
+    return (p + 5 <= len(d) and CT_CCS <= d[p] <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4
+            and ((d[p + 3] << 8) | d[p + 4]) <= MAX_RECORD)
+
+
+def _find_start(d: bytes, limit: int, hs_type: int) -> int:
+    """Offset of the first record that opens a handshake with a message of hs_type, or -1."""
+    if _valid_header(d, 0):
+        return 0
+    p = 0
+    end = min(limit, SCAN_LIMIT)
+    while True:
+        p = d.find(b"\x16\x03", p, end)
+        if p < 0:
+            return -1
+        if _valid_header(d, p) and p + 5 < len(d) and d[p + 5] == hs_type:
+            return p
+        p += 1
+
+
+def _records(d: Direction, hs_type: int) -> _Side:
+    side = _Side()
+    data = d.data
+    limit = len(data)
+    for off, _n in d.gaps:
+        if off < limit:
+            limit = off
+            break
+    start = _find_start(data, limit, hs_type)
+    if start < 0:
+        return side
+    side.found = True
+    p = start
+    encrypted_seen = 0
+    ccs = False
+    while p + 5 <= limit:
+        if not _valid_header(data, p):
+            # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
+            # drops TLS after the handshake); before it, a bad header is malformed TLS.
+            if not ccs:
+                side.malformed = True
+            break
+        ln = (data[p + 3] << 8) | data[p + 4]
+        if p + 5 + ln > limit:
+            break  # cut by a gap or the end of the stream
+        ct = data[p]
+        side.records.append(_Rec(ct, p, data[p + 5:p + 5 + ln]))
+        ccs = ccs or ct == CT_CCS
+        if ct == CT_APPDATA:
+            encrypted_seen += 1
+            if encrypted_seen >= 4:
+                break  # the handshake is over; the rest is ciphertext
+        p += 5 + ln
+    return side
+
+
+def _messages(records: list[_Rec], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int]], bool]:
+    """Handshake messages (type, body, record start) from the handshake records; the buffer
+    is cut at the direction's first ChangeCipherSpec when `stop_at_ccs` (later handshake
+    records are encrypted). Returns (messages, malformed)."""
+    buf = bytearray()
+    starts: list[tuple[int, int]] = []  # (buffer offset, record start)
+    for r in records:
+        if r.ctype == CT_CCS and stop_at_ccs:
+            break
+        if r.ctype == CT_HANDSHAKE:
+            starts.append((len(buf), r.start))
+            buf += r.body
+            if len(buf) > MAX_HANDSHAKE:
+                break
+    msgs = []
+    p = 0
+    k = 0
+    while p + 4 <= len(buf):
+        mt = buf[p]
+        ln = int.from_bytes(buf[p + 1:p + 4], "big")
+        if p + 4 + ln > len(buf):
+            break
+        while k + 1 < len(starts) and starts[k + 1][0] <= p:
+            k += 1
+        msgs.append((mt, bytes(buf[p + 4:p + 4 + ln]), starts[k][1] if starts else 0))
+        p += 4 + ln
+    return msgs, False
+
+
+def _cert_list(body: bytes, tls13: bool = False) -> tuple[list[bytes], bool]:
+    r = _Reader(body)
+    out = []
+    try:
+        if tls13:
+            r.take(r.u8())
+        lst = r.sub(r.u24())
+        while lst.left() > 0:
+            out.append(lst.take(lst.u24()))
+            if tls13:
+                lst.take(lst.u16())
+        return out, False
+    except _Bad:
+        return out, True
+
+
+# ---- the session ----------------------------------------------------------------------------
+
+
+@dataclass
+class Analysis:
+    row: dict | None
+    certs: list[tuple[int, bytes, bool]]   # (ts, der, sent by the client)
+    client_hello: ClientHello | None = None
+    server_hello: ServerHello | None = None
+
+
+_last: tuple[object, Analysis] | None = None
+
+
+def analyze(s: Stream) -> Analysis:
+    """Parse the TLS handshake of `s` (cached for the stream object last analysed)."""
+    global _last
+    if _last is not None and _last[0] is s:
+        return _last[1]
+    try:
+        a = _analyze(s)
+    except Exception:  # a parser bug must cost one row, not the session
+        a = Analysis(_base_row(s, 0) | {"malformed": True}, [])
+    _last = (s, a)
+    return a
+
+
+def _base_row(s: Stream, ts: int) -> dict:
+    return {"ts": ts, "uid": s.uid, "orig_h": s.orig_h, "orig_p": s.orig_p, "resp_h": s.resp_h,
+            "resp_p": s.resp_p, "validation_status": None}
+
+
+def _analyze(s: Stream) -> Analysis:
+    cs = _records(s.orig, 1)
+    ss = _records(s.resp, 2)
+    if not cs.found and not ss.found:
+        return Analysis(None, [])
+    malformed = cs.malformed or ss.malformed
+
+    # Server first: the negotiated version decides whether post-CCS handshake records are plaintext.
+    smsgs, _ = _messages(ss.records, stop_at_ccs=False)
+    sh = None
+    hrr = None
+    for mt, body, _st in smsgs:
+        if mt == 2:
+            h = parse_server_hello(body)
+            malformed |= h.malformed
+            if h.hrr and hrr is None:
+                hrr = h
+                continue
+            sh = h
+            break
+    ver_num = None
+    if sh is not None:
+        ver_num = sh.selected_version or sh.version
+    elif hrr is not None:
+        ver_num = hrr.selected_version or hrr.version
+    tls13 = ver_num is not None and (ver_num == 0x0304 or ver_num >> 8 in (0x7F, 0x7E, 0xFB))
+    if not tls13:
+        smsgs, _ = _messages(ss.records, stop_at_ccs=True)
+    cmsgs, _ = _messages(cs.records, stop_at_ccs=not tls13)
+
+    ch = None
+    for mt, body, _st in cmsgs:
+        if mt == 1:
+            ch = parse_client_hello(body)
+            malformed |= ch.malformed
+            break
+
+    # time of the first record seen
+    t_candidates = []
+    if cs.records:
+        t_candidates.append(s.orig.time_at(cs.records[0].start))
+    if ss.records:
+        t_candidates.append(s.resp.time_at(ss.records[0].start))
+    ts = min((t for t in t_candidates if t), default=0)
+    if ch is None and sh is None and hrr is None and not malformed:
+        return Analysis(None, [])  # records, but no handshake seen: not logged (as Zeek)
+    row = _base_row(s, ts)
+    row["malformed"] = malformed
+
+    if ch is not None:
+        row["server_name"] = ch.sni
+        row["alpn"] = [a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None
+        row["client_version"] = _version_name(ch.version)
+        row["ja3"] = ja3(ch)
+        row["ja4"] = ja4(ch, "t")
+    hello = sh or hrr
+    if hello is not None:
+        row["version"] = _version_name(ver_num)
+        row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
+        if sh is not None:
+            row["ja3s"] = ja3s(sh)
+            if sh.alpn is not None:
+                row["next_protocol"] = sh.alpn.decode("utf-8", "backslashreplace")
+            if sh.key_share_group is not None:
+                row["curve"] = GROUPS.get(sh.key_share_group, "unknown-%d" % sh.key_share_group)
+            resumed = bool(sh.psk) if tls13 else False
+            if not tls13 and ch is not None and ch.session_id and sh.session_id == ch.session_id:
+                resumed = True
+            row["resumed"] = resumed
+        else:
+            row["resumed"] = False
+    else:
+        row["resumed"] = False
+
+    # certificates (plaintext only: TLS 1.2 and earlier) and the ServerKeyExchange curve
+    certs: list[tuple[int, bytes, bool]] = []
+    for msgs, side_dir, by_client, key in ((smsgs, s.resp, False, "cert_chain_fps"),
+                                            (cmsgs, s.orig, True, "client_cert_chain_fps")):
+        for mt, body, st in msgs:
+            if mt == 11 and not tls13:
+                chain, bad = _cert_list(body)
+                malformed |= bad
+                row[key] = [hashlib.sha256(c).hexdigest() for c in chain]
+                t = side_dir.time_at(st)
+                certs.extend((t, c, by_client) for c in chain)
+                if chain:
+                    from wiretrail.app.x509 import leaf_names
+                    subj, iss = leaf_names(chain[0])
+                    if by_client:
+                        row["client_subject"], row["client_issuer"] = subj, iss
+                    else:
+                        row["subject"], row["issuer"] = subj, iss
+                break
+    if not tls13 and "cipher" in row and row["cipher"] and "ECDH" in row["cipher"]:
+        for mt, body, _st in smsgs:
+            if mt == 12 and len(body) >= 3 and body[0] == 3:
+                g = (body[1] << 8) | body[2]
+                row["curve"] = GROUPS.get(g, "unknown-%d" % g)
+                break
+
+    # alerts (plaintext only) and establishment
+    last_alert = None
+    ccs_t = {}
+    post = {}
+    app_from = set()
+    for name, side, d in (("c", cs, s.orig), ("s", ss, s.resp)):
+        seen_ccs = False
+        for r in side.records:
+            if r.ctype == CT_CCS and not seen_ccs:
+                seen_ccs = True
+                ccs_t[name] = d.time_at(r.start)
+            elif r.ctype == CT_ALERT and not seen_ccs and len(r.body) == 2:
+                last_alert = (d.time_at(r.start), ALERTS.get(r.body[1], "unknown-%d" % r.body[1]))
+            elif seen_ccs and name not in post and r.ctype in (CT_HANDSHAKE, CT_APPDATA, CT_ALERT):
+                post[name] = d.time_at(r.start)
+            if r.ctype == CT_APPDATA and (sh is not None or hrr is not None):
+                app_from.add(name)
+        # an alert after this side's CCS is encrypted: not logged (as Zeek)
+    if last_alert is not None:
+        row["last_alert"] = last_alert[1]
+    if tls13:
+        established = app_from == {"c", "s"}
+    else:
+        established = False
+        if "c" in ccs_t and "s" in ccs_t:
+            later = max(ccs_t.values())
+            established = any(t >= later for t in post.values()) or len(post) == 2
+    row["established"] = established
+    row["malformed"] = malformed
+    return Analysis(row, certs, ch, sh)
+
+
+def parse_stream(s: Stream) -> list[dict]:
+    """One `tls` row for a session whose streams carry TLS; [] when neither side does."""
+    a = analyze(s)
+    return [a.row] if a.row is not None else []
