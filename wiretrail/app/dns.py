@@ -1,0 +1,770 @@
+"""DNS (and NetBIOS name service, mDNS, LLMNR) records, as Zeek's dns.log has them.
+
+One row per query/response transaction. A message is parsed on its own
+(`parse_message`); `DnsSession` pairs the messages of one session the way Zeek's
+`base/protocols/dns/main.zeek` does:
+
+- a query waits for a response with the same transaction id (first in, first out per id);
+  a response that finds no query waits for a query the same way;
+- a row is ready once it has seen a query and a response; what is still waiting when the
+  session ends comes out of `close()` (queries first, then lone responses);
+- to a multicast address (mDNS, LLMNR) nothing is paired: every message is its own row;
+- `ts` is the time of the transaction's first message; `rtt` is set by the first answer
+  record of the response (no answer records: no rtt, AA and RA stay false, as in Zeek);
+- `query`/`qtype`/`qclass`/`RD`/`TC`/`Z` come from the query; a lone response takes
+  `query` from its first answer's owner name; `rcode` and `rejected` from the response;
+- `answers`/`TTLs` list the answer section only, each record written as Zeek writes it
+  (addresses, names, "TXT <len> <text>", "RRSIG <type> <signer>", "<unknown type=N>", ...).
+
+Only standard queries, NOTIFY and dynamic UPDATE are tracked (Zeek's opcodes 0, 4, 5);
+a message with another opcode (or shorter than a header) gives a `malformed` row of its
+own. A message that breaks part way (bad name pointer, record past the end, absurd
+counts...) keeps what was parsed before the break and sets `malformed`; the parser
+never raises.
+
+`flags_raw` is the 16-bit flags word of the response (of the query if no response).
+Names and strings are text with bytes outside printable ASCII written as \\xNN, as in
+Zeek's logs; names are lower-cased.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from wiretrail.app.base import Datagram, Stream
+
+TABLE = "dns"
+PORTS = {53, 137, 5353, 5355}
+NDPI = {"DNS", "MDNS", "LLMNR", "NetBIOS"}
+
+SCHEMA = pa.schema([
+    ("ts", pa.timestamp("ns")),
+    ("uid", pa.string()),
+    ("orig_h", pa.string()),
+    ("orig_p", pa.uint16()),
+    ("resp_h", pa.string()),
+    ("resp_p", pa.uint16()),
+    ("proto", pa.string()),
+    ("trans_id", pa.uint16()),
+    ("rtt", pa.int64()),               # ns from the query to the first answer record; null if none
+    ("query", pa.string()),
+    ("qclass", pa.uint16()),
+    ("qclass_name", pa.string()),
+    ("qtype", pa.uint16()),
+    ("qtype_name", pa.string()),
+    ("rcode", pa.uint16()),
+    ("rcode_name", pa.string()),
+    ("AA", pa.bool_()),
+    ("TC", pa.bool_()),
+    ("RD", pa.bool_()),
+    ("RA", pa.bool_()),
+    ("Z", pa.uint8()),
+    ("answers", pa.list_(pa.string())),
+    ("TTLs", pa.list_(pa.float64())),
+    ("rejected", pa.bool_()),
+    ("opcode", pa.uint8()),
+    ("opcode_name", pa.string()),
+    ("malformed", pa.bool_()),
+    ("flags_raw", pa.uint16()),
+])
+
+# ---- Zeek's name tables (base/protocols/dns/consts.zeek) ------------------------------------
+
+QTYPE_NAMES = {
+    1: "A", 2: "NS", 3: "MD", 4: "MF", 5: "CNAME", 6: "SOA", 7: "MB", 8: "MG", 9: "MR", 10: "NULL",
+    11: "WKS", 12: "PTR", 13: "HINFO", 14: "MINFO", 15: "MX", 16: "TXT", 17: "RP", 18: "AFSDB",
+    19: "X25", 20: "ISDN", 21: "RT", 22: "NSAP", 23: "NSAP-PTR", 24: "SIG", 25: "KEY", 26: "PX",
+    27: "GPOS", 28: "AAAA", 29: "LOC", 30: "NXT", 31: "EID", 32: "NIMLOC", 33: "SRV", 34: "ATMA",
+    35: "NAPTR", 36: "KX", 37: "CERT", 38: "A6", 39: "DNAME", 40: "SINK", 41: "OPT", 42: "APL",
+    43: "DS", 44: "SSHFP", 45: "IPSECKEY", 46: "RRSIG", 47: "NSEC", 48: "DNSKEY", 49: "DHCID",
+    50: "NSEC3", 51: "NSEC3PARAM", 52: "TLSA", 53: "SMIMEA", 55: "HIP", 56: "NINFO", 57: "RKEY",
+    58: "TALINK", 59: "CDS", 60: "CDNSKEY", 61: "OPENPGPKEY", 62: "CSYNC", 63: "ZONEMD",
+    64: "SVCB", 65: "HTTPS", 99: "SPF", 100: "UINFO", 101: "UID", 102: "GID", 103: "UNSPEC",
+    104: "NID", 105: "L32", 106: "L64", 107: "LP", 108: "EUI48", 109: "EUI64", 249: "TKEY",
+    250: "TSIG", 251: "IXFR", 252: "AXFR", 253: "MAILB", 254: "MAILA", 255: "*", 256: "URI",
+    257: "CAA", 32768: "TA", 32769: "DLV", 65281: "WINS", 65282: "WINS-R", 65422: "XPF",
+    65521: "INTEGRITY",
+}
+
+RCODE_NAMES = {
+    0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP", 5: "REFUSED",
+    6: "YXDOMAIN", 7: "YXRRSET", 8: "NXRRSet", 9: "NOTAUTH", 10: "NOTZONE",
+    11: "unassigned-11", 12: "unassigned-12", 13: "unassigned-13", 14: "unassigned-14",
+    15: "unassigned-15", 16: "BADVERS", 17: "BADKEY", 18: "BADTIME", 19: "BADMODE",
+    20: "BADNAME", 21: "BADALG", 22: "BADTRUNC", 23: "BADCOOKIE", 3842: "BADSIG",
+}
+
+QCLASS_NAMES = {1: "C_INTERNET", 2: "C_CSNET", 3: "C_CHAOS", 4: "C_HESIOD", 254: "C_NONE", 255: "C_ANY"}
+
+OPCODE_NAMES = {0: "query", 1: "iquery", 2: "server-status", 4: "notify", 5: "dynamic-update", 6: "dso"}
+NETBIOS_OPCODE_NAMES = {0: "netbios-query", 5: "netbios-registration", 6: "netbios-release",
+                        7: "netbios-wack", 8: "netbios-refresh"}
+
+
+def qtype_name(n: int) -> str:
+    return QTYPE_NAMES.get(n, f"query-{n}")
+
+
+def rcode_name(n: int) -> str:
+    return RCODE_NAMES.get(n, f"rcode-{n}")
+
+
+def qclass_name(n: int) -> str:
+    return QCLASS_NAMES.get(n, f"qclass-{n}")
+
+
+def opcode_name(n: int, netbios: bool = False) -> str:
+    if netbios:
+        return NETBIOS_OPCODE_NAMES.get(n, f"netbios-opcode-{n}")
+    return OPCODE_NAMES.get(n, f"opcode-{n}")
+
+
+# ---- limits (Zeek's defaults) ---------------------------------------------------------------
+MAX_QUERIES = 25            # dns_max_queries: more questions than this is not DNS
+MAX_COMPRESSION_DEPTH = 20  # dns_max_compression_chain_depth
+MAX_NAME = 512              # bytes of text a name may take (Zeek's name buffer)
+MAX_PENDING_MSGS = 50       # DNS::max_pending_msgs (per transaction id)
+MAX_PENDING_IDS = 50        # DNS::max_pending_query_ids
+
+TRACKED_OPCODES = (0, 4, 5)
+NETBIOS_PORT = 137
+
+# answer-section kinds (Zeek's DNS_ANS, DNS_PREREQUISITES, DNS_UPDATES)
+ANS, PREREQ, UPDATE = 1, 5, 6
+
+_PRINTABLE = [chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in range(256)]
+
+
+def _text(b: bytes) -> str:
+    """Bytes as log text: printable ASCII as is, anything else as \\xNN (Zeek's escaping)."""
+    try:
+        s = b.decode("ascii")
+        if s.isprintable():
+            return s
+    except UnicodeDecodeError:
+        pass
+    return "".join(_PRINTABLE[c] for c in b)
+
+
+def _ip6(b: bytes) -> str:
+    a = ipaddress.IPv6Address(b)
+    m = a.ipv4_mapped
+    if m is not None:
+        return f"::ffff:{m}"
+    return str(a)
+
+
+class _Bad(Exception):
+    """Internal: the message breaks here (never leaves this module)."""
+
+
+@dataclass
+class Answer:
+    name: str        # owner name
+    rtype: int
+    rclass: int
+    ttl: int
+    kind: int        # ANS, PREREQ or UPDATE
+    reply: str | None  # Zeek's answer string; "" counts for AA/RA/rtt but adds no answer; None: no event
+
+
+@dataclass
+class DnsMessage:
+    """One DNS message, parsed on its own."""
+
+    trans_id: int = 0
+    flags: int = 0
+    qdcount: int = 0
+    ancount: int = 0
+    nscount: int = 0
+    arcount: int = 0
+    netbios: bool = False
+    questions: list[tuple[str, int, int]] = field(default_factory=list)  # (name, qtype, qclass)
+    answers: list[Answer] = field(default_factory=list)  # answer section (or prereq/update), parsed order
+    malformed: bool = False
+    short: bool = False   # fewer bytes than a header: nothing but `malformed`
+    offset: int = 0       # where the message started in a TCP stream
+
+    @property
+    def qr(self) -> bool:
+        return bool(self.flags & 0x8000)
+
+    @property
+    def opcode(self) -> int:
+        return (self.flags >> 11) & 0xF
+
+    @property
+    def AA(self) -> bool:
+        return bool(self.flags & 0x0400)
+
+    @property
+    def TC(self) -> bool:
+        return bool(self.flags & 0x0200)
+
+    @property
+    def RD(self) -> bool:
+        return bool(self.flags & 0x0100)
+
+    @property
+    def RA(self) -> bool:
+        return bool(self.flags & 0x0080)
+
+    @property
+    def Z(self) -> int:
+        return (self.flags >> 4) & 0x7
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+    @property
+    def tracked(self) -> bool:
+        return not self.short and self.opcode in TRACKED_OPCODES
+
+
+class _Parser:
+    def __init__(self, buf: bytes, netbios: bool):
+        self.buf = buf
+        self.n = len(buf)
+        self.netbios = netbios
+        self.weird = False
+
+    # -- names --
+    def name(self, pos: int) -> tuple[str, int]:
+        """Name at `pos` -> (lower-cased text without the trailing dot, position after it)."""
+        out: list[bytes] = []
+        total = 0
+        end = None
+        depth = 0
+        buf, n = self.buf, self.n
+        while True:
+            if pos >= n:
+                raise _Bad("name past the end")
+            ln = buf[pos]
+            if ln == 0:
+                pos += 1
+                break
+            if ln & 0xC0 == 0xC0:
+                if pos + 1 >= n:
+                    raise _Bad("pointer past the end")
+                target = ((ln & 0x3F) << 8) | buf[pos + 1]
+                if target >= pos:  # only backwards: no loops
+                    raise _Bad("forward compression pointer")
+                if end is None:
+                    end = pos + 2
+                depth += 1
+                if depth > MAX_COMPRESSION_DEPTH:
+                    self.weird = True  # Zeek ends the name here
+                    break
+                pos = target
+                continue
+            if ln & 0xC0:
+                # 0x40/0x80: extended label types (obsolete); Zeek reads them as long labels
+                if not (self.netbios and pos + 1 + ln <= n):
+                    raise _Bad("bad label type")
+            if pos + 1 + ln > n:
+                raise _Bad("label past the end")
+            if ln > 63 and not self.netbios:
+                raise _Bad("label too long")
+            total += ln + 1
+            if total > MAX_NAME:
+                raise _Bad("name too long")
+            out.append(buf[pos + 1:pos + 1 + ln])
+            pos += 1 + ln
+        text = _text(b".".join(out)).lower() if out else ""
+        return text, (end if end is not None else pos)
+
+    def u16(self, pos: int) -> int:
+        if pos + 2 > self.n:
+            raise _Bad("short")
+        return (self.buf[pos] << 8) | self.buf[pos + 1]
+
+    def u32(self, pos: int) -> int:
+        if pos + 4 > self.n:
+            raise _Bad("short")
+        return struct.unpack_from(">I", self.buf, pos)[0]
+
+    def char_strings(self, pos: int, end: int) -> tuple[list[bytes], bool]:
+        out, ok = [], True
+        while pos < end:
+            ln = self.buf[pos]
+            if pos + 1 + ln > end:
+                ok = False
+                break
+            out.append(self.buf[pos + 1:pos + 1 + ln])
+            pos += 1 + ln
+        return out, ok
+
+    # -- records --
+    def rdata(self, msg: DnsMessage, rtype: int, rclass: int, pos: int, rdlen: int,
+              resp_port_netbios: bool, update: bool) -> str | None:
+        """Zeek's reply string for one record (None: no reply event for that type)."""
+        buf = self.buf
+        end = pos + rdlen
+        rd = buf[pos:end]
+        if rtype == 1:  # A
+            if rdlen != 4:
+                raise _Bad("A record length")
+            a = ".".join(str(b) for b in rd)
+            return f"A {msg._owner} {a}" if update else a
+        if rtype in (28, 38):  # AAAA, A6
+            if rdlen != 16:
+                raise _Bad("AAAA record length")
+            a = _ip6(rd)
+            return f"{qtype_name(rtype)} {msg._owner} {a}" if update else a
+        if rtype in (2, 5, 12):  # NS, CNAME, PTR
+            return self.name(pos)[0]
+        if rtype == 6:  # SOA
+            mname, p = self.name(pos)
+            _, p = self.name(p)
+            if p + 20 > self.n:
+                raise _Bad("SOA too short")
+            return mname
+        if rtype == 15:  # MX
+            return self.name(pos + 2)[0] if rdlen >= 2 else self._fail("MX too short")
+        if rtype == 33:  # SRV (NBSTAT for NetBIOS: not parsed)
+            if resp_port_netbios:
+                return None
+            if rdlen < 6:
+                raise _Bad("SRV too short")
+            return self.name(pos + 6)[0]
+        if rtype in (16, 99):  # TXT, SPF
+            strs, ok = self.char_strings(pos, end)
+            tag = "TXT" if rtype == 16 else "SPF"
+            s = " ".join(f"{tag} {len(x)} {_text(x)}" for x in strs)
+            if not ok:
+                msg._after_reply = s
+                raise _Bad("TXT string past rdata")
+            return s
+        if rtype == 11:  # WKS: an event with no text
+            return ""
+        if rtype == 35:  # NAPTR
+            if rdlen < 5:
+                raise _Bad("NAPTR too short")
+            strs, p = [], pos + 4
+            for _ in range(3):
+                if p >= end or p + 1 + buf[p] > end:
+                    raise _Bad("NAPTR string")
+                strs.append(buf[p + 1:p + 1 + buf[p]])
+                p += 1 + buf[p]
+            repl, _ = self.name(p)
+            order, pref = struct.unpack_from(">HH", buf, pos)
+            tail = " ".join(x for x in (_text(strs[2]), repl) if x)
+            return f"NAPTR {order} {pref} {_text(strs[0])} {_text(strs[1])} {tail}"
+        if rtype == 46:  # RRSIG
+            if rdlen < 18:
+                raise _Bad("RRSIG too short")
+            covered = self.u16(pos)
+            signer, _ = self.name(pos + 18)
+            return f"RRSIG {covered} {signer or '<Root>'}"
+        if rtype == 48:  # DNSKEY
+            if rdlen < 4:
+                raise _Bad("DNSKEY too short")
+            return f"DNSKEY {buf[pos + 3]}"
+        if rtype == 47:  # NSEC
+            nxt, _ = self.name(pos)
+            return f"NSEC {msg._owner} {nxt}"
+        if rtype == 50:
+            return "NSEC3"
+        if rtype == 51:
+            return "NSEC3PARAM"
+        if rtype == 43:  # DS
+            if rdlen < 4:
+                raise _Bad("DS too short")
+            return f"DS {buf[pos + 2]} {buf[pos + 3]}"
+        if rtype == 65534:
+            return "BIND9 signing signal"
+        if rtype == 44:  # SSHFP
+            if rdlen < 2:
+                raise _Bad("SSHFP too short")
+            return "SSHFP: " + rd[2:].hex()
+        if rtype == 29:  # LOC
+            if rdlen != 16:
+                raise _Bad("LOC length")
+            return f"LOC:  {rd[1]} {rd[2]} {rd[3]}"
+        if rtype in (13, 257, 64, 65, 41, 249, 250, 32):  # HINFO CAA SVCB HTTPS OPT TKEY TSIG NB: no answer text
+            return None
+        return f"<unknown type={rtype}>"
+
+    def _fail(self, why: str):
+        raise _Bad(why)
+
+
+def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> DnsMessage:
+    """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse."""
+    msg = DnsMessage(netbios=netbios)
+    if len(buf) < 12:
+        msg.short = True
+        msg.malformed = True
+        return msg
+    (msg.trans_id, msg.flags, msg.qdcount, msg.ancount, msg.nscount,
+     msg.arcount) = struct.unpack_from(">HHHHHH", buf, 0)
+    if not msg.tracked and not netbios:
+        msg.malformed = True  # not an opcode DNS analysis follows (Zeek: DNS_unknown_opcode)
+        return msg
+    if msg.qdcount > MAX_QUERIES:
+        msg.malformed = True
+        return msg
+    p = _Parser(buf, netbios or resp_port == NETBIOS_PORT)
+    resp_nb = resp_port == NETBIOS_PORT
+    msg._owner = ""
+    msg._after_reply = None
+    pos = 12
+    update = msg.opcode == 5 and not netbios
+    try:
+        if update:
+            if msg.qdcount != 1:
+                raise _Bad("update zone count")
+            _, pos = p.name(pos)
+            ztype, zclass = p.u16(pos), p.u16(pos + 2)
+            pos += 4
+            if ztype != 6:
+                raise _Bad("update zone not SOA")
+            sections = ((msg.ancount, PREREQ), (msg.nscount, UPDATE), (msg.arcount, 0))
+        else:
+            for _ in range(msg.qdcount):
+                name, pos = p.name(pos)
+                qt, qc = p.u16(pos), p.u16(pos + 2)
+                pos += 4
+                msg.questions.append((name, qt, qc))
+            zclass = 0
+            sections = ((msg.ancount, ANS), (msg.nscount, 0), (msg.arcount, 0))
+        for count, kind in sections:
+            for _ in range(count):
+                owner, pos = p.name(pos)
+                rtype, rclass = p.u16(pos), p.u16(pos + 2)
+                ttl = p.u32(pos + 4)
+                rdlen = p.u16(pos + 8)
+                pos += 10
+                if pos + rdlen > len(buf):
+                    raise _Bad("rdata past the end")
+                msg._owner = owner
+                reply: str | None = None
+                if kind == PREREQ:
+                    if ttl == 0 and ((rclass in (254, 255) and rdlen == 0) or rclass == zclass):
+                        if rclass == 254 and rtype == 255:
+                            reply = f"pre: NameNotInUse {owner}"
+                        elif rclass == 255 and rtype == 255:
+                            reply = f"pre: NameInUse {owner}"
+                        elif rclass == 254:
+                            reply = f"pre: NoRRSet {qtype_name(rtype)} {owner}"
+                        else:
+                            reply = f"pre: RRSetExists {qtype_name(rtype)} {owner}"
+                    else:
+                        p.weird = True
+                elif kind == UPDATE and rclass == 255 and ttl == 0 and rdlen == 0:
+                    if rtype == 255:
+                        reply = f"del: RRSet * {owner}"
+                    else:
+                        reply = f"del: RRSet {qtype_name(rtype)}"
+                elif kind == UPDATE and not ((rclass == 254 and ttl == 0) or rclass == zclass):
+                    p.weird = True
+                elif rdlen == 0:
+                    # Zeek stops reading the answer section at an empty record with more data
+                    # after it (DNS_zero_rdlength); legal (OPT, NULL...), so not malformed.
+                    if kind == ANS and pos < len(buf):
+                        msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, None))
+                        break
+                elif kind:  # answer / update: only these sections make answer text
+                    try:
+                        reply = p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, update and kind == UPDATE)
+                    except _Bad:
+                        if msg._after_reply is not None:  # Zeek still reports the strings it read
+                            msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, msg._after_reply))
+                        raise
+                    if reply is not None and kind == UPDATE and not reply.startswith("del:"):
+                        reply = "add: " + reply
+                else:
+                    # authority/additional: check names inside well-known records only
+                    if rtype in (2, 5, 12):
+                        p.name(pos)
+                if kind:
+                    msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, reply))
+                pos += rdlen
+    except _Bad:
+        msg.malformed = True
+    except Exception:  # noqa: BLE001 - a parser bug must not cost the ingest
+        msg.malformed = True
+    if p.weird:
+        msg.malformed = True
+    del msg._owner, msg._after_reply
+    return msg
+
+
+def parse_tcp_messages(data: bytes) -> list[DnsMessage]:
+    """DNS over TCP: messages of one direction's byte stream (2-byte length prefixes).
+
+    Each message's `offset` is where its length prefix starts in `data` (for
+    `Direction.time_at`). A length running past the end gives a malformed message with
+    what there is."""
+    out = []
+    pos, n = 0, len(data)
+    while pos + 2 <= n:
+        ln = (data[pos] << 8) | data[pos + 1]
+        body = data[pos + 2:pos + 2 + ln]
+        m = parse_message(bytes(body))
+        m.offset = pos
+        if len(body) < ln:
+            m.malformed = True
+        out.append(m)
+        if ln == 0:
+            pos += 2
+            continue
+        pos += 2 + ln
+    if 0 < n - pos < 2:
+        m = DnsMessage(short=True, malformed=True, offset=pos)
+        out.append(m)
+    return out
+
+
+# ---- transactions ---------------------------------------------------------------------------
+
+def decode_netbios_name(name: str) -> str:
+    """Zeek's decode_netbios_name: first-level decoding of a 32-letter NetBIOS name ("" if not one)."""
+    if len(name) != 32:
+        return ""
+    s = name.upper()
+    buf = []
+    for i in range(16):
+        c0, c1 = s[2 * i], s[2 * i + 1]
+        if not ("A" <= c0 <= "P" and "A" <= c1 <= "P"):
+            return ""
+        b = ((ord(c0) - 65) << 4) + (ord(c1) - 65)
+        if 32 <= b <= 126 or b < 3:  # isalnum || ispunct || ' ' || b < 3
+            buf.append(b)
+        else:
+            break
+    if len(buf) == 16:
+        buf = buf[:15]
+    while buf and buf[-1] in (0x20, 0):
+        buf.pop()
+    return _text(bytes(buf))
+
+
+def _is_multicast(h: str) -> bool:
+    try:
+        return ipaddress.ip_address(h).is_multicast
+    except ValueError:
+        return False
+
+
+_BLANK = dict.fromkeys(SCHEMA.names)
+
+
+class _Info:
+    """One transaction being built (Zeek's DNS::Info)."""
+
+    __slots__ = ("row", "saw_query", "saw_reply")
+
+    def __init__(self, base: dict, ts: int, trans_id: int):
+        self.row = dict(_BLANK, **base, ts=ts, trans_id=trans_id, AA=False, TC=False, RD=False, RA=False, Z=0,
+                        rejected=False, malformed=False)
+        self.saw_query = False
+        self.saw_reply = False
+
+    def apply(self, m: DnsMessage, ts: int, resp_p: int) -> None:
+        r = self.row
+        r["opcode"] = m.opcode
+        r["opcode_name"] = opcode_name(m.opcode, m.netbios)
+        r["malformed"] = r["malformed"] or m.malformed
+        if not m.qr:
+            if r.get("flags_raw") is None:
+                r["flags_raw"] = m.flags
+            for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
+                r["RD"], r["TC"], r["Z"] = m.RD, m.TC, m.Z
+                r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
+                r["qtype"], r["qtype_name"] = qt, qtype_name(qt)
+                if resp_p == NETBIOS_PORT:
+                    name = decode_netbios_name(name) or name
+                    if qt == 33:
+                        r["qtype_name"] = "NBSTAT"
+                r["query"] = name
+            return
+        r["flags_raw"] = m.flags
+        r["rcode"], r["rcode_name"] = m.rcode, rcode_name(m.rcode)
+        if m.rcode != 0 and m.qdcount == 0:
+            r["rejected"] = True
+        if m.questions and m.ancount == 0 and m.nscount == 0 and m.arcount == 0:
+            r["rejected"] = True  # Zeek's dns_rejected: a question and no records at all
+        for a in m.answers:  # Zeek's do_reply
+            if a.reply is None:
+                continue
+            if r.get("query") is None:
+                r["query"] = a.name
+            r["AA"], r["RA"] = m.AA, m.RA
+            if r.get("rtt") is None:
+                rtt = ts - r["ts"]
+                r["rtt"] = rtt if rtt != 0 else None
+            if a.reply != "":
+                if r["answers"] is None:
+                    r["answers"], r["TTLs"] = [], []
+                r["answers"].append(a.reply)
+                r["TTLs"].append(float(a.ttl))
+
+
+class DnsSession:
+    """Pairs one session's DNS messages into transactions (rows), as Zeek does."""
+
+    def __init__(self, uid: str, orig_h: str, orig_p: int, resp_h: str, resp_p: int, proto: str = "udp"):
+        self.base = dict(uid=uid, orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p, proto=proto)
+        self.resp_p = resp_p
+        self.netbios = resp_p == NETBIOS_PORT or orig_p == NETBIOS_PORT
+        self.multicast = _is_multicast(resp_h)
+        self.pending_query: _Info | None = None
+        self.pending_queries: dict[int, deque] = {}
+        self.pending_replies: dict[int, deque] = {}
+        self.first = True
+
+    @classmethod
+    def for_datagram(cls, d: Datagram) -> "DnsSession":
+        return cls(d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p, "udp")
+
+    def add(self, d: Datagram) -> list[dict]:
+        """Feed one datagram of the session; returns the rows it completes."""
+        m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p)
+        if d.truncated:
+            m.malformed = True
+        return self.add_message(m, d.ts, d.from_orig)
+
+    def _flip(self) -> None:
+        b = self.base
+        b["orig_h"], b["orig_p"], b["resp_h"], b["resp_p"] = b["resp_h"], b["resp_p"], b["orig_h"], b["orig_p"]
+        self.resp_p = b["resp_p"]
+
+    def add_message(self, m: DnsMessage, ts: int, from_orig: bool | None = None) -> list[dict]:
+        """Feed one parsed message (from_orig: sent by the session's originator, if known)."""
+        out: list[dict] = []
+        if self.first and not m.short:
+            self.first = False
+            if m.qr and from_orig and not self.multicast:
+                # The first message is a response sent by the originator: the session's roles
+                # are the wrong way round (Zeek's DNS analyzer flips the connection here).
+                self._flip()
+        if not m.tracked:
+            # too short, or an opcode Zeek does not follow: a flagged row of its own
+            r = dict(_BLANK, **self.base, ts=ts, malformed=True, AA=False, TC=False, RD=False, RA=False, Z=0,
+                     rejected=False)
+            if not m.short:
+                r.update(trans_id=m.trans_id, opcode=m.opcode, opcode_name=opcode_name(m.opcode, m.netbios),
+                         flags_raw=m.flags)
+            return [r]
+        is_query = not m.qr
+        tid = m.trans_id
+        if self.multicast:
+            info = _Info(self.base, ts, tid)
+            info.saw_query = info.saw_reply = True
+        elif is_query:
+            q = self.pending_replies.get(tid)
+            if q:
+                info = self._pop(self.pending_replies, tid)
+            else:
+                info = _Info(self.base, ts, tid)
+                if self.pending_query is None:
+                    self.pending_query = info
+                else:
+                    out += self._enqueue(self.pending_queries, tid, info)
+        else:
+            if self.pending_query is not None and self.pending_query.row["trans_id"] == tid:
+                info = self.pending_query
+                self.pending_query = None
+                if self.pending_queries:
+                    if self.pending_queries.get(tid):
+                        self.pending_query = self._pop(self.pending_queries, tid)
+                    else:
+                        k = next(iter(self.pending_queries))
+                        self.pending_query = self._pop(self.pending_queries, k)
+            elif self.pending_queries.get(tid):
+                info = self._pop(self.pending_queries, tid)
+            else:
+                info = _Info(self.base, ts, tid)
+                out += self._enqueue(self.pending_replies, tid, info)
+        info.apply(m, ts, self.resp_p)
+        if is_query:
+            info.saw_query = True
+        else:
+            info.saw_reply = True
+        if info.saw_query and info.saw_reply:
+            out.append(info.row)
+            self._forget(info)
+        return out
+
+    def _forget(self, info: _Info) -> None:
+        # A logged transaction may still sit in a queue only if it was put there and then
+        # completed by a message of its own kind (Zeek logs it and drops c$dns).
+        if self.pending_query is info:
+            self.pending_query = None
+        for table in (self.pending_queries, self.pending_replies):
+            q = table.get(info.row["trans_id"])
+            if q and info in q:
+                q.remove(info)
+                if not q:
+                    del table[info.row["trans_id"]]
+
+    @staticmethod
+    def _pop(table: dict[int, deque], tid: int) -> _Info:
+        q = table[tid]
+        info = q.popleft()
+        if not q:
+            del table[tid]
+        return info
+
+    @staticmethod
+    def _enqueue(table: dict[int, deque], tid: int, info: _Info) -> list[dict]:
+        out = []
+        if tid not in table:
+            if len(table) > MAX_PENDING_IDS:
+                for q in table.values():
+                    out += [i.row for i in q]
+                table.clear()
+            table[tid] = deque()
+        elif len(table[tid]) > MAX_PENDING_MSGS:
+            out += [i.row for i in table[tid]]
+            table[tid] = deque()
+        table[tid].append(info)
+        return out
+
+    def close(self) -> list[dict]:
+        """The session ended: rows of every transaction still waiting for its other half."""
+        out = []
+        if self.pending_query is not None:
+            out.append(self.pending_query.row)
+            self.pending_query = None
+        for table in (self.pending_queries, self.pending_replies):
+            for q in table.values():
+                out += [i.row for i in q]
+            table.clear()
+        return out
+
+
+def parse_datagram(d: Datagram) -> list[dict]:
+    """One datagram on its own (no pairing): the row Zeek would log for it if it stayed alone."""
+    try:
+        s = DnsSession.for_datagram(d)
+        s.multicast = True  # every message its own row
+        return s.add(d)
+    except Exception:  # noqa: BLE001
+        return [dict(_BLANK, uid=d.uid, ts=d.ts, orig_h=d.orig_h, orig_p=d.orig_p, resp_h=d.resp_h,
+                     resp_p=d.resp_p, proto="udp", malformed=True)]
+
+
+def parse_stream(s: Stream) -> list[dict]:
+    """DNS over TCP: both directions' messages in time order, paired into transactions."""
+    sess = DnsSession(s.uid, s.orig_h, s.orig_p, s.resp_h, s.resp_p, "tcp")
+    msgs = []
+    for k, d in enumerate((s.orig, s.resp)):
+        data = d.data
+        if d.gaps:  # past a hole the length prefixes cannot be followed
+            data = data[:min(off for off, _ in d.gaps)]
+        for m in parse_tcp_messages(data):
+            msgs.append((d.time_at(m.offset), k, m))
+    msgs.sort(key=lambda t: (t[0], t[1]))
+    rows = []
+    for ts, k, m in msgs:
+        rows += sess.add_message(m, ts, k == 0)
+    rows += sess.close()
+    return rows
