@@ -419,7 +419,7 @@ def test_synthetic_gap_stops_cleanly_and_starttls():
     # a gap inside the ClientHello: no client fields, no exception, no malformed flag
     cut = len(orig) - 20
     [row] = tls.parse_stream(_stream(orig[:cut] + orig[cut + 5:], resp, ogaps=[(cut, 5)]))
-    assert row["server_name"] is None if "server_name" in row else True
+    assert row.get("server_name") is None
     assert row["version"] == "TLSv13" and not row["malformed"]
 
 
@@ -503,3 +503,22 @@ def test_fuzz_never_raises():
                 assert set(row) <= set(tls.SCHEMA.names)
         n += 1
     print(f"\nfuzz: {n} mutated handshakes, certificates and datagrams, no exception")
+
+
+def test_x509_selects_the_tls_sessions():
+    assert x509.PORTS == tls.PORTS and x509.NDPI <= tls.NDPI
+
+
+def test_quic_parse_datagram_one_row_per_session():
+    from wiretrail.app import quic
+    _, udp = streams_of(JA4 / "pcap" / "chrome-cloudflare-quic-with-secrets.pcapng")
+    rows = []
+    for dgrams in udp.values():
+        for d in dgrams:
+            rows += quic.parse_datagram(d)
+    assert rows, "no QUIC ClientHello read"
+    assert len({r["uid"] for r in rows}) == len(rows)
+    for r in rows:
+        assert set(r) <= set(quic.SCHEMA.names)
+        assert r["ja4"].startswith("q13") and r["server_name"] and r["version"] in ("1", "2")
+    print(f"\nquic: {len(rows)} sessions, SNI {sorted({r['server_name'] for r in rows})}")

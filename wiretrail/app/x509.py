@@ -51,8 +51,10 @@ SCHEMA = pa.schema([
     ("sha1", pa.string()),
     ("malformed", pa.bool_()),
 ])
-PORTS: set[int] = set()   # selected through app.tls
-NDPI: set[str] = set()
+# The sessions app.tls reads (run after it on the same Stream, the handshake is parsed once).
+PORTS = {443, 465, 563, 585, 614, 636, 853, 989, 990, 992, 993, 994, 995, 3269, 5061, 5223,
+         5349, 6697, 8443, 8883}
+NDPI = {"TLS"}
 
 # OpenSSL short names of name attributes (what X509_NAME_print_ex prints).
 _ATTR = {
