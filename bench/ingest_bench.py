@@ -6,7 +6,8 @@
 Builds the captures with ../shared/bench/make_capture.sh if they are missing, warms
 numba's compile cache on mix_small.pcap (compile time is a one-off, not ingest work),
 then times, on the same file and the same machine, one after another:
-  wiretrail ingest   (decode, sessions, packet store, packet index, Parquet)
+  wiretrail ingest --no-app  (decode, sessions, packet store, packet index, Parquet)
+  wiretrail ingest           (the same plus nDPI identification, reassembly, protocol records)
   argus -r -w        (flow records)
   ndpiReader -i      (nDPI identification; its "Unique flows" is the session count peer)
   tcpdump -r -w      (a plain copy: the floor for any tool that writes every packet)
@@ -63,16 +64,25 @@ def main() -> None:
         # Warm numba's on-disk cache (compiling is a one-off, not ingest work); the second run's
         # peak memory on the small file, set against the big file's, shows whether memory stays flat.
         for _ in range(2):
-            _, small_rss, _ = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "warm"),
+            _, small_rss, _ = timed([wiretrail, "ingest", "--no-progress", "--no-app", "--store", str(tmp / "warm"),
                                      str(data / "mix_small.pcap")])
             shutil.rmtree(tmp / "warm")
+        timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "warm"), str(data / "mix_small.pcap")])
+        shutil.rmtree(tmp / "warm")
 
         results = {}
-        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
+        # the spine alone (decode, sessions, packet store, index, Parquet), then everything
+        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--no-app", "--store", str(tmp / "store"),
+                               str(capture)])
         m = re.search(r"(\d+) sessions", out)
         sessions = int(m.group(1)) if m else -1
-        results["wiretrail ingest"] = (cpu, rss)
+        results["wiretrail ingest --no-app"] = (cpu, rss)
         store_mb = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file()) / 1e6
+        shutil.rmtree(tmp / "store")
+        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
+        results["wiretrail ingest (nDPI, records)"] = (cpu, rss)
+        m = re.search(r"records: (.*)", out)
+        records = m.group(1) if m else "none"
         shutil.rmtree(tmp / "store")
 
         cpu, rss, _ = timed(["argus", "-r", str(capture), "-w", str(tmp / "out.argus")])
@@ -84,17 +94,20 @@ def main() -> None:
         cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
         results["tcpdump -r -w (copy)"] = (cpu, rss)
 
-    ours = packets / results["wiretrail ingest"][0]
-    print(f"{'tool':<24} {'CPU s':>7} {'pkts/CPU-s':>12} {'peak RSS':>10} {'wiretrail/tool':>15}")
+    spine = packets / results["wiretrail ingest --no-app"][0]
+    full = packets / results["wiretrail ingest (nDPI, records)"][0]
+    print(f"{'tool':<34} {'CPU s':>7} {'pkts/CPU-s':>12} {'peak RSS':>10} {'spine/tool':>11} {'full/tool':>10}")
     for name, (cpu, rss) in results.items():
         rate = packets / cpu if cpu else float("inf")
-        print(f"{name:<24} {cpu:7.2f} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB {ours / rate:14.2f}x")
+        print(f"{name:<34} {cpu:7.2f} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB {spine / rate:10.2f}x {full / rate:9.2f}x")
     diff = (sessions - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
     print(f"sessions: wiretrail {sessions}, ndpiReader unique flows {ndpi_flows} ({diff:+.2f}%)")
-    print(f"store size: {store_mb:.0f} MB for {capture.stat().st_size / 1e6:.0f} MB of capture")
+    print(f"store size (--no-app): {store_mb:.0f} MB for {capture.stat().st_size / 1e6:.0f} MB of capture")
+    print(f"records (full ingest): {records}")
     small = data / "mix_small.pcap"
-    print(f"wiretrail peak RSS: {small_rss / 1024:.0f} MB on {small.name} ({small.stat().st_size / 1e6:.0f} MB), "
-          f"{results['wiretrail ingest'][1] / 1024:.0f} MB on {capture.name} ({capture.stat().st_size / 1e6:.0f} MB)")
+    print(f"wiretrail --no-app peak RSS: {small_rss / 1024:.0f} MB on {small.name} ({small.stat().st_size / 1e6:.0f} MB), "
+          f"{results['wiretrail ingest --no-app'][1] / 1024:.0f} MB on {capture.name} "
+          f"({capture.stat().st_size / 1e6:.0f} MB)")
 
 
 if __name__ == "__main__":
