@@ -243,6 +243,9 @@ class Pipeline:
             sessions, records = self.app.close(sessions)
         self.report.sessions += sessions.num_rows
         self.tables.append("sessions", sessions)
+        self._records(records)
+
+    def _records(self, records: dict) -> None:
         for name, table in records.items():
             self.report.records[name] = self.report.records.get(name, 0) + table.num_rows
             self.tables.append(name, table)
@@ -251,6 +254,8 @@ class Pipeline:
         for p in self.fragments.expire(None):
             self._index_fragments(-1, p)
         self._close(self.flows.flush())
+        if self.app is not None:
+            self._records(self.app.finish())
         self.packets.close()
         self.index.close()
         self.tables.close()

@@ -6,9 +6,13 @@ A protocol module (`app/dns.py`, `app/tls.py`, ...) declares:
     SCHEMA = pa.schema([...])        # first columns: ts (timestamp ns), uid (string)
     PORTS = {53, 5353, ...}          # server ports that select a session without nDPI
     NDPI = {"DNS", ...}              # nDPI master/app names that select a session
-and one of
-    def parse_datagram(d: Datagram) -> list[dict]        # UDP protocols: one payload at a time
-    def parse_stream(s: Stream) -> list[dict]             # TCP protocols: both reassembled directions
+and one or more of
+    def parse_datagram(d: Datagram) -> list[dict]        # UDP: one payload at a time, no state
+    def new_session(d: Datagram) -> state                 # UDP: state per session, made on its first
+                                                          #   datagram: state.add(d) -> rows, state.close() -> rows
+    def new_tracker() -> tracker                          # UDP: one state for all sessions (DHCP's
+                                                          #   exchanges span sessions): add(d), expire(now), close()
+    def parse_stream(s: Stream) -> list[dict]             # TCP: both reassembled directions
 
 Rows are plain dicts keyed by SCHEMA's names (missing keys are null). A parser never
 raises on what it is fed: a malformed message yields a row with `malformed` set (or no

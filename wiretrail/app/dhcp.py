@@ -285,3 +285,8 @@ def parse_datagram(d: Datagram) -> list[dict]:
         return t.add(d) + t.close()
     except Exception:  # noqa: BLE001
         return [dict(_BLANK, ts=d.ts, uid=d.uid, uids=[d.uid], malformed=True)]
+
+
+def new_tracker() -> DhcpTracker:
+    """The application stage's state for all sessions (see app.base)."""
+    return DhcpTracker()

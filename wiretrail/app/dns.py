@@ -768,3 +768,8 @@ def parse_stream(s: Stream) -> list[dict]:
         rows += sess.add_message(m, ts, k == 0)
     rows += sess.close()
     return rows
+
+
+def new_session(d: Datagram) -> DnsSession:
+    """The application stage's per-session state (see app.base)."""
+    return DnsSession.for_datagram(d)

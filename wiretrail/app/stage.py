@@ -27,7 +27,7 @@ from wiretrail.app.reassembly import Reassembler
 from wiretrail.batch import TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
-PROTOCOLS = ("dns", "dhcp", "tls", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp")
+PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp")
 
 # nDPI master protocol -> Zeek's `service` name (conn.log), for the protocols Zeek names.
 ZEEK_SERVICE = {
@@ -51,7 +51,8 @@ class _Module:
     ports: np.ndarray
     ndpi: frozenset
     mod: object
-    stream: bool
+    datagram: bool  # parse_datagram, new_session or new_tracker
+    stream: bool    # parse_stream
 
 
 def load_modules(names=PROTOCOLS) -> list[_Module]:
@@ -67,11 +68,11 @@ def load_modules(names=PROTOCOLS) -> list[_Module]:
         if not hasattr(mod, "SCHEMA"):
             continue
         stream = hasattr(mod, "parse_stream")
-        if not stream and not (hasattr(mod, "parse_datagram") or hasattr(mod, "Session")):
-            continue
-        out.append(_Module(name, getattr(mod, "TABLE", name), mod.SCHEMA,
-                           np.array(sorted(getattr(mod, "PORTS", ())), dtype=np.int64),
-                           frozenset(getattr(mod, "NDPI", ())), mod, stream))
+        datagram = any(hasattr(mod, f) for f in ("parse_datagram", "new_session", "new_tracker"))
+        if stream or datagram:
+            out.append(_Module(name, getattr(mod, "TABLE", name), mod.SCHEMA,
+                               np.array(sorted(getattr(mod, "PORTS", ())), dtype=np.int64),
+                               frozenset(getattr(mod, "NDPI", ())), mod, datagram, stream))
     return out
 
 
@@ -85,7 +86,9 @@ class AppStage:
     def __init__(self, identify: bool = True, depth: int = 1 << 20, memcap: int = 256 << 20,
                  modules: list[_Module] | None = None):
         self.modules = load_modules() if modules is None else modules
-        self.datagram_modules = [m for m in self.modules if not m.stream]
+        self.datagram_modules = [m for m in self.modules if m.datagram]
+        self.trackers = {m.name: m.mod.new_tracker() for m in self.datagram_modules if hasattr(m.mod, "new_tracker")}
+        self.tracker_rows: list[tuple[_Module, dict]] = []  # rows of cross-session trackers
         self.stream_modules = [m for m in self.modules if m.stream]
         self.stream_ports = np.unique(np.concatenate([m.ports for m in self.stream_modules] or
                                                      [np.zeros(0, dtype=np.int64)]))
@@ -142,11 +145,15 @@ class AppStage:
         d = Datagram(uid=uid_of(s), ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
                      orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload))
         try:
-            if hasattr(m.mod, "Session"):
+            tracker = self.trackers.get(m.name)
+            if tracker is not None:  # rows carry their own uids: they need no session to close
+                self.tracker_rows.extend((m, row) for row in tracker.expire(d.ts) + tracker.add(d))
+                return
+            if hasattr(m.mod, "new_session"):
                 key = (s, m.name)
                 state = self.dgram_state.get(key)
                 if state is None:
-                    state = self.dgram_state[key] = m.mod.Session()
+                    state = self.dgram_state[key] = m.mod.new_session(d)
                 rows = state.add(d)
             else:
                 rows = m.mod.parse_datagram(d)
@@ -167,7 +174,7 @@ class AppStage:
             results = self.ndpi_state.results
             for s in results.keys() - self._wanted.keys():  # sessions identified since the last batch
                 app = results[s].app
-                if self._stream_module(app):
+                if self._stream_parsers(app):
                     self._wanted[s] = True
                 elif app in ("", "Unknown"):
                     self._wanted[s] = None  # nDPI does not know: the port decides
@@ -184,15 +191,12 @@ class AppStage:
             self.reasm.add(batch, cols, rows, sid, is_orig)
             self.streamed.update(np.unique(sid[rows]).tolist())
 
-    def _stream_module(self, app: str, resp_p: int = -1) -> _Module | None:
+    def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
+        """The stream modules for a session: by nDPI's label, else by the server port
+        (several: x509 reads the same TLS stream as tls)."""
         names = set(app.split(".")) if app else set()
-        for m in self.stream_modules:
-            if names & m.ndpi:
-                return m
-        for m in self.stream_modules:
-            if resp_p in m.ports:
-                return m
-        return None
+        by_label = [m for m in self.stream_modules if names & m.ndpi]
+        return by_label or [m for m in self.stream_modules if resp_p in m.ports]
 
     # ---- sessions closing ---------------------------------------------------------------------
     def close(self, sessions: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
@@ -231,6 +235,23 @@ class AppStage:
                 for name, value in fill.items():
                     row.setdefault(name, value)
                 out.setdefault(m, []).append(row)
+        for m, row in self.tracker_rows:
+            out.setdefault(m, []).append(row)
+        self.tracker_rows.clear()
+        return sessions, self._tables(out)
+
+    def finish(self) -> dict[str, pa.Table]:
+        """Rows still held by cross-session trackers, at the end of input."""
+        out: dict[_Module, list[dict]] = {}
+        for name, tracker in self.trackers.items():
+            m = next(m for m in self.datagram_modules if m.name == name)
+            try:
+                out.setdefault(m, []).extend(tracker.close())
+            except Exception:
+                self.parser_errors += 1
+        return self._tables(out)
+
+    def _tables(self, out: dict) -> dict[str, pa.Table]:
         tables = {}
         for m, rows in out.items():
             try:
@@ -238,20 +259,23 @@ class AppStage:
             except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
                 self.parser_errors += 1
                 print(f"wiretrail: {m.name} records dropped: {str(err).splitlines()[0]}", file=sys.stderr)
-        return sessions, tables
+        return tables
 
     def _parse_stream(self, s: int, k: int, tuples: dict, app: str) -> list:
         orig, resp = self.reasm.take(s, True), self.reasm.take(s, False)
-        m = self._stream_module(app, tuples["resp_p"][k])
-        if m is None or not (orig.data or resp.data):
+        parsers = self._stream_parsers(app, tuples["resp_p"][k])
+        if not parsers or not (orig.data or resp.data):
             return []
         stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
-                        resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k], orig=orig, resp=resp, app=app)
-        try:
-            return [(m, row) for row in m.mod.parse_stream(stream)]
-        except Exception:
-            self.parser_errors += 1
-            return []
+                        resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k], orig=orig, resp=resp,
+                        app="" if app == "Unknown" else app)
+        out = []
+        for m in parsers:
+            try:
+                out.extend((m, row) for row in m.mod.parse_stream(stream))
+            except Exception:
+                self.parser_errors += 1
+        return out
 
     def tables(self) -> dict[str, pa.Schema]:
         return {m.table: m.schema for m in self.modules}
