@@ -252,13 +252,21 @@ class AppStage:
         return self._tables(out)
 
     def _tables(self, out: dict) -> dict[str, pa.Table]:
-        tables = {}
+        """Rows to tables: a row with `_table` goes to that shared table (credentials); keys
+        starting with `_` (such as a clear password) stay in memory and are never written."""
+        by_table: dict[str, list[dict]] = {}
         for m, rows in out.items():
+            for row in rows:
+                by_table.setdefault(row.get("_table", m.table), []).append(row)
+        schemas = self.tables()
+        tables = {}
+        for name, rows in by_table.items():
+            clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
             try:
-                tables[m.table] = pa.Table.from_pylist(rows, schema=m.schema)
-            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
+                tables[name] = pa.Table.from_pylist(clean, schema=schemas[name])
+            except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
                 self.parser_errors += 1
-                print(f"wiretrail: {m.name} records dropped: {str(err).splitlines()[0]}", file=sys.stderr)
+                print(f"wiretrail: {name} records dropped: {str(err).splitlines()[0]}", file=sys.stderr)
         return tables
 
     def _parse_stream(self, s: int, k: int, tuples: dict, app: str) -> list:
@@ -278,7 +286,9 @@ class AppStage:
         return out
 
     def tables(self) -> dict[str, pa.Schema]:
-        return {m.table: m.schema for m in self.modules}
+        from wiretrail.app import credentials
+
+        return {credentials.TABLE: credentials.SCHEMA, **{m.table: m.schema for m in self.modules}}
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
