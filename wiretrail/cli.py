@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write logs for other tools")
     _store_arg(p)
-    p.add_argument("--format", choices=["zeek"], required=True)
+    p.add_argument("--format", choices=["zeek", "eve"], required=True,
+                   help="zeek: conn.log, dns.log, ssl.log, ... as Zeek JSON; eve: Suricata eve.json")
     p.add_argument("--out", type=Path, required=True, help="output directory")
 
     p = sub.add_parser("retention", help="apply retention by age and disk quota now")
@@ -168,11 +169,11 @@ def _cmd_extract(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from wiretrail.export import zeek
+    from wiretrail.export import eve, zeek
     from wiretrail.query import open_store
 
     with open_store(args.store or default_store()) as db:
-        written = zeek.export(db, args.out)
+        written = (zeek if args.format == "zeek" else eve).export(db, args.out)
     for log, n in written.items():
         print(f"{log}: {n} records")
     return 0
