@@ -97,6 +97,7 @@ class AppStage:
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.streamed: set[int] = set()                         # sids with reassembly state
         self._wanted: dict[int, bool | None] = {}               # identified sids: streams wanted?
+        self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self.parser_errors = 0
         self.ndpi = self.ndpi_state = None
         self.identify_error: str | None = None
@@ -132,17 +133,24 @@ class AppStage:
             for r in rows.tolist():  # Python per datagram of this protocol only
                 self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r)
 
+    def _session_tuple(self, s: int, cols, r: int, from_orig: bool) -> tuple:
+        """(uid, orig_h, orig_p, resp_h, resp_p) of session s, made once per session."""
+        t = self.tuples.get(s)
+        if t is None:
+            from wiretrail.sessions.flowtable import uid_of
+
+            src = _addr(int(cols["src_hi"][r]), int(cols["src_lo"][r]))
+            dst = _addr(int(cols["dst_hi"][r]), int(cols["dst_lo"][r]))
+            sp, dp = int(cols["sport"][r]), int(cols["dport"][r])
+            t = self.tuples[s] = (uid_of(s), *((src, sp, dst, dp) if from_orig else (dst, dp, src, sp)))
+        return t
+
     def _datagram(self, m: _Module, batch, cols, s: int, from_orig: bool, r: int) -> None:
         start = int(batch.offset[r]) + int(cols["pl_off"][r])
         payload = batch.data[start:start + int(cols["pl_len"][r])].tobytes()
-        src = _addr(int(cols["src_hi"][r]), int(cols["src_lo"][r]))
-        dst = _addr(int(cols["dst_hi"][r]), int(cols["dst_lo"][r]))
-        sp, dp = int(cols["sport"][r]), int(cols["dport"][r])
         udp_len = int(cols["ip_len"][r]) - (int(cols["l4_off"][r]) - int(cols["l3_off"][r])) - 8
-        o_h, o_p, r_h, r_p = (src, sp, dst, dp) if from_orig else (dst, dp, src, sp)
-        from wiretrail.sessions.flowtable import uid_of
-
-        d = Datagram(uid=uid_of(s), ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
+        uid, o_h, o_p, r_h, r_p = self._session_tuple(s, cols, r, from_orig)
+        d = Datagram(uid=uid, ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
                      orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload))
         try:
             tracker = self.trackers.get(m.name)
@@ -225,6 +233,7 @@ class AppStage:
                     except Exception:
                         self.parser_errors += 1
             self._wanted.pop(s, None)
+            self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)
                 rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else ""))
