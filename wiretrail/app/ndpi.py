@@ -175,6 +175,7 @@ class Identifier:
         self._names: dict[tuple[int, int], str] = {}
         self._cats: dict[int, str] = {}
         self._confs: dict[int, str] = {}
+        self._risk_names: dict[int, list[str]] = {}
         self._namebuf = ffi.new("char[128]")
         self._tls_ids = {i for i in (int(lib.get_proto_by_name(mod, n.encode())) for n in _TLS_FAMILY) if i}
         self.use_direction = use_direction
@@ -302,12 +303,16 @@ class Identifier:
         return NdpiResult(name, cat, conf, extra)
 
     def risk_names(self, risk: int) -> list[str]:
-        ffi, out = self._ffi, []
-        for bit in range(1, self._lib.max_risk):
-            if (risk >> bit) & 1:
-                s = self._lib.risk2str(bit)
-                out.append(ffi.string(s).decode() if s != ffi.NULL else str(bit))
-        return out
+        names = self._risk_names.get(risk)  # a few distinct risk sets cover most sessions
+        if names is None:
+            ffi, names = self._ffi, []
+            for bit in range(1, self._lib.max_risk):
+                if (risk >> bit) & 1:
+                    s = self._lib.risk2str(bit)
+                    names.append(ffi.string(s).decode() if s != ffi.NULL else str(bit))
+            if len(self._risk_names) < 4096:
+                self._risk_names[risk] = names
+        return list(names)
 
 
 class NdpiState:

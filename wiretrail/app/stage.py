@@ -221,7 +221,11 @@ class AppStage:
             sessions = _set(sessions, "port_mismatch", pa.array(nonstd, pa.bool_()))
             services = [ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in apps]
             sessions = _set(sessions, "service", pa.array(services, pa.string()))
-        tuples = {name: sessions.column(name).to_pylist() for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p")}
+        # the 5-tuple as Python values, only for the sessions that have records
+        needed = [k for k, s in enumerate(sids.tolist())
+                  if s in self.rows or s in self.streamed or s in self.tuples]
+        picked = sessions.take(needed).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
+        tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         out: dict[_Module, list[dict]] = {}
         for k, s in enumerate(sids.tolist()):
             rows = self.rows.pop(s, [])
@@ -270,7 +274,8 @@ class AppStage:
         schemas = self.tables()
         tables = {}
         for name, rows in by_table.items():
-            clean = [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+            clean = [row if "_table" not in row else {k: v for k, v in row.items() if not k.startswith("_")}
+                     for row in rows]  # only shared-table rows (credentials) carry `_` keys
             try:
                 tables[name] = pa.Table.from_pylist(clean, schema=schemas[name])
             except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
