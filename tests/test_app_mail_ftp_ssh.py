@@ -193,3 +193,41 @@ def test_zeek_ssh_log():
     assert matched == total
     for f, _, _ in SSH_FIELDS:
         assert agree[f] == compared[f], f
+
+
+# ---------------------------------------------------------------------------------------------
+# SMTP
+
+SMTP_FIELDS = [("trans_depth", "trans_depth", _int), ("helo", "helo", _s), ("mailfrom", "mailfrom", _s),
+               ("rcptto", "rcptto", _set), ("date", "date", _s), ("from", "from", _s), ("to", "to", _set),
+               ("cc", "cc", _set), ("reply_to", "reply_to", _s), ("msg_id", "msg_id", _s),
+               ("in_reply_to", "in_reply_to", _s), ("subject", "subject", _s),
+               ("x_originating_ip", "x_originating_ip", _s), ("first_received", "first_received", _s),
+               ("second_received", "second_received", _s), ("last_reply", "last_reply", _s),
+               ("path", "path", lambda v: list(v or [])), ("user_agent", "user_agent", _s),
+               ("tls", "tls", _bool)]
+
+
+def test_zeek_smtp_log():
+    total = matched = 0
+    agree, compared, misses = Counter(), Counter(), []
+    for name, trace, log in _sources("smtp"):
+        ours = _rows(smtp, trace)
+        used: set[int] = set()
+        for b in read_zeek_log(log):
+            total += 1
+            cands = [i for i, o in enumerate(ours) if i not in used
+                     and (o["orig_h"], o["orig_p"], o["resp_h"], o["resp_p"]) == _key(b)]
+            if not cands:
+                misses.append((name, _key(b)))
+                continue
+            used.add(cands[0])
+            matched += 1
+            _compare(name, SMTP_FIELDS, b, ours[cands[0]], agree, compared, misses)
+    figures = ", ".join(f"{f} {agree[f]}/{compared[f]}" for f, _, _ in SMTP_FIELDS if compared[f])
+    print(f"\nzeek smtp.log: {matched}/{total} rows matched, {figures}")
+    for m in misses:
+        print("  differs:", m)
+    assert matched == total
+    for f, _, _ in SMTP_FIELDS:
+        assert agree[f] == compared[f], f
