@@ -236,9 +236,10 @@ def _parse(s: Stream) -> list[dict]:
         cmd = text(cmd_b).upper()
         arg = text(arg_b.strip())
         if cmd in ("HELO", "EHLO"):
-            st.helo = arg
-            st.rec["helo"] = arg
-            reply()
+            code = reply()
+            if arg and (code is None or 200 <= code < 300):  # a rejected EHLO keeps the earlier name
+                st.helo = arg
+                st.rec["helo"] = arg
         elif cmd == "MAIL" and arg[:5].upper() == "FROM:":
             st.flush(ts)
             st.activity(ts)
