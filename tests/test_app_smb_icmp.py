@@ -1,0 +1,497 @@
+"""SMB (and the NTLMSSP reader it uses) and ICMP records: agreement with Zeek's smb_files.log,
+smb_mapping.log and ntlm.log, Suricata's EVE smb events (suricata-verify) and Arkime's smb/ntlm
+session fields; synthetic framing cases (compounds, split and joined messages, gaps,
+encryption); ICMP message rows; fuzz runs that must not raise."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import struct
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _tls_harness import load
+from wiretrail.app import ntlm, smb
+from wiretrail.app.base import Direction, Stream
+
+CORPUS = Path("/work/shared/corpus")
+ZEEK = CORPUS / "zeek"
+SV = CORPUS / "suricata-verify"
+ARKIME = CORPUS / "arkime"
+
+pytestmark = pytest.mark.skipif(not ZEEK.exists(), reason="corpus not present")
+
+_cache: dict = {}
+
+
+def streams_of(path: Path):
+    key = str(path)
+    if key not in _cache:
+        _cache[key] = load(path)
+    return _cache[key]
+
+
+def smb_rows(path: Path) -> list[dict]:
+    out = []
+    for s in streams_of(path)[0]:
+        if s.resp_p in smb.PORTS or s.orig_p in smb.PORTS:
+            for r in smb.parse_stream(s):
+                r.setdefault("orig_h", s.orig_h)
+                r.setdefault("resp_p", s.resp_p)
+                out.append(r)
+    return out
+
+
+def _zeek_str(v: str) -> str | None:
+    if v == "-":
+        return None
+    v = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
+    return v.replace("\\\\", "\\")
+
+
+def read_zeek(path: Path) -> list[dict]:
+    fields, rows = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("#fields"):
+            fields = line.split("\t")[1:]
+        elif line and not line.startswith("#"):
+            rows.append({f: _zeek_str(v) for f, v in zip(fields, line.split("\t"))})
+    return rows
+
+
+def _manifest(log: str) -> list[dict]:
+    return [t for t in json.loads((ZEEK / "manifest.json").read_text()) if log in t["logs"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Zeek smb_files.log / smb_mapping.log
+
+
+ZEEK_ACTIONS = {"FILE_OPEN", "FILE_READ", "FILE_WRITE", "FILE_DELETE", "FILE_RENAME", "PRINT_OPEN", "PRINT_CLOSE"}
+
+
+def smb_files_from_rows(rows: list[dict]) -> list[tuple]:
+    """The exporter's mapping, as the module docstring states it: (action, path, name, size)."""
+    out, seen = [], set()
+    for r in rows:
+        if r.get("action") not in ZEEK_ACTIONS or r.get("name") is None:
+            continue
+        name = r["name"] or "<share_root>"
+        times = tuple(r.get(k) for k in ("created", "modified", "changed")) if r.get("modified") else None
+        ident = (r["action"], name, r.get("tree"), r.get("size") or 0, times)
+        if ident in seen:
+            continue
+        seen.add(ident)
+        out.append(("SMB::" + r["action"], r.get("tree"), name, r.get("size") or 0))
+    return out
+
+
+def test_zeek_smb_files():
+    total = found = ours_n = ours_ok = 0
+    misses = []
+    for t in _manifest("smb_files"):
+        base = read_zeek(ZEEK / t["logs"]["smb_files"])
+        want = {(b["action"], b["path"], b["name"], int(b["size"] or 0)) for b in base}
+        got = set(smb_files_from_rows(smb_rows(ZEEK / t["trace"])))
+        total += len(want)
+        found += len(want & got)
+        ours_n += len(got)
+        ours_ok += len(got & want)
+        misses += [(t["name"], "missing", w) for w in sorted(want - got, key=str)]
+        misses += [(t["name"], "extra", g) for g in sorted(got - want, key=str)]
+    print(f"\nzeek smb_files.log: {found}/{total} distinct (action, path, name, size) found; "
+          f"{ours_ok}/{ours_n} of ours in Zeek's")
+    for m in misses:
+        print("  ", m)
+    assert total == 14 and found == total
+    assert ours_ok >= ours_n - 2
+
+
+def test_zeek_smb_mapping():
+    total = ok = 0
+    for t in _manifest("smb_mapping"):
+        base = read_zeek(ZEEK / t["logs"]["smb_mapping"])
+        want = Counter((b["path"], b["share_type"]) for b in base)
+        got = Counter((r["tree"], r["share_type"]) for r in smb_rows(ZEEK / t["trace"])
+                      if r["command"] == "TREE_CONNECT" and r.get("status") == "STATUS_SUCCESS")
+        total += sum(want.values())
+        ok += sum((want & got).values())
+        assert got == want, (t["name"], want, got)
+    print(f"\nzeek smb_mapping.log: {ok}/{total} share mappings (path, share_type) equal")
+
+
+def test_zeek_ntlm_log():
+    """ntlm.py over the DCE-RPC traces with Zeek's ntlm.log (NTLMSSP in binds, not SMB)."""
+    fields = [("username", "user"), ("hostname", "host"), ("domainname", "domain"),
+              ("server_nb_computer_name", "server_nb_computer_name"),
+              ("server_dns_computer_name", "server_dns_computer_name"), ("server_tree_name", "server_tree_name")]
+    n = ok = more = 0
+    for t in _manifest("ntlm"):
+        base = read_zeek(ZEEK / t["logs"]["ntlm"])
+        ours = {}
+        for s in streams_of(ZEEK / t["trace"])[0]:
+            msgs = ntlm.find(s.orig.data) + ntlm.find(s.resp.data)
+            if msgs:
+                ours[(s.orig_h, s.orig_p, s.resp_h, s.resp_p)] = ntlm.summary(msgs)
+                ours[(s.resp_h, s.resp_p, s.orig_h, s.orig_p)] = ntlm.summary(msgs)  # mid-session starts
+        for b in base:
+            o = ours.get((b["id.orig_h"], int(b["id.orig_p"]), b["id.resp_h"], int(b["id.resp_p"])), {})
+            for zf, of in fields:
+                if b[zf] is None and o.get(of) is not None:
+                    more += 1  # Zeek missed the AUTHENTICATE of a session it picked up mid-way
+                    continue
+                n += 1
+                ok += b[zf] == o.get(of)
+                if b[zf] != o.get(of):
+                    print("  differs:", t["name"], zf, b[zf], o.get(of))
+    print(f"\nzeek ntlm.log: {ok}/{n} fields equal ({more} more filled here than in Zeek)")
+    assert n >= 15 and ok == n
+
+
+# ---------------------------------------------------------------------------------------------
+# suricata-verify smb events
+
+_SV_DIALECT = {"2.0.2": "2.02", "2.1": "2.10", "3.0": "3.00", "3.0.2": "3.02", "3.1.1": "3.11"}
+_SV_CMD = {"SMB1_COMMAND_NEGOTIATE_PROTOCOL": "NEGOTIATE", "SMB1_COMMAND_SESSION_SETUP_ANDX": "SESSION_SETUP",
+           "SMB1_COMMAND_LOGOFF_ANDX": "LOGOFF", "SMB1_COMMAND_TREE_CONNECT_ANDX": "TREE_CONNECT",
+           "SMB1_COMMAND_NT_CREATE_ANDX": "CREATE", "SMB2_COMMAND_NEGOTIATE_PROTOCOL": "NEGOTIATE",
+           "SMB2_COMMAND_FIND": "QUERY_DIRECTORY", "SMB2_COMMAND_GET_INFO": "QUERY_INFO",
+           "SMB2_COMMAND_SET_INFO": "SET_INFO", "SMB2_COMMAND_SESSION_SETUP": "SESSION_SETUP"}
+# EVE keys that have no column here: the checks using them are left out
+_SV_SKIP = ("smb.fuid", "smb.dcerpc", "smb.server_guid", "smb.response.", "smb.id", "smb.status_code")
+
+
+def _sv_value(row: dict, key: str):
+    """A row's value for an EVE key, or KeyError if the key has no equivalent."""
+    k = key[len("smb."):]
+    if k == "command":
+        return row["command"]
+    if k == "dialect":
+        d = row.get("dialect")
+        return _SV_DIALECT.get(d, "unknown" if d == "SMB2" else d)
+    if k in ("filename",):
+        return row.get("name")
+    if k == "share":
+        return row.get("tree") if row.get("share_type") != "PIPE" else None
+    if k == "named_pipe":
+        return row.get("tree") if row.get("share_type") == "PIPE" else None
+    if k in ("created", "accessed", "modified", "changed"):
+        v = row.get(k)
+        return 0 if v is None else v // 10**9
+    if k == "size":
+        return row.get("size") or 0
+    if k == "access":
+        return "delete on close" if row.get("delete_on_close") else "normal"
+    if k == "rename.from":
+        return row.get("prev_name") if row.get("action") == "FILE_RENAME" else None
+    if k == "ntlmssp.version":
+        return row.get("ntlm_version")
+    if k.startswith("ntlmssp."):
+        return row.get("ntlm_" + k.split(".")[1])
+    if k == "request.native_os":
+        return row.get("native_os")
+    if k == "request.native_lm":
+        return row.get("native_lm")
+    if k == "client_dialects[0]":
+        return (row.get("client_dialects") or [None])[0]
+    if k in ("status", "disposition", "session_id", "tree_id"):
+        return row.get(k)
+    raise KeyError(key)
+
+
+def _sv_expect(key: str, v):
+    if key == "smb.command":
+        return _SV_CMD.get(v, v.split("_COMMAND_")[-1])
+    return v
+
+
+def test_suricata_verify_smb():
+    checks = agree = exact = 0
+    misses = []
+    for t in json.loads((SV / "manifest.json").read_text()):
+        if "smb" not in t["event_types"]:
+            continue
+        import yaml
+        doc = yaml.safe_load((SV / "tests" / t["test"] / "test.yaml").read_text())
+        rows = smb_rows(SV / t["pcap"])
+        for c in doc.get("checks", []):
+            f = c.get("filter")
+            if not f or f.get("match", {}).get("event_type") != "smb":
+                continue
+            match = {k: v for k, v in f["match"].items() if k != "event_type"}
+            if any(k.startswith(_SV_SKIP) for k in match) or not match:
+                continue
+            if set(match) <= {"smb.status", "smb.command"} and "smb.status" in match and \
+                    "smb.command" not in match:
+                continue  # counts of every transaction by status: Suricata's per-message count
+            n = 0
+            for r in rows:
+                try:
+                    if all(_sv_value(r, k) == _sv_expect(k, v) for k, v in match.items()):
+                        n += 1
+                except KeyError:
+                    n = -1
+                    break
+            if n < 0:
+                continue
+            checks += 1
+            want = f["count"]
+            if (n > 0) == (want > 0):
+                agree += 1
+                exact += n == want
+            else:
+                misses.append((t["test"], match, want, n))
+    print(f"\nsuricata-verify smb: {agree}/{checks} checks agree on presence, {exact} on the exact count")
+    for m in misses:
+        print("  differs:", m)
+    assert checks >= 20 and agree >= checks - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Arkime
+
+
+def test_arkime_smb_ntlm():
+    n = Counter()
+    ok = Counter()
+    misses = []
+    for t in json.loads((ARKIME / "manifest.json").read_text()):
+        if "smb" not in t.get("protocols", []):
+            continue
+        doc = json.loads((ARKIME / t["test"]).read_text())
+        rows = None
+        for s in doc.get("sessions3", []):
+            b = s["body"]
+            if not ({"smb", "ntlm"} & set(b)) or b["destination"]["port"] not in (445, 139):
+                continue
+            if rows is None:
+                rows = smb_rows(ARKIME / t["pcap"])
+            key = (b["source"]["ip"], b["destination"]["port"])
+            mine = [r for r in rows if (r.get("orig_h"), r.get("resp_p")) == key]
+            have = {
+                "share": {r.get("tree") for r in mine},
+                "filename": {(r.get("name") or "").lstrip("\\") for r in mine},
+                "user": {r.get("ntlm_user") for r in mine},
+                "domain": {r.get("ntlm_domain") for r in mine},
+                "host": {r.get("ntlm_host") for r in mine},
+            }
+            ref = {"share": b.get("smb", {}).get("share", []),
+                   "filename": [x.lstrip("\\") for x in b.get("smb", {}).get("filename", [])],
+                   "user": b.get("smb", {}).get("user", []),
+                   "host": b.get("ntlm", {}).get("host", []),
+                   "domain": b.get("ntlm", {}).get("domain", [])}
+            for f, vals in ref.items():
+                for v in vals:
+                    n[f] += 1
+                    if v in have[f]:
+                        ok[f] += 1
+                    else:
+                        misses.append((t["pcap"], key, f, v, sorted(map(str, have[f]))))
+    print("\narkime smb/ntlm: " + ", ".join(f"{f} {ok[f]}/{n[f]}" for f in n))
+    for m in misses:
+        print("  differs:", m)
+    assert sum(n.values()) >= 15
+    assert sum(ok.values()) >= sum(n.values()) - 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic SMB2
+
+
+def _hdr2(cmd, mid, status=0, resp=False, tid=1, sid=7, nextc=0, flags=0):
+    fl = flags | (1 if resp else 0)
+    return (b"\xfeSMB" + struct.pack("<HHIHHII", 64, 0, status, cmd, 1, fl, nextc)
+            + struct.pack("<QIIQ", mid, 0, tid, sid) + bytes(16))
+
+
+def _nb(msg: bytes) -> bytes:
+    return b"\x00" + len(msg).to_bytes(3, "big") + msg
+
+
+def _create_req(mid, name, opts=0, flags=0, nextc=0):
+    n = name.encode("utf-16-le")
+    body = struct.pack("<HBBIQQIIIIIHHII", 57, 0, 0, 2, 0, 0, 0x80, 0, 7, 1, opts, 64 + 56, len(n), 0, 0)
+    msg = _hdr2(5, mid, flags=flags, nextc=nextc) + body + n
+    return msg
+
+
+def _create_resp(mid, fid: bytes, size=100, nextc=0):
+    ft = 132000000000000000
+    body = struct.pack("<HBBIQQQQQQII", 89, 0, 0, 1, ft, ft, ft, ft, 4096, size, 0x20, 0) + fid + struct.pack("<II", 0, 0)
+    return _hdr2(5, mid, resp=True, nextc=nextc) + body
+
+
+def _read_req(mid, fid, flags=0, nextc=0):
+    return _hdr2(8, mid, flags=flags, nextc=nextc) + struct.pack("<HBBIQ", 49, 0, 0, 1000, 0) + fid + bytes(17)
+
+
+def _read_resp(mid, n=1000, nextc=0):
+    return _hdr2(8, mid, resp=True, nextc=nextc) + struct.pack("<HBBII", 17, 80, 0, n, 0) + b"x" * n
+
+
+def _close_req(mid, fid, flags=0):
+    return _hdr2(6, mid, flags=flags) + struct.pack("<HHI", 24, 0, 0) + fid
+
+
+def _close_resp(mid):
+    return _hdr2(6, mid, resp=True) + struct.pack("<HHI", 60, 0, 0) + bytes(52)
+
+
+def _tree_req(mid, path):
+    p = path.encode("utf-16-le")
+    return _hdr2(3, mid, tid=0) + struct.pack("<HHHH", 9, 0, 72, len(p)) + p
+
+
+def _tree_resp(mid, tid=1, st=1):
+    return _hdr2(3, mid, resp=True, tid=tid) + struct.pack("<HBBIII", 16, st, 0, 0, 0, 0x1F01FF)
+
+
+def _pad8(b):
+    return b + bytes(-len(b) % 8)
+
+
+def _dir(chunks: list[bytes], gaps=()) -> Direction:
+    data = b"".join(chunks)
+    offs, pos = [], 0
+    for c in chunks:
+        offs.append(pos)
+        pos += len(c)
+    return Direction(data=data, gaps=list(gaps), ts_offsets=np.array(offs, dtype=np.int64),
+                     ts=np.array([1_700_000_000_000_000_000 + i * 1000 for i in range(len(chunks))], dtype=np.int64))
+
+
+def _stream(o: Direction, r: Direction) -> Stream:
+    return Stream(uid="Csmb", orig_h="10.0.0.1", orig_p=50000, resp_h="10.0.0.2", resp_p=445, orig=o, resp=r)
+
+
+FID = bytes(range(16))
+
+
+def test_synthetic_compound_split_and_joined():
+    # a compounded CREATE + READ + CLOSE (related: FileId all ones), split over three segments
+    c1 = _pad8(_create_req(1, "dir\\a.txt"))
+    c2 = _pad8(_read_req(2, b"\xff" * 16, flags=4))
+    c3 = _close_req(3, b"\xff" * 16, flags=4)
+    c1 = c1[:20] + struct.pack("<I", len(c1)) + c1[24:]
+    c2 = c2[:20] + struct.pack("<I", len(c2)) + c2[24:]
+    comp = _nb(c1 + c2 + c3)
+    orig = _nb(_tree_req(0, "\\\\srv\\share")) + comp
+    r1 = _pad8(_create_resp(1, FID))
+    r2 = _pad8(_read_resp(2, 100))
+    r1 = r1[:20] + struct.pack("<I", len(r1)) + r1[24:]
+    r2 = r2[:20] + struct.pack("<I", len(r2)) + r2[24:]
+    resp = _nb(_tree_resp(0)) + _nb(r1 + r2 + _close_resp(3))
+    cut = len(orig) - 50
+    rows = smb.parse_stream(_stream(_dir([orig[:30], orig[30:cut], orig[cut:]]), _dir([resp[:7], resp[7:]])))
+    by = {r["command"]: r for r in rows}
+    assert by["TREE_CONNECT"]["tree"] == "\\\\srv\\share" and by["TREE_CONNECT"]["share_type"] == "DISK"
+    assert by["CREATE"]["name"] == "dir\\a.txt" and by["CREATE"]["action"] == "FILE_OPEN"
+    assert by["CREATE"]["size"] == 100 and by["CREATE"]["tree"] == "\\\\srv\\share"
+    assert by["CREATE"]["created"] == (132000000000000000 - 116444736000000000) * 100
+    assert by["READ"]["name"] == "dir\\a.txt" and by["READ"]["bytes"] == 100 and by["READ"]["action"] == "FILE_READ"
+    assert by["CLOSE"]["name"] == "dir\\a.txt" and by["CLOSE"]["status"] == "STATUS_SUCCESS"
+    assert not any(r["malformed"] for r in rows)
+
+
+def test_synthetic_reads_fold_and_gap_resync():
+    fid = FID
+    orig = [_nb(_tree_req(0, "\\\\s\\d")), _nb(_create_req(1, "big.bin"))]
+    resp = [_nb(_tree_resp(0)), _nb(_create_resp(1, fid, size=10**6))]
+    for i in range(2, 12):
+        orig.append(_nb(_read_req(i, fid)))
+        resp.append(_nb(_read_resp(i, 1000)))
+    orig.append(_nb(_close_req(12, fid)))
+    resp.append(_nb(_close_resp(12)))
+    rows = smb.parse_stream(_stream(_dir(orig), _dir(resp)))
+    [rd] = [r for r in rows if r["command"] == "READ"]
+    assert rd["messages"] == 10 and rd["bytes"] == 10000
+    # drop 700 bytes of the server side in the middle of a READ response: resync after it
+    data = b"".join(resp)
+    at = len(b"".join(resp[:5])) + 300
+    gapped = Direction(data=data[:at] + data[at + 700:], gaps=[(at, 700)],
+                       ts_offsets=np.array([0], dtype=np.int64), ts=np.array([1], dtype=np.int64))
+    rows = smb.parse_stream(_stream(_dir(orig), gapped))
+    [rd] = [r for r in rows if r["command"] == "READ"]
+    assert rd["messages"] == 10 and rd["bytes"] >= 9000
+    assert [r for r in rows if r["command"] == "CLOSE"][0]["status"] == "STATUS_SUCCESS"
+    # a capture starting mid-message: picked up at the next header
+    rows = smb.parse_stream(_stream(_dir([b"".join(orig)[37:]]), _dir([data[51:]])))
+    assert any(r["command"] == "READ" for r in rows)
+
+
+def test_synthetic_encrypted_and_garbage():
+    orig = _nb(_tree_req(0, "\\\\s\\enc")) + _nb(b"\xfdSMB" + bytes(60))
+    resp = _nb(_tree_resp(0)) + _nb(b"\xfdSMB" + bytes(60))
+    rows = smb.parse_stream(_stream(_dir([orig]), _dir([resp])))
+    assert rows[-1]["command"] == "TRANSFORM" and rows[-1]["encrypted"] is True and rows[-1]["messages"] == 2
+    assert rows[0]["tree"] == "\\\\s\\enc"
+    assert smb.parse_stream(_stream(_dir([b"GET / HTTP/1.1\r\n\r\n"]), _dir([b""]))) == []
+    rows = smb.parse_stream(_stream(_dir([_nb(_tree_req(0, "\\\\s\\x")) + b"\x00\x00\x00\x10" + bytes(16)]),
+                                    _dir([_nb(_tree_resp(0))])))
+    assert rows and rows[-1]["malformed"] is True
+
+
+def test_ntlm_base64_and_spnego():
+    msgs = []
+    for s in streams_of(ARKIME / "ntlm_synthetic.pcap")[0]:
+        msgs += ntlm.find(s.orig.data) + ntlm.find(s.resp.data) + ntlm.find_base64(s.orig.data) + \
+            ntlm.find_base64(s.resp.data)
+    users = {m.get("host") for m in msgs if m.get("type") == 3}
+    assert {"HTTPHOST", "SMTPHOST", "ARKHOST1"} <= users, users
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz
+
+
+def _mutate(rng: random.Random, b: bytes) -> bytes:
+    b = bytearray(b)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.random()
+        if not b:
+            b += rng.randbytes(rng.randint(1, 64))
+        elif op < 0.5:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op < 0.65:
+            del b[rng.randrange(len(b)):]
+        elif op < 0.8:
+            i = rng.randrange(len(b))
+            b[i:i] = rng.randbytes(rng.randint(1, 16))
+        elif op < 0.9:
+            i = rng.randrange(len(b))
+            del b[i:i + rng.randint(1, 32)]
+        else:
+            i = rng.randrange(len(b))
+            b[i:i + 2] = rng.choice([b"\xff\xff", b"\x00\x00", b"\x40\x00", b"\x00\x01"])
+    return bytes(b)
+
+
+def test_fuzz_smb_never_raises():
+    seeds = []
+    for p in (ZEEK / "traces/smb/smb2.pcap", ZEEK / "traces/smb/smb3.pcap", ZEEK / "traces/smb/smb1.pcap",
+              ARKIME / "smb-smbclient.pcap", ARKIME / "smb-smb1-ascii.pcap", ARKIME / "smbtorture-ntlmssp.pcap",
+              SV / "tests/smb2-async/input.pcap"):
+        for s in streams_of(p)[0]:
+            if s.orig.data:
+                seeds.append((s.orig.data[:8000], s.resp.data[:8000]))
+    rng = random.Random(445)
+    names = set(smb.SCHEMA.names)
+    for i in range(3000):
+        o, r = rng.choice(seeds)
+        k = i % 3
+        o = _mutate(rng, o) if k in (0, 2) else o
+        r = _mutate(rng, r) if k in (1, 2) else r
+        gaps = [(rng.randrange(len(o)), rng.randint(1, 500))] if o and i % 7 == 0 else []
+        rows = smb._parse_stream(_stream(Direction(data=o, gaps=gaps), Direction(data=r)))
+        for row in rows:
+            assert set(row) <= names
+        if i % 10 == 0:
+            ntlm.find(_mutate(rng, o))
+    import pyarrow as pa
+    pa.Table.from_pylist(smb.parse_stream(_stream(_dir([seeds[0][0]]), _dir([seeds[0][1]]))), schema=smb.SCHEMA)
+    print("\nfuzz: 3000 mutated SMB sessions, no exception")
