@@ -345,3 +345,204 @@ def test_suricata_verify_ftp():
     for m in misses:
         print("  differs:", m)
     assert ok == checks
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic sessions: credentials, STARTTLS, gaps, POP3 and IMAP
+
+T0 = 1_700_000_000_000_000_000
+
+
+def _dir(data: bytes, gaps=()) -> Direction:
+    # one "packet" per line, 1 ms apart, so times follow the stream
+    offs = [0] + [i + 1 for i in range(len(data)) if data[i:i + 1] == b"\n"][:-1] if data else [0]
+    return Direction(data=data, gaps=list(gaps), ts_offsets=np.array(offs, dtype=np.int64),
+                     ts=np.array([T0 + k * 1_000_000 for k in range(len(offs))], dtype=np.int64))
+
+
+def _stream(orig: bytes, resp: bytes, port: int, ogaps=(), rgaps=()) -> Stream:
+    return Stream(uid="Ctest", orig_h="10.0.0.1", orig_p=40000, resp_h="10.0.0.2", resp_p=port,
+                  orig=_dir(orig, ogaps), resp=_dir(resp, rgaps))
+
+
+def _split(rows):
+    return [r for r in rows if r.get("_table") is None], [r for r in rows if r.get("_table") == "credentials"]
+
+
+def test_ftp_credentials_and_auth_tls():
+    rows, creds = _split(ftp.parse_stream(_stream(
+        b"USER alice\r\nPASS S3cret!pw\r\nAUTH TLS\r\n\x16\x03\x01\x00\x10garbage",
+        b"220 hi\r\n331 pw?\r\n230 ok\r\n234 go\r\n\x16\x03\x03", 21)))
+    assert [r["command"] for r in rows] == ["<init>", "USER", "PASS", "AUTH"]
+    assert rows[2]["arg"] == "<hidden>" and rows[2]["password"] == "<hidden>" and rows[2]["user"] == "alice"
+    assert len(creds) == 1 and creds[0]["user"] == "alice" and creds[0]["_password"] == "S3cret!pw"
+    assert creds[0]["mechanism"] == "USER/PASS" and "S3cret" not in json.dumps({k: v for k, v in creds[0].items()
+                                                                              if not k.startswith("_")})
+
+
+def test_smtp_auth_plain_login_and_starttls():
+    import base64
+    plain = base64.b64encode(b"\x00bob\x00hunter2").decode()
+    rows, creds = _split(smtp.parse_stream(_stream(
+        f"EHLO me\r\nAUTH PLAIN {plain}\r\nMAIL FROM:<bob@x.org>\r\nRCPT TO:<a@y.org>\r\nDATA\r\n"
+        "Subject: hi\r\nFrom: Bob <bob@x.org>\r\nTo: a@y.org, \"c, d\" <c@y.org>\r\n"
+        "Content-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n--XX\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+        "..dot\r\n--XX\r\nContent-Type: application/pdf; name=\"a.pdf\"\r\n"
+        "Content-Disposition: attachment; filename=\"report.pdf\"\r\n\r\nJVBER\r\n--XX--\r\n.\r\n"
+        "AUTH LOGIN\r\nYWxpY2U=\r\ncHc=\r\nSTARTTLS\r\n\x16\x03\x01".encode(),
+        b"220 mx\r\n250-mx\r\n250 AUTH PLAIN LOGIN\r\n235 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n"
+        b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n235 ok\r\n220 ready\r\n\x16\x03\x03", 25)))
+    assert len(rows) == 2
+    assert rows[0]["subject"] == "hi" and rows[0]["to"] == ["a@y.org", '"c, d" <c@y.org>']
+    assert rows[0]["attachments"] == ["report.pdf"] and rows[0]["user"] == "bob"
+    assert rows[0]["last_reply"] == "250 queued" and rows[0]["trans_depth"] == 1
+    assert rows[1]["tls"] is True and rows[1]["trans_depth"] == 2 and rows[1]["last_reply"] == "220 ready"
+    assert [(c["mechanism"], c["user"], c["_password"]) for c in creds] == [
+        ("AUTH PLAIN", "bob", "hunter2"), ("AUTH LOGIN", "alice", "pw")]
+
+
+def test_pop3_session():
+    rows, creds = _split(pop3.parse_stream(_stream(
+        b"USER carol\r\nPASS pa55word!\r\nLIST\r\nRETR 1\r\nAPOP dave 0123456789abcdef\r\nSTLS\r\n\x16\x03",
+        b"+OK ready\r\n+OK\r\n+OK in\r\n+OK 1 msg\r\n1 120\r\n.\r\n+OK 120 octets\r\nSubject: Report\r\n"
+        b"From: x@y\r\nTo: carol@z\r\n\r\nbody\r\n..\r\n.\r\n-ERR no\r\n+OK begin TLS\r\n\x16\x03\x03", 110)))
+    assert [r["command"] for r in rows] == ["<init>", "USER", "PASS", "LIST", "RETR", "APOP", "STLS"]
+    retr = rows[4]
+    assert retr["mail_subject"] == "Report" and retr["mail_from"] == "x@y" and retr["mail_to"] == ["carol@z"]
+    assert rows[2]["arg"] == "<hidden>" and rows[5]["arg"] == "dave <hidden>" and rows[5]["status"] == "-ERR"
+    assert rows[6]["tls"] is True
+    assert [(c["mechanism"], c["user"], c.get("_password")) for c in creds] == [
+        ("USER/PASS", "carol", "pa55word!"), ("APOP", "dave", None)]
+
+
+def test_imap_session():
+    import base64
+    plain = base64.b64encode(b"\x00erin\x00Secr3t!").decode()
+    msg = b"Subject: Q3\r\nFrom: boss@corp\r\nTo: erin@corp\r\n\r\nnumbers\r\n"
+    rows, creds = _split(imap.parse_stream(_stream(
+        b'a1 LOGIN "frank" {6}\r\nl1t:pw\r\na2 SELECT INBOX\r\na3 FETCH 1 BODY[]\r\n'
+        b"a4 AUTHENTICATE PLAIN\r\n" + plain.encode() + b"\r\na5 STARTTLS\r\n\x16\x03",
+        b"* OK IMAP4rev1 ready\r\n+ go\r\na1 OK LOGIN done\r\n* 3 EXISTS\r\na2 OK [READ-WRITE] SELECT\r\n"
+        b"* 1 FETCH (BODY[] {%d}\r\n" % len(msg) + msg + b")\r\na3 OK FETCH done\r\n+ \r\na4 NO bad\r\n"
+        b"a5 OK Begin TLS\r\n\x16\x03\x03", 143)))
+    by = {r["command"]: r for r in rows}
+    assert by["<init>"]["status"] == "OK"
+    assert by["LOGIN"]["arg"] == "frank <hidden>" and by["LOGIN"]["status"] == "OK"
+    assert by["SELECT"]["mailbox"] == "INBOX"
+    assert by["FETCH"]["mail_subject"] == "Q3" and by["FETCH"]["mail_to"] == ["erin@corp"]
+    assert by["AUTHENTICATE"]["status"] == "NO" and by["STARTTLS"]["tls"] is True
+    assert [(c["mechanism"], c["user"], c["_password"]) for c in creds] == [
+        ("LOGIN", "frank", "l1t:pw"), ("AUTHENTICATE PLAIN", "erin", "Secr3t!")]
+
+
+def test_gaps_stop_parsing():
+    orig = b"USER a\r\nPASS b\r\nRETR x\r\n"
+    rows, _ = _split(ftp.parse_stream(_stream(orig, b"220 hi\r\n331 pw\r\n230 ok\r\n550 no\r\n", 21,
+                                              ogaps=[(orig.index(b"RETR"), 100)])))
+    assert [r["command"] for r in rows] == ["<init>", "USER", "PASS"]
+    # SSH: a gap inside the server's KEXINIT leaves the banners
+    r = ssh.parse_stream(_stream(b"SSH-2.0-client\r\n", b"SSH-2.0-server\r\n\x00\x00\x01\x00\x04\x14", 22,
+                                 rgaps=[(20, 500)]))
+    assert r[0]["client"] == "SSH-2.0-client" and r[0]["server"] == "SSH-2.0-server" and r[0].get("cipher_alg") is None
+
+
+def test_ssh_hassh():
+    import hashlib
+
+    def kexinit(lists):
+        body = b"\x14" + bytes(16) + b"".join(len(x).to_bytes(4, "big") + x for x in lists) + b"\x00" + bytes(4)
+        pad = 8 - (len(body) + 5) % 8 + 8
+        return (len(body) + pad + 1).to_bytes(4, "big") + bytes([pad]) + body + bytes(pad)
+    c = [b"curve25519-sha256,ext-info-c", b"ssh-ed25519", b"aes128-ctr", b"aes128-ctr", b"hmac-sha2-256",
+         b"hmac-sha2-256", b"none", b"none", b"", b""]
+    sv = [b"curve25519-sha256", b"ssh-ed25519,rsa-sha2-512", b"aes256-ctr,aes128-ctr", b"aes256-ctr,aes128-ctr",
+          b"hmac-sha2-256", b"hmac-sha2-256", b"none,zlib", b"none,zlib", b"", b""]
+    r = ssh.parse_stream(_stream(b"SSH-2.0-OpenSSH_9.0\r\n" + kexinit(c), b"SSH-2.0-srv\r\n" + kexinit(sv), 22))[0]
+    algs = "curve25519-sha256,ext-info-c;aes128-ctr;hmac-sha2-256;none"
+    assert r["hassh_algorithms"] == algs and r["hassh"] == hashlib.md5(algs.encode()).hexdigest()
+    assert r["hassh_server_algorithms"] == "curve25519-sha256;aes256-ctr,aes128-ctr;hmac-sha2-256;none,zlib"
+    assert r["cipher_alg"] == "aes128-ctr" and r["kex_alg"] == "curve25519-sha256" and r["version"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: mutated streams never raise
+
+
+def _mutate(rng: random.Random, b: bytes) -> bytes:
+    b = bytearray(b)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.random()
+        if not b:
+            b += bytes([rng.randrange(256)])
+        i = rng.randrange(len(b))
+        if op < 0.3:
+            b[i] = rng.randrange(256)
+        elif op < 0.5:
+            del b[i:i + rng.randint(1, 20)]
+        elif op < 0.7:
+            b[i:i] = rng.choice([b"\r\n", b"{99}\r\n", b"-", b" ", b"\x00", b"334 ", b"354 x\r\n", b".\r\n",
+                                 b"\xff" * 5, b"+OK\r\n", b"* 1 FETCH (BODY[] {5}\r\n", b"\x00\x00\x10\x00"])
+        elif op < 0.85:
+            j = rng.randrange(len(b))
+            b[i:i] = b[j:j + rng.randint(1, 40)]
+        else:
+            del b[i:]
+    return bytes(b)
+
+
+def _seeds(mod):
+    seeds = []
+    for name, trace, _ in _sources({"ssh": "ssh", "ftp": "ftp", "smtp": "smtp"}.get(mod.TABLE, "ftp")):
+        for s in streams_of(trace)[:6]:
+            seeds.append((s.orig.data[:3000], s.resp.data[:3000]))
+    return seeds
+
+
+@pytest.mark.parametrize("mod", [ssh, ftp, smtp, pop3, imap], ids=lambda m: m.TABLE)
+def test_fuzz_never_raises(mod):
+    rng = random.Random(7)
+    seeds = _seeds(mod) if mod in (ssh, ftp, smtp) else []
+    seeds += [(b"USER a\r\nPASS b\r\nRETR 1\r\nAUTH PLAIN\r\nAGEAYg==\r\nSTLS\r\n",
+               b"+OK\r\n+OK\r\n+OK\r\n+OK x\r\nSubject: s\r\n\r\nb\r\n.\r\n+ \r\n+OK\r\n"),
+              (b'a LOGIN "u" {3}\r\npwd\r\nb FETCH 1 BODY[]\r\nc AUTHENTICATE LOGIN\r\ndQ==\r\ncA==\r\n',
+               b"* OK\r\n+ go\r\na OK\r\n* 1 FETCH (BODY[] {14}\r\nSubject: x\r\n\r\n)\r\nb OK\r\n+ \r\n+ \r\nc OK\r\n")]
+    n = 0
+    for i in range(3000):
+        o, r = seeds[i % len(seeds)]
+        o2 = _mutate(rng, o) if rng.random() < 0.8 else o
+        r2 = _mutate(rng, r) if rng.random() < 0.8 else r
+        gaps = [(rng.randrange(max(1, len(o2))), 10)] if rng.random() < 0.1 else []
+        rows = mod.parse_stream(_stream(o2, r2, 1, ogaps=gaps))
+        assert isinstance(rows, list)
+        n += len(rows)
+    assert n > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The real pipeline: ingest, then SQL
+
+
+def _sql(store, query):
+    from wiretrail.query import run_sql
+    buf = io.StringIO()
+    run_sql(store, query, "json", buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+def test_pipeline_tables(tmp_path):
+    from wiretrail.ingest import IngestOptions, ingest
+    traces = [ZEEK / "traces/ftp/ftp-password-pass-command.pcap", ZEEK / "traces/ssh/ssh_kex_curve25519.pcap",
+              ZEEK / "traces/smtp.pcap"]
+    store = tmp_path / "store"
+    ingest(traces, IngestOptions(store=store))
+    f = _sql(store, "select command, arg, user, password, reply_code from ftp order by ts")
+    assert [r["command"] for r in f] == ["<init>", "USER", "PASS"] and f[2]["password"] == "<hidden>"
+    assert f[2]["arg"] == "<hidden>" and f[1]["user"] == "Admin"
+    c = _sql(store, "select protocol, mechanism, \"user\", password_masked, weak from credentials where protocol = 'ftp'")
+    assert c == [{"protocol": "ftp", "mechanism": "USER/PASS", "user": "Admin", "password_masked": "q****y",
+                  "weak": True}]
+    s = _sql(store, "select client, server, kex_alg, hassh from ssh")
+    assert s and s[0]["kex_alg"] == "curve25519-sha256" and len(s[0]["hassh"]) == 32
+    m = _sql(store, "select mailfrom, rcptto, subject, attachments from smtp")
+    assert m and m[0]["mailfrom"] == "gurpartap@patriots.in" and m[0]["subject"] == "SMTP"
+    assert m[0]["attachments"]
