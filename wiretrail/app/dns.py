@@ -42,6 +42,9 @@ TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
 NDPI = {"DNS", "MDNS", "LLMNR", "NetBIOS"}
 
+_RECORDS = pa.list_(pa.struct([("rrname", pa.string()), ("rrtype", pa.string()), ("ttl", pa.int64()),
+                                ("rdata", pa.string())]))
+
 SCHEMA = pa.schema([
     ("ts", pa.timestamp("ns")),
     ("uid", pa.string()),
@@ -71,6 +74,15 @@ SCHEMA = pa.schema([
     ("opcode_name", pa.string()),
     ("malformed", pa.bool_()),
     ("flags_raw", pa.uint16()),
+    # for Suricata's EVE (one event per message) and for analysts: each message on its own
+    ("query_flags", pa.uint16()),
+    ("response_flags", pa.uint16()),
+    ("response_ts", pa.timestamp("ns")),
+    ("query_packet", pa.int64()),      # packet number in its capture file (1-based), null if unknown
+    ("response_packet", pa.int64()),
+    ("query_original", pa.string()),   # the query name as sent (Zeek lower-cases `query`)
+    ("answer_records", _RECORDS),      # answers as sent: owner name, type, TTL, data (TXT: per string)
+    ("authority_records", _RECORDS),
 ])
 
 # ---- Zeek's name tables (base/protocols/dns/consts.zeek) ------------------------------------
@@ -171,6 +183,7 @@ class Answer:
     ttl: int
     kind: int        # ANS, PREREQ or UPDATE
     reply: str | None  # Zeek's answer string; "" counts for AA/RA/rtt but adds no answer; None: no event
+    txt: list[str] | None = None  # a TXT record's strings, each on its own (Suricata's answers)
 
 
 @dataclass
@@ -189,6 +202,9 @@ class DnsMessage:
     malformed: bool = False
     short: bool = False   # fewer bytes than a header: nothing but `malformed`
     offset: int = 0       # where the message started in a TCP stream
+    packet: int = 0       # packet number in the capture file (Datagram.packet), 0 if unknown
+    authorities: list[Answer] = field(default_factory=list)  # authority section (keep_case parses only)
+    as_sent: "DnsMessage | None" = None  # the same message parsed with keep_case (for EVE fields)
 
     @property
     def qr(self) -> bool:
@@ -228,10 +244,11 @@ class DnsMessage:
 
 
 class _Parser:
-    def __init__(self, buf: bytes, netbios: bool):
+    def __init__(self, buf: bytes, netbios: bool, keep_case: bool = False):
         self.buf = buf
         self.n = len(buf)
         self.netbios = netbios
+        self.keep_case = keep_case  # Zeek lower-cases names; Suricata's EVE keeps them as sent
         self.weird = False
 
     # -- names --
@@ -276,7 +293,9 @@ class _Parser:
                 raise _Bad("name too long")
             out.append(buf[pos + 1:pos + 1 + ln])
             pos += 1 + ln
-        text = _text(b".".join(out)).lower() if out else ""
+        text = _text(b".".join(out)) if out else ""
+        if not self.keep_case:
+            text = text.lower()
         return text, (end if end is not None else pos)
 
     def u16(self, pos: int) -> int:
@@ -337,6 +356,7 @@ class _Parser:
             strs, ok = self.char_strings(pos, end)
             tag = "TXT" if rtype == 16 else "SPF"
             s = " ".join(f"{tag} {len(x)} {_text(x)}" for x in strs)
+            msg._txt = [_text(x) for x in strs]
             if not ok:
                 msg._after_reply = s
                 raise _Bad("TXT string past rdata")
@@ -395,8 +415,10 @@ class _Parser:
         raise _Bad(why)
 
 
-def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> DnsMessage:
-    """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse."""
+def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep_case: bool = False) -> DnsMessage:
+    """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse.
+    `keep_case`: names as sent (Suricata) rather than lower-cased (Zeek), and the authority
+    section's records kept too."""
     msg = DnsMessage(netbios=netbios)
     if len(buf) < 12:
         msg.short = True
@@ -410,10 +432,11 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> D
     if msg.qdcount > MAX_QUERIES:
         msg.malformed = True
         return msg
-    p = _Parser(buf, netbios or resp_port == NETBIOS_PORT)
+    p = _Parser(buf, netbios or resp_port == NETBIOS_PORT, keep_case)
     resp_nb = resp_port == NETBIOS_PORT
     msg._owner = ""
     msg._after_reply = None
+    msg._txt = None
     pos = 12
     update = msg.opcode == 5 and not netbios
     try:
@@ -434,7 +457,7 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> D
                 msg.questions.append((name, qt, qc))
             zclass = 0
             sections = ((msg.ancount, ANS), (msg.nscount, 0), (msg.arcount, 0))
-        for count, kind in sections:
+        for section, (count, kind) in enumerate(sections):
             for _ in range(count):
                 owner, pos = p.name(pos)
                 rtype, rclass = p.u16(pos), p.u16(pos + 2)
@@ -483,8 +506,16 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> D
                     # authority/additional: check names inside well-known records only
                     if rtype in (2, 5, 12):
                         p.name(pos)
+                    if keep_case and section == 1 and not update:
+                        try:
+                            msg.authorities.append(Answer(owner, rtype, rclass, ttl, 0,
+                                                          p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False)))
+                        except _Bad:
+                            pass
                 if kind:
-                    msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, reply))
+                    msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, reply,
+                                              msg._txt if rtype in (16, 99) else None))
+                msg._txt = None
                 pos += rdlen
     except _Bad:
         msg.malformed = True
@@ -556,6 +587,18 @@ def _is_multicast(h: str) -> bool:
 _BLANK = dict.fromkeys(SCHEMA.names)
 
 
+def _records(answers) -> list[dict]:
+    """Records as Suricata logs them: a TXT record's strings each on its own."""
+    out = []
+    for a in answers:
+        if a.reply is None:
+            continue
+        rrtype = qtype_name(a.rtype)
+        for data in (a.txt if a.txt is not None else [a.reply]):
+            out.append({"rrname": a.name, "rrtype": rrtype, "ttl": a.ttl, "rdata": data})
+    return out
+
+
 class _Info:
     """One transaction being built (Zeek's DNS::Info)."""
 
@@ -575,6 +618,11 @@ class _Info:
         if not m.qr:
             if r.get("flags_raw") is None:
                 r["flags_raw"] = m.flags
+            if r.get("query_flags") is None:
+                r["query_flags"] = m.flags
+                r["query_packet"] = m.packet or None
+                if m.as_sent is not None and m.as_sent.questions:
+                    r["query_original"] = m.as_sent.questions[0][0]
             for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
                 r["RD"], r["TC"], r["Z"] = m.RD, m.TC, m.Z
                 r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
@@ -586,6 +634,15 @@ class _Info:
                 r["query"] = name
             return
         r["flags_raw"] = m.flags
+        if r.get("response_flags") is None:
+            r["response_flags"] = m.flags
+            r["response_ts"] = ts
+            r["response_packet"] = m.packet or None
+            sent = m.as_sent or m
+            r["answer_records"] = _records(a for a in sent.answers if a.kind == ANS)
+            r["authority_records"] = _records(sent.authorities)
+            if r.get("query_original") is None and sent.questions:
+                r["query_original"] = sent.questions[0][0]
         r["rcode"], r["rcode_name"] = m.rcode, rcode_name(m.rcode)
         if m.rcode != 0 and m.qdcount == 0:
             r["rejected"] = True
@@ -627,6 +684,8 @@ class DnsSession:
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram of the session; returns the rows it completes."""
         m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p)
+        m.as_sent = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+        m.packet = d.packet
         if d.truncated:
             m.malformed = True
         return self.add_message(m, d.ts, d.from_orig)

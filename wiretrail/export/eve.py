@@ -17,6 +17,39 @@ import duckdb
 from wiretrail.errors import WiretrailError
 
 _PROTO = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMP"}
+# nDPI master protocol -> Suricata's app_proto name
+_APP_PROTO = {
+    "TLS": "tls", "HTTP": "http", "HTTP_Proxy": "http", "HTTP_Connect": "http", "HTTP2": "http2", "DNS": "dns",
+    "MDNS": "dns", "LLMNR": "dns", "SMBv1": "smb", "SMBv23": "smb", "FTP_CONTROL": "ftp", "FTP_DATA": "ftp-data",
+    "SMTP": "smtp", "SMTPS": "tls", "IMAPS": "tls", "POPS": "tls", "SSH": "ssh", "DHCP": "dhcp", "NTP": "ntp",
+    "Kerberos": "krb5", "SNMP": "snmp", "SIP": "sip", "RDP": "rdp", "MQTT": "mqtt", "QUIC": "quic",
+    "IMAP": "imap", "POP3": "pop3", "TFTP": "tftp", "DCE_RPC": "dcerpc", "NFS": "nfs", "Modbus": "modbus",
+    "DNP3": "dnp3", "IKE": "ike", "BitTorrent": "bittorrent-dht", "Telnet": "telnet", "LDAP": "ldap",
+    "PostgreSQL": "pgsql", "RFB": "rfb", "VNC": "rfb", "WebSocket": "websocket",
+}
+
+
+def _ip(text: str | None) -> str | None:
+    """Suricata writes IPv6 addresses in full (no :: and no dropped zeros)."""
+    if text and ":" in text:
+        import ipaddress
+
+        try:
+            return ipaddress.IPv6Address(text).exploded
+        except ValueError:
+            return text
+    return text
+
+
+def _app_proto(r: dict) -> str | None:
+    app = r.get("app")
+    if app:
+        name = _APP_PROTO.get(app.split(".")[0])
+        if name:
+            return name
+    if r.get("proto") == "tcp":
+        return "failed" if (r.get("orig_bytes") or r.get("resp_bytes")) else None
+    return None
 _B62 = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
 
 
@@ -44,6 +77,11 @@ def _clean(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None and v != [] and v != ""}
 
 
+def _present(d: dict) -> dict:
+    """Drop unset values only (an empty TXT string is data)."""
+    return {k: v for k, v in d.items() if v is not None}
+
+
 def _state(conn_state: str | None) -> str:
     if conn_state in ("SF", "RSTO", "RSTR", "RSTOS0", "RSTRH", "REJ", "SH", "SHR"):
         return "closed"
@@ -64,9 +102,8 @@ def _flow(r: dict) -> dict:
         "reason": "timeout", "alerted": False,
     })
     event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": "flow",
-             "src_ip": r["orig_h"], "src_port": r["orig_p"], "dest_ip": r["resp_h"], "dest_port": r["resp_p"],
-             "proto": proto, "app_proto": r["service"] or "failed" if r["proto"] == "tcp" else r["service"],
-             "flow": flow, "community_id": r["community_id"]}
+             "src_ip": _ip(r["orig_h"]), "src_port": r["orig_p"], "dest_ip": _ip(r["resp_h"]), "dest_port": r["resp_p"],
+             "proto": proto, "app_proto": _app_proto(r), "flow": flow, "community_id": r["community_id"]}
     if r["vlan"] is not None:
         event["vlan"] = [r["vlan"]] + ([r["inner_vlan"]] if r["inner_vlan"] is not None else [])
     if r["icmp_type"] is not None:
@@ -76,26 +113,43 @@ def _flow(r: dict) -> dict:
 
 def _head(r: dict, event_type: str, app_proto: str, proto: str) -> dict:
     return {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": event_type,
-            "src_ip": r.get("orig_h"), "src_port": r.get("orig_p"), "dest_ip": r.get("resp_h"),
-            "dest_port": r.get("resp_p"), "proto": proto, "app_proto": app_proto}
+            "src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
+            "dest_port": r.get("resp_p"), "proto": proto, "app_proto": app_proto, "community_id": r.get("community_id")}
 
 
 def _dns(r: dict) -> list[dict]:
+    """Suricata 8's DNS events (version 3): one per message, a request from the client and a
+    response from the server (src and dest swapped, as the packet went)."""
     proto = "TCP" if r.get("proto") == "tcp" else "UDP"
+    name = r.get("query_original") or r.get("query")
+    queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
     out = []
-    if r.get("query") is not None or r.get("qtype_name"):
+    if r.get("query_flags") is not None:
         e = _head(r, "dns", "dns", proto)
-        e["dns"] = _clean({"version": 2, "type": "query", "id": r.get("trans_id"), "rrname": r.get("query"),
-                           "rrtype": r.get("qtype_name"), "opcode": r.get("opcode")})
+        e["pcap_cnt"] = r.get("query_packet")
+        flags = r["query_flags"]
+        e["dns"] = _clean({"version": 3, "type": "request", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
+                           "flags": f"{flags:x}", "rd": bool(flags & 0x0100) or None, "opcode": r.get("opcode"),
+                           "queries": queries})
         out.append(_clean(e))
-    if r.get("rcode_name") is not None:
+    if r.get("response_flags") is not None:
         e = _head(r, "dns", "dns", proto)
-        answers = [_clean({"rrname": r.get("query"), "rrtype": r.get("qtype_name"), "ttl": int(ttl) if ttl is not None else None,
-                           "rdata": a}) for a, ttl in zip(r.get("answers") or [], (r.get("TTLs") or []) + [None] * 999)]
-        e["dns"] = _clean({"version": 2, "type": "answer", "id": r.get("trans_id"), "flags": f"{r.get('flags_raw') or 0:x}",
-                           "qr": True, "aa": r.get("AA") or None, "tc": r.get("TC") or None, "rd": r.get("RD") or None,
-                           "ra": r.get("RA") or None, "rrname": r.get("query"), "rrtype": r.get("qtype_name"),
-                           "rcode": r.get("rcode_name"), "answers": answers})
+        e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
+                                                                    _ip(r.get("orig_h")), r.get("orig_p"))
+        e["timestamp"] = _timestamp(r["response_ns"]) if r.get("response_ns") else e["timestamp"]
+        e["pcap_cnt"] = r.get("response_packet")
+        flags = r["response_flags"]
+        answers = [_present(a) for a in (r.get("answer_records") or [])]
+        grouped: dict[str, list] = {}
+        for a in answers:
+            if a.get("rdata") is not None:
+                grouped.setdefault(a.get("rrtype"), []).append(a["rdata"])
+        e["dns"] = _clean({"version": 3, "type": "response", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
+                           "flags": f"{flags:x}", "qr": True, "aa": bool(flags & 0x0400) or None,
+                           "tc": bool(flags & 0x0200) or None, "rd": bool(flags & 0x0100) or None,
+                           "ra": bool(flags & 0x0080) or None, "opcode": r.get("opcode"),
+                           "rcode": r.get("rcode_name"), "queries": queries, "answers": answers, "grouped": grouped,
+                           "authorities": [_present(a) for a in (r.get("authority_records") or [])]})
         out.append(_clean(e))
     return out
 
@@ -114,13 +168,35 @@ def _http(r: dict) -> list[dict]:
 def _tls_version(v: str | None) -> str | None:
     if not v:
         return None
-    return {"TLSv10": "TLS 1.0", "TLSv11": "TLS 1.1", "TLSv12": "TLS 1.2", "TLSv13": "TLS 1.3",
+    return {"TLSv10": "TLSv1", "TLSv11": "TLS 1.1", "TLSv12": "TLS 1.2", "TLSv13": "TLS 1.3",
             "SSLv3": "SSLv3", "SSLv2": "SSLv2"}.get(v, v)
+
+
+def _dn(zeek_dn: str | None) -> str | None:
+    """Zeek's distinguished name (RFC 4514 order, ',' between parts) as Suricata prints it:
+    the certificate's order, ', ' between parts."""
+    if not zeek_dn:
+        return zeek_dn
+    parts, cur, escaped = [], [], False
+    for ch in zeek_dn:
+        if escaped:
+            cur.append(ch)
+            escaped = False
+        elif ch == "\\":
+            cur.append(ch)
+            escaped = True
+        elif ch == ",":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return ", ".join(reversed(parts))
 
 
 def _tls(r: dict) -> list[dict]:
     e = _head(r, "tls", "tls", "TCP")
-    e["tls"] = _clean({"subject": r.get("subject"), "issuerdn": r.get("issuer"), "sni": r.get("server_name"),
+    e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
                        "version": _tls_version(r.get("version")),
                        "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
                        "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
@@ -147,6 +223,36 @@ EVENTS = {
 }
 
 
+def emit_table(db, table: str, convert, emit) -> None:
+    columns = {row[0] for row in db.execute(f'DESCRIBE "{table}"').fetchall()}
+    extra = ", epoch_ns(t.response_ts) AS response_ns" if "response_ts" in columns else ""
+    # tx_id: the transaction's number within its flow, as Suricata counts them
+    # community_id comes from the session, as Suricata puts it on every event of a flow
+    query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
+             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id '
+             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id FROM sessions) s USING (uid) ORDER BY t.ts')
+    if table != "dns":
+        for r in _rows(db, query):
+            emit(convert(r))
+        return
+    # Suricata numbers DNS messages, not exchanges: each message of a flow is a transaction
+    # (tx_id 0, 1, 2, ... in the order they came), so events are numbered per flow here.
+    flow, events = None, []
+    for r in _rows(db, query.replace("ORDER BY t.ts", "ORDER BY t.uid, t.ts")):
+        if r["uid"] != flow:
+            emit(_number_dns(events))
+            flow, events = r["uid"], []
+        events.extend(convert(r))
+    emit(_number_dns(events))
+
+
+def _number_dns(events: list[dict]) -> list[dict]:
+    events.sort(key=lambda e: (e.get("pcap_cnt") or 0, e["timestamp"]))
+    for k, e in enumerate(events):
+        e["dns"]["tx_id"] = k
+    return events
+
+
 def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
     """Write eve.json; returns events written per event type."""
     views = {row[0] for row in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
@@ -163,8 +269,7 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
                 emit([_flow(r)])
             for table, convert in EVENTS.items():
                 if table in views:
-                    for r in _rows(db, f'SELECT *, epoch_ns(ts) AS ts_ns FROM "{table}" ORDER BY ts'):
-                        emit(convert(r))
+                    emit_table(db, table, convert, emit)
     except OSError as err:
         raise WiretrailError(f"cannot write to {out_dir}: {err.strerror}") from None
     return counts
