@@ -140,4 +140,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.0  # replaced by the measured figure below once measured
+FLOOR = 0.60  # measured 235/367 (64%) with dns, dhcp, tls, http in, before smb

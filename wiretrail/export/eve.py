@@ -96,10 +96,11 @@ def _flow(r: dict) -> dict:
         proto = "IPv6-ICMP"
     flow = _clean({
         "pkts_toserver": r["orig_pkts"], "pkts_toclient": r["resp_pkts"],
-        "bytes_toserver": r["orig_ip_bytes"], "bytes_toclient": r["resp_ip_bytes"],
+        "bytes_toserver": r.get("orig_wire_bytes", r["orig_ip_bytes"]),
+        "bytes_toclient": r.get("resp_wire_bytes", r["resp_ip_bytes"]),
         "start": _timestamp(r["ts_ns"]), "end": _timestamp(r["last_ns"]),
         "age": (r["last_ns"] - r["ts_ns"]) // 1_000_000_000, "state": _state(r["conn_state"]),
-        "reason": "timeout", "alerted": False,
+        "reason": r.get("close_reason") or "timeout", "alerted": False,
     })
     event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": "flow",
              "src_ip": _ip(r["orig_h"]), "src_port": r["orig_p"], "dest_ip": _ip(r["resp_h"]), "dest_port": r["resp_p"],

@@ -42,7 +42,8 @@ START_O, MAXREL_O, DATAEND_O, ACKREL_O = 16, 18, 20, 22
 GAPLO_O, GAPHI_O = 24, 26
 LASTSYN_O, LASTFIN_O, LASTRST_O = 28, 30, 32
 IDLE = 34  # this session's inactivity timeout
-N_I64 = 35
+WIRE_O = 35  # frame bytes per direction (Suricata's bytes_toserver/toclient count the link layer)
+N_I64 = 37
 
 # ---- per-session int32 fields ----------------------------------------------------------------
 ORIG_IS_A, PROTO, IPVER, LINK, VLAN, INNER, TUNNEL, ICMP_T, ICMP_C, HSEEN, HLEN = range(11)
@@ -163,7 +164,7 @@ def _flip(I64, I32, hist, s):
     """Swap originator and responder of session s (Zeek's FlipRoles), adding '^'."""
     I32[s, ORIG_IS_A] = 1 - I32[s, ORIG_IS_A]
     for f in (PKTS_O, IPB_O, PLB_O, START_O, MAXREL_O, DATAEND_O, ACKREL_O, GAPLO_O, GAPHI_O,
-              LASTSYN_O, LASTFIN_O, LASTRST_O):
+              LASTSYN_O, LASTFIN_O, LASTRST_O, WIRE_O):
         t = I64[s, f]
         I64[s, f] = I64[s, f + 1]
         I64[s, f + 1] = t
@@ -369,6 +370,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                 il = np.int64(wirelen[i]) - l3_off[i]
         I64[s, IPB_O + d] += il
         I64[s, WIRE] += wirelen[i]
+        I64[s, WIRE_O + d] += wirelen[i]
         I64[s, ANOM] |= anomaly[i]
         out_sid[i] = I64[s, SID]
         out_orig[i] = d == 0
@@ -870,6 +872,7 @@ class FlowTable:
         self._last_scan = None
         self.sessions_closed = 0
         self._v6_names: dict[tuple[int, int], str] = {}
+        self._closing = "timeout"  # close_reason of the sessions being built
         # Session ids must differ between links and between runs writing the same store (link
         # ids are numbered per run; the same capture may be ingested twice): a random salt
         # per run, mixed with the link's name.
@@ -992,9 +995,13 @@ class FlowTable:
 
     def flush(self) -> pa.Table:
         """Close every session (end of input)."""
-        idx = np.concatenate([self._take_retired(),
-                              np.nonzero(self.I32[:, LIVE] == L_TABLE)[0].astype(np.int64)])
-        table = self._close(idx)
+        retired = self._close(self._take_retired())
+        idx = np.nonzero(self.I32[:, LIVE] == L_TABLE)[0].astype(np.int64)
+        self._closing = "shutdown"  # still open when the input ended (Suricata's flow.reason)
+        try:
+            table = pa.concat_tables([retired, self._close(idx)])
+        finally:
+            self._closing = "timeout"
         self.tab[:] = -1
         self.ctr[C_LIVE] = 0
         self.ctr[C_USED] = 0
@@ -1108,6 +1115,9 @@ class FlowTable:
             "orig_ip_bytes": pa.array(I64[:, IPB_O], type=pa.int64()),
             "resp_pkts": pa.array(I64[:, PKTS_O + 1], type=pa.int64()),
             "resp_ip_bytes": pa.array(I64[:, IPB_O + 1], type=pa.int64()),
+            "orig_wire_bytes": pa.array(I64[:, WIRE_O], type=pa.int64()),
+            "resp_wire_bytes": pa.array(I64[:, WIRE_O + 1], type=pa.int64()),
+            "close_reason": pa.array(np.full(m, self._closing, dtype=object), type=pa.string()),
             "conn_state": pa.array(CONN_STATES[states], type=pa.string()),
             "history": history,
             "community_id": cids,

@@ -41,6 +41,9 @@ SESSIONS_SCHEMA = pa.schema([
     ("zero_win_orig", pa.int32()),
     ("zero_win_resp", pa.int32()),
     ("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
+    ("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
+    ("resp_wire_bytes", pa.int64()),
+    ("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
     # filled by the application stage (null without it)
     ("app", pa.string()),              # nDPI's Master.App, e.g. TLS.YouTube, DNS, Unknown
     ("category", pa.string()),         # nDPI's category, e.g. Web, Network, Media
