@@ -283,16 +283,16 @@ def _frames(d: Direction, bad: list) -> list[tuple[int, bytes, bool]]:
             out.append((pos + 4, data[pos + 4:nxt_gap], True))
             if nxt_gap >= n:
                 break
-            pos = _resync(data, nxt_gap - 5) if data[nxt_gap:nxt_gap + 1] != b"\x00" or \
-                data[nxt_gap + 4:nxt_gap + 8] not in MAGICS else nxt_gap
+            if data[nxt_gap:nxt_gap + 1] == b"\x00" and data[nxt_gap + 4:nxt_gap + 8] in MAGICS:
+                pos = nxt_gap  # the gap ended on a message boundary
+            else:
+                pos = _resync(data, nxt_gap - 5)
             continue
         if t in (0x81, 0x82, 0x83, 0x84, 0x85) and data[pos + 1] & 0xFE == 0 and ln < 1024 and end <= nxt_gap:
             pos = end  # session request / response / keepalive
             continue
-        # not a frame here: a gap or garbage; resynchronise
-        if nxt_gap > pos and nxt_gap < n and pos + 4 <= nxt_gap:
-            pass
-        if not (pos + 4 > nxt_gap):
+        # not a frame here: garbage (flagged) or the bytes just after a gap; resynchronise
+        if pos + 4 <= nxt_gap and not any(g == pos for g in gaps):
             bad.append(True)
         pos = _resync(data, pos)
     return out
@@ -450,7 +450,6 @@ class _Session:
         b = m.raw[64:]
         rb = r.raw[64:] if r is not None else b""
         ok = r is not None and r.status == 0
-        rerr = r is not None and len(rb) >= 2 and struct.unpack_from("<H", rb, 0)[0] == 9 and r.status != 0
 
         def u(buf, fmt, at):
             return struct.unpack_from(fmt, buf, at)[0] if at + struct.calcsize(fmt) <= len(buf) else None
@@ -471,8 +470,6 @@ class _Session:
                 if v is None:
                     break
                 offered.append(DIALECTS.get(v, "0x%04x" % v))
-            if r is None and not m.raw[12:14] == b"\x00\x00":
-                pass
             if r is not None and u(rb, "<H", 0) == 65:
                 v = u(rb, "<H", 4)
                 if v is not None and v != 0x02FF:
@@ -619,8 +616,6 @@ class _Session:
             self.row(m, r, cmd, **kw)
         else:  # LOGOFF, unknown commands
             self.row(m, r, cmd, malformed=cmd.startswith("0x"))
-        if rerr and cmd not in ("SESSION_SETUP",):
-            pass
 
     # -- SMB1
     def smb1(self, m: _Msg, r: _Msg | None) -> None:
@@ -714,8 +709,6 @@ class _Session:
                 user, at = ustr(data, at, data_at)
                 dom, at = ustr(data, at, data_at)
                 row["ntlm_user"], row["ntlm_domain"] = user or None, dom or None
-                if (ol == 24 or ul == 24) or ul > 24:
-                    pass
             else:
                 at = len(data)
             if at < len(data):
