@@ -80,6 +80,14 @@ def _show(v) -> str:
     return "missing" if v is _MISSING else repr(v)[:40]
 
 
+def _seed(t: dict) -> int:
+    """The test's community-id-seed, if its suricata.yaml sets one."""
+    if not t.get("suricata_yaml"):
+        return 0
+    m = re.search(r"community-id-seed:\s*(\d+)", (SV / t["suricata_yaml"]).read_text())
+    return int(m.group(1)) if m else 0
+
+
 def applies(requires: dict | None) -> bool:
     """We answer as Suricata 8.0.7 without optional build features would."""
     if not requires:
@@ -109,7 +117,7 @@ def test_eve_against_suricata_verify(tmp_path):
             skipped["test requires"] += 1
             continue
         store = tmp_path / f"s{i}"
-        ingest([SV / t["pcap"]], IngestOptions(store=store))
+        ingest([SV / t["pcap"]], IngestOptions(store=store, community_id_seed=_seed(t)))
         with open_store(store) as db:
             eve.export(db, tmp_path / f"e{i}")
         events = [json.loads(x) for x in (tmp_path / f"e{i}" / "eve.json").read_text().splitlines()]

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-identify", action="store_true", help="no nDPI identification (records by port only)")
     p.add_argument("--stream-depth", type=parse_size, default=1 << 20, metavar="SIZE",
                    help="reassembled bytes kept per direction of a session (default 1M)")
+    p.add_argument("--community-id-seed", type=int, default=0, metavar="N",
+                   help="community id seed, as Zeek's CommunityID::seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("sql", help="run SQL over the store's tables (DuckDB)")
@@ -136,6 +138,7 @@ def _cmd_ingest(args) -> int:
         app=not args.no_app,
         identify=not args.no_identify,
         stream_depth=args.stream_depth,
+        community_id_seed=args.community_id_seed,
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     report = ingest(args.pcap, opts)

@@ -33,6 +33,7 @@ class IngestOptions:
     app: bool = True                   # application layer: identification, reassembly, records
     identify: bool = True              # nDPI identification (records still come from ports without it)
     stream_depth: int = 1 << 20        # reassembled bytes kept per direction of a session
+    community_id_seed: int = 0         # as Zeek's CommunityID::seed / Suricata's community-id-seed
     progress: bool = False
     batch_bytes: int = 8 << 20
 
@@ -123,7 +124,7 @@ class Pipeline:
         root.mkdir(parents=True, exist_ok=True)
         register_schema("sessions", SESSIONS_SCHEMA)
         self.links = LinkMapper(opts.link_by, opts.link)
-        self.flows = FlowTable(link_names=self.links.names)
+        self.flows = FlowTable(link_names=self.links.names, community_id_seed=opts.community_id_seed)
         self.fragments = FragmentReassembler()
         self.packets = PacketWriter(root)  # takes the store's writer lock
         remove_stale_parts(root)
@@ -141,7 +142,7 @@ class Pipeline:
         self._bpf: dict[int, np.ndarray] = {}
         self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, ts)
         self._next_tag = 0
-        self._session_stored = None  # per-sid stored packet/byte counts for the session caps
+        self.file_packets = 0        # packets of the current file so far (records' packet numbers)
 
     # --- store policy -------------------------------------------------------------------
     def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
@@ -181,7 +182,8 @@ class Pipeline:
         link = self.links.map(batch, cols)
         sid, is_orig, seq, cum_bytes = self.flows.update(cols, batch.ts, batch.wirelen, link)
         if self.app is not None:
-            self.app.process(batch, cols, sid, is_orig, seq)
+            self.app.process(batch, cols, sid, is_orig, seq, first_packet=self.file_packets + 1)
+        self.file_packets += n
 
         keep = self._filter_mask(batch)
         caps = self._session_caps(sid, seq, cum_bytes)
@@ -284,6 +286,7 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
             if not path.is_file():
                 pipe.report.errors.append(f"{path}: no such file" if not path.exists() else f"{path}: not a file")
                 continue
+            pipe.file_packets = 0
             try:
                 for batch in iter_batches(str(path), batch_bytes=opts.batch_bytes):
                     pipe.process(batch)

@@ -82,12 +82,35 @@ def _present(d: dict) -> dict:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def _state(conn_state: str | None) -> str:
-    if conn_state in ("SF", "RSTO", "RSTR", "RSTOS0", "RSTRH", "REJ", "SH", "SHR"):
+def _state(r: dict) -> str:
+    """Suricata's flow.state: TCP by its handshake and close, others by replies seen."""
+    if r["proto"] != "tcp":
+        return "established" if r["orig_pkts"] and r["resp_pkts"] else "new"
+    if r["conn_state"] in ("SF", "RSTO", "RSTR", "RSTOS0", "RSTRH", "REJ", "SH", "SHR"):
         return "closed"
-    if conn_state in ("S0", "OTH", None):
+    if r["conn_state"] in ("S0", "OTH", None):
         return "new"
     return "established"
+
+
+# Zeek conn_state -> Suricata's tcp.state at the end of the flow
+_TCP_STATE = {"S0": "syn_sent", "S1": "established", "SF": "closed", "REJ": "closed", "RSTO": "closed",
+              "RSTR": "closed", "RSTOS0": "closed", "RSTRH": "closed", "S2": "fin_wait1", "S3": "close_wait",
+              "SH": "closed", "SHR": "closed", "OTH": "established"}
+_FLAG_NAMES = (("fin", 0x01), ("syn", 0x02), ("rst", 0x04), ("psh", 0x08), ("ack", 0x10), ("urg", 0x20),
+               ("ecn", 0x40), ("cwr", 0x80))
+
+
+def _tcp(r: dict) -> dict | None:
+    o, p = r.get("orig_tcp_flags"), r.get("resp_tcp_flags")
+    if o is None and p is None:
+        return None
+    o, p = o or 0, p or 0
+    both = o | p
+    out = {"tcp_flags": f"{both:02x}", "tcp_flags_ts": f"{o:02x}", "tcp_flags_tc": f"{p:02x}"}
+    out.update({name: True for name, bit in _FLAG_NAMES if both & bit})
+    out["state"] = _TCP_STATE.get(r["conn_state"], "established")
+    return out
 
 
 def _flow(r: dict) -> dict:
@@ -99,7 +122,7 @@ def _flow(r: dict) -> dict:
         "bytes_toserver": r.get("orig_wire_bytes", r["orig_ip_bytes"]),
         "bytes_toclient": r.get("resp_wire_bytes", r["resp_ip_bytes"]),
         "start": _timestamp(r["ts_ns"]), "end": _timestamp(r["last_ns"]),
-        "age": (r["last_ns"] - r["ts_ns"]) // 1_000_000_000, "state": _state(r["conn_state"]),
+        "age": (r["last_ns"] - r["ts_ns"]) // 1_000_000_000, "state": _state(r),
         "reason": r.get("close_reason") or "timeout", "alerted": False,
     })
     event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": "flow",
@@ -107,6 +130,8 @@ def _flow(r: dict) -> dict:
              "proto": proto, "app_proto": _app_proto(r), "flow": flow, "community_id": r["community_id"]}
     if r["vlan"] is not None:
         event["vlan"] = [r["vlan"]] + ([r["inner_vlan"]] if r["inner_vlan"] is not None else [])
+    if r["proto"] == "tcp":
+        event["tcp"] = _tcp(r)
     if r["icmp_type"] is not None:
         event["icmp_type"], event["icmp_code"] = r["icmp_type"], r["icmp_code"]
     return _clean(event)

@@ -1115,6 +1115,8 @@ class FlowTable:
             "orig_ip_bytes": pa.array(I64[:, IPB_O], type=pa.int64()),
             "resp_pkts": pa.array(I64[:, PKTS_O + 1], type=pa.int64()),
             "resp_ip_bytes": pa.array(I64[:, IPB_O + 1], type=pa.int64()),
+            "orig_tcp_flags": pa.array(I32[:, FLAGS_O].astype(np.uint8), type=pa.uint8(), mask=proto != 6),
+            "resp_tcp_flags": pa.array(I32[:, FLAGS_O + 1].astype(np.uint8), type=pa.uint8(), mask=proto != 6),
             "orig_wire_bytes": pa.array(I64[:, WIRE_O], type=pa.int64()),
             "resp_wire_bytes": pa.array(I64[:, WIRE_O + 1], type=pa.int64()),
             "close_reason": pa.array(np.full(m, self._closing, dtype=object), type=pa.string()),

@@ -41,6 +41,8 @@ SESSIONS_SCHEMA = pa.schema([
     ("zero_win_orig", pa.int32()),
     ("zero_win_resp", pa.int32()),
     ("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
+    ("orig_tcp_flags", pa.uint8()),    # OR of the TCP flags each side sent (null unless TCP)
+    ("resp_tcp_flags", pa.uint8()),
     ("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
     ("resp_wire_bytes", pa.int64()),
     ("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
