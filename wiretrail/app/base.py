@@ -38,6 +38,7 @@ class Datagram:
     resp_h: str
     resp_p: int
     truncated: bool = False  # the payload is shorter than the UDP length said
+    packet: int = 0          # its packet number in the capture file (1-based; 0 if not known)
 
 
 @dataclass

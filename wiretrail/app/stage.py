@@ -99,6 +99,7 @@ class AppStage:
         self._wanted: dict[int, bool | None] = {}               # identified sids: streams wanted?
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self.parser_errors = 0
+        self._first_packet = 0
         self.ndpi = self.ndpi_state = None
         self.identify_error: str | None = None
         if identify:
@@ -111,9 +112,13 @@ class AppStage:
                 self.identify_error = f"protocol identification off: {str(err).splitlines()[0]}"
 
     # ---- per batch ----------------------------------------------------------------------------
-    def process(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray) -> None:
+    def process(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray,
+                first_packet: int = 0) -> None:
+        """`first_packet`: the capture-file packet number of the batch's first frame (1-based), 0 if
+        the frames are not the file's own (reassembled datagrams)."""
         if len(sid) == 0:
             return
+        self._first_packet = first_packet
         if self.ndpi is not None:
             from wiretrail.app.ndpi import classify_batch
 
@@ -151,7 +156,8 @@ class AppStage:
         udp_len = int(cols["ip_len"][r]) - (int(cols["l4_off"][r]) - int(cols["l3_off"][r])) - 8
         uid, o_h, o_p, r_h, r_p = self._session_tuple(s, cols, r, from_orig)
         d = Datagram(uid=uid, ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
-                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload))
+                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload),
+                     packet=self._first_packet + r if self._first_packet else 0)
         try:
             tracker = self.trackers.get(m.name)
             if tracker is not None:  # rows carry their own uids: they need no session to close
@@ -224,7 +230,7 @@ class AppStage:
         # the 5-tuple as Python values, only for the sessions that have records
         needed = [k for k, s in enumerate(sids.tolist())
                   if s in self.rows or s in self.streamed or s in self.tuples]
-        picked = sessions.take(needed).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
+        picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         out: dict[_Module, list[dict]] = {}
         for k, s in enumerate(sids.tolist()):
