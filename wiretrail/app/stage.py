@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from wiretrail.app.base import Datagram, Stream
 from wiretrail.app.reassembly import Reassembler
-from wiretrail.batch import TCP_SYN
+from wiretrail.batch import FRAG_NONE, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp")
@@ -130,10 +130,17 @@ class AppStage:
         if not self.datagram_modules:
             return
         udp = (cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0)
-        if not udp.any():
-            return
         sport, dport = cols["sport"].astype(np.int64), cols["dport"].astype(np.int64)
         for m in self.datagram_modules:
+            ip_protos = getattr(m.mod, "IP_PROTOS", None)
+            if ip_protos:  # a whole IP protocol (ICMP): the L4 message from its header on
+                rows = np.flatnonzero(np.isin(cols["proto"], list(ip_protos)) & (sid >= 0) & (cols["l4_off"] >= 0)
+                                      & (cols["frag"] == FRAG_NONE))
+                for r in rows.tolist():
+                    self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r, whole_l4=True)
+                continue
+            if not udp.any():
+                continue
             rows = np.flatnonzero(udp & (np.isin(sport, m.ports) | np.isin(dport, m.ports)))
             for r in rows.tolist():  # Python per datagram of this protocol only
                 self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r)
@@ -150,13 +157,24 @@ class AppStage:
             t = self.tuples[s] = (uid_of(s), *((src, sp, dst, dp) if from_orig else (dst, dp, src, sp)))
         return t
 
-    def _datagram(self, m: _Module, batch, cols, s: int, from_orig: bool, r: int) -> None:
-        start = int(batch.offset[r]) + int(cols["pl_off"][r])
-        payload = batch.data[start:start + int(cols["pl_len"][r])].tobytes()
-        udp_len = int(cols["ip_len"][r]) - (int(cols["l4_off"][r]) - int(cols["l3_off"][r])) - 8
+    def _datagram(self, m: _Module, batch, cols, s: int, from_orig: bool, r: int, whole_l4: bool = False) -> None:
+        base, l3, l4 = int(batch.offset[r]), int(cols["l3_off"][r]), int(cols["l4_off"][r])
+        l4_len = int(cols["ip_len"][r]) - (l4 - l3)  # what the IP header says the L4 part holds
+        if whole_l4:
+            start = base + l4
+            end = (base + int(cols["pl_off"][r]) + int(cols["pl_len"][r]) if cols["pl_off"][r] >= 0
+                   else min(base + int(batch.caplen[r]), base + l3 + int(cols["ip_len"][r])))
+            want = l4_len
+        else:
+            start = base + int(cols["pl_off"][r])
+            end = start + int(cols["pl_len"][r])
+            want = l4_len - 8
+        payload = batch.data[start:max(start, end)].tobytes()
         uid, o_h, o_p, r_h, r_p = self._session_tuple(s, cols, r, from_orig)
+        if whole_l4:  # ICMP: the message's own type and code, not the session's
+            o_p, r_p = int(cols["sport"][r]), int(cols["dport"][r])
         d = Datagram(uid=uid, ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
-                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=udp_len > len(payload),
+                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=want > len(payload),
                      packet=self._first_packet + r if self._first_packet else 0)
         try:
             tracker = self.trackers.get(m.name)
