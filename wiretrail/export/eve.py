@@ -220,33 +220,75 @@ def _dn(zeek_dn: str | None) -> str | None:
     return ", ".join(reversed(parts))
 
 
+def _colons(hexstr: str | None, upper: bool = False) -> str | None:
+    if not hexstr:
+        return None
+    h = hexstr.upper() if upper else hexstr.lower()
+    return ":".join(h[i:i + 2] for i in range(0, len(h), 2))
+
+
+def _iso(ns: int | None) -> str | None:
+    if ns is None:
+        return None
+    return dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _tls(r: dict) -> list[dict]:
     e = _head(r, "tls", "tls", "TCP")
     e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
                        "version": _tls_version(r.get("version")),
                        "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
                        "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
-                       "client_alpns": r.get("alpn")})
+                       "client_alpns": r.get("alpn"), "fingerprint": _colons(r.get("leaf_sha1")),
+                       "serial": _colons(r.get("leaf_serial"), upper=True),
+                       "notbefore": _iso(r.get("leaf_not_before")), "notafter": _iso(r.get("leaf_not_after"))})
     return [_clean(e)]
 
 
-def _generic(event_type: str, fields: dict[str, str]):
-    def convert(r: dict) -> list[dict]:
-        e = _head(r, event_type, event_type, "TCP")
-        e[event_type] = _clean({eve: r.get(col) for eve, col in fields.items()})
-        return [_clean(e)]
-    return convert
+def _smtp(r: dict) -> list[dict]:
+    e = _head(r, "smtp", "smtp", "TCP")
+    e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": _angle(r.get("mailfrom")),
+                        "rcpt_to": [_angle(x) for x in (r.get("rcptto") or [])]})
+    email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
+                    "from": r.get("from"), "to": r.get("to"), "cc": r.get("cc"), "subject": r.get("subject"),
+                    "message_id": r.get("msg_id"), "x_mailer": r.get("user_agent"),
+                    "attachment": r.get("attachments")})
+    if email:
+        e["email"] = email
+    return [_clean(e)]
+
+
+def _angle(v: str | None) -> str | None:
+    return v.strip().strip("<>") if v else v
+
+
+def _ftp(r: dict) -> list[dict]:
+    e = _head(r, "ftp", "ftp", "TCP")
+    msg, code = r.get("reply_msg"), r.get("reply_code")
+    e["ftp"] = _clean({"command": r.get("command") if r.get("command") != "<init>" else None,
+                       "command_data": r.get("arg"),
+                       "reply": msg.split("\n") if isinstance(msg, str) else None,
+                       "completion_code": [str(code)] if code is not None else None,
+                       "dynamic_port": r.get("data_channel_resp_p"),
+                       "reply_received": "yes" if code is not None else "no"})
+    return [_clean(e)]
+
+
+def _smb(r: dict) -> list[dict]:
+    """Suricata names SMB commands SMB1_COMMAND_* / SMB2_COMMAND_*."""
+    e = _head(r, "smb", "smb", "TCP")
+    dialect, command = r.get("dialect"), r.get("command")
+    prefix = "SMB1_COMMAND_" if dialect in ("SMB1", "NT LM 0.12") else "SMB2_COMMAND_"
+    e["smb"] = _clean({"dialect": dialect, "command": prefix + command if command else None,
+                       "status": r.get("status"), "filename": r.get("name"), "share": r.get("tree"),
+                       "session_id": r.get("session_id"), "tree_id": r.get("tree_id"),
+                       "ntlmssp": _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
+                                          "host": r.get("ntlm_host")}) or None})
+    return [_clean(e)]
 
 
 # store table -> EVE converter
-EVENTS = {
-    "dns": _dns, "http": _http, "tls": _tls,
-    "ftp": _generic("ftp", {"command": "command", "command_data": "arg", "reply": "reply_msg",
-                            "completion_code": "reply_code", "dynamic_port": "data_channel_resp_p"}),
-    "smtp": _generic("smtp", {"helo": "helo", "mail_from": "mailfrom", "rcpt_to": "rcptto"}),
-    "smb": _generic("smb", {"dialect": "dialect", "command": "command", "status": "status",
-                            "filename": "name", "share": "tree"}),
-}
+EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
 
 def emit_table(db, table: str, convert, emit) -> None:
@@ -257,6 +299,14 @@ def emit_table(db, table: str, convert, emit) -> None:
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
              f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id '
              f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id FROM sessions) s USING (uid) ORDER BY t.ts')
+    if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
+        # the server's leaf certificate: its first host certificate in the session
+        query = query.replace(
+            'FROM "tls" t LEFT JOIN',
+            'FROM "tls" t LEFT JOIN (SELECT uid, arg_min(sha1, ts) AS leaf_sha1, arg_min(serial, ts) AS leaf_serial, '
+            'epoch_ns(arg_min(not_valid_before, ts)) AS leaf_not_before, '
+            'epoch_ns(arg_min(not_valid_after, ts)) AS leaf_not_after FROM x509 WHERE host_cert GROUP BY uid) c '
+            'USING (uid) LEFT JOIN')
     if table != "dns":
         for r in _rows(db, query):
             emit(convert(r))
