@@ -148,4 +148,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.60  # measured 235/367 (64%) with dns, dhcp, tls, http in, before smb
+FLOOR = 0.68  # measured 255/367 (69%): see the printed figures for each event type

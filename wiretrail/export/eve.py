@@ -259,7 +259,11 @@ def _smtp(r: dict) -> list[dict]:
 
 
 def _angle(v: str | None) -> str | None:
-    return v.strip().strip("<>") if v else v
+    """Suricata logs envelope addresses as sent, in angle brackets."""
+    if not v:
+        return v
+    v = v.strip()
+    return v if v.startswith("<") else f"<{v}>"
 
 
 def _ftp(r: dict) -> list[dict]:
