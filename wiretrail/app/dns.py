@@ -415,10 +415,11 @@ class _Parser:
         raise _Bad(why)
 
 
-def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep_case: bool = False) -> DnsMessage:
+def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep_case: bool = False,
+                  keep_authorities: bool = False) -> DnsMessage:
     """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse.
     `keep_case`: names as sent (Suricata) rather than lower-cased (Zeek), and the authority
-    section's records kept too."""
+    section's records kept too (`keep_authorities` keeps them alone)."""
     msg = DnsMessage(netbios=netbios)
     if len(buf) < 12:
         msg.short = True
@@ -506,7 +507,7 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
                     # authority/additional: check names inside well-known records only
                     if rtype in (2, 5, 12):
                         p.name(pos)
-                    if keep_case and section == 1 and not update:
+                    if (keep_case or keep_authorities) and section == 1 and not update:
                         try:
                             msg.authorities.append(Answer(owner, rtype, rclass, ttl, 0,
                                                           p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False)))
@@ -683,8 +684,10 @@ class DnsSession:
 
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram of the session; returns the rows it completes."""
-        m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p)
-        m.as_sent = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+        m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_authorities=True)
+        # names as sent differ from Zeek's lower-cased ones only if the message has capitals
+        if d.payload.lower() != d.payload:
+            m.as_sent = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
         m.packet = d.packet
         if d.truncated:
             m.malformed = True

@@ -98,6 +98,7 @@ class AppStage:
         self.streamed: set[int] = set()                         # sids with reassembly state
         self._wanted: dict[int, bool | None] = {}               # identified sids: streams wanted?
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
+        self._parsers_for: dict[tuple[str, int], list] = {}
         self.parser_errors = 0
         self._first_packet = 0
         self.ndpi = self.ndpi_state = None
@@ -225,10 +226,16 @@ class AppStage:
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port
-        (several: x509 reads the same TLS stream as tls)."""
-        names = set(app.split(".")) if app else set()
-        by_label = [m for m in self.stream_modules if names & m.ndpi]
-        return by_label or [m for m in self.stream_modules if resp_p in m.ports]
+        (several: x509 reads the same TLS stream as tls). Memoised: few (label, port) pairs."""
+        key = (app, resp_p)
+        parsers = self._parsers_for.get(key)
+        if parsers is None:
+            names = set(app.split(".")) if app else set()
+            by_label = [m for m in self.stream_modules if names & m.ndpi]
+            parsers = by_label or [m for m in self.stream_modules if resp_p in m.ports]
+            if len(self._parsers_for) < 65536:
+                self._parsers_for[key] = parsers
+        return parsers
 
     # ---- sessions closing ---------------------------------------------------------------------
     def close(self, sessions: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
