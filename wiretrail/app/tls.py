@@ -265,6 +265,13 @@ class _Reader:
         self.p += 2
         return v
 
+    def u16s(self) -> list[int]:
+        """Every whole 16-bit value left, at once (cipher and group lists run to hundreds)."""
+        k = (self.end - self.p) // 2
+        v = list(struct.unpack_from(f">{k}H", self.b, self.p)) if k else []
+        self.p += 2 * k
+        return v
+
     def u24(self) -> int:
         if self.p + 3 > self.end:
             raise _Bad("u24")
@@ -325,8 +332,7 @@ def parse_client_hello(body: bytes) -> ClientHello:
         r.take(32)
         ch.session_id = r.take(r.u8())
         cs = r.sub(r.u16())
-        while cs.left() >= 2:
-            ch.ciphers.append(cs.u16())
+        ch.ciphers = cs.u16s()
         if cs.left():
             ch.malformed = True
         r.take(r.u8())  # compression methods
@@ -359,21 +365,15 @@ def _client_ext(ch: ClientHello, et: int, ed: _Reader) -> None:
         while lst.left() > 0:
             ch.alpn.append(lst.take(lst.u8()))
     elif et == 10:   # supported_groups
-        lst = ed.sub(ed.u16())
-        while lst.left() >= 2:
-            ch.groups.append(lst.u16())
+        ch.groups.extend(ed.sub(ed.u16()).u16s())
     elif et == 11:   # ec_point_formats
         lst = ed.sub(ed.u8())
         while lst.left() > 0:
             ch.point_formats.append(lst.u8())
     elif et == 13:   # signature_algorithms
-        lst = ed.sub(ed.u16())
-        while lst.left() >= 2:
-            ch.sig_algs.append(lst.u16())
+        ch.sig_algs.extend(ed.sub(ed.u16()).u16s())
     elif et == 43:   # supported_versions
-        lst = ed.sub(ed.u8())
-        while lst.left() >= 2:
-            ch.supported_versions.append(lst.u16())
+        ch.supported_versions.extend(ed.sub(ed.u8()).u16s())
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
