@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import ipaddress
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,6 +99,7 @@ class AppStage:
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_for: dict[tuple[str, int], list] = {}
         self.parser_errors = 0
+        self.bad_rows: dict[str, int] = {}  # rows dropped per table: a value that did not fit its column
         self._first_packet = 0
         self.ndpi = self.ndpi_state = None
         self.identify_error: str | None = None
@@ -307,11 +307,22 @@ class AppStage:
         for name, rows in by_table.items():
             clean = [row if "_table" not in row else {k: v for k, v in row.items() if not k.startswith("_")}
                      for row in rows]  # only shared-table rows (credentials) carry `_` keys
+            schema = schemas.get(name)
+            if schema is None:
+                self.parser_errors += len(clean)
+                continue
             try:
-                tables[name] = pa.Table.from_pylist(clean, schema=schemas[name])
-            except (KeyError, pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError) as err:
-                self.parser_errors += 1
-                print(f"wiretrail: {name} records dropped: {str(err).splitlines()[0]}", file=sys.stderr)
+                tables[name] = pa.Table.from_pylist(clean, schema=schema)
+            except Exception:  # a value that does not fit its column: keep the rows that do
+                good = []
+                for row in clean:
+                    try:
+                        good.append(pa.Table.from_pylist([row], schema=schema))
+                    except Exception:
+                        self.parser_errors += 1
+                        self.bad_rows[name] = self.bad_rows.get(name, 0) + 1
+                if good:
+                    tables[name] = pa.concat_tables(good)
         return tables
 
     def _parse_stream(self, s: int, k: int, tuples: dict, app: str) -> list:
