@@ -192,10 +192,16 @@ def _oid_text(v: bytes) -> str:
     return ".".join(map(str, arcs))
 
 
+# Nanosecond timestamps end in April 2262; certificates valid "until 9999" exist (RFC 5280
+# even says 99991231235959Z means no expiry): such dates are kept as the last one that fits.
+_NS_MAX_SECONDS = (2**63 - 1) // 1_000_000_000
+
+
 def _ns(dt) -> int:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=timezone.utc)
-    return int(dt.timestamp()) * 1_000_000_000
+    seconds = max(-_NS_MAX_SECONDS, min(int(dt.timestamp()), _NS_MAX_SECONDS))
+    return seconds * 1_000_000_000
 
 
 def _load(der: bytes):
