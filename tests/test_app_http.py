@@ -260,3 +260,222 @@ def test_arkime_http_fields():
     assert matched >= total - 9
     for f in ARKIME_FIELDS:
         assert agree[f] == compared[f], f
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic cases
+
+T0 = 1_700_000_000_000_000_000
+
+
+def _dir(data: bytes, gaps=(), times=None) -> Direction:
+    """times: [(offset, ns after T0)]"""
+    times = times or [(0, 0)]
+    return Direction(data=data, gaps=list(gaps), ts_offsets=np.array([o for o, _ in times], dtype=np.int64),
+                     ts=np.array([T0 + t for _, t in times], dtype=np.int64))
+
+
+def _stream(orig: bytes, resp: bytes, ogaps=(), rgaps=(), otimes=None, rtimes=None, port=80) -> Stream:
+    return Stream(uid="Chttp", orig_h="10.0.0.1", orig_p=40000, resp_h="10.0.0.2", resp_p=port,
+                  orig=_dir(orig, ogaps, otimes), resp=_dir(resp, rgaps, rtimes))
+
+
+def _split(rows):
+    return [r for r in rows if "_table" not in r], [r for r in rows if r.get("_table") == "credentials"]
+
+
+def test_pipelining_head_304_204_and_chunked():
+    orig = (b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /c HTTP/1.1\r\nHost: x\r\nIf-None-Match: 1\r\n\r\nPOST /d HTTP/1.1\r\nHost: x\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n"
+            b"DELETE /e HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nContent-Type: text/plain\r\n\r\nabcd"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"          # HEAD: no body despite the length
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwxyz\r\n10\r\n0123456789abcdef\r\n0\r\n\r\n"
+            b"HTTP/1.1 204\r\n\r\n")
+    rows, creds = _split(http.parse_stream(_stream(orig, resp)))
+    assert not creds
+    assert [(r["trans_depth"], r["method"], r["uri"], r["status_code"]) for r in rows] == [
+        (1, "GET", "/a", 200), (2, "HEAD", "/b", 200), (3, "GET", "/c", 304), (4, "POST", "/d", 200),
+        (5, "DELETE", "/e", 204)]
+    assert [r["response_body_len"] for r in rows] == [4, 0, 0, 20, 0]
+    assert rows[3]["request_body_len"] == 8 and rows[3]["request_chunked"] and rows[3]["response_chunked"]
+    assert rows[4]["status_msg"] == "<empty>"
+    assert rows[0]["resp_mime_types"] == ["text/plain"] and rows[1].get("resp_mime_types") is None
+    assert not any(r["malformed"] for r in rows)
+
+
+def test_100_continue_and_response_without_request():
+    orig = b"POST /up HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\nabc"
+    resp = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n"
+            b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok"
+            b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n")
+    rows = http.parse_stream(_stream(orig, resp))
+    assert len(rows) == 2
+    assert (rows[0]["info_code"], rows[0]["info_msg"], rows[0]["status_code"]) == (102, "Processing", 201)
+    assert rows[0]["request_body_len"] == 3 and rows[0]["response_body_len"] == 2
+    assert rows[1].get("method") is None and rows[1]["status_code"] == 500 and rows[1]["trans_depth"] == 2
+
+
+def test_body_until_close_http09_and_inflated_length():
+    import gzip
+    import zlib
+    payload = b"x" * 5000
+    gz = gzip.compress(payload)
+    raw_deflate = zlib.compressobj(6, zlib.DEFLATED, -15)
+    rd = raw_deflate.compress(payload) + raw_deflate.flush()
+    orig = b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.0\r\n\r\n"
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n\r\n" % len(gz) + gz
+            + b"HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: %d\r\n\r\n" % len(rd) + rd
+            + b"HTTP/1.0 200 OK\r\n\r\nuntil the end\r\n")
+    rows = http.parse_stream(_stream(orig, resp))
+    assert [r["response_body_len"] for r in rows] == [5000, 5000, 15]
+    assert rows[0]["response_content_encoding"] == "gzip"
+    rows = http.parse_stream(_stream(b"GET /old.html\r\n", b"<html>hi</html>\n"))
+    assert [(r["method"], r["uri"], r["version"], r["status_code"], r["status_msg"], r["response_body_len"])
+            for r in rows] == [("GET", "/old.html", "0.9", 0, "<empty>", 16)]
+
+
+def test_connect_and_upgrade_stop_the_parse():
+    orig = b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nProxy-Connection: keep-alive\r\n\r\n\x16\x03\x01garbage"
+    resp = b"HTTP/1.1 200 Connection established\r\n\r\n\x16\x03\x03more garbage GET / HTTP/1.1\r\n\r\n"
+    [row] = http.parse_stream(_stream(orig, resp, port=3128))
+    assert row["method"] == "CONNECT" and row["uri"] == "example.com:443" and row["status_code"] == 200
+    assert row["proxied"] == ["PROXY-CONNECTION -> keep-alive"] and row["response_body_len"] == 0
+    # a refused CONNECT: the client carries on with plain requests
+    orig = b"CONNECT a:443 HTTP/1.1\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
+    resp = b"HTTP/1.1 407 Auth\r\nContent-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    rows = http.parse_stream(_stream(orig, resp))
+    assert [(r["method"], r["status_code"]) for r in rows] == [("CONNECT", 407), ("GET", 200)]
+    orig = b"GET /chat HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x85abcdefghi"
+    resp = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n\x81\x05hello"
+    [row] = http.parse_stream(_stream(orig, resp))
+    assert row["status_code"] == 101 and row.get("info_code") is None
+
+
+def test_gaps_in_body_counted_and_header_gap_resyncs():
+    body = b"B" * 1000
+    resp_full = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + body + b"HTTP/1.1 404 NF\r\nContent-Length: 2\r\n\r\nno"
+    hl = resp_full.index(b"B")
+    # 300 body bytes never seen: counted as body, the next response still found
+    resp = resp_full[:hl + 100] + resp_full[hl + 400:]
+    orig = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\n\r\n"
+    rows = http.parse_stream(_stream(orig, resp, rgaps=[(hl + 100, 300)]))
+    assert [(r["uri"], r["status_code"], r["response_body_len"], r["gap_bytes"]) for r in rows] == [
+        ("/a", 200, 1000, 300), ("/b", 404, 2, 0)]
+    # a gap inside the second request's headers: that request is flagged, the third is found again
+    orig = (b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\nCookie: a=1\r\n\r\n"
+            b"GET /3 HTTP/1.1\r\nHost: h\r\n\r\n")
+    cut = orig.index(b"Cookie")
+    o2 = orig[:cut] + orig[cut + 10:]
+    resp = b"".join(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % i for i in (1, 2, 3))
+    r0 = resp.index(b"HTTP", 1)
+    r1 = resp.index(b"HTTP", r0 + 1)
+    rows = http.parse_stream(_stream(o2, resp, ogaps=[(cut, 10)],
+                                     otimes=[(0, 0), (orig.index(b"GET /2"), 20), (orig.index(b"GET /3") - 10, 40)],
+                                     rtimes=[(0, 10), (r0, 30), (r1, 50)]))
+    assert [(r["uri"], r["status_code"]) for r in rows] == [("/1", 200), ("/2", 200), ("/3", 200)]
+    assert rows[1]["malformed"] and not rows[2]["malformed"]
+
+
+def test_basic_auth_and_login_form_credentials():
+    auth = base64.b64encode(b"alice:s3cr:et").decode()
+    orig = (b"GET /private HTTP/1.1\r\nHost: h\r\nAuthorization: Basic " + auth.encode() + b"\r\n"
+            b"X-Forwarded-For: 192.0.2.7, 10.0.0.9\r\nVia: 1.1 proxy\r\n\r\n")
+    body = b"login=bob&password=hunter2&remember=1"
+    orig += (b"POST /login HTTP/1.1\r\nHost: h\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+             b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 302 Found\r\nContent-Length: 0\r\n\r\n"
+    rows, creds = _split(http.parse_stream(_stream(orig, resp)))
+    assert rows[0]["username"] == "alice" and rows[0]["xff"] == "192.0.2.7, 10.0.0.9"
+    assert rows[0]["proxied"] == ["X-FORWARDED-FOR -> 192.0.2.7, 10.0.0.9", "VIA -> 1.1 proxy"]
+    assert [(c["mechanism"], c["user"], c["_password"]) for c in creds] == [
+        ("basic auth", "alice", "s3cr:et"), ("form field password", "bob", "hunter2")]
+    assert all(c["protocol"] == "http" and c["password_hash"].startswith("sha256$") for c in creds)
+
+
+def test_filenames_mime_and_uri_decoding():
+    orig = b"GET /dl/setup%20v2.exe?x=%41 HTTP/1.1\r\nHost: h\r\n\r\nGET /r HTTP/1.1\r\n\r\n"
+    resp = (b"HTTP/1.1 200 OK\r\nContent-Type: application/x-msdownload\r\nContent-Length: 2\r\n\r\nMZ"
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/csv; charset=utf-8\r\n"
+            b"Content-Disposition: attachment; filename=\"report.csv\"\r\nContent-Length: 3\r\n\r\na,b")
+    rows = http.parse_stream(_stream(orig, resp))
+    assert rows[0]["uri"] == "/dl/setup v2.exe?x=A"
+    assert rows[0]["resp_filenames"] == ["setup v2.exe"] and rows[0]["resp_mime_types"] == ["application/x-msdownload"]
+    assert rows[1]["resp_filenames"] == ["report.csv"] and rows[1]["resp_mime_types"] == ["text/csv"]
+
+
+def test_not_http_gives_no_rows():
+    assert http.parse_stream(_stream(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc", b"\x16\x03\x03")) == []
+    assert http.parse_stream(_stream(b"SSH-2.0-OpenSSH_9.0\r\n", b"SSH-2.0-x\r\n")) == []
+    assert http.parse_stream(_stream(b"", b"")) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz
+
+
+def _seeds() -> list[tuple[bytes, bytes]]:
+    seeds = []
+    for name in ("http/100-continue.pcap", "http/pipelined-requests.pcap", "http/x-gzip.pcap",
+                 "http/connect-with-smtp.pcap", "http/multipart-form-data.pcap", "http/methods.pcap"):
+        p = ZEEK / "traces" / name
+        if p.exists():
+            for s in streams_of(p)[:6]:
+                if s.orig.data or s.resp.data:
+                    seeds.append((s.orig.data[:5000], s.resp.data[:5000]))
+    seeds.append((b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Type: multipart/form-data; boundary=zz\r\n\r\n"
+                  b"20\r\n--zz\r\nContent-Disposition: form-data; name=\"f\"; filename=\"a\"\r\n\r\n0\r\n\r\n",
+                  b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n\r\n\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"))
+    return seeds
+
+
+def _mutate(rng: random.Random, b: bytes) -> bytes:
+    b = bytearray(b)
+    for _ in range(rng.randint(1, 8)):
+        op = rng.random()
+        if not b:
+            b += rng.randbytes(rng.randint(1, 64))
+        elif op < 0.35:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op < 0.5:
+            del b[rng.randrange(len(b)):]
+        elif op < 0.65:
+            i = rng.randrange(len(b))
+            b[i:i] = rng.choice([rng.randbytes(rng.randint(1, 16)), b"\r\n", b"\r\n\r\n", b"HTTP/1.1 ", b": ",
+                                 b"Content-Length: 99999\r\n", b"Transfer-Encoding: chunked\r\n", b"ffffffff\r\n",
+                                 b"-5\r\n", b"GET / HTTP/1.1\r\n"])
+        elif op < 0.8:
+            i = rng.randrange(len(b))
+            del b[i:i + rng.randint(1, 32)]
+        else:
+            i = rng.randrange(len(b))
+            b[i:i + 1] = rng.choice([b"\n", b"\r", b" ", b"\x00", b"%", b":", b"0"])
+    return bytes(b)
+
+
+def _gaps(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    if n == 0 or rng.random() < 0.6:
+        return []
+    offs = sorted(rng.sample(range(n), min(n, rng.randint(1, 3))))
+    return [(o, rng.randint(1, 5000)) for o in offs]
+
+
+def test_fuzz_never_raises():
+    rng = random.Random(4321)
+    seeds = _seeds()
+    names = set(http.SCHEMA.names)
+    flagged = 0
+    for i in range(5000):
+        o, r = rng.choice(seeds)
+        if i % 3 != 1:
+            o = _mutate(rng, o)
+        if i % 3 != 0:
+            r = _mutate(rng, r)
+        s = _stream(o, r, ogaps=_gaps(rng, len(o)), rgaps=_gaps(rng, len(r)))
+        rows, _ = _split(http._Parser(s).run() if http._looks_like_http(s) else [])  # no guard: bugs surface
+        for row in rows:
+            assert {k for k in row if not k.startswith("_")} <= names
+            flagged += bool(row["malformed"])
+    print(f"\nfuzz: 5000 mutated HTTP sessions (gaps in 2 of 5), no exception; {flagged} rows flagged malformed")

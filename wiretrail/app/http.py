@@ -520,11 +520,14 @@ class _Parser:
         self.by_time = False        # a request-side resync: pair responses by time
 
     # requests
-    def _resync(self, d: _Dir, pos: int, rx: re.Pattern) -> int:
-        g = d.next_gap_after(pos)
-        start = max(pos, g if g >= 0 else pos)
-        mm = rx.search(d.data, start + 1 if start > 0 else 0)
-        if mm is None:
+    def _resync(self, d: _Dir, pos: int, rx: re.Pattern, gap: bool = True) -> int:
+        """Where the next message starts after framing was lost at pos: the first start line
+        after the gap that broke it (the first gap at or after pos; with gap=False, after pos
+        itself). Always beyond pos, or -1."""
+        g = d.next_gap_after(pos) if gap else -1
+        frm = g if g >= 0 else pos
+        mm = rx.search(d.data, frm + 1)
+        if mm is None or mm.start(1) <= pos:
             return -1
         return mm.start(1)
 
@@ -558,7 +561,8 @@ class _Parser:
                         self.opos = nxt
                     return True
             if resynced:
-                nxt = self._resync(d, pos, _REQ_SYNC) if pos > 0 or d.gap_at(pos) else self._first_sync(d)
+                nxt = (self._resync(d, pos, _REQ_SYNC, d.gap_at(pos)) if pos > 0 or d.gap_at(pos)
+                       else self._first_sync(d))
                 if nxt < 0 or nxt <= pos:
                     self.odone = True
                     self.bad_orig = True
@@ -634,7 +638,7 @@ class _Parser:
                 break
             m, body, lost = _read_head(d, pos, False)
             if m is None:
-                nxt = self._resync(d, pos, _RESP_SYNC) if pos > 0 else self._resp_first_sync(d)
+                nxt = self._resync(d, pos, _RESP_SYNC, False) if pos > 0 else self._resp_first_sync(d)
                 if nxt < 0 or nxt <= pos:
                     break
                 pos = nxt
