@@ -5,6 +5,7 @@ not raise."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import random
 import re
@@ -479,3 +480,34 @@ def test_fuzz_never_raises():
             assert {k for k in row if not k.startswith("_")} <= names
             flagged += bool(row["malformed"])
     print(f"\nfuzz: 5000 mutated HTTP sessions (gaps in 2 of 5), no exception; {flagged} rows flagged malformed")
+
+
+# ---------------------------------------------------------------------------------------------
+# The real pipeline: ingest, then SQL
+
+
+def _sql(store, query):
+    from wiretrail.query import run_sql
+    buf = io.StringIO()
+    run_sql(store, query, "json", buf)
+    return [json.loads(line) for line in buf.getvalue().splitlines() if line.strip()]
+
+
+def test_pipeline_http_and_credentials_tables(tmp_path):
+    from wiretrail.ingest import IngestOptions, ingest
+    traces = [ZEEK / "traces/http/pipelined-requests.pcap", ZEEK / "traces/http/basic-auth-with-colon.pcap",
+              ZEEK / "traces/http/100-continue.pcap", ARKIME / "80211http.pcap", ARKIME / "arkime_synthetic.pcap"]
+    store = tmp_path / "store"
+    ingest(traces, IngestOptions(store=store))
+    rows = _sql(store, "select orig_p, trans_depth, method, uri, status_code, response_body_len, username, info_code "
+                       "from http where orig_p in (1673, 43090, 54102) order by orig_p, trans_depth")
+    assert [(r["orig_p"], r["trans_depth"], r["status_code"]) for r in rows] == (
+        [(1673, i, 200) for i in range(1, 6)] + [(43090, 1, 200), (54102, 1, 200)])
+    assert [r["response_body_len"] for r in rows[:5]] == [2675, 21421, 94, 2349, 27579]
+    assert rows[5]["username"] == "test" and rows[6]["info_code"] == 100
+    c = _sql(store, "select mechanism, \"user\", password_length from credentials where protocol = 'http' "
+                    "order by mechanism, \"user\"")
+    assert {"mechanism": "basic auth", "user": "test", "password_length": 4} in c
+    assert {"mechanism": "basic auth", "user": "username", "password_length": 8} in c
+    assert {"mechanism": "json field password", "user": "testuser", "password_length": 8} in c
+    print(f"\npipeline: {len(_sql(store, 'select uid from http'))} http rows, credentials {c}")

@@ -44,7 +44,8 @@ Credentials: `Authorization: Basic` (and `Proxy-Authorization: Basic`) gives `us
 `credential(ts, "http", "basic auth", user, password)` row (the password is split at the first
 colon, as Zeek does); a urlencoded POST body with a password-like field (pass, password, passwd,
 pwd, ...) gives a `credential(ts, "http", "form field <name>", user, password)` row, the user
-from a user-like field (user, username, login, email, ...).
+from a user-like field (user, username, login, email, ...); a JSON request body (an object
+with such string members) gives "json field <name>" the same way.
 
 Nothing raises: malformed input sets `malformed` and keeps what was read.
 """
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import zlib
 from bisect import bisect_left
@@ -501,7 +503,7 @@ def _keep_body(m: _Msg, is_req: bool) -> bool:
         return True
     if is_req:
         ct = (m.headers.get("content-type") or "").lower()
-        return ct.startswith(("application/x-www-form-urlencoded", "multipart/form-data"))
+        return ct.startswith(("application/x-www-form-urlencoded", "multipart/form-data", "application/json"))
     return False
 
 
@@ -856,19 +858,32 @@ def _entity_files(m: _Msg, is_req: bool, req: _Msg | None) -> tuple[list[str], l
 
 def _form_credentials(req: _Msg, ts: int) -> list[dict]:
     ct = (req.headers.get("content-type") or "").lower()
-    if not ct.startswith("application/x-www-form-urlencoded") or req.wire_len > FORM_BODY_MAX:
+    if req.wire_len > FORM_BODY_MAX:
         return []
     body = b"".join(req.pieces or [])
-    try:
-        fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200)
-    except ValueError:
+    kind = "form"
+    if ct.startswith("application/x-www-form-urlencoded"):
+        try:
+            fields = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True, max_num_fields=200)
+        except ValueError:
+            return []
+    elif ct.startswith("application/json") or ct.endswith("+json"):
+        try:
+            doc = json.loads(body)
+        except (ValueError, RecursionError):
+            return []
+        if not isinstance(doc, dict):
+            return []
+        fields = [(k, v) for k, v in doc.items() if isinstance(v, str)]
+        kind = "json"
+    else:
         return []
     pw = [(k, v) for k, v in fields if _PASS_FIELD.search(k.strip()) and not _USER_FIELD.search(k.strip())]
     if not pw:
         return []
     user = next((v for k, v in fields if _USER_FIELD.search(k.strip()) and not _PASS_FIELD.search(k.strip())),
                 None)
-    return [credential(ts, "http", f"form field {k}", user, v) for k, v in pw if v]
+    return [credential(ts, "http", f"{kind} field {k}", user, v) for k, v in pw if v]
 
 
 def _looks_like_http(s: Stream) -> bool:
