@@ -55,3 +55,16 @@ def test_without_the_app_layer_sessions_are_unchanged(sample):
         "resp_pkts, orig_bytes, resp_bytes FROM sessions ORDER BY orig_h, orig_p, resp_h, resp_p, proto"
     assert sql(with_app, q) == sql(without, q)
     assert {r["app"] for r in sql(without, "SELECT app FROM sessions")} == {None}
+
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+@pytest.mark.skipif(not (CORPUS / "suricata-verify").is_dir(), reason="corpus not found")
+def test_starttls_sessions_get_smtp_and_tls_records(tmp_path):
+    pcap = next((CORPUS / "suricata-verify" / "tests" / "smtp-startssl").glob("*.pcap"))
+    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "s"), str(pcap)]) == 0
+    smtp = sql(tmp_path / "s", "SELECT uid, tls FROM smtp")
+    tls = sql(tmp_path / "s", "SELECT uid, version, resp_p FROM tls")
+    assert smtp and smtp[0]["tls"] is True
+    assert [r["uid"] for r in tls] == [smtp[0]["uid"]] and tls[0]["resp_p"] == 25 and tls[0]["version"]

@@ -50,6 +50,8 @@ SCHEMA = pa.schema([
 ])
 PORTS = {21}
 NDPI = {"FTP_CONTROL"}
+# STARTTLS / STLS / AUTH TLS switch the stream to TLS: the stage also runs these on it
+UPGRADES_TO = ("tls", "x509")
 
 FILE_CMDS = {"RETR", "STOR", "STOU", "APPE"}
 _SIZE = re.compile(rb"\((\d+) bytes\)")

@@ -46,6 +46,8 @@ SCHEMA = pa.schema([
 ])
 PORTS = {143}
 NDPI = {"IMAP"}
+# STARTTLS / STLS / AUTH TLS switch the stream to TLS: the stage also runs these on it
+UPGRADES_TO = ("tls", "x509")
 
 MAX_ROWS = 100_000
 MAX_LITERAL = 64 << 20

@@ -41,6 +41,8 @@ SCHEMA = pa.schema([
 ])
 PORTS = {110}
 NDPI = {"POP3"}
+# STARTTLS / STLS / AUTH TLS switch the stream to TLS: the stage also runs these on it
+UPGRADES_TO = ("tls", "x509")
 
 MAX_ROWS = 100_000
 

@@ -61,6 +61,8 @@ SCHEMA = pa.schema([
 ])
 PORTS = {25, 587, 2525}
 NDPI = {"SMTP"}
+# STARTTLS / STLS / AUTH TLS switch the stream to TLS: the stage also runs these on it
+UPGRADES_TO = ("tls", "x509")
 
 _EMAIL = re.compile(r'[^<>",;\s:]+@[^<>",;\s]+')
 _IPV4 = re.compile(r"(?<![\d.])(\d{1,3}(?:\.\d{1,3}){3})(?![\d.])")

@@ -233,6 +233,9 @@ class AppStage:
             names = set(app.split(".")) if app else set()
             by_label = [m for m in self.stream_modules if names & m.ndpi]
             parsers = by_label or [m for m in self.stream_modules if resp_p in m.ports]
+            # protocols that can turn into another mid-stream (STARTTLS): that one reads it too
+            upgrades = {u for m in parsers for u in getattr(m.mod, "UPGRADES_TO", ())}
+            parsers = parsers + [m for m in self.stream_modules if m.name in upgrades and m not in parsers]
             if len(self._parsers_for) < 65536:
                 self._parsers_for[key] = parsers
         return parsers
