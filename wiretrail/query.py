@@ -71,7 +71,7 @@ def run_sql(store: Path, query: str, fmt: str, out: IO[str]) -> None:
         if fmt == "table":
             _print_table(names, cursor.fetchall(), out)
             return
-        writer = csv.writer(out) if fmt == "csv" else None
+        writer = csv.writer(out, lineterminator="\n") if fmt == "csv" else None
         if writer:
             writer.writerow(names)
         while rows := cursor.fetchmany(10000):

@@ -144,7 +144,10 @@ def generate(sessions: int = 2000, seed: int = 1) -> tuple[list[tuple[int, bytes
             isn_c, isn_s = rng.getrandbits(32), rng.getrandbits(32)
             rtt = rng.randint(1, 80) * 1_000_000
             req = b"GET /" + bytes(rng.choice(b"abcdefgh") for _ in range(rng.randint(1, 30))) + b" HTTP/1.1\r\nHost: example\r\n\r\n"
-            resp_chunks = [bytes([65 + (i % 26)]) * rng.randint(100, 1400) for i in range(rng.randint(1, 6))]
+            body = [bytes([65 + (i % 26)]) * rng.randint(100, 1300) for i in range(rng.randint(1, 6))]
+            head = (f"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {sum(map(len, body))}\r\n\r\n").encode()
+            resp_chunks = [head + body[0], *body[1:]]  # a real response: header, then the body
             seq_c, seq_s = isn_c + 1, isn_s + 1
             plan = [(0, True, b.tcp(client, server, cport, sport, isn_c, 0, 0x02), 0),
                     (rtt, False, b.tcp(server, client, sport, cport, isn_s, seq_c, 0x12), 0),
