@@ -111,6 +111,7 @@ def generate(sessions: int = 2000, seed: int = 1) -> tuple[list[tuple[int, bytes
     servers = [f"93.184.{rng.randint(0, 255)}.{rng.randint(1, 254)}" for _ in range(40)]
     vlan_servers = [f"10.20.0.{i}" for i in range(10, 20)]
     used_ports: set[tuple[str, int]] = set()
+    used_icmp: set[tuple[str, str]] = set()
 
     def ephemeral(client: str) -> int:
         while True:
@@ -177,6 +178,12 @@ def generate(sessions: int = 2000, seed: int = 1) -> tuple[list[tuple[int, bytes
                     (rtt, False, b.udp(server, client, 53, cport, answer), len(answer))]
         elif kind < 0.93:  # ping: echo request/reply pairs
             server = rng.choice(servers)
+            tries = 0
+            while (client, server) in used_icmp:  # ICMP has no ports: one ping session per pair
+                tries += 1
+                server = (rng.choice(servers) if tries < 50
+                          else f"198.51.{rng.randint(0, 255)}.{rng.randint(1, 254)}")
+            used_icmp.add((client, server))
             ident = rng.getrandbits(16)
             s = TruthSession("icmp", client, 8, server, 0, "OTH")
             plan = []
