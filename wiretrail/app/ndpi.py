@@ -91,6 +91,7 @@ class _Lib:
             for name, sig in _SIGS.items():
                 addr = ctypes.cast(getattr(dll, name), ctypes.c_void_p).value
                 setattr(self, name[5:], ffi.cast(sig, addr))
+            self.process_packet_addr = ctypes.cast(dll.ndpi_detection_process_packet, ctypes.c_void_p).value
             flow_size = int(self.detection_get_sizeof_ndpi_flow_struct())
             want = ffi.sizeof("struct ndpi_flow_struct")
             enums = ffi.typeof("enum ndpi_classification_state").relements
@@ -119,7 +120,7 @@ class _Lib:
 class _Flow:
     """One flow inside an Identifier (the handle returned by new_flow)."""
 
-    __slots__ = ("ptr", "key", "n", "done", "proto", "gaveup")
+    __slots__ = ("ptr", "key", "n", "done", "proto", "gaveup", "_box")
 
     def __init__(self, ptr, key):
         self.ptr = ptr
@@ -128,6 +129,7 @@ class _Flow:
         self.done = False     # nDPI concluded (classified, or gave up at the packet cap)
         self.proto = None     # last ndpi_protocol returned
         self.gaveup = False
+        self._box = None      # owner of `proto`'s memory when it was copied out of the numba loop
 
 
 class NdpiResult(NamedTuple):
@@ -183,6 +185,15 @@ class Identifier:
         self._dir[True].in_pkt_dir = IN_PKT_DIR_C_TO_S
         self._dir[False].in_pkt_dir = IN_PKT_DIR_S_TO_C
         self.calls = 0  # ndpi_detection_process_packet calls made
+        # the numba feeding loop (app.ndpi_kernel), when the platform's calling convention allows
+        self.kernel = None
+        from wiretrail.app import ndpi_kernel
+
+        if ndpi_kernel.AVAILABLE and not use_direction:
+            self.kernel = np.uint64(lib.process_packet_addr)
+            self.module_addr = np.uint64(int(ffi.cast("uintptr_t", mod)))
+            self.proto_size = ffi.sizeof("ndpi_protocol")
+            self.state_offset = ffi.offsetof("struct ndpi_flow_struct", "state")
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -413,6 +424,8 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     orig = is_orig[rows]
 
     ident = identifier
+    if ident.kernel is not None:
+        return _feed_in_kernel(ident, state, batch, srows, start, length, ts_ms)
     ffi = ident._ffi
     base = ffi.from_buffer("unsigned char[]", batch.data)
     feed, new_flow = ident._feed, ident.new_flow
@@ -431,3 +444,43 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
         if done:
             state._decide(s, h)
     return fed
+
+
+def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, length, ts_ms) -> int:
+    """classify_batch's loop in numba (app.ndpi_kernel): Python once per session, not per packet."""
+    from wiretrail.app.ndpi_kernel import feed_kernel
+
+    results, live = state.results, state.live
+    sessions, which = np.unique(srows, return_inverse=True)
+    flows = []
+    for s in sessions.tolist():
+        h = live.get(s)
+        if h is None:
+            h = live[s] = ident.new_flow(s)
+        flows.append(h)
+    ffi = ident._ffi
+    m = len(flows)
+    flow_ptr = np.array([int(ffi.cast("uintptr_t", h.ptr)) for h in flows], dtype=np.uint64)
+    count = np.array([h.n for h in flows], dtype=np.int64)
+    done = np.array([1 if h.done else 0 for h in flows], dtype=np.uint8)
+    before = count.copy()
+    size = ident.proto_size
+    ret = np.zeros(m * size, dtype=np.uint8)
+    data = np.ascontiguousarray(batch.data)
+    calls = feed_kernel(ident.kernel, ident.module_addr, np.uint64(ret.ctypes.data), size, flow_ptr, count, done,
+                        ident.state_offset, ident.max_packets, STATE_CLASSIFIED, STATE_MONITORING,
+                        np.uint64(data.ctypes.data), start.astype(np.uint64), length.astype(np.uint16),
+                        ts_ms.astype(np.uint64), which.astype(np.int64))
+    ident.calls += int(calls)
+    for u in np.flatnonzero(count != before).tolist():
+        h = flows[u]
+        h.n = int(count[u])
+        box = ffi.new("ndpi_protocol *")
+        ffi.memmove(box, ret[u * size:(u + 1) * size], size)
+        h.proto, h._box = box[0], box  # the value, and the memory it lives in
+        if done[u] == 2:
+            ident._giveup(h)
+        if done[u]:
+            h.done = True
+            state._decide(int(sessions[u]), h)
+    return int(calls)

@@ -1,0 +1,71 @@
+"""Feeding nDPI from a numba loop instead of one Python call per packet.
+
+`ndpi_detection_process_packet` returns its 56-byte `ndpi_protocol` by value; on x86-64
+(System V) that is a hidden first argument pointing at caller memory, so the function is
+called here by address as if it took that buffer first. After each call the
+flow's `state` byte says whether nDPI has concluded. Only x86-64 takes this path; elsewhere
+`app.ndpi` feeds packets from Python.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+AVAILABLE = platform.machine() in ("x86_64", "AMD64")
+
+
+
+@intrinsic
+def _process_packet(typingctx, fn, ret, module, flow, packet, length, ts):
+    """Call ndpi_detection_process_packet at address `fn`; the struct return made explicit as
+    the first pointer. Addresses are plain integers, so the kernel stays cacheable."""
+    sig = types.void(types.uint64, types.uint64, types.uint64, types.uint64, types.uint64, types.uint16,
+                     types.uint64)
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        i8p = ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(i8p, [i8p, i8p, i8p, i8p, ir.IntType(16), ir.IntType(64), i8p])
+        f = builder.inttoptr(args[0], fnty.as_pointer())
+        ptrs = [builder.inttoptr(a, i8p) for a in args[1:5]]
+        builder.call(f, [*ptrs, args[5], args[6], ir.Constant(i8p, None)])
+        return context.get_dummy_value()
+    return sig, codegen
+
+
+@intrinsic
+def _load_u8(typingctx, address):
+    """The byte at an absolute address (a field of an nDPI flow)."""
+    sig = types.uint8(types.uint64)
+
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+        return builder.load(ptr)
+    return sig, codegen
+
+
+@njit(cache=True)
+def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, state_off, max_packets,
+                classified, monitoring, data_base, start, length, ts_ms, which):
+    """Give nDPI packet k of the batch (its flow is which[k]) unless that flow is done.
+    done[u]: 1 concluded, 2 at the packet cap (the caller gives up on it). Returns calls made."""
+    calls = 0
+    for k in range(len(start)):
+        u = which[k]
+        if done[u]:
+            continue
+        _process_packet(process, ret_base + np.uint64(u * ret_size), module, flow_ptr[u], data_base + start[k],
+                        length[k], ts_ms[k])
+        calls += 1
+        count[u] += 1
+        st = _load_u8(np.uint64(flow_ptr[u] + state_off))
+        if st == classified or st == monitoring:
+            done[u] = 1
+        elif count[u] >= max_packets:
+            done[u] = 2
+    return calls
