@@ -24,7 +24,7 @@ from wiretrail.app.base import Datagram, Direction, Stream
 from wiretrail.batch import FRAG_NONE
 from wiretrail.sessions.flowtable import FlowTable, uid_of
 
-ZEEK = Path("/work/shared/corpus/zeek")
+ZEEK = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "zeek"
 
 
 def addr_text(hi: int, lo: int) -> str:

@@ -14,8 +14,10 @@ from collections import defaultdict
 import numpy as np
 
 from wiretrail.app.base import Datagram, Direction, Stream
+from wiretrail.batch import FRAG_NONE
 from wiretrail.capture import iter_batches
 from wiretrail.decode import decode
+from wiretrail.decode.fragments import FragmentReassembler
 from wiretrail.sessions.flowtable import FlowTable, uid_of
 
 SYN = 0x02
@@ -92,9 +94,21 @@ def load(path) -> tuple[list[Stream], dict[str, list[Datagram]]]:
     tcp: dict[int, dict] = {}
     udp: dict[int, list[Datagram]] = defaultdict(list)
     order: list[int] = []
-    for batch in iter_batches(str(path)):
-        cols = decode(batch)
-        sid, is_orig, _, _ = table.update(cols, batch.ts, batch.wirelen)
+    defrag = FragmentReassembler()
+
+    def batches():
+        """The capture's batches, then each batch's reassembled IP datagrams (as the pipeline)."""
+        for batch in iter_batches(str(path)):
+            cols = decode(batch)
+            yield batch, cols, *table.update(cols, batch.ts, batch.wirelen)[:2]
+            rows = np.flatnonzero(cols["frag"] != FRAG_NONE)
+            if len(rows):
+                whole, _ = defrag.add(batch, cols, rows, np.arange(len(rows), dtype=np.int64))
+                if len(whole):
+                    wcols = decode(whole)
+                    yield whole, wcols, *table.update(wcols, whole.ts, whole.wirelen)[:2]
+
+    for batch, cols, sid, is_orig in batches():
         proto = cols["proto"]
         for i in np.nonzero((sid >= 0) & ((proto == 6) | (proto == 17)))[0]:
             s = int(sid[i])

@@ -19,7 +19,7 @@ from _tls_harness import load
 from wiretrail.app import ntlm, smb
 from wiretrail.app.base import Direction, Stream
 
-CORPUS = Path("/work/shared/corpus")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 ZEEK = CORPUS / "zeek"
 SV = CORPUS / "suricata-verify"
 ARKIME = CORPUS / "arkime"

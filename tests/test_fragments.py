@@ -19,7 +19,8 @@ from wiretrail.batch import ANOM_TRUNCATED_IP, FRAG_NONE  # noqa: E402
 from wiretrail.decode import decode  # noqa: E402
 from wiretrail.decode.fragments import FragmentReassembler  # noqa: E402
 
-PPP = Path("/work/shared/corpus/pcapplusplus")
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+PPP = CORPUS / "pcapplusplus"
 DEFRAG = PPP / "ip_defrag"
 needs_corpus = pytest.mark.skipif(not PPP.is_dir(), reason="needs the corpus")
 
@@ -261,13 +262,13 @@ def test_manifest_is_covered():
     assert {"ipv4_sanity", "ipv4_out_of_order", "ipv6_sanity", "multiple_datagrams", "padding"} <= ids
 
 
-@pytest.mark.skipif(not Path("/work/shared/corpus/suricata-verify").is_dir(), reason="needs the corpus")
+@pytest.mark.skipif(not (CORPUS / "suricata-verify").is_dir(), reason="needs the corpus")
 def test_suricata_verify_defrag_captures():
     """Suricata's defrag regression captures (IPv6 behind Ethernet, VLAN, PPP; fragments inside
     GRE/PPP): every datagram completes and the result decodes cleanly down to its L4 header."""
     from _frames import read_capture
 
-    files = sorted(Path("/work/shared/corpus/suricata-verify/tests/defrag").glob("*/*.pcap"))
+    files = sorted((CORPUS / "suricata-verify" / "tests" / "defrag").glob("*/*.pcap"))
     assert files
     done = 0
     for f in files:

@@ -462,8 +462,8 @@ def test_zeek_conn_log_agreement():
     print(f"\nzeek conn.log: {matched}/{total} sessions matched by 5-tuple+proto "
           f"({flipped} more with orig/resp the other way round, {extra} sessions of ours not in conn.log); "
           + ", ".join(f"{f} {agree[f]}/{compared[f]}" for f in ZEEK_FIELDS))
-    # Measured with the project's readers and decoder: matched 242/277, every field >= 236/242.
-    assert matched >= 0.85 * total
+    # Measured with the project's readers and decoder: matched 248/277, every field >= 241/248.
+    assert matched >= 0.88 * total
     for f in ZEEK_FIELDS:
         assert agree[f] >= 0.95 * compared[f], f
 

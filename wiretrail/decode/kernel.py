@@ -18,8 +18,8 @@ from numba import njit
 from wiretrail.batch import (
     ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_CAPLEN_GT_WIRELEN, ANOM_IP_LEN_GT_FRAME,
     ANOM_TRUNCATED_IP, ANOM_TRUNCATED_L2, ANOM_TRUNCATED_L4, ANOM_TUNNEL_DEPTH,
-    ANOM_UNKNOWN_ETHERTYPE, ANOM_UNKNOWN_LINKTYPE, FRAG_FIRST, FRAG_MORE, TUNNEL_GENEVE,
-    TUNNEL_GRE, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN, VLAN_NONE,
+    ANOM_UNKNOWN_ETHERTYPE, ANOM_UNKNOWN_LINKTYPE, FRAG_FIRST, FRAG_MORE, TUNNEL_AYIYA, TUNNEL_GENEVE,
+    TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN, VLAN_NONE,
 )
 
 # Encapsulations removed before the packet is given up with ANOM_TUNNEL_DEPTH (MPLS and
@@ -29,6 +29,9 @@ MAX_TUNNEL_DEPTH = 4
 VXLAN_PORT = 4789
 GENEVE_PORT = 6081
 TEREDO_PORT = 3544
+GRE_UDP_PORT = 4754   # GRE-in-UDP, RFC 8086
+GTP_U_PORT = 2152     # GTPv1 user plane (mobile networks)
+AYIYA_PORT = 5072     # AYIYA (SixXS IPv6 tunnels)
 
 # Parser states
 _S_DONE = 0
@@ -567,6 +570,50 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                             else:
                                 et = gp
                                 state = _S_ET
+                            continue
+                    if dp == GRE_UDP_PORT and lim - q >= 4 and (_u16(data, q) & 0x0007) == 0:
+                        # GRE-in-UDP (RFC 8086): a GRE header right after UDP
+                        pos = q
+                        state = _S_GRE
+                        gre_end = lim
+                        continue
+                    if (dp == GTP_U_PORT or sp == GTP_U_PORT) and lim - q >= 12 and (data[q] >> 5) == 1 \
+                            and (data[q] & 0x10) != 0 and data[q + 1] == 0xFF:
+                        # GTPv1-U G-PDU: 8 bytes, 4 more if E/S/PN, then extension headers
+                        t = q + 8
+                        if data[q] & 0x07:
+                            t += 4
+                            nxt_ext = data[t - 1] if data[q] & 0x04 else 0
+                            while nxt_ext != 0 and t < lim:
+                                elen = np.int64(data[t]) * 4
+                                if elen == 0 or t + elen > lim:
+                                    t = lim
+                                    break
+                                nxt_ext = data[t + elen - 1]
+                                t += elen
+                        if lim - t >= 20 and ((data[t] >> 4) == 4 or (data[t] >> 4) == 6):
+                            if depth >= MAX_TUNNEL_DEPTH:
+                                anom |= ANOM_TUNNEL_DEPTH
+                                break
+                            depth += 1
+                            if tun == 0:
+                                tun = TUNNEL_GTP
+                            pos = t
+                            state = _S_IP
+                            continue
+                    if (dp == AYIYA_PORT or sp == AYIYA_PORT) and lim - q >= 8 and (data[q + 2] & 0x0F) == 1 \
+                            and (data[q + 3] == 4 or data[q + 3] == 41):
+                        # AYIYA forward: 8 bytes, the identity (2^n bytes), the signature (4n bytes)
+                        t = q + 8 + (np.int64(1) << (np.int64(data[q]) >> 4)) + (np.int64(data[q + 1]) >> 4) * 4
+                        if lim - t >= 20:
+                            if depth >= MAX_TUNNEL_DEPTH:
+                                anom |= ANOM_TUNNEL_DEPTH
+                                break
+                            depth += 1
+                            if tun == 0:
+                                tun = TUNNEL_AYIYA
+                            pos = t
+                            state = _S_IP4 if data[q + 3] == 4 else _S_IP6
                             continue
                     if (dp == TEREDO_PORT or sp == TEREDO_PORT) and lim - q >= 40:
                         # Teredo: optional authentication and origin indication, then IPv6
