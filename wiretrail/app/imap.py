@@ -19,7 +19,7 @@ import re
 import pyarrow as pa
 
 from wiretrail.app._lines import b64, message_summary, next_line, sasl_plain, text, usable
-from wiretrail.app.base import Stream
+from wiretrail.app.base import Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "imap"
@@ -91,14 +91,6 @@ def _args(rest: bytes, lits: list[bytes]) -> list[bytes]:
         else:
             out.append(m.group(3))
     return out
-
-
-def parse_stream(s: Stream) -> list[dict]:
-    try:
-        return _parse(s)
-    except Exception:  # a parser bug costs this session's rows, never the ingest
-        return [{"ts": s.orig.time_at(0) or s.resp.time_at(0), "uid": s.uid, "orig_h": s.orig_h,
-                 "orig_p": s.orig_p, "resp_h": s.resp_h, "resp_p": s.resp_p, "malformed": True}]
 
 
 def _parse(s: Stream) -> list[dict]:
@@ -210,3 +202,6 @@ def _parse(s: Stream) -> list[dict]:
     for c in creds:
         c.setdefault("uid", s.uid)
     return rows + cmds + creds
+
+
+parse_stream = guarded(_parse)

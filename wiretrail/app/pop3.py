@@ -16,7 +16,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from wiretrail.app._lines import b64, message_summary, next_line, sasl_plain, text, until_dot, usable
-from wiretrail.app.base import Stream
+from wiretrail.app.base import Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "pop3"
@@ -45,14 +45,6 @@ NDPI = {"POP3"}
 UPGRADES_TO = ("tls", "x509")
 
 MAX_ROWS = 100_000
-
-
-def parse_stream(s: Stream) -> list[dict]:
-    try:
-        return _parse(s)
-    except Exception:  # a parser bug costs this session's rows, never the ingest
-        return [{"ts": s.orig.time_at(0) or s.resp.time_at(0), "uid": s.uid, "orig_h": s.orig_h,
-                 "orig_p": s.orig_p, "resp_h": s.resp_h, "resp_p": s.resp_p, "malformed": True}]
 
 
 def _parse(s: Stream) -> list[dict]:
@@ -152,3 +144,6 @@ def _parse(s: Stream) -> list[dict]:
     for c in creds:
         c.setdefault("uid", s.uid)
     return rows + creds
+
+
+parse_stream = guarded(_parse)

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from wiretrail.app._lines import (addresses, attachments, b64, headers, next_line, sasl_plain, split_head,
                                   text, until_dot, usable)
-from wiretrail.app.base import Stream
+from wiretrail.app.base import Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "smtp"
@@ -184,14 +184,6 @@ class _Session:
             r.setdefault("attachments", []).extend(names)
 
 
-def parse_stream(s: Stream) -> list[dict]:
-    try:
-        return _parse(s)
-    except Exception:  # a parser bug costs this session's rows, never the ingest
-        return [{"ts": s.orig.time_at(0) or s.resp.time_at(0), "uid": s.uid, "orig_h": s.orig_h,
-                 "orig_p": s.orig_p, "resp_h": s.resp_h, "resp_p": s.resp_p, "malformed": True}]
-
-
 def _parse(s: Stream) -> list[dict]:
     cdata, sdata = usable(s.orig), usable(s.resp)
     coff = soff = 0
@@ -334,3 +326,6 @@ def _parse(s: Stream) -> list[dict]:
     for c in creds:
         c.setdefault("uid", s.uid)
     return st.rows + creds
+
+
+parse_stream = guarded(_parse)
