@@ -50,6 +50,7 @@ class _Side:
     kept: int = 0                   # bytes held in chunks
     beyond_depth: int = 0           # bytes seen past the depth
     truncated: bool = False
+    depth: int = -1                 # this direction's own depth (Reassembler.limit), -1: the default
 
 
 class Reassembler:
@@ -94,19 +95,25 @@ class Reassembler:
         if self.held > self.memcap:
             self._shed()
 
+    def limit(self, sid: int, depth: int) -> None:
+        """Keep at most `depth` bytes per direction of session `sid` (its protocol needs no more)."""
+        for d in (True, False):
+            self.sides.setdefault((sid, d), _Side()).depth = min(depth, self.depth)
+
     def _chunk(self, side: _Side, seq: int, data: bytes, ts: int) -> None:
         if side.base < 0:
             side.base = seq
         rel = (seq - side.base) & 0xFFFFFFFF
         if rel >= 1 << 31:  # before the base (a retransmission of the SYN's data, or garbage)
             return
-        if rel >= self.depth:
+        depth = self.depth if side.depth < 0 else side.depth
+        if rel >= depth:
             side.beyond_depth += len(data)
             side.truncated = True
             return
-        if rel + len(data) > self.depth:
-            side.beyond_depth += rel + len(data) - self.depth
-            data = data[:self.depth - rel]
+        if rel + len(data) > depth:
+            side.beyond_depth += rel + len(data) - depth
+            data = data[:depth - rel]
             side.truncated = True
         side.chunks.append((rel, data, ts))
         side.kept += len(data)

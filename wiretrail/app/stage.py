@@ -207,8 +207,13 @@ class AppStage:
             results = self.ndpi_state.results
             for s in results.keys() - self._wanted.keys():  # sessions identified since the last batch
                 app = results[s].app
-                if self._stream_parsers(app):
+                parsers = self._stream_parsers(app)
+                if parsers:
                     self._wanted[s] = True
+                    # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
+                    depth = max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers)
+                    if depth < self.reasm.depth:
+                        self.reasm.limit(s, depth)
                 elif app in ("", "Unknown"):
                     self._wanted[s] = None  # nDPI does not know: the port decides
                 else:  # identified as something no module parses, whatever its port

@@ -56,6 +56,9 @@ SCHEMA = pa.schema([
 PORTS = {443, 465, 563, 585, 614, 636, 853, 989, 990, 992, 993, 994, 995, 3269, 5061, 5223,
          5349, 6697, 8443, 8883}
 NDPI = {"TLS"}
+# The handshake, certificates and the first encrypted records fit well within this: the
+# rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
+STREAM_DEPTH = 64 << 10
 
 # OpenSSL short names of name attributes (what X509_NAME_print_ex prints).
 _ATTR = {
