@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 
 from _tls_harness import load
+from _zeek_logs import read_zeek_log
+from _zeek_logs import unescape as _unescape
 from wiretrail.app import http
 from wiretrail.app.base import Direction, Stream
 
@@ -37,37 +39,11 @@ def http_rows(s: Stream) -> list[dict]:
     return [r for r in http.parse_stream(s) if "_table" not in r]
 
 
-def _unescape(v: str) -> str:
-    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
-
-
 def _ours_str(v):
     """Our strings as Zeek writes them: bytes, non-ASCII escaped then read back one char a byte."""
     if v is None:
         return None
     return _unescape(v.encode("utf-8", "replace").decode("latin-1"))
-
-
-def read_zeek_log(path: Path) -> list[dict]:
-    fields, types, rows = [], [], []
-    for line in path.read_text().splitlines():
-        if line.startswith("#fields"):
-            fields = line.split("\t")[1:]
-        elif line.startswith("#types"):
-            types = line.split("\t")[1:]
-        elif line and not line.startswith("#"):
-            row = {}
-            for f, t, v in zip(fields, types, line.split("\t")):
-                if v == "-":
-                    row[f] = None
-                elif t.startswith(("vector", "set")):
-                    row[f] = [] if v == "(empty)" else [_unescape(x) for x in v.split(",")]
-                elif v == "(empty)":
-                    row[f] = ""
-                else:
-                    row[f] = _unescape(v)
-            rows.append(row)
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from _tls_harness import load
+from _zeek_logs import read_zeek_log
 from wiretrail.app import ftp, imap, pop3, smtp, ssh
 from wiretrail.app.base import Direction, Stream
 
@@ -32,30 +32,6 @@ def streams_of(path: Path) -> list[Stream]:
     if key not in _cache:
         _cache[key] = load(path)[0]
     return _cache[key]
-
-
-def _unescape(v: str) -> str:
-    return re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), v)
-
-
-def read_zeek_log(path: Path) -> list[dict]:
-    fields, types, rows = [], [], []
-    for line in path.read_text().splitlines():
-        if line.startswith("#fields"):
-            fields = line.split("\t")[1:]
-        elif line.startswith("#types"):
-            types = line.split("\t")[1:]
-        elif line and not line.startswith("#"):
-            row = {}
-            for f, t, v in zip(fields, types, line.split("\t")):
-                if v == "-":
-                    row[f] = None
-                elif t.startswith(("vector", "set")):
-                    row[f] = [] if v == "(empty)" else [_unescape(x) for x in v.split(",")]
-                else:
-                    row[f] = _unescape(v)
-            rows.append(row)
-    return rows
 
 
 def _key(r: dict) -> tuple:
