@@ -147,3 +147,12 @@ def test_wrong_arguments_and_unknown_session(tmp_path, sample, capsys):
     assert main(["sql", "--store", str(tmp_path / "nostore"), "SELECT 1"]) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and all(line.startswith("wiretrail: ") for line in err)
+
+
+def test_wrong_arguments_one_line_each():
+    for args in (["ingest", "--snaplen", "abc", "x.pcap"], ["frobnicate"], ["extract", "-o", "x.pcap"],
+                 ["export", "--format", "csv", "--out", "x"], ["ingest", "--quota", "lots", "x.pcap"]):
+        proc = subprocess.run([sys.executable, "-m", "wiretrail.cli", *args], capture_output=True, text=True)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("wiretrail") and "--help" in lines[0], (args, proc.stderr)

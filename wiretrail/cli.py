@@ -54,9 +54,16 @@ def _store_arg(p: argparse.ArgumentParser) -> None:
                    help="store directory (default: $WIRETRAIL_STORE or ./wiretrail-data)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Wrong arguments get one line (and the way to the usage), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wiretrail", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="wiretrail", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("ingest", help="read capture files into the store")
     p.add_argument("pcap", nargs="+", type=Path, help="pcap / pcapng files, optionally .gz or .zst")
