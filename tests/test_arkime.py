@@ -20,6 +20,7 @@ from wiretrail.ingest import IngestOptions, ingest
 from wiretrail.query import run_sql
 from wiretrail.store.extract import extract_session
 
+VERBOSE = False  # print each packet-count difference
 ARKIME = Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "arkime"
 PROTO = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmp"}
 
@@ -99,6 +100,8 @@ def test_sessions_against_arkime(tmp_path):
             # the same 5-tuple again later (or on another VLAN): the one that started with Arkime's
             r = min(cands, key=lambda c: (abs(c["ms"] - s.get("firstPacket", c["ms"])), abs(c["pkts"] - want_pkts)))
             got["packets equal"] += r["pkts"] == want_pkts
+            if r["pkts"] != want_pkts and VERBOSE:
+                print(f"  packets: {entry['pcap']} {proto} {src}:{sp} -> {dst}:{dp}: ours {r['pkts']}, arkime {want_pkts}")
             cid = s.get("network", {}).get("community_id")
             if cid:
                 got["community_id compared"] += 1
