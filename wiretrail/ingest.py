@@ -195,6 +195,7 @@ class Pipeline:
 
         indexed = stored & (sid >= 0)
         self.index.append(sid[indexed], file_id[indexed], file_off[indexed], batch.ts[indexed])
+        self._tunnel_sessions(batch, cols, link, file_id, file_off)
         self._fragments(batch, cols, link, file_id, file_off)
 
         self.report.packets += n
@@ -202,6 +203,15 @@ class Pipeline:
         self._close(self.flows.expire(int(batch.ts.max())))
         self.index.maybe_flush()
         self.tables.maybe_flush()
+
+    def _tunnel_sessions(self, batch, cols, link, file_id, file_off) -> None:
+        """UDP tunnels are sessions too (sessions.tunnels); their packets are indexed under both."""
+        from wiretrail.sessions.tunnels import tunnel_sessions
+
+        rows, osid = tunnel_sessions(self.flows, batch, cols, link)
+        ok = (osid >= 0) & (file_off[rows] >= 0)
+        if ok.any():
+            self.index.append(osid[ok], file_id[rows][ok], file_off[rows][ok], batch.ts[rows][ok])
 
     def _fragments(self, batch, cols, link, file_id, file_off) -> None:
         """Reassemble IP fragments; the reassembled datagram joins its session, and every

@@ -14,8 +14,10 @@ from wiretrail.decode.kernel import KNOWN_ETHERTYPE, decode_kernel
 __all__ = ["decode"]
 
 
-def decode(batch: FrameBatch) -> dict[str, np.ndarray]:
-    """Decode L2-L4 of every frame of `batch`; one row per frame, offsets from the frame start."""
+def decode(batch: FrameBatch, udp_tunnels: bool = True) -> dict[str, np.ndarray]:
+    """Decode L2-L4 of every frame of `batch`; one row per frame, offsets from the frame start.
+    `udp_tunnels=False` leaves VXLAN, GENEVE, Teredo, AYIYA, GTP and GRE-in-UDP closed: the
+    outer UDP datagram is the packet (the tunnel's own session)."""
     n = len(batch)
     c = empty_columns(n)
     if n == 0:
@@ -29,5 +31,5 @@ def decode(batch: FrameBatch) -> dict[str, np.ndarray]:
                   c["src_hi"], c["src_lo"], c["dst_hi"], c["dst_lo"], c["sport"], c["dport"],
                   c["tcp_flags"], c["tcp_seq"], c["tcp_ack"], c["tcp_win"], c["tcp_wscale"], c["tcp_mss"],
                   c["ttl"], c["l3_off"], c["l4_off"], c["pl_off"], c["pl_len"], c["ip_len"],
-                  c["frag"], c["frag_id"], c["frag_off"], c["anomaly"])
+                  c["frag"], c["frag_id"], c["frag_off"], c["anomaly"], udp_tunnels)
     return c

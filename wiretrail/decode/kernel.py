@@ -78,7 +78,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                   ethertype, vlan, inner_vlan, tunnel, ip_ver, proto,
                   src_hi, src_lo, dst_hi, dst_lo, sport, dport,
                   tcp_flags, tcp_seq, tcp_ack, tcp_win, tcp_wscale, tcp_mss, ttl,
-                  l3_off, l4_off, pl_off, pl_len, ip_len, frag, frag_id, frag_off, anomaly):
+                  l3_off, l4_off, pl_off, pl_len, ip_len, frag, frag_id, frag_off, anomaly, udp_tunnels):
     n = offset.shape[0]
     dlen = np.int64(data.shape[0])
     for i in range(n):
@@ -540,8 +540,8 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     pl_off[i] = p + 8 - base
                     pl_len[i] = lim - p - 8
                     q = p + 8
-                    # ---- UDP tunnels (only when the datagram is whole) ----
-                    if not not_frag:
+                    # ---- UDP tunnels (only when the datagram is whole, and when asked) ----
+                    if not not_frag or not udp_tunnels:
                         break
                     if dp == VXLAN_PORT and lim - q >= 8 + 14 and (data[q] & 0x08) != 0:
                         if depth >= MAX_TUNNEL_DEPTH:

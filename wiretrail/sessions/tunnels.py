@@ -1,0 +1,34 @@
+"""UDP tunnels as sessions of their own.
+
+A packet inside VXLAN, GENEVE, Teredo, AYIYA, GTP or GRE-in-UDP belongs to its inner session
+(the decoder opens the tunnel) and also to the tunnel's own UDP session, as Zeek logs both
+in conn.log. GRE and IP-in-IP have no transport session of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from wiretrail.batch import FrameBatch
+from wiretrail.decode import decode
+
+
+def tunnel_sessions(flows, batch: FrameBatch, cols: dict, link: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Count the tunneled packets of `batch` in their tunnels' sessions of `flows` (a FlowTable).
+
+    Returns (rows of the batch, their tunnel session ids)."""
+    rows = np.flatnonzero(cols["tunnel"] != 0)
+    if len(rows) == 0:
+        return rows, np.zeros(0, dtype=np.int64)
+    sub = replace(batch, offset=batch.offset[rows], caplen=batch.caplen[rows], wirelen=batch.wirelen[rows],
+                  ts=batch.ts[rows], iface=batch.iface[rows], linktype=batch.linktype[rows])
+    outer = decode(sub, udp_tunnels=False)
+    udp = np.flatnonzero((outer["proto"] == 17) & (outer["tunnel"] == 0))
+    if len(udp) == 0:
+        return rows[:0], np.zeros(0, dtype=np.int64)
+    outer = {k: v[udp] for k, v in outer.items()}
+    rows = rows[udp]
+    sid, _, _, _ = flows.update(outer, batch.ts[rows], batch.wirelen[rows], link[rows])
+    return rows, sid
