@@ -13,7 +13,6 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from _tls_harness import load
 from _zeek_logs import read_zeek_log

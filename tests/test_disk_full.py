@@ -33,7 +33,7 @@ def test_disk_full_mid_ingest(tmp_path, monkeypatch, capsys, where):
 
     import pyarrow.parquet as pq
 
-    real_pwrite, real_write_table = os.pwrite, pq.write_table
+    real_pwrite = os.pwrite
     calls = {"n": 0}
 
     def failing_pwrite(fd, data, offset):

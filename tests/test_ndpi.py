@@ -8,7 +8,7 @@ import ipaddress
 import re
 import struct
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -450,7 +450,7 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
     """classify_batch's loop in numba (app.ndpi_kernel): Python once per session, not per packet."""
     from wiretrail.app.ndpi_kernel import feed_kernel
 
-    results, live = state.results, state.live
+    live = state.live
     sessions, which = np.unique(srows, return_inverse=True)
     flows = []
     for s in sessions.tolist():

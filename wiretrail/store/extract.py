@@ -3,13 +3,15 @@ over a time range (only the hours in range are read)."""
 
 from __future__ import annotations
 
+import calendar
 import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
 
-from wiretrail.batch import HOUR_NS, SID_HOUR_SHIFT
+from wiretrail.batch import HOUR_NS
 from wiretrail.errors import CaptureError, WiretrailError
 from wiretrail.store.index import lookup
 from wiretrail.store.packets import PACKETS_DIR, file_paths
@@ -106,11 +108,7 @@ def _hour_dirs(store: Path, links: list[str] | None) -> list[tuple[int, Path]]:
 
 
 def _hour_since_epoch(yyyymmddhh: int) -> int:
-    import calendar
-    import time
-
-    t = time.strptime(str(yyyymmddhh), "%Y%m%d%H")
-    return calendar.timegm(t) // 3600
+    return calendar.timegm(time.strptime(str(yyyymmddhh), "%Y%m%d%H")) // 3600
 
 
 def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, out: Path,
@@ -135,9 +133,8 @@ def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, ou
     programs: dict[int, np.ndarray] = {}
     if bpf:
         compile_bpf(bpf, 1)  # a bad filter fails before any output is written
-    nanosecond = True
     with _open_output(out) as f:
-        output = CaptureOutput(f, fmt, nanosecond=nanosecond)
+        output = CaptureOutput(f, fmt, nanosecond=True)
         for hour in sorted(by_hour):
             picked = []  # one hour's matches from every file, merged in time order below
             for path in by_hour[hour]:

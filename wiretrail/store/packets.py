@@ -24,7 +24,7 @@ import numpy as np
 
 from wiretrail.batch import HOUR_NS, FrameBatch
 from wiretrail.errors import WiretrailError
-from wiretrail.store.pcapfile import PCAP_HEADER_LEN, RECORD_HEADER_LEN, pcap_header, pcap_records
+from wiretrail.store.pcapfile import RECORD_HEADER_LEN, pcap_header, pcap_records
 
 PACKETS_DIR = "packets"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._@+=-]")
