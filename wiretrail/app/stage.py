@@ -26,7 +26,8 @@ from wiretrail.app.reassembly import Reassembler
 from wiretrail.batch import FRAG_NONE, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
-PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp")
+PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
+             "telnet")
 
 # nDPI master protocol -> Zeek's `service` name (conn.log), for the protocols Zeek names.
 ZEEK_SERVICE = {

@@ -50,7 +50,7 @@ LOGS: dict[str, tuple[str, dict[str, str], str | None]] = {
     }, None),
     "smtp.log": ("smtp", {}, None),
     "ssh.log": ("ssh", {}, None),
-    "smb_files.log": ("smb", {}, "action IS NOT NULL"),
+    "smb_files.log": ("smb", {"tree": "path"}, "action IS NOT NULL"),
 }
 
 # Integer-nanosecond columns that Zeek writes as intervals (seconds).
