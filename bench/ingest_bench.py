@@ -11,6 +11,7 @@ then times, on the same file and the same machine, one after another:
   argus -r -w        (flow records)
   ndpiReader -i      (nDPI identification; its "Unique flows" is the session count peer)
   tcpdump -r -w      (a plain copy: the floor for any tool that writes every packet)
+  NFStream           (nDPI flows from Python, in its own venv under bench-data/)
 and prints packets per CPU-second (user + sys), peak RSS and the ratios. The machines are
 shared and noisy: compare ratios from one run, not absolute figures across runs.
 """
@@ -44,6 +45,18 @@ def packet_count(path: Path) -> int:
     out = subprocess.run(["capinfos", "-c", "-M", str(path)], capture_output=True, text=True).stdout
     m = re.search(r"Number of packets:\s+(\d+)", out)
     return int(m.group(1)) if m else 0
+
+
+def nfstream_python(data: Path) -> str | None:
+    """A venv of its own for NFStream (it brings pandas, which Wiretrail keeps out of its own)."""
+    venv = data / "nfstream-venv"
+    if not (venv / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "nfstream==6.6.0"], capture_output=True)
+        if r.returncode != 0:
+            print("NFStream could not be installed: left out")
+            return None
+    return str(venv / "bin" / "python")
 
 
 def main() -> None:
@@ -93,6 +106,11 @@ def main() -> None:
         results["ndpiReader -i"] = (cpu, rss)
         cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
         results["tcpdump -r -w (copy)"] = (cpu, rss)
+        nfstream = nfstream_python(data)
+        if nfstream:
+            cpu, rss, _ = timed([nfstream, "-c", "from nfstream import NFStreamer\n"
+                                 f"sum(1 for _ in NFStreamer(source={str(capture)!r}, n_meters=1))"])
+            results["NFStream 6.6.0 (n_meters=1)"] = (cpu, rss)
 
     spine = packets / results["wiretrail ingest --no-app"][0]
     full = packets / results["wiretrail ingest (nDPI, records)"][0]
