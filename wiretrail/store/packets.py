@@ -180,7 +180,8 @@ class PacketWriter:
             return file_id, file_off
         snap = (1 << 30) if snaplen is None else int(snaplen)
         group = link[rows].astype(np.int64) << 16 | batch.linktype[rows].astype(np.int64)
-        groups = np.unique(group)
+        # almost always one link and one link type: skip np.unique's hashing then
+        groups = group[:1] if group.min() == group.max() else np.unique(group)
         for g in groups:
             grows = rows if len(groups) == 1 else rows[group == g]
             self._write_group(batch, int(g) >> 16, int(g) & 0xFFFF, grows, snap, file_id, file_off)
