@@ -364,7 +364,9 @@ def test_agreement_with_tshark():
     assert p > 50_000
     # measured: 99.65% / 99.69% / 99.997%; the rest is mostly GTP-U, CAPWAP, AYIYA and GRE-over-UDP
     # tunnels and 802.11/PPI link types, which tshark decodes and this decoder does not
-    assert tot["tuple_ok"] / p >= 0.997  # measured 99.80% (GTP, AYIYA, GRE-in-UDP opened)
+    # measured 99.74%: GTP, AYIYA, GRE-in-UDP opened; Teredo also from relays' ports (as Zeek,
+    # where tshark, keyed on port 3544 alone, sees plain UDP)
+    assert tot["tuple_ok"] / p >= 0.997
     assert tot["tcp_ok"] / tot["tcp"] >= 0.998  # measured 99.88%
     assert tot["vlan_ok"] / p >= 0.999
 

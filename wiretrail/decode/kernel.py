@@ -615,14 +615,19 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                             pos = t
                             state = _S_IP4 if data[q + 3] == 4 else _S_IP6
                             continue
-                    if (dp == TEREDO_PORT or sp == TEREDO_PORT) and lim - q >= 40:
-                        # Teredo: optional authentication and origin indication, then IPv6
+                    if lim - q >= 40:
+                        # Teredo: optional authentication and origin indication, then IPv6. On
+                        # port 3544; elsewhere (a relay talks from any port) only when an address
+                        # is in the Teredo prefix 2001:0::/32, so random UDP payloads stay UDP.
                         t = q
                         if _u16(data, t) == 0x0001 and lim - t >= 4:
                             t += 4 + np.int64(data[t + 2]) + np.int64(data[t + 3]) + 9
                         if lim - t >= 8 and _u16(data, t) == 0x0000:
                             t += 8
-                        if lim - t >= 40 and (data[t] >> 4) == 6 and 40 + _u16(data, t + 4) == lim - t:
+                        on_port = dp == TEREDO_PORT or sp == TEREDO_PORT
+                        if lim - t >= 40 and (data[t] >> 4) == 6 and 40 + _u16(data, t + 4) == lim - t and (
+                                on_port or _u16(data, t + 8) == 0x2001 and _u16(data, t + 10) == 0
+                                or _u16(data, t + 24) == 0x2001 and _u16(data, t + 26) == 0):
                             if depth >= MAX_TUNNEL_DEPTH:
                                 anom |= ANOM_TUNNEL_DEPTH
                                 break
