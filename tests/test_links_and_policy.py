@@ -112,3 +112,23 @@ def test_retention_command_empties_store_under_a_tiny_quota(sample, tmp_path, ca
     assert capsys.readouterr().out.startswith("removed 2 hour(s)")
     assert sql(store, "SELECT count(*) AS n FROM sessions")[0]["n"] == 0
     assert not list((store / "packets").rglob("*.pcap"))
+
+
+def test_session_timeouts_are_settable(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _frames import eth, ip4, udp
+
+    from wiretrail.sample import write_pcap
+
+    t0 = 1_700_000_000 * 10**9
+    frame = eth(0x0800, ip4("10.0.0.1", "10.0.0.2", 17, udp(5000, 6000, b"ping")))
+    pcap = tmp_path / "gap.pcap"
+    write_pcap(pcap, [(t0, frame), (t0 + 90 * 10**9, frame)])  # 90 s apart
+    ingest(tmp_path / "default", str(pcap))
+    ingest(tmp_path / "long", "--udp-timeout", "120", str(pcap))
+    count = "SELECT count(*) AS n FROM sessions"
+    assert sql(tmp_path / "default", count)[0]["n"] == 2  # Zeek's 60 s UDP timeout splits them
+    assert sql(tmp_path / "long", count)[0]["n"] == 1
+    assert main(["ingest", "--no-progress", "--tcp-timeout", "-1", "--store", str(tmp_path / "x"), str(pcap)]) == 1

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-identify", action="store_true", help="no nDPI identification (records by port only)")
     p.add_argument("--stream-depth", type=parse_size, default=1 << 20, metavar="SIZE",
                    help="reassembled bytes kept per direction of a session (default 1M)")
+    timeouts = p.add_argument_group("session timeouts, in seconds (defaults as Zeek's)")
+    for name, default, what in (("tcp", 300, "TCP idle"), ("udp", 60, "UDP idle"), ("icmp", 60, "ICMP idle"),
+                                ("active", 1800, "longest session before it is cut"),
+                                ("attempt", 5, "an unanswered SYN ends the attempt after"),
+                                ("dns", 10, "DNS over UDP idle")):
+        timeouts.add_argument(f"--{name}-timeout", type=float, default=None, metavar="S",
+                              help=f"{what} (default {default})")
     p.add_argument("--community-id-seed", type=int, default=0, metavar="N",
                    help="community id seed, as Zeek's CommunityID::seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -128,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TIMEOUT_ARGS = {"tcp_timeout": "idle_timeout_tcp", "udp_timeout": "idle_timeout_udp",
+                 "icmp_timeout": "idle_timeout_icmp", "active_timeout": "active_timeout",
+                 "attempt_timeout": "attempt_delay", "dns_timeout": "dns_timeout"}
+
+
+def _timeouts(args) -> dict:
+    out = {}
+    for arg, name in _TIMEOUT_ARGS.items():
+        value = getattr(args, arg)
+        if value is not None:
+            if value <= 0:
+                raise WiretrailError(f"--{arg.replace('_', '-')} must be more than 0 seconds")
+            out[name] = int(value * 1_000_000_000)
+    return out
+
+
 def _cmd_ingest(args) -> int:
     from wiretrail.ingest import IngestOptions, ingest
 
@@ -146,6 +169,7 @@ def _cmd_ingest(args) -> int:
         identify=not args.no_identify,
         stream_depth=args.stream_depth,
         community_id_seed=args.community_id_seed,
+        timeouts=_timeouts(args),
         progress=not args.no_progress and sys.stderr.isatty(),
     )
     report = ingest(args.pcap, opts)

@@ -34,6 +34,7 @@ class IngestOptions:
     identify: bool = True              # nDPI identification (records still come from ports without it)
     stream_depth: int = 1 << 20        # reassembled bytes kept per direction of a session
     community_id_seed: int = 0         # as Zeek's CommunityID::seed / Suricata's community-id-seed
+    timeouts: dict = field(default_factory=dict)  # FlowTable timeouts in ns (idle_timeout_tcp, ...)
     progress: bool = False
     batch_bytes: int = 8 << 20
 
@@ -124,7 +125,8 @@ class Pipeline:
         root.mkdir(parents=True, exist_ok=True)
         register_schema("sessions", SESSIONS_SCHEMA)
         self.links = LinkMapper(opts.link_by, opts.link)
-        self.flows = FlowTable(link_names=self.links.names, community_id_seed=opts.community_id_seed)
+        self.flows = FlowTable(link_names=self.links.names, community_id_seed=opts.community_id_seed,
+                               **opts.timeouts)
         self.fragments = FragmentReassembler()
         self.packets = PacketWriter(root)  # takes the store's writer lock
         remove_stale_parts(root)
