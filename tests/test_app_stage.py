@@ -68,3 +68,24 @@ def test_starttls_sessions_get_smtp_and_tls_records(tmp_path):
     tls = sql(tmp_path / "s", "SELECT uid, version, resp_p FROM tls")
     assert smtp and smtp[0]["tls"] is True
     assert [r["uid"] for r in tls] == [smtp[0]["uid"]] and tls[0]["resp_p"] == 25 and tls[0]["version"]
+
+
+def test_identification_state_is_bounded(sample, tmp_path):
+    """Past NdpiState.max_live undecided sessions (a flood, a scan), new sessions are left
+    unidentified instead of taking memory: everything else goes on."""
+    from wiretrail.capture import iter_batches
+    from wiretrail.ingest import IngestOptions, Pipeline
+
+    _, pcap, truth = sample
+    pipe = Pipeline(IngestOptions(store=tmp_path / "s", batch_bytes=1 << 14))
+    pipe.app.ndpi_state.max_live = 3
+    for batch in iter_batches(str(pcap), batch_bytes=1 << 14):
+        pipe.process(batch)
+    pipe.finish()
+    rows = sql(tmp_path / "s", "SELECT app FROM sessions")
+    assert len(rows) == len(truth)
+    unknown = sum(r["app"] == "Unknown" for r in rows)
+    print(f"\nidentification bounded to 3 live sessions: {pipe.app.ndpi_state.skipped} sessions skipped, "
+          f"{len(rows) - unknown}/{len(rows)} identified")
+    assert pipe.app.ndpi_state.skipped > 0 and len(rows) - unknown > 0
+    assert len(pipe.app.ndpi_state.live) <= 3

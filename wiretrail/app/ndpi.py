@@ -330,10 +330,14 @@ class NdpiState:
     """Per-session identification state for the pipeline: nDPI flows of undecided sessions,
     and the results of decided sessions until they close (`finish`)."""
 
-    def __init__(self, identifier: Identifier):
+    def __init__(self, identifier: Identifier, max_live: int = 1 << 18):
         self.identifier = identifier
         self.live: dict[int, _Flow] = {}            # sid -> nDPI flow (undecided)
         self.results: dict[int, NdpiResult] = {}    # sid -> result (decided, not closed yet)
+        # A flood or scan opens sessions faster than nDPI can decide them: past this many
+        # undecided sessions (about 1.2 KB of nDPI state each) new ones stay unidentified.
+        self.max_live = max_live
+        self.skipped = 0                            # sessions left unidentified for that reason
 
     def __len__(self) -> int:
         return len(self.live) + len(self.results)
@@ -435,6 +439,10 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
         if h is None:
             if s in results:
                 continue  # decided earlier in this batch
+            if len(live) >= state.max_live:
+                state.skipped += 1
+                results[s] = UNKNOWN
+                continue
             h = live[s] = new_flow(s)
         fed += 1
         try:
@@ -453,11 +461,23 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
     live = state.live
     sessions, which = np.unique(srows, return_inverse=True)
     flows = []
-    for s in sessions.tolist():
+    room = state.max_live - len(live)
+    keep = np.ones(len(sessions), dtype=bool)
+    for u, s in enumerate(sessions.tolist()):
         h = live.get(s)
         if h is None:
+            if room <= 0:  # see NdpiState.max_live
+                state.skipped += 1
+                state.results[s] = UNKNOWN
+                keep[u] = False
+                continue
+            room -= 1
             h = live[s] = ident.new_flow(s)
         flows.append(h)
+    if not keep.all():
+        mask = keep[which]
+        sessions, start, length, ts_ms = sessions[keep], start[mask], length[mask], ts_ms[mask]
+        which = np.cumsum(keep)[which[mask]] - 1  # renumber the sessions kept
     ffi = ident._ffi
     m = len(flows)
     flow_ptr = np.array([int(ffi.cast("uintptr_t", h.ptr)) for h in flows], dtype=np.uint64)
