@@ -65,6 +65,24 @@ def sasl_plain(blob: bytes | None) -> tuple[str | None, bytes | None]:
     return None, None
 
 
+def sasl_login(protocol: str, verb: str, mech: str, responses: list[bytes], ts: int):
+    """(user, credentials row) of a SASL PLAIN or LOGIN exchange (SMTP/POP3 AUTH, IMAP
+    AUTHENTICATE) from the client's base64 responses; (None, None) when there is no user."""
+    from wiretrail.app.credentials import credential
+
+    if mech == "PLAIN" and responses:
+        user, pw = sasl_plain(b64(responses[0]))
+        if user is not None:
+            return user, credential(ts, protocol, f"{verb} PLAIN", user, pw)
+    elif mech == "LOGIN" and responses:
+        u = b64(responses[0])
+        if u is not None:
+            user = text(u)
+            return user, credential(ts, protocol, f"{verb} LOGIN", user,
+                                    b64(responses[1]) if len(responses) > 1 else None)
+    return None, None
+
+
 def until_dot(data: bytes, pos: int) -> tuple[bytes, int, bool]:
     """A dot-terminated block (SMTP DATA, POP3 multi-line) from `pos`: (body with the
     dot-stuffing undone, offset after the terminating line, complete)."""

@@ -18,7 +18,7 @@ import re
 
 import pyarrow as pa
 
-from wiretrail.app._lines import b64, message_summary, next_line, sasl_plain, text, usable
+from wiretrail.app._lines import message_summary, next_line, sasl_login, text, usable
 from wiretrail.app.base import Stream, guarded
 from wiretrail.app.credentials import credential
 
@@ -139,17 +139,10 @@ def _parse(s: Stream) -> list[dict]:
                     break
                 responses.append(r2[0].strip())
                 pos = r2[1]
-            if mech == "PLAIN" and responses:
-                u, pw = sasl_plain(b64(responses[0]))
-                if u is not None:
-                    user = u
-                    creds.append(credential(ts, "imap", "AUTHENTICATE PLAIN", u, pw))
-            elif mech == "LOGIN" and responses:
-                u = b64(responses[0])
-                if u is not None:
-                    user = text(u)
-                    creds.append(credential(ts, "imap", "AUTHENTICATE LOGIN", user,
-                                            b64(responses[1]) if len(responses) > 1 else None))
+            u, cred = sasl_login("imap", "AUTHENTICATE", mech, responses, ts)
+            if u is not None:
+                user = u
+                creds.append(cred)
         elif cmd in ("SELECT", "EXAMINE") and args:
             row["mailbox"] = text(args[0])
         row["user"] = user

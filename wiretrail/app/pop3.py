@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from wiretrail.app._lines import b64, message_summary, next_line, sasl_plain, text, until_dot, usable
+from wiretrail.app._lines import message_summary, next_line, sasl_login, text, until_dot, usable
 from wiretrail.app.base import Stream, guarded
 from wiretrail.app.credentials import credential
 
@@ -118,17 +118,10 @@ def _parse(s: Stream) -> list[dict]:
                 responses.append(resp_line.strip())
                 st, msg, _ = reply()
             row.update(arg=mech, status=st, reply_msg=msg)
-            if mech == "PLAIN" and responses:
-                u, pw = sasl_plain(b64(responses[0]))
-                if u is not None:
-                    user = u
-                    creds.append(credential(ts, "pop3", "AUTH PLAIN", u, pw))
-            elif mech == "LOGIN" and responses:
-                u = b64(responses[0])
-                if u is not None:
-                    user = text(u)
-                    creds.append(credential(ts, "pop3", "AUTH LOGIN", user,
-                                            b64(responses[1]) if len(responses) > 1 else None))
+            u, cred = sasl_login("pop3", "AUTH", mech, responses, ts)
+            if u is not None:
+                user = u
+                creds.append(cred)
         elif cmd in ("RETR", "TOP") and body:
             m = message_summary(body)
             row.update(mail_from=m.get("from"), mail_to=m.get("to"), mail_subject=m.get("subject"),

@@ -22,10 +22,9 @@ import re
 
 import pyarrow as pa
 
-from wiretrail.app._lines import (addresses, attachments, b64, headers, next_line, sasl_plain, split_head,
-                                  text, until_dot, usable)
+from wiretrail.app._lines import (addresses, attachments, headers, next_line, sasl_login, split_head, text,
+                                  until_dot, usable)
 from wiretrail.app.base import Stream, guarded
-from wiretrail.app.credentials import credential
 
 TABLE = "smtp"
 SCHEMA = pa.schema([
@@ -294,18 +293,10 @@ def _parse(s: Stream) -> list[dict]:
                 code = reply()
                 if code is None and len(responses) >= need:
                     break
-            if mech == "PLAIN" and responses:
-                user, pw = sasl_plain(b64(responses[0]))
-                if user is not None:
-                    st.user = st.rec["user"] = user
-                    creds.append(credential(ts, "smtp", "AUTH PLAIN", user, pw))
-            elif mech == "LOGIN" and responses:
-                u = b64(responses[0])
-                pw = b64(responses[1]) if len(responses) > 1 else None
-                if u is not None:
-                    user = text(u)
-                    st.user = st.rec["user"] = user
-                    creds.append(credential(ts, "smtp", "AUTH LOGIN", user, pw))
+            user, cred = sasl_login("smtp", "AUTH", mech, responses, ts)
+            if user is not None:
+                st.user = st.rec["user"] = user
+                creds.append(cred)
         elif cmd == "STARTTLS":
             code = reply()
             if code == 220 or (code is None and one_side):
