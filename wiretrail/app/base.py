@@ -56,6 +56,18 @@ class Direction:
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     truncated: bool = False  # the depth limit cut the stream
 
+    def after(self, offset: int) -> Direction:
+        """The same direction from stream offset `offset` on (what a proxy carried after its
+        handshake)."""
+        offset = max(0, min(offset, len(self.data)))
+        keep = self.ts_offsets >= offset
+        ts_offsets = np.concatenate([[0], self.ts_offsets[keep] - offset]) if len(self.ts) else self.ts_offsets
+        ts = np.concatenate([[self.time_at(offset)], self.ts[keep]]) if len(self.ts) else self.ts
+        if len(ts_offsets) > 1 and ts_offsets[1] == 0:  # a packet began exactly there
+            ts_offsets, ts = ts_offsets[1:], ts[1:]
+        return Direction(data=self.data[offset:], gaps=[(o - offset, n) for o, n in self.gaps if o >= offset],
+                         ts_offsets=ts_offsets.astype(np.int64), ts=ts.astype(np.int64), truncated=self.truncated)
+
     def time_at(self, offset: int) -> int:
         """Time of the packet that carried stream byte `offset` (ns)."""
         if len(self.ts) == 0:

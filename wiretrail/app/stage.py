@@ -27,7 +27,7 @@ from wiretrail.batch import FRAG_NONE, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
-             "telnet")
+             "telnet", "socks")
 
 # nDPI master protocol -> Zeek's `service` name (conn.log), for the protocols Zeek names.
 ZEEK_SERVICE = {
@@ -342,6 +342,18 @@ class AppStage:
         stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
                         resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k], orig=orig, resp=resp,
                         app="" if app == "Unknown" else app)
+        out = self._run_parsers(parsers, stream)
+        for _, row in list(out):  # a proxy (SOCKS) says where the connection it carries begins
+            inner = row.get("_inner")
+            if inner:
+                orig_off, resp_off, port = inner
+                carried = Stream(uid=stream.uid, orig_h=stream.orig_h, orig_p=stream.orig_p, resp_h=stream.resp_h,
+                                 resp_p=stream.resp_p, orig=orig.after(orig_off), resp=resp.after(resp_off))
+                inner_parsers = [m for m in self._stream_parsers("", port) if m not in parsers]
+                out.extend(self._run_parsers(inner_parsers, carried))
+        return out
+
+    def _run_parsers(self, parsers: list[_Module], stream: Stream) -> list:
         out = []
         for m in parsers:
             try:
