@@ -47,13 +47,10 @@ def lookup(event: dict, path: str):
 
 def matches(event: dict, match: dict) -> bool:
     for key, want in match.items():
-        if key == "has-key":
-            if lookup(event, want) is _MISSING:
-                return False
-            continue
-        if key == "not-has-key":
-            if lookup(event, want) is not _MISSING:
-                return False
+        if key in ("has-key", "not-has-key"):  # one path or a list of them
+            for path in (want if isinstance(want, list) else [want]):
+                if (lookup(event, path) is _MISSING) == (key == "has-key"):
+                    return False
             continue
         got = lookup(event, key)
         if got is _MISSING or (got != want and str(got) != str(want)):
@@ -148,4 +145,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.68  # measured 255/367 (69%): see the printed figures for each event type
+FLOOR = 0.70  # measured 260/367 (71%): see the printed figures for each event type

@@ -182,8 +182,13 @@ def _dns(r: dict) -> list[dict]:
 
 def _http(r: dict) -> list[dict]:
     e = _head(r, "http", "http", "TCP")
+    e["tx_id"] = r.get("tx_id")
     types = r.get("resp_mime_types") or []
-    e["http"] = _clean({"hostname": r.get("host"), "url": r.get("uri"), "http_user_agent": r.get("user_agent"),
+    host, port = r.get("host"), None
+    if host and host.count(":") == 1 and host.rsplit(":", 1)[1].isdigit():  # Suricata splits the port off
+        host, port = host.rsplit(":", 1)[0], int(host.rsplit(":", 1)[1])
+    e["http"] = _clean({"hostname": host, "http_port": port, "url": r.get("uri"),
+                        "http_user_agent": r.get("user_agent"),
                         "http_content_type": types[0] if types else None, "http_refer": r.get("referrer"),
                         "http_method": r.get("method"), "protocol": f"HTTP/{r['version']}" if r.get("version") else None,
                         "status": r.get("status_code"), "length": r.get("response_body_len"),
@@ -235,6 +240,7 @@ def _iso(ns: int | None) -> str | None:
 
 def _tls(r: dict) -> list[dict]:
     e = _head(r, "tls", "tls", "TCP")
+    e["tx_id"] = r.get("tx_id")
     e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
                        "version": _tls_version(r.get("version")),
                        "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
@@ -247,6 +253,7 @@ def _tls(r: dict) -> list[dict]:
 
 def _smtp(r: dict) -> list[dict]:
     e = _head(r, "smtp", "smtp", "TCP")
+    e["tx_id"] = r.get("tx_id")
     e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": _angle(r.get("mailfrom")),
                         "rcpt_to": [_angle(x) for x in (r.get("rcptto") or [])]})
     email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
@@ -268,6 +275,7 @@ def _angle(v: str | None) -> str | None:
 
 def _ftp(r: dict) -> list[dict]:
     e = _head(r, "ftp", "ftp", "TCP")
+    e["tx_id"] = r.get("tx_id")
     msg, code = r.get("reply_msg"), r.get("reply_code")
     e["ftp"] = _clean({"command": r.get("command") if r.get("command") != "<init>" else None,
                        "command_data": r.get("arg"),
@@ -281,6 +289,7 @@ def _ftp(r: dict) -> list[dict]:
 def _smb(r: dict) -> list[dict]:
     """Suricata names SMB commands SMB1_COMMAND_* / SMB2_COMMAND_*."""
     e = _head(r, "smb", "smb", "TCP")
+    e["tx_id"] = r.get("tx_id")
     dialect, command = r.get("dialect"), r.get("command")
     prefix = "SMB1_COMMAND_" if dialect in ("SMB1", "NT LM 0.12") else "SMB2_COMMAND_"
     e["smb"] = _clean({"dialect": dialect, "command": prefix + command if command else None,
