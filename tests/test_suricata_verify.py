@@ -145,4 +145,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.70  # measured 260/367 (71%): see the printed figures for each event type
+FLOOR = 0.72  # measured 270/367 (74%): see the printed figures for each event type

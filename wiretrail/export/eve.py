@@ -286,15 +286,29 @@ def _ftp(r: dict) -> list[dict]:
     return [_clean(e)]
 
 
+# our SMB command and dialect names -> Suricata's
+_SMB1_COMMANDS = {"NEGOTIATE": "NEGOTIATE_PROTOCOL", "SESSION_SETUP": "SESSION_SETUP_ANDX",
+                  "LOGOFF": "LOGOFF_ANDX", "TREE_CONNECT": "TREE_CONNECT_ANDX", "CREATE": "NT_CREATE_ANDX",
+                  "READ": "READ_ANDX", "WRITE": "WRITE_ANDX", "TRANSACTION2": "TRANS2"}
+_SMB2_COMMANDS = {"NEGOTIATE": "NEGOTIATE_PROTOCOL", "LOGOFF": "SESSION_LOGOFF", "QUERY_DIRECTORY": "FIND",
+                  "QUERY_INFO": "GET_INFO", "ECHO": "KEEPALIVE"}
+_SMB_DIALECTS = {"SMB1": "NT LM 0.12", "2.0.2": "2.02", "2.1": "2.10", "3.0": "3.00", "3.0.2": "3.02", "3.1.1": "3.11"}
+
+
 def _smb(r: dict) -> list[dict]:
-    """Suricata names SMB commands SMB1_COMMAND_* / SMB2_COMMAND_*."""
     e = _head(r, "smb", "smb", "TCP")
     e["tx_id"] = r.get("tx_id")
     dialect, command = r.get("dialect"), r.get("command")
-    prefix = "SMB1_COMMAND_" if dialect in ("SMB1", "NT LM 0.12") else "SMB2_COMMAND_"
-    e["smb"] = _clean({"dialect": dialect, "command": prefix + command if command else None,
+    smb1 = dialect == "SMB1"
+    if command:
+        command = ("SMB1_COMMAND_" + _SMB1_COMMANDS.get(command, command) if smb1
+                   else "SMB2_COMMAND_" + _SMB2_COMMANDS.get(command, command))
+    access = "delete on close" if r.get("delete_on_close") else ("normal" if r.get("disposition") else None)
+    e["smb"] = _clean({"dialect": _SMB_DIALECTS.get(dialect, dialect), "command": command,
                        "status": r.get("status"), "filename": r.get("name"), "share": r.get("tree"),
-                       "session_id": r.get("session_id"), "tree_id": r.get("tree_id"),
+                       "disposition": r.get("disposition"), "access": access,
+                       "created": r.get("created_s"), "session_id": r.get("session_id"),
+                       "tree_id": r.get("tree_id"),
                        "ntlmssp": _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
                                           "host": r.get("ntlm_host")}) or None})
     return [_clean(e)]
@@ -307,6 +321,8 @@ EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "
 def emit_table(db, table: str, convert, emit) -> None:
     columns = {row[0] for row in db.execute(f'DESCRIBE "{table}"').fetchall()}
     extra = ", epoch_ns(t.response_ts) AS response_ns" if "response_ts" in columns else ""
+    if "created" in columns:  # SMB file times: Suricata writes whole epoch seconds
+        extra += ", epoch(t.created)::BIGINT AS created_s"
     # tx_id: the transaction's number within its flow, as Suricata counts them
     # community_id comes from the session, as Suricata puts it on every event of a flow
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
