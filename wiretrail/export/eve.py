@@ -213,8 +213,7 @@ def _dn(zeek_dn: str | None) -> str | None:
         if escaped:
             cur.append(ch)
             escaped = False
-        elif ch == "\\":
-            cur.append(ch)
+        elif ch == "\\":  # Zeek escapes a separator inside a value: Suricata does not
             escaped = True
         elif ch == ",":
             parts.append("".join(cur))
@@ -329,13 +328,14 @@ def emit_table(db, table: str, convert, emit) -> None:
              f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id '
              f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id FROM sessions) s USING (uid) ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
-        # the server's leaf certificate: its first host certificate in the session
-        query = query.replace(
+        # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
+        query = query.replace("SELECT t.*,", "SELECT t.*, c.leaf_sha1, c.leaf_serial, c.leaf_not_before, "
+                                             "c.leaf_not_after,").replace(
             'FROM "tls" t LEFT JOIN',
-            'FROM "tls" t LEFT JOIN (SELECT uid, arg_min(sha1, ts) AS leaf_sha1, arg_min(serial, ts) AS leaf_serial, '
-            'epoch_ns(arg_min(not_valid_before, ts)) AS leaf_not_before, '
-            'epoch_ns(arg_min(not_valid_after, ts)) AS leaf_not_after FROM x509 WHERE host_cert GROUP BY uid) c '
-            'USING (uid) LEFT JOIN')
+            'FROM "tls" t LEFT JOIN (SELECT DISTINCT ON (fingerprint) fingerprint AS leaf_fp, sha1 AS leaf_sha1, '
+            'serial AS leaf_serial, epoch_ns(not_valid_before) AS leaf_not_before, '
+            'epoch_ns(not_valid_after) AS leaf_not_after FROM x509) c '
+            'ON c.leaf_fp = list_extract(t.cert_chain_fps, 1) LEFT JOIN')
     if table != "dns":
         for r in _rows(db, query):
             emit(convert(r))
