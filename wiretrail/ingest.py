@@ -270,6 +270,9 @@ class Pipeline:
         self._close(self.flows.flush())
         if self.app is not None:
             self._records(self.app.finish())
+            if self.app.parser_errors:  # a parser raised (a bug): those sessions lost their records
+                self.report.notes.append(f"{self.app.parser_errors} protocol parser error(s): the records of "
+                                         "those sessions were dropped")
             if self.app.bad_rows:  # a parser wrote a value its column cannot hold: say where
                 self.report.notes.append("records dropped (a value out of its column's range): "
                                          + ", ".join(f"{k} {v}" for k, v in sorted(self.app.bad_rows.items())))
