@@ -328,7 +328,6 @@ class AppStage:
                     try:
                         good.append(pa.Table.from_pylist([row], schema=schema))
                     except Exception:
-                        self.parser_errors += 1
                         self.bad_rows[name] = self.bad_rows.get(name, 0) + 1
                 if good:
                     tables[name] = pa.concat_tables(good)
