@@ -46,3 +46,16 @@ def test_socks5_login_is_a_credential(tmp_path):
     creds = rows(tmp_path, "socks-http-pass.pcap", "SELECT protocol, user, password_hash FROM credentials")
     assert socks and all(r["password"] == "<hidden>" for r in socks)
     assert {(c["protocol"], c["user"]) for c in creds} == {("socks", r["user"]) for r in socks}
+
+
+SV = ARKIME.parent / "suricata-verify" / "tests" / "http-connect" / "http-connect-simple"
+
+
+@pytest.mark.skipif(not SV.is_dir(), reason="corpus not found")
+def test_http_connect_carries_http(tmp_path):
+    store = tmp_path / "s"
+    ingest(list(SV.glob("*.pcap")), IngestOptions(store=store))
+    buf = StringIO()
+    run_sql(store, "SELECT method, uri, status_code FROM http ORDER BY ts", "json", buf)
+    got = [json.loads(x) for x in buf.getvalue().splitlines()]
+    assert [(r["method"], r["status_code"]) for r in got] == [("CONNECT", 200), ("GET", 200)]

@@ -233,11 +233,12 @@ class _Dir:
 class _Msg:
     __slots__ = ("start", "ts", "line", "headers", "hlist", "body_len", "wire_len", "gap", "chunked",
                  "malformed", "method", "uri", "version", "code", "reason", "pieces", "complete",
-                 "v09", "resynced")
+                 "v09", "resynced", "tunnel_from")
 
     def __init__(self, start: int, ts: int):
         self.start = start
         self.ts = ts
+        self.tunnel_from = None
         self.headers: dict[str, str] = {}
         self.hlist: list[tuple[str, str]] = []
         self.body_len = 0
@@ -520,6 +521,7 @@ class _Parser:
         self.odone = False
         self.oblocked = False       # the last request may open a tunnel: wait for its response
         self.by_time = False        # a request-side resync: pair responses by time
+        self.tunnel = None          # (client offset, server offset, port) after a granted CONNECT
 
     # requests
     def _resync(self, d: _Dir, pos: int, rx: re.Pattern, gap: bool = True) -> int:
@@ -598,6 +600,7 @@ class _Parser:
             self.opos = pos
         if m.method == "CONNECT" or "upgrade" in m.headers:
             self.oblocked = True
+            m.tunnel_from = self.opos  # where the client's side of a granted tunnel begins
         return True
 
     def _first_sync(self, d: _Dir) -> int:
@@ -693,6 +696,11 @@ class _Parser:
             if tunnel:
                 rdone = True
                 self.odone = True
+                if req is not None and method == "CONNECT":
+                    port = req.uri.rsplit(":", 1)[-1] if req.uri else ""
+                    if port.isdigit() and getattr(req, "tunnel_from", None) is not None:
+                        # the proxied connection, for the stage to parse as its own protocol
+                        self.tunnel = (req.tunnel_from, npos, int(port))
                 break
             if lost2:
                 nxt = self._resync(d, npos, _RESP_SYNC)
@@ -729,6 +737,10 @@ class _Parser:
         rows = []
         for depth, (k, resp, inf) in enumerate(merged, 1):
             rows.extend(self._row(depth, self.reqs[k] if k is not None else None, resp, inf))
+        if self.tunnel is not None:
+            connect = [r for r in rows if r.get("method") == "CONNECT"]
+            if connect:
+                connect[-1]["_inner"] = self.tunnel
         return rows
 
     def _resp_first_sync(self, d: _Dir) -> int:
@@ -887,7 +899,8 @@ def _form_credentials(req: _Msg, ts: int) -> list[dict]:
 
 
 def _looks_like_http(s: Stream) -> bool:
-    o, r = s.orig.data, s.resp.data
+    # empty lines before a start line are allowed (RFC 9112 2.2): look past them
+    o, r = s.orig.data[:8192].lstrip(b"\r\n"), s.resp.data[:64].lstrip(b"\r\n")
     if r.startswith(b"HTTP/"):
         return True
     nl = o.find(b"\n", 0, 8192)

@@ -29,6 +29,9 @@ from wiretrail.batch import FRAG_NONE, TCP_SYN
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
              "telnet", "socks")
 
+# Parsers that return nothing unless the stream is theirs (HTTP start lines, TLS records).
+SELF_DETECTING = ("http", "tls", "x509", "ssh")
+
 # nDPI master protocol -> Zeek's `service` name (conn.log), for the protocols Zeek names.
 ZEEK_SERVICE = {
     "DNS": "dns", "MDNS": "dns", "LLMNR": "dns", "NetBIOS": "dns", "HTTP": "http", "HTTP_Proxy": "http",
@@ -348,8 +351,13 @@ class AppStage:
                 orig_off, resp_off, port = inner
                 carried = Stream(uid=stream.uid, orig_h=stream.orig_h, orig_p=stream.orig_p, resp_h=stream.resp_h,
                                  resp_p=stream.resp_p, orig=orig.after(orig_off), resp=resp.after(resp_off))
-                inner_parsers = [m for m in self._stream_parsers("", port) if m not in parsers]
-                out.extend(self._run_parsers(inner_parsers, carried))
+                by_port = self._stream_parsers("", port)
+                inner = self._run_parsers(by_port, carried)
+                if not inner:  # not what its port says (HTTP inside CONNECT to :443): the parsers
+                    # that recognise their protocol by content try (others accept any text)
+                    sniffers = [m for m in self.stream_modules if m.name in SELF_DETECTING and m not in by_port]
+                    inner = self._run_parsers(sniffers, carried)
+                out.extend(inner)
         return out
 
     def _run_parsers(self, parsers: list[_Module], stream: Stream) -> list:
