@@ -42,6 +42,8 @@ def _ip(text: str | None) -> str | None:
 
 
 def _app_proto(r: dict) -> str | None:
+    if r.get("parsed"):
+        return r["parsed"]
     app = r.get("app")
     if app:
         name = _APP_PROTO.get(app.split(".")[0])
@@ -370,7 +372,14 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
                     out.write(json.dumps(e, separators=(",", ":"), default=str))
                     out.write("\n")
                     counts[e["event_type"]] = counts.get(e["event_type"], 0) + 1
-            for r in _rows(db, "SELECT *, epoch_ns(ts) AS ts_ns, epoch_ns(last_ts) AS last_ns FROM sessions ORDER BY ts"):
+            # a session a parser made records of is that protocol, whatever nDPI said (Suricata's
+            # app_proto is its parsers' verdict too)
+            parsed = [t for t in EVENTS if t in views]
+            by_records = (" UNION ALL ".join(f"SELECT DISTINCT uid, '{t}' AS parsed FROM \"{t}\"" for t in parsed)
+                          if parsed else "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS parsed WHERE false")
+            for r in _rows(db, "SELECT s.*, epoch_ns(s.ts) AS ts_ns, epoch_ns(s.last_ts) AS last_ns, p.parsed "
+                               f"FROM sessions s LEFT JOIN (SELECT uid, any_value(parsed) AS parsed FROM ({by_records}) "
+                               "GROUP BY uid) p USING (uid) ORDER BY s.ts"):
                 emit([_flow(r)])
             for table, convert in EVENTS.items():
                 if table in views:
