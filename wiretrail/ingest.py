@@ -7,7 +7,6 @@ continues from one file into the next stays one session.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,7 +330,3 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
     pipe.report.seconds = time.monotonic() - started
     return pipe.report
 
-
-def cpu_seconds() -> float:
-    t = os.times()
-    return t.user + t.system

@@ -15,6 +15,7 @@ from pathlib import Path
 import duckdb
 
 from wiretrail.errors import WiretrailError
+from wiretrail.sessions.flowtable import sid_of_uid
 
 _PROTO = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMP"}
 # nDPI master protocol -> Suricata's app_proto name
@@ -52,19 +53,11 @@ def _app_proto(r: dict) -> str | None:
     if r.get("proto") == "tcp":
         return "failed" if (r.get("orig_bytes") or r.get("resp_bytes")) else None
     return None
-_B62 = {c: i for i, c in enumerate("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")}
 
 
 def _timestamp(ns: int) -> str:
     t = dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc)
     return t.strftime("%Y-%m-%dT%H:%M:%S") + f".{(ns % 1_000_000_000) // 1000:06d}+0000"
-
-
-def _flow_id(uid: str) -> int:
-    v = 0
-    for ch in uid[1:]:
-        v = v * 62 + _B62.get(ch, 0)
-    return v
 
 
 def _rows(db: duckdb.DuckDBPyConnection, query: str):
@@ -127,7 +120,7 @@ def _flow(r: dict) -> dict:
         "age": (r["last_ns"] - r["ts_ns"]) // 1_000_000_000, "state": _state(r),
         "reason": r.get("close_reason") or "timeout", "alerted": False,
     })
-    event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": "flow",
+    event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": "flow",
              "src_ip": _ip(r["orig_h"]), "src_port": r["orig_p"], "dest_ip": _ip(r["resp_h"]), "dest_port": r["resp_p"],
              "proto": proto, "app_proto": _app_proto(r), "flow": flow, "community_id": r["community_id"]}
     if r["vlan"] is not None:
@@ -140,7 +133,7 @@ def _flow(r: dict) -> dict:
 
 
 def _head(r: dict, event_type: str, app_proto: str, proto: str) -> dict:
-    return {"timestamp": _timestamp(r["ts_ns"]), "flow_id": _flow_id(r["uid"]), "event_type": event_type,
+    return {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type,
             "src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
             "dest_port": r.get("resp_p"), "proto": proto, "app_proto": app_proto, "community_id": r.get("community_id")}
 

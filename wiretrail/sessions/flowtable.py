@@ -666,6 +666,21 @@ def uid_of(sid: int) -> str:
     return "C" + "".join(reversed(out))
 
 
+def sid_of_uid(uid: str) -> int:
+    """The session id a uid spells (uid_of's inverse); WiretrailError if it is no uid."""
+    from wiretrail.errors import WiretrailError
+
+    if len(uid or "") != 12 or uid[0] != "C" or not all(ch in _B62_INDEX for ch in uid[1:]):
+        raise WiretrailError(f"not a session uid: {uid!r} (expected C followed by 11 letters/digits)")
+    v = 0
+    for ch in uid[1:]:
+        v = v * 62 + _B62_INDEX[ch]
+    if v >= 1 << 63:
+        raise WiretrailError(f"not a session uid: {uid!r}")
+    return v
+
+
+_B62_INDEX = {ch: k for k, ch in enumerate(_B62)}
 _B62_BYTES = np.frombuffer(_B62.encode("ascii"), dtype=np.uint8)
 
 
@@ -680,12 +695,6 @@ def uids_of(sids: np.ndarray) -> pa.Array:
         v //= np.uint64(62)
     offsets = np.arange(0, 12 * m + 1, 12, dtype=np.int32)
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(buf.tobytes()))
-
-
-def _addr_bytes(hi: int, lo: int, v4: bool) -> bytes:
-    if v4:
-        return (lo & 0xFFFFFFFF).to_bytes(4, "big")
-    return hi.to_bytes(8, "big") + lo.to_bytes(8, "big")
 
 
 def community_id(saddr: bytes, daddr: bytes, proto: int, sport: int | None, dport: int | None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import calendar
 import os
-import re
 import time
 from pathlib import Path
 
@@ -13,25 +12,10 @@ import numpy as np
 
 from wiretrail.batch import HOUR_NS
 from wiretrail.errors import CaptureError, WiretrailError
+from wiretrail.sessions.flowtable import sid_of_uid
 from wiretrail.store.index import lookup
 from wiretrail.store.packets import PACKETS_DIR, file_paths
 from wiretrail.store.pcapfile import RECORD_HEADER_LEN, CaptureOutput, read_pcap_header
-
-_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-_UID = re.compile(r"^C[0-9A-Za-z]{11}$")
-
-
-def sid_of_uid(uid: str) -> int:
-    """Inverse of the sessions' uid: 'C' + 11 base62 digits of the session id."""
-    if not _UID.match(uid or ""):
-        raise WiretrailError(f"not a session uid: {uid!r} (expected C followed by 11 letters/digits)")
-    v = 0
-    for ch in uid[1:]:
-        v = v * 62 + _B62.index(ch)
-    if v >= 1 << 63:
-        raise WiretrailError(f"not a session uid: {uid!r}")
-    return v
-
 
 def _open_output(out: Path):
     try:

@@ -39,10 +39,6 @@ def register_schema(name: str, schema: pa.Schema) -> None:
     _SCHEMAS[name] = schema
 
 
-def registered_schemas() -> dict[str, pa.Schema]:
-    return dict(_SCHEMAS)
-
-
 def partition_dir(base: Path, hour: int) -> Path:
     day, hh = time.strftime("%Y%m%d %H", time.gmtime(hour * 3600)).split()
     return base / f"day={day}" / f"hour={hh}"

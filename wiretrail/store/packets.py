@@ -50,11 +50,6 @@ def file_paths(root: Path) -> dict[int, Path]:
     return out
 
 
-def find_file(root: Path, file_id: int) -> Path | None:
-    hits = list((Path(root) / PACKETS_DIR).glob(f"*/*/*/{file_id:010d}.pcap"))
-    return hits[0] if hits else None
-
-
 _BLOCK = 4096                # O_DIRECT alignment (file offsets, lengths, buffer addresses)
 _STAGE_BYTES = 1 << 20       # per open file: bounded however many links are open
 
