@@ -3,9 +3,7 @@ over a time range (only the hours in range are read)."""
 
 from __future__ import annotations
 
-import calendar
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +12,7 @@ from wiretrail.batch import HOUR_NS
 from wiretrail.errors import CaptureError, WiretrailError
 from wiretrail.sessions.flowtable import sid_of_uid
 from wiretrail.store.index import lookup
-from wiretrail.store.packets import PACKETS_DIR, file_paths
+from wiretrail.store.packets import PACKETS_DIR, file_paths, hour_dirs
 from wiretrail.store.pcapfile import RECORD_HEADER_LEN, CaptureOutput, read_pcap_header
 
 def _open_output(out: Path):
@@ -75,26 +73,6 @@ def _read_records(f, offsets: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
     return wire, frames
 
 
-def _hour_dirs(store: Path, links: list[str] | None) -> list[tuple[int, Path]]:
-    out = []
-    base = store / PACKETS_DIR
-    for link_dir in sorted(base.iterdir()) if base.is_dir() else []:
-        if links and link_dir.name not in links:
-            continue
-        for day in link_dir.iterdir():
-            for hh in day.iterdir():
-                try:
-                    hour = int(day.name + hh.name)
-                except ValueError:
-                    continue
-                out.append((hour, hh))
-    return out
-
-
-def _hour_since_epoch(yyyymmddhh: int) -> int:
-    return calendar.timegm(time.strptime(str(yyyymmddhh), "%Y%m%d%H")) // 3600
-
-
 def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, out: Path,
                    fmt: str = "pcap", links: list[str] | str | None = None) -> int:
     """Write the stored packets that match BPF filter `bpf` with start <= ts < end (ns since the
@@ -110,8 +88,9 @@ def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, ou
     lo_hour = None if start is None else start // HOUR_NS - 1  # a file may start just before the hour
     hi_hour = None if end is None else end // HOUR_NS
     by_hour: dict[int, list[Path]] = {}
-    for ymdh, directory in _hour_dirs(store, links):
-        hour = _hour_since_epoch(ymdh)
+    for hour, link, directory in hour_dirs(store):
+        if links and link not in links:
+            continue
         if (lo_hour is None or hour >= lo_hour) and (hi_hour is None or hour <= hi_hour):
             by_hour.setdefault(hour, []).extend(sorted(directory.glob("*.pcap")))
     programs: dict[int, np.ndarray] = {}

@@ -12,6 +12,7 @@ one kernel and written with one write per file, then flushed: after `write` retu
 
 from __future__ import annotations
 
+import calendar
 import errno
 import fcntl
 import mmap
@@ -39,6 +40,19 @@ def link_dir_name(link: str) -> str:
 def hour_dir(hour: int) -> str:
     """YYYYMMDD/HH of an hour since the epoch."""
     return time.strftime("%Y%m%d/%H", time.gmtime(hour * 3600))
+
+
+def hour_dirs(root: Path) -> list[tuple[int, str, Path]]:
+    """Every (hour since the epoch, link directory name, directory) of the packet store
+    (hour_dir's inverse)."""
+    out = []
+    for hh in (Path(root) / PACKETS_DIR).glob("*/*/*"):
+        try:
+            hour = calendar.timegm(time.strptime(hh.parent.name + hh.name, "%Y%m%d%H")) // 3600
+        except ValueError:
+            continue
+        out.append((hour, hh.parent.parent.name, hh))
+    return out
 
 
 def file_paths(root: Path) -> dict[int, Path]:

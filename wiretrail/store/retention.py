@@ -7,7 +7,6 @@ users of other tools ask for) fits in `quota_bytes`.
 
 from __future__ import annotations
 
-import calendar
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from wiretrail.batch import HOUR_NS
 from wiretrail.errors import WiretrailError
 from wiretrail.store.metadata import INDEX_DIR, TABLES_DIR, hour_of_partition
-from wiretrail.store.packets import PACKETS_DIR
+from wiretrail.store.packets import hour_dirs
 
 
 def _dir_bytes(path: Path) -> int:
@@ -25,11 +24,7 @@ def _dir_bytes(path: Path) -> int:
 def store_hours(root: Path) -> dict[int, list[Path]]:
     """Every hour directory of the store, by hour since the epoch."""
     hours: dict[int, list[Path]] = {}
-    for hh in (root / PACKETS_DIR).glob("*/*/*"):
-        try:
-            hour = calendar.timegm(time.strptime(hh.parent.name + hh.name, "%Y%m%d%H")) // 3600
-        except ValueError:
-            continue
+    for hour, _, hh in hour_dirs(root):
         hours.setdefault(hour, []).append(hh)
     for base in [root / INDEX_DIR, *(root / TABLES_DIR).glob("*")]:
         for hh in base.glob("day=*/hour=*"):
