@@ -99,7 +99,9 @@ class AppStage:
         self.dgram_state: dict[tuple[int, str], object] = {}   # (sid, module) -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.streamed: set[int] = set()                         # sids with reassembly state
-        self._wanted: dict[int, bool | None] = {}               # identified sids: streams wanted?
+        self._judged: set[int] = set()                          # identified sids looked at by _streams
+        self._wanted: set[int] = set()                          # ... whose streams a parser reads
+        self._unwanted: set[int] = set()                        # ... identified as what none reads
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_for: dict[tuple[str, int], list] = {}
         self.parser_errors = 0
@@ -209,23 +211,24 @@ class AppStage:
         want = np.isin(cols["sport"], self.stream_ports) | np.isin(cols["dport"], self.stream_ports)
         if self.ndpi_state is not None:
             results = self.ndpi_state.results
-            for s in results.keys() - self._wanted.keys():  # sessions identified since the last batch
+            for s in results.keys() - self._judged:  # sessions identified since the last batch
+                self._judged.add(s)
                 app = results[s].app
                 parsers = self._stream_parsers(app)
                 if parsers:
-                    self._wanted[s] = True
+                    self._wanted.add(s)
                     # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
                     depth = max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers)
                     if depth < self.reasm.depth:
                         self.reasm.limit(s, depth)
-                elif app in ("", "Unknown"):
-                    self._wanted[s] = None  # nDPI does not know: the port decides
-                else:  # identified as something no module parses, whatever its port
-                    self._wanted[s] = False
+                elif app not in ("", "Unknown"):
+                    # identified as something no module parses, whatever its port (a session
+                    # nDPI could not name is left to its port)
+                    self._unwanted.add(s)
                     self.reasm.drop(s)
                     self.streamed.discard(s)
-            yes = np.fromiter((s for s, v in self._wanted.items() if v), dtype=np.int64)
-            no = np.fromiter((s for s, v in self._wanted.items() if v is False), dtype=np.int64)
+            yes = np.fromiter(self._wanted, dtype=np.int64, count=len(self._wanted))
+            no = np.fromiter(self._unwanted, dtype=np.int64, count=len(self._unwanted))
             undecided = ~np.isin(sid, np.fromiter(results.keys(), dtype=np.int64, count=len(results)))
             want = (want & ~np.isin(sid, no)) | np.isin(sid, yes) | (undecided & ~np.isin(sid, no))
         rows = np.flatnonzero(tcp & want)
@@ -279,7 +282,9 @@ class AppStage:
                         rows.extend((m, row) for row in state.close())
                     except Exception:
                         self.parser_errors += 1
-            self._wanted.pop(s, None)
+            self._judged.discard(s)
+            self._wanted.discard(s)
+            self._unwanted.discard(s)
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)
