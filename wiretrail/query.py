@@ -17,8 +17,10 @@ from wiretrail.errors import WiretrailError
 @contextmanager
 def open_store(store: Path) -> Iterator[duckdb.DuckDBPyConnection]:
     """A DuckDB connection with one view per table of the store (see store.metadata)."""
-    from wiretrail.store.metadata import open_db
-    import wiretrail.sessions.schema  # noqa: F401  (registers the sessions schema)
+    from wiretrail.sessions.schema import SESSIONS_SCHEMA
+    from wiretrail.store.metadata import open_db, register_schema
+
+    register_schema("sessions", SESSIONS_SCHEMA)  # queryable (empty) before any session is stored
 
     if not Path(store).is_dir():
         raise WiretrailError(f"no store at {store} (ingest a capture first, or pass --store)")

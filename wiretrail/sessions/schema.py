@@ -52,16 +52,3 @@ SESSIONS_SCHEMA = pa.schema([
     ("port_mismatch", pa.bool_()),     # a well-known protocol on a port it does not belong to
 ])
 
-
-def _register() -> None:
-    try:
-        from wiretrail.store.metadata import register_schema
-    except ImportError:  # the store may not exist (yet); ingest registers explicitly too
-        return
-    try:
-        register_schema("sessions", SESSIONS_SCHEMA)
-    except Exception:  # pragma: no cover - registration is best effort at import time
-        pass
-
-
-_register()
