@@ -3,8 +3,10 @@
 
     .venv/bin/python bench/ingest_bench.py [--data bench-data] [--capture mix.pcap]
 
-Builds the captures with ../shared/bench/make_capture.sh if they are missing, warms
-numba's compile cache on mix_small.pcap (compile time is a one-off, not ingest work),
+Builds the captures with ../shared/bench/make_capture.sh if they are missing, brings the
+ahead-of-time compiled kernels up to date (python -m wiretrail.aot, as setup does) and warms
+numba's compile cache on mix_small.pcap for anything left to numba (compiling is a one-off,
+not ingest work),
 then times, on the same file and the same machine, one after another:
   wiretrail ingest --no-app  (decode, sessions, packet store, packet index, Parquet)
   wiretrail ingest           (the same plus nDPI identification, reassembly, protocol records)
@@ -68,6 +70,7 @@ def main() -> None:
     if not (data / "mix.pcap").exists() or not (data / "mix_small.pcap").exists():
         subprocess.run(["sh", str(SHARED_BENCH / "make_capture.sh"), str(data)], check=True)
     capture = data / args.capture
+    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "wiretrail.aot"], check=True)
     packets = packet_count(capture)
     wiretrail = str(REPO / ".venv" / "bin" / "wiretrail")
     print(f"capture: {capture.name}, {packets} packets, {capture.stat().st_size / 1e6:.0f} MB")

@@ -12,44 +12,50 @@ from __future__ import annotations
 import platform
 
 import numpy as np
-from numba import njit, types
-from numba.extending import intrinsic
+
+from wiretrail.jit import kernel, numba_hook
 
 AVAILABLE = platform.machine() in ("x86_64", "AMD64")
 
 
+@numba_hook
+def _define_intrinsics() -> None:
+    """The two intrinsics feed_kernel calls; numba builds them when it compiles the kernel
+    (the compiled extension has them built in)."""
+    global _process_packet, _load_u8
+    from numba import types
+    from numba.extending import intrinsic
 
-@intrinsic
-def _process_packet(typingctx, fn, ret, module, flow, packet, length, ts):
-    """Call ndpi_detection_process_packet at address `fn`; the struct return made explicit as
-    the first pointer. Addresses are plain integers, so the kernel stays cacheable."""
-    sig = types.void(types.uint64, types.uint64, types.uint64, types.uint64, types.uint64, types.uint16,
-                     types.uint64)
+    @intrinsic
+    def _process_packet(typingctx, fn, ret, module, flow, packet, length, ts):
+        """Call ndpi_detection_process_packet at address `fn`; the struct return made explicit as
+        the first pointer. Addresses are plain integers, so the kernel stays cacheable."""
+        sig = types.void(types.uint64, types.uint64, types.uint64, types.uint64, types.uint64, types.uint16,
+                         types.uint64)
 
-    def codegen(context, builder, signature, args):
-        from llvmlite import ir
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
 
-        i8p = ir.IntType(8).as_pointer()
-        fnty = ir.FunctionType(i8p, [i8p, i8p, i8p, i8p, ir.IntType(16), ir.IntType(64), i8p])
-        f = builder.inttoptr(args[0], fnty.as_pointer())
-        ptrs = [builder.inttoptr(a, i8p) for a in args[1:5]]
-        builder.call(f, [*ptrs, args[5], args[6], ir.Constant(i8p, None)])
-        return context.get_dummy_value()
-    return sig, codegen
+            i8p = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(i8p, [i8p, i8p, i8p, i8p, ir.IntType(16), ir.IntType(64), i8p])
+            f = builder.inttoptr(args[0], fnty.as_pointer())
+            ptrs = [builder.inttoptr(a, i8p) for a in args[1:5]]
+            builder.call(f, [*ptrs, args[5], args[6], ir.Constant(i8p, None)])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def _load_u8(typingctx, address):
+        """The byte at an absolute address (a field of an nDPI flow)."""
+        sig = types.uint8(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
+            return builder.load(ptr)
+        return sig, codegen
 
 
-@intrinsic
-def _load_u8(typingctx, address):
-    """The byte at an absolute address (a field of an nDPI flow)."""
-    sig = types.uint8(types.uint64)
-
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], context.get_value_type(types.CPointer(types.uint8)))
-        return builder.load(ptr)
-    return sig, codegen
-
-
-@njit(cache=True)
+@kernel
 def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, state_off, max_packets,
                 classified, monitoring, data_base, start, length, ts_ms, which):
     """Give nDPI packet k of the batch (its flow is which[k]) unless that flow is done.

@@ -21,13 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.app.base import Direction
 from wiretrail.batch import TCP_SYN
 
 
-@njit(cache=True)
+@kernel
 def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
     """Copy the payloads of `rows` back to back into `out`; out_off[k] = start of row k."""
     pos = 0

@@ -14,7 +14,7 @@ import tempfile
 import threading
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.errors import WiretrailError
 
@@ -117,7 +117,7 @@ def compile_bpf(expr: str, linktype: int, snaplen: int = 262144) -> np.ndarray:
 #   RET value = code & 0x18: K 0x00, X 0x08, A 0x10;  MISC: TAX 0x00, TXA 0x80
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _load(data, start, caplen, k, size):
     """(ok, value): big-endian load of `size` bytes at frame offset k (k may be >= 2^32)."""
     if k < 0 or k + size > caplen:
@@ -130,7 +130,7 @@ def _load(data, start, caplen, k, size):
     return True, np.int64(data[p])
 
 
-@njit(cache=True)
+@kernel
 def _run(prog, data, start, caplen, wirelen):
     """Return value of the program for one frame (0 = reject). A, X are kept in int64
     and masked to 32 bits after each arithmetic step."""
@@ -239,7 +239,7 @@ def _run(prog, data, start, caplen, wirelen):
     return 0  # fell off the end: libpcap's validator would have refused the program
 
 
-@njit(cache=True)
+@kernel
 def _match_all(prog, data, offset, caplen, wirelen, out):
     for i in range(offset.shape[0]):
         out[i] = _run(prog, data, offset[i], np.int64(caplen[i]), wirelen[i]) != 0

@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterator
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.batch import FrameBatch, Interface
 from wiretrail.capture.frames import BATCH_FULL, CORRUPT, NEED_INPUT
@@ -24,21 +24,27 @@ RECORD_HEADER_BYTES = 16
 LIBPCAP_MAX_SNAPLEN = 262144
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def read_u32(buf, p, big_endian):
     if big_endian:
         return (np.uint32(buf[p]) << 24) | (np.uint32(buf[p + 1]) << 16) | (np.uint32(buf[p + 2]) << 8) | np.uint32(buf[p + 3])
     return (np.uint32(buf[p + 3]) << 24) | (np.uint32(buf[p + 2]) << 16) | (np.uint32(buf[p + 1]) << 8) | np.uint32(buf[p])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def read_u16(buf, p, big_endian):
     if big_endian:
         return (np.uint32(buf[p]) << 8) | np.uint32(buf[p + 1])
     return (np.uint32(buf[p + 1]) << 8) | np.uint32(buf[p])
 
 
-@njit(cache=True)
+def u32_at(buf, pos: int, big_endian: bool) -> int:
+    """read_u32 for Python code (error paths): calling a kernel helper from Python would
+    bring numba in."""
+    return int.from_bytes(buf[pos:pos + 4].tobytes(), "big" if big_endian else "little")
+
+
+@kernel
 def index_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
                        offset, caplen, wirelen, ts, batch_bytes):
     """Fill the columns for the whole records in buf[pos:end], leaving the frames where they
@@ -113,11 +119,11 @@ def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
         if status == NEED_INPUT:
             need = RECORD_HEADER_BYTES
             if src.available >= RECORD_HEADER_BYTES:
-                need += int(read_u32(src.buf, src.pos + 8, big_endian))
+                need += u32_at(src.buf, src.pos + 8, big_endian)
             if not src.fill(need):
                 break
         else:  # CORRUPT
-            caplen_bad = int(read_u32(src.buf, src.pos + 8, big_endian))
+            caplen_bad = u32_at(src.buf, src.pos + 8, big_endian)
             fault, fault_at = f"caplen {caplen_bad} exceeds the snaplen {snaplen}", src.offset
             break
 

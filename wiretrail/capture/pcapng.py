@@ -12,11 +12,11 @@ import struct
 from collections.abc import Iterator
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.batch import FrameBatch, Interface
 from wiretrail.capture.frames import BATCH_FULL, CONTROL, CORRUPT, NEED_INPUT, FrameBuffer
-from wiretrail.capture.pcap import read_u16, read_u32
+from wiretrail.capture.pcap import read_u16, read_u32, u32_at
 from wiretrail.capture.source import MAX_RECORD_BYTES, ChunkReader
 from wiretrail.errors import CaptureError
 
@@ -48,7 +48,7 @@ ERROR_VALUE = 3
 _MAX_BINARY_SHIFT = 30
 
 
-@njit(cache=True)
+@kernel
 def parse_pcapng_blocks(buf, pos, end, big_endian, if_global, if_snaplen, if_ts_mul, if_ts_div,
                         if_ts_shift, if_ts_offset, if_accept, state,
                         data, fill, offset, caplen, wirelen, ts, iface, n, batch_bytes):
@@ -116,7 +116,7 @@ def parse_pcapng_blocks(buf, pos, end, big_endian, if_global, if_snaplen, if_ts_
                 if shift >= 0:
                     if shift > _MAX_BINARY_SHIFT:
                         units = units >> np.uint64(shift - _MAX_BINARY_SHIFT)
-                        shift = _MAX_BINARY_SHIFT
+                        shift = np.int64(_MAX_BINARY_SHIFT)
                     whole = units >> np.uint64(shift)
                     part = units & ((np.uint64(1) << np.uint64(shift)) - np.uint64(1))
                     stamp = np.int64(whole) * 1_000_000_000 + np.int64((part * np.uint64(1_000_000_000)) >> np.uint64(shift))
@@ -237,7 +237,7 @@ def read_pcapng(src: ChunkReader, path: str, batch_bytes: int,
         elif status == NEED_INPUT:
             need = 12
             if src.available >= 8:
-                need = max(need, int(read_u32(src.buf, src.pos + 4, big_endian)))
+                need = max(need, u32_at(src.buf, src.pos + 4, big_endian))
             if not src.fill(need):
                 break
         elif status == CORRUPT:
@@ -245,7 +245,7 @@ def read_pcapng(src: ChunkReader, path: str, batch_bytes: int,
             fault_at = src.offset
             break
         else:  # CONTROL: a section header or an interface description
-            block_type = int(read_u32(src.buf, src.pos, big_endian))
+            block_type = u32_at(src.buf, src.pos, big_endian)
             if block_type == SHB_TYPE:
                 if not src.ensure(12):
                     break
@@ -257,13 +257,13 @@ def read_pcapng(src: ChunkReader, path: str, batch_bytes: int,
                 else:
                     fault, fault_at = f"bad byte-order magic 0x{bom.hex()}", src.offset + 8
                     break
-                block_len = int(read_u32(src.buf, src.pos + 4, big_endian))
+                block_len = u32_at(src.buf, src.pos + 4, big_endian)
                 if block_len < 28 or block_len % 4 or block_len > MAX_RECORD_BYTES:
                     fault, fault_at = f"bad block length {block_len}", src.offset
                     break
                 section = _Section()
             else:
-                block_len = int(read_u32(src.buf, src.pos + 4, big_endian))
+                block_len = u32_at(src.buf, src.pos + 4, big_endian)
                 if block_len < 20:
                     fault, fault_at = f"bad block length {block_len}", src.offset
                     break

@@ -13,7 +13,7 @@ unusable leaves the outer packet's values in place.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.batch import (
     ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_CAPLEN_GT_WIRELEN, ANOM_IP_LEN_GT_FRAME,
@@ -58,22 +58,22 @@ KNOWN_ETHERTYPE = np.zeros(65536, dtype=np.uint8)
 KNOWN_ETHERTYPE[list(_KNOWN_NON_IP_ETHERTYPES)] = 1
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u16(d, p):
     return (np.int64(d[p]) << 8) | np.int64(d[p + 1])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u32(d, p):
     return (np.int64(d[p]) << 24) | (np.int64(d[p + 1]) << 16) | (np.int64(d[p + 2]) << 8) | np.int64(d[p + 3])
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _u64(d, p):
     return (np.uint64(_u32(d, p)) << np.uint64(32)) | np.uint64(_u32(d, p + 4))
 
 
-@njit(cache=True)
+@kernel
 def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                   ethertype, vlan, inner_vlan, tunnel, ip_ver, proto,
                   src_hi, src_lo, dst_hi, dst_lo, sport, dport,

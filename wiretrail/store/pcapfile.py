@@ -13,7 +13,7 @@ import struct
 from typing import BinaryIO
 
 import numpy as np
-from numba import njit
+from wiretrail.jit import kernel
 
 PCAP_MAGIC_US = 0xA1B2C3D4
 PCAP_MAGIC_NS = 0xA1B23C4D
@@ -38,7 +38,7 @@ def read_pcap_header(f: BinaryIO) -> tuple[int, int]:
     return linktype, snaplen
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _put_u32(out, pos, v):
     v = np.uint32(np.int64(v) & 0xFFFFFFFF)
     out[pos] = v & 0xFF
@@ -47,7 +47,7 @@ def _put_u32(out, pos, v):
     out[pos + 3] = (v >> 24) & 0xFF
 
 
-@njit(cache=True)
+@kernel
 def _records_kernel(data, offset, caplen, wirelen, ts, rows, snaplen, divisor, out, rec_off):
     """Lay out pcap records (16-byte header + frame) for `rows` into `out`; returns the length.
     `divisor` is 1 for nanosecond files, 1000 for microsecond ones."""

@@ -1,0 +1,143 @@
+"""Build the compiled kernels (see wiretrail.jit): `python -m wiretrail.aot [--force]`.
+
+The kernels are compiled for the argument types they are really called with: a sample
+capture made by wiretrail.sample goes through ingest (with and without the application
+layer, with a BPF store filter), extraction to pcapng and ingest of that pcapng, under
+numba; every signature numba compiled on the way is then compiled again, ahead of time,
+into an extension module per kernel under `wiretrail/_aot/` (numba's pycc, for this
+machine's CPU), and `wiretrail/_aot/manifest.json` records each kernel's variants and the
+hash of the sources.
+A kernel that the sample never reached stays with numba. Nothing is done when the
+extension already matches the sources.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["WIRETRAIL_NO_AOT"] = "1"  # the build runs the kernels under numba, to see their types
+
+import argparse
+import importlib
+import json
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from wiretrail import jit
+
+
+def _exercise(work: Path) -> None:
+    from wiretrail import sample
+    from wiretrail.ingest import IngestOptions, ingest
+    from wiretrail.store.extract import extract_filter
+
+    capture = work / "sample.pcap"
+    sample.write_sample(capture, sessions=300)
+    ingest([capture], IngestOptions(store=work / "full", progress=False))
+    ingest([capture], IngestOptions(store=work / "spine", progress=False, app=False, store_filter="tcp or udp"))
+    extract_filter(work / "spine", "tcp", None, None, work / "tcp.pcapng", fmt="pcapng")
+    ingest([work / "tcp.pcapng"], IngestOptions(store=work / "again", progress=False, app=False))
+    # a session table that has to grow (ingest starts it large enough for the sample)
+    from wiretrail.capture import iter_batches
+    from wiretrail.decode import decode
+    from wiretrail.sessions.flowtable import FlowTable
+
+    flows = FlowTable(initial_capacity=16)
+    for batch in iter_batches(capture):
+        flows.update(decode(batch), batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
+
+
+def _arg_spec(t) -> list:
+    from numba.core import types
+
+    if isinstance(t, types.Array):
+        return ["array", str(t.dtype), t.ndim, t.layout == "C"]
+    return ["scalar"]
+
+
+def _writable(t):
+    from numba.core import types
+
+    return t.copy(readonly=False) if isinstance(t, types.Array) and not t.mutable else t
+
+
+def build(force: bool = False) -> int:
+    sources = jit.sources_hash()
+    if not force and jit.MANIFEST.exists():
+        try:
+            if json.loads(jit.MANIFEST.read_text()).get("sources") == sources:
+                print("compiled kernels are up to date")
+                return 0
+        except ValueError:
+            pass
+    started = time.monotonic()
+    for name in jit.KERNEL_MODULES:
+        importlib.import_module(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        _exercise(Path(tmp))
+
+    from numba.core.registry import CPUDispatcher
+    from numba.core.typing import signature
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pycc's pending-deprecation notice
+        from numba.pycc import CC
+
+    jit.AOT_DIR.mkdir(exist_ok=True)
+    jit.MANIFEST.unlink(missing_ok=True)  # no manifest while the extensions are being replaced
+    for old in jit.AOT_DIR.glob("k_*"):
+        old.unlink()
+    from numba.core.registry import cpu_target
+
+    cpu_target.typing_context.refresh()  # as numba's dispatcher does before it compiles
+    cpu_target.target_context.refresh()
+    manifest: dict[str, list] = {}
+    skipped = []
+    for name in jit.KERNEL_MODULES:
+        module = sys.modules[name]
+        for attr, fn in vars(module).items():
+            if not isinstance(fn, CPUDispatcher) or fn.py_func.__module__ != name:
+                continue
+            if fn.targetoptions.get("inline") == "always":
+                continue  # helpers: compiled into the kernels that call them
+            extension = f"k_{name.rsplit('.', 1)[1]}_{attr.lstrip('_')}"
+            cc = CC(extension)
+            cc.output_dir = str(jit.AOT_DIR)
+            cc.target_cpu = "host"   # built where it runs (setup and CI build it on the machine itself)
+            variants, seen = [], set()
+            for args, overload in fn.overloads.items():
+                args = tuple(_writable(t) for t in args)  # a read-only buffer passes as it is
+                if args in seen:
+                    continue
+                seen.add(args)
+                function = f"v{len(variants)}"
+                cc.export(function, signature(overload.signature.return_type, *args))(fn.py_func)
+                variants.append({"extension": extension, "function": function,
+                                 "args": [_arg_spec(t) for t in args]})
+            if not variants:
+                skipped.append(f"{name}.{attr}")
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cc.compile()
+            manifest[f"{name}.{attr}"] = variants
+    jit.MANIFEST.write_text(json.dumps({"sources": sources, "kernels": manifest}, indent=1) + "\n")
+    count = sum(len(v) for v in manifest.values())
+    print(f"compiled {count} kernel variants of {len(manifest)} kernels in {time.monotonic() - started:.0f} s"
+          + (f"; not called from Python by the sample: {', '.join(skipped)}" if skipped else ""))
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Compile Wiretrail's kernels ahead of time.")
+    ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    sys.exit(build(ap.parse_args().force))
+
+
+if __name__ == "__main__":
+    main()

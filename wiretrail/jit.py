@@ -1,0 +1,172 @@
+"""Kernels: numba functions, compiled ahead of time when they can be.
+
+Every hot loop is written once, in Python, for numba (`@kernel`). Importing numba and
+readying its typing and target contexts costs about 0.45 CPU s in every command, whether
+the kernels then come from numba's on-disk cache or not: a third of ingesting 1.7 M packets.
+So `python -m wiretrail.aot` (run by scripts/setup.sh) compiles the kernels, with numba's
+ahead-of-time compiler, into extension modules under `wiretrail/_aot/` (one per kernel: pycc
+mistypes a kernel compiled after another one in the same module), beside a manifest of
+what they hold and the hash of the sources they were built from.
+
+At run time a kernel is then the compiled function, called through a check of its
+arguments (the compiled wrappers trust their callers: an int32 array where int64 was
+compiled would be read as garbage). Anything the extension does not cover — an extension
+built from other sources, a kernel it lacks, arguments of other types — goes to numba,
+as it would without the extension: correct first, fast where it was prepared for.
+WIRETRAIL_NO_AOT=1 turns the extension off (the build itself runs that way).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
+AOT_DIR = PACKAGE / "_aot"
+MANIFEST = AOT_DIR / "manifest.json"
+
+# Every module that defines kernels: their sources make up the hash an extension is checked
+# against (a kernel inlines helpers from other modules, so one module's change stales them all).
+KERNEL_MODULES = (
+    "wiretrail.capture.pcap",
+    "wiretrail.capture.pcapng",
+    "wiretrail.capture.bpf",
+    "wiretrail.decode.kernel",
+    "wiretrail.sessions.flowtable",
+    "wiretrail.store.pcapfile",
+    "wiretrail.store.index",
+    "wiretrail.app.reassembly",
+    "wiretrail.app.ndpi_kernel",
+)
+
+_kernels: list["Kernel"] = []     # every @kernel, in definition order
+_hooks: list = []                 # definitions only numba can make (intrinsics), run once it is in use
+_numba_in_use = False
+_compiled = None                  # the manifest's kernels once looked up; False: not usable
+
+
+def sources_hash() -> str:
+    digest = hashlib.sha256()
+    for name in KERNEL_MODULES:
+        path = PACKAGE.joinpath(*name.split(".")[1:]).with_suffix(".py")
+        digest.update(name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _extension():
+    """The manifest's kernels, or False when they were not built from these sources."""
+    global _compiled
+    if _compiled is None:
+        _compiled = False
+        if os.environ.get("WIRETRAIL_NO_AOT") != "1" and MANIFEST.exists():
+            try:
+                manifest = json.loads(MANIFEST.read_text())
+                if manifest.get("sources") == sources_hash():
+                    _compiled = manifest["kernels"]
+            except (OSError, ValueError, KeyError):
+                _compiled = False
+    return _compiled
+
+
+def _compiled_variants(qualname: str) -> list:
+    import importlib
+
+    out = []
+    for v in _extension().get(qualname, []):
+        try:
+            ext = importlib.import_module(f"wiretrail._aot.{v['extension']}")
+        except ImportError:
+            return []
+        out.append((getattr(ext, v["function"]), v["args"]))
+    return out
+
+
+def _arg_check(spec):
+    """A predicate for one argument from its manifest entry: ["array", dtype, ndim, contiguous]
+    or ["scalar"]."""
+    if spec[0] == "array":
+        import numpy as np
+
+        dtype, ndim, contiguous = np.dtype(spec[1]), spec[2], spec[3]
+        return lambda a: (type(a) is np.ndarray and a.dtype == dtype and a.ndim == ndim
+                          and (not contiguous or a.flags.c_contiguous))
+    return lambda a: not hasattr(a, "__len__")
+
+
+class Kernel:
+    """A kernel while the compiled extension is in use: its compiled variants, tried in turn,
+    and numba's version of it, made only if a call needs it."""
+
+    def __init__(self, py_func, inline: bool, variants):
+        self.py_func = py_func
+        self.inline = inline
+        self.__name__ = py_func.__name__
+        self.__doc__ = py_func.__doc__
+        self.__wrapped__ = py_func
+        self.variants = [(fn, [_arg_check(s) for s in args]) for fn, args in variants]
+        self.dispatcher = None
+
+    def __call__(self, *args):
+        for fn, checks in self.variants:
+            if len(checks) == len(args) and all(ok(a) for ok, a in zip(checks, args)):
+                return fn(*args)
+        return _use_numba(self)(*args)
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.py_func.__module__}.{self.__name__} ({len(self.variants)} compiled)>"
+
+
+def _njit(py_func, inline: bool):
+    from numba import njit
+
+    return njit(cache=True, inline="always" if inline else "never")(py_func)
+
+
+def _use_numba(wanted: Kernel):
+    """Switch every kernel to numba: a kernel compiled by numba calls its helpers through
+    module globals, which must then be numba functions too."""
+    global _numba_in_use
+    if not _numba_in_use:
+        _numba_in_use = True
+        for k in _kernels:
+            k.dispatcher = _njit(k.py_func, k.inline)
+        for hook in _hooks:
+            hook()
+        by_id = {id(k): k.dispatcher for k in _kernels}
+        for name, module in list(sys.modules.items()):
+            if name.startswith("wiretrail.") and module is not None:
+                for attr, value in list(vars(module).items()):
+                    if isinstance(value, Kernel):
+                        setattr(module, attr, by_id[id(value)])
+    return wanted.dispatcher
+
+
+def kernel(py_func=None, *, inline: bool = False):
+    """`@kernel` or `@kernel(inline=True)` (a helper inlined into the kernels that call it)."""
+    def decorate(fn):
+        module = fn.__module__
+        if module not in KERNEL_MODULES and module != "__main__":
+            raise RuntimeError(f"{module} defines kernels: list it in wiretrail.jit.KERNEL_MODULES")
+        if not _extension() or _numba_in_use:
+            return _njit(fn, inline)
+        k = Kernel(fn, inline, _compiled_variants(f"{module}.{fn.__name__}"))
+        _kernels.append(k)
+        return k
+    return decorate(py_func) if py_func is not None else decorate
+
+
+def numba_hook(fn):
+    """Run `fn` (it defines intrinsics and the like, which only numba can build) now if numba
+    is in use, or when a call first needs numba."""
+    if not _extension() or _numba_in_use:
+        fn()
+    else:
+        _hooks.append(fn)
+    return fn
+
+
+def extension_in_use() -> bool:
+    return bool(_extension()) and not _numba_in_use
