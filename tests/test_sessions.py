@@ -577,3 +577,24 @@ def test_community_ids_vectorised_match_scalar():
         want = community_id(ab(o_hi[j], o_lo[j]), ab(r_hi[j], r_lo[j]), int(proto[j]),
                             int(sp[j]) if ports else None, int(dp[j]) if ports else None, seed=7)
         assert got[j] == want, j
+
+
+def test_address_text_as_ipaddress_writes_it():
+    from wiretrail.sessions.flowtable import addr_texts
+
+    rng = np.random.default_rng(5)
+    cases = [int(ipaddress.ip_address(a)) for a in (
+        "::", "::1", "1::", "2001:db8::1", "2001:db8:0:0:1:0:0:1", "2001:0:0:1:0:0:0:1", "fe80::1:0:0:0",
+        "1:0:1:0:1:0:1:0", "::ffff:192.0.2.1", "ff02::1:ff00:1", "2001:db8:1:2:3:4:5:6", "0:0:1::")]
+    # random addresses with runs of zero groups in random places
+    for _ in range(3000):
+        groups = rng.integers(0, 1 << 16, 8) * (rng.random(8) < 0.6)
+        cases.append(int("".join(f"{g:04x}" for g in groups), 16))
+    v4 = [int(ipaddress.ip_address(a)) for a in ("0.0.0.0", "255.255.255.255", "10.0.0.1", "192.168.100.9")]
+    v4 += rng.integers(0, 1 << 32, 2000).tolist()
+    hi = np.array([c >> 64 for c in cases] + [0] * len(v4), dtype=np.uint64)
+    lo = np.array([c & ((1 << 64) - 1) for c in cases] + v4, dtype=np.uint64)
+    is4 = np.array([False] * len(cases) + [True] * len(v4))
+    got = addr_texts(hi, lo, is4).to_pylist()
+    want = [ipaddress.IPv6Address(c).compressed for c in cases] + [str(ipaddress.IPv4Address(a)) for a in v4]
+    assert got == want

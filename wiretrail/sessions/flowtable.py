@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import ipaddress
 import os
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-from numba import njit
+from wiretrail.jit import kernel
 
 from wiretrail.batch import HOUR_NS, SID_HASH_MASK, SID_HOUR_SHIFT, TUNNEL_NAMES, VLAN_NONE
 from wiretrail.sessions.schema import SESSIONS_SCHEMA
@@ -101,14 +99,14 @@ SERVER_PORTS[0, _TCP_SERVER_PORTS] = 1
 SERVER_PORTS[1, _UDP_SERVER_PORTS] = 1
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _mix(z):
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _key_hash(a_hi, a_lo, b_hi, b_lo, meta, ports):
     h = _mix(meta ^ _GOLD)
     h = _mix(h ^ a_hi)
@@ -118,7 +116,7 @@ def _key_hash(a_hi, a_lo, b_hi, b_lo, meta, ports):
     return _mix(h ^ ports)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _unwrap(v32, start, ref):
     """Sequence number v32 relative to `start`, unwrapped to the 64-bit value nearest `ref`."""
     r = (v32 - start) & 0xFFFFFFFF
@@ -128,7 +126,7 @@ def _unwrap(v32, start, ref):
     return ref + d
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _hadd(hist, I32, s, c):
     n = I32[s, HLEN]
     if n < HMAX:
@@ -136,7 +134,7 @@ def _hadd(hist, I32, s, c):
         I32[s, HLEN] = n + 1
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _hcheck(hist, I32, s, d, mask, code):
     """Zeek's CheckHistory: record `code` the first time; True if it was seen before."""
     if d == 1:
@@ -149,7 +147,7 @@ def _hcheck(hist, I32, s, d, mask, code):
     return False
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _scaled(hist, I32, s, d, code, count):
     """Zeek's ScaledHistoryEntry: a letter at the 1st, 10th, 100th, ... event."""
     c = count
@@ -159,7 +157,7 @@ def _scaled(hist, I32, s, d, code, count):
         _hadd(hist, I32, s, code + (32 if d == 1 else 0))
 
 
-@njit(cache=True)
+@kernel
 def _flip(I64, I32, hist, s):
     """Swap originator and responder of session s (Zeek's FlipRoles), adding '^'."""
     I32[s, ORIG_IS_A] = 1 - I32[s, ORIG_IS_A]
@@ -184,7 +182,7 @@ def _flip(I64, I32, hist, s):
     _hadd(hist, I32, s, 94)  # '^'
 
 
-@njit(cache=True)
+@kernel
 def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo, sport, dport,
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
                    vlan, inner_vlan, tunnel, anomaly, ts, wirelen, link,
@@ -549,7 +547,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
     return n
 
 
-@njit(cache=True)
+@kernel
 def _rehash_kernel(tab, K64, I32, live_idx):
     mask = np.uint64(tab.shape[0] - 1)
     for j in range(live_idx.shape[0]):
@@ -562,7 +560,7 @@ def _rehash_kernel(tab, K64, I32, live_idx):
         I32[s, SLOT] = slot
 
 
-@njit(cache=True)
+@kernel
 def _conn_state(I64, I32, hist, idx, out):
     """Zeek's conn_state() for the sessions in idx, as codes into CONN_STATES."""
     for j in range(idx.shape[0]):
@@ -623,7 +621,7 @@ def _conn_state(I64, I32, hist, idx, out):
             out[j] = 12  # OTH
 
 
-@njit(cache=True)
+@kernel
 def _size(I64, I32, s, d):
     """Zeek's TCP_Endpoint::Size(): payload bytes from the sequence space."""
     if I32[s, SEQINIT_O + d] == 0:
@@ -638,7 +636,7 @@ def _size(I64, I32, s, d):
     return size
 
 
-@njit(cache=True)
+@kernel
 def _sizes(I64, I32, idx, out_o, out_r):
     for j in range(idx.shape[0]):
         s = idx[j]
@@ -776,12 +774,12 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> p
 _B64 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", dtype=np.uint8)
 
 
-@njit(cache=True, inline="always")
+@kernel(inline=True)
 def _rotl(x, n):
     return ((x << np.uint32(n)) | (x >> np.uint32(32 - n))) & np.uint32(0xFFFFFFFF)
 
 
-@njit(cache=True)
+@kernel
 def _community_id_text(msgs, out):
     """'1:' + base64(SHA-1(row)) for each row of msgs (each under 56 bytes: one SHA-1 block),
     into out[:, :30]. hashlib per session cost more than the rest of closing a session."""
@@ -834,11 +832,85 @@ def _community_id_text(msgs, out):
         out[r, 29] = 61  # '='
 
 
-def _fmt_v4(lo: np.ndarray) -> pa.Array:
-    v = lo.astype(np.uint64) & np.uint64(0xFFFFFFFF)
-    parts = [pc.cast(pa.array(((v >> np.uint64(sh)) & np.uint64(255)).astype(np.uint8)), pa.string())
-             for sh in (24, 16, 8, 0)]
-    return pc.binary_join_element_wise(*parts, ".")
+@kernel(inline=True)
+def _put_hex(out, pos, v):
+    """A 16-bit group in lowercase hex without leading zeros."""
+    started = False
+    for shift in range(12, -1, -4):
+        d = (v >> shift) & 15
+        if d or started or shift == 0:
+            out[pos] = 48 + d if d < 10 else 87 + d
+            pos += 1
+            started = True
+    return pos
+
+
+@kernel
+def _addr_text(hi, lo, v4, out, offsets):
+    """Addresses as text into `out` (row j is out[offsets[j]:offsets[j + 1]]): dotted quads, or
+    IPv6 as Python's ipaddress writes it (RFC 5952: lowercase, the first longest run of two
+    or more zero groups as '::')."""
+    pos = 0
+    groups = np.empty(8, dtype=np.int64)
+    for j in range(len(hi)):
+        offsets[j] = pos
+        if v4[j]:
+            x = np.int64(lo[j] & np.uint64(0xFFFFFFFF))
+            for k in range(4):
+                octet = (x >> (24 - 8 * k)) & 255
+                if octet >= 100:
+                    out[pos] = 48 + octet // 100
+                    pos += 1
+                if octet >= 10:
+                    out[pos] = 48 + (octet // 10) % 10
+                    pos += 1
+                out[pos] = 48 + octet % 10
+                pos += 1
+                if k < 3:
+                    out[pos] = 46
+                    pos += 1
+            continue
+        for k in range(4):
+            groups[k] = np.int64((hi[j] >> np.uint64(48 - 16 * k)) & np.uint64(0xFFFF))
+            groups[4 + k] = np.int64((lo[j] >> np.uint64(48 - 16 * k)) & np.uint64(0xFFFF))
+        best, best_len, run, run_len = -1, 0, -1, 0
+        for k in range(8):
+            if groups[k] == 0:
+                if run_len == 0:
+                    run = k
+                run_len += 1
+                if run_len > best_len:
+                    best, best_len = run, run_len
+            else:
+                run_len = 0
+        if best_len < 2:
+            best, best_len = 8, 0
+        for k in range(best):
+            if k:
+                out[pos] = 58
+                pos += 1
+            pos = _put_hex(out, pos, groups[k])
+        if best_len:
+            out[pos] = 58
+            out[pos + 1] = 58
+            pos += 2
+            for k in range(best + best_len, 8):
+                if k > best + best_len:
+                    out[pos] = 58
+                    pos += 1
+                pos = _put_hex(out, pos, groups[k])
+    offsets[len(hi)] = pos
+    return pos
+
+
+def addr_texts(hi: np.ndarray, lo: np.ndarray, v4: np.ndarray) -> pa.Array:
+    """Session addresses (uint64 halves) as an Arrow string array, formatted in one kernel."""
+    m = len(lo)
+    out = np.empty(39 * m, dtype=np.uint8)
+    offsets = np.empty(m + 1, dtype=np.int32)
+    used = _addr_text(np.ascontiguousarray(hi, dtype=np.uint64), np.ascontiguousarray(lo, dtype=np.uint64),
+                      np.ascontiguousarray(v4, dtype=np.bool_), out, offsets)
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out[:used]))
 
 
 class FlowTable:
@@ -880,7 +952,6 @@ class FlowTable:
         self.ctr[C_MAXUSED] = len(self.tab) // 2
         self._last_scan = None
         self.sessions_closed = 0
-        self._v6_names: dict[tuple[int, int], str] = {}
         self._closing = "timeout"  # close_reason of the sessions being built
         # Session ids must differ between links and between runs writing the same store (link
         # ids are numbered per run; the same capture may be ingested twice): a random salt
@@ -1045,24 +1116,7 @@ class FlowTable:
         proto = I32[:, PROTO]
         v4 = I32[:, IPVER] == 4
 
-        def addrs(hi, lo):
-            if v4.all():
-                return _fmt_v4(lo)
-            out = np.full(m, None, dtype=object)
-            names = self._v6_names
-            if len(names) > 1 << 16:  # a cache of recent addresses, not of every one ever seen
-                names.clear()
-            for j in np.nonzero(~v4)[0].tolist():
-                key = (int(hi[j]), int(lo[j]))
-                text = names.get(key)
-                if text is None:
-                    text = names[key] = ipaddress.IPv6Address((key[0] << 64) | key[1]).compressed
-                out[j] = text
-            v6_text = pa.array(out, type=pa.string())
-            # IPv4 rows formatted by Arrow, never as Python strings
-            return pc.if_else(pa.array(v4), _fmt_v4(lo), v6_text) if v4.any() else v6_text
-
-        orig_h, resp_h = addrs(o_hi, o_lo), addrs(r_hi, r_lo)
+        orig_h, resp_h = addr_texts(o_hi, o_lo, v4), addr_texts(r_hi, r_lo, v4)
 
         states = np.empty(m, dtype=np.int64)
         _conn_state(self.I64, self.I32, self.hist, idx, states)
