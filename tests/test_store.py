@@ -192,3 +192,13 @@ def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path
         assert not any(on_disk[len(written):])
     f.close()
     assert (tmp_path / "x" / "0.pcap").read_bytes() == bytes(written)
+
+
+def test_index_order_is_a_stable_sort_by_session():
+    from wiretrail.store.index import stable_argsort
+
+    rng = np.random.default_rng(2)
+    sids = (rng.integers(480_000, 480_003, 5000) << 43) | rng.integers(0, 1 << 43, 5000)
+    for keys in (sids[rng.integers(0, 5000, 200_000)], rng.integers(0, 1 << 62, 3000), np.zeros(7, dtype=np.int64),
+                 np.array([5, 1, 5, 0, 1], dtype=np.int64), np.zeros(0, dtype=np.int64)):
+        assert np.array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))

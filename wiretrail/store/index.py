@@ -19,13 +19,65 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wiretrail.batch import SID_HOUR_SHIFT
-from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, write_by_hour
+from wiretrail.jit import kernel
+from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, write_part
 
 
 # Offsets and times grow within a session: delta encoding packs them; statistics are only
-# useful on `sid`, which lookups filter on.
-PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": ["sid"],
+# useful on `sid`, which lookups filter on. LZ4: the index is written at packet rate, and
+# costs a third less CPU than with zstd for 3% more bytes (measured on mix.pcap's index).
+PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": ["sid"], "compression": "lz4",
                    "column_encoding": {"offset": "DELTA_BINARY_PACKED", "ts": "DELTA_BINARY_PACKED"}}
+
+
+@kernel
+def _grouped_order(keys, order, table, group_key, group_start, row_group):
+    """A stable argsort for keys that repeat a lot (an index flush holds ~20 packets per
+    session): rows are grouped through a hash table, only the distinct keys are sorted, and
+    rows are placed by counting. Session ids are hashes below their hour bits, so a plain
+    sort of the rows meets random order (numpy's stable sort: 0.2 s per 1.7 M rows here)."""
+    n = keys.shape[0]
+    mask = np.uint64(table.shape[0] - 1)
+    groups = 0
+    for i in range(n):
+        key = keys[i]
+        h = (np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(20)
+        while True:
+            h &= mask
+            g = table[h]
+            if g < 0:
+                g = groups
+                groups += 1
+                table[h] = g
+                group_key[g] = key
+                group_start[g] = 0
+                break
+            if group_key[g] == key:
+                break
+            h += np.uint64(1)
+        row_group[i] = g
+        group_start[g] += 1
+    rank = np.argsort(group_key[:groups])
+    pos = 0
+    for r in range(groups):
+        g = rank[r]
+        count = group_start[g]
+        group_start[g] = pos
+        pos += count
+    for i in range(n):
+        g = row_group[i]
+        order[group_start[g]] = i
+        group_start[g] += 1
+    return order
+
+
+def stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """np.argsort(keys, kind="stable"), for int64 keys that repeat."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    n = len(keys)
+    table = np.full(1 << max(4, (2 * n).bit_length()), -1, dtype=np.int64)
+    return _grouped_order(keys, np.empty(n, dtype=np.int64), table, np.empty(n, dtype=np.int64),
+                          np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64))
 
 
 class IndexWriter:
@@ -51,13 +103,17 @@ class IndexWriter:
     def flush(self) -> None:
         if self.pending:
             cols = [np.concatenate(c) for c in zip(*self.pending)]
-            # sort by session; stable, so each session's rows stay in capture order
-            order = np.argsort(cols[0], kind="stable")
+            # sort by session; stable, so each session's rows stay in capture order. A session
+            # id starts with its hour, so the sort also lays the hours out one after another.
+            order = stable_argsort(cols[0])
             cols = [c[order] for c in cols]
-            table = pa.Table.from_arrays([pa.array(c) for c in cols], schema=INDEX_SCHEMA)
             hours = cols[0] >> SID_HOUR_SHIFT
-            write_by_hour(self.base, table, hours, **PARQUET_OPTIONS)
-            self.touched.update(np.unique(hours).tolist())
+            bounds = np.flatnonzero(np.diff(hours)) + 1
+            for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(hours)]):
+                part = pa.Table.from_arrays([pa.array(c[lo:hi]) for c in cols], schema=INDEX_SCHEMA)
+                hour = int(hours[lo])
+                write_part(partition_dir(self.base, hour), part, **PARQUET_OPTIONS)
+                self.touched.add(hour)
         self.pending.clear()
         self.rows = 0
         self.last_flush = time.monotonic()
