@@ -24,7 +24,9 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 NDPI_DIR = CORPUS / "ndpi"
 MIX_SMALL = ROOT / "bench-data" / "mix_small.pcap"
 
-_L4 = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6"}
+# IP protocol names as ndpiReader prints them (ndpi_get_ip_proto_name); others print as numbers
+_L4 = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6", 2: "IGMP", 8: "EGP", 47: "GRE", 50: "ESP", 51: "AH",
+       4: "IPIP", 89: "OSPF", 103: "PIM", 112: "VRRP", 113: "PGM", 132: "SCTP"}
 
 
 def _identifier(**kw):
@@ -154,14 +156,16 @@ def read_expected(path: Path) -> dict:
 
 
 def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
-    """capture -> decode -> FlowTable (long timeouts: one flow per 5-tuple, like ndpiReader's file
-    mode) -> nDPI. Returns key -> NdpiResult (earliest session of a key)."""
+    """capture -> decode -> FlowTable (long timeouts, no attempt or close timers: one flow per
+    5-tuple and VLAN for the whole capture, like ndpiReader's file mode) -> nDPI.
+    Returns key -> NdpiResult (earliest session of a key)."""
     from wiretrail.capture import iter_batches
     from wiretrail.decode import decode
     from wiretrail.errors import WiretrailError
 
     table = FlowTable(idle_timeout_tcp=idle_ns, idle_timeout_udp=idle_ns, idle_timeout_icmp=idle_ns,
-                      idle_timeout_other=idle_ns, active_timeout=idle_ns)
+                      idle_timeout_other=idle_ns, active_timeout=idle_ns, close_delay=idle_ns,
+                      attempt_delay=idle_ns)
     state = ndpi.NdpiState(ident)
     try:
         for batch in iter_batches(str(path)):
