@@ -162,6 +162,7 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
     from wiretrail.capture import iter_batches
     from wiretrail.decode import decode
     from wiretrail.errors import WiretrailError
+    from wiretrail.sessions.tunnels import tunnel_sessions
 
     table = FlowTable(idle_timeout_tcp=idle_ns, idle_timeout_udp=idle_ns, idle_timeout_icmp=idle_ns,
                       idle_timeout_other=idle_ns, active_timeout=idle_ns, close_delay=idle_ns,
@@ -174,6 +175,9 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
             cols = decode(batch)
             sid, is_orig, seq, _ = table.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
             ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq)
+            # a UDP tunnel's own session (Teredo...) is identified too, as the pipeline does
+            tunnel_sessions(table, batch, cols, np.zeros(len(batch), dtype=np.int16),
+                            lambda *a: ndpi.classify_batch(ident, state, *a))
     except WiretrailError:
         pass  # keep what was read before a fault
     sessions = table.flush()
