@@ -24,7 +24,9 @@ CORPUS = ROOT.parent / "shared" / "corpus"
 NDPI_DIR = CORPUS / "ndpi"
 MIX_SMALL = ROOT / "bench-data" / "mix_small.pcap"
 
-_L4 = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6"}
+# IP protocol names as ndpiReader prints them (ndpi_get_ip_proto_name); others print as numbers
+_L4 = {6: "TCP", 17: "UDP", 1: "ICMP", 58: "ICMPV6", 2: "IGMP", 8: "EGP", 47: "GRE", 50: "ESP", 51: "AH",
+       4: "IPIP", 89: "OSPF", 103: "PIM", 112: "VRRP", 113: "PGM", 132: "SCTP"}
 
 
 def _identifier(**kw):
@@ -154,14 +156,17 @@ def read_expected(path: Path) -> dict:
 
 
 def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
-    """capture -> decode -> FlowTable (long timeouts: one flow per 5-tuple, like ndpiReader's file
-    mode) -> nDPI. Returns key -> NdpiResult (earliest session of a key)."""
+    """capture -> decode -> FlowTable (long timeouts, no attempt or close timers: one flow per
+    5-tuple and VLAN for the whole capture, like ndpiReader's file mode) -> nDPI.
+    Returns key -> NdpiResult (earliest session of a key)."""
     from wiretrail.capture import iter_batches
     from wiretrail.decode import decode
     from wiretrail.errors import WiretrailError
+    from wiretrail.sessions.tunnels import tunnel_sessions
 
     table = FlowTable(idle_timeout_tcp=idle_ns, idle_timeout_udp=idle_ns, idle_timeout_icmp=idle_ns,
-                      idle_timeout_other=idle_ns, active_timeout=idle_ns)
+                      idle_timeout_other=idle_ns, active_timeout=idle_ns, close_delay=idle_ns,
+                      attempt_delay=idle_ns)
     state = ndpi.NdpiState(ident)
     try:
         for batch in iter_batches(str(path)):
@@ -170,6 +175,9 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
             cols = decode(batch)
             sid, is_orig, seq, _ = table.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
             ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq)
+            # a UDP tunnel's own session (Teredo...) is identified too, as the pipeline does
+            tunnel_sessions(table, batch, cols, np.zeros(len(batch), dtype=np.int16),
+                            lambda *a: ndpi.classify_batch(ident, state, *a))
     except WiretrailError:
         pass  # keep what was read before a fault
     sessions = table.flush()
@@ -185,7 +193,60 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
     return out
 
 
-def compare_with_ndpi(verbose: bool = False, **ident_kw):
+NFSTREAM_PY = ROOT / "bench-data" / "nfstream-venv" / "bin" / "python"
+
+# Run inside NFStream's own venv: NFStream 6.6.0 feeds the same nDPI 5 build its own way
+# (nfstream's meter). One flow per 5-tuple, VLAN and tunnel for the whole capture.
+_NFSTREAM_SCRIPT = r"""
+import ipaddress, json, sys
+from nfstream import NFStreamer
+root, names, l4 = sys.argv[1], json.loads(sys.argv[2]), {int(k): v for k, v in json.loads(sys.argv[3]).items()}
+out = {}
+for name in names:
+    flows, seen = {}, []
+    try:
+        for f in NFStreamer(source=root + "/" + name, n_dissections=32, statistical_analysis=False,
+                            idle_timeout=10**9, active_timeout=10**9, decode_tunnels=True):
+            seen.append(f)
+    except Exception:
+        pass
+    for f in sorted(seen, key=lambda f: f.bidirectional_first_seen_ms):
+        a = (str(ipaddress.ip_address(f.src_ip)), f.src_port)
+        b = (str(ipaddress.ip_address(f.dst_ip)), f.dst_port)
+        p = l4.get(f.protocol, str(f.protocol))
+        if p not in ("TCP", "UDP"):
+            a, b = (a[0], 0), (b[0], 0)
+        flows.setdefault(repr((p, tuple(sorted([a, b])))), f.application_name)
+    out[name] = flows
+json.dump(out, sys.stdout)
+"""
+
+
+def nfstream_witness(names) -> dict | None:
+    """{capture: {repr(flow key): application_name}} as NFStream 6.6.0 (the same nDPI 5) reports
+    them, or None without bench-data/nfstream-venv."""
+    import json
+    import subprocess
+
+    if not NFSTREAM_PY.exists():
+        return None
+    try:
+        run = subprocess.run([str(NFSTREAM_PY), "-c", _NFSTREAM_SCRIPT, str(NDPI_DIR), json.dumps(list(names)),
+                              json.dumps(_L4)], capture_output=True, text=True, timeout=600, check=True)
+        return json.loads(run.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+
+
+def _master(app: str | None) -> str | None:
+    return app.split(".")[0] if app else None
+
+
+def compare_with_ndpi(verbose: bool = False, witness: dict | None = None, **ident_kw):
+    """Counts, and the disagreements by (cause, expected, ours). Causes: "not found" (no flow of
+    ours with that 5-tuple), "nDPI version" (NFStream's nDPI 5, `witness`, gives our answer where
+    the reference's nDPI gives another), "newer" (no witness: the reference left the flow Unknown
+    and nDPI 5 identifies it by DPI), "ours" (the rest: how we feed nDPI or decode packets)."""
     names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
     c = Counter()
     misses = Counter()
@@ -194,28 +255,41 @@ def compare_with_ndpi(verbose: bool = False, **ident_kw):
         if not res.exists():
             continue
         ref = read_expected(res)
+        wit = witness.get(name, {}) if witness is not None else None
         ident = _identifier(**ident_kw)  # one module per capture, as ndpiReader runs
         try:
             ours = identify_capture(NDPI_DIR / name, ident)
             for key, exp in ref.items():
                 c["flows"] += 1
+                want = _master(exp["app"])
+                w = _master(wit.get(repr(key))) if wit is not None else None
+                c["witness_master"] += w == want
                 got = ours.get(key)
                 if got is None:
                     c["unmatched"] += 1
+                    misses[("not found", exp["app"], None)] += 1
+                    if verbose:
+                        print(f"  {name}: {key}: expected {exp['app']}, not found")
                     continue
                 c["matched"] += 1
-                if got.app.split(".")[0] == exp["app"].split(".")[0]:
+                if _master(got.app) == want:
                     c["master"] += 1
                     ns = got.extra.get("non_std_port", False)
                     c["nonstd_ref"] += exp["non_std_port"]
                     c["nonstd_both"] += exp["non_std_port"] and ns
                     c["nonstd_ours_only"] += ns and not exp["non_std_port"]
                 else:
-                    misses[(exp["app"], got.app)] += 1
                     if exp["app"] == "Unknown" and got.confidence.startswith("DPI"):
                         c["newer"] += 1  # left undetected by the reference's nDPI, identified by DPI now
+                    if wit is not None:
+                        cause = "nDPI version" if w == _master(got.app) else "ours"
+                    else:
+                        cause = "newer" if exp["app"] == "Unknown" and got.confidence.startswith("DPI") else "ours"
+                    c["version"] += cause == "nDPI version"
+                    misses[(cause, exp["app"], got.app)] += 1
                     if verbose:
-                        print(f"  {name}: {key}: expected {exp['app']}, got {got.app} ({got.confidence})")
+                        print(f"  {name}: {key}: expected {exp['app']}, got {got.app} ({got.confidence}); "
+                              f"NFStream {wit.get(repr(key)) if wit is not None else '?'}")
                 c["app"] += got.app == exp["app"]
                 for f in ("ja4", "host"):
                     if f in exp and f in got.extra:
@@ -227,9 +301,22 @@ def compare_with_ndpi(verbose: bool = False, **ident_kw):
     return c, misses
 
 
+def cause_table(misses: Counter) -> str:
+    by_cause = Counter()
+    for (cause, _, _), n in misses.items():
+        by_cause[cause] += n
+    lines = []
+    for cause, total in by_cause.most_common():
+        top = [(e, g, n) for (c_, e, g), n in misses.most_common() if c_ == cause][:8]
+        lines.append(f"    {cause:13s} {total:4d}: " + ", ".join(f"{e}->{g or '-'} x{n}" for e, g, n in top))
+    return "\n".join(lines)
+
+
 @pytest.mark.skipif(not (NDPI_DIR / "benign.txt").exists(), reason="corpus not found")
 def test_ndpi_identification_agreement():
-    c, misses = compare_with_ndpi()
+    names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
+    witness = nfstream_witness(names)
+    c, misses = compare_with_ndpi(witness=witness)
     y = c["flows"]
     y_same = y - c["newer"]
     print(f"\nnDPI identification: {c['master']}/{y} flows agree on the master protocol "
@@ -239,17 +326,30 @@ def test_ndpi_identification_agreement():
           f"identifies by DPI: {c['master']}/{y_same} ({100 * c['master'] / y_same:.1f}%) on the master "
           f"protocol; of the flows found: {c['master']}/{c['matched'] - c['newer']} "
           f"({100 * c['master'] / (c['matched'] - c['newer']):.1f}%)")
+    if witness is not None:
+        y_w = y - c["version"]
+        print(f"  NFStream 6.6.0 (same nDPI 5, fed by nfstream): {c['witness_master']}/{y} "
+              f"({100 * c['witness_master'] / y:.1f}%); leaving out the {c['version']} flows where it gives "
+              f"our answer and the reference another (nDPI version): {c['master']}/{y_w} "
+              f"({100 * c['master'] / y_w:.1f}%)")
     print(f"  'Known Proto on Non Std Port': {c['nonstd_both']}/{c['nonstd_ref']} flows of the reference "
           f"flagged, {c['nonstd_ours_only']} flagged only by us; JA4 {c['ja4_agree']}/{c['ja4_compared']}, "
           f"SNI/host {c['host_agree']}/{c['host_compared']}; {c['calls']} nDPI calls")
-    print("  most frequent disagreements (expected -> ours): "
-          + ", ".join(f"{e}->{g} x{n}" for (e, g), n in misses.most_common(8)))
-    # Measured (nfstream 6.6.0, nDPI 5.0.0-1-375f99e): 2180/2529 (86.2%) strict, of which 303
-    # flows are gnutella.pcap's UDP flows (gtk-gnutella "GTKG" messages) that 4.11-dev left Unknown;
-    # without them 2180/2226 (97.9%), 2180/2195 (99.3%) of the flows found by 5-tuple.
-    # Non-standard port: 67/112, 0 extra (the rest are STUN/SRTP flows nDPI 5 no longer flags).
-    assert c["master"] >= 0.85 * y
-    assert c["master"] >= 0.97 * y_same
+    print("  disagreements by cause (expected -> ours):\n" + cause_table(misses))
+    # Measured (nfstream 6.6.0, nDPI 5.0.0-1-375f99e): 2204/2529 (87.1%) strict. 303 flows are
+    # gnutella.pcap's UDP flows whose first datagram is a Gnutella message ending in GGEP "\x82QK@",
+    # which nDPI 5's Gnutella dissector matches and 4.11-dev's (GTKG at offset 24 only) does not;
+    # without them 2204/2226 (99.0%). NFStream's nDPI 5 (2208/2529) gives our answer on 317 of
+    # the 325 disagreements (Gnutella 303, renamed or re-listed protocols: AmazonAWS->AWS_EC2 6,
+    # IPSec->ESP, OSPF->IP_OSPF, dissectors changed: BFCP 2, Telegram 2, BACnet, Skype_TeamsCall);
+    # the other 8 are flows we do not decode (CAPWAP 802.11 data 5, PPI link type 2) and one IPv6
+    # address the reference prints malformed ("2600:1900:4160:5999::19::").
+    # Non-standard port: 68/113, 0 extra (the rest are STUN/SRTP flows nDPI 5 no longer flags).
+    assert c["master"] >= 0.87 * y
+    assert c["master"] >= 0.985 * y_same
+    assert c["unmatched"] <= 0.005 * y
+    if witness is not None:  # every disagreement on a flow we found is one NFStream's nDPI 5 shares
+        assert sum(n for (cause, _, _), n in misses.items() if cause == "ours") <= 0.002 * y
     assert c["nonstd_ours_only"] == 0 and c["nonstd_both"] >= 0.55 * c["nonstd_ref"]
 
 
@@ -324,7 +424,7 @@ def test_identification_cost_on_mix_small():
 if __name__ == "__main__":
     import sys
     kw = {"use_direction": True} if "--direction" in sys.argv else {}
-    c, misses = compare_with_ndpi(verbose="-v" in sys.argv, **kw)
+    names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
+    c, misses = compare_with_ndpi(verbose="-v" in sys.argv, witness=nfstream_witness(names), **kw)
     print(dict(c))
-    for (e, g), n in misses.most_common(40):
-        print(f"  {e} -> {g}: {n}")
+    print(cause_table(misses))

@@ -209,7 +209,8 @@ class Pipeline:
         """UDP tunnels are sessions too (sessions.tunnels); their packets are indexed under both."""
         from wiretrail.sessions.tunnels import tunnel_sessions
 
-        rows, osid = tunnel_sessions(self.flows, batch, cols, link)
+        rows, osid = tunnel_sessions(self.flows, batch, cols, link,
+                                     self.app.identify if self.app is not None else None)
         ok = (osid >= 0) & (file_off[rows] >= 0)
         if ok.any():
             self.index.append(osid[ok], file_id[rows][ok], file_off[rows][ok], batch.ts[rows][ok])

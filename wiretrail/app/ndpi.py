@@ -148,6 +148,12 @@ class Identifier:
 
     `max_packets`: packets per flow after which nDPI gives up (ndpiReader's
     packets_limit_per_flow, 32 in nDPI's own test configuration).
+
+    Fed as ndpiReader feeds it: every packet of the flow in capture order from its first one,
+    no direction hint, timestamps in ms, until nDPI concludes. nDPI 5 gives up by itself when no
+    dissector is left (the flow comes back CLASSIFIED, guessed by port or IP if it can); a flow
+    still undecided at the cap or when its session ends is given up here. ndpiReader's extra
+    UDP cap (24 packets) changes no flow of nDPI's test captures, so one cap serves both.
     `config`: (protocol or None, parameter, value) triples for ndpi_set_config.
     `use_direction`: tell nDPI each packet's direction (client->server or back) instead of
     letting it infer directions from addresses and ports, as ndpiReader does by default.

@@ -133,6 +133,13 @@ class AppStage:
         self._datagrams(batch, cols, sid, is_orig)
         self._streams(batch, cols, sid, is_orig)
 
+    def identify(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray) -> None:
+        """nDPI only (no protocol records): the outer packets of a UDP tunnel's own session."""
+        if self.ndpi is not None and len(sid):
+            from wiretrail.app.ndpi import classify_batch
+
+            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq)
+
     def _datagrams(self, batch, cols, sid, is_orig) -> None:
         if not self.datagram_modules:
             return
