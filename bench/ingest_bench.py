@@ -71,6 +71,7 @@ def main() -> None:
         subprocess.run(["sh", str(SHARED_BENCH / "make_capture.sh"), str(data)], check=True)
     capture = data / args.capture
     subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "wiretrail.aot"], check=True)
+    subprocess.run([str(REPO / ".venv" / "bin" / "python"), "-m", "compileall", "-q", str(REPO / "wiretrail")], check=True)
     packets = packet_count(capture)
     wiretrail = str(REPO / ".venv" / "bin" / "wiretrail")
     print(f"capture: {capture.name}, {packets} packets, {capture.stat().st_size / 1e6:.0f} MB")
