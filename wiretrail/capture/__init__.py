@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterator
 from wiretrail.batch import ASSIGNED_LINKTYPES, FrameBatch
 from wiretrail.capture.pcap import PCAP_NSEC_MAGIC, PCAP_USEC_MAGIC, read_pcap
 from wiretrail.capture.pcapng import SHB_TYPE, read_pcapng
-from wiretrail.capture.source import DEFAULT_CHUNK_BYTES, ChunkReader, open_stream
+from wiretrail.capture.source import DEFAULT_CHUNK_BYTES, open_reader
 from wiretrail.errors import CaptureError
 
 __all__ = ["iter_batches"]
@@ -38,10 +38,9 @@ def iter_batches(path: str, batch_bytes: int = 16 << 20, *, chunk_bytes: int = D
     path = str(path)
     accepted = None if linktypes is None else frozenset(linktypes)
     try:
-        stream, compression = open_stream(path)
+        src = open_reader(path, chunk_bytes)
     except OSError as err:
         raise CaptureError(path, f"cannot open: {err.strerror or err}") from None
-    src = ChunkReader(stream, compression, chunk_bytes)
     try:
         src.fill(4)
         if src.available < 4:
@@ -58,7 +57,7 @@ def iter_batches(path: str, batch_bytes: int = 16 << 20, *, chunk_bytes: int = D
         elif head == _SNOOP_MAGIC:
             raise CaptureError(path, "snoop capture files are not supported", offset=0)
         else:
-            inner = f"{compression} file whose content is " if compression else ""
+            inner = f"{src.compression} file whose content is " if src.compression else ""
             raise CaptureError(path, f"{inner}not a capture file (magic 0x{head[:4].hex()})", offset=0)
         try:
             yield from reader

@@ -96,10 +96,12 @@ def read_pcap(src: ChunkReader, path: str, batch_bytes: int,
 
     # Batches point into the reader's chunk buffer (see ChunkReader): the frames are not
     # copied. A batch is the whole records of one chunk, or `batch_bytes` of them.
-    rows = max(64, min(batch_bytes, len(src.buf)) // RECORD_HEADER_BYTES + 1)
+    batch_bytes = min(batch_bytes, src.batch_limit)
+    rows = max(64, batch_bytes // RECORD_HEADER_BYTES + 1)
     packets = 0
     status = NEED_INPUT
     while True:
+        src.release_before(src.pos)  # the batches before this one are done with
         offset = np.empty(rows, dtype=np.int64)
         caplen = np.empty(rows, dtype=np.int32)
         wirelen = np.empty(rows, dtype=np.int32)

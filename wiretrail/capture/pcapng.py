@@ -223,6 +223,7 @@ def read_pcapng(src: ChunkReader, path: str, batch_bytes: int,
     fault: str | None = None
     fault_at = 0
     while True:
+        src.release_before(src.pos)  # the batches before this one are done with
         src.pos, out.n, out.fill, status = parse_pcapng_blocks(
             src.buf, src.pos, src.end, big_endian, section.a_global, section.a_snaplen,
             section.a_mul, section.a_div, section.a_shift, section.a_offset, section.a_accept, state,

@@ -9,6 +9,9 @@ the chunk size (or the largest record) whatever the file size.
 from __future__ import annotations
 
 import io
+import mmap
+import os
+import stat
 import zlib
 
 import numpy as np
@@ -119,6 +122,11 @@ class ChunkReader:
         return self.base + self.pos
 
     @property
+    def batch_limit(self) -> int:
+        """The most record bytes one batch may span: a chunk."""
+        return len(self._bufs[self._cur])
+
+    @property
     def available(self) -> int:
         return self.end - self.pos
 
@@ -160,11 +168,89 @@ class ChunkReader:
                 return False
         return True
 
+    def release_before(self, pos: int) -> None:
+        """Nothing to release: the two buffers are reused."""
+
     def close(self) -> None:
         try:
             self.stream.close()
         except _STREAM_ERRORS:
             pass
+
+
+# Files smaller than this are read, not mapped: mapping costs more than it saves.
+MAP_MIN_BYTES = 1 << 20
+_RELEASE_STEP = 16 << 20
+
+
+class MappedReader:
+    """An uncompressed capture file mapped into memory, with ChunkReader's interface.
+
+    The reader walks `buf` (the whole file) and batches point into it: no read() copy from
+    the page cache (measured: 0.09 s of system time for mix.pcap's 467 MB). Pages behind
+    the reader are dropped from the mapping as it goes (`release_before`), so resident
+    memory stays one batch or so whatever the file size; a dropped page read again comes
+    back from the page cache, so a batch stays valid as long as it is held. The size is
+    taken when the file is opened: bytes appended later are not read. (A file cut shorter
+    while it is being read kills the process with SIGBUS, as it would any mmap reader.)
+    """
+
+    compression = ""
+    eof = True
+    error = None
+    base = 0
+
+    def __init__(self, stream, size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self.stream = stream
+        self.batch_limit = chunk_bytes  # batches as large as ChunkReader's: memory as flat
+        self._map = mmap.mmap(stream.fileno(), size, access=mmap.ACCESS_READ)
+        self._map.madvise(mmap.MADV_SEQUENTIAL)
+        self.buf = np.frombuffer(self._map, dtype=np.uint8)
+        self.pos = 0
+        self.end = size
+        self._released = 0
+
+    @property
+    def offset(self) -> int:
+        return self.pos
+
+    @property
+    def available(self) -> int:
+        return self.end - self.pos
+
+    def fill(self, need: int = 0) -> bool:
+        return False
+
+    def ensure(self, n: int) -> bool:
+        return self.end - self.pos >= n
+
+    def release_before(self, pos: int) -> None:
+        cut = (pos - _RELEASE_STEP) & ~(mmap.PAGESIZE - 1)
+        if cut - self._released >= _RELEASE_STEP:
+            self._map.madvise(mmap.MADV_DONTNEED, self._released, cut - self._released)
+            self._released = cut
+
+    def close(self) -> None:
+        self.buf = None
+        try:
+            self._map.close()
+        except BufferError:  # a batch still points into it: unmapped when that goes
+            pass
+        self.stream.close()
+
+
+def open_reader(path: str, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    """A MappedReader for a plain file of some size, else a ChunkReader (compressed files,
+    pipes, small files). OSError if it cannot be opened."""
+    stream, compression = open_stream(path)
+    if not compression:
+        try:
+            info = os.fstat(stream.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_size >= MAP_MIN_BYTES:
+                return MappedReader(stream, info.st_size, chunk_bytes)
+        except (OSError, ValueError):
+            pass  # not mappable here: read it
+    return ChunkReader(stream, compression, chunk_bytes)
 
 
 def _describe_stream_error(compression: str, err: Exception) -> str:
