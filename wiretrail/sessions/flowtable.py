@@ -650,6 +650,10 @@ def _sizes(I64, I32, idx, out_o, out_r):
 
 CONN_STATES = np.array(["S1", "S0", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "RSTRH", "SHR", "SH",
                         "OTH"], dtype=object)
+# Text columns are taken from these small arrays by code, never built from Python strings per row.
+_CONN_STATE_TEXT = pa.array(CONN_STATES.tolist(), type=pa.string())
+_PROTO_TEXT = pa.array(["unknown_transport", "tcp", "udp", "icmp"], type=pa.string())
+_TUNNEL_TEXT = pa.array([TUNNEL_NAMES.get(k) for k in range(max(TUNNEL_NAMES) + 1)], type=pa.string())
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -1140,17 +1144,16 @@ class FlowTable:
         sids = I64[:, SID]
         names = self.link_names
         link_ids = I32[:, LINK]
-        known = np.array([*names, *(("default" if k == 0 else str(k)) for k in range(len(names), int(link_ids.max(initial=0)) + 1))],
-                         dtype=object)
-        links = known[link_ids]
+        known = [*names, *(("default" if k == 0 else str(k)) for k in range(len(names), int(link_ids.max(initial=0)) + 1))]
+        links = pa.array(known, type=pa.string()).take(link_ids)
         vlan = I32[:, VLAN]
         inner = I32[:, INNER]
         tun = I32[:, TUNNEL]
         icmp = (proto == 1) | (proto == 58)
-        proto_name = np.full(m, "unknown_transport", dtype=object)
-        proto_name[proto == 6] = "tcp"
-        proto_name[proto == 17] = "udp"
-        proto_name[icmp] = "icmp"
+        proto_code = np.zeros(m, dtype=np.int8)
+        proto_code[proto == 6] = 1
+        proto_code[proto == 17] = 2
+        proto_code[icmp] = 3
         rtt = I64[:, RTT]
         first, last = I64[:, FIRST_TS], I64[:, LAST_TS]
         cols = {
@@ -1159,16 +1162,15 @@ class FlowTable:
             "ts": pa.array(first, type=pa.timestamp("ns")),
             "last_ts": pa.array(last, type=pa.timestamp("ns")),
             "duration": pa.array(last - first, type=pa.int64()),
-            "link": pa.array(links, type=pa.string()),
+            "link": links,
             "vlan": pa.array(vlan, type=pa.int32(), mask=vlan == VLAN_NONE),
             "inner_vlan": pa.array(inner, type=pa.int32(), mask=inner == VLAN_NONE),
-            "tunnel": pa.array([TUNNEL_NAMES.get(int(x)) for x in tun.tolist()] if tun.any() else [None] * m,
-                               type=pa.string()),
+            "tunnel": _TUNNEL_TEXT.take(tun) if tun.any() else pa.nulls(m, pa.string()),
             "orig_h": orig_h,
             "orig_p": pa.array(o_p, type=pa.int32()),
             "resp_h": resp_h,
             "resp_p": pa.array(r_p, type=pa.int32()),
-            "proto": pa.array(proto_name, type=pa.string()),
+            "proto": _PROTO_TEXT.take(proto_code),
             "ip_proto": pa.array(proto, type=pa.int32()),
             "service": pa.nulls(m, type=pa.string()),
             "orig_bytes": pa.array(size_o, type=pa.int64()),
@@ -1182,8 +1184,8 @@ class FlowTable:
             "resp_tcp_flags": pa.array(I32[:, FLAGS_O + 1].astype(np.uint8), type=pa.uint8(), mask=proto != 6),
             "orig_wire_bytes": pa.array(I64[:, WIRE_O], type=pa.int64()),
             "resp_wire_bytes": pa.array(I64[:, WIRE_O + 1], type=pa.int64()),
-            "close_reason": pa.array(np.full(m, self._closing, dtype=object), type=pa.string()),
-            "conn_state": pa.array(CONN_STATES[states], type=pa.string()),
+            "close_reason": pa.array([self._closing], type=pa.string()).take(np.zeros(m, dtype=np.int8)),
+            "conn_state": _CONN_STATE_TEXT.take(states),
             "history": history,
             "community_id": cids,
             "icmp_type": pa.array(I32[:, ICMP_T], type=pa.int32(), mask=~icmp),

@@ -75,7 +75,8 @@ def stable_argsort(keys: np.ndarray) -> np.ndarray:
     """np.argsort(keys, kind="stable"), for int64 keys that repeat."""
     keys = np.ascontiguousarray(keys, dtype=np.int64)
     n = len(keys)
-    table = np.full(1 << max(4, (2 * n).bit_length()), -1, dtype=np.int64)
+    # int32 slots, one more than the rows at least: never full, and small enough to stay in cache
+    table = np.full(1 << max(4, n.bit_length()), -1, dtype=np.int32)
     return _grouped_order(keys, np.empty(n, dtype=np.int64), table, np.empty(n, dtype=np.int64),
                           np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64))
 
