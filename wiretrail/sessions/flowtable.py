@@ -650,10 +650,29 @@ def _sizes(I64, I32, idx, out_o, out_r):
 
 CONN_STATES = np.array(["S1", "S0", "SF", "REJ", "S2", "S3", "RSTO", "RSTR", "RSTOS0", "RSTRH", "SHR", "SH",
                         "OTH"], dtype=object)
-# Text columns are taken from these small arrays by code, never built from Python strings per row.
-_CONN_STATE_TEXT = pa.array(CONN_STATES.tolist(), type=pa.string())
-_PROTO_TEXT = pa.array(["unknown_transport", "tcp", "udp", "icmp"], type=pa.string())
-_TUNNEL_TEXT = pa.array([TUNNEL_NAMES.get(k) for k in range(max(TUNNEL_NAMES) + 1)], type=pa.string())
+_PROTO_NAMES = ["unknown_transport", "tcp", "udp", "icmp"]
+_TUNNEL_TEXT = [TUNNEL_NAMES.get(k) for k in range(max(TUNNEL_NAMES) + 1)]
+
+
+def text_from_codes(codes: np.ndarray, names: list) -> pa.Array:
+    """Arrow strings names[codes[i]] (None: null), built with numpy from the names' bytes:
+    no Python string per row, and no pyarrow.compute (whose import alone costs 0.06 s)."""
+    m = len(codes)
+    codes = np.asarray(codes, dtype=np.int64)
+    encoded = [(n or "").encode() for n in names]
+    width = max(1, *(len(e) for e in encoded))
+    table = np.zeros((len(names), width), dtype=np.uint8)
+    for k, e in enumerate(encoded):
+        table[k, :len(e)] = np.frombuffer(e, dtype=np.uint8)
+    lengths = np.array([len(e) for e in encoded], dtype=np.int32)[codes]
+    offsets = np.zeros(m + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    data = table[codes][np.arange(width)[None, :] < lengths[:, None]]
+    valid = np.array([n is not None for n in names])[codes]
+    nulls = int(m - valid.sum())
+    bitmap = pa.array(valid).buffers()[1] if nulls else None
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()), bitmap,
+                                       null_count=nulls)
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -1145,7 +1164,7 @@ class FlowTable:
         names = self.link_names
         link_ids = I32[:, LINK]
         known = [*names, *(("default" if k == 0 else str(k)) for k in range(len(names), int(link_ids.max(initial=0)) + 1))]
-        links = pa.array(known, type=pa.string()).take(link_ids)
+        links = text_from_codes(link_ids, known)
         vlan = I32[:, VLAN]
         inner = I32[:, INNER]
         tun = I32[:, TUNNEL]
@@ -1165,12 +1184,12 @@ class FlowTable:
             "link": links,
             "vlan": pa.array(vlan, type=pa.int32(), mask=vlan == VLAN_NONE),
             "inner_vlan": pa.array(inner, type=pa.int32(), mask=inner == VLAN_NONE),
-            "tunnel": _TUNNEL_TEXT.take(tun) if tun.any() else pa.nulls(m, pa.string()),
+            "tunnel": text_from_codes(tun, _TUNNEL_TEXT) if tun.any() else pa.nulls(m, pa.string()),
             "orig_h": orig_h,
             "orig_p": pa.array(o_p, type=pa.int32()),
             "resp_h": resp_h,
             "resp_p": pa.array(r_p, type=pa.int32()),
-            "proto": _PROTO_TEXT.take(proto_code),
+            "proto": text_from_codes(proto_code, _PROTO_NAMES),
             "ip_proto": pa.array(proto, type=pa.int32()),
             "service": pa.nulls(m, type=pa.string()),
             "orig_bytes": pa.array(size_o, type=pa.int64()),
@@ -1184,8 +1203,8 @@ class FlowTable:
             "resp_tcp_flags": pa.array(I32[:, FLAGS_O + 1].astype(np.uint8), type=pa.uint8(), mask=proto != 6),
             "orig_wire_bytes": pa.array(I64[:, WIRE_O], type=pa.int64()),
             "resp_wire_bytes": pa.array(I64[:, WIRE_O + 1], type=pa.int64()),
-            "close_reason": pa.array([self._closing], type=pa.string()).take(np.zeros(m, dtype=np.int8)),
-            "conn_state": _CONN_STATE_TEXT.take(states),
+            "close_reason": text_from_codes(np.zeros(m, dtype=np.int8), [self._closing]),
+            "conn_state": text_from_codes(states, CONN_STATES.tolist()),
             "history": history,
             "community_id": cids,
             "icmp_type": pa.array(I32[:, ICMP_T], type=pa.int32(), mask=~icmp),

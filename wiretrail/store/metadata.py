@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from wiretrail.batch import HOUR_NS
@@ -83,21 +82,31 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     return directory / name
 
 
-def write_by_hour(base: Path, table: pa.Table, hours: np.ndarray, sort_by: str | None = None,
-                  **parquet_options) -> None:
-    """Write `table` as one part per hour (`hours[i]` is row i's hour since the epoch)."""
-    if table.num_rows == 0:
-        return
-    uniq = np.unique(hours)
-    for h in uniq:
-        part = table if len(uniq) == 1 else table.filter(pa.array(hours == h))
+def write_by_hour(base: Path, pieces: list[tuple[pa.Table, np.ndarray]], sort_by: str | None = None,
+                         **parquet_options) -> list[int]:
+    """Write tables (each with its rows' hours) as one part per hour. Rows come out in time
+    order mostly, so each piece is cut into runs of one hour and an hour's runs are joined
+    (zero-copy): no row is moved before Parquet writes it."""
+    runs: dict[int, list[pa.Table]] = {}
+    for table, hours in pieces:
+        if table.num_rows == 0:
+            continue
+        cuts = np.flatnonzero(np.diff(hours)) + 1
+        starts = [0, *cuts.tolist()]
+        for lo, hi in zip(starts, [*cuts.tolist(), len(hours)]):
+            runs.setdefault(int(hours[lo]), []).append(table.slice(lo, hi - lo))
+    for hour, parts in runs.items():
+        part = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
         if sort_by:
             part = part.sort_by(sort_by)
-        write_part(partition_dir(base, int(h)), part, **parquet_options)
+        write_part(partition_dir(base, hour), part, **parquet_options)
+    return list(runs)
 
 
 def _ts_hours(table: pa.Table) -> np.ndarray:
-    ts = pc.cast(table.column("ts"), pa.int64()).to_numpy(zero_copy_only=False)
+    column = table.column("ts")
+    ts = np.concatenate([c.view(pa.int64()).to_numpy(zero_copy_only=False) for c in column.chunks]) \
+        if column.num_chunks != 1 else column.chunk(0).view(pa.int64()).to_numpy(zero_copy_only=False)
     return ts // HOUR_NS
 
 
@@ -124,10 +133,8 @@ class TableWriter:
 
     def flush(self) -> None:
         for name, tables in self.pending.items():
-            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-            hours = _ts_hours(table)
-            write_by_hour(self.base / name, table, hours)
-            self.touched.update((name, int(h)) for h in np.unique(hours))
+            hours = write_by_hour(self.base / name, [(t, _ts_hours(t)) for t in tables])
+            self.touched.update((name, h) for h in hours)
         self.pending.clear()
         self.rows = 0
         self.last_flush = time.monotonic()
