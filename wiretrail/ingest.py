@@ -7,6 +7,7 @@ continues from one file into the next stays one session.
 
 from __future__ import annotations
 
+import gc
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,16 +107,6 @@ def _use_jemalloc() -> None:
         pass
 
 
-def _quiet_gc() -> None:
-    """Fewer collections: what exists once start-up is over stays (gc.freeze), and the
-    per-batch objects are few and large, so the default threshold (700 allocations) made the
-    collector walk the application layer's records over and over."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
 class Pipeline:
     """Holds the state that spans batches and files: flow table, fragments, writers."""
 
@@ -130,7 +121,6 @@ class Pipeline:
         self.opts = opts
         self.report = IngestReport()
         _use_jemalloc()
-        _quiet_gc()
         root = Path(opts.store)
         root.mkdir(parents=True, exist_ok=True)
         register_schema("sessions", SESSIONS_SCHEMA)
@@ -310,6 +300,11 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
     pipe = Pipeline(opts)
     bar = _progress(opts, paths)
     failure: WiretrailError | None = None
+    # Fewer garbage collections while ingesting: per batch the objects are few and large, and
+    # at the default threshold (700 allocations) the collector walked the application layer's
+    # records over and over. Put back afterwards: the caller may be a longer-lived program.
+    thresholds = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 20)
     try:
         for path in paths:
             if not path.is_file():
@@ -333,6 +328,7 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
             pipe.finish()
         except WiretrailError as err:
             failure = failure or err
+        gc.set_threshold(*thresholds)
     if failure is not None:
         raise failure
     if opts.max_age_days is not None or opts.quota_bytes is not None:
