@@ -120,10 +120,11 @@ class _Lib:
 class _Flow:
     """One flow inside an Identifier (the handle returned by new_flow)."""
 
-    __slots__ = ("ptr", "key", "n", "done", "proto", "gaveup", "_box")
+    __slots__ = ("ptr", "addr", "key", "n", "done", "proto", "gaveup", "_box")
 
-    def __init__(self, ptr, key):
+    def __init__(self, ptr, addr: int, key):
         self.ptr = ptr
+        self.addr = addr      # the flow's address, as the numba loop takes it
         self.key = key
         self.n = 0            # packets given to nDPI
         self.done = False     # nDPI concluded (classified, or gave up at the packet cap)
@@ -191,6 +192,7 @@ class Identifier:
         self._dir[True].in_pkt_dir = IN_PKT_DIR_C_TO_S
         self._dir[False].in_pkt_dir = IN_PKT_DIR_S_TO_C
         self.calls = 0  # ndpi_detection_process_packet calls made
+        self._zero_flow = bytes(lib.flow_size)  # a new flow starts zeroed, as ndpi_flow_malloc's callers do
         # the numba feeding loop (app.ndpi_kernel), when the platform's calling convention allows
         self.kernel = None
         from wiretrail.app import ndpi_kernel
@@ -230,8 +232,8 @@ class Identifier:
         if raw == ffi.NULL:
             raise MemoryError("nDPI flow allocation failed")
         ptr = ffi.cast("struct ndpi_flow_struct *", raw)
-        ffi.memmove(ptr, bytes(self._lib.flow_size), self._lib.flow_size)
-        h = _Flow(ptr, key)
+        ffi.memmove(ptr, self._zero_flow, len(self._zero_flow))
+        h = _Flow(ptr, int(ffi.cast("uintptr_t", raw)), key)
         self._live.add(h)
         return h
 
@@ -486,7 +488,7 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
         which = np.cumsum(keep)[which[mask]] - 1  # renumber the sessions kept
     ffi = ident._ffi
     m = len(flows)
-    flow_ptr = np.array([int(ffi.cast("uintptr_t", h.ptr)) for h in flows], dtype=np.uint64)
+    flow_ptr = np.array([h.addr for h in flows], dtype=np.uint64)
     count = np.array([h.n for h in flows], dtype=np.int64)
     done = np.array([1 if h.done else 0 for h in flows], dtype=np.uint8)
     before = count.copy()
