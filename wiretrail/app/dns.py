@@ -29,6 +29,7 @@ Zeek's logs; names are lower-cased.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import struct
 from collections import deque
@@ -205,6 +206,8 @@ class DnsMessage:
     packet: int = 0       # packet number in the capture file (Datagram.packet), 0 if unknown
     authorities: list[Answer] = field(default_factory=list)  # authority section (keep_case parses only)
     as_sent: "DnsMessage | None" = None  # the same message parsed with keep_case (for EVE fields)
+    # a name lost capitals to lower-casing (parsed with keep_case, it would read differently)
+    lowered: bool = field(default=False, repr=False, compare=False)
 
     @property
     def qr(self) -> bool:
@@ -250,6 +253,7 @@ class _Parser:
         self.netbios = netbios
         self.keep_case = keep_case  # Zeek lower-cases names; Suricata's EVE keeps them as sent
         self.weird = False
+        self.lowered = False  # a name had capitals (DnsMessage.lowered)
 
     # -- names --
     def name(self, pos: int) -> tuple[str, int]:
@@ -295,7 +299,10 @@ class _Parser:
             pos += 1 + ln
         text = _text(b".".join(out)) if out else ""
         if not self.keep_case:
-            text = text.lower()
+            lower = text.lower()
+            if lower != text:
+                self.lowered = True
+                text = lower
         return text, (end if end is not None else pos)
 
     def u16(self, pos: int) -> int:
@@ -524,6 +531,7 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
         msg.malformed = True
     if p.weird:
         msg.malformed = True
+    msg.lowered = p.lowered
     del msg._owner, msg._after_reply
     return msg
 
@@ -687,7 +695,10 @@ class DnsSession:
         m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_authorities=True)
         # names as sent differ from Zeek's lower-cased ones only if the message has capitals
         if d.payload.lower() != d.payload:
-            m.as_sent = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+            # and only if a name had some (most capitals are in binary fields): otherwise
+            # parsing again with keep_case would give the very same message
+            m.as_sent = (parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+                         if m.lowered else dataclasses.replace(m))
         m.packet = d.packet
         if d.truncated:
             m.malformed = True
