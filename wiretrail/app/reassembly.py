@@ -83,22 +83,14 @@ class Reassembler:
         rows = rows[cols["pl_len"][rows] > 0]
         if len(rows) == 0:
             return
-        length = cols["pl_len"][rows].astype(np.int64)
-        need = int(length.sum())
-        if len(self._buf) < need:
-            self._buf = np.empty(need + need // 4, dtype=np.uint8)
-        out_off = np.empty(len(rows) + 1, dtype=np.int64)
-        _gather(batch.data, batch.offset, cols["pl_off"], cols["pl_len"], rows, self._buf, out_off)
-        payload = self._buf[:need].tobytes()  # one copy per batch; chunks slice it
 
         # Per (session, direction) group, in packet order within a group. Python runs once per
         # group (its _Side); what each packet keeps is worked out for all packets at once.
+        rows = rows[np.argsort(sid[rows] * 2 + is_orig[rows].astype(np.int64), kind="stable")]
         key = sid[rows] * 2 + is_orig[rows].astype(np.int64)
-        order = np.argsort(key, kind="stable")
-        key = key[order]
         first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
-        last = np.append(first[1:], len(order))
-        seq = cols["tcp_seq"][rows][order].astype(np.int64)
+        last = np.append(first[1:], len(rows))
+        seq = cols["tcp_seq"][rows].astype(np.int64)
         group_sides = []
         bases = np.empty(len(first), dtype=np.int64)
         depths = np.empty(len(first), dtype=np.int64)
@@ -113,24 +105,32 @@ class Reassembler:
             depths[g] = self.depth if side.depth < 0 else side.depth
         group = np.repeat(np.arange(len(first)), last - first)
         rel = (seq - bases[group]) & 0xFFFFFFFF
-        depth = depths[group]
-        length = length[order]
+        length = cols["pl_len"][rows].astype(np.int64)
         # before the base (a retransmission of the SYN's data, or garbage): dropped
         inside = rel < (1 << 31)
         # bytes past the depth are counted, not kept
-        keep = np.where(inside, np.clip(depth - rel, 0, length), 0)
-        beyond = np.where(inside, length - keep, 0)
-        cut = np.add.reduceat(beyond, first)
+        keep = np.where(inside, np.clip(depths[group] - rel, 0, length), 0)
+        cut = np.add.reduceat(np.where(inside, length - keep, 0), first)
         held = np.add.reduceat(keep, first)
         kept = np.flatnonzero(keep > 0)  # packets that start before the depth
-        start = out_off[order[kept]]
-        chunks = list(zip(rel[kept].tolist(),
-                          [payload[a:b] for a, b in zip(start.tolist(), (start + keep[kept]).tolist())],
-                          batch.ts[rows][order[kept]].tolist()))
-        bounds = np.searchsorted(kept, first).tolist() + [len(kept)]
+
+        # only the kept bytes are gathered (one copy per batch; chunks slice it)
+        kept_rows = rows[kept]
+        kept_len = cols["pl_len"].copy()
+        kept_len[kept_rows] = keep[kept]
+        need = int(keep.sum())
+        if len(self._buf) < need:
+            self._buf = np.empty(need + need // 4, dtype=np.uint8)
+        out_off = np.empty(len(kept_rows) + 1, dtype=np.int64)
+        _gather(batch.data, batch.offset, cols["pl_off"], kept_len, kept_rows, self._buf, out_off)
+        payload = self._buf[:need].tobytes()
+        bounds = out_off.tolist()
+        chunks = list(zip(rel[kept].tolist(), [payload[a:b] for a, b in zip(bounds, bounds[1:])],
+                          batch.ts[kept_rows].tolist()))
+        at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first chunk
         for g, side in enumerate(group_sides):
-            if bounds[g] < bounds[g + 1]:
-                side.chunks.extend(chunks[bounds[g]:bounds[g + 1]])
+            if at[g] < at[g + 1]:
+                side.chunks.extend(chunks[at[g]:at[g + 1]])
             n = int(cut[g])
             if n:
                 side.beyond_depth += n
