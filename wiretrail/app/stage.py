@@ -225,7 +225,8 @@ class AppStage:
         tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & TCP_SYN) != 0))
         if not tcp.any():
             return
-        want = np.isin(cols["sport"], self.stream_ports) | np.isin(cols["dport"], self.stream_ports)
+        cand = np.flatnonzero(tcp)
+        want = np.isin(cols["sport"][cand], self.stream_ports) | np.isin(cols["dport"][cand], self.stream_ports)
         if self.ndpi_state is not None:
             results = self.ndpi_state.results
             for s in results.keys() - self._judged:  # sessions identified since the last batch
@@ -244,11 +245,15 @@ class AppStage:
                     self._unwanted.add(s)
                     self.reasm.drop(s)
                     self.streamed.discard(s)
-            yes = np.fromiter(self._wanted, dtype=np.int64, count=len(self._wanted))
-            no = np.fromiter(self._unwanted, dtype=np.int64, count=len(self._unwanted))
-            undecided = ~np.isin(sid, np.fromiter(results.keys(), dtype=np.int64, count=len(results)))
-            want = (want & ~np.isin(sid, no)) | np.isin(sid, yes) | (undecided & ~np.isin(sid, no))
-        rows = np.flatnonzero(tcp & want)
+            # decided once per session of the batch (hundreds), not per packet (tens of thousands)
+            sessions, which = np.unique(sid[cand], return_inverse=True)
+            sessions = sessions.tolist()
+            yes = np.array([s in self._wanted for s in sessions], dtype=bool)[which]
+            no = np.array([s in self._unwanted for s in sessions], dtype=bool)[which]
+            undecided = np.array([s not in results for s in sessions], dtype=bool)[which]
+            # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
+            want = yes | (~no & (want | undecided))
+        rows = cand[want]
         if len(rows):
             self.reasm.add(batch, cols, rows, sid, is_orig)
             self.streamed.update(np.unique(sid[rows]).tolist())
