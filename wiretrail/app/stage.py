@@ -104,6 +104,7 @@ class AppStage:
         self._unwanted: set[int] = set()                        # ... identified as what none reads
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_for: dict[tuple[str, int], list] = {}
+        self._port_tables: dict[_Module, np.ndarray] = {}
         self.parser_errors = 0
         self.bad_rows: dict[str, int] = {}  # rows dropped per table: a value that did not fit its column
         self._first_packet = 0
@@ -136,8 +137,8 @@ class AppStage:
     def _datagrams(self, batch, cols, sid, is_orig) -> None:
         if not self.datagram_modules:
             return
-        udp = (cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0)
-        sport, dport = cols["sport"].astype(np.int64), cols["dport"].astype(np.int64)
+        udp = np.flatnonzero((cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0))
+        sport, dport = cols["sport"][udp], cols["dport"][udp]
         for m in self.datagram_modules:
             ip_protos = getattr(m.mod, "IP_PROTOS", None)
             if ip_protos:  # a whole IP protocol (ICMP): the L4 message from its header on
@@ -145,10 +146,19 @@ class AppStage:
                                       & (cols["frag"] == FRAG_NONE))
                 self._datagram_rows(m, batch, cols, sid, is_orig, rows, whole_l4=True)
                 continue
-            if not udp.any():
+            if not len(udp):
                 continue
-            rows = np.flatnonzero(udp & (np.isin(sport, m.ports) | np.isin(dport, m.ports)))
+            on_port = self._port_table(m)
+            rows = udp[on_port[sport] | on_port[dport]]
             self._datagram_rows(m, batch, cols, sid, is_orig, rows)
+
+    def _port_table(self, m: _Module) -> np.ndarray:
+        """65536 booleans, True at module m's ports: a packet's ports are looked up by indexing."""
+        table = self._port_tables.get(m)
+        if table is None:
+            table = self._port_tables[m] = np.zeros(1 << 16, dtype=bool)
+            table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
+        return table
 
     def _session_tuple(self, s: int, cols, r: int, from_orig: bool) -> tuple:
         """(uid, orig_h, orig_p, resp_h, resp_p) of session s, made once per session."""
@@ -193,7 +203,8 @@ class AppStage:
                                                            is_orig[rows].tolist(), start.tolist(), end.tolist(),
                                                            want.tolist(), batch.ts[rows].tolist(), ports):
             payload = data[a:b].tobytes()
-            uid, o_h, o_p, r_h, r_p = self._session_tuple(s, cols, r, from_orig)
+            t = self.tuples.get(s)
+            uid, o_h, o_p, r_h, r_p = t if t is not None else self._session_tuple(s, cols, r, from_orig)
             if whole_l4:  # ICMP: the message's own type and code, not the session's
                 o_p, r_p = icmp_ports
             d = Datagram(uid=uid, ts=ts, payload=payload, from_orig=from_orig, orig_h=o_h,
