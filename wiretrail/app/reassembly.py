@@ -166,7 +166,14 @@ class Reassembler:
         if side is None:
             return Direction()
         self.held -= side.kept
-        chunks = sorted(side.chunks, key=_SEQ_TIME)
+        chunks = side.chunks
+        chunks.sort(key=_SEQ_TIME)
+        if chunks and chunks[0][0] == 0 and all(rel + len(data) == nxt for (rel, data, _), (nxt, _, _)
+                                                 in zip(chunks, chunks[1:])):
+            # the common case: every byte once, in order, from the start (no gap, no overlap)
+            offsets, parts, times = zip(*chunks)
+            return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
+                             ts=np.array(times, dtype=np.int64), truncated=side.truncated)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
         out_len = 0
