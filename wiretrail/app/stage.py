@@ -80,8 +80,8 @@ def load_modules(names=PROTOCOLS) -> list[_Module]:
 
 
 def _addr(hi: int, lo: int) -> str:
-    if hi == 0 and (lo >> 32) == 0xFFFF:
-        return str(ipaddress.IPv4Address(lo & 0xFFFFFFFF))
+    if hi == 0 and (lo >> 32) == 0xFFFF:  # IPv4, written as str(IPv4Address) writes it
+        return f"{(lo >> 24) & 255}.{(lo >> 16) & 255}.{(lo >> 8) & 255}.{lo & 255}"
     return ipaddress.IPv6Address((hi << 64) | lo).compressed
 
 
@@ -298,7 +298,8 @@ class AppStage:
             sessions = _set(sessions, "app", pa.array(apps, pa.string()))
             sessions = _set(sessions, "category", pa.array(cats, pa.string()))
             sessions = _set(sessions, "port_mismatch", pa.array(nonstd, pa.bool_()))
-            services = [ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in apps]
+            service_of = {a: ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in set(apps)}  # few labels
+            services = [service_of[a] for a in apps]
             sessions = _set(sessions, "service", pa.array(services, pa.string()))
         sid_list = sids.tolist()
         self._judged.difference_update(sid_list)
