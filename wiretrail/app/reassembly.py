@@ -51,6 +51,10 @@ _SEQ_TIME = itemgetter(0, 2)  # a chunk's (relative seq, ts): the order a direct
 class _Side:
     base: int = -1                  # absolute sequence number of stream offset 0
     chunks: list = field(default_factory=list)  # (relative seq, bytes, ts)
+    # the chunks so far follow each other exactly from offset 0, in the order they came (no gap,
+    # no overlap, no reordering: the usual case), and where the next one would start
+    in_order: bool = True
+    next_rel: int = 0
     kept: int = 0                   # bytes held in chunks
     beyond_depth: int = 0           # bytes seen past the depth
     truncated: bool = False
@@ -125,12 +129,24 @@ class Reassembler:
         _gather(batch.data, batch.offset, cols["pl_off"], kept_len, kept_rows, self._buf, out_off)
         payload = self._buf[:need].tobytes()
         bounds = out_off.tolist()
-        chunks = list(zip(rel[kept].tolist(), [payload[a:b] for a, b in zip(bounds, bounds[1:])],
+        offsets = rel[kept]
+        ends = offsets + keep[kept]
+        chunks = list(zip(offsets.tolist(), [payload[a:b] for a, b in zip(bounds, bounds[1:])],
                           batch.ts[kept_rows].tolist()))
         at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first chunk
+        # chunks that do not start where the one before them in their group ended, counted so
+        # that breaks[j] - breaks[i + 1] is how many of chunks i+1..j-1 do not
+        breaks = np.concatenate([[0, 0], np.cumsum(offsets[1:] != ends[:-1])]).tolist()
+        offsets, ends = offsets.tolist(), ends.tolist()
         for g, side in enumerate(group_sides):
-            if at[g] < at[g + 1]:
-                side.chunks.extend(chunks[at[g]:at[g + 1]])
+            i, j = at[g], at[g + 1]
+            if i < j:
+                side.chunks.extend(chunks[i:j])
+                if side.in_order:
+                    if offsets[i] == side.next_rel and breaks[j] == breaks[i + 1]:
+                        side.next_rel = ends[j - 1]
+                    else:
+                        side.in_order = False
             n = int(cut[g])
             if n:
                 side.beyond_depth += n
@@ -158,7 +174,7 @@ class Reassembler:
                 keep.append(c)
                 total += len(c[1])
             self.held -= side.kept - total
-            side.chunks, side.kept, side.truncated = keep, total, True
+            side.chunks, side.kept, side.truncated, side.in_order = keep, total, True, False
 
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
@@ -167,13 +183,12 @@ class Reassembler:
             return Direction()
         self.held -= side.kept
         chunks = side.chunks
-        chunks.sort(key=_SEQ_TIME)
-        if chunks and chunks[0][0] == 0 and all(rel + len(data) == nxt for (rel, data, _), (nxt, _, _)
-                                                 in zip(chunks, chunks[1:])):
-            # the common case: every byte once, in order, from the start (no gap, no overlap)
+        if chunks and side.in_order:
+            # the common case: every byte once, in order, from the start: one join
             offsets, parts, times = zip(*chunks)
             return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
                              ts=np.array(times, dtype=np.int64), truncated=side.truncated)
+        chunks.sort(key=_SEQ_TIME)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
         out_len = 0
