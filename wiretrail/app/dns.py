@@ -29,7 +29,7 @@ Zeek's logs; names are lower-cased.
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 import functools
 import ipaddress
 import struct
@@ -616,6 +616,7 @@ def decode_netbios_name(name: str) -> str:
     return _text(bytes(buf))
 
 
+@functools.lru_cache(maxsize=4096)  # per session, and sessions share their servers
 def _is_multicast(h: str) -> bool:
     try:
         return ipaddress.ip_address(h).is_multicast
@@ -728,7 +729,7 @@ class DnsSession:
             # and only if a name had some (most capitals are in binary fields): otherwise
             # parsing again with keep_case would give the very same message
             m.as_sent = (parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
-                         if m.lowered else dataclasses.replace(m))
+                         if m.lowered else copy.copy(m))
         m.packet = d.packet
         if d.truncated:
             m.malformed = True
