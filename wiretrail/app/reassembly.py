@@ -90,8 +90,9 @@ class Reassembler:
 
         # Per (session, direction) group, in packet order within a group. Python runs once per
         # group (its _Side); what each packet keeps is worked out for all packets at once.
-        rows = rows[np.argsort(sid[rows] * 2 + is_orig[rows].astype(np.int64), kind="stable")]
         key = sid[rows] * 2 + is_orig[rows].astype(np.int64)
+        order = np.argsort(key, kind="stable")
+        rows, key = rows[order], key[order]
         first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
         last = np.append(first[1:], len(rows))
         seq = cols["tcp_seq"][rows].astype(np.int64)
