@@ -22,6 +22,7 @@ session's records, not the ingest.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -55,6 +56,9 @@ class Direction:
     ts_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     truncated: bool = False  # the depth limit cut the stream
+    # ts_offsets and ts as Python lists, made by the first time_at: parsers ask for many times
+    # per direction, and bisect on a list beats a numpy call per lookup
+    _times: tuple[list, list] | None = field(default=None, init=False, repr=False, compare=False)
 
     def after(self, offset: int) -> Direction:
         """The same direction from stream offset `offset` on (what a proxy carried after its
@@ -72,8 +76,12 @@ class Direction:
         """Time of the packet that carried stream byte `offset` (ns)."""
         if len(self.ts) == 0:
             return 0
-        i = int(np.searchsorted(self.ts_offsets, offset, side="right")) - 1
-        return int(self.ts[max(i, 0)])
+        times = self._times
+        if times is None:
+            times = self._times = (np.asarray(self.ts_offsets).tolist(), np.asarray(self.ts).tolist())
+        offsets, ts = times
+        i = bisect_right(offsets, offset) - 1  # as np.searchsorted(ts_offsets, offset, side="right")
+        return int(ts[max(i, 0)])
 
 
 @dataclass

@@ -29,6 +29,8 @@ Zeek's logs; names are lower-cased.
 
 from __future__ import annotations
 
+import copy
+import functools
 import ipaddress
 import struct
 from collections import deque
@@ -205,6 +207,8 @@ class DnsMessage:
     packet: int = 0       # packet number in the capture file (Datagram.packet), 0 if unknown
     authorities: list[Answer] = field(default_factory=list)  # authority section (keep_case parses only)
     as_sent: "DnsMessage | None" = None  # the same message parsed with keep_case (for EVE fields)
+    # a name lost capitals to lower-casing (parsed with keep_case, it would read differently)
+    lowered: bool = field(default=False, repr=False, compare=False)
 
     @property
     def qr(self) -> bool:
@@ -250,14 +254,21 @@ class _Parser:
         self.netbios = netbios
         self.keep_case = keep_case  # Zeek lower-cases names; Suricata's EVE keeps them as sent
         self.weird = False
+        self.lowered = False  # a name had capitals (DnsMessage.lowered)
+        # names read so far, by where they start: (labels joined by dots, the length the name
+        # counts against MAX_NAME, pointers followed). Compression points most names at one
+        # read before (answers at the question's name): such a pointer takes the whole rest.
+        self.names: dict[int, tuple[bytes, int, int]] = {}
 
     # -- names --
     def name(self, pos: int) -> tuple[str, int]:
         """Name at `pos` -> (lower-cased text without the trailing dot, position after it)."""
+        start = pos
         out: list[bytes] = []
         total = 0
         end = None
         depth = 0
+        cut = False
         buf, n = self.buf, self.n
         while True:
             if pos >= n:
@@ -277,6 +288,19 @@ class _Parser:
                 depth += 1
                 if depth > MAX_COMPRESSION_DEPTH:
                     self.weird = True  # Zeek ends the name here
+                    cut = True
+                    break
+                known = self.names.get(target)
+                if known is not None and depth + known[2] <= MAX_COMPRESSION_DEPTH:
+                    # read before from there on, without error: only the limits over the whole
+                    # name can differ (the depth is checked above, the length here)
+                    suffix, length, pointers = known
+                    total += length
+                    if total > MAX_NAME:
+                        raise _Bad("name too long")
+                    depth += pointers
+                    if suffix:
+                        out.append(suffix)
                     break
                 pos = target
                 continue
@@ -293,9 +317,15 @@ class _Parser:
                 raise _Bad("name too long")
             out.append(buf[pos + 1:pos + 1 + ln])
             pos += 1 + ln
-        text = _text(b".".join(out)) if out else ""
+        joined = b".".join(out)
+        if not cut:
+            self.names[start] = (joined, total, depth)
+        text = _text(joined) if out else ""
         if not self.keep_case:
-            text = text.lower()
+            lower = text.lower()
+            if lower != text:
+                self.lowered = True
+                text = lower
         return text, (end if end is not None else pos)
 
     def u16(self, pos: int) -> int:
@@ -415,6 +445,10 @@ class _Parser:
         raise _Bad(why)
 
 
+_QUESTION = struct.Struct(">HH")     # qtype, qclass
+_RECORD = struct.Struct(">HHIH")     # rtype, rclass, ttl, rdlength
+
+
 def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep_case: bool = False,
                   keep_authorities: bool = False) -> DnsMessage:
     """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse.
@@ -453,7 +487,9 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
         else:
             for _ in range(msg.qdcount):
                 name, pos = p.name(pos)
-                qt, qc = p.u16(pos), p.u16(pos + 2)
+                if pos + 4 > p.n:
+                    raise _Bad("question past the end")
+                qt, qc = _QUESTION.unpack_from(buf, pos)
                 pos += 4
                 msg.questions.append((name, qt, qc))
             zclass = 0
@@ -461,9 +497,9 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
         for section, (count, kind) in enumerate(sections):
             for _ in range(count):
                 owner, pos = p.name(pos)
-                rtype, rclass = p.u16(pos), p.u16(pos + 2)
-                ttl = p.u32(pos + 4)
-                rdlen = p.u16(pos + 8)
+                if pos + 10 > p.n:
+                    raise _Bad("record header past the end")
+                rtype, rclass, ttl, rdlen = _RECORD.unpack_from(buf, pos)
                 pos += 10
                 if pos + rdlen > len(buf):
                     raise _Bad("rdata past the end")
@@ -524,6 +560,7 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
         msg.malformed = True
     if p.weird:
         msg.malformed = True
+    msg.lowered = p.lowered
     del msg._owner, msg._after_reply
     return msg
 
@@ -556,6 +593,7 @@ def parse_tcp_messages(data: bytes) -> list[DnsMessage]:
 
 # ---- transactions ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)  # a few hosts' names, asked over and over
 def decode_netbios_name(name: str) -> str:
     """Zeek's decode_netbios_name: first-level decoding of a 32-letter NetBIOS name ("" if not one)."""
     if len(name) != 32:
@@ -578,6 +616,7 @@ def decode_netbios_name(name: str) -> str:
     return _text(bytes(buf))
 
 
+@functools.lru_cache(maxsize=4096)  # per session, and sessions share their servers
 def _is_multicast(h: str) -> bool:
     try:
         return ipaddress.ip_address(h).is_multicast
@@ -687,7 +726,10 @@ class DnsSession:
         m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_authorities=True)
         # names as sent differ from Zeek's lower-cased ones only if the message has capitals
         if d.payload.lower() != d.payload:
-            m.as_sent = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+            # and only if a name had some (most capitals are in binary fields): otherwise
+            # parsing again with keep_case would give the very same message
+            m.as_sent = (parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
+                         if m.lowered else copy.copy(m))
         m.packet = d.packet
         if d.truncated:
             m.malformed = True

@@ -19,6 +19,7 @@ when its session closes (or asked for earlier):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 import numpy as np
 from wiretrail.jit import kernel
@@ -43,10 +44,17 @@ def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
     return pos
 
 
+_SEQ_TIME = itemgetter(0, 2)  # a chunk's (relative seq, ts): the order a direction is rebuilt in
+
+
 @dataclass
 class _Side:
     base: int = -1                  # absolute sequence number of stream offset 0
     chunks: list = field(default_factory=list)  # (relative seq, bytes, ts)
+    # the chunks so far follow each other exactly from offset 0, in the order they came (no gap,
+    # no overlap, no reordering: the usual case), and where the next one would start
+    in_order: bool = True
+    next_rel: int = 0
     kept: int = 0                   # bytes held in chunks
     beyond_depth: int = 0           # bytes seen past the depth
     truncated: bool = False
@@ -67,31 +75,86 @@ class Reassembler:
         if len(rows) == 0:
             return
         rows = np.ascontiguousarray(rows, dtype=np.int64)
+        sides = self.sides
         # SYNs fix the base of their direction even without payload
-        flags = cols["tcp_flags"][rows]
-        for r in rows[(flags & TCP_SYN) != 0].tolist():
-            side = self.sides.setdefault((int(sid[r]), bool(is_orig[r])), _Side())
+        syn = rows[(cols["tcp_flags"][rows] & TCP_SYN) != 0]
+        for s, o, q in zip(sid[syn].tolist(), is_orig[syn].tolist(), cols["tcp_seq"][syn].tolist()):
+            side = sides.get((s, o))
+            if side is None:
+                side = sides[(s, o)] = _Side()
             if side.base < 0:
-                side.base = (int(cols["tcp_seq"][r]) + 1) & 0xFFFFFFFF
+                side.base = (q + 1) & 0xFFFFFFFF
         rows = rows[cols["pl_len"][rows] > 0]
         if len(rows) == 0:
             return
-        need = int(cols["pl_len"][rows].sum())
-        if len(self._buf) < need:
-            self._buf = np.empty(need + need // 4, dtype=np.uint8)
-        out_off = np.empty(len(rows) + 1, dtype=np.int64)
-        _gather(batch.data, batch.offset, cols["pl_off"], cols["pl_len"], rows, self._buf, out_off)
-        payload = self._buf[:need].tobytes()  # one copy per batch; chunks slice it
+
+        # Per (session, direction) group, in packet order within a group. Python runs once per
+        # group (its _Side); what each packet keeps is worked out for all packets at once.
         key = sid[rows] * 2 + is_orig[rows].astype(np.int64)
         order = np.argsort(key, kind="stable")
-        bounds = np.flatnonzero(np.diff(key[order])) + 1
-        seq = cols["tcp_seq"][rows]
-        ts = batch.ts[rows]
-        for grp in np.split(order, bounds):  # per (session, direction): Python per group
-            k = int(key[grp[0]])
-            side = self.sides.setdefault((k >> 1, bool(k & 1)), _Side())
-            for j in grp.tolist():
-                self._chunk(side, int(seq[j]), payload[out_off[j]:out_off[j + 1]], int(ts[j]))
+        rows, key = rows[order], key[order]
+        first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
+        last = np.append(first[1:], len(rows))
+        seq = cols["tcp_seq"][rows].astype(np.int64)
+        group_sides = []
+        bases = np.empty(len(first), dtype=np.int64)
+        depths = np.empty(len(first), dtype=np.int64)
+        for g, (k, q) in enumerate(zip(key[first].tolist(), seq[first].tolist())):
+            side = sides.get((k >> 1, bool(k & 1)))
+            if side is None:
+                side = sides[(k >> 1, bool(k & 1))] = _Side()
+            if side.base < 0:  # no SYN seen: the first segment is offset 0
+                side.base = q
+            group_sides.append(side)
+            bases[g] = side.base
+            depths[g] = self.depth if side.depth < 0 else side.depth
+        group = np.repeat(np.arange(len(first)), last - first)
+        rel = (seq - bases[group]) & 0xFFFFFFFF
+        length = cols["pl_len"][rows].astype(np.int64)
+        # before the base (a retransmission of the SYN's data, or garbage): dropped
+        inside = rel < (1 << 31)
+        # bytes past the depth are counted, not kept
+        keep = np.where(inside, np.clip(depths[group] - rel, 0, length), 0)
+        cut = np.add.reduceat(np.where(inside, length - keep, 0), first)
+        held = np.add.reduceat(keep, first)
+        kept = np.flatnonzero(keep > 0)  # packets that start before the depth
+
+        # only the kept bytes are gathered (one copy per batch; chunks slice it)
+        kept_rows = rows[kept]
+        kept_len = cols["pl_len"].copy()
+        kept_len[kept_rows] = keep[kept]
+        need = int(keep.sum())
+        if len(self._buf) < need:
+            self._buf = np.empty(need + need // 4, dtype=np.uint8)
+        out_off = np.empty(len(kept_rows) + 1, dtype=np.int64)
+        _gather(batch.data, batch.offset, cols["pl_off"], kept_len, kept_rows, self._buf, out_off)
+        payload = self._buf[:need].tobytes()
+        bounds = out_off.tolist()
+        offsets = rel[kept]
+        ends = offsets + keep[kept]
+        chunks = list(zip(offsets.tolist(), [payload[a:b] for a, b in zip(bounds, bounds[1:])],
+                          batch.ts[kept_rows].tolist()))
+        at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first chunk
+        # chunks that do not start where the one before them in their group ended, counted so
+        # that breaks[j] - breaks[i + 1] is how many of chunks i+1..j-1 do not
+        breaks = np.concatenate([[0, 0], np.cumsum(offsets[1:] != ends[:-1])]).tolist()
+        offsets, ends = offsets.tolist(), ends.tolist()
+        for g, side in enumerate(group_sides):
+            i, j = at[g], at[g + 1]
+            if i < j:
+                side.chunks.extend(chunks[i:j])
+                if side.in_order:
+                    if offsets[i] == side.next_rel and breaks[j] == breaks[i + 1]:
+                        side.next_rel = ends[j - 1]
+                    else:
+                        side.in_order = False
+            n = int(cut[g])
+            if n:
+                side.beyond_depth += n
+                side.truncated = True
+            n = int(held[g])
+            side.kept += n
+            self.held += n
         if self.held > self.memcap:
             self._shed()
 
@@ -99,25 +162,6 @@ class Reassembler:
         """Keep at most `depth` bytes per direction of session `sid` (its protocol needs no more)."""
         for d in (True, False):
             self.sides.setdefault((sid, d), _Side()).depth = min(depth, self.depth)
-
-    def _chunk(self, side: _Side, seq: int, data: bytes, ts: int) -> None:
-        if side.base < 0:
-            side.base = seq
-        rel = (seq - side.base) & 0xFFFFFFFF
-        if rel >= 1 << 31:  # before the base (a retransmission of the SYN's data, or garbage)
-            return
-        depth = self.depth if side.depth < 0 else side.depth
-        if rel >= depth:
-            side.beyond_depth += len(data)
-            side.truncated = True
-            return
-        if rel + len(data) > depth:
-            side.beyond_depth += rel + len(data) - depth
-            data = data[:depth - rel]
-            side.truncated = True
-        side.chunks.append((rel, data, ts))
-        side.kept += len(data)
-        self.held += len(data)
 
     def _shed(self) -> None:
         """Past the memcap: cut the directions holding most to what they hold now / 2."""
@@ -131,7 +175,7 @@ class Reassembler:
                 keep.append(c)
                 total += len(c[1])
             self.held -= side.kept - total
-            side.chunks, side.kept, side.truncated = keep, total, True
+            side.chunks, side.kept, side.truncated, side.in_order = keep, total, True, False
 
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
@@ -139,7 +183,13 @@ class Reassembler:
         if side is None:
             return Direction()
         self.held -= side.kept
-        chunks = sorted(side.chunks, key=lambda c: (c[0], c[2]))
+        chunks = side.chunks
+        if chunks and side.in_order:
+            # the common case: every byte once, in order, from the start: one join
+            offsets, parts, times = zip(*chunks)
+            return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
+                             ts=np.array(times, dtype=np.int64), truncated=side.truncated)
+        chunks.sort(key=_SEQ_TIME)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
         out_len = 0

@@ -80,8 +80,8 @@ def load_modules(names=PROTOCOLS) -> list[_Module]:
 
 
 def _addr(hi: int, lo: int) -> str:
-    if hi == 0 and (lo >> 32) == 0xFFFF:
-        return str(ipaddress.IPv4Address(lo & 0xFFFFFFFF))
+    if hi == 0 and (lo >> 32) == 0xFFFF:  # IPv4, written as str(IPv4Address) writes it
+        return f"{(lo >> 24) & 255}.{(lo >> 16) & 255}.{(lo >> 8) & 255}.{lo & 255}"
     return ipaddress.IPv6Address((hi << 64) | lo).compressed
 
 
@@ -96,7 +96,7 @@ class AppStage:
         self.stream_ports = np.unique(np.concatenate([m.ports for m in self.stream_modules] or
                                                      [np.zeros(0, dtype=np.int64)]))
         self.reasm = Reassembler(depth=depth, memcap=memcap)
-        self.dgram_state: dict[tuple[int, str], object] = {}   # (sid, module) -> parser session
+        self.dgram_state: dict[int, dict[_Module, object]] = {}  # sid -> module -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.streamed: set[int] = set()                         # sids with reassembly state
         self._judged: set[int] = set()                          # identified sids looked at by _streams
@@ -104,6 +104,7 @@ class AppStage:
         self._unwanted: set[int] = set()                        # ... identified as what none reads
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_for: dict[tuple[str, int], list] = {}
+        self._port_tables: dict[_Module, np.ndarray] = {}
         self.parser_errors = 0
         self.bad_rows: dict[str, int] = {}  # rows dropped per table: a value that did not fit its column
         self._first_packet = 0
@@ -143,21 +144,28 @@ class AppStage:
     def _datagrams(self, batch, cols, sid, is_orig) -> None:
         if not self.datagram_modules:
             return
-        udp = (cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0)
-        sport, dport = cols["sport"].astype(np.int64), cols["dport"].astype(np.int64)
+        udp = np.flatnonzero((cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0))
+        sport, dport = cols["sport"][udp], cols["dport"][udp]
         for m in self.datagram_modules:
             ip_protos = getattr(m.mod, "IP_PROTOS", None)
             if ip_protos:  # a whole IP protocol (ICMP): the L4 message from its header on
                 rows = np.flatnonzero(np.isin(cols["proto"], list(ip_protos)) & (sid >= 0) & (cols["l4_off"] >= 0)
                                       & (cols["frag"] == FRAG_NONE))
-                for r in rows.tolist():
-                    self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r, whole_l4=True)
+                self._datagram_rows(m, batch, cols, sid, is_orig, rows, whole_l4=True)
                 continue
-            if not udp.any():
+            if not len(udp):
                 continue
-            rows = np.flatnonzero(udp & (np.isin(sport, m.ports) | np.isin(dport, m.ports)))
-            for r in rows.tolist():  # Python per datagram of this protocol only
-                self._datagram(m, batch, cols, int(sid[r]), bool(is_orig[r]), r)
+            on_port = self._port_table(m)
+            rows = udp[on_port[sport] | on_port[dport]]
+            self._datagram_rows(m, batch, cols, sid, is_orig, rows)
+
+    def _port_table(self, m: _Module) -> np.ndarray:
+        """65536 booleans, True at module m's ports: a packet's ports are looked up by indexing."""
+        table = self._port_tables.get(m)
+        if table is None:
+            table = self._port_tables[m] = np.zeros(1 << 16, dtype=bool)
+            table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
+        return table
 
     def _session_tuple(self, s: int, cols, r: int, from_orig: bool) -> tuple:
         """(uid, orig_h, orig_p, resp_h, resp_p) of session s, made once per session."""
@@ -171,43 +179,63 @@ class AppStage:
             t = self.tuples[s] = (uid_of(s), *((src, sp, dst, dp) if from_orig else (dst, dp, src, sp)))
         return t
 
-    def _datagram(self, m: _Module, batch, cols, s: int, from_orig: bool, r: int, whole_l4: bool = False) -> None:
-        base, l3, l4 = int(batch.offset[r]), int(cols["l3_off"][r]), int(cols["l4_off"][r])
-        l4_len = int(cols["ip_len"][r]) - (l4 - l3)  # what the IP header says the L4 part holds
+    def _datagram_rows(self, m: _Module, batch, cols, sid, is_orig, rows: np.ndarray, whole_l4: bool = False) -> None:
+        """Feed the datagrams `rows` of a batch to module m: where each payload lies is worked out
+        for all rows at once with numpy; Python runs once per datagram only to call the parser."""
+        if len(rows) == 0:
+            return
+        i64 = np.int64
+        base = batch.offset[rows].astype(i64)
+        l3, l4 = cols["l3_off"][rows].astype(i64), cols["l4_off"][rows].astype(i64)
+        ip_len = cols["ip_len"][rows].astype(i64)
+        pl_off, pl_len = cols["pl_off"][rows].astype(i64), cols["pl_len"][rows].astype(i64)
+        l4_len = ip_len - (l4 - l3)  # what the IP header says the L4 part holds
         if whole_l4:
             start = base + l4
-            end = (base + int(cols["pl_off"][r]) + int(cols["pl_len"][r]) if cols["pl_off"][r] >= 0
-                   else min(base + int(batch.caplen[r]), base + l3 + int(cols["ip_len"][r])))
+            end = np.where(pl_off >= 0, base + pl_off + pl_len,
+                           np.minimum(base + batch.caplen[rows].astype(i64), base + l3 + ip_len))
             want = l4_len
         else:
-            start = base + int(cols["pl_off"][r])
-            end = start + int(cols["pl_len"][r])
+            start = base + pl_off
+            end = start + pl_len
             want = l4_len - 8
-        payload = batch.data[start:max(start, end)].tobytes()
-        uid, o_h, o_p, r_h, r_p = self._session_tuple(s, cols, r, from_orig)
-        if whole_l4:  # ICMP: the message's own type and code, not the session's
-            o_p, r_p = int(cols["sport"][r]), int(cols["dport"][r])
-        d = Datagram(uid=uid, ts=int(batch.ts[r]), payload=payload, from_orig=from_orig, orig_h=o_h,
-                     orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=want > len(payload),
-                     packet=self._first_packet + r if self._first_packet else 0)
-        try:
-            tracker = self.trackers.get(m.name)
-            if tracker is not None:  # rows carry their own uids: they need no session to close
-                self.tracker_rows.extend((m, row) for row in tracker.expire(d.ts) + tracker.add(d))
-                return
-            if hasattr(m.mod, "new_session"):
-                key = (s, m.name)
-                state = self.dgram_state.get(key)
-                if state is None:
-                    state = self.dgram_state[key] = m.mod.new_session(d)
-                rows = state.add(d)
-            else:
-                rows = m.mod.parse_datagram(d)
-        except Exception:
-            self.parser_errors += 1
-            return
-        if rows:
-            self.rows.setdefault(s, []).extend((m, row) for row in rows)
+        end = np.maximum(start, end)
+        data = memoryview(batch.data)
+        ports = (zip(cols["sport"][rows].tolist(), cols["dport"][rows].tolist()) if whole_l4
+                 else [None] * len(rows))
+        first_packet = self._first_packet
+        tracker = self.trackers.get(m.name)
+        per_session = hasattr(m.mod, "new_session")
+        for r, s, from_orig, a, b, w, ts, icmp_ports in zip(rows.tolist(), sid[rows].tolist(),
+                                                           is_orig[rows].tolist(), start.tolist(), end.tolist(),
+                                                           want.tolist(), batch.ts[rows].tolist(), ports):
+            payload = data[a:b].tobytes()
+            t = self.tuples.get(s)
+            uid, o_h, o_p, r_h, r_p = t if t is not None else self._session_tuple(s, cols, r, from_orig)
+            if whole_l4:  # ICMP: the message's own type and code, not the session's
+                o_p, r_p = icmp_ports
+            d = Datagram(uid=uid, ts=ts, payload=payload, from_orig=from_orig, orig_h=o_h,
+                         orig_p=o_p, resp_h=r_h, resp_p=r_p, truncated=w > len(payload),
+                         packet=first_packet + r if first_packet else 0)
+            try:
+                if tracker is not None:  # rows carry their own uids: they need no session to close
+                    self.tracker_rows.extend((m, row) for row in tracker.expire(ts) + tracker.add(d))
+                    continue
+                if per_session:
+                    states = self.dgram_state.get(s)
+                    if states is None:
+                        states = self.dgram_state[s] = {}
+                    state = states.get(m)
+                    if state is None:
+                        state = states[m] = m.mod.new_session(d)
+                    out = state.add(d)
+                else:
+                    out = m.mod.parse_datagram(d)
+            except Exception:
+                self.parser_errors += 1
+                continue
+            if out:
+                self.rows.setdefault(s, []).extend((m, row) for row in out)
 
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
@@ -215,7 +243,8 @@ class AppStage:
         tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & TCP_SYN) != 0))
         if not tcp.any():
             return
-        want = np.isin(cols["sport"], self.stream_ports) | np.isin(cols["dport"], self.stream_ports)
+        cand = np.flatnonzero(tcp)
+        want = np.isin(cols["sport"][cand], self.stream_ports) | np.isin(cols["dport"][cand], self.stream_ports)
         if self.ndpi_state is not None:
             results = self.ndpi_state.results
             for s in results.keys() - self._judged:  # sessions identified since the last batch
@@ -234,11 +263,15 @@ class AppStage:
                     self._unwanted.add(s)
                     self.reasm.drop(s)
                     self.streamed.discard(s)
-            yes = np.fromiter(self._wanted, dtype=np.int64, count=len(self._wanted))
-            no = np.fromiter(self._unwanted, dtype=np.int64, count=len(self._unwanted))
-            undecided = ~np.isin(sid, np.fromiter(results.keys(), dtype=np.int64, count=len(results)))
-            want = (want & ~np.isin(sid, no)) | np.isin(sid, yes) | (undecided & ~np.isin(sid, no))
-        rows = np.flatnonzero(tcp & want)
+            # decided once per session of the batch (hundreds), not per packet (tens of thousands)
+            sessions, which = np.unique(sid[cand], return_inverse=True)
+            sessions = sessions.tolist()
+            yes = np.array([s in self._wanted for s in sessions], dtype=bool)[which]
+            no = np.array([s in self._unwanted for s in sessions], dtype=bool)[which]
+            undecided = np.array([s not in results for s in sessions], dtype=bool)[which]
+            # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
+            want = yes | (~no & (want | undecided))
+        rows = cand[want]
         if len(rows):
             self.reasm.add(batch, cols, rows, sid, is_orig)
             self.streamed.update(np.unique(sid[rows]).tolist())
@@ -272,26 +305,33 @@ class AppStage:
             sessions = _set(sessions, "app", pa.array(apps, pa.string()))
             sessions = _set(sessions, "category", pa.array(cats, pa.string()))
             sessions = _set(sessions, "port_mismatch", pa.array(nonstd, pa.bool_()))
-            services = [ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in apps]
+            service_of = {a: ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in set(apps)}  # few labels
+            services = [service_of[a] for a in apps]
             sessions = _set(sessions, "service", pa.array(services, pa.string()))
-        # the 5-tuple as Python values, only for the sessions that have records
-        needed = [k for k, s in enumerate(sids.tolist())
+        sid_list = sids.tolist()
+        self._judged.difference_update(sid_list)
+        self._wanted.difference_update(sid_list)
+        self._unwanted.difference_update(sid_list)
+        # Only sessions with rows, streams or datagram state have anything to finish (a session
+        # with datagram state has its tuple made, so `tuples` covers it).
+        needed = [k for k, s in enumerate(sid_list)
                   if s in self.rows or s in self.streamed or s in self.tuples]
+        # the 5-tuple as Python values, only for the sessions that have records
         picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         out: dict[_Module, list[dict]] = {}
-        for k, s in enumerate(sids.tolist()):
+        for k in needed:
+            s = sid_list[k]
             rows = self.rows.pop(s, [])
-            for m in self.datagram_modules:
-                state = self.dgram_state.pop((s, m.name), None)
-                if state is not None:
-                    try:
-                        rows.extend((m, row) for row in state.close())
-                    except Exception:
-                        self.parser_errors += 1
-            self._judged.discard(s)
-            self._wanted.discard(s)
-            self._unwanted.discard(s)
+            states = self.dgram_state.pop(s, None)
+            if states is not None:
+                for m in self.datagram_modules:  # in module order, as the rows always came
+                    state = states.get(m)
+                    if state is not None:
+                        try:
+                            rows.extend((m, row) for row in state.close())
+                        except Exception:
+                            self.parser_errors += 1
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)

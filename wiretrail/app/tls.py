@@ -238,6 +238,10 @@ def is_grease(v: int) -> bool:
     return (v & 0x0F0F) == 0x0A0A and (v >> 8) == (v & 0xFF)
 
 
+# The 16 GREASE values (RFC 8701), for set lookups in the fingerprint loops.
+GREASE = frozenset(v for v in range(0x10000) if is_grease(v))
+
+
 # ---- ClientHello / ServerHello ----------------------------------------------------------------
 
 
@@ -342,41 +346,85 @@ def parse_client_hello(body: bytes) -> ClientHello:
         if r.left() == 0:
             return ch
         ex = r.sub(r.u16())
-        while ex.left() > 0:
-            et = ex.u16()
-            ed = ex.sub(ex.u16())
-            ch.extensions.append(et)
-            try:
-                _client_ext(ch, et, ed)
-            except _Bad:
-                ch.malformed = True
+        # the extension list walked inline (a dozen or more per hello); a reader is made only
+        # for the extensions whose contents are read
+        b, p, end = body, ex.p, ex.end
+        extensions = ch.extensions
+        while p < end:
+            if p + 4 > end:
+                raise _Bad("extension header")
+            et = (b[p] << 8) | b[p + 1]
+            ln = (b[p + 2] << 8) | b[p + 3]
+            p += 4
+            if p + ln > end:
+                raise _Bad("extension body")
+            extensions.append(et)
+            if et in _CLIENT_EXTS_READ:
+                try:
+                    _client_ext(ch, et, b, p, p + ln)
+                except _Bad:
+                    ch.malformed = True
+            p += ln
     except _Bad:
         ch.malformed = True
     return ch
 
 
-def _client_ext(ch: ClientHello, et: int, ed: _Reader) -> None:
-    if et == 0:      # server_name
-        lst = ed.sub(ed.u16())
-        while lst.left() > 0:
-            nt = lst.u8()
-            name = lst.take(lst.u16())
-            if nt == 0 and ch.sni is None:
-                ch.sni = name.decode("utf-8", "backslashreplace")
-    elif et == 16:   # ALPN
-        lst = ed.sub(ed.u16())
-        while lst.left() > 0:
-            ch.alpn.append(lst.take(lst.u8()))
-    elif et == 10:   # supported_groups
-        ch.groups.extend(ed.sub(ed.u16()).u16s())
-    elif et == 11:   # ec_point_formats
-        lst = ed.sub(ed.u8())
-        while lst.left() > 0:
-            ch.point_formats.append(lst.u8())
-    elif et == 13:   # signature_algorithms
-        ch.sig_algs.extend(ed.sub(ed.u16()).u16s())
-    elif et == 43:   # supported_versions
-        ch.supported_versions.extend(ed.sub(ed.u8()).u16s())
+_CLIENT_EXTS_READ = frozenset((0, 16, 10, 11, 13, 43))  # the types _client_ext reads
+
+
+def _client_ext(ch: ClientHello, et: int, b: bytes, p: int, end: int) -> None:
+    """Read extension `et` of a ClientHello, its data b[p:end]; _Bad where it breaks (what was
+    read before stays). Positions by hand, not a _Reader: a dozen of these per hello."""
+    if et == 10 or et == 13 or et == 43:  # supported_groups, signature_algorithms, supported_versions
+        if et == 43:  # a one-byte length
+            if p + 1 > end:
+                raise _Bad("u8")
+            ln, p = b[p], p + 1
+        else:
+            if p + 2 > end:
+                raise _Bad("u16")
+            ln, p = (b[p] << 8) | b[p + 1], p + 2
+        if p + ln > end:
+            raise _Bad("sub")
+        k = ln // 2  # 16-bit values; an odd last byte is ignored
+        values = struct.unpack_from(f">{k}H", b, p) if k else ()
+        (ch.groups if et == 10 else ch.sig_algs if et == 13 else ch.supported_versions).extend(values)
+    elif et == 0 or et == 16:  # server_name, ALPN: a list with a 16-bit length
+        if p + 2 > end:
+            raise _Bad("u16")
+        ln, p = (b[p] << 8) | b[p + 1], p + 2
+        if p + ln > end:
+            raise _Bad("sub")
+        end = p + ln
+        while p < end:
+            if et == 0:
+                nt = b[p]
+                if p + 3 > end:
+                    raise _Bad("u16")
+                n = (b[p + 1] << 8) | b[p + 2]
+                p += 3
+                if p + n > end:
+                    raise _Bad("take")
+                if nt == 0 and ch.sni is None:
+                    ch.sni = b[p:p + n].decode("utf-8", "backslashreplace")
+            else:
+                n = b[p]
+                p += 1
+                if p + n > end:
+                    raise _Bad("take")
+                ch.alpn.append(b[p:p + n])
+            p += n
+    elif et == 11:  # ec_point_formats: bytes with an 8-bit length
+        if p + 1 > end:
+            raise _Bad("u8")
+        ln, p = b[p], p + 1
+        if p + ln > end:
+            raise _Bad("sub")
+        ch.point_formats.extend(b[p:p + ln])
+
+
+_SERVER_EXTS_READ = frozenset((43, 51, 41, 16))  # the types parse_server_hello reads
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
@@ -397,10 +445,21 @@ def parse_server_hello(body: bytes) -> ServerHello:
         if r.left() == 0:
             return sh
         ex = r.sub(r.u16())
-        while ex.left() > 0:
-            et = ex.u16()
-            ed = ex.sub(ex.u16())
+        b, p, end = body, ex.p, ex.end
+        while p < end:  # the extension list walked inline, as in parse_client_hello
+            if p + 4 > end:
+                raise _Bad("extension header")
+            et = (b[p] << 8) | b[p + 1]
+            ln = (b[p + 2] << 8) | b[p + 3]
+            p += 4
+            if p + ln > end:
+                raise _Bad("extension body")
             sh.extensions.append(et)
+            if et not in _SERVER_EXTS_READ:
+                p += ln
+                continue
+            ed = _Reader(b, p, p + ln)
+            p += ln
             try:
                 if et == 43 and ed.left() >= 2:
                     sh.selected_version = ed.u16()
@@ -424,13 +483,29 @@ def parse_server_hello(body: bytes) -> ServerHello:
 
 def ja3_string(ch: ClientHello) -> str:
     def j(vals):
-        return "-".join(str(v) for v in vals if not is_grease(v))
+        return "-".join([str(v) for v in vals if v not in GREASE])
     return ",".join([str(ch.version), j(ch.ciphers), j(ch.extensions), j(ch.groups),
-                     "-".join(str(v) for v in ch.point_formats)])
+                     "-".join([str(v) for v in ch.point_formats])])
+
+
+# Fingerprints by their inputs: the same client software sends the same hello over and over,
+# so most sessions find theirs here. Bounded: emptied when full.
+_FP_CACHE: dict[tuple, str] = {}
+_FP_CACHE_MAX = 4096
+
+
+def _cached(key: tuple, make) -> str:
+    v = _FP_CACHE.get(key)
+    if v is None:
+        if len(_FP_CACHE) >= _FP_CACHE_MAX:
+            _FP_CACHE.clear()
+        v = _FP_CACHE[key] = make()
+    return v
 
 
 def ja3(ch: ClientHello) -> str:
-    return hashlib.md5(ja3_string(ch).encode()).hexdigest()
+    key = ("ja3", ch.version, tuple(ch.ciphers), tuple(ch.extensions), tuple(ch.groups), tuple(ch.point_formats))
+    return _cached(key, lambda: hashlib.md5(ja3_string(ch).encode()).hexdigest())
 
 
 def ja3s(sh: ServerHello) -> str:
@@ -478,9 +553,15 @@ def _h12(s: str) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:12] if s else "000000000000"
 
 
-def ja4(ch: ClientHello, transport: str = "t") -> str:
+def _ja4(ch: ClientHello, transport: str) -> str:
     a, c, e = ja4_parts(ch, transport)
     return f"{a}_{_h12(c)}_{_h12(e)}"
+
+
+def ja4(ch: ClientHello, transport: str = "t") -> str:
+    key = ("ja4", transport, ch.version, tuple(ch.supported_versions), tuple(ch.ciphers), tuple(ch.extensions),
+           ch.alpn[0] if ch.alpn else None, tuple(ch.sig_algs))
+    return _cached(key, lambda: _ja4(ch, transport))
 
 
 def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
@@ -491,16 +572,15 @@ def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
 # ---- record layer -------------------------------------------------------------------------------
 
 
-@dataclass
-class _Rec:
-    ctype: int
-    start: int      # offset of the record header in the direction's data
-    body: bytes
+# A record is a plain tuple (content type, offset of its header in the direction's data, body):
+# dozens per session. The body is kept only for the types that are read (handshake, alert);
+# the others (ChangeCipherSpec, ciphertext) carry None.
+_READ_BODIES = (CT_HANDSHAKE, CT_ALERT)
 
 
 @dataclass
 class _Side:
-    records: list[_Rec] = field(default_factory=list)
+    records: list[tuple[int, int, bytes | None]] = field(default_factory=list)
     malformed: bool = False
     found: bool = False
 
@@ -540,18 +620,20 @@ def _records(d: Direction, hs_type: int) -> _Side:
     p = start
     encrypted_seen = 0
     ccs = False
+    records = side.records
     while p + 5 <= limit:
-        if not _valid_header(data, p):
+        ct = data[p]
+        ln = (data[p + 3] << 8) | data[p + 4]
+        # a valid header (_valid_header, inline: this runs per record)
+        if not (CT_CCS <= ct <= CT_HEARTBEAT and data[p + 1] == 3 and data[p + 2] <= 4 and ln <= MAX_RECORD):
             # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
             # drops TLS after the handshake); before it, a bad header is malformed TLS.
             if not ccs:
                 side.malformed = True
             break
-        ln = (data[p + 3] << 8) | data[p + 4]
         if p + 5 + ln > limit:
             break  # cut by a gap or the end of the stream
-        ct = data[p]
-        side.records.append(_Rec(ct, p, data[p + 5:p + 5 + ln]))
+        records.append((ct, p, data[p + 5:p + 5 + ln] if ct in _READ_BODIES else None))
         ccs = ccs or ct == CT_CCS
         if ct == CT_APPDATA:
             encrypted_seen += 1
@@ -561,33 +643,49 @@ def _records(d: Direction, hs_type: int) -> _Side:
     return side
 
 
-def _messages(records: list[_Rec], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int]], bool]:
+def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int]], bool]:
     """Handshake messages (type, body, record start) from the handshake records; the buffer
     is cut at the direction's first ChangeCipherSpec when `stop_at_ccs` (later handshake
     records are encrypted). Returns (messages, malformed)."""
-    buf = bytearray()
+    bodies: list[bytes] = []
     starts: list[tuple[int, int]] = []  # (buffer offset, record start)
-    for r in records:
-        if r.ctype == CT_CCS and stop_at_ccs:
+    size = 0
+    for ctype, start, body in records:
+        if ctype == CT_CCS and stop_at_ccs:
             break
-        if r.ctype == CT_HANDSHAKE:
-            starts.append((len(buf), r.start))
-            buf += r.body
-            if len(buf) > MAX_HANDSHAKE:
+        if ctype == CT_HANDSHAKE:
+            starts.append((size, start))
+            bodies.append(body)
+            size += len(body)
+            if size > MAX_HANDSHAKE:
                 break
+    buf = bodies[0] if len(bodies) == 1 else b"".join(bodies)
     msgs = []
     p = 0
     k = 0
-    while p + 4 <= len(buf):
+    n = len(buf)
+    while p + 4 <= n:
         mt = buf[p]
-        ln = int.from_bytes(buf[p + 1:p + 4], "big")
-        if p + 4 + ln > len(buf):
+        ln = (buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3]
+        if p + 4 + ln > n:
             break
         while k + 1 < len(starts) and starts[k + 1][0] <= p:
             k += 1
-        msgs.append((mt, bytes(buf[p + 4:p + 4 + ln]), starts[k][1] if starts else 0))
+        msgs.append((mt, buf[p + 4:p + 4 + ln], starts[k][1] if starts else 0))
         p += 4 + ln
     return msgs, False
+
+
+def _handshake_after_ccs(records: list) -> bool:
+    """A handshake record follows the first ChangeCipherSpec: only then do the messages with
+    and without stop_at_ccs differ."""
+    ccs = False
+    for ctype, _start, _body in records:
+        if ctype == CT_CCS:
+            ccs = True
+        elif ccs and ctype == CT_HANDSHAKE:
+            return True
+    return False
 
 
 def _cert_list(body: bytes, tls13: bool = False) -> tuple[list[bytes], bool]:
@@ -638,18 +736,11 @@ def _base_row(s: Stream, ts: int) -> dict:
             "resp_p": s.resp_p, "validation_status": None}
 
 
-def _analyze(s: Stream) -> Analysis:
-    cs = _records(s.orig, 1)
-    ss = _records(s.resp, 2)
-    if not cs.found and not ss.found:
-        return Analysis(None, [])
-    malformed = cs.malformed or ss.malformed
-
-    # Server first: the negotiated version decides whether post-CCS handshake records are plaintext.
-    smsgs, _ = _messages(ss.records, stop_at_ccs=False)
-    sh = None
-    hrr = None
-    for mt, body, _st in smsgs:
+def _server_hello(msgs: list, malformed: bool) -> tuple[ServerHello | None, ServerHello | None, bool]:
+    """(ServerHello, HelloRetryRequest, malformed) from a direction's handshake messages: the
+    first hello that is not the first HelloRetryRequest ends the search."""
+    sh = hrr = None
+    for mt, body, _st in msgs:
         if mt == 2:
             h = parse_server_hello(body)
             malformed |= h.malformed
@@ -658,6 +749,25 @@ def _analyze(s: Stream) -> Analysis:
                 continue
             sh = h
             break
+    return sh, hrr, malformed
+
+
+def _analyze(s: Stream) -> Analysis:
+    cs = _records(s.orig, 1)
+    ss = _records(s.resp, 2)
+    if not cs.found and not ss.found:
+        return Analysis(None, [])
+    malformed = cs.malformed or ss.malformed
+
+    # Server first: the negotiated version decides whether post-CCS handshake records are plaintext.
+    # The ServerHello is looked for in all handshake messages; those before the first CCS are a
+    # prefix of them, so the search starts there and reads past the CCS only if it found no hello.
+    before_ccs, _ = _messages(ss.records, stop_at_ccs=True)
+    smsgs_all = None if _handshake_after_ccs(ss.records) else before_ccs
+    sh, hrr, malformed = _server_hello(before_ccs, malformed)
+    if sh is None and smsgs_all is None:
+        smsgs_all, _ = _messages(ss.records, stop_at_ccs=False)
+        sh, hrr, malformed = _server_hello(smsgs_all, malformed)
     ver_num = None
     if sh is not None:
         ver_num = sh.selected_version or sh.version
@@ -665,7 +775,11 @@ def _analyze(s: Stream) -> Analysis:
         ver_num = hrr.selected_version or hrr.version
     tls13 = ver_num is not None and (ver_num == 0x0304 or ver_num >> 8 in (0x7F, 0x7E, 0xFB))
     if not tls13:
-        smsgs, _ = _messages(ss.records, stop_at_ccs=True)
+        smsgs = before_ccs
+    else:
+        if smsgs_all is None:
+            smsgs_all, _ = _messages(ss.records, stop_at_ccs=False)
+        smsgs = smsgs_all
     cmsgs, _ = _messages(cs.records, stop_at_ccs=not tls13)
 
     ch = None
@@ -678,9 +792,9 @@ def _analyze(s: Stream) -> Analysis:
     # time of the first record seen
     t_candidates = []
     if cs.records:
-        t_candidates.append(s.orig.time_at(cs.records[0].start))
+        t_candidates.append(s.orig.time_at(cs.records[0][1]))
     if ss.records:
-        t_candidates.append(s.resp.time_at(ss.records[0].start))
+        t_candidates.append(s.resp.time_at(ss.records[0][1]))
     ts = min((t for t in t_candidates if t), default=0)
     if ch is None and sh is None and hrr is None and not malformed:
         return Analysis(None, [])  # records, but no handshake seen: not logged (as Zeek)
@@ -745,15 +859,16 @@ def _analyze(s: Stream) -> Analysis:
     app_from = set()
     for name, side, d in (("c", cs, s.orig), ("s", ss, s.resp)):
         seen_ccs = False
-        for r in side.records:
-            if r.ctype == CT_CCS and not seen_ccs:
+        had_hello = sh is not None or hrr is not None
+        for ctype, start, body in side.records:
+            if ctype == CT_CCS and not seen_ccs:
                 seen_ccs = True
-                ccs_t[name] = d.time_at(r.start)
-            elif r.ctype == CT_ALERT and not seen_ccs and len(r.body) == 2:
-                last_alert = (d.time_at(r.start), ALERTS.get(r.body[1], "unknown-%d" % r.body[1]))
-            elif seen_ccs and name not in post and r.ctype in (CT_HANDSHAKE, CT_APPDATA, CT_ALERT):
-                post[name] = d.time_at(r.start)
-            if r.ctype == CT_APPDATA and (sh is not None or hrr is not None):
+                ccs_t[name] = d.time_at(start)
+            elif ctype == CT_ALERT and not seen_ccs and len(body) == 2:
+                last_alert = (d.time_at(start), ALERTS.get(body[1], "unknown-%d" % body[1]))
+            elif seen_ccs and name not in post and ctype in (CT_HANDSHAKE, CT_APPDATA, CT_ALERT):
+                post[name] = d.time_at(start)
+            if ctype == CT_APPDATA and had_hello:
                 app_from.add(name)
         # an alert after this side's CCS is encrypted: not logged (as Zeek)
     if last_alert is not None:
