@@ -14,8 +14,9 @@ then times, on the same file and the same machine, one after another:
   ndpiReader -i      (nDPI identification; its "Unique flows" is the session count peer)
   tcpdump -r -w      (a plain copy: the floor for any tool that writes every packet)
   NFStream           (nDPI flows from Python, in its own venv under bench-data/)
-and prints packets per CPU-second (user + sys), peak RSS and the ratios. The machines are
-shared and noisy: compare ratios from one run, not absolute figures across runs.
+and prints packets per CPU-second (user + sys), peak RSS and the ratios: every tool runs once
+per round (--rounds, default 3) and the median is reported. The machines are shared and
+noisy: compare ratios from one run, not absolute figures across runs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -65,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO / "bench-data")
     ap.add_argument("--capture", default="mix.pcap")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of every tool (the median is reported)")
     args = ap.parse_args()
     data = args.data
     if not (data / "mix.pcap").exists() or not (data / "mix_small.pcap").exists():
@@ -87,41 +90,53 @@ def main() -> None:
         timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "warm"), str(data / "mix_small.pcap")])
         shutil.rmtree(tmp / "warm")
 
-        results = {}
-        # the spine alone (decode, sessions, packet store, index, Parquet), then everything
-        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--no-app", "--store", str(tmp / "store"),
-                               str(capture)])
-        m = re.search(r"(\d+) sessions", out)
-        sessions = int(m.group(1)) if m else -1
-        results["wiretrail ingest --no-app"] = (cpu, rss)
-        store_mb = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file()) / 1e6
-        shutil.rmtree(tmp / "store")
-        cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
-        results["wiretrail ingest (nDPI, records)"] = (cpu, rss)
-        m = re.search(r"records: (.*)", out)
-        records = m.group(1) if m else "none"
-        shutil.rmtree(tmp / "store")
-
-        cpu, rss, _ = timed(["argus", "-r", str(capture), "-w", str(tmp / "out.argus")])
-        results["argus -r -w"] = (cpu, rss)
-        cpu, rss, out = timed(["ndpiReader", "-i", str(capture)])
-        m = re.search(r"Unique flows:\s+(\d+)", out)
-        ndpi_flows = int(m.group(1)) if m else -1
-        results["ndpiReader -i"] = (cpu, rss)
-        cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
-        results["tcpdump -r -w (copy)"] = (cpu, rss)
+        # Every tool once per round, rounds one after another: each sees the machine as the
+        # others do; the median of the rounds is reported (the machines are shared and noisy).
         nfstream = nfstream_python(data)
-        if nfstream:
-            cpu, rss, _ = timed([nfstream, "-c", "from nfstream import NFStreamer\n"
-                                 f"sum(1 for _ in NFStreamer(source={str(capture)!r}, n_meters=1))"])
-            results["NFStream 6.6.0 (n_meters=1)"] = (cpu, rss)
+        runs: dict[str, list[tuple[float, int]]] = {}
+        sessions = ndpi_flows = -1
+        records = "none"
+        store_mb = 0.0
+        for _ in range(args.rounds):
+            # the spine alone (decode, sessions, packet store, index, Parquet), then everything
+            cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--no-app", "--store", str(tmp / "store"),
+                                   str(capture)])
+            m = re.search(r"(\d+) sessions", out)
+            sessions = int(m.group(1)) if m else -1
+            runs.setdefault("wiretrail ingest --no-app", []).append((cpu, rss))
+            store_mb = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file()) / 1e6
+            shutil.rmtree(tmp / "store")
+            cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
+            runs.setdefault("wiretrail ingest (nDPI, records)", []).append((cpu, rss))
+            m = re.search(r"records: (.*)", out)
+            records = m.group(1) if m else "none"
+            shutil.rmtree(tmp / "store")
+
+            cpu, rss, _ = timed(["argus", "-r", str(capture), "-w", str(tmp / "out.argus")])
+            runs.setdefault("argus -r -w", []).append((cpu, rss))
+            cpu, rss, out = timed(["ndpiReader", "-i", str(capture)])
+            m = re.search(r"Unique flows:\s+(\d+)", out)
+            ndpi_flows = int(m.group(1)) if m else -1
+            runs.setdefault("ndpiReader -i", []).append((cpu, rss))
+            cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
+            runs.setdefault("tcpdump -r -w (copy)", []).append((cpu, rss))
+            if nfstream:
+                cpu, rss, _ = timed([nfstream, "-c", "from nfstream import NFStreamer\n"
+                                     f"sum(1 for _ in NFStreamer(source={str(capture)!r}, n_meters=1))"])
+                runs.setdefault("NFStream 6.6.0 (n_meters=1)", []).append((cpu, rss))
+        results = {name: (statistics.median(c for c, _ in r), max(m for _, m in r)) for name, r in runs.items()}
+        spread = {name: (min(c for c, _ in r), max(c for c, _ in r)) for name, r in runs.items()}
 
     spine = packets / results["wiretrail ingest --no-app"][0]
     full = packets / results["wiretrail ingest (nDPI, records)"][0]
-    print(f"{'tool':<34} {'CPU s':>7} {'pkts/CPU-s':>12} {'peak RSS':>10} {'spine/tool':>11} {'full/tool':>10}")
+    print(f"median of {args.rounds} rounds (CPU s = user + sys; min-max in brackets)")
+    print(f"{'tool':<34} {'CPU s':>7} {'(min-max)':>13} {'pkts/CPU-s':>12} {'peak RSS':>10} {'spine/tool':>11} "
+          f"{'full/tool':>10}")
     for name, (cpu, rss) in results.items():
         rate = packets / cpu if cpu else float("inf")
-        print(f"{name:<34} {cpu:7.2f} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB {spine / rate:10.2f}x {full / rate:9.2f}x")
+        lo, hi = spread[name]
+        print(f"{name:<34} {cpu:7.2f} {f'({lo:.2f}-{hi:.2f})':>13} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB "
+              f"{spine / rate:10.2f}x {full / rate:9.2f}x")
     diff = (sessions - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
     print(f"sessions: wiretrail {sessions}, ndpiReader unique flows {ndpi_flows} ({diff:+.2f}%)")
     print(f"store size (--no-app): {store_mb:.0f} MB for {capture.stat().st_size / 1e6:.0f} MB of capture")

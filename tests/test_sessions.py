@@ -598,3 +598,13 @@ def test_address_text_as_ipaddress_writes_it():
     got = addr_texts(hi, lo, is4).to_pylist()
     want = [ipaddress.IPv6Address(c).compressed for c in cases] + [str(ipaddress.IPv4Address(a)) for a in v4]
     assert got == want
+
+
+def test_text_columns_from_codes():
+    from wiretrail.sessions.flowtable import text_from_codes
+
+    names = ["unknown_transport", "tcp", "udp", None, "icmp", ""]
+    rng = np.random.default_rng(0)
+    for codes in (rng.integers(0, 6, 5000), np.full(5, 2), np.zeros(0, dtype=np.int64), np.array([3, 3]),
+                  np.array([5, 1, 5])):
+        assert text_from_codes(codes, names).to_pylist() == [names[c] for c in codes]

@@ -660,19 +660,23 @@ def text_from_codes(codes: np.ndarray, names: list) -> pa.Array:
     m = len(codes)
     codes = np.asarray(codes, dtype=np.int64)
     encoded = [(n or "").encode() for n in names]
-    width = max(1, *(len(e) for e in encoded))
-    table = np.zeros((len(names), width), dtype=np.uint8)
-    for k, e in enumerate(encoded):
-        table[k, :len(e)] = np.frombuffer(e, dtype=np.uint8)
-    lengths = np.array([len(e) for e in encoded], dtype=np.int32)[codes]
+    sizes = np.array([len(e) for e in encoded], dtype=np.int64)
+    lengths = sizes[codes]
     offsets = np.zeros(m + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
-    data = table[codes][np.arange(width)[None, :] < lengths[:, None]]
+    if m and codes.min() == codes.max():  # one value throughout (close_reason, mostly link)
+        data = encoded[int(codes[0])] * m
+    else:  # each row's bytes gathered from the names laid end to end
+        flat = np.frombuffer(b"".join(encoded) or b"\0", dtype=np.uint8)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        total = int(offsets[-1])
+        shift = np.repeat(starts[codes] - offsets[:-1], lengths)
+        data = flat[np.arange(total) + shift].tobytes()
     valid = np.array([n is not None for n in names])[codes]
     nulls = int(m - valid.sum())
     bitmap = pa.array(valid).buffers()[1] if nulls else None
-    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(data.tobytes()), bitmap,
-                                       null_count=nulls)
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(data), bitmap, null_count=nulls)
+
 
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
