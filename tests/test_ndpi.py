@@ -167,7 +167,7 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
     table = FlowTable(idle_timeout_tcp=idle_ns, idle_timeout_udp=idle_ns, idle_timeout_icmp=idle_ns,
                       idle_timeout_other=idle_ns, active_timeout=idle_ns, close_delay=idle_ns,
                       attempt_delay=idle_ns)
-    state = ndpi.NdpiState(ident)
+    state = ndpi.NdpiState(ident, detail=True)  # JA4, host... are compared too
     try:
         for batch in iter_batches(str(path)):
             if len(batch) == 0:

@@ -23,6 +23,7 @@ runs only for those packets, and a session's nDPI state is freed as soon as it i
 from __future__ import annotations
 
 import ctypes
+import struct
 from typing import NamedTuple
 
 import numpy as np
@@ -120,7 +121,7 @@ class _Lib:
 class _Flow:
     """One flow inside an Identifier (the handle returned by new_flow)."""
 
-    __slots__ = ("ptr", "addr", "key", "n", "done", "proto", "gaveup", "_box")
+    __slots__ = ("ptr", "addr", "key", "n", "done", "proto", "gaveup", "ret")
 
     def __init__(self, ptr, addr: int, key):
         self.ptr = ptr
@@ -128,9 +129,9 @@ class _Flow:
         self.key = key
         self.n = 0            # packets given to nDPI
         self.done = False     # nDPI concluded (classified, or gave up at the packet cap)
-        self.proto = None     # last ndpi_protocol returned
+        self.proto = None     # last ndpi_protocol returned (a cffi value), or
+        self.ret = None       # its bytes, as the numba loop left them (read when needed)
         self.gaveup = False
-        self._box = None      # owner of `proto`'s memory when it was copied out of the numba loop
 
 
 class NdpiResult(NamedTuple):
@@ -140,7 +141,20 @@ class NdpiResult(NamedTuple):
     extra: dict         # host, ja4, ja3s, risk, risks, non_std_port, dpi_packets
 
 
+    @property
+    def port_mismatch(self) -> bool:
+        return bool(self.extra.get("non_std_port", False))
+
+
+class Label(NamedTuple):
+    """What the pipeline keeps of a result: one shared tuple per distinct label."""
+    app: str
+    category: str
+    port_mismatch: bool   # nDPI's "known protocol on a non-standard port" risk
+
+
 UNKNOWN = NdpiResult("Unknown", "Unspecified", "Unknown", {"non_std_port": False})
+UNKNOWN_LABEL = Label("Unknown", "Unspecified", False)
 
 
 class Identifier:
@@ -193,6 +207,12 @@ class Identifier:
         self._dir[False].in_pkt_dir = IN_PKT_DIR_S_TO_C
         self.calls = 0  # ndpi_detection_process_packet calls made
         self._zero_flow = bytes(lib.flow_size)  # a new flow starts zeroed, as ndpi_flow_malloc's callers do
+        # where the ids sit in an ndpi_protocol's bytes (the numba loop hands back bytes)
+        self._ret_layout = struct.Struct(
+            f"<{ffi.offsetof('ndpi_protocol', 'proto', 'master_protocol')}xH"
+            f"{ffi.offsetof('ndpi_protocol', 'proto', 'app_protocol') - ffi.offsetof('ndpi_protocol', 'proto', 'master_protocol') - 2}xH"
+            f"{ffi.offsetof('ndpi_protocol', 'category') - ffi.offsetof('ndpi_protocol', 'proto', 'app_protocol') - 2}xi")
+        self._labels: dict[tuple[int, int, int, bool], Label] = {}
         # the numba feeding loop (app.ndpi_kernel), when the platform's calling convention allows
         self.kernel = None
         from wiretrail.app import ndpi_kernel
@@ -287,17 +307,8 @@ class Identifier:
         if not h.done:
             self._giveup(h)
         ffi, lib, f = self._ffi, self._lib, h.ptr
-        p = h.proto
-        master, app_id = int(p.proto.master_protocol), int(p.proto.app_protocol)
-        name = self._names.get((master, app_id))
-        if name is None:
-            name = ffi.string(lib.protocol2name(self._mod, p.proto, self._namebuf, 128)).decode(errors="replace")
-            self._names[(master, app_id)] = name
-        cat_id = int(p.category)
-        cat = self._cats.get(cat_id)
-        if cat is None:
-            s = lib.category_get_name(self._mod, cat_id)
-            cat = self._cats[cat_id] = ffi.string(s).decode(errors="replace") if s != ffi.NULL else str(cat_id)
+        master, app_id, cat_id = self._ids(h)
+        name, cat = self._name(master, app_id), self._category(cat_id)
         conf_id = int(f.confidence)
         conf = self._confs.get(conf_id)
         if conf is None:
@@ -321,6 +332,48 @@ class Identifier:
             extra["risks"] = self.risk_names(risk)
         return NdpiResult(name, cat, conf, extra)
 
+    def label(self, handle: _Flow) -> Label:
+        """result()'s app, category and port flag only: what the pipeline keeps, without the
+        per-session strings (host, JA4...) and dict that result() builds."""
+        h = handle
+        if h.ptr is None or h.n == 0:
+            return UNKNOWN_LABEL
+        if not h.done:
+            self._giveup(h)
+        master, app_id, cat_id = self._ids(h)
+        mismatch = bool((int(h.ptr.risk) >> RISK_KNOWN_PROTO_NON_STD_PORT) & 1)
+        key = (master, app_id, cat_id, mismatch)
+        label = self._labels.get(key)
+        if label is None:
+            label = self._labels[key] = Label(self._name(master, app_id), self._category(cat_id), mismatch)
+        return label
+
+    def _ids(self, h: _Flow) -> tuple[int, int, int]:
+        """(master, app, category) ids of a flow's last ndpi_protocol."""
+        if h.proto is not None:
+            p = h.proto
+            return int(p.proto.master_protocol), int(p.proto.app_protocol), int(p.category)
+        if h.ret is not None:
+            return self._ret_layout.unpack_from(h.ret)
+        return 0, 0, 0
+
+    def _name(self, master: int, app_id: int) -> str:
+        name = self._names.get((master, app_id))
+        if name is None:
+            ffi = self._ffi
+            pair = ffi.new("ndpi_master_app_protocol *", {"master_protocol": master, "app_protocol": app_id})
+            name = ffi.string(self._lib.protocol2name(self._mod, pair[0], self._namebuf, 128)).decode(errors="replace")
+            self._names[(master, app_id)] = name
+        return name
+
+    def _category(self, cat_id: int) -> str:
+        cat = self._cats.get(cat_id)
+        if cat is None:
+            ffi = self._ffi
+            s = self._lib.category_get_name(self._mod, cat_id)
+            cat = self._cats[cat_id] = ffi.string(s).decode(errors="replace") if s != ffi.NULL else str(cat_id)
+        return cat
+
     def risk_names(self, risk: int) -> list[str]:
         names = self._risk_names.get(risk)  # a few distinct risk sets cover most sessions
         if names is None:
@@ -338,10 +391,13 @@ class NdpiState:
     """Per-session identification state for the pipeline: nDPI flows of undecided sessions,
     and the results of decided sessions until they close (`finish`)."""
 
-    def __init__(self, identifier: Identifier, max_live: int = 1 << 18):
+    def __init__(self, identifier: Identifier, max_live: int = 1 << 18, detail: bool = False):
         self.identifier = identifier
         self.live: dict[int, _Flow] = {}            # sid -> nDPI flow (undecided)
-        self.results: dict[int, NdpiResult] = {}    # sid -> result (decided, not closed yet)
+        # sid -> result (decided, not closed yet): a Label, or the whole NdpiResult with `detail`
+        self.results: dict[int, Label | NdpiResult] = {}
+        self._result = identifier.result if detail else identifier.label
+        self.unknown = UNKNOWN if detail else UNKNOWN_LABEL
         # A flood or scan opens sessions faster than nDPI can decide them: past this many
         # undecided sessions (about 1.2 KB of nDPI state each) new ones stay unidentified.
         self.max_live = max_live
@@ -351,23 +407,22 @@ class NdpiState:
         return len(self.live) + len(self.results)
 
     def _decide(self, sid: int, h: _Flow) -> None:
-        ident = self.identifier
-        self.results[sid] = ident.result(h)
-        ident.free(h)
+        self.results[sid] = self._result(h)
+        self.identifier.free(h)
         self.live.pop(sid, None)
 
-    def finish_result(self, sid: int) -> NdpiResult:
-        """The full result of a closed session; its state is dropped."""
+    def finish_result(self, sid: int) -> Label | NdpiResult:
+        """The result of a closed session (NdpiResult with `detail`, else a Label); its state
+        is dropped."""
         sid = int(sid)
         r = self.results.pop(sid, None)
         if r is not None:
             return r
         h = self.live.pop(sid, None)
         if h is None:
-            return UNKNOWN  # no IP packet of it was ever seen
-        ident = self.identifier
-        r = ident.result(h)
-        ident.free(h)
+            return self.unknown  # no IP packet of it was ever seen
+        r = self._result(h)
+        self.identifier.free(h)
         return r
 
     def finish(self, sid: int) -> tuple[str, str]:
@@ -383,7 +438,7 @@ class NdpiState:
             r = self.finish_result(s)
             apps.append(r.app)
             cats.append(r.category)
-            nonstd.append(r.extra.get("non_std_port", False))
+            nonstd.append(r.port_mismatch)
         return apps, cats, nonstd
 
     def close(self) -> None:
@@ -449,7 +504,7 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
                 continue  # decided earlier in this batch
             if len(live) >= state.max_live:
                 state.skipped += 1
-                results[s] = UNKNOWN
+                results[s] = state.unknown
                 continue
             h = live[s] = new_flow(s)
         fed += 1
@@ -476,7 +531,7 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
         if h is None:
             if room <= 0:  # see NdpiState.max_live
                 state.skipped += 1
-                state.results[s] = UNKNOWN
+                state.results[s] = state.unknown
                 keep[u] = False
                 continue
             room -= 1
@@ -500,12 +555,12 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
                         np.uint64(data.ctypes.data), start.astype(np.uint64), length.astype(np.uint16),
                         ts_ms.astype(np.uint64), which.astype(np.int64))
     ident.calls += int(calls)
-    for u in np.flatnonzero(count != before).tolist():
+    fed = np.flatnonzero(count != before)
+    rets = ret.reshape(m, size)[fed]
+    for k, u in enumerate(fed.tolist()):
         h = flows[u]
         h.n = int(count[u])
-        box = ffi.new("ndpi_protocol *")
-        ffi.memmove(box, ret[u * size:(u + 1) * size], size)
-        h.proto, h._box = box[0], box  # the value, and the memory it lives in
+        h.ret, h.proto = rets[k].tobytes(), None
         if done[u] == 2:
             ident._giveup(h)
         if done[u]:
