@@ -20,9 +20,9 @@ AVAILABLE = platform.machine() in ("x86_64", "AMD64")
 
 @numba_hook
 def _define_intrinsics() -> None:
-    """The two intrinsics feed_kernel calls; numba builds them when it compiles the kernel
-    (the compiled extension has them built in)."""
-    global _process_packet, _load_u8
+    """The intrinsics the kernels call; numba builds them when it compiles a kernel (the
+    compiled extension has them built in)."""
+    global _process_packet, _giveup, _call_with_pointer, _load_u8
     from numba import types
     from numba.extending import intrinsic
 
@@ -41,6 +41,35 @@ def _define_intrinsics() -> None:
             f = builder.inttoptr(args[0], fnty.as_pointer())
             ptrs = [builder.inttoptr(a, i8p) for a in args[1:5]]
             builder.call(f, [*ptrs, args[5], args[6], ir.Constant(i8p, None)])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def _giveup(typingctx, fn, ret, module, flow):
+        """Call ndpi_detection_giveup at address `fn`, its struct return made explicit."""
+        sig = types.void(types.uint64, types.uint64, types.uint64, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+
+            i8p = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(i8p, [i8p, i8p, i8p])
+            f = builder.inttoptr(args[0], fnty.as_pointer())
+            builder.call(f, [builder.inttoptr(a, i8p) for a in args[1:4]])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def _call_with_pointer(typingctx, fn, arg):
+        """Call a `void f(void *)` at address `fn` (ndpi_free_flow_data)."""
+        sig = types.void(types.uint64, types.uint64)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+
+            i8p = ir.IntType(8).as_pointer()
+            fnty = ir.FunctionType(ir.VoidType(), [i8p])
+            builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [builder.inttoptr(args[1], i8p)])
             return context.get_dummy_value()
         return sig, codegen
 
@@ -75,3 +104,19 @@ def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, stat
         elif count[u] >= max_packets:
             done[u] = 2
     return calls
+
+
+@kernel
+def giveup_kernel(giveup, module, ret_base, ret_size, flow_ptr, slots):
+    """ndpi_detection_giveup for the flows in `slots`; its result lands at ret_base + slot * ret_size."""
+    for k in range(len(slots)):
+        u = slots[k]
+        _giveup(giveup, ret_base + np.uint64(u * ret_size), module, flow_ptr[u])
+
+
+@kernel
+def free_kernel(free_flow_data, flow_ptr, slots):
+    """ndpi_free_flow_data for the flows in `slots`: what nDPI allocated for them (the flow
+    structs themselves are the caller's memory)."""
+    for k in range(len(slots)):
+        _call_with_pointer(free_flow_data, flow_ptr[slots[k]])
