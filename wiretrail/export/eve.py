@@ -163,8 +163,9 @@ def _dns(r: dict) -> list[dict]:
         answers = [_present(a) for a in (r.get("answer_records") or [])]
         grouped: dict[str, list] = {}
         for a in answers:
-            if a.get("rdata") is not None:
-                grouped.setdefault(a.get("rrtype"), []).append(a["rdata"])
+            for key in ("rdata", "soa", "srv", "sshfp"):  # SOA, SRV and SSHFP group as objects
+                if a.get(key) is not None:
+                    grouped.setdefault(a.get("rrtype"), []).append(a[key])
         e["dns"] = _clean({"version": 3, "type": "response", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "qr": True, "aa": bool(flags & 0x0400) or None,
                            "tc": bool(flags & 0x0200) or None, "rd": bool(flags & 0x0100) or None,
