@@ -48,6 +48,7 @@ SCHEMA = pa.schema([
     ("established", pa.bool_()),
     ("alpn", pa.list_(pa.string())),       # ALPN protocols offered by the client
     ("client_version", pa.string()),       # ClientHello legacy version
+    ("server_version", pa.string()),       # ServerHello legacy version (TLSv13 there: a draft before 16)
     ("ja3", pa.string()),
     ("ja3s", pa.string()),
     ("ja4", pa.string()),
@@ -810,6 +811,7 @@ def _analyze(s: Stream) -> Analysis:
     hello = sh or hrr
     if hello is not None:
         row["version"] = _version_name(ver_num)
+        row["server_version"] = _version_name(hello.version)
         row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
         if sh is not None:
             row["ja3s"] = ja3s(sh)

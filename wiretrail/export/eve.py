@@ -192,9 +192,24 @@ def _http(r: dict) -> list[dict]:
     return [_clean(e)]
 
 
-def _tls_version(v: str | None) -> str | None:
+def _tls_version(r: dict) -> str | None:
+    """Suricata's version: the server's, else the client's (only a ClientHello seen). TLS 1.3
+    drafts before 16 (0x7f01..0x7f0f, or 0x0304 in the ServerHello's own version field, where
+    drafts 1-15 put it) are all "draft-<16"."""
+    v = r.get("version")
     if not v:
-        return None
+        v = r.get("client_version")
+        if not v:
+            return None
+    elif v == "TLSv13" and r.get("server_version") == "TLSv13":
+        return "TLS 1.3 draft-<16"
+    if v.startswith("TLSv13-draft"):
+        n = v[len("TLSv13-draft"):]
+        fb = n.endswith("-fb")
+        n = n[:-3] if fb else n
+        if n.isdigit() and not fb and int(n) < 16:
+            return "TLS 1.3 draft-<16"
+        return f"TLS 1.3 draft-{n}" + ("-fb" if fb else "")
     return {"TLSv10": "TLSv1", "TLSv11": "TLS 1.1", "TLSv12": "TLS 1.2", "TLSv13": "TLS 1.3",
             "SSLv3": "SSLv3", "SSLv2": "SSLv2"}.get(v, v)
 
@@ -237,7 +252,7 @@ def _tls(r: dict) -> list[dict]:
     e = _head(r, "tls", "tls", "TCP")
     e["tx_id"] = r.get("tx_id")
     e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
-                       "version": _tls_version(r.get("version")),
+                       "version": _tls_version(r),
                        "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
                        "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
                        "client_alpns": r.get("alpn"), "fingerprint": _colons(r.get("leaf_sha1")),
