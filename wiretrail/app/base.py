@@ -56,6 +56,10 @@ class Direction:
     ts_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     truncated: bool = False  # the depth limit cut the stream
+    # the other side's acknowledgements: ack_packets[i] (capture packet number) was the first to
+    # acknowledge the first ack_offsets[i] bytes of `data`; both increasing (empty: not known)
+    ack_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    ack_packets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # ts_offsets and ts as Python lists, made by the first time_at: parsers ask for many times
     # per direction, and bisect on a list beats a numpy call per lookup
     _times: tuple[list, list] | None = field(default=None, init=False, repr=False, compare=False)
@@ -69,8 +73,17 @@ class Direction:
         ts = np.concatenate([[self.time_at(offset)], self.ts[keep]]) if len(self.ts) else self.ts
         if len(ts_offsets) > 1 and ts_offsets[1] == 0:  # a packet began exactly there
             ts_offsets, ts = ts_offsets[1:], ts[1:]
+        acked = self.ack_offsets >= offset
         return Direction(data=self.data[offset:], gaps=[(o - offset, n) for o, n in self.gaps if o >= offset],
-                         ts_offsets=ts_offsets.astype(np.int64), ts=ts.astype(np.int64), truncated=self.truncated)
+                         ts_offsets=ts_offsets.astype(np.int64), ts=ts.astype(np.int64), truncated=self.truncated,
+                         ack_offsets=self.ack_offsets[acked] - offset, ack_packets=self.ack_packets[acked])
+
+    def acked_by(self, end: int) -> int:
+        """Number of the packet (from the other side) that first acknowledged the bytes up to
+        `end` (exclusive): where Suricata hands them to its parser and logs what they complete.
+        0 if none did (or not known)."""
+        i = int(np.searchsorted(self.ack_offsets, end, side="left"))
+        return int(self.ack_packets[i]) if i < len(self.ack_packets) else 0
 
     def time_at(self, offset: int) -> int:
         """Time of the packet that carried stream byte `offset` (ns)."""

@@ -132,10 +132,18 @@ def _flow(r: dict) -> dict:
     return _clean(event)
 
 
-def _head(r: dict, event_type: str, app_proto: str, proto: str) -> dict:
-    return {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type,
-            "src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
-            "dest_port": r.get("resp_p"), "proto": proto, "app_proto": app_proto, "community_id": r.get("community_id")}
+def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | None = None) -> dict:
+    """The common fields. `packet`: the capture packet the event is logged on (pcap_cnt; Suricata
+    then names the packet's source too, pkt_src: the wire for a packet of the capture itself)."""
+    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type}
+    if packet:
+        e["pcap_cnt"] = packet
+    e.update({"src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
+              "dest_port": r.get("resp_p"), "proto": proto})
+    if packet and not r.get("session_tunnel"):
+        e["pkt_src"] = "wire/pcap"
+    e.update({"app_proto": app_proto, "community_id": r.get("community_id")})
+    return e
 
 
 def _dns(r: dict) -> list[dict]:
@@ -146,19 +154,17 @@ def _dns(r: dict) -> list[dict]:
     queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
     out = []
     if r.get("query_flags") is not None:
-        e = _head(r, "dns", "dns", proto)
-        e["pcap_cnt"] = r.get("query_packet")
+        e = _head(r, "dns", "dns", proto, r.get("query_packet"))
         flags = r["query_flags"]
         e["dns"] = _clean({"version": 3, "type": "request", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "rd": bool(flags & 0x0100) or None, "opcode": r.get("opcode"),
                            "queries": queries})
         out.append(_clean(e))
     if r.get("response_flags") is not None:
-        e = _head(r, "dns", "dns", proto)
+        e = _head(r, "dns", "dns", proto, r.get("response_packet"))
         e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
                                                                     _ip(r.get("orig_h")), r.get("orig_p"))
         e["timestamp"] = _timestamp(r["response_ns"]) if r.get("response_ns") else e["timestamp"]
-        e["pcap_cnt"] = r.get("response_packet")
         flags = r["response_flags"]
         answers = [_present(a) for a in (r.get("answer_records") or [])]
         grouped: dict[str, list] = {}
@@ -249,7 +255,7 @@ def _iso(ns: int | None) -> str | None:
 
 
 def _tls(r: dict) -> list[dict]:
-    e = _head(r, "tls", "tls", "TCP")
+    e = _head(r, "tls", "tls", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
     e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
                        "version": _tls_version(r),
@@ -336,8 +342,9 @@ def emit_table(db, table: str, convert, emit) -> None:
     # tx_id: the transaction's number within its flow, as Suricata counts them
     # community_id comes from the session, as Suricata puts it on every event of a flow
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
-             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id '
-             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id FROM sessions) s USING (uid) ORDER BY t.ts')
+             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
+             f's.tunnel AS session_tunnel '
+             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel FROM sessions) s USING (uid) ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
         query = query.replace("SELECT t.*,", "SELECT t.*, c.leaf_sha1, c.leaf_serial, c.leaf_not_before, "
