@@ -268,10 +268,12 @@ def _tls(r: dict) -> list[dict]:
 
 
 def _smtp(r: dict) -> list[dict]:
-    e = _head(r, "smtp", "smtp", "TCP")
+    e = _head(r, "smtp", "smtp", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
-    e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": _angle(r.get("mailfrom")),
-                        "rcpt_to": [_angle(x) for x in (r.get("rcptto") or [])]})
+    # the parameters as sent (older stores: the addresses, in angle brackets as usually sent)
+    mail_from = r["mailfrom_param"] if r.get("mailfrom_param") is not None else _angle(r.get("mailfrom"))
+    rcpt_to = r.get("rcptto_params") or [_angle(x) for x in (r.get("rcptto") or [])]
+    e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": mail_from, "rcpt_to": rcpt_to})
     email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
                     "from": r.get("from"), "to": r.get("to"), "cc": r.get("cc"), "subject": r.get("subject"),
                     "message_id": r.get("msg_id"), "x_mailer": r.get("user_agent"),
