@@ -896,6 +896,9 @@ def parse_datagram(d: Datagram) -> list[dict]:
 
 def parse_stream(s: Stream) -> list[dict]:
     """DNS over TCP: both directions' messages in time order, paired into transactions."""
+    names = set(s.app.split(".")) if s.app else set()
+    if names & {"NetBIOS", "SMBv1", "SMBv23"} and not names & {"DNS", "MDNS", "LLMNR"}:
+        return []  # NetBIOS over TCP is its session service (SMB), not name service messages
     sess = DnsSession(s.uid, s.orig_h, s.orig_p, s.resp_h, s.resp_p, "tcp")
     msgs = []
     for k, d in enumerate((s.orig, s.resp)):
