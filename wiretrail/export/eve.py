@@ -321,16 +321,82 @@ def _smb(r: dict) -> list[dict]:
     if command:
         command = ("SMB1_COMMAND_" + _SMB1_COMMANDS.get(command, command) if smb1
                    else "SMB2_COMMAND_" + _SMB2_COMMANDS.get(command, command))
-    access = "delete on close" if r.get("delete_on_close") else ("normal" if r.get("disposition") else None)
-    e["smb"] = _clean({"dialect": _SMB_DIALECTS.get(dialect, dialect), "command": command,
-                       "status": r.get("status"), "filename": r.get("name"), "share": r.get("tree"),
-                       "disposition": r.get("disposition"), "access": access,
-                       "created": r.get("created_s"), "session_id": r.get("session_id"),
-                       "tree_id": r.get("tree_id"),
-                       "ntlmssp": _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
-                                          "host": r.get("ntlm_host")}) or None})
+    raw = r.get("command")
+    smb = {"id": r["tx_id"] + 1 if r.get("tx_id") is not None else None,  # Suricata counts from 1
+           # SMB 2/3 without a NEGOTIATE seen: Suricata knows no dialect
+           "dialect": "unknown" if dialect == "SMB2" else _SMB_DIALECTS.get(dialect, dialect),
+           "command": command, "status": r.get("status"), "status_code": _status_code(r.get("status")),
+           "session_id": r.get("session_id"), "tree_id": r.get("tree_id")}
+    if raw == "CREATE":  # Suricata's CREATE record: name, disposition, access, times, size, fuid
+        name = r.get("name") or "<share_root>"
+        smb["directory" if r.get("directory") and r.get("name") else "filename"] = name
+        smb["disposition"] = r.get("disposition")
+        smb["access"] = "delete on close" if r.get("delete_on_close") else "normal"
+        for key in ("created", "accessed", "modified", "changed"):
+            smb[key] = r.get(f"{key}_s") or 0
+        smb["size"] = r.get("size") or 0
+        smb["fuid"] = _fuid(r.get("file_id"))
+    elif raw in ("READ", "WRITE"):  # a file transaction
+        smb["filename"], smb["share"], smb["fuid"] = r.get("name"), r.get("tree"), _fuid(r.get("file_id"))
+    elif raw == "TREE_CONNECT":
+        smb["named_pipe" if r.get("share_type") == "PIPE" else "share"] = r.get("tree")
+    elif raw == "NEGOTIATE":
+        smb["client_dialects"] = r.get("client_dialects")
+    elif raw == "SET_INFO" and r.get("info_class") == "FileRenameInformation":
+        smb["set_info"] = {"class": "FILE_INFO", "info_level": "SMB2_FILE_RENAME_INFO"}
+        smb["rename"] = {"from": r.get("prev_name") or "<unknown>", "to": r.get("name")}
+        smb["fuid"] = _fuid(r.get("file_id"))
+    elif raw == "SET_INFO" and r.get("info_class") == "FileDispositionInformation":
+        smb["filename"] = r.get("name") or "<unknown>"
+        smb["access"] = "delete on close" if r.get("delete_on_close") else "normal"
+        smb["fuid"] = _fuid(r.get("file_id"))
+    else:
+        smb["filename"], smb["share"] = r.get("name"), r.get("tree")
+    if raw == "SESSION_SETUP":
+        smb["ntlmssp"] = _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
+                                 "host": r.get("ntlm_host"), "version": r.get("ntlm_version")}) or None
+        if r.get("native_os") is not None or r.get("native_lm") is not None:
+            smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
+    e["smb"] = _present(smb)
     return [_clean(e)]
 
+
+def _status_code(status: str | None) -> str | None:
+    """Suricata's status_code: the NT status in hex, no leading zeros."""
+    if not status:
+        return None
+    if status.startswith("0x"):
+        code = int(status, 16)
+    else:
+        from wiretrail.app.smb import NT_STATUS
+
+        codes = _STATUS_CODES or _STATUS_CODES.update({v: k for k, v in NT_STATUS.items()}) or _STATUS_CODES
+        code = codes.get(status)
+        if code is None:
+            return None
+    return f"0x{code:x}"
+
+
+_STATUS_CODES: dict[str, int] = {}
+
+
+def _fuid(file_id: str | None) -> str | None:
+    """Suricata's fuid: an SMB2 FileId (16 bytes) as a GUID, an SMB1 FID as 4 hex digits."""
+    if not file_id:
+        return None
+    if len(file_id) == 32:
+        g = bytes.fromhex(file_id)
+        return (f"{g[3]:02x}{g[2]:02x}{g[1]:02x}{g[0]:02x}-{g[5]:02x}{g[4]:02x}-{g[7]:02x}{g[6]:02x}-"
+                f"{g[9]:02x}{g[8]:02x}-{g[11]:02x}{g[10]:02x}{g[15]:02x}{g[14]:02x}{g[13]:02x}{g[12]:02x}")
+    return file_id
+
+
+# Records Suricata makes no transaction of (so logs nothing for, and does not count): SMB 2/3
+# QUERY_INFO, and SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx;
+# READ and WRITE are file transactions, one per file as our rows are).
+_WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 'QUERY_INFO' OR "
+                 "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
+                 "('FileRenameInformation', 'FileDispositionInformation')))) "}
 
 # store table -> EVE converter
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
@@ -339,14 +405,17 @@ EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "
 def emit_table(db, table: str, convert, emit) -> None:
     columns = {row[0] for row in db.execute(f'DESCRIBE "{table}"').fetchall()}
     extra = ", epoch_ns(t.response_ts) AS response_ns" if "response_ts" in columns else ""
-    if "created" in columns:  # SMB file times: Suricata writes whole epoch seconds
-        extra += ", epoch(t.created)::BIGINT AS created_s"
+    if "created" in columns:  # SMB file times: Suricata writes whole epoch seconds (rounded down)
+        extra += "".join(f", floor(epoch_ns(t.{c}) / 1e9)::BIGINT AS {c}_s"
+                         for c in ("created", "accessed", "modified", "changed"))
     # tx_id: the transaction's number within its flow, as Suricata counts them
     # community_id comes from the session, as Suricata puts it on every event of a flow
+    where = _WHERE.get(table, "")
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
              f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
              f's.tunnel AS session_tunnel '
-             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel FROM sessions) s USING (uid) ORDER BY t.ts')
+             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel FROM sessions) s USING (uid) {where}'
+             f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
         query = query.replace("SELECT t.*,", "SELECT t.*, c.leaf_sha1, c.leaf_serial, c.leaf_not_before, "
