@@ -295,12 +295,20 @@ def _ftp(r: dict) -> list[dict]:
     e = _head(r, "ftp", "ftp", "TCP")
     e["tx_id"] = r.get("tx_id")
     msg, code = r.get("reply_msg"), r.get("reply_code")
-    e["ftp"] = _clean({"command": r.get("command") if r.get("command") != "<init>" else None,
-                       "command_data": r.get("arg"),
-                       "reply": msg.split("\n") if isinstance(msg, str) else None,
-                       "completion_code": [str(code)] if code is not None else None,
-                       "dynamic_port": r.get("data_channel_resp_p"),
-                       "reply_received": "yes" if code is not None else "no"})
+    command = r.get("command") if r.get("command") != "<init>" else None
+    if "command_data" in r:  # Suricata's own fields (stores before them: the Zeek ones)
+        data = r.get("command_data")
+        ftp = {"command": command, "command_data": data,
+               "command_truncated": bool(r.get("command_truncated")) if data is not None else None,
+               "reply": r.get("replies"), "completion_code": r.get("reply_codes")}
+    else:
+        ftp = {"command": command, "command_data": r.get("arg"),
+               "reply": msg.split("\n") if isinstance(msg, str) else None,
+               "completion_code": [str(code)] if code is not None else None}
+    ftp.update({"dynamic_port": r.get("data_channel_resp_p"),
+                "reply_received": "yes" if code is not None else "no",
+                "reply_truncated": bool(r.get("reply_truncated"))})
+    e["ftp"] = {k: v for k, v in ftp.items() if v is not None and v != []}
     return [_clean(e)]
 
 
