@@ -49,29 +49,6 @@ def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
 
 
 _SEQ_TIME = itemgetter(0, 2)
-_NO_ACKS = np.zeros(0, dtype=np.int64)
-
-
-def _acked(acks: list, gaps: list) -> dict:
-    """A side's ACKs as Direction's ack_offsets / ack_packets: bytes of `data` acknowledged (never
-    decreasing: the most so far) and the packet that did it. A relative sequence number counts
-    the bytes of gaps too: those before it are taken off."""
-    if not acks:
-        return {}
-    rel = np.concatenate([a for a, _ in acks])
-    packets = np.concatenate([p for _, p in acks])
-    rel = np.maximum.accumulate(rel)
-    new = np.concatenate([[True], rel[1:] != rel[:-1]])  # the first packet to reach each value
-    rel, packets = rel[new], packets[new]
-    if gaps:
-        at = np.array([o for o, _ in gaps], dtype=np.int64)  # in data offsets
-        size = np.array([n for _, n in gaps], dtype=np.int64)
-        start = at + np.concatenate([[0], np.cumsum(size)[:-1]])  # in relative sequence numbers
-        k = np.searchsorted(start, rel, side="right")  # gaps starting at or before each ack
-        before = np.concatenate([[0], np.cumsum(size)])[k]  # their bytes, all of them...
-        over = np.where(k > 0, np.maximum(start[np.maximum(k - 1, 0)] + size[np.maximum(k - 1, 0)] - rel, 0), 0)
-        rel = rel - before + over  # ...but of the last one only those before the ack
-    return {"ack_offsets": rel, "ack_packets": packets}  # a chunk's (relative seq, ts): the order a direction is rebuilt in
 
 
 @dataclass
@@ -261,7 +238,7 @@ class Reassembler:
             offsets, parts, times = zip(*chunks)
             return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
                              ts=np.array(times, dtype=np.int64), truncated=side.truncated,
-                             **_acked(side.acks, []))
+                             acks=side.acks)
         chunks.sort(key=_SEQ_TIME)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
@@ -280,7 +257,7 @@ class Reassembler:
             out_len += len(new)
             end += len(new)
         return Direction(data=b"".join(parts), gaps=gaps, ts_offsets=np.array(ts_off, dtype=np.int64),
-                         ts=np.array(ts_val, dtype=np.int64), truncated=side.truncated, **_acked(side.acks, gaps))
+                         ts=np.array(ts_val, dtype=np.int64), truncated=side.truncated, acks=side.acks)
 
     def _count_conflicts(self, parts, out_len, end, rel, data) -> None:
         """A retransmission whose bytes differ from the first copy (only checked when the first

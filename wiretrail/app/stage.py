@@ -276,7 +276,9 @@ class AppStage:
         rows = cand[want]
         if len(rows):
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
-            self.streamed.update(np.unique(sid[rows]).tolist())
+            # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
+            carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
+            self.streamed.update(np.unique(sid[carries]).tolist())
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port
