@@ -154,3 +154,25 @@ def test_overlap_first_copy_wins_and_depth_bound():
     (o, s), = got.values()
     assert len(o.data) <= 1000 and len(s.data) <= 1000 and (o.truncated or s.truncated)
     assert r.held == 0  # everything taken
+
+
+def test_acked_by_names_the_first_packet_acknowledging_the_bytes():
+    """Direction.acked_by(end): the first packet of the other side whose ACK covers the
+    direction's bytes up to `end` (where Suricata hands them to its parser: pcap_cnt)."""
+    batch = one_batch(PPP / "tcp_reassembly" / "one_tcp_stream.pcap")
+    cols = decode(batch)
+    sid, is_orig, _, _ = FlowTable().update(cols, batch.ts, batch.wirelen)
+    r = Reassembler()
+    rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
+    r.add(batch, cols, rows, sid, is_orig, first_packet=1)
+    (s,) = np.unique(sid[rows]).tolist()
+    for from_orig in (True, False):
+        d = r.take(s, from_orig)
+        syn = [k for k in rows.tolist() if is_orig[k] == from_orig and cols["tcp_flags"][k] & 0x02]
+        base = (int(cols["tcp_seq"][syn[0]]) + 1) & 0xFFFFFFFF
+        acks = [(k, (int(cols["tcp_ack"][k]) - base) & 0xFFFFFFFF) for k in rows.tolist()
+                if is_orig[k] != from_orig and cols["tcp_flags"][k] & 0x10]
+        for end in (1, len(d.data) // 2, len(d.data)):
+            want = next((k + 1 for k, a in acks if a >= end and a < 1 << 31), 0)
+            assert d.acked_by(end) == want and (want or end == len(d.data))
+        assert d.after(10).acked_by(len(d.data) - 10) == d.acked_by(len(d.data))

@@ -56,9 +56,14 @@ class Direction:
     ts_offsets: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     ts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     truncated: bool = False  # the depth limit cut the stream
+    # the other side's acknowledgements, as the reassembler kept them: per batch, arrays of
+    # (bytes acknowledged counted in sequence numbers from the direction's start, gaps included;
+    # the packet number of each ACK), in packet order (empty: not known)
+    acks: list = field(default_factory=list, repr=False, compare=False)
     # ts_offsets and ts as Python lists, made by the first time_at: parsers ask for many times
     # per direction, and bisect on a list beats a numpy call per lookup
     _times: tuple[list, list] | None = field(default=None, init=False, repr=False, compare=False)
+    _ack_origin: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def after(self, offset: int) -> Direction:
         """The same direction from stream offset `offset` on (what a proxy carried after its
@@ -69,8 +74,28 @@ class Direction:
         ts = np.concatenate([[self.time_at(offset)], self.ts[keep]]) if len(self.ts) else self.ts
         if len(ts_offsets) > 1 and ts_offsets[1] == 0:  # a packet began exactly there
             ts_offsets, ts = ts_offsets[1:], ts[1:]
-        return Direction(data=self.data[offset:], gaps=[(o - offset, n) for o, n in self.gaps if o >= offset],
-                         ts_offsets=ts_offsets.astype(np.int64), ts=ts.astype(np.int64), truncated=self.truncated)
+        out = Direction(data=self.data[offset:], gaps=[(o - offset, n) for o, n in self.gaps if o >= offset],
+                        ts_offsets=ts_offsets.astype(np.int64), ts=ts.astype(np.int64), truncated=self.truncated)
+        if self.acks:
+            out._ack_origin = (self, offset)
+        return out
+
+    def acked_by(self, end: int) -> int:
+        """Number of the packet (from the other side) that first acknowledged the bytes of `data`
+        up to `end` (exclusive): where Suricata hands them to its parser and logs what they
+        complete. 0 if none did (or not known)."""
+        origin = self._ack_origin
+        if origin is not None:  # a part of another direction (after)
+            return origin[0].acked_by(end + origin[1])
+        if not self.acks or end <= 0:
+            return 0
+        # in sequence numbers: the bytes of the gaps before `end` count too
+        seq_end = end + sum(n for o, n in self.gaps if o < end)
+        for rel, packets in self.acks:  # the first ACK to reach it, in packet order
+            reached = rel >= seq_end
+            if reached.any():
+                return int(packets[int(np.argmax(reached))])
+        return 0
 
     def time_at(self, offset: int) -> int:
         """Time of the packet that carried stream byte `offset` (ns)."""

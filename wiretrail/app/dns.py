@@ -44,8 +44,13 @@ TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
 NDPI = {"DNS", "MDNS", "LLMNR", "NetBIOS"}
 
+# a record's data as Suricata logs it: `rdata` text, or for SOA, SRV and SSHFP their fields
+_SOA = pa.struct([("mname", pa.string()), ("rname", pa.string()), ("serial", pa.int64()), ("refresh", pa.int64()),
+                  ("retry", pa.int64()), ("expire", pa.int64()), ("minimum", pa.int64())])
+_SRV = pa.struct([("priority", pa.int64()), ("weight", pa.int64()), ("port", pa.int64()), ("name", pa.string())])
+_SSHFP = pa.struct([("algo", pa.int64()), ("type", pa.int64()), ("fingerprint", pa.string())])
 _RECORDS = pa.list_(pa.struct([("rrname", pa.string()), ("rrtype", pa.string()), ("ttl", pa.int64()),
-                                ("rdata", pa.string())]))
+                                ("rdata", pa.string()), ("soa", _SOA), ("srv", _SRV), ("sshfp", _SSHFP)]))
 
 SCHEMA = pa.schema([
     ("ts", pa.timestamp("ns")),
@@ -165,6 +170,22 @@ def _text(b: bytes) -> str:
     return "".join(_PRINTABLE[c] for c in b)
 
 
+def _lossy(b: bytes) -> str:
+    """Bytes as Suricata's string_from_bytes writes them: valid UTF-8 as is, each byte of an
+    invalid sequence as \\xNN."""
+    out, i, n = [], 0, len(b)
+    while i < n:
+        try:
+            out.append(b[i:].decode("utf-8"))
+            break
+        except UnicodeDecodeError as err:
+            out.append(b[i:i + err.start].decode("utf-8"))
+            bad = b[i + err.start:i + err.end]
+            out.append("".join(f"\\x{c:02x}" for c in bad))
+            i += err.end
+    return "".join(out)
+
+
 def _ip6(b: bytes) -> str:
     a = ipaddress.IPv6Address(b)
     m = a.ipv4_mapped
@@ -186,6 +207,8 @@ class Answer:
     kind: int        # ANS, PREREQ or UPDATE
     reply: str | None  # Zeek's answer string; "" counts for AA/RA/rtt but adds no answer; None: no event
     txt: list[str] | None = None  # a TXT record's strings, each on its own (Suricata's answers)
+    detail: dict | None = None    # Suricata's fields for a record: {"soa": {...}}, {"srv": ...}, {"sshfp": ...},
+                                  # or {"rdata": text} where its text differs from Zeek's (NULL)
 
 
 @dataclass
@@ -370,9 +393,12 @@ class _Parser:
             return self.name(pos)[0]
         if rtype == 6:  # SOA
             mname, p = self.name(pos)
-            _, p = self.name(p)
+            rname, p = self.name(p)
             if p + 20 > self.n:
                 raise _Bad("SOA too short")
+            serial, refresh, retry, expire, minimum = struct.unpack_from(">IIIII", buf, p)
+            msg._detail = {"soa": {"mname": mname, "rname": rname, "serial": serial, "refresh": refresh,
+                                   "retry": retry, "expire": expire, "minimum": minimum}}
             return mname
         if rtype == 15:  # MX
             return self.name(pos + 2)[0] if rdlen >= 2 else self._fail("MX too short")
@@ -381,7 +407,10 @@ class _Parser:
                 return None
             if rdlen < 6:
                 raise _Bad("SRV too short")
-            return self.name(pos + 6)[0]
+            target = self.name(pos + 6)[0]
+            priority, weight, port = struct.unpack_from(">HHH", buf, pos)
+            msg._detail = {"srv": {"priority": priority, "weight": weight, "port": port, "name": target}}
+            return target
         if rtype in (16, 99):  # TXT, SPF
             strs, ok = self.char_strings(pos, end)
             tag = "TXT" if rtype == 16 else "SPF"
@@ -432,6 +461,7 @@ class _Parser:
         if rtype == 44:  # SSHFP
             if rdlen < 2:
                 raise _Bad("SSHFP too short")
+            msg._detail = {"sshfp": {"algo": rd[0], "type": rd[1], "fingerprint": ":".join(f"{b:02x}" for b in rd[2:])}}
             return "SSHFP: " + rd[2:].hex()
         if rtype == 29:  # LOC
             if rdlen != 16:
@@ -439,6 +469,8 @@ class _Parser:
             return f"LOC:  {rd[1]} {rd[2]} {rd[3]}"
         if rtype in (13, 257, 64, 65, 41, 249, 250, 32):  # HINFO CAA SVCB HTTPS OPT TKEY TSIG NB: no answer text
             return None
+        if rtype == 10:  # NULL: Suricata logs its bytes as text
+            msg._detail = {"rdata": _lossy(rd)}
         return f"<unknown type={rtype}>"
 
     def _fail(self, why: str):
@@ -472,6 +504,7 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
     msg._owner = ""
     msg._after_reply = None
     msg._txt = None
+    msg._detail = None
     pos = 12
     update = msg.opcode == 5 and not netbios
     try:
@@ -546,13 +579,15 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
                     if (keep_case or keep_authorities) and section == 1 and not update:
                         try:
                             msg.authorities.append(Answer(owner, rtype, rclass, ttl, 0,
-                                                          p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False)))
+                                                          p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False),
+                                                          detail=msg._detail))
                         except _Bad:
                             pass
                 if kind:
                     msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, reply,
-                                              msg._txt if rtype in (16, 99) else None))
+                                              msg._txt if rtype in (16, 99) else None, msg._detail))
                 msg._txt = None
+                msg._detail = None
                 pos += rdlen
     except _Bad:
         msg.malformed = True
@@ -634,6 +669,9 @@ def _records(answers) -> list[dict]:
         if a.reply is None:
             continue
         rrtype = qtype_name(a.rtype)
+        if a.detail is not None:  # SOA, SRV, SSHFP: their fields in place of the text; NULL: its bytes
+            out.append({"rrname": a.name, "rrtype": rrtype, "ttl": a.ttl, **a.detail})
+            continue
         for data in (a.txt if a.txt is not None else [a.reply]):
             out.append({"rrname": a.name, "rrtype": rrtype, "ttl": a.ttl, "rdata": data})
     return out
@@ -858,6 +896,9 @@ def parse_datagram(d: Datagram) -> list[dict]:
 
 def parse_stream(s: Stream) -> list[dict]:
     """DNS over TCP: both directions' messages in time order, paired into transactions."""
+    names = set(s.app.split(".")) if s.app else set()
+    if names & {"NetBIOS", "SMBv1", "SMBv23"} and not names & {"DNS", "MDNS", "LLMNR"}:
+        return []  # NetBIOS over TCP is its session service (SMB), not name service messages
     sess = DnsSession(s.uid, s.orig_h, s.orig_p, s.resp_h, s.resp_p, "tcp")
     msgs = []
     for k, d in enumerate((s.orig, s.resp)):

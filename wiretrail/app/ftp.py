@@ -47,7 +47,15 @@ SCHEMA = pa.schema([
     ("data_channel_resp_p", pa.int32()),
     ("fuid", pa.string()),
     ("malformed", pa.bool_()),
+    # as Suricata logs a command: its argument as sent ("<hidden>" for PASS), cut at its line
+    # limit; every line of every reply to it (1xx ones too), text and code apart
+    ("command_data", pa.string()),
+    ("command_truncated", pa.bool_()),
+    ("replies", pa.list_(pa.string())),
+    ("reply_codes", pa.list_(pa.string())),
+    ("reply_truncated", pa.bool_()),
 ])
+SURICATA_MAX_LINE = 4096  # Suricata's ftp max-line-length: longer commands and replies are cut
 PORTS = {21}
 NDPI = {"FTP_CONTROL"}
 # STARTTLS / STLS / AUTH TLS switch the stream to TLS: the stage also runs these on it
@@ -61,9 +69,18 @@ _PWD = re.compile(rb'"((?:[^"]|"")*)"')
 MAX_ROWS = 100_000
 
 
+def _line(line: bytes) -> tuple[str | None, str, bool]:
+    """A reply line as Suricata keeps it: (code, text after the code, cut at its limit)."""
+    cut = len(line) > SURICATA_MAX_LINE
+    line = line[:SURICATA_MAX_LINE]
+    if len(line) >= 3 and line[:3].isdigit() and line[3:4] in (b" ", b"-", b""):
+        return text(line[:3]), text(line[4:]), cut
+    return None, text(line), cut
+
+
 def _replies(data: bytes, ts_of) -> tuple[list[tuple], bool]:
-    """[(code or None, message, offset, ts)], malformed. A line that is not a reply is a
-    reply with code None (Zeek reports it as invalid)."""
+    """[(code or None, message, offset, ts, lines)], malformed; `lines` every line of the reply
+    (_line). A line that is not a reply is a reply with code None (Zeek reports it as invalid)."""
     out: list[tuple] = []
     bad = False
     pos = 0
@@ -76,6 +93,7 @@ def _replies(data: bytes, ts_of) -> tuple[list[tuple], bool]:
         pos = nxt
         code = line[:3]
         if len(line) >= 3 and code.isdigit() and (len(line) == 3 or line[3:4] in (b" ", b"-")):
+            lines = [_line(line)]
             if line[3:4] == b"-":  # multi-line: up to "NNN " (or the end)
                 last = line[4:]
                 while True:
@@ -84,6 +102,7 @@ def _replies(data: bytes, ts_of) -> tuple[list[tuple], bool]:
                         break
                     l2, n2, _ = r
                     pos = n2
+                    lines.append(_line(l2))
                     if l2[:3] == code and l2[3:4] in (b" ", b""):
                         last = l2[4:]
                         break
@@ -91,12 +110,12 @@ def _replies(data: bytes, ts_of) -> tuple[list[tuple], bool]:
                         last = l2[4:]
                     else:
                         last = l2
-                out.append((int(code), text(last.strip()), start, ts_of(start)))
+                out.append((int(code), text(last.strip()), start, ts_of(start), lines))
             else:
-                out.append((int(code), text(line[4:].strip()), start, ts_of(start)))
+                out.append((int(code), text(line[4:].strip()), start, ts_of(start), lines))
         elif line.strip():
             bad = True
-            out.append((None, text(line.strip()), start, ts_of(start)))
+            out.append((None, text(line.strip()), start, ts_of(start), [_line(line)]))
         if not complete:
             bad = bad or len(line) >= MAX_LINE
             break
@@ -152,6 +171,12 @@ def _eprt_arg(arg: bytes) -> tuple[str, int] | None:
     return (host, port) if 0 <= port < 65536 else None
 
 
+def _suricata_replies(lines: list) -> dict:
+    return {"replies": [t for _, t, _ in lines if t] or None,
+            "reply_codes": [c for c, _, _ in lines if c] or None,
+            "reply_truncated": any(cut for _, _, cut in lines)}
+
+
 def parse_stream(s: Stream) -> list[dict]:
     try:
         return _parse(s)
@@ -174,10 +199,10 @@ def _parse(s: Stream) -> list[dict]:
     ri = 0
     tls = False
     if replies and (not cdata or replies[0][3] <= s.orig.time_at(0) or replies[0][0] in (120, 220, 421)):
-        code, msg, _, ts = replies[0]
+        code, msg, _, ts, lines = replies[0]
         ri = 1
         rows.append(dict(base, ts=ts, user=user, command="<init>", reply_code=code, reply_msg=msg,
-                         malformed=code is None or None))
+                         malformed=code is None or None, **_suricata_replies(lines)))
     pos = 0
     while len(rows) < MAX_ROWS and not tls:
         r = next_line(cdata, pos)
@@ -195,9 +220,11 @@ def _parse(s: Stream) -> list[dict]:
         # the reply: preliminary 1xx ones first, then the final one
         size = None
         code = msg = None
+        lines = []
         while ri < len(replies):
-            c, m, _, _ = replies[ri]
+            c, m, _, _, ls = replies[ri]
             ri += 1
+            lines.extend(ls)
             if c is not None and 100 <= c < 200:
                 sm = _SIZE.search(m.encode("utf-8", "surrogateescape"))
                 if sm:
@@ -209,7 +236,10 @@ def _parse(s: Stream) -> list[dict]:
                 malformed = True
             break
         row = dict(base, ts=ts, command=cmd, arg=arg or None, reply_code=code, reply_msg=msg,
-                   malformed=malformed)
+                   malformed=malformed, **_suricata_replies(lines))
+        if arg_b:  # Suricata: what follows the command and its space, cut at its line limit
+            row["command_data"] = text(line[len(cmd_b) + 1:SURICATA_MAX_LINE])
+            row["command_truncated"] = len(line) > SURICATA_MAX_LINE or (not complete and len(line) >= MAX_LINE)
         ok = code is not None and 200 <= code < 300
         if cmd == "USER":
             user = arg
@@ -217,6 +247,8 @@ def _parse(s: Stream) -> list[dict]:
         elif cmd == "PASS":
             password = "<hidden>"
             row["arg"] = "<hidden>"
+            if "command_data" in row:
+                row["command_data"] = "<hidden>"
             rows.append(credential(ts, "ftp", "USER/PASS", pending_user if pending_user is not None else user,
                                    arg_b.strip()))
         elif cmd in FILE_CMDS and arg:

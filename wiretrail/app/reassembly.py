@@ -11,6 +11,10 @@ when its session closes (or asked for earlier):
   and what Windows and most BSDs do; Linux prefers new data for some overlaps). Bytes that
   differ from the first copy are counted in `conflicts`: an evasion attempt or corruption.
 - Bytes never seen are gaps: recorded as (offset, length) and left out of the data.
+- Acknowledgements: the packets of one direction that acknowledge new bytes of the other
+  are kept as (bytes acknowledged, packet number), so that a record can name the packet
+  that made it complete: Suricata (IDS mode) hands a direction's bytes to its parser when
+  the other side acknowledges them, and logs a transaction on that packet (`pcap_cnt`).
 - Bounds: `depth` bytes per direction (later bytes are counted, not kept: Suricata's
   stream.reassembly.depth, 1 MiB by default), and `memcap` bytes for all sessions; past the
   memcap the sessions holding most are truncated first.
@@ -25,7 +29,7 @@ import numpy as np
 from wiretrail.jit import kernel
 
 from wiretrail.app.base import Direction
-from wiretrail.batch import TCP_SYN
+from wiretrail.batch import TCP_ACK, TCP_SYN
 
 
 @kernel
@@ -44,7 +48,7 @@ def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
     return pos
 
 
-_SEQ_TIME = itemgetter(0, 2)  # a chunk's (relative seq, ts): the order a direction is rebuilt in
+_SEQ_TIME = itemgetter(0, 2)
 
 
 @dataclass
@@ -59,6 +63,9 @@ class _Side:
     beyond_depth: int = 0           # bytes seen past the depth
     truncated: bool = False
     depth: int = -1                 # this direction's own depth (Reassembler.limit), -1: the default
+    # acknowledgements of this direction's bytes by the other side, per batch: (relative ack,
+    # packet number) arrays, in packet order; only where the value changed within a batch
+    acks: list = field(default_factory=list)
 
 
 class Reassembler:
@@ -70,8 +77,11 @@ class Reassembler:
         self.conflicts = 0
         self._buf = np.empty(0, dtype=np.uint8)
 
-    def add(self, batch, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray) -> None:
-        """Take the TCP packets `rows` of a batch (sessions that want their streams)."""
+    def add(self, batch, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray,
+            first_packet: int = 0) -> None:
+        """Take the TCP packets `rows` of a batch (sessions that want their streams).
+        `first_packet`: the capture-file number of the batch's first frame (0: not known, and
+        acknowledgements are not kept)."""
         if len(rows) == 0:
             return
         rows = np.ascontiguousarray(rows, dtype=np.int64)
@@ -84,10 +94,15 @@ class Reassembler:
                 side = sides[(s, o)] = _Side()
             if side.base < 0:
                 side.base = (q + 1) & 0xFFFFFFFF
-        rows = rows[cols["pl_len"][rows] > 0]
-        if len(rows) == 0:
-            return
+        data_rows = rows[cols["pl_len"][rows] > 0]
+        if len(data_rows):
+            self._data(batch, cols, data_rows, sid, is_orig)
+        if first_packet:  # after the data: a side the batch's data made (no SYN seen) has its base
+            self._acks(cols, rows[(cols["tcp_flags"][rows] & TCP_ACK) != 0], sid, is_orig, first_packet)
 
+    def _data(self, batch, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray) -> None:
+        """The payloads of `rows` (packets with payload) into their sides' chunks."""
+        sides = self.sides
         # Per (session, direction) group, in packet order within a group. Python runs once per
         # group (its _Side); what each packet keeps is worked out for all packets at once.
         key = sid[rows] * 2 + is_orig[rows].astype(np.int64)
@@ -158,6 +173,40 @@ class Reassembler:
         if self.held > self.memcap:
             self._shed()
 
+    def _acks(self, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray, first_packet: int) -> None:
+        """Keep the ACKs of `rows` on the side they acknowledge (the other direction), relative
+        to its base; only a side whose base is known, and only values that change."""
+        if len(rows) == 0:
+            return
+        key = sid[rows] * 2 + (~is_orig[rows]).astype(np.int64)  # the side acknowledged
+        order = np.argsort(key, kind="stable")
+        rows, key = rows[order], key[order]
+        first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
+        last = np.append(first[1:], len(rows))
+        bases = np.full(len(first), -1, dtype=np.int64)
+        limits = np.empty(len(first), dtype=np.int64)
+        group_sides = []
+        sides = self.sides
+        for g, k in enumerate(key[first].tolist()):
+            side = sides.get((k >> 1, bool(k & 1)))
+            group_sides.append(side)
+            if side is not None and side.base >= 0:
+                bases[g] = side.base
+                limits[g] = (self.depth if side.depth < 0 else side.depth) + 1
+        group = np.repeat(np.arange(len(first)), last - first)
+        rel = (cols["tcp_ack"][rows].astype(np.int64) - bases[group]) & 0xFFFFFFFF
+        # a known base, not before it, within the depth (+1: a FIN), and a new value
+        keep = (bases[group] >= 0) & (rel < (1 << 31)) & (rel <= limits[group])
+        keep[1:] &= (rel[1:] != rel[:-1]) | (key[1:] != key[:-1])
+        if not keep.any():
+            return
+        at = np.concatenate([[0], np.cumsum(keep)]).tolist()
+        rel, packets = rel[keep], rows[keep] + first_packet
+        for g, side in enumerate(group_sides):
+            i, j = at[first[g]], at[last[g]]
+            if i < j:
+                side.acks.append((rel[i:j], packets[i:j]))
+
     def limit(self, sid: int, depth: int) -> None:
         """Keep at most `depth` bytes per direction of session `sid` (its protocol needs no more)."""
         for d in (True, False):
@@ -188,7 +237,8 @@ class Reassembler:
             # the common case: every byte once, in order, from the start: one join
             offsets, parts, times = zip(*chunks)
             return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
-                             ts=np.array(times, dtype=np.int64), truncated=side.truncated)
+                             ts=np.array(times, dtype=np.int64), truncated=side.truncated,
+                             acks=side.acks)
         chunks.sort(key=_SEQ_TIME)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
@@ -207,7 +257,7 @@ class Reassembler:
             out_len += len(new)
             end += len(new)
         return Direction(data=b"".join(parts), gaps=gaps, ts_offsets=np.array(ts_off, dtype=np.int64),
-                         ts=np.array(ts_val, dtype=np.int64), truncated=side.truncated)
+                         ts=np.array(ts_val, dtype=np.int64), truncated=side.truncated, acks=side.acks)
 
     def _count_conflicts(self, parts, out_len, end, rel, data) -> None:
         """A retransmission whose bytes differ from the first copy (only checked when the first

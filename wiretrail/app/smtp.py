@@ -38,6 +38,8 @@ SCHEMA = pa.schema([
     ("helo", pa.string()),
     ("mailfrom", pa.string()),
     ("rcptto", pa.list_(pa.string())),
+    ("mailfrom_param", pa.string()),          # MAIL FROM's parameter as sent, up to a space (Suricata's
+    ("rcptto_params", pa.list_(pa.string())),  # mail_from), and each RCPT TO's (its rcpt_to)
     ("date", pa.string()),
     ("from", pa.string()),
     ("to", pa.list_(pa.string())),
@@ -57,6 +59,8 @@ SCHEMA = pa.schema([
     ("attachments", pa.list_(pa.string())),  # MIME part file names
     ("user", pa.string()),                   # AUTH login name, if any
     ("malformed", pa.bool_()),
+    ("packet", pa.int64()),                  # capture packet number Suricata logs the transaction on
+                                             # (EVE pcap_cnt): the ACK of the reply ending its message
 ])
 PORTS = {25, 587, 2525}
 NDPI = {"SMTP"}
@@ -69,9 +73,9 @@ _IPV6 = re.compile(r"(?i)\[(?:IPv6:)?([0-9a-f:.]*:[0-9a-f:.]+)\]")
 MAX_UNITS = 100_000
 
 
-def replies(data: bytes, ts_of) -> list[tuple[int | None, str, int]]:
-    """Server replies: (code, "code message" of the last line, ts); a multi-line reply counts once.
-    A line that is not a reply is a reply with code None."""
+def replies(data: bytes, ts_of) -> list[tuple[int | None, str, int, int]]:
+    """Server replies: (code, "code message" of the last line, ts, offset after it); a multi-line
+    reply counts once. A line that is not a reply is a reply with code None."""
     out = []
     pos = 0
     while len(out) < MAX_UNITS:
@@ -90,12 +94,18 @@ def replies(data: bytes, ts_of) -> list[tuple[int | None, str, int]]:
                     break
                 last, pos, _ = r
             msg = text(last[4:].strip())
-            out.append((int(code), f"{int(code)} {msg}" if msg else str(int(code)), ts_of(start)))
+            out.append((int(code), f"{int(code)} {msg}" if msg else str(int(code)), ts_of(start), pos))
         elif line.strip():
-            out.append((None, text(line.strip()), ts_of(start)))
+            out.append((None, text(line.strip()), ts_of(start), pos))
         if not complete:
             break
     return out
+
+
+def _param(line: bytes, start: int) -> str:
+    """A command's parameter as Suricata keeps it: after the "MAIL FROM:" / "RCPT TO:" prefix
+    (`start` bytes) and any spaces, up to the next space."""
+    return text(line[start:].lstrip(b" ").split(b" ", 1)[0])
 
 
 def _ips(value: str) -> list[str]:
@@ -200,12 +210,15 @@ def _parse(s: Stream) -> list[dict]:
     one_side = not reps
     malformed = False
 
+    last_end = 0  # offset after the last reply read (in sdata)
+
     def reply() -> int | None:
-        nonlocal ri, malformed
+        nonlocal ri, malformed, last_end
         if ri >= len(reps):
             return None
-        code, msg, _ = reps[ri]
+        code, msg, _, end = reps[ri]
         ri += 1
+        last_end = end
         if code is None:
             malformed = True
         st.rec["last_reply"] = msg
@@ -239,9 +252,13 @@ def _parse(s: Stream) -> list[dict]:
             m = _EMAIL.search(arg)
             if m:
                 st.rec["mailfrom"] = m.group(0)
+            st.rec["mailfrom_param"] = _param(line, 10)
             reply()
         elif cmd == "RCPT" and arg[:3].upper() == "TO:":
             st.activity(ts)
+            params = st.rec.setdefault("rcptto_params", [])
+            if len(params) < 1000:
+                params.append(_param(line, 8))
             lst = st.rec.setdefault("rcptto", [])
             for m in _EMAIL.finditer(arg):
                 a = re.sub(r"ORCPT=rfc822;?", "", m.group(0))
@@ -258,6 +275,7 @@ def _parse(s: Stream) -> list[dict]:
                 code = reply()
                 if code is not None:
                     st.transferred += 1
+                    st.rec["packet"] = s.resp.acked_by(last_end + soff) or None
                     st.flush(s.orig.time_at(pos + coff))
         elif cmd == "BDAT":
             parts = arg.split()
@@ -271,6 +289,7 @@ def _parse(s: Stream) -> list[dict]:
                     st.message(b"".join(st.rec.pop("_bdat", [])))
                     if code is not None:
                         st.transferred += 1
+                        st.rec["packet"] = s.resp.acked_by(last_end + soff) or None
                         st.flush(s.orig.time_at(pos + coff))
             else:
                 reply()

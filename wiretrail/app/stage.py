@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from wiretrail.app.base import Datagram, Stream
 from wiretrail.app.reassembly import Reassembler
-from wiretrail.batch import FRAG_NONE, TCP_SYN
+from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
@@ -240,7 +240,9 @@ class AppStage:
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
             return
-        tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & TCP_SYN) != 0))
+        # payloads, SYNs (a direction's base) and ACKs (what the other side has received: where
+        # Suricata logs what those bytes complete)
+        tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & (TCP_SYN | TCP_ACK)) != 0))
         if not tcp.any():
             return
         cand = np.flatnonzero(tcp)
@@ -273,8 +275,10 @@ class AppStage:
             want = yes | (~no & (want | undecided))
         rows = cand[want]
         if len(rows):
-            self.reasm.add(batch, cols, rows, sid, is_orig)
-            self.streamed.update(np.unique(sid[rows]).tolist())
+            self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
+            # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
+            carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
+            self.streamed.update(np.unique(sid[carries]).tolist())
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port

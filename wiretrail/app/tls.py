@@ -48,6 +48,7 @@ SCHEMA = pa.schema([
     ("established", pa.bool_()),
     ("alpn", pa.list_(pa.string())),       # ALPN protocols offered by the client
     ("client_version", pa.string()),       # ClientHello legacy version
+    ("server_version", pa.string()),       # ServerHello legacy version (TLSv13 there: a draft before 16)
     ("ja3", pa.string()),
     ("ja3s", pa.string()),
     ("ja4", pa.string()),
@@ -59,6 +60,8 @@ SCHEMA = pa.schema([
     ("client_issuer", pa.string()),
     ("validation_status", pa.string()),    # not validated: always null
     ("malformed", pa.bool_()),
+    ("packet", pa.int64()),                # capture packet number Suricata logs the handshake on
+                                           # (EVE pcap_cnt): the ACK of the bytes that complete it
 ])
 PORTS = {443, 465, 563, 585, 614, 636, 853, 989, 990, 992, 993, 994, 995, 3269, 5061, 5223,
          5349, 6697, 8443, 8883}
@@ -643,10 +646,10 @@ def _records(d: Direction, hs_type: int) -> _Side:
     return side
 
 
-def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int]], bool]:
-    """Handshake messages (type, body, record start) from the handshake records; the buffer
-    is cut at the direction's first ChangeCipherSpec when `stop_at_ccs` (later handshake
-    records are encrypted). Returns (messages, malformed)."""
+def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int, int]], bool]:
+    """Handshake messages (type, body, record start, end of the record holding its last byte)
+    from the handshake records; the buffer is cut at the direction's first ChangeCipherSpec
+    when `stop_at_ccs` (later handshake records are encrypted). Returns (messages, malformed)."""
     bodies: list[bytes] = []
     starts: list[tuple[int, int]] = []  # (buffer offset, record start)
     size = 0
@@ -671,7 +674,11 @@ def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, 
             break
         while k + 1 < len(starts) and starts[k + 1][0] <= p:
             k += 1
-        msgs.append((mt, buf[p + 4:p + 4 + ln], starts[k][1] if starts else 0))
+        e = k  # the record holding the message's last byte
+        while e + 1 < len(starts) and starts[e + 1][0] < p + 4 + ln:
+            e += 1
+        msgs.append((mt, buf[p + 4:p + 4 + ln], starts[k][1] if starts else 0,
+                     starts[e][1] + 5 + len(bodies[e]) if starts else 0))
         p += 4 + ln
     return msgs, False
 
@@ -740,7 +747,7 @@ def _server_hello(msgs: list, malformed: bool) -> tuple[ServerHello | None, Serv
     """(ServerHello, HelloRetryRequest, malformed) from a direction's handshake messages: the
     first hello that is not the first HelloRetryRequest ends the search."""
     sh = hrr = None
-    for mt, body, _st in msgs:
+    for mt, body, _st, _end in msgs:
         if mt == 2:
             h = parse_server_hello(body)
             malformed |= h.malformed
@@ -783,7 +790,7 @@ def _analyze(s: Stream) -> Analysis:
     cmsgs, _ = _messages(cs.records, stop_at_ccs=not tls13)
 
     ch = None
-    for mt, body, _st in cmsgs:
+    for mt, body, _st, _end in cmsgs:
         if mt == 1:
             ch = parse_client_hello(body)
             malformed |= ch.malformed
@@ -810,6 +817,7 @@ def _analyze(s: Stream) -> Analysis:
     hello = sh or hrr
     if hello is not None:
         row["version"] = _version_name(ver_num)
+        row["server_version"] = _version_name(hello.version)
         row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
         if sh is not None:
             row["ja3s"] = ja3s(sh)
@@ -828,9 +836,10 @@ def _analyze(s: Stream) -> Analysis:
 
     # certificates (plaintext only: TLS 1.2 and earlier) and the ServerKeyExchange curve
     certs: list[tuple[int, bytes, bool]] = []
+    server_cert_end = None
     for msgs, side_dir, by_client, key in ((smsgs, s.resp, False, "cert_chain_fps"),
                                             (cmsgs, s.orig, True, "client_cert_chain_fps")):
-        for mt, body, st in msgs:
+        for mt, body, st, end in msgs:
             if mt == 11 and not tls13:
                 chain, bad = _cert_list(body)
                 malformed |= bad
@@ -844,9 +853,10 @@ def _analyze(s: Stream) -> Analysis:
                         row["client_subject"], row["client_issuer"] = subj, iss
                     else:
                         row["subject"], row["issuer"] = subj, iss
+                        server_cert_end = end
                 break
     if not tls13 and "cipher" in row and row["cipher"] and "ECDH" in row["cipher"]:
-        for mt, body, _st in smsgs:
+        for mt, body, _st, _end in smsgs:
             if mt == 12 and len(body) >= 3 and body[0] == 3:
                 g = (body[1] << 8) | body[2]
                 row["curve"] = GROUPS.get(g, "unknown-%d" % g)
@@ -882,7 +892,30 @@ def _analyze(s: Stream) -> Analysis:
             established = any(t >= later for t in post.values()) or len(post) == 2
     row["established"] = established
     row["malformed"] = malformed
+    row["packet"] = _log_packet(s, cs, ss, server_cert_end, sh is not None or hrr is not None)
     return Analysis(row, certs, ch, sh)
+
+
+def _record_end(d: Direction, start: int) -> int:
+    return start + 5 + ((d.data[start + 3] << 8) | d.data[start + 4])
+
+
+def _log_packet(s: Stream, cs: _Side, ss: _Side, server_cert_end: int | None, had_hello: bool) -> int | None:
+    """The packet Suricata logs the handshake on (its tls event's pcap_cnt): the one that
+    acknowledged the bytes completing both sides' handshakes, as its TLS parser counts them:
+    the server's certificate completes both; else the server is done at its first application
+    data record, the client at its ChangeCipherSpec or first application data record. None
+    when not both (Suricata logs it at the flow's end, on no packet of the capture)."""
+    if server_cert_end is not None:
+        return s.resp.acked_by(server_cert_end) or None
+    ends = []
+    for side, d, done in ((ss, s.resp, (CT_APPDATA,)), (cs, s.orig, (CT_CCS, CT_APPDATA))):
+        end = next((_record_end(d, start) for ctype, start, _ in side.records
+                    if ctype in done and (had_hello or ctype != CT_APPDATA)), None)
+        if end is None:
+            return None
+        ends.append(d.acked_by(end))
+    return max(ends) if all(ends) else None
 
 
 def parse_stream(s: Stream) -> list[dict]:

@@ -132,10 +132,18 @@ def _flow(r: dict) -> dict:
     return _clean(event)
 
 
-def _head(r: dict, event_type: str, app_proto: str, proto: str) -> dict:
-    return {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type,
-            "src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
-            "dest_port": r.get("resp_p"), "proto": proto, "app_proto": app_proto, "community_id": r.get("community_id")}
+def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | None = None) -> dict:
+    """The common fields. `packet`: the capture packet the event is logged on (pcap_cnt; Suricata
+    then names the packet's source too, pkt_src: the wire for a packet of the capture itself)."""
+    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type}
+    if packet:
+        e["pcap_cnt"] = packet
+    e.update({"src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
+              "dest_port": r.get("resp_p"), "proto": proto})
+    if packet and not r.get("session_tunnel"):
+        e["pkt_src"] = "wire/pcap"
+    e.update({"app_proto": app_proto, "community_id": r.get("community_id")})
+    return e
 
 
 def _dns(r: dict) -> list[dict]:
@@ -146,25 +154,24 @@ def _dns(r: dict) -> list[dict]:
     queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
     out = []
     if r.get("query_flags") is not None:
-        e = _head(r, "dns", "dns", proto)
-        e["pcap_cnt"] = r.get("query_packet")
+        e = _head(r, "dns", "dns", proto, r.get("query_packet"))
         flags = r["query_flags"]
         e["dns"] = _clean({"version": 3, "type": "request", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "rd": bool(flags & 0x0100) or None, "opcode": r.get("opcode"),
                            "queries": queries})
         out.append(_clean(e))
     if r.get("response_flags") is not None:
-        e = _head(r, "dns", "dns", proto)
+        e = _head(r, "dns", "dns", proto, r.get("response_packet"))
         e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
                                                                     _ip(r.get("orig_h")), r.get("orig_p"))
         e["timestamp"] = _timestamp(r["response_ns"]) if r.get("response_ns") else e["timestamp"]
-        e["pcap_cnt"] = r.get("response_packet")
         flags = r["response_flags"]
         answers = [_present(a) for a in (r.get("answer_records") or [])]
         grouped: dict[str, list] = {}
         for a in answers:
-            if a.get("rdata") is not None:
-                grouped.setdefault(a.get("rrtype"), []).append(a["rdata"])
+            for key in ("rdata", "soa", "srv", "sshfp"):  # SOA, SRV and SSHFP group as objects
+                if a.get(key) is not None:
+                    grouped.setdefault(a.get("rrtype"), []).append(a[key])
         e["dns"] = _clean({"version": 3, "type": "response", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "qr": True, "aa": bool(flags & 0x0400) or None,
                            "tc": bool(flags & 0x0200) or None, "rd": bool(flags & 0x0100) or None,
@@ -191,9 +198,24 @@ def _http(r: dict) -> list[dict]:
     return [_clean(e)]
 
 
-def _tls_version(v: str | None) -> str | None:
+def _tls_version(r: dict) -> str | None:
+    """Suricata's version: the server's, else the client's (only a ClientHello seen). TLS 1.3
+    drafts before 16 (0x7f01..0x7f0f, or 0x0304 in the ServerHello's own version field, where
+    drafts 1-15 put it) are all "draft-<16"."""
+    v = r.get("version")
     if not v:
-        return None
+        v = r.get("client_version")
+        if not v:
+            return None
+    elif v == "TLSv13" and r.get("server_version") == "TLSv13":
+        return "TLS 1.3 draft-<16"
+    if v.startswith("TLSv13-draft"):
+        n = v[len("TLSv13-draft"):]
+        fb = n.endswith("-fb")
+        n = n[:-3] if fb else n
+        if n.isdigit() and not fb and int(n) < 16:
+            return "TLS 1.3 draft-<16"
+        return f"TLS 1.3 draft-{n}" + ("-fb" if fb else "")
     return {"TLSv10": "TLSv1", "TLSv11": "TLS 1.1", "TLSv12": "TLS 1.2", "TLSv13": "TLS 1.3",
             "SSLv3": "SSLv3", "SSLv2": "SSLv2"}.get(v, v)
 
@@ -233,10 +255,10 @@ def _iso(ns: int | None) -> str | None:
 
 
 def _tls(r: dict) -> list[dict]:
-    e = _head(r, "tls", "tls", "TCP")
+    e = _head(r, "tls", "tls", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
     e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
-                       "version": _tls_version(r.get("version")),
+                       "version": _tls_version(r),
                        "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
                        "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
                        "client_alpns": r.get("alpn"), "fingerprint": _colons(r.get("leaf_sha1")),
@@ -246,10 +268,12 @@ def _tls(r: dict) -> list[dict]:
 
 
 def _smtp(r: dict) -> list[dict]:
-    e = _head(r, "smtp", "smtp", "TCP")
+    e = _head(r, "smtp", "smtp", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
-    e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": _angle(r.get("mailfrom")),
-                        "rcpt_to": [_angle(x) for x in (r.get("rcptto") or [])]})
+    # the parameters as sent (older stores: the addresses, in angle brackets as usually sent)
+    mail_from = r["mailfrom_param"] if r.get("mailfrom_param") is not None else _angle(r.get("mailfrom"))
+    rcpt_to = r.get("rcptto_params") or [_angle(x) for x in (r.get("rcptto") or [])]
+    e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": mail_from, "rcpt_to": rcpt_to})
     email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
                     "from": r.get("from"), "to": r.get("to"), "cc": r.get("cc"), "subject": r.get("subject"),
                     "message_id": r.get("msg_id"), "x_mailer": r.get("user_agent"),
@@ -271,12 +295,20 @@ def _ftp(r: dict) -> list[dict]:
     e = _head(r, "ftp", "ftp", "TCP")
     e["tx_id"] = r.get("tx_id")
     msg, code = r.get("reply_msg"), r.get("reply_code")
-    e["ftp"] = _clean({"command": r.get("command") if r.get("command") != "<init>" else None,
-                       "command_data": r.get("arg"),
-                       "reply": msg.split("\n") if isinstance(msg, str) else None,
-                       "completion_code": [str(code)] if code is not None else None,
-                       "dynamic_port": r.get("data_channel_resp_p"),
-                       "reply_received": "yes" if code is not None else "no"})
+    command = r.get("command") if r.get("command") != "<init>" else None
+    if "command_data" in r:  # Suricata's own fields (stores before them: the Zeek ones)
+        data = r.get("command_data")
+        ftp = {"command": command, "command_data": data,
+               "command_truncated": bool(r.get("command_truncated")) if data is not None else None,
+               "reply": r.get("replies"), "completion_code": r.get("reply_codes")}
+    else:
+        ftp = {"command": command, "command_data": r.get("arg"),
+               "reply": msg.split("\n") if isinstance(msg, str) else None,
+               "completion_code": [str(code)] if code is not None else None}
+    ftp.update({"dynamic_port": r.get("data_channel_resp_p"),
+                "reply_received": "yes" if code is not None else "no",
+                "reply_truncated": bool(r.get("reply_truncated"))})
+    e["ftp"] = {k: v for k, v in ftp.items() if v is not None and v != []}
     return [_clean(e)]
 
 
@@ -297,16 +329,82 @@ def _smb(r: dict) -> list[dict]:
     if command:
         command = ("SMB1_COMMAND_" + _SMB1_COMMANDS.get(command, command) if smb1
                    else "SMB2_COMMAND_" + _SMB2_COMMANDS.get(command, command))
-    access = "delete on close" if r.get("delete_on_close") else ("normal" if r.get("disposition") else None)
-    e["smb"] = _clean({"dialect": _SMB_DIALECTS.get(dialect, dialect), "command": command,
-                       "status": r.get("status"), "filename": r.get("name"), "share": r.get("tree"),
-                       "disposition": r.get("disposition"), "access": access,
-                       "created": r.get("created_s"), "session_id": r.get("session_id"),
-                       "tree_id": r.get("tree_id"),
-                       "ntlmssp": _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
-                                          "host": r.get("ntlm_host")}) or None})
+    raw = r.get("command")
+    smb = {"id": r["tx_id"] + 1 if r.get("tx_id") is not None else None,  # Suricata counts from 1
+           # SMB 2/3 without a NEGOTIATE seen: Suricata knows no dialect
+           "dialect": "unknown" if dialect == "SMB2" else _SMB_DIALECTS.get(dialect, dialect),
+           "command": command, "status": r.get("status"), "status_code": _status_code(r.get("status")),
+           "session_id": r.get("session_id"), "tree_id": r.get("tree_id")}
+    if raw == "CREATE":  # Suricata's CREATE record: name, disposition, access, times, size, fuid
+        name = r.get("name") or "<share_root>"
+        smb["directory" if r.get("directory") and r.get("name") else "filename"] = name
+        smb["disposition"] = r.get("disposition")
+        smb["access"] = "delete on close" if r.get("delete_on_close") else "normal"
+        for key in ("created", "accessed", "modified", "changed"):
+            smb[key] = r.get(f"{key}_s") or 0
+        smb["size"] = r.get("size") or 0
+        smb["fuid"] = _fuid(r.get("file_id"))
+    elif raw in ("READ", "WRITE"):  # a file transaction
+        smb["filename"], smb["share"], smb["fuid"] = r.get("name"), r.get("tree"), _fuid(r.get("file_id"))
+    elif raw == "TREE_CONNECT":
+        smb["named_pipe" if r.get("share_type") == "PIPE" else "share"] = r.get("tree")
+    elif raw == "NEGOTIATE":
+        smb["client_dialects"] = r.get("client_dialects")
+    elif raw == "SET_INFO" and r.get("info_class") == "FileRenameInformation":
+        smb["set_info"] = {"class": "FILE_INFO", "info_level": "SMB2_FILE_RENAME_INFO"}
+        smb["rename"] = {"from": r.get("prev_name") or "<unknown>", "to": r.get("name")}
+        smb["fuid"] = _fuid(r.get("file_id"))
+    elif raw == "SET_INFO" and r.get("info_class") == "FileDispositionInformation":
+        smb["filename"] = r.get("name") or "<unknown>"
+        smb["access"] = "delete on close" if r.get("delete_on_close") else "normal"
+        smb["fuid"] = _fuid(r.get("file_id"))
+    else:
+        smb["filename"], smb["share"] = r.get("name"), r.get("tree")
+    if raw == "SESSION_SETUP":
+        smb["ntlmssp"] = _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
+                                 "host": r.get("ntlm_host"), "version": r.get("ntlm_version")}) or None
+        if r.get("native_os") is not None or r.get("native_lm") is not None:
+            smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
+    e["smb"] = _present(smb)
     return [_clean(e)]
 
+
+def _status_code(status: str | None) -> str | None:
+    """Suricata's status_code: the NT status in hex, no leading zeros."""
+    if not status:
+        return None
+    if status.startswith("0x"):
+        code = int(status, 16)
+    else:
+        from wiretrail.app.smb import NT_STATUS
+
+        codes = _STATUS_CODES or _STATUS_CODES.update({v: k for k, v in NT_STATUS.items()}) or _STATUS_CODES
+        code = codes.get(status)
+        if code is None:
+            return None
+    return f"0x{code:x}"
+
+
+_STATUS_CODES: dict[str, int] = {}
+
+
+def _fuid(file_id: str | None) -> str | None:
+    """Suricata's fuid: an SMB2 FileId (16 bytes) as a GUID, an SMB1 FID as 4 hex digits."""
+    if not file_id:
+        return None
+    if len(file_id) == 32:
+        g = bytes.fromhex(file_id)
+        return (f"{g[3]:02x}{g[2]:02x}{g[1]:02x}{g[0]:02x}-{g[5]:02x}{g[4]:02x}-{g[7]:02x}{g[6]:02x}-"
+                f"{g[9]:02x}{g[8]:02x}-{g[11]:02x}{g[10]:02x}{g[15]:02x}{g[14]:02x}{g[13]:02x}{g[12]:02x}")
+    return file_id
+
+
+# Records Suricata makes no transaction of (so logs nothing for, and does not count): SMB 2/3
+# QUERY_INFO, and SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx;
+# READ and WRITE are file transactions, one per file as our rows are).
+_WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 'QUERY_INFO' OR "
+                 "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
+                 "('FileRenameInformation', 'FileDispositionInformation')))) "}
 
 # store table -> EVE converter
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
@@ -315,13 +413,17 @@ EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "
 def emit_table(db, table: str, convert, emit) -> None:
     columns = {row[0] for row in db.execute(f'DESCRIBE "{table}"').fetchall()}
     extra = ", epoch_ns(t.response_ts) AS response_ns" if "response_ts" in columns else ""
-    if "created" in columns:  # SMB file times: Suricata writes whole epoch seconds
-        extra += ", epoch(t.created)::BIGINT AS created_s"
+    if "created" in columns:  # SMB file times: Suricata writes whole epoch seconds (rounded down)
+        extra += "".join(f", floor(epoch_ns(t.{c}) / 1e9)::BIGINT AS {c}_s"
+                         for c in ("created", "accessed", "modified", "changed"))
     # tx_id: the transaction's number within its flow, as Suricata counts them
     # community_id comes from the session, as Suricata puts it on every event of a flow
+    where = _WHERE.get(table, "")
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
-             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id '
-             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id FROM sessions) s USING (uid) ORDER BY t.ts')
+             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
+             f's.tunnel AS session_tunnel '
+             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel FROM sessions) s USING (uid) {where}'
+             f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
         query = query.replace("SELECT t.*,", "SELECT t.*, c.leaf_sha1, c.leaf_serial, c.leaf_not_before, "
