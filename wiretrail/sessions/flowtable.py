@@ -674,7 +674,7 @@ def text_from_codes(codes: np.ndarray, names: list) -> pa.Array:
         data = flat[np.arange(total) + shift].tobytes()
     valid = np.array([n is not None for n in names])[codes]
     nulls = int(m - valid.sum())
-    bitmap = pa.array(valid).buffers()[1] if nulls else None
+    bitmap = pa.py_buffer(np.packbits(valid, bitorder="little")) if nulls else None
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(data), bitmap, null_count=nulls)
 
 
@@ -1157,7 +1157,8 @@ class FlowTable:
         np.cumsum(hl, out=hoffsets[1:])
         has_hist = (proto == 6) | (proto == 17)
         history = pa.StringArray.from_buffers(m, pa.py_buffer(hoffsets), pa.py_buffer(letters.tobytes()),
-                                              pa.array(has_hist).buffers()[1], null_count=int(m - has_hist.sum()))
+                                              pa.py_buffer(np.packbits(has_hist, bitorder="little")),
+                                              null_count=int(m - has_hist.sum()))
 
         # community id: ICMP uses type/code, protocols without ports hash none
         icmp_ = (proto == 1) | (proto == 58)
