@@ -90,7 +90,7 @@ print(before, middle, "numba" in sys.modules, a == b, a[0])
 
 def test_manifest_describes_every_compiled_variant():
     manifest = json.loads(jit.MANIFEST.read_text())
-    assert manifest["sources"] == jit.sources_hash()
+    assert manifest["sources"] == jit.sources_hash() and manifest["cpu"] == jit.cpu_signature()
     names = set(manifest["kernels"])
     for hot in ("wiretrail.capture.pcap.index_pcap_records", "wiretrail.decode.kernel.decode_kernel",
                 "wiretrail.sessions.flowtable._update_kernel", "wiretrail.store.pcapfile._records_kernel"):
@@ -105,4 +105,11 @@ def test_manifest_describes_every_compiled_variant():
 def test_stale_sources_are_not_used(tmp_path, monkeypatch):
     monkeypatch.setattr(jit, "_compiled", None)
     monkeypatch.setattr(jit, "sources_hash", lambda: "0" * 64)
+    assert jit._extension() is False
+
+
+def test_another_cpu_does_not_use_them(monkeypatch):
+    # built for the host CPU: a tree moved to another machine must fall back to numba
+    monkeypatch.setattr(jit, "_compiled", None)
+    monkeypatch.setattr(jit, "cpu_signature", lambda: "f" * 64)
     assert jit._extension() is False

@@ -70,7 +70,8 @@ def build(force: bool = False) -> int:
     sources = jit.sources_hash()
     if not force and jit.MANIFEST.exists():
         try:
-            if json.loads(jit.MANIFEST.read_text()).get("sources") == sources:
+            manifest = json.loads(jit.MANIFEST.read_text())
+            if manifest.get("sources") == sources and manifest.get("cpu") == jit.cpu_signature():
                 print("compiled kernels are up to date")
                 return 0
         except ValueError:
@@ -126,7 +127,8 @@ def build(force: bool = False) -> int:
                 warnings.simplefilter("ignore")
                 cc.compile()
             manifest[f"{name}.{attr}"] = variants
-    jit.MANIFEST.write_text(json.dumps({"sources": sources, "kernels": manifest}, indent=1) + "\n")
+    jit.MANIFEST.write_text(json.dumps({"sources": sources, "cpu": jit.cpu_signature(), "kernels": manifest},
+                                       indent=1) + "\n")
     count = sum(len(v) for v in manifest.values())
     print(f"compiled {count} kernel variants of {len(manifest)} kernels in {time.monotonic() - started:.0f} s"
           + (f"; not called from Python by the sample: {', '.join(skipped)}" if skipped else ""))

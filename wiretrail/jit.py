@@ -8,6 +8,9 @@ ahead-of-time compiler, into extension modules under `wiretrail/_aot/` (one per 
 mistypes a kernel compiled after another one in the same module), beside a manifest of
 what they hold and the hash of the sources they were built from.
 
+The compiled code is for this machine's CPU: the manifest records which, and a tree moved to
+another kind of machine goes back to numba.
+
 At run time a kernel is then the compiled function, called through a check of its
 arguments (the compiled wrappers trust their callers: an int32 array where int64 was
 compiled would be read as garbage). Anything the extension does not cover — an extension
@@ -56,15 +59,34 @@ def sources_hash() -> str:
     return digest.hexdigest()
 
 
+def cpu_signature() -> str:
+    """What the compiled code depends on of this machine: it is built for the host CPU (its
+    instruction-set extensions), so a tree moved to another machine must not use it."""
+    import platform
+
+    text = f"{platform.machine()} {platform.python_version()}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    text += "\n" + line.strip()
+                elif not line.strip():
+                    break  # the first processor is enough
+    except OSError:
+        text += " " + platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _extension():
-    """The manifest's kernels, or False when they were not built from these sources."""
+    """The manifest's kernels, or False when they were not built from these sources on this
+    kind of CPU."""
     global _compiled
     if _compiled is None:
         _compiled = False
         if os.environ.get("WIRETRAIL_NO_AOT") != "1" and MANIFEST.exists():
             try:
                 manifest = json.loads(MANIFEST.read_text())
-                if manifest.get("sources") == sources_hash():
+                if manifest.get("sources") == sources_hash() and manifest.get("cpu") == cpu_signature():
                     _compiled = manifest["kernels"]
             except (OSError, ValueError, KeyError):
                 _compiled = False
