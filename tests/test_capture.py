@@ -412,3 +412,38 @@ def test_pcapng_tsresol_tsoffset_and_obsolete_packet_block(tmp_path):
     assert [(f[0], f[1], f[2], f[3]) for f in frames] == [(105_500_000_000, 60, 64, 0), (7, 60, 60, 1)]
     assert frames[0][5] == frame and batches[-1].interfaces[0].name == "bin0"
     assert frames == reference_frames(path)[0]
+
+
+def test_mapped_file_cut_short_while_read(tmp_path):
+    """A plain capture is read through a mapping; if the file is cut shorter meanwhile, reading
+    stops at the new end with a one-line error instead of touching pages past it (which would
+    kill the process with SIGBUS). Run in a child process, so that a crash fails only this test."""
+    import sys
+
+    pcap = tmp_path / "big.pcap"
+    frame = bytes(range(256)) * 4  # 1 KiB frames
+    with open(pcap, "wb") as f:
+        f.write(struct.pack("<IHHiIII", 0xA1B2C3D4, 2, 4, 0, 0, 65535, 1))
+        for k in range(4000):  # about 4 MB: mapped, not read
+            f.write(struct.pack("<IIII", 1_700_000_000 + k, 0, len(frame), len(frame)) + frame)
+    code = f"""
+import os
+from wiretrail.capture import iter_batches
+from wiretrail.capture.source import MappedReader, open_reader
+from wiretrail.errors import CaptureError
+assert isinstance(open_reader({str(pcap)!r}), MappedReader)
+got = 0
+try:
+    for i, b in enumerate(iter_batches({str(pcap)!r}, batch_bytes=1 << 16, chunk_bytes=1 << 16)):
+        got += len(b)
+        if i == 0:
+            os.truncate({str(pcap)!r}, os.path.getsize({str(pcap)!r}) * 6 // 10)
+    print("no error", got)
+except CaptureError as err:
+    print("error", got, str(err))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    kind, got, *msg = proc.stdout.split(maxsplit=2)
+    assert kind == "error" and "cut short while it was being read" in msg[0]
+    assert 0 < int(got) < 4000

@@ -191,13 +191,14 @@ class MappedReader:
     the reader are dropped from the mapping as it goes (`release_before`), so resident
     memory stays one batch or so whatever the file size; a dropped page read again comes
     back from the page cache, so a batch stays valid as long as it is held. The size is
-    taken when the file is opened: bytes appended later are not read. (A file cut shorter
-    while it is being read kills the process with SIGBUS, as it would any mmap reader.)
+    taken when the file is opened: bytes appended later are not read. A file cut shorter
+    while it is read is noticed before each batch, and reading stops at its new end with an
+    error; only a cut inside the batch being worked on at that instant goes unnoticed, and
+    would kill the process with SIGBUS as it would any mmap reader.
     """
 
     compression = ""
     eof = True
-    error = None
     base = 0
 
     def __init__(self, stream, size: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
@@ -208,6 +209,7 @@ class MappedReader:
         self.buf = np.frombuffer(self._map, dtype=np.uint8)
         self.pos = 0
         self.end = size
+        self.error: str | None = None
         self._released = 0
 
     @property
@@ -225,10 +227,17 @@ class MappedReader:
         return self.end - self.pos >= n
 
     def release_before(self, pos: int) -> None:
+        """Called before each batch: drops the pages behind, and stops short of the end if the
+        file was cut shorter since it was opened (reading a mapped page past the end of the
+        file would kill the process)."""
         cut = (pos - _RELEASE_STEP) & ~(mmap.PAGESIZE - 1)
         if cut - self._released >= _RELEASE_STEP:
             self._map.madvise(mmap.MADV_DONTNEED, self._released, cut - self._released)
             self._released = cut
+        size = os.fstat(self.stream.fileno()).st_size
+        if size < self.end:
+            self.end = max(self.pos, size)
+            self.error = "file cut short while it was being read"
 
     def close(self) -> None:
         self.buf = None
