@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -35,6 +36,7 @@ def test_compiled_kernels_match_numba(tmp_path):
         store = tmp_path / f"store-{no_aot}"
         out = _run(f"""
 import sys, json, hashlib
+from pathlib import Path
 from wiretrail.ingest import IngestOptions, ingest
 from wiretrail.store.metadata import open_db
 store = Path({str(store)!r})
@@ -64,6 +66,7 @@ import sys
 import numpy as np
 from wiretrail.capture import pcap
 from wiretrail.sample import generate, write_pcap
+from pathlib import Path
 import tempfile
 d = Path(tempfile.mkdtemp())
 frames, _ = generate(20, 3)
