@@ -26,7 +26,19 @@ from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 
+
+
+# The columns that say which session a record belongs to: first in the protocol tables.
+SESSION_COLUMNS = [
+    ("ts", pa.timestamp("ns")),
+    ("uid", pa.string()),
+    ("orig_h", pa.string()),
+    ("orig_p", pa.int32()),
+    ("resp_h", pa.string()),
+    ("resp_p", pa.int32()),
+]
 
 @dataclass
 class Datagram:

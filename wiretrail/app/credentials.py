@@ -17,14 +17,11 @@ import os
 
 import pyarrow as pa
 
+from wiretrail.app.base import SESSION_COLUMNS
+
 TABLE = "credentials"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("protocol", pa.string()),          # http, ftp, pop3, imap, smtp, telnet, ...
     ("mechanism", pa.string()),         # "basic auth", "form field password", "USER/PASS", "AUTH PLAIN", ...
     ("user", pa.string()),

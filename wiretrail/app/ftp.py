@@ -22,17 +22,12 @@ import re
 import pyarrow as pa
 
 from wiretrail.app._lines import MAX_LINE, next_line, text, usable
-from wiretrail.app.base import Stream
+from wiretrail.app.base import SESSION_COLUMNS, Stream
 from wiretrail.app.credentials import credential
 
 TABLE = "ftp"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("user", pa.string()),
     ("password", pa.string()),             # "<hidden>" once PASS was seen (credentials table has it)
     ("command", pa.string()),

@@ -62,17 +62,13 @@ from urllib.parse import parse_qsl
 
 import pyarrow as pa
 
-from wiretrail.app.base import Direction, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
 from wiretrail.app.credentials import credential
 
 TABLE = "http"
+# ts: the request's time (the response's when there is no request)
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),                 # request time (response time when there is no request)
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("trans_depth", pa.int32()),                # 1, 2, ... per transaction in the session
     ("method", pa.string()),
     ("host", pa.string()),

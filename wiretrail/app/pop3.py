@@ -16,17 +16,12 @@ from __future__ import annotations
 import pyarrow as pa
 
 from wiretrail.app._lines import message_summary, next_line, sasl_login, text, until_dot, usable
-from wiretrail.app.base import Stream, guarded
+from wiretrail.app.base import SESSION_COLUMNS, Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "pop3"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("user", pa.string()),
     ("command", pa.string()),              # "<init>" for the greeting
     ("arg", pa.string()),

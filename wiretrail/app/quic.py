@@ -23,16 +23,11 @@ from collections import OrderedDict
 import pyarrow as pa
 
 from wiretrail.app import tls
-from wiretrail.app.base import Datagram
+from wiretrail.app.base import SESSION_COLUMNS, Datagram
 
 TABLE = "quic"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("version", pa.string()),       # QUIC version: "1", "2", or hex
     ("client_initial_dcid", pa.string()),
     ("server_name", pa.string()),

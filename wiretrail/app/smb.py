@@ -45,16 +45,11 @@ import struct
 import pyarrow as pa
 
 from wiretrail.app import ntlm
-from wiretrail.app.base import Direction, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
 
 TABLE = "smb"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("dialect", pa.string()),          # SMB1, 2.0.2, 2.1, 3.0, 3.0.2, 3.1.1; SMB2 = 2/3, not negotiated here
     ("command", pa.string()),          # NEGOTIATE, SESSION_SETUP, TREE_CONNECT, CREATE, READ, ...
     ("status", pa.string()),           # STATUS_SUCCESS, ... (hex when not named; null: no response seen)

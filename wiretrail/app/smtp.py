@@ -24,16 +24,11 @@ import pyarrow as pa
 
 from wiretrail.app._lines import (addresses, attachments, headers, next_line, sasl_login, split_head, text,
                                   until_dot, usable)
-from wiretrail.app.base import Stream, guarded
+from wiretrail.app.base import SESSION_COLUMNS, Stream, guarded
 
 TABLE = "smtp"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("trans_depth", pa.int32()),
     ("helo", pa.string()),
     ("mailfrom", pa.string()),

@@ -15,17 +15,12 @@ import struct
 
 import pyarrow as pa
 
-from wiretrail.app.base import Stream, guarded
+from wiretrail.app.base import SESSION_COLUMNS, Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "socks"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("version", pa.int32()),
     ("user", pa.string()),
     ("password", pa.string()),       # "<hidden>" when one was sent (see credentials)

@@ -23,16 +23,11 @@ import numpy as np
 import pyarrow as pa
 
 from wiretrail.app._lines import text, usable
-from wiretrail.app.base import Direction, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
 
 TABLE = "ssh"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("version", pa.int32()),               # 1 or 2, null when undetermined (one side missing)
     ("auth_success", pa.bool_()),          # Zeek's heuristic; null when undecided
     ("auth_attempts", pa.int32()),

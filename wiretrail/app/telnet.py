@@ -15,17 +15,12 @@ import re
 
 import pyarrow as pa
 
-from wiretrail.app.base import Direction, Stream, guarded
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream, guarded
 from wiretrail.app.credentials import credential
 
 TABLE = "telnet"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("user", pa.string()),
     ("password_seen", pa.bool_()),
     ("success", pa.bool_()),        # null when the server's answer says neither

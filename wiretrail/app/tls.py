@@ -28,16 +28,11 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from wiretrail.app.base import Direction, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
 
 TABLE = "tls"
 SCHEMA = pa.schema([
-    ("ts", pa.timestamp("ns")),
-    ("uid", pa.string()),
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
+    *SESSION_COLUMNS,
     ("version", pa.string()),              # negotiated: TLSv10 .. TLSv13, SSLv3, TLSv13-draftNN
     ("cipher", pa.string()),               # IANA name as Zeek prints it
     ("curve", pa.string()),
