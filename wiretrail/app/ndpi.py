@@ -209,15 +209,13 @@ class Identifier:
         self._dir[False].in_pkt_dir = IN_PKT_DIR_S_TO_C
         self.calls = 0  # ndpi_detection_process_packet calls made
         self._zero_flow = bytes(lib.flow_size)  # a new flow starts zeroed, as ndpi_flow_malloc's callers do
-        # where the ids sit in an ndpi_protocol's bytes (the numba loop hands back bytes)
-        self._ret_layout = struct.Struct(
-            f"<{ffi.offsetof('ndpi_protocol', 'proto', 'master_protocol')}xH"
-            f"{ffi.offsetof('ndpi_protocol', 'proto', 'app_protocol') - ffi.offsetof('ndpi_protocol', 'proto', 'master_protocol') - 2}xH"
-            f"{ffi.offsetof('ndpi_protocol', 'category') - ffi.offsetof('ndpi_protocol', 'proto', 'app_protocol') - 2}xi")
+        # where the ids sit in an ndpi_protocol's bytes (the numba loop hands back bytes): read
+        # one at a time with the struct, for a whole slab with the offsets
+        om, oa, oc = (ffi.offsetof("ndpi_protocol", "proto", "master_protocol"),
+                      ffi.offsetof("ndpi_protocol", "proto", "app_protocol"), ffi.offsetof("ndpi_protocol", "category"))
+        self._ret_offsets = (om, oa, oc)
+        self._ret_layout = struct.Struct(f"<{om}xH{oa - om - 2}xH{oc - oa - 2}xi")
         self._labels: dict[tuple[int, int, int, bool], Label] = {}
-        self._ret_offsets = (ffi.offsetof("ndpi_protocol", "proto", "master_protocol"),
-                             ffi.offsetof("ndpi_protocol", "proto", "app_protocol"),
-                             ffi.offsetof("ndpi_protocol", "category"))
         # the numba feeding loop (app.ndpi_kernel), when the platform's calling convention allows
         self.kernel = None
         from wiretrail.app import ndpi_kernel

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from wiretrail.batch import SID_HOUR_SHIFT
 from wiretrail.jit import kernel
-from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, write_part
+from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, runs_of, write_part
 
 
 # Offsets and times grow within a session: delta encoding packs them; statistics are only
@@ -109,8 +109,7 @@ class IndexWriter:
             order = stable_argsort(cols[0])
             cols = [c[order] for c in cols]
             hours = cols[0] >> SID_HOUR_SHIFT
-            bounds = np.flatnonzero(np.diff(hours)) + 1
-            for lo, hi in zip([0, *bounds.tolist()], [*bounds.tolist(), len(hours)]):
+            for lo, hi in runs_of(hours):
                 part = pa.Table.from_arrays([pa.array(c[lo:hi]) for c in cols], schema=INDEX_SCHEMA)
                 hour = int(hours[lo])
                 write_part(partition_dir(self.base, hour), part, **PARQUET_OPTIONS)

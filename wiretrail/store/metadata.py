@@ -82,8 +82,13 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     return directory / name
 
 
-def write_by_hour(base: Path, pieces: list[tuple[pa.Table, np.ndarray]], sort_by: str | None = None,
-                         **parquet_options) -> list[int]:
+def runs_of(values: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal neighbours in `values`."""
+    cuts = np.flatnonzero(np.diff(values)) + 1
+    return list(zip([0, *cuts.tolist()], [*cuts.tolist(), len(values)]))
+
+
+def write_by_hour(base: Path, pieces: list[tuple[pa.Table, np.ndarray]], **parquet_options) -> list[int]:
     """Write tables (each with its rows' hours) as one part per hour. Rows come out in time
     order mostly, so each piece is cut into runs of one hour and an hour's runs are joined
     (zero-copy): no row is moved before Parquet writes it."""
@@ -91,14 +96,10 @@ def write_by_hour(base: Path, pieces: list[tuple[pa.Table, np.ndarray]], sort_by
     for table, hours in pieces:
         if table.num_rows == 0:
             continue
-        cuts = np.flatnonzero(np.diff(hours)) + 1
-        starts = [0, *cuts.tolist()]
-        for lo, hi in zip(starts, [*cuts.tolist(), len(hours)]):
+        for lo, hi in runs_of(hours):
             runs.setdefault(int(hours[lo]), []).append(table.slice(lo, hi - lo))
     for hour, parts in runs.items():
         part = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        if sort_by:
-            part = part.sort_by(sort_by)
         write_part(partition_dir(base, hour), part, **parquet_options)
     return list(runs)
 
