@@ -520,6 +520,15 @@ class _Parser:
         self.tunnel = None          # (client offset, server offset, port) after a granted CONNECT
 
     # requests
+    def _next_request(self, d, pos: int) -> None:
+        """Carry on at the next thing that looks like a request after `pos` (bytes were lost
+        before it), or stop reading the client's side."""
+        nxt = self._resync(d, pos, _REQ_SYNC)
+        if nxt < 0:
+            self.odone = True
+        else:
+            self.opos = nxt
+
     def _resync(self, d: _Dir, pos: int, rx: re.Pattern, gap: bool = True) -> int:
         """Where the next message starts after framing was lost at pos: the first start line
         after the gap that broke it (the first gap at or after pos; with gap=False, after pos
@@ -554,11 +563,7 @@ class _Parser:
                 elif lost:
                     self.reqs.append(m)
                     self.by_time = True
-                    nxt = self._resync(d, pos, _REQ_SYNC)
-                    if nxt < 0:
-                        self.odone = True
-                    else:
-                        self.opos = nxt
+                    self._next_request(d, pos)
                     return True
             if resynced:
                 nxt = (self._resync(d, pos, _REQ_SYNC, d.gap_at(pos)) if pos > 0 or d.gap_at(pos)
@@ -587,11 +592,7 @@ class _Parser:
         self.reqs.append(m)
         if lost:
             self.by_time = True
-            nxt = self._resync(d, pos, _REQ_SYNC)
-            if nxt < 0:
-                self.odone = True
-            else:
-                self.opos = nxt
+            self._next_request(d, pos)
         else:
             self.opos = pos
         if m.method == "CONNECT" or "upgrade" in m.headers:
