@@ -604,7 +604,7 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
         return 0
     srows = sid[rows]
     results, live = state.results, state.live
-    if results:
+    if identifier.kernel is None and results:  # (the numba path drops decided sessions itself)
         uniq = np.unique(srows)
         decided = [s for s in uniq.tolist() if s in results]  # once per session, not per packet
         if decided:
@@ -657,25 +657,30 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, le
     session of the batch (its slot), not per packet."""
     from wiretrail.app.ndpi_kernel import feed_kernel
 
-    live, slab = state.live, state.slab
+    live, slab, results = state.live, state.slab, state.results
     sessions, which = np.unique(srows, return_inverse=True)
     session_list = sessions.tolist()
     slots = np.array([live.get(s, -1) for s in session_list], dtype=np.int64)
-    new = np.flatnonzero(slots < 0)
+    # sessions decided earlier get no more packets; new ones past NdpiState.max_live stay
+    # unidentified
+    drop = np.array([slot < 0 and s in results for s, slot in zip(session_list, slots.tolist())], dtype=bool)
+    new = np.flatnonzero((slots < 0) & ~drop)
+    room = max(0, state.max_live - len(live))
+    if len(new) > room:
+        for u in new[room:].tolist():
+            results[session_list[u]] = state.unknown
+        state.skipped += len(new) - room
+        drop[new[room:]] = True
+        new = new[:room]
+    if drop.any():
+        keep = ~drop
+        mask = keep[which]
+        start, length, ts_ms = start[mask], length[mask], ts_ms[mask]
+        which = np.cumsum(keep)[which[mask]] - 1  # renumber the sessions kept
+        slots, sessions = slots[keep], sessions[keep]
+        session_list = sessions.tolist()
+        new = np.flatnonzero(slots < 0)
     if len(new):
-        room = max(0, state.max_live - len(live))
-        if len(new) > room:  # see NdpiState.max_live: the sessions past it stay unidentified
-            for u in new[room:].tolist():
-                state.results[session_list[u]] = state.unknown
-            state.skipped += len(new) - room
-            keep = np.ones(len(sessions), dtype=bool)
-            keep[new[room:]] = False
-            mask = keep[which]
-            start, length, ts_ms = start[mask], length[mask], ts_ms[mask]
-            which = np.cumsum(keep)[which[mask]] - 1  # renumber the sessions kept
-            slots, sessions = slots[keep], sessions[keep]
-            session_list = sessions.tolist()
-            new = np.flatnonzero(slots < 0)
         taken = slab.take(len(new))
         slots[new] = taken
         for u, slot in zip(new.tolist(), taken.tolist()):
