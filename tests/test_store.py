@@ -194,11 +194,15 @@ def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path
     assert (tmp_path / "x" / "0.pcap").read_bytes() == bytes(written)
 
 
-def test_index_order_is_a_stable_sort_by_session():
-    from wiretrail.store.index import stable_argsort
+def test_index_rows_are_stably_sorted_by_session():
+    from wiretrail.store.index import sort_by_session
 
     rng = np.random.default_rng(2)
     sids = (rng.integers(480_000, 480_003, 5000) << 43) | rng.integers(0, 1 << 43, 5000)
     for keys in (sids[rng.integers(0, 5000, 200_000)], rng.integers(0, 1 << 62, 3000), np.zeros(7, dtype=np.int64),
                  np.array([5, 1, 5, 0, 1], dtype=np.int64), np.zeros(0, dtype=np.int64)):
-        assert np.array_equal(stable_argsort(keys), np.argsort(keys, kind="stable"))
+        n = len(keys)
+        cols = (keys, rng.integers(0, 1 << 31, n).astype(np.int32), rng.integers(0, 1 << 40, n), np.arange(n) * 7)
+        order = np.argsort(keys, kind="stable")
+        for got, col in zip(sort_by_session(*cols), cols):
+            assert got.dtype == col.dtype and np.array_equal(got, col[order])

@@ -196,7 +196,10 @@ class Pipeline:
         self.report.stored_packets += int(stored.sum())
 
         indexed = stored & (sid >= 0)
-        self.index.append(sid[indexed], file_id[indexed], file_off[indexed], batch.ts[indexed])
+        if indexed.all():  # the usual case: no copies
+            self.index.append(sid, file_id, file_off, batch.ts)
+        else:
+            self.index.append(sid[indexed], file_id[indexed], file_off[indexed], batch.ts[indexed])
         self._tunnel_sessions(batch, cols, link, file_id, file_off)
         self._fragments(batch, cols, link, file_id, file_off)
 

@@ -89,19 +89,28 @@ def runs_of(values: np.ndarray) -> list[tuple[int, int]]:
 
 
 def write_by_hour(base: Path, pieces: list[tuple[pa.Table, np.ndarray]], **parquet_options) -> list[int]:
-    """Write tables (each with its rows' hours) as one part per hour. Rows come out in time
-    order mostly, so each piece is cut into runs of one hour and an hour's runs are joined
-    (zero-copy): no row is moved before Parquet writes it."""
-    runs: dict[int, list[pa.Table]] = {}
-    for table, hours in pieces:
-        if table.num_rows == 0:
-            continue
-        for lo, hi in runs_of(hours):
-            runs.setdefault(int(hours[lo]), []).append(table.slice(lo, hi - lo))
-    for hour, parts in runs.items():
-        part = parts[0] if len(parts) == 1 else pa.concat_tables(parts)
-        write_part(partition_dir(base, hour), part, **parquet_options)
-    return list(runs)
+    """Write tables (each with its rows' hours) as one part per hour.
+
+    Rows are put in hour order by one `take` (stable: each hour keeps its rows' order), so
+    each part is written from contiguous columns. Slicing the pieces into runs of one hour
+    instead copied nothing, but sessions close out of start-time order, and Parquet then
+    wrote columns of hundreds of tiny chunks: 0.15 s vs 0.09 s for mix.pcap's sessions.
+    """
+    pieces = [(t, h) for t, h in pieces if t.num_rows]
+    if not pieces:
+        return []
+    table = pieces[0][0] if len(pieces) == 1 else pa.concat_tables([t for t, _ in pieces])
+    hours = pieces[0][1] if len(pieces) == 1 else np.concatenate([h for _, h in pieces])
+    if len(hours) > 1 and (np.diff(hours) < 0).any():
+        order = np.argsort(hours, kind="stable")
+        table, hours = table.take(order), hours[order]
+    else:
+        table = table.combine_chunks()
+    out = []
+    for lo, hi in runs_of(hours):
+        write_part(partition_dir(base, int(hours[lo])), table.slice(lo, hi - lo), **parquet_options)
+        out.append(int(hours[lo]))
+    return out
 
 
 def _ts_hours(table: pa.Table) -> np.ndarray:
