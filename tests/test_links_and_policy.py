@@ -132,3 +132,11 @@ def test_session_timeouts_are_settable(tmp_path):
     assert sql(tmp_path / "default", count)[0]["n"] == 2  # Zeek's 60 s UDP timeout splits them
     assert sql(tmp_path / "long", count)[0]["n"] == 1
     assert main(["ingest", "--no-progress", "--tcp-timeout", "-1", "--store", str(tmp_path / "x"), str(pcap)]) == 1
+    # other IP protocols (here VRRP) have their own idle timeout, 60 s unless set
+    vrrp = tmp_path / "vrrp.pcap"
+    frame = eth(0x0800, ip4("10.0.0.1", "224.0.0.18", 112, bytes(20)))
+    write_pcap(vrrp, [(t0, frame), (t0 + 90 * 10**9, frame)])
+    ingest(tmp_path / "vrrp_default", str(vrrp))
+    ingest(tmp_path / "vrrp_long", "--other-timeout", "120", str(vrrp))
+    assert sql(tmp_path / "vrrp_default", count)[0]["n"] == 2
+    assert sql(tmp_path / "vrrp_long", count)[0]["n"] == 1

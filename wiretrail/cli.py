@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default, what in (("tcp", 300, "TCP idle"), ("udp", 60, "UDP idle"), ("icmp", 60, "ICMP idle"),
                                 ("active", 1800, "longest session before it is cut"),
                                 ("attempt", 5, "an unanswered SYN ends the attempt after"),
-                                ("dns", 10, "DNS over UDP idle")):
+                                ("dns", 10, "DNS over UDP idle"),
+                                ("other", 60, "idle, IP protocols other than TCP, UDP and ICMP")):
         timeouts.add_argument(f"--{name}-timeout", type=float, default=None, metavar="S",
                               help=f"{what} (default {default})")
     p.add_argument("--community-id-seed", type=int, default=0, metavar="N",
@@ -137,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _TIMEOUT_ARGS = {"tcp_timeout": "idle_timeout_tcp", "udp_timeout": "idle_timeout_udp",
                  "icmp_timeout": "idle_timeout_icmp", "active_timeout": "active_timeout",
-                 "attempt_timeout": "attempt_delay", "dns_timeout": "dns_timeout"}
+                 "attempt_timeout": "attempt_delay", "dns_timeout": "dns_timeout",
+                 "other_timeout": "idle_timeout_other"}
 
 
 def _timeouts(args) -> dict:
