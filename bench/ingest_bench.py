@@ -30,6 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from wiretrail.sessions.schema import NDPI_FLOW_COUNT_SQL
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCH = REPO.parent / "shared" / "bench"
 
@@ -94,7 +96,7 @@ def main() -> None:
         # others do; the median of the rounds is reported (the machines are shared and noisy).
         nfstream = nfstream_python(data)
         runs: dict[str, list[tuple[float, int]]] = {}
-        sessions = ndpi_flows = -1
+        sessions = ndpi_flows = flow_keys = -1
         records = "none"
         store_mb = 0.0
         for _ in range(args.rounds):
@@ -105,6 +107,10 @@ def main() -> None:
             sessions = int(m.group(1)) if m else -1
             runs.setdefault("wiretrail ingest --no-app", []).append((cpu, rss))
             store_mb = sum(f.stat().st_size for f in (tmp / "store").rglob("*") if f.is_file()) / 1e6
+            if flow_keys < 0:
+                out = subprocess.run([wiretrail, "sql", "--store", str(tmp / "store"), "--format", "csv",
+                                      NDPI_FLOW_COUNT_SQL], capture_output=True, text=True, check=True).stdout
+                flow_keys = int(out.split()[-1])
             shutil.rmtree(tmp / "store")
             cpu, rss, out = timed([wiretrail, "ingest", "--no-progress", "--store", str(tmp / "store"), str(capture)])
             runs.setdefault("wiretrail ingest (nDPI, records)", []).append((cpu, rss))
@@ -139,6 +145,8 @@ def main() -> None:
               f"{spine / rate:10.2f}x {full / rate:9.2f}x")
     diff = (sessions - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
     print(f"sessions: wiretrail {sessions}, ndpiReader unique flows {ndpi_flows} ({diff:+.2f}%)")
+    diff = (flow_keys - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
+    print(f"flows as ndpiReader defines them (sessions.schema.NDPI_FLOW_COUNT_SQL): wiretrail {flow_keys} ({diff:+.3f}%)")
     print(f"store size (--no-app): {store_mb:.0f} MB for {capture.stat().st_size / 1e6:.0f} MB of capture")
     print(f"records (full ingest): {records}")
     small = data / "mix_small.pcap"

@@ -551,6 +551,44 @@ def test_ndpi_flow_counts_agreement():
     assert pkts_ok >= 0.98 * found and bytes_ok >= 0.98 * found
 
 
+def test_flow_count_matches_debian_ndpireader(tmp_path):
+    """Per benign nDPI capture: Debian's ndpiReader "Unique flows" against the flows of our
+    sessions as ndpiReader defines them (NDPI_FLOW_COUNT_SQL), through ingest and the store."""
+    import shutil
+    import subprocess
+
+    from wiretrail.ingest import IngestOptions, ingest
+    from wiretrail.query import open_store
+    from wiretrail.sessions.schema import NDPI_FLOW_COUNT_SQL
+
+    if not (CORPUS / "ndpi" / "benign.txt").exists() or not shutil.which("ndpiReader"):
+        pytest.skip("corpus or ndpiReader not found")
+    ndir = CORPUS / "ndpi"
+    names = [ln.strip() for ln in (ndir / "benign.txt").read_text().splitlines() if ln.strip()]
+    theirs = ours = same = files = 0
+    differ = []
+    for k, name in enumerate(names):
+        out = subprocess.run(["ndpiReader", "-i", str(ndir / name)], capture_output=True, text=True).stdout
+        m = re.search(r"Unique flows:\s+(\d+)", out)
+        if not m:  # ndpiReader refused the file (a link type it does not read)
+            continue
+        store = tmp_path / str(k)
+        ingest([ndir / name], IngestOptions(store=store, app=False))
+        with open_store(store) as db:
+            n = db.execute(NDPI_FLOW_COUNT_SQL).fetchone()[0]
+        shutil.rmtree(store)
+        files += 1
+        theirs += int(m.group(1))
+        ours += n
+        same += n == int(m.group(1))
+        if n != int(m.group(1)):
+            differ.append(f"{Path(name).name} {n}/{m.group(1)}")
+    print(f"\nflows as ndpiReader counts them, {files} captures: ours {ours}, Debian's ndpiReader {theirs} "
+          f"({(ours - theirs) / theirs * 100:+.2f}%); same count in {same}; differ (ours/theirs): {', '.join(differ)}")
+    assert files > 200
+    assert abs(ours - theirs) <= 0.001 * theirs
+
+
 def test_community_ids_vectorised_match_scalar():
     from wiretrail.sessions.flowtable import community_ids
 

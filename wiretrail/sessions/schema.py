@@ -52,3 +52,20 @@ SESSIONS_SCHEMA = pa.schema([
     ("port_mismatch", pa.bool_()),     # a well-known protocol on a port it does not belong to
 ])
 
+
+
+# Flows as nDPI's ndpiReader (4.2, Debian 12) counts them ("Unique flows"), over the sessions
+# table: one flow per IP protocol, innermost VLAN and unordered address:port pair (ports 0
+# unless TCP/UDP), never split in time (reading a file, ndpiReader times no flow out). It opens
+# MPLS, PPPoE and IP-in-IP but no UDP tunnel (GTP only with -t; Teredo, VXLAN never): the
+# sessions inside those are not flows to it, their outer UDP sessions are. Sessions follow
+# Zeek instead (idle and active timeouts, a new connection on a SYN after a close), so a
+# capture has more sessions than flows; this sets the two side by side (tests, bench).
+NDPI_FLOW_COUNT_SQL = """
+SELECT count(DISTINCT (ip_proto, coalesce(inner_vlan, vlan, 0), least(a, b), greatest(a, b))) AS flows
+FROM (SELECT ip_proto, vlan, inner_vlan,
+             orig_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN orig_p ELSE 0 END AS a,
+             resp_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN resp_p ELSE 0 END AS b
+      FROM sessions
+      WHERE tunnel IS NULL OR tunnel NOT IN ('VXLAN', 'GENEVE', 'Teredo', 'GTPv1', 'AYIYA'))
+"""
