@@ -117,7 +117,8 @@ def _flow(r: dict) -> dict:
         "bytes_toserver": r.get("orig_wire_bytes", r["orig_ip_bytes"]),
         "bytes_toclient": r.get("resp_wire_bytes", r["resp_ip_bytes"]),
         "start": _timestamp(r["ts_ns"]), "end": _timestamp(r["last_ns"]),
-        "age": (r["last_ns"] - r["ts_ns"]) // 1_000_000_000, "state": _state(r),
+        # whole seconds apart, as Suricata counts it (10.9 s to 36.1 s is 26)
+        "age": r["last_ns"] // 1_000_000_000 - r["ts_ns"] // 1_000_000_000, "state": _state(r),
         "reason": r.get("close_reason") or "timeout", "alerted": False,
     })
     event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": "flow",
