@@ -83,9 +83,17 @@ def _state(r: dict) -> str:
         return "established" if r["orig_pkts"] and r["resp_pkts"] else "new"
     if r["conn_state"] in ("SF", "RSTO", "RSTR", "RSTOS0", "RSTRH", "REJ", "SH", "SHR"):
         return "closed"
-    if r["conn_state"] in ("S0", "OTH", None):
+    if r["conn_state"] == "OTH":  # picked up midstream: Suricata (stream.midstream) starts it established
+        return "closed" if _midstream_closed(r) else "established"
+    if r["conn_state"] in ("S0", None):
         return "new"
     return "established"
+
+
+def _midstream_closed(r: dict) -> bool:
+    """A session picked up midstream saw a reset, or a FIN each way (Zeek's history letters)."""
+    history = r.get("history") or ""
+    return "R" in history or "r" in history or ("F" in history and "f" in history)
 
 
 # Zeek conn_state -> Suricata's tcp.state at the end of the flow
@@ -104,7 +112,8 @@ def _tcp(r: dict) -> dict | None:
     both = o | p
     out = {"tcp_flags": f"{both:02x}", "tcp_flags_ts": f"{o:02x}", "tcp_flags_tc": f"{p:02x}"}
     out.update({name: True for name, bit in _FLAG_NAMES if both & bit})
-    out["state"] = _TCP_STATE.get(r["conn_state"], "established")
+    out["state"] = ("closed" if r["conn_state"] == "OTH" and _midstream_closed(r)
+                    else _TCP_STATE.get(r["conn_state"], "established"))
     return out
 
 
