@@ -160,6 +160,37 @@ def test_netbios_name_decoded():
     assert row["query"] == "WORKGROUP" and row["qtype_name"] == "NBSTAT"
 
 
+def test_one_parse_gives_both_readings():
+    """parse_both: one parse, equal to parse_message lower-cased (with authorities) and as sent."""
+    def name(s: bytes) -> bytes:
+        return b"".join(bytes([len(x)]) + x for x in s.split(b".")) + b"\0"
+
+    soa = name(b"NS1.Ex\x01.COM") + name(b"Host\xc3Master.ex.com") + struct.pack(">IIIII", 1, 2, 3, 4, 5)
+    cases = [
+        (msg(flags=0x8180, qd=[question("WWW.Example.COM", 16)],
+             an=[rr(PTR_Q, 16, b"\x05HeLLo\x03\x00AB"), rr(PTR_Q, 5, name(b"Target.EXAMPLE")),
+                 rr(PTR_Q, 33, struct.pack(">HHH", 1, 2, 3) + name(b"SRV.Host")),
+                 rr(PTR_Q, 46, bytes(18) + name(b"Signer.ORG")), rr(PTR_Q, 47, name(b"Next.ORG")),
+                 rr(PTR_Q, 35, struct.pack(">HH", 1, 2) + b"\x01U\x03E2U\x02!X" + name(b"Repl.NET"))],
+             ns=[rr(PTR_Q, 6, soa)]), 53),
+        (msg(flags=0x2800, qd=[question("Zone.EXAMPLE", 6)],
+             an=[rr(name(b"Pre.Zone.EXAMPLE"), 255, b"", ttl=0, rclass=254)],
+             ns=[rr(name(b"Upd.Zone.EXAMPLE"), 5, name(b"DEL:x.Example"), ttl=0),
+                 rr(name(b"A.Zone.EXAMPLE"), 1, bytes(4), ttl=0)]), 53),
+        (msg(flags=0x0110, qd=[question("FHEPFCELEHFCEPFFFACACACACACACAAA", 32)]), 137),
+        (msg(flags=0x8180, qd=[question("lower.example")], an=[rr(PTR_Q, 16, b"\x03TXT")]), 53),
+    ]
+    for buf, port in cases:
+        low, sent = dns.parse_both(buf, netbios=port == 137, resp_port=port)
+        assert low == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_authorities=True)
+        assert sent == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_case=True)
+        assert (low is sent) == (buf == cases[-1][0]) and not low.malformed
+    low, sent = dns.parse_both(cases[1][0])
+    assert [a.reply for a in low.answers] == ["pre: NameNotInUse pre.zone.example", "del:x.example", "add: A a.zone.example 0.0.0.0"]
+    assert [a.reply for a in sent.answers] == ["pre: NameNotInUse Pre.Zone.EXAMPLE", "add: DEL:x.Example",
+                                                "add: A A.Zone.EXAMPLE 0.0.0.0"]
+
+
 def test_dns_over_tcp():
     q = msg(tid=5, qd=[question("t.example")])
     r = msg(tid=5, flags=0x8180, qd=[question("t.example")], an=[rr(PTR_Q, 1, b"\x05\x06\x07\x08")])

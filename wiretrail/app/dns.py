@@ -29,7 +29,6 @@ Zeek's logs; names are lower-cased.
 
 from __future__ import annotations
 
-import copy
 import functools
 import ipaddress
 import struct
@@ -229,7 +228,7 @@ class DnsMessage:
     offset: int = 0       # where the message started in a TCP stream
     packet: int = 0       # packet number in the capture file (Datagram.packet), 0 if unknown
     authorities: list[Answer] = field(default_factory=list)  # authority section (keep_case parses only)
-    as_sent: "DnsMessage | None" = None  # the same message parsed with keep_case (for EVE fields)
+    as_sent: "DnsMessage | None" = None  # the same message with names as sent (for EVE fields)
     # a name lost capitals to lower-casing (parsed with keep_case, it would read differently)
     lowered: bool = field(default=False, repr=False, compare=False)
 
@@ -270,6 +269,13 @@ class DnsMessage:
         return not self.short and self.opcode in TRACKED_OPCODES
 
 
+def _clone(m: DnsMessage) -> DnsMessage:
+    """copy.copy(m), without copy's generic dispatch (a shallow copy of the instance dict)."""
+    c = object.__new__(DnsMessage)
+    c.__dict__.update(m.__dict__)
+    return c
+
+
 class _Parser:
     def __init__(self, buf: bytes, netbios: bool, keep_case: bool = False):
         self.buf = buf
@@ -278,14 +284,34 @@ class _Parser:
         self.keep_case = keep_case  # Zeek lower-cases names; Suricata's EVE keeps them as sent
         self.weird = False
         self.lowered = False  # a name had capitals (DnsMessage.lowered)
+        # With keep_case, `rdata` also gives its reply as the lower-cased parse would have
+        # written it, once a name had capitals (until then both read the same): `lreply`
+        # (None: the same as the reply). `lowner` is the owner name lower-cased.
+        self.lreply: str | None = None
+        self.lowner = ""
         # names read so far, by where they start: (labels joined by dots, the length the name
-        # counts against MAX_NAME, pointers followed). Compression points most names at one
-        # read before (answers at the question's name): such a pointer takes the whole rest.
-        self.names: dict[int, tuple[bytes, int, int]] = {}
+        # counts against MAX_NAME, pointers followed, its text). Compression points most names
+        # at one read before (answers at the question's name): such a pointer takes the whole rest.
+        self.names: dict[int, tuple[bytes, int, int, str]] = {}
 
     # -- names --
     def name(self, pos: int) -> tuple[str, int]:
-        """Name at `pos` -> (lower-cased text without the trailing dot, position after it)."""
+        """Name at `pos` -> (text without the trailing dot, lower-cased unless keep_case;
+        position after it)."""
+        buf = self.buf
+        if pos + 1 < self.n and buf[pos] >= 0xC0:
+            # most names are one pointer to a name read before: its text as it was, with
+            # what the loop below would find (pointer depth within bounds, length already
+            # checked when that name was read)
+            target = ((buf[pos] & 0x3F) << 8) | buf[pos + 1]
+            if target < pos:
+                known = self.names.get(target)
+                if known is not None and known[2] < MAX_COMPRESSION_DEPTH:
+                    self.names[pos] = (known[0], known[1], known[2] + 1, known[3])
+                    return known[3], pos + 2
+        return self._name(pos)
+
+    def _name(self, pos: int) -> tuple[str, int]:
         start = pos
         out: list[bytes] = []
         total = 0
@@ -317,7 +343,7 @@ class _Parser:
                 if known is not None and depth + known[2] <= MAX_COMPRESSION_DEPTH:
                     # read before from there on, without error: only the limits over the whole
                     # name can differ (the depth is checked above, the length here)
-                    suffix, length, pointers = known
+                    suffix, length, pointers, _ = known
                     total += length
                     if total > MAX_NAME:
                         raise _Bad("name too long")
@@ -341,14 +367,18 @@ class _Parser:
             out.append(buf[pos + 1:pos + 1 + ln])
             pos += 1 + ln
         joined = b".".join(out)
-        if not cut:
-            self.names[start] = (joined, total, depth)
         text = _text(joined) if out else ""
+        # _text writes ASCII letters as they are and its escapes in lower case: lower-casing
+        # the text lower-cases exactly the name's ASCII capitals
         if not self.keep_case:
             lower = text.lower()
             if lower != text:
                 self.lowered = True
                 text = lower
+        elif not self.lowered and text.lower() != text:
+            self.lowered = True
+        if not cut:
+            self.names[start] = (joined, total, depth, text)
         return text, (end if end is not None else pos)
 
     def u16(self, pos: int) -> int:
@@ -383,14 +413,22 @@ class _Parser:
             if rdlen != 4:
                 raise _Bad("A record length")
             a = ".".join(str(b) for b in rd)
-            return f"A {msg._owner} {a}" if update else a
+            if not update:
+                return a
+            if self.lowered:
+                self.lreply = f"A {self.lowner} {a}"
+            return f"A {msg._owner} {a}"
         if rtype in (28, 38):  # AAAA, A6
             if rdlen != 16:
                 raise _Bad("AAAA record length")
             a = _ip6(rd)
-            return f"{qtype_name(rtype)} {msg._owner} {a}" if update else a
+            if not update:
+                return a
+            if self.lowered:
+                self.lreply = f"{qtype_name(rtype)} {self.lowner} {a}"
+            return f"{qtype_name(rtype)} {msg._owner} {a}"
         if rtype in (2, 5, 12):  # NS, CNAME, PTR
-            return self.name(pos)[0]
+            return self._lower(self.name(pos)[0])
         if rtype == 6:  # SOA
             mname, p = self.name(pos)
             rname, p = self.name(p)
@@ -399,9 +437,9 @@ class _Parser:
             serial, refresh, retry, expire, minimum = struct.unpack_from(">IIIII", buf, p)
             msg._detail = {"soa": {"mname": mname, "rname": rname, "serial": serial, "refresh": refresh,
                                    "retry": retry, "expire": expire, "minimum": minimum}}
-            return mname
+            return self._lower(mname)
         if rtype == 15:  # MX
-            return self.name(pos + 2)[0] if rdlen >= 2 else self._fail("MX too short")
+            return self._lower(self.name(pos + 2)[0]) if rdlen >= 2 else self._fail("MX too short")
         if rtype == 33:  # SRV (NBSTAT for NetBIOS: not parsed)
             if resp_port_netbios:
                 return None
@@ -410,7 +448,7 @@ class _Parser:
             target = self.name(pos + 6)[0]
             priority, weight, port = struct.unpack_from(">HHH", buf, pos)
             msg._detail = {"srv": {"priority": priority, "weight": weight, "port": port, "name": target}}
-            return target
+            return self._lower(target)
         if rtype in (16, 99):  # TXT, SPF
             strs, ok = self.char_strings(pos, end)
             tag = "TXT" if rtype == 16 else "SPF"
@@ -434,12 +472,17 @@ class _Parser:
             repl, _ = self.name(p)
             order, pref = struct.unpack_from(">HH", buf, pos)
             tail = " ".join(x for x in (_text(strs[2]), repl) if x)
+            if self.lowered:
+                ltail = " ".join(x for x in (_text(strs[2]), repl.lower()) if x)
+                self.lreply = f"NAPTR {order} {pref} {_text(strs[0])} {_text(strs[1])} {ltail}"
             return f"NAPTR {order} {pref} {_text(strs[0])} {_text(strs[1])} {tail}"
         if rtype == 46:  # RRSIG
             if rdlen < 18:
                 raise _Bad("RRSIG too short")
             covered = self.u16(pos)
             signer, _ = self.name(pos + 18)
+            if self.lowered:
+                self.lreply = f"RRSIG {covered} {signer.lower() or '<Root>'}"
             return f"RRSIG {covered} {signer or '<Root>'}"
         if rtype == 48:  # DNSKEY
             if rdlen < 4:
@@ -447,6 +490,8 @@ class _Parser:
             return f"DNSKEY {buf[pos + 3]}"
         if rtype == 47:  # NSEC
             nxt, _ = self.name(pos)
+            if self.lowered:
+                self.lreply = f"NSEC {self.lowner} {nxt.lower()}"
             return f"NSEC {msg._owner} {nxt}"
         if rtype == 50:
             return "NSEC3"
@@ -476,6 +521,24 @@ class _Parser:
     def _fail(self, why: str):
         raise _Bad(why)
 
+    def _lower(self, name: str) -> str:
+        """A reply that is one name: its lower-cased form noted for the lower-cased view."""
+        if self.lowered:
+            self.lreply = name.lower()
+        return name
+
+
+def _lower_detail(d: dict | None) -> dict | None:
+    """A record's Suricata fields with its names lower-cased (SOA, SRV); others as they are."""
+    if d is None:
+        return None
+    if "soa" in d:
+        soa = d["soa"]
+        return {"soa": {**soa, "mname": soa["mname"].lower(), "rname": soa["rname"].lower()}}
+    if "srv" in d:
+        return {"srv": {**d["srv"], "name": d["srv"]["name"].lower()}}
+    return d
+
 
 _QUESTION = struct.Struct(">HH")     # qtype, qclass
 _RECORD = struct.Struct(">HHIH")     # rtype, rclass, ttl, rdlength
@@ -486,20 +549,42 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
     """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse.
     `keep_case`: names as sent (Suricata) rather than lower-cased (Zeek), and the authority
     section's records kept too (`keep_authorities` keeps them alone)."""
+    return _parse(buf, netbios, resp_port, keep_case, keep_authorities, False)[0]
+
+
+def parse_both(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> tuple[DnsMessage, DnsMessage]:
+    """One parse, both readings: (names lower-cased, as parse_message(keep_authorities=True)
+    gives the message; names as sent, as parse_message(keep_case=True) gives it). One object
+    when no name had capitals (the two would be equal).
+
+    The message is parsed as sent; the lower-cased one has its names (questions, owners,
+    names in replies and in SOA/SRV fields) lower-cased. Nothing else in a parse depends on
+    case: the name cache, limits and errors work on bytes, and _text's escapes are lower case."""
+    sent, low = _parse(buf, netbios, resp_port, True, True, True)
+    return low, sent
+
+
+def _parse(buf: bytes, netbios: bool, resp_port: int, keep_case: bool, keep_authorities: bool,
+           both: bool) -> tuple[DnsMessage, DnsMessage]:
+    """parse_message -> (message, the message lower-cased if `both` else the message)."""
     msg = DnsMessage(netbios=netbios)
     if len(buf) < 12:
         msg.short = True
         msg.malformed = True
-        return msg
+        return msg, msg
     (msg.trans_id, msg.flags, msg.qdcount, msg.ancount, msg.nscount,
      msg.arcount) = struct.unpack_from(">HHHHHH", buf, 0)
     if not msg.tracked and not netbios:
         msg.malformed = True  # not an opcode DNS analysis follows (Zeek: DNS_unknown_opcode)
-        return msg
+        return msg, msg
     if msg.qdcount > MAX_QUERIES:
         msg.malformed = True
-        return msg
+        return msg, msg
     p = _Parser(buf, netbios or resp_port == NETBIOS_PORT, keep_case)
+    # with `both`, the lower-cased message's records, one for each of msg's (the same
+    # object while no name had capitals)
+    lans: list[Answer] | None = [] if both else None
+    lauth: list[Answer] | None = [] if both else None
     resp_nb = resp_port == NETBIOS_PORT
     msg._owner = ""
     msg._after_reply = None
@@ -537,22 +622,26 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
                 if pos + rdlen > len(buf):
                     raise _Bad("rdata past the end")
                 msg._owner = owner
+                # the owner lower-cased (no name so far had capitals: it has none)
+                lowner = p.lowner = owner.lower() if p.lowered else owner
                 reply: str | None = None
+                lreply: str | None = None  # the reply lower-cased, if it differs
                 if kind == PREREQ:
                     if ttl == 0 and ((rclass in (254, 255) and rdlen == 0) or rclass == zclass):
                         if rclass == 254 and rtype == 255:
-                            reply = f"pre: NameNotInUse {owner}"
+                            head = "pre: NameNotInUse "
                         elif rclass == 255 and rtype == 255:
-                            reply = f"pre: NameInUse {owner}"
+                            head = "pre: NameInUse "
                         elif rclass == 254:
-                            reply = f"pre: NoRRSet {qtype_name(rtype)} {owner}"
+                            head = f"pre: NoRRSet {qtype_name(rtype)} "
                         else:
-                            reply = f"pre: RRSetExists {qtype_name(rtype)} {owner}"
+                            head = f"pre: RRSetExists {qtype_name(rtype)} "
+                        reply, lreply = head + owner, head + lowner
                     else:
                         p.weird = True
                 elif kind == UPDATE and rclass == 255 and ttl == 0 and rdlen == 0:
                     if rtype == 255:
-                        reply = f"del: RRSet * {owner}"
+                        reply, lreply = "del: RRSet * " + owner, "del: RRSet * " + lowner
                     else:
                         reply = f"del: RRSet {qtype_name(rtype)}"
                 elif kind == UPDATE and not ((rclass == 254 and ttl == 0) or rclass == zclass):
@@ -561,31 +650,53 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
                     # Zeek stops reading the answer section at an empty record with more data
                     # after it (DNS_zero_rdlength); legal (OPT, NULL...), so not malformed.
                     if kind == ANS and pos < len(buf):
-                        msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, None))
+                        a = Answer(owner, rtype, rclass, ttl, kind, None)
+                        msg.answers.append(a)
+                        if lans is not None:
+                            lans.append(Answer(lowner, rtype, rclass, ttl, kind, None) if p.lowered else a)
                         break
                 elif kind:  # answer / update: only these sections make answer text
+                    p.lreply = None
                     try:
                         reply = p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, update and kind == UPDATE)
                     except _Bad:
                         if msg._after_reply is not None:  # Zeek still reports the strings it read
-                            msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, msg._after_reply))
+                            a = Answer(owner, rtype, rclass, ttl, kind, msg._after_reply)
+                            msg.answers.append(a)
+                            if lans is not None:  # TXT strings: no names
+                                lans.append(Answer(lowner, rtype, rclass, ttl, kind, msg._after_reply)
+                                            if p.lowered else a)
                         raise
-                    if reply is not None and kind == UPDATE and not reply.startswith("del:"):
-                        reply = "add: " + reply
+                    lreply = p.lreply
+                    if reply is not None and kind == UPDATE:
+                        # (a name reply "DEL:..." as sent and "del:..." lower-cased: each as its parse had it)
+                        if lreply is not None and not lreply.startswith("del:"):
+                            lreply = "add: " + lreply
+                        if not reply.startswith("del:"):
+                            reply = "add: " + reply
                 else:
                     # authority/additional: check names inside well-known records only
                     if rtype in (2, 5, 12):
                         p.name(pos)
                     if (keep_case or keep_authorities) and section == 1 and not update:
+                        p.lreply = None
                         try:
-                            msg.authorities.append(Answer(owner, rtype, rclass, ttl, 0,
-                                                          p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False),
-                                                          detail=msg._detail))
+                            a = Answer(owner, rtype, rclass, ttl, 0,
+                                       p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False), detail=msg._detail)
+                            msg.authorities.append(a)
+                            if lauth is not None:
+                                lauth.append(Answer(lowner, rtype, rclass, ttl, 0,
+                                                    a.reply if p.lreply is None else p.lreply,
+                                                    detail=_lower_detail(a.detail)) if p.lowered else a)
                         except _Bad:
                             pass
                 if kind:
-                    msg.answers.append(Answer(owner, rtype, rclass, ttl, kind, reply,
-                                              msg._txt if rtype in (16, 99) else None, msg._detail))
+                    a = Answer(owner, rtype, rclass, ttl, kind, reply, msg._txt if rtype in (16, 99) else None,
+                               msg._detail)
+                    msg.answers.append(a)
+                    if lans is not None:
+                        lans.append(Answer(lowner, rtype, rclass, ttl, kind, reply if lreply is None else lreply,
+                                           a.txt, _lower_detail(a.detail)) if p.lowered else a)
                 msg._txt = None
                 msg._detail = None
                 pos += rdlen
@@ -595,9 +706,16 @@ def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep
         msg.malformed = True
     if p.weird:
         msg.malformed = True
-    msg.lowered = p.lowered
+    msg.lowered = p.lowered and not keep_case
     del msg._owner, msg._after_reply
-    return msg
+    if not (both and p.lowered):
+        return msg, msg
+    low = _clone(msg)
+    low.lowered = True
+    low.questions = [(q.lower(), qt, qc) for q, qt, qc in msg.questions]
+    low.answers = lans
+    low.authorities = lauth
+    return msg, low
 
 
 def parse_tcp_messages(data: bytes) -> list[DnsMessage]:
@@ -690,8 +808,9 @@ class _Info:
 
     def apply(self, m: DnsMessage, ts: int, resp_p: int) -> None:
         r = self.row
-        r["opcode"] = m.opcode
-        r["opcode_name"] = opcode_name(m.opcode, m.netbios)
+        opcode = m.opcode
+        r["opcode"] = opcode
+        r["opcode_name"] = opcode_name(opcode, m.netbios)
         r["malformed"] = r["malformed"] or m.malformed
         if not m.qr:
             if r.get("flags_raw") is None:
@@ -701,8 +820,11 @@ class _Info:
                 r["query_packet"] = m.packet or None
                 if m.as_sent is not None and m.as_sent.questions:
                     r["query_original"] = m.as_sent.questions[0][0]
+            if not m.questions:
+                return
+            rd, tc, z = m.RD, m.TC, m.Z
             for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
-                r["RD"], r["TC"], r["Z"] = m.RD, m.TC, m.Z
+                r["RD"], r["TC"], r["Z"] = rd, tc, z
                 r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
                 r["qtype"], r["qtype_name"] = qt, qtype_name(qt)
                 if resp_p == NETBIOS_PORT:
@@ -726,20 +848,27 @@ class _Info:
             r["rejected"] = True
         if m.questions and m.ancount == 0 and m.nscount == 0 and m.arcount == 0:
             r["rejected"] = True  # Zeek's dns_rejected: a question and no records at all
+        replied = False
+        answers = ttls = None
         for a in m.answers:  # Zeek's do_reply
-            if a.reply is None:
+            reply = a.reply
+            if reply is None:
                 continue
-            if r.get("query") is None:
-                r["query"] = a.name
-            r["AA"], r["RA"] = m.AA, m.RA
-            if r.get("rtt") is None:
-                rtt = ts - r["ts"]
-                r["rtt"] = rtt if rtt != 0 else None
-            if a.reply != "":
-                if r["answers"] is None:
-                    r["answers"], r["TTLs"] = [], []
-                r["answers"].append(a.reply)
-                r["TTLs"].append(float(a.ttl))
+            if not replied:  # the first reply sets these; the next ones would set the same again
+                replied = True
+                if r.get("query") is None:
+                    r["query"] = a.name
+                r["AA"], r["RA"] = m.AA, m.RA
+                if r.get("rtt") is None:
+                    rtt = ts - r["ts"]
+                    r["rtt"] = rtt if rtt != 0 else None
+            if reply != "":
+                if answers is None:
+                    if r["answers"] is None:
+                        r["answers"], r["TTLs"] = [], []
+                    answers, ttls = r["answers"], r["TTLs"]
+                answers.append(reply)
+                ttls.append(float(a.ttl))
 
 
 class DnsSession:
@@ -761,13 +890,12 @@ class DnsSession:
 
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram of the session; returns the rows it completes."""
-        m = parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_authorities=True)
-        # names as sent differ from Zeek's lower-cased ones only if the message has capitals
+        # names lower-cased for Zeek's fields, and as sent for Suricata's (`as_sent`), in one parse
+        m, sent = parse_both(d.payload, netbios=self.netbios, resp_port=self.resp_p)
+        # `as_sent` is kept for a message with capitals (anywhere: most are in binary fields,
+        # and then both readings are the same message)
         if d.payload.lower() != d.payload:
-            # and only if a name had some (most capitals are in binary fields): otherwise
-            # parsing again with keep_case would give the very same message
-            m.as_sent = (parse_message(d.payload, netbios=self.netbios, resp_port=self.resp_p, keep_case=True)
-                         if m.lowered else copy.copy(m))
+            m.as_sent = sent if sent is not m else _clone(m)
         m.packet = d.packet
         if d.truncated:
             m.malformed = True
