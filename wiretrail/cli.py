@@ -256,5 +256,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
+def run() -> None:
+    """The console command: main(), then exit without the interpreter's teardown.
+
+    Every file a command writes is closed by the time main() returns; what is left is the
+    interpreter freeing each module and object one by one, which cost about 0.05 CPU s per
+    command (5% of an ingest of mix.pcap). Tests call main() and keep the usual exit."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:
+        pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
