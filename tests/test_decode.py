@@ -21,7 +21,7 @@ from _frames import eth, ip4, ip6, make_batch, read_capture, tcp, udp  # noqa: E
 from wiretrail.batch import (  # noqa: E402
     ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_IP_LEN_GT_FRAME, ANOM_TRUNCATED_L4,
     ANOM_TUNNEL_DEPTH, ANOM_UNKNOWN_ETHERTYPE, ANOM_UNKNOWN_LINKTYPE, FRAG_FIRST, FRAG_MORE,
-    FRAG_NONE, PACKET_FIELDS, TUNNEL_AYIYA, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS,
+    FRAG_NONE, PACKET_FIELDS, TUNNEL_AYIYA, TUNNEL_CAPWAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS,
     TUNNEL_NONE,
     TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN, VLAN_NONE,
 )
@@ -186,6 +186,10 @@ def test_vxlan_geneve_teredo():
     t6 = ip6(A6, B6, 17, udp(1, 2, b"x"))
     r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(3544, 40000, b"\0\0" + b"\0" * 6 + t6))))
     assert (r["ip_ver"], r["sport"], r["tunnel"]) == (6, 1, TUNNEL_TEREDO)
+    # VXLAN holding no IP packet (ARP): the tunnel's own datagram, counted once in its session
+    arp = eth(0x0806, bytes(28))
+    r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(5555, 4789, b"\x08\0\0\0\0\0\x01\0" + arp))))
+    assert (r["proto"], r["sport"], r["dport"], r["tunnel"]) == (17, 5555, 4789, 0)
     # VXLAN port with no VNI flag: plain UDP
     r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(5555, 4789, b"\0" * 8 + inner))))
     assert (r["sport"], r["dport"], r["tunnel"]) == (5555, 4789, 0)
@@ -369,6 +373,59 @@ def test_agreement_with_tshark():
     assert tot["tuple_ok"] / p >= 0.997
     assert tot["tcp_ok"] / tot["tcp"] >= 0.998  # measured 99.88%
     assert tot["vlan_ok"] / p >= 0.999
+
+
+def wlan_data(body, fc0=0x08, fc1=0x01, qos=None, four_addresses=False, seq_ctl=0):
+    """An 802.11 data frame (to the AP by default) carrying `body` behind LLC/SNAP."""
+    head = bytes([fc0, fc1]) + b"\0\0" + bytes(range(18)) + seq_ctl.to_bytes(2, "little")
+    if four_addresses:
+        head += bytes(6)
+    if qos is not None:
+        head += qos
+    return head + body
+
+
+def test_wireless_link_types_and_capwap():
+    """802.11 behind radiotap or PPI or alone, and inside CAPWAP: data frames in clear are
+    followed to IP; encrypted, management and fragmented frames are not."""
+    snap = b"\xaa\xaa\x03\0\0\0\x08\x00" + TCP_AB
+    plain = wlan_data(snap)
+    assert_tcp_ab(one(plain, linktype=105), 24 + 8)
+    radiotap = b"\0\0\x0c\0" + bytes(8)  # version, pad, length 12, present flags and fields
+    assert_tcp_ab(one(radiotap + plain, linktype=127), 12 + 24 + 8)
+    ppi = b"\0\0\x08\0" + (105).to_bytes(4, "little")
+    assert_tcp_ab(one(ppi + plain, linktype=192), 8 + 24 + 8)
+    # QoS data (+2), with HT control when "order" is set (+4), and four addresses (+6)
+    assert_tcp_ab(one(wlan_data(snap, fc0=0x88, qos=b"\0\0"), linktype=105), 26 + 8)
+    assert_tcp_ab(one(wlan_data(snap, fc0=0x88, fc1=0x83, qos=b"\0\0" + bytes(4), four_addresses=True),
+                      linktype=105), 24 + 6 + 2 + 4 + 8)
+    for frame in (wlan_data(snap, fc1=0x41),             # protected: encrypted body
+                  wlan_data(snap, fc0=0x80),             # a beacon (management)
+                  wlan_data(snap, fc1=0x05),             # more fragments follow
+                  wlan_data(snap, seq_ctl=1),            # a later fragment
+                  wlan_data(snap, fc0=0x88, qos=b"\x80\0")):  # an A-MSDU
+        assert one(frame, linktype=105)["ip_ver"] == 0
+    assert one(radiotap[:6], linktype=127)["anomaly"] != 0  # cut inside the radio header
+    # CAPWAP data: an 802.11 frame (T flag, binding 1) or an 802.3 one, after HLEN words
+    capwap_80211 = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + plain
+    r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, capwap_80211))))
+    assert_tcp_ab(r, 14 + 28 + 8 + 24 + 8)
+    assert r["tunnel"] == TUNNEL_CAPWAP
+    capwap_8023 = bytes([0, 2 << 3, 1 << 1, 0]) + bytes(4) + eth(0x0800, TCP_AB)
+    r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(5247, 12222, capwap_8023))))
+    assert_tcp_ab(r, 14 + 28 + 8 + 14)
+    assert r["tunnel"] == TUNNEL_CAPWAP
+    # Cisco access points byte-swap the frame control field
+    swapped = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + bytes([0x01, 0x08]) + plain[2:]
+    assert_tcp_ab(one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, swapped)))), 14 + 28 + 8 + 24 + 8)
+    # a frame without IP inside (a beacon): the tunnel's own datagram, so no tunnel recorded
+    beacon = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + wlan_data(b"", fc0=0x80)
+    r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, beacon))))
+    assert (r["proto"], r["dport"], r["tunnel"]) == (17, 5247, 0)
+    # a fragment, or DTLS (preamble type 1), stays plain UDP
+    for payload in (bytes([0, 2 << 3, 3, 0x80]) + bytes(4) + plain, bytes([1, 2 << 3, 3, 0]) + bytes(4) + plain):
+        r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, payload))))
+        assert (r["proto"], r["dport"], r["tunnel"]) == (17, 5247, 0)
 
 
 def test_gtp_ayiya_gre_in_udp():

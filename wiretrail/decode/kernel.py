@@ -19,7 +19,8 @@ from wiretrail.batch import (
     ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_CAPLEN_GT_WIRELEN, ANOM_IP_LEN_GT_FRAME,
     ANOM_TRUNCATED_IP, ANOM_TRUNCATED_L2, ANOM_TRUNCATED_L4, ANOM_TUNNEL_DEPTH,
     ANOM_UNKNOWN_ETHERTYPE, ANOM_UNKNOWN_LINKTYPE, FRAG_FIRST, FRAG_MORE, TUNNEL_AYIYA, TUNNEL_GENEVE,
-    TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN, VLAN_NONE,
+    TUNNEL_CAPWAP, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN,
+    VLAN_NONE,
 )
 
 # Encapsulations removed before the packet is given up with ANOM_TUNNEL_DEPTH (MPLS and
@@ -32,6 +33,7 @@ TEREDO_PORT = 3544
 GRE_UDP_PORT = 4754   # GRE-in-UDP, RFC 8086
 GTP_U_PORT = 2152     # GTPv1 user plane (mobile networks)
 AYIYA_PORT = 5072     # AYIYA (SixXS IPv6 tunnels)
+CAPWAP_DATA_PORT = 5247  # CAPWAP data channel (RFC 5415): the frames a wireless AP forwards
 
 # Parser states
 _S_DONE = 0
@@ -43,6 +45,7 @@ _S_IP6 = 5
 _S_PPP = 6      # PPP protocol field at pos (optionally behind ff 03)
 _S_MPLS = 7     # MPLS label stack at pos
 _S_GRE = 8
+_S_WLAN = 9     # IEEE 802.11 MAC header at pos
 
 IPV4_MAPPED = np.uint64(0x0000FFFF00000000)
 
@@ -103,6 +106,10 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
         tun = 0
         vlan_depth = -1       # tunnel depth at which the `vlan` value was seen
         committed_ip = False  # an IP header has been accepted (columns hold its values)
+        ip_commits = 0        # IP headers accepted so far
+        udp_mark = -1         # ip_commits when the last UDP tunnel was opened (-1: none)
+        udp_prev_tun = 0      # `tun` before it
+        from_capwap = False   # the 802.11 frame came out of CAPWAP
         lt = np.int64(linktype[i])
 
         # ---- link layer -----------------------------------------------------------------
@@ -150,6 +157,29 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     et = _u16(data, pos - 2)
                     if et == 0x0800 or et == 0x86DD:
                         state = _S_ET
+        elif lt == 105:  # IEEE 802.11
+            state = _S_WLAN
+        elif lt == 127 or lt == 192:
+            # radiotap, PPI: a radio header whose length is its bytes 2-3 (little-endian); PPI
+            # also says what follows (its DLT, bytes 4-7)
+            if end - pos < 8:
+                anom |= ANOM_TRUNCATED_L2
+            else:
+                hlen = np.int64(data[pos + 2]) | (np.int64(data[pos + 3]) << 8)
+                inner_lt = np.int64(105)
+                if lt == 192:
+                    inner_lt = (np.int64(data[pos + 4]) | (np.int64(data[pos + 5]) << 8)
+                                | (np.int64(data[pos + 6]) << 16) | (np.int64(data[pos + 7]) << 24))
+                if hlen < 8 or end - pos < hlen:
+                    anom |= ANOM_TRUNCATED_L2
+                elif inner_lt == 105:
+                    pos += hlen
+                    state = _S_WLAN
+                elif inner_lt == 1:
+                    pos += hlen
+                    state = _S_ETH
+                else:
+                    anom |= ANOM_UNKNOWN_LINKTYPE
         elif lt == 9 or lt == 50:
             state = _S_PPP
         elif lt == 51:  # PPPoE session header without Ethernet
@@ -204,6 +234,43 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 et = _u16(data, pos + 12)
                 pos += 14
                 state = _S_ET
+            elif state == _S_WLAN:
+                # IEEE 802.11: only data frames that carry a body in clear, whole (not a
+                # fragment, not an A-MSDU), with LLC/SNAP and an ethertype, are followed
+                if end - pos < 24:
+                    anom |= ANOM_TRUNCATED_L2
+                    break
+                fc0 = np.int64(data[pos])
+                fc1 = np.int64(data[pos + 1])
+                if from_capwap and fc0 & 3 != 0 and fc1 & 3 == 0:
+                    # Cisco access points send the frame control field byte-swapped (what
+                    # Wireshark's CAPWAP "swap frame control" setting undoes): version bits
+                    # must be 0
+                    fc0, fc1 = fc1, fc0
+                sub = fc0 >> 4
+                if (fc0 >> 2) & 3 != 2 or fc1 & 0x40 or sub & 0x4:
+                    break  # management/control, protected (encrypted), or no body (null data)
+                if fc1 & 0x04 or (np.int64(data[pos + 22]) & 0x0F) != 0:
+                    break  # a fragment
+                hl = 24
+                if fc1 & 3 == 3:
+                    hl += 6  # four addresses (wireless distribution system)
+                if sub & 0x8:  # QoS data: QoS control, and HT control when "order" is set
+                    if end - pos < hl + 2:
+                        anom |= ANOM_TRUNCATED_L2
+                        break
+                    if data[pos + hl] & 0x80:
+                        break  # A-MSDU: several subframes
+                    hl += 2
+                    if fc1 & 0x80:
+                        hl += 4
+                pos += hl
+                if end - pos >= 8 and data[pos] == 0xAA and data[pos + 1] == 0xAA and data[pos + 2] == 0x03:
+                    et = _u16(data, pos + 6)
+                    pos += 8
+                    state = _S_ET
+                else:
+                    break
             elif state == _S_ET:
                 if et == 0x8100 or et == 0x88A8 or et == 0x9100:
                     if end - pos < 4:
@@ -387,6 +454,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     p = pos + 40
                 # accept this header: it replaces whatever an outer layer left
                 committed_ip = True
+                ip_commits += 1
                 ethertype[i] = 0x0800 if ver == 4 else 0x86DD
                 ip_ver[i] = ver
                 src_hi[i] = shi
@@ -543,6 +611,8 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     # ---- UDP tunnels (only when the datagram is whole, and when asked) ----
                     if not not_frag or not udp_tunnels:
                         break
+                    udp_mark = ip_commits
+                    udp_prev_tun = tun
                     if dp == VXLAN_PORT and lim - q >= 8 + 14 and (data[q] & 0x08) != 0:
                         if depth >= MAX_TUNNEL_DEPTH:
                             anom |= ANOM_TUNNEL_DEPTH
@@ -614,6 +684,24 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                                 tun = TUNNEL_AYIYA
                             pos = t
                             state = _S_IP4 if data[q + 3] == 4 else _S_IP6
+                            continue
+                    if (dp == CAPWAP_DATA_PORT or sp == CAPWAP_DATA_PORT) and lim - q >= 8 and data[q] == 0:
+                        # CAPWAP data (preamble 0: no DTLS): HLEN words of header, then an
+                        # 802.11 frame (T flag, wireless binding 1) or an 802.3 one; fragments
+                        # are not followed
+                        hlen = (np.int64(data[q + 1]) >> 3) * 4
+                        native = (data[q + 2] & 1) != 0
+                        wbid = (np.int64(data[q + 2]) >> 1) & 0x1F
+                        if hlen >= 8 and lim - q > hlen and (data[q + 3] & 0x80) == 0 and (not native or wbid == 1):
+                            if depth >= MAX_TUNNEL_DEPTH:
+                                anom |= ANOM_TUNNEL_DEPTH
+                                break
+                            depth += 1
+                            if tun == 0:
+                                tun = TUNNEL_CAPWAP
+                            pos = q + hlen
+                            from_capwap = native
+                            state = _S_WLAN if native else _S_ETH
                             continue
                     if lim - q >= 40:
                         # Teredo: optional authentication and origin indication, then IPv6. On
@@ -730,5 +818,9 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 state = nstate
             else:
                 break
+        if ip_commits == udp_mark:
+            # a UDP tunnel held no IP packet (an ARP, an 802.11 management frame...): the
+            # packet is the tunnel's own UDP datagram, counted once, in the tunnel's session
+            tun = udp_prev_tun
         tunnel[i] = tun
         anomaly[i] = anom

@@ -57,7 +57,7 @@ SESSIONS_SCHEMA = pa.schema([
 # Flows as nDPI's ndpiReader (4.2, Debian 12) counts them ("Unique flows"), over the sessions
 # table: one flow per IP protocol, innermost VLAN and unordered address:port pair (ports 0
 # unless TCP/UDP), never split in time (reading a file, ndpiReader times no flow out). It opens
-# MPLS, PPPoE and IP-in-IP but no UDP tunnel (GTP only with -t; Teredo, VXLAN never): the
+# MPLS, PPPoE and IP-in-IP but no UDP tunnel (GTP, CAPWAP only with -t; Teredo, VXLAN never): the
 # sessions inside those are not flows to it, their outer UDP sessions are. Sessions follow
 # Zeek instead (idle and active timeouts, a new connection on a SYN after a close), so a
 # capture has more sessions than flows; this sets the two side by side (tests, bench).
@@ -67,5 +67,5 @@ FROM (SELECT ip_proto, vlan, inner_vlan,
              orig_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN orig_p ELSE 0 END AS a,
              resp_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN resp_p ELSE 0 END AS b
       FROM sessions
-      WHERE tunnel IS NULL OR tunnel NOT IN ('VXLAN', 'GENEVE', 'Teredo', 'GTPv1', 'AYIYA'))
+      WHERE tunnel IS NULL OR tunnel NOT IN ('VXLAN', 'GENEVE', 'Teredo', 'GTPv1', 'AYIYA', 'CAPWAP'))
 """
