@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from hashlib import sha256
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 
 from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
+from wiretrail.app.x509 import leaf_names
 
 TABLE = "tls"
 SCHEMA = pa.schema([
@@ -247,6 +249,9 @@ class _Bad(Exception):
     """A message that does not parse."""
 
 
+_U16_PAIR = struct.Struct(">HH").unpack_from  # an extension header: type, length
+
+
 class _Reader:
     __slots__ = ("b", "p", "end")
 
@@ -268,20 +273,6 @@ class _Reader:
             raise _Bad("u16")
         v = (self.b[self.p] << 8) | self.b[self.p + 1]
         self.p += 2
-        return v
-
-    def u16s(self) -> list[int]:
-        """Every whole 16-bit value left, at once (cipher and group lists run to hundreds)."""
-        k = (self.end - self.p) // 2
-        v = list(struct.unpack_from(f">{k}H", self.b, self.p)) if k else []
-        self.p += 2 * k
-        return v
-
-    def u24(self) -> int:
-        if self.p + 3 > self.end:
-            raise _Bad("u24")
-        v = int.from_bytes(self.b[self.p:self.p + 3], "big")
-        self.p += 3
         return v
 
     def take(self, n: int) -> bytes:
@@ -331,28 +322,49 @@ class ServerHello:
 def parse_client_hello(body: bytes) -> ClientHello:
     """A ClientHello message body (after the 4-byte handshake header). Never raises."""
     ch = ClientHello()
-    r = _Reader(body)
+    b = body
+    n = len(b)
+    # read by hand, positions and bounds as a _Reader keeps them: a field that does not fit
+    # is _Bad, what was read before it stays
     try:
-        ch.version = r.u16()
-        r.take(32)
-        ch.session_id = r.take(r.u8())
-        cs = r.sub(r.u16())
-        ch.ciphers = cs.u16s()
-        if cs.left():
+        if n < 2:
+            raise _Bad("u16")
+        ch.version = (b[0] << 8) | b[1]
+        if n < 35:  # the random, then the session id's length
+            raise _Bad("take")
+        p = 35 + b[34]
+        if p > n:
+            raise _Bad("take")
+        ch.session_id = b[35:p]
+        if p + 2 > n:
+            raise _Bad("u16")
+        end = p + 2 + ((b[p] << 8) | b[p + 1])
+        if end > n:
+            raise _Bad("sub")
+        k = (end - p - 2) // 2
+        ch.ciphers = list(struct.unpack_from(f">{k}H", b, p + 2)) if k else []
+        if (end - p) & 1:  # an odd byte left over
             ch.malformed = True
-        r.take(r.u8())  # compression methods
-        if r.left() == 0:
+        p = end
+        if p + 1 > n:  # compression methods
+            raise _Bad("u8")
+        p += 1 + b[p]
+        if p > n:
+            raise _Bad("take")
+        if p == n:
             return ch
-        ex = r.sub(r.u16())
-        # the extension list walked inline (a dozen or more per hello); a reader is made only
-        # for the extensions whose contents are read
-        b, p, end = body, ex.p, ex.end
+        if p + 2 > n:
+            raise _Bad("u16")
+        end = p + 2 + ((b[p] << 8) | b[p + 1])
+        if end > n:
+            raise _Bad("sub")
+        p += 2
+        # the extension list walked inline (a dozen or more per hello)
         extensions = ch.extensions
         while p < end:
             if p + 4 > end:
                 raise _Bad("extension header")
-            et = (b[p] << 8) | b[p + 1]
-            ln = (b[p + 2] << 8) | b[p + 3]
+            et, ln = _U16_PAIR(b, p)
             p += 4
             if p + ln > end:
                 raise _Bad("extension body")
@@ -428,27 +440,47 @@ _SERVER_EXTS_READ = frozenset((43, 51, 41, 16))  # the types parse_server_hello 
 def parse_server_hello(body: bytes) -> ServerHello:
     """A ServerHello (or HelloRetryRequest) message body. Never raises."""
     sh = ServerHello()
-    r = _Reader(body)
+    b = body
+    n = len(b)
+    # read by hand as in parse_client_hello
     try:
-        sh.version = r.u16()
-        rnd = r.take(32)
-        sh.hrr = rnd == HRR_RANDOM
-        if sh.version >> 8 == 0x7F and (sh.version & 0xFF) < 22:
+        if n < 2:
+            raise _Bad("u16")
+        sh.version = version = (b[0] << 8) | b[1]
+        if n < 34:
+            raise _Bad("take")
+        sh.hrr = b[2:34] == HRR_RANDOM
+        if version >> 8 == 0x7F and (version & 0xFF) < 22:
             # TLS 1.3 drafts before 22: no session id, no compression
-            sh.cipher = r.u16()
+            if n < 36:
+                raise _Bad("u16")
+            sh.cipher = (b[34] << 8) | b[35]
+            p = 36
         else:
-            sh.session_id = r.take(r.u8())
-            sh.cipher = r.u16()
-            r.u8()  # compression
-        if r.left() == 0:
+            if n < 35:
+                raise _Bad("u8")
+            p = 35 + b[34]
+            if p > n:
+                raise _Bad("take")
+            sh.session_id = b[35:p]
+            if p + 2 > n:
+                raise _Bad("u16")
+            sh.cipher = (b[p] << 8) | b[p + 1]
+            if p + 3 > n:  # compression
+                raise _Bad("u8")
+            p += 3
+        if p == n:
             return sh
-        ex = r.sub(r.u16())
-        b, p, end = body, ex.p, ex.end
+        if p + 2 > n:
+            raise _Bad("u16")
+        end = p + 2 + ((b[p] << 8) | b[p + 1])
+        if end > n:
+            raise _Bad("sub")
+        p += 2
         while p < end:  # the extension list walked inline, as in parse_client_hello
             if p + 4 > end:
                 raise _Bad("extension header")
-            et = (b[p] << 8) | b[p + 1]
-            ln = (b[p + 2] << 8) | b[p + 3]
+            et, ln = _U16_PAIR(b, p)
             p += 4
             if p + ln > end:
                 raise _Bad("extension body")
@@ -456,14 +488,19 @@ def parse_server_hello(body: bytes) -> ServerHello:
             if et not in _SERVER_EXTS_READ:
                 p += ln
                 continue
+            if et == 43 or et == 51:
+                if ln >= 2:
+                    v = (b[p] << 8) | b[p + 1]
+                    if et == 43:
+                        sh.selected_version = v
+                    else:
+                        sh.key_share_group = v
+                p += ln
+                continue
             ed = _Reader(b, p, p + ln)
             p += ln
             try:
-                if et == 43 and ed.left() >= 2:
-                    sh.selected_version = ed.u16()
-                elif et == 51 and ed.left() >= 2:
-                    sh.key_share_group = ed.u16()
-                elif et == 41:
+                if et == 41:
                     sh.psk = True
                 elif et == 16:
                     lst = ed.sub(ed.u16())
@@ -506,10 +543,14 @@ def ja3(ch: ClientHello) -> str:
     return _cached(key, lambda: hashlib.md5(ja3_string(ch).encode()).hexdigest())
 
 
-def ja3s(sh: ServerHello) -> str:
+def _ja3s(sh: ServerHello) -> str:
     s = ",".join([str(sh.version), str(sh.cipher if sh.cipher is not None else ""),
                   "-".join(str(v) for v in sh.extensions if not is_grease(v))])
     return hashlib.md5(s.encode()).hexdigest()
+
+
+def ja3s(sh: ServerHello) -> str:
+    return _cached(("ja3s", sh.version, sh.cipher, tuple(sh.extensions)), lambda: _ja3s(sh))
 
 
 _JA4_VERSIONS = {0x0304: "13", 0x0303: "12", 0x0302: "11", 0x0301: "10", 0x0300: "s3", 0x0002: "s2",
@@ -573,14 +614,24 @@ def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
 # A record is a plain tuple (content type, offset of its header in the direction's data, body):
 # dozens per session. The body is kept only for the types that are read (handshake, alert);
 # the others (ChangeCipherSpec, ciphertext) carry None.
-_READ_BODIES = (CT_HANDSHAKE, CT_ALERT)
 
 
-@dataclass
 class _Side:
-    records: list[tuple[int, int, bytes | None]] = field(default_factory=list)
-    malformed: bool = False
-    found: bool = False
+    """One direction's records, and what the session analysis asks of them, noted in the one
+    walk over them: the index of the first ChangeCipherSpec and of the first application-data
+    record (-1: none), and the last 2-byte Alert before the ChangeCipherSpec (offset, body)."""
+    __slots__ = ("records", "malformed", "found", "ccs", "app", "alert")
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, int, bytes | None]] = []
+        self.malformed = False
+        self.found = False
+        self.ccs = -1
+        self.app = -1
+        self.alert: tuple[int, bytes] | None = None
+
+
+_HEADER = struct.Struct(">BBBH").unpack_from  # record header: type, version major, minor, length
 
 
 def _valid_header(d: bytes, p: int) -> bool:
@@ -617,49 +668,79 @@ def _records(d: Direction, hs_type: int) -> _Side:
     side.found = True
     p = start
     encrypted_seen = 0
-    ccs = False
+    ccs = app = -1
     records = side.records
+    append = records.append
+    header = _HEADER
     while p + 5 <= limit:
-        ct = data[p]
-        ln = (data[p + 3] << 8) | data[p + 4]
+        ct, major, minor, ln = header(data, p)
         # a valid header (_valid_header, inline: this runs per record)
-        if not (CT_CCS <= ct <= CT_HEARTBEAT and data[p + 1] == 3 and data[p + 2] <= 4 and ln <= MAX_RECORD):
+        if not (20 <= ct <= 24 and major == 3 and minor <= 4 and ln <= MAX_RECORD):
             # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
             # drops TLS after the handshake); before it, a bad header is malformed TLS.
-            if not ccs:
+            if ccs < 0:
                 side.malformed = True
             break
-        if p + 5 + ln > limit:
+        e = p + 5 + ln
+        if e > limit:
             break  # cut by a gap or the end of the stream
-        records.append((ct, p, data[p + 5:p + 5 + ln] if ct in _READ_BODIES else None))
-        ccs = ccs or ct == CT_CCS
-        if ct == CT_APPDATA:
+        # bodies are kept only for the types that are read (handshake, alert)
+        if ct == 22:  # CT_HANDSHAKE
+            append((22, p, data[p + 5:e]))
+        elif ct == 23:  # CT_APPDATA
+            if app < 0:
+                app = len(records)
+            append((23, p, None))
             encrypted_seen += 1
             if encrypted_seen >= 4:
                 break  # the handshake is over; the rest is ciphertext
-        p += 5 + ln
+        elif ct == 20:  # CT_CCS
+            if ccs < 0:
+                ccs = len(records)
+            append((20, p, None))
+        elif ct == 21:  # CT_ALERT
+            body = data[p + 5:e]
+            if ccs < 0 and ln == 2:
+                side.alert = (p, body)
+            append((21, p, body))
+        else:
+            append((ct, p, None))
+        p = e
+    side.ccs = ccs
+    side.app = app
     return side
 
 
-def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, bytes, int, int]], bool]:
+def _messages(records: list[tuple], stop: int) -> list[tuple[int, bytes, int, int]]:
     """Handshake messages (type, body, record start, end of the record holding its last byte)
-    from the handshake records; the buffer is cut at the direction's first ChangeCipherSpec
-    when `stop_at_ccs` (later handshake records are encrypted). Returns (messages, malformed)."""
+    from the handshake records among records[:stop] (the buffer is cut at the direction's
+    first ChangeCipherSpec when `stop` is its index: later handshake records are encrypted)."""
     bodies: list[bytes] = []
     starts: list[tuple[int, int]] = []  # (buffer offset, record start)
     size = 0
-    for ctype, start, body in records:
-        if ctype == CT_CCS and stop_at_ccs:
-            break
+    for i in range(stop):
+        ctype, start, body = records[i]
         if ctype == CT_HANDSHAKE:
             starts.append((size, start))
             bodies.append(body)
             size += len(body)
             if size > MAX_HANDSHAKE:
                 break
-    buf = bodies[0] if len(bodies) == 1 else b"".join(bodies)
     msgs = []
     p = 0
+    if len(bodies) == 1:  # one record: every message is in it
+        buf = bodies[0]
+        n = len(buf)
+        rs = starts[0][1]
+        rend = rs + 5 + n
+        while p + 4 <= n:
+            e = p + 4 + ((buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3])
+            if e > n:
+                break
+            msgs.append((buf[p], buf[p + 4:e], rs, rend))
+            p = e
+        return msgs
+    buf = b"".join(bodies)
     k = 0
     n = len(buf)
     while p + 4 <= n:
@@ -675,35 +756,51 @@ def _messages(records: list[tuple], stop_at_ccs: bool) -> tuple[list[tuple[int, 
         msgs.append((mt, buf[p + 4:p + 4 + ln], starts[k][1] if starts else 0,
                      starts[e][1] + 5 + len(bodies[e]) if starts else 0))
         p += 4 + ln
-    return msgs, False
+    return msgs
 
 
-def _handshake_after_ccs(records: list) -> bool:
-    """A handshake record follows the first ChangeCipherSpec: only then do the messages with
-    and without stop_at_ccs differ."""
-    ccs = False
-    for ctype, _start, _body in records:
-        if ctype == CT_CCS:
-            ccs = True
-        elif ccs and ctype == CT_HANDSHAKE:
-            return True
-    return False
+def _after_ccs(side: _Side, types: tuple[int, ...]) -> int:
+    """Index of the first record after the side's first ChangeCipherSpec whose type is in
+    `types`, -1 if none (or no ChangeCipherSpec)."""
+    if side.ccs < 0:
+        return -1
+    records = side.records
+    for i in range(side.ccs + 1, len(records)):
+        if records[i][0] in types:
+            return i
+    return -1
 
 
 def _cert_list(body: bytes, tls13: bool = False) -> tuple[list[bytes], bool]:
-    r = _Reader(body)
-    out = []
-    try:
-        if tls13:
-            r.take(r.u8())
-        lst = r.sub(r.u24())
-        while lst.left() > 0:
-            out.append(lst.take(lst.u24()))
-            if tls13:
-                lst.take(lst.u16())
-        return out, False
-    except _Bad:
+    """The DER certificates of a Certificate message, and whether it was malformed (what was
+    read before the break is kept). Positions by hand, bounds as a _Reader checks them."""
+    b = body
+    n = len(b)
+    out: list[bytes] = []
+    p = 0
+    if tls13:  # the request context: a u8 length
+        if n < 1 or 1 + b[0] > n:
+            return out, True
+        p = 1 + b[0]
+    if p + 3 > n:
         return out, True
+    end = p + 3 + ((b[p] << 16) | (b[p + 1] << 8) | b[p + 2])
+    if end > n:
+        return out, True
+    p += 3
+    while p < end:
+        if p + 3 > end:
+            return out, True
+        e = p + 3 + ((b[p] << 16) | (b[p + 1] << 8) | b[p + 2])
+        if e > end:
+            return out, True
+        out.append(b[p + 3:e])
+        p = e
+        if tls13:  # the entry's extensions: a u16 length
+            if p + 2 > end or p + 2 + ((b[p] << 8) | b[p + 1]) > end:
+                return out, True
+            p += 2 + ((b[p] << 8) | b[p + 1])
+    return out, False
 
 
 # ---- the session ----------------------------------------------------------------------------
@@ -764,11 +861,12 @@ def _analyze(s: Stream) -> Analysis:
     # Server first: the negotiated version decides whether post-CCS handshake records are plaintext.
     # The ServerHello is looked for in all handshake messages; those before the first CCS are a
     # prefix of them, so the search starts there and reads past the CCS only if it found no hello.
-    before_ccs, _ = _messages(ss.records, stop_at_ccs=True)
-    smsgs_all = None if _handshake_after_ccs(ss.records) else before_ccs
+    srec, crec = ss.records, cs.records
+    before_ccs = _messages(srec, ss.ccs if ss.ccs >= 0 else len(srec))
+    smsgs_all = None if _after_ccs(ss, (CT_HANDSHAKE,)) >= 0 else before_ccs
     sh, hrr, malformed = _server_hello(before_ccs, malformed)
     if sh is None and smsgs_all is None:
-        smsgs_all, _ = _messages(ss.records, stop_at_ccs=False)
+        smsgs_all = _messages(srec, len(srec))
         sh, hrr, malformed = _server_hello(smsgs_all, malformed)
     ver_num = None
     if sh is not None:
@@ -780,9 +878,9 @@ def _analyze(s: Stream) -> Analysis:
         smsgs = before_ccs
     else:
         if smsgs_all is None:
-            smsgs_all, _ = _messages(ss.records, stop_at_ccs=False)
+            smsgs_all = _messages(srec, len(srec))
         smsgs = smsgs_all
-    cmsgs, _ = _messages(cs.records, stop_at_ccs=not tls13)
+    cmsgs = _messages(crec, cs.ccs if cs.ccs >= 0 and not tls13 else len(crec))
 
     ch = None
     for mt, body, _st, _end in cmsgs:
@@ -793,10 +891,10 @@ def _analyze(s: Stream) -> Analysis:
 
     # time of the first record seen
     t_candidates = []
-    if cs.records:
-        t_candidates.append(s.orig.time_at(cs.records[0][1]))
-    if ss.records:
-        t_candidates.append(s.resp.time_at(ss.records[0][1]))
+    if crec:
+        t_candidates.append(s.orig.time_at(crec[0][1]))
+    if srec:
+        t_candidates.append(s.resp.time_at(srec[0][1]))
     ts = min((t for t in t_candidates if t), default=0)
     if ch is None and sh is None and hrr is None and not malformed:
         return Analysis(None, [])  # records, but no handshake seen: not logged (as Zeek)
@@ -832,63 +930,60 @@ def _analyze(s: Stream) -> Analysis:
     # certificates (plaintext only: TLS 1.2 and earlier) and the ServerKeyExchange curve
     certs: list[tuple[int, bytes, bool]] = []
     server_cert_end = None
-    for msgs, side_dir, by_client, key in ((smsgs, s.resp, False, "cert_chain_fps"),
-                                            (cmsgs, s.orig, True, "client_cert_chain_fps")):
-        for mt, body, st, end in msgs:
-            if mt == 11 and not tls13:
-                chain, bad = _cert_list(body)
-                malformed |= bad
-                row[key] = [hashlib.sha256(c).hexdigest() for c in chain]
-                t = side_dir.time_at(st)
-                certs.extend((t, c, by_client) for c in chain)
-                if chain:
-                    from wiretrail.app.x509 import leaf_names
-                    subj, iss = leaf_names(chain[0])
-                    if by_client:
-                        row["client_subject"], row["client_issuer"] = subj, iss
-                    else:
-                        row["subject"], row["issuer"] = subj, iss
-                        server_cert_end = end
-                break
-    if not tls13 and "cipher" in row and row["cipher"] and "ECDH" in row["cipher"]:
-        for mt, body, _st, _end in smsgs:
-            if mt == 12 and len(body) >= 3 and body[0] == 3:
-                g = (body[1] << 8) | body[2]
-                row["curve"] = GROUPS.get(g, "unknown-%d" % g)
-                break
+    if not tls13:
+        for msgs, side_dir, by_client, key in ((smsgs, s.resp, False, "cert_chain_fps"),
+                                                (cmsgs, s.orig, True, "client_cert_chain_fps")):
+            for mt, body, st, end in msgs:
+                if mt == 11:
+                    chain, bad = _cert_list(body)
+                    malformed |= bad
+                    row[key] = [sha256(c).hexdigest() for c in chain]
+                    t = side_dir.time_at(st)
+                    certs.extend((t, c, by_client) for c in chain)
+                    if chain:
+                        subj, iss = leaf_names(chain[0])
+                        if by_client:
+                            row["client_subject"], row["client_issuer"] = subj, iss
+                        else:
+                            row["subject"], row["issuer"] = subj, iss
+                            server_cert_end = end
+                    break
+        if "cipher" in row and row["cipher"] and "ECDH" in row["cipher"]:
+            for mt, body, _st, _end in smsgs:
+                if mt == 12 and len(body) >= 3 and body[0] == 3:
+                    g = (body[1] << 8) | body[2]
+                    row["curve"] = GROUPS.get(g, "unknown-%d" % g)
+                    break
 
-    # alerts (plaintext only) and establishment
-    last_alert = None
-    ccs_t = {}
-    post = {}
-    app_from = set()
-    for name, side, d in (("c", cs, s.orig), ("s", ss, s.resp)):
-        seen_ccs = False
-        had_hello = sh is not None or hrr is not None
-        for ctype, start, body in side.records:
-            if ctype == CT_CCS and not seen_ccs:
-                seen_ccs = True
-                ccs_t[name] = d.time_at(start)
-            elif ctype == CT_ALERT and not seen_ccs and len(body) == 2:
-                last_alert = (d.time_at(start), ALERTS.get(body[1], "unknown-%d" % body[1]))
-            elif seen_ccs and name not in post and ctype in (CT_HANDSHAKE, CT_APPDATA, CT_ALERT):
-                post[name] = d.time_at(start)
-            if ctype == CT_APPDATA and had_hello:
-                app_from.add(name)
-        # an alert after this side's CCS is encrypted: not logged (as Zeek)
-    if last_alert is not None:
-        row["last_alert"] = last_alert[1]
+    # alerts (plaintext only: an alert after its side's CCS is encrypted, not logged, as Zeek),
+    # the server's last one if it sent any, and establishment
+    alert = ss.alert or cs.alert
+    if alert is not None:
+        code = alert[1][1]
+        row["last_alert"] = ALERTS.get(code, "unknown-%d" % code)
+    had_hello = sh is not None or hrr is not None
     if tls13:
-        established = app_from == {"c", "s"}
+        # application data from both sides after the hello
+        established = had_hello and cs.app >= 0 and ss.app >= 0
     else:
+        # both sent ChangeCipherSpec, and a record followed (on its side) the later of the two
         established = False
-        if "c" in ccs_t and "s" in ccs_t:
-            later = max(ccs_t.values())
-            established = any(t >= later for t in post.values()) or len(post) == 2
+        if cs.ccs >= 0 and ss.ccs >= 0:
+            pc, ps = _after_ccs(cs, _POST_CCS), _after_ccs(ss, _POST_CCS)
+            if pc >= 0 and ps >= 0:
+                established = True
+            elif pc >= 0 or ps >= 0:
+                later = max(s.orig.time_at(crec[cs.ccs][1]), s.resp.time_at(srec[ss.ccs][1]))
+                t = s.orig.time_at(crec[pc][1]) if pc >= 0 else s.resp.time_at(srec[ps][1])
+                established = t >= later
     row["established"] = established
     row["malformed"] = malformed
-    row["packet"] = _log_packet(s, cs, ss, server_cert_end, sh is not None or hrr is not None)
+    row["packet"] = _log_packet(s, cs, ss, server_cert_end, had_hello)
     return Analysis(row, certs, ch, sh)
+
+
+# the records that show a side went on after its ChangeCipherSpec
+_POST_CCS = (CT_HANDSHAKE, CT_APPDATA, CT_ALERT)
 
 
 def _record_end(d: Direction, start: int) -> int:
@@ -903,14 +998,16 @@ def _log_packet(s: Stream, cs: _Side, ss: _Side, server_cert_end: int | None, ha
     when not both (Suricata logs it at the flow's end, on no packet of the capture)."""
     if server_cert_end is not None:
         return s.resp.acked_by(server_cert_end) or None
-    ends = []
-    for side, d, done in ((ss, s.resp, (CT_APPDATA,)), (cs, s.orig, (CT_CCS, CT_APPDATA))):
-        end = next((_record_end(d, start) for ctype, start, _ in side.records
-                    if ctype in done and (had_hello or ctype != CT_APPDATA)), None)
-        if end is None:
-            return None
-        ends.append(d.acked_by(end))
-    return max(ends) if all(ends) else None
+    if not had_hello or ss.app < 0:
+        return None  # the server's application data counts only after a hello
+    done = cs.app if cs.ccs < 0 else cs.ccs if cs.app < 0 else min(cs.ccs, cs.app)
+    if done < 0:
+        return None
+    server = s.resp.acked_by(_record_end(s.resp, ss.records[ss.app][1]))
+    if not server:
+        return None
+    client = s.orig.acked_by(_record_end(s.orig, cs.records[done][1]))
+    return max(server, client) if client else None
 
 
 def parse_stream(s: Stream) -> list[dict]:
