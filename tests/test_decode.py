@@ -366,12 +366,11 @@ def test_agreement_with_tshark():
     print(f"decode vs tshark: {tot['vlan_ok'] / p:.2%} agree on the outer VLAN id")
     print("most disagreements:", sorted(worst, reverse=True)[:8])
     assert p > 50_000
-    # measured: 99.65% / 99.69% / 99.997%; the rest is mostly GTP-U, CAPWAP, AYIYA and GRE-over-UDP
-    # tunnels and 802.11/PPI link types, which tshark decodes and this decoder does not
-    # measured 99.74%: GTP, AYIYA, GRE-in-UDP opened; Teredo also from relays' ports (as Zeek,
-    # where tshark, keyed on port 3544 alone, sees plain UDP)
+    # measured 99.79%: the rest is mostly Teredo from relays' ports (opened as Zeek does, where
+    # tshark, keyed on port 3544 alone, sees plain UDP) and GTP over IP fragments (tshark shows
+    # the inner packet on the last fragment)
     assert tot["tuple_ok"] / p >= 0.997
-    assert tot["tcp_ok"] / tot["tcp"] >= 0.998  # measured 99.88%
+    assert tot["tcp_ok"] / tot["tcp"] >= 0.998  # measured 99.92%
     assert tot["vlan_ok"] / p >= 0.999
 
 
@@ -416,7 +415,8 @@ def test_wireless_link_types_and_capwap():
     assert_tcp_ab(r, 14 + 28 + 8 + 14)
     assert r["tunnel"] == TUNNEL_CAPWAP
     # Cisco access points byte-swap the frame control field
-    swapped = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + bytes([0x01, 0x08]) + plain[2:]
+    # (and the sequence control too: here sequence number 16, not fragment 1)
+    swapped = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + bytes([0x01, 0x08]) + plain[2:22] + b"\x01\x00" + plain[24:]
     assert_tcp_ab(one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, swapped)))), 14 + 28 + 8 + 24 + 8)
     # a frame without IP inside (a beacon): the tunnel's own datagram, so no tunnel recorded
     beacon = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + wlan_data(b"", fc0=0x80)

@@ -336,16 +336,16 @@ def test_ndpi_identification_agreement():
           f"flagged, {c['nonstd_ours_only']} flagged only by us; JA4 {c['ja4_agree']}/{c['ja4_compared']}, "
           f"SNI/host {c['host_agree']}/{c['host_compared']}; {c['calls']} nDPI calls")
     print("  disagreements by cause (expected -> ours):\n" + cause_table(misses))
-    # Measured (nfstream 6.6.0, nDPI 5.0.0-1-375f99e): 2204/2529 (87.1%) strict. 303 flows are
+    # Measured (nfstream 6.6.0, nDPI 5.0.0-1-375f99e): 2211/2529 (87.4%) strict. 303 flows are
     # gnutella.pcap's UDP flows whose first datagram is a Gnutella message ending in GGEP "\x82QK@",
     # which nDPI 5's Gnutella dissector matches and 4.11-dev's (GTKG at offset 24 only) does not;
-    # without them 2204/2226 (99.0%). NFStream's nDPI 5 (2208/2529) gives our answer on 317 of
-    # the 325 disagreements (Gnutella 303, renamed or re-listed protocols: AmazonAWS->AWS_EC2 6,
+    # without them 2211/2226 (99.3%). NFStream's nDPI 5 (2208/2529) gives our answer on 317 of
+    # the 318 disagreements (Gnutella 303, renamed or re-listed protocols: AmazonAWS->AWS_EC2 6,
     # IPSec->ESP, OSPF->IP_OSPF, dissectors changed: BFCP 2, Telegram 2, BACnet, Skype_TeamsCall);
-    # the other 8 are flows we do not decode (CAPWAP 802.11 data 5, PPI link type 2) and one IPv6
-    # address the reference prints malformed ("2600:1900:4160:5999::19::").
+    # the other is an IPv6 address the reference prints malformed ("2600:1900:4160:5999::19::").
+    # (CAPWAP and PPI links are decoded since 2204/2529: 7 more flows.)
     # Non-standard port: 68/113, 0 extra (the rest are STUN/SRTP flows nDPI 5 no longer flags).
-    assert c["master"] >= 0.87 * y
+    assert c["master"] >= 0.872 * y
     assert c["master"] >= 0.985 * y_same
     assert c["unmatched"] <= 0.005 * y
     if witness is not None:  # every disagreement on a flow we found is one NFStream's nDPI 5 shares

@@ -242,15 +242,17 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     break
                 fc0 = np.int64(data[pos])
                 fc1 = np.int64(data[pos + 1])
+                frag_at = pos + 22  # sequence control, little-endian: fragment number in the low bits
                 if from_capwap and fc0 & 3 != 0 and fc1 & 3 == 0:
-                    # Cisco access points send the frame control field byte-swapped (what
+                    # Cisco access points send the 16-bit header fields byte-swapped (what
                     # Wireshark's CAPWAP "swap frame control" setting undoes): version bits
                     # must be 0
                     fc0, fc1 = fc1, fc0
+                    frag_at = pos + 23
                 sub = fc0 >> 4
                 if (fc0 >> 2) & 3 != 2 or fc1 & 0x40 or sub & 0x4:
                     break  # management/control, protected (encrypted), or no body (null data)
-                if fc1 & 0x04 or (np.int64(data[pos + 22]) & 0x0F) != 0:
+                if fc1 & 0x04 or (np.int64(data[frag_at]) & 0x0F) != 0:
                     break  # a fragment
                 hl = 24
                 if fc1 & 3 == 3:
