@@ -14,6 +14,8 @@ then times, on the same file and the same machine, one after another:
   ndpiReader -i      (nDPI identification; its "Unique flows" is the session count peer)
   tcpdump -r -w      (a plain copy: the floor for any tool that writes every packet)
   NFStream           (nDPI flows from Python, in its own venv under bench-data/)
+then the spine and argus again on the capture followed by itself (mix_x2.pcap, made with
+editcap and mergecap: how memory and the ratio go as a capture grows),
 and prints packets per CPU-second (user + sys), peak RSS and the ratios: every tool runs once
 per round (--rounds, default 3) and the median is reported. The machines are shared and
 noisy: compare ratios from one run, not absolute figures across runs.
@@ -65,11 +67,27 @@ def nfstream_python(data: Path) -> str | None:
     return str(venv / "bin" / "python")
 
 
+def doubled(capture: Path) -> Path:
+    """The capture followed by itself shifted past its end (editcap, mergecap): twice the
+    packets and sessions, to show how memory and the ratios go as a capture grows."""
+    out = capture.with_name(capture.stem + "_x2.pcap")
+    if not out.exists():
+        info = subprocess.run(["capinfos", "-u", "-M", str(capture)], capture_output=True, text=True).stdout
+        m = re.search(r"Capture duration:\s+([\d.]+)", info)
+        shift = int(float(m.group(1))) + 1 if m else 86400
+        moved = out.with_suffix(".part")
+        subprocess.run(["editcap", "-t", str(shift), str(capture), str(moved)], check=True)
+        subprocess.run(["mergecap", "-F", "pcap", "-a", "-w", str(out), str(capture), str(moved)], check=True)
+        moved.unlink()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REPO / "bench-data")
     ap.add_argument("--capture", default="mix.pcap")
     ap.add_argument("--rounds", type=int, default=3, help="runs of every tool (the median is reported)")
+    ap.add_argument("--no-doubled", action="store_true", help="skip the capture-twice-as-long runs")
     args = ap.parse_args()
     data = args.data
     if not (data / "mix.pcap").exists() or not (data / "mix_small.pcap").exists():
@@ -126,6 +144,14 @@ def main() -> None:
             runs.setdefault("ndpiReader -i", []).append((cpu, rss))
             cpu, rss, _ = timed(["tcpdump", "-r", str(capture), "-w", str(tmp / "copy.pcap")])
             runs.setdefault("tcpdump -r -w (copy)", []).append((cpu, rss))
+            if not args.no_doubled:
+                twice = doubled(capture)
+                cpu, rss, _ = timed([wiretrail, "ingest", "--no-progress", "--no-app", "--store", str(tmp / "store"),
+                                     str(twice)])
+                runs.setdefault("wiretrail ingest --no-app, x2", []).append((cpu, rss))
+                shutil.rmtree(tmp / "store")
+                cpu, rss, _ = timed(["argus", "-r", str(twice), "-w", str(tmp / "out.argus")])
+                runs.setdefault("argus -r -w, x2", []).append((cpu, rss))
             if nfstream:
                 cpu, rss, _ = timed([nfstream, "-c", "from nfstream import NFStreamer\n"
                                      f"sum(1 for _ in NFStreamer(source={str(capture)!r}, n_meters=1))"])
@@ -139,6 +165,8 @@ def main() -> None:
     print(f"{'tool':<34} {'CPU s':>7} {'(min-max)':>13} {'pkts/CPU-s':>12} {'peak RSS':>10} {'spine/tool':>11} "
           f"{'full/tool':>10}")
     for name, (cpu, rss) in results.items():
+        if name.endswith(", x2"):  # printed on their own below
+            continue
         rate = packets / cpu if cpu else float("inf")
         lo, hi = spread[name]
         print(f"{name:<34} {cpu:7.2f} {f'({lo:.2f}-{hi:.2f})':>13} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB "
@@ -152,7 +180,13 @@ def main() -> None:
     small = data / "mix_small.pcap"
     print(f"wiretrail --no-app peak RSS: {small_rss / 1024:.0f} MB on {small.name} ({small.stat().st_size / 1e6:.0f} MB), "
           f"{results['wiretrail ingest --no-app'][1] / 1024:.0f} MB on {capture.name} "
-          f"({capture.stat().st_size / 1e6:.0f} MB)")
+          f"({capture.stat().st_size / 1e6:.0f} MB)"
+          + (f", {results['wiretrail ingest --no-app, x2'][1] / 1024:.0f} MB on it twice as long"
+             if "wiretrail ingest --no-app, x2" in results else ""))
+    if "argus -r -w, x2" in results:
+        print(f"twice as long ({2 * packets} packets): spine {results['wiretrail ingest --no-app, x2'][0]:.2f} CPU s, "
+              f"argus {results['argus -r -w, x2'][0]:.2f}: spine/argus "
+              f"{results['argus -r -w, x2'][0] / results['wiretrail ingest --no-app, x2'][0]:.2f}x")
 
 
 if __name__ == "__main__":
