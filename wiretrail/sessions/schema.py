@@ -53,7 +53,6 @@ SESSIONS_SCHEMA = pa.schema([
 ])
 
 
-
 # Flows as nDPI's ndpiReader (4.2, Debian 12) counts them ("Unique flows"), over the sessions
 # table: one flow per IP protocol, innermost VLAN and unordered address:port pair (ports 0
 # unless TCP/UDP), never split in time (reading a file, ndpiReader times no flow out). It opens
