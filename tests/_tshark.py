@@ -17,7 +17,8 @@ from wiretrail.batch import VLAN_NONE
 
 FIELDS = ["frame.protocols", "ip.src", "ip.dst", "ip.proto", "ipv6.src", "ipv6.dst",
           "tcp.srcport", "tcp.dstport", "udp.srcport", "udp.dstport", "tcp.flags", "tcp.seq_raw",
-          "tcp.ack_raw", "vlan.id", "icmp.type", "icmp.code", "icmpv6.type", "icmpv6.code"]
+          "tcp.ack_raw", "vlan.id", "icmp.type", "icmp.code", "icmpv6.type", "icmpv6.code",
+          "eth.src", "eth.dst", "sll.src.eth", "wlan.fc.type", "wlan.sa", "wlan.da"]
 LAYER_PROTO = {"tcp": 6, "udp": 17, "icmp": 1, "icmpv6": 58, "sctp": 132, "gre": 47, "esp": 50,
                "ipv6.nonxt": 59, "ospf": 89, "igmp": 2, "pim": 103, "vrrp": 112, "l2tp": 115}
 
@@ -78,6 +79,28 @@ def expected(row: dict):
     return ver, src[occ], dst[occ], proto, sport, dport, flags, seq, ack
 
 
+def _mac(text: str) -> int:
+    return int(text.replace(":", ""), 16)
+
+
+def expected_macs(row: dict) -> tuple[int, int]:
+    """(source, destination) MAC of the outermost link header that has them, as integers (0: none):
+    Ethernet, Linux cooked capture (source only), 802.11 data frames (wlan.sa/da by the DS bits)."""
+    layers = row["frame.protocols"][0].split(":") if row["frame.protocols"] else []
+    for name in layers:
+        if name == "eth" and row["eth.src"]:
+            return _mac(row["eth.src"][0]), _mac(row["eth.dst"][0])
+        if name == "sll":
+            if row["sll.src.eth"]:
+                return _mac(row["sll.src.eth"][0]), 0
+            continue
+        if name == "wlan":
+            if row["wlan.fc.type"] and int(row["wlan.fc.type"][0], 0) == 2 and row["wlan.sa"] and row["wlan.da"]:
+                return _mac(row["wlan.sa"][0]), _mac(row["wlan.da"][0])
+            return 0, 0
+    return 0, 0
+
+
 def addr(hi: int, lo: int, ver: int) -> str:
     if ver == 4:
         return str(ipaddress.IPv4Address(lo & 0xFFFFFFFF))
@@ -87,7 +110,7 @@ def addr(hi: int, lo: int, ver: int) -> str:
 def compare(path, cols: dict[str, np.ndarray]) -> dict:
     """Counts of packets and of agreement per aspect between decode columns and tshark."""
     rows = tshark_rows(path)
-    res = {"packets": 0, "tuple_ok": 0, "tcp": 0, "tcp_ok": 0, "vlan_ok": 0, "bad": []}
+    res = {"packets": 0, "tuple_ok": 0, "tcp": 0, "tcp_ok": 0, "vlan_ok": 0, "mac_ok": 0, "bad": []}
     n = min(len(rows), len(cols["ip_ver"]))
     if len(rows) != len(cols["ip_ver"]):
         res["bad"].append(("count", len(rows), len(cols["ip_ver"])))
@@ -116,4 +139,5 @@ def compare(path, cols: dict[str, np.ndarray]) -> dict:
             res["bad"].append((i + 1, exp, got))
         tv = int(rows[i]["vlan.id"][0]) if rows[i]["vlan.id"] else VLAN_NONE
         res["vlan_ok"] += tv == c["vlan"][i]
+        res["mac_ok"] += expected_macs(rows[i]) == (c["src_mac"][i], c["dst_mac"][i])
     return res

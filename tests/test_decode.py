@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _frames import eth, ip4, ip6, make_batch, read_capture, tcp, udp  # noqa: E402
 
 from wiretrail.batch import (  # noqa: E402
-    ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_IP_LEN_GT_FRAME, ANOM_TRUNCATED_L4,
+    ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_IP_LEN_GT_FRAME, ANOM_TRUNCATED_L2, ANOM_TRUNCATED_L4,
     ANOM_TUNNEL_DEPTH, ANOM_UNKNOWN_ETHERTYPE, ANOM_UNKNOWN_LINKTYPE, FRAG_FIRST, FRAG_MORE,
     FRAG_NONE, PACKET_FIELDS, TUNNEL_AYIYA, TUNNEL_CAPWAP, TUNNEL_GENEVE, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS,
     TUNNEL_NONE,
@@ -348,15 +348,18 @@ def test_agreement_with_tshark():
             return None
         return compare(path, decode(batch))
 
-    tot = {"files": 0, "packets": 0, "tuple_ok": 0, "tcp": 0, "tcp_ok": 0, "vlan_ok": 0}
+    tot = {"files": 0, "packets": 0, "tuple_ok": 0, "tcp": 0, "tcp_ok": 0, "vlan_ok": 0, "mac_ok": 0}
+    mac_worst = []
     worst = []
     with ThreadPoolExecutor(8) as ex:
         for path, r in zip(_corpus_files(), ex.map(run, _corpus_files())):
             if r is None:
                 continue
             tot["files"] += 1
-            for k in ("packets", "tuple_ok", "tcp", "tcp_ok", "vlan_ok"):
+            for k in ("packets", "tuple_ok", "tcp", "tcp_ok", "vlan_ok", "mac_ok"):
                 tot[k] += r[k]
+            if r["packets"] - r["mac_ok"]:
+                mac_worst.append((r["packets"] - r["mac_ok"], os.path.relpath(path, CORPUS)))
             if r["packets"] - r["tuple_ok"]:
                 worst.append((r["packets"] - r["tuple_ok"], os.path.relpath(path, CORPUS)))
     p = tot["packets"]
@@ -364,7 +367,9 @@ def test_agreement_with_tshark():
           f"IP version, addresses, protocol and ports")
     print(f"decode vs tshark: {tot['tcp_ok'] / tot['tcp']:.2%} of {tot['tcp']:,} TCP packets agree on flags/seq/ack")
     print(f"decode vs tshark: {tot['vlan_ok'] / p:.2%} agree on the outer VLAN id")
+    print(f"decode vs tshark: {tot['mac_ok'] / p:.2%} agree on the link-layer source and destination")
     print("most disagreements:", sorted(worst, reverse=True)[:8])
+    print("most link-layer address disagreements:", sorted(mac_worst, reverse=True)[:8])
     assert p > 50_000
     # measured 99.79%: the rest is mostly Teredo from relays' ports (opened as Zeek does, where
     # tshark, keyed on port 3544 alone, sees plain UDP) and GTP over IP fragments (tshark shows
@@ -449,3 +454,97 @@ def test_gtp_ayiya_gre_in_udp():
     # a GTP port carrying something else stays plain UDP
     r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(2152, 2152, b"\x00" * 20))))
     assert (r["sport"], r["tunnel"]) == (2152, 0)
+
+
+# ---- link-layer addresses -----------------------------------------------------------------------
+
+ETH_DST, ETH_SRC = 0x001122334455, 0x66778899AABB  # what _frames.eth() writes
+
+
+def mac_eth(dst: int, src: int, ethertype: int, payload: bytes) -> bytes:
+    return dst.to_bytes(6, "big") + src.to_bytes(6, "big") + struct.pack("!H", ethertype) + payload
+
+
+def macs(frame, linktype=1):
+    r = one(frame, linktype)
+    return r["src_mac"], r["dst_mac"]
+
+
+def test_link_layer_addresses():
+    """src_mac/dst_mac from the outermost link header that has them; inner Ethernet headers of
+    tunnels leave them alone; link types without addresses give 0."""
+    frame = eth(0x0800, TCP_AB)
+    assert macs(frame) == (ETH_SRC, ETH_DST)
+    assert macs(eth(0x0806, bytes(28))) == (ETH_SRC, ETH_DST)  # not IP: still known
+    assert macs(eth(0x0800, TCP_AB, vlans=[(0x8100, 5), (0x8100, 6)])) == (ETH_SRC, ETH_DST)
+    assert macs(TCP_AB, 101) == (0, 0)
+    assert macs(struct.pack("<I", 2) + TCP_AB, 0) == (0, 0)
+    # Linux cooked capture v1 and v2: the sender's address only, when it is 6 bytes long
+    sll = struct.pack("!HHH8sH", 0, 1, 6, bytes.fromhex("a0b1c2d3e4f5") + b"\0\0", 0x0800) + TCP_AB
+    assert macs(sll, 113) == (0xA0B1C2D3E4F5, 0)
+    sll8 = struct.pack("!HHH8sH", 0, 1, 8, bytes(range(1, 9)), 0x0800) + TCP_AB
+    assert macs(sll8, 113) == (0, 0)
+    sll2 = struct.pack("!HHIHBB8s", 0x0800, 0, 2, 1, 4, 6, bytes.fromhex("a0b1c2d3e4f5") + b"\0\0") + TCP_AB
+    assert macs(sll2, 276) == (0xA0B1C2D3E4F5, 0)
+    assert one(sll2, 276)["ip_ver"] == 4
+    # PPI carrying Ethernet (DLT 1)
+    ppi_eth = b"\0\0\x08\0" + (1).to_bytes(4, "little") + frame
+    assert macs(ppi_eth, 192) == (ETH_SRC, ETH_DST)
+    # tunnels: the inner Ethernet header does not replace the outer addresses
+    inner = mac_eth(0xAAAAAAAAAAAA, 0xBBBBBBBBBBBB, 0x0800, TCP_AB)
+    outer = ip4("1.1.1.1", "2.2.2.2", 17, udp(5555, 4789, b"\x08\0\0\0\0\0\x01\0" + inner))
+    for tunneled in (eth(0x0800, outer),                                                      # VXLAN
+                     eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(5555, 6081, b"\x01\0\x65\x58\0\0\x01\0"
+                                                                    + b"\0" * 4 + inner))),   # GENEVE
+                     eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 47, gre(0x6558, inner))),          # GRE TEB
+                     eth(0x8903, b"\0\0" + inner),                                            # FabricPath
+                     eth(0x88E7, b"\0\0\0\0" + inner),                                        # PBB
+                     eth(0x8847, struct.pack("!I", 0x100 | 64) + b"\0\0\0\0" + inner)):       # pseudowire
+        r = one(tunneled)
+        assert r["sport"] == 1234 and (r["src_mac"], r["dst_mac"]) == (ETH_SRC, ETH_DST)
+    # a capture without addresses outside: the tunnel's Ethernet header is the outermost one
+    assert macs(outer, 101) == (0xBBBBBBBBBBBB, 0xAAAAAAAAAAAA)
+    # truncated link headers: no addresses, the anomaly as before
+    for lt, f in ((1, frame[:13]), (113, sll[:15]), (276, sll2[:19])):
+        r = one(f, lt)
+        assert r["anomaly"] & ANOM_TRUNCATED_L2 and (r["src_mac"], r["dst_mac"]) == (0, 0)
+
+
+def test_wireless_addresses():
+    """802.11 data frames: source and destination by the To DS / From DS bits (neither:
+    addr1 = DA, addr2 = SA; To DS: addr3 = DA; From DS: addr3 = SA; both: addr3 = DA, addr4 = SA)."""
+    a1, a2, a3, a4 = (bytes([k] * 6) for k in (0xA1, 0xA2, 0xA3, 0xA4))
+    snap = b"\xaa\xaa\x03\0\0\0\x08\x00" + TCP_AB
+
+    def frame(fc1, fc0=0x08):
+        head = bytes([fc0, fc1]) + b"\0\0" + a1 + a2 + a3 + b"\0\0" + (a4 if fc1 & 3 == 3 else b"")
+        return head + snap
+
+    def val(a):
+        return int.from_bytes(a, "big")
+
+    want = {0: (a2, a1), 1: (a2, a3), 2: (a3, a1), 3: (a4, a3)}  # ds bits -> (SA, DA)
+    for ds, (sa, da) in want.items():
+        r = one(frame(ds), 105)
+        assert r["ip_ver"] == 4 and (r["src_mac"], r["dst_mac"]) == (val(sa), val(da)), ds
+    radiotap = b"\0\0\x0c\0" + bytes(8)
+    assert macs(radiotap + frame(1), 127) == (val(a2), val(a3))
+    assert macs(b"\0\0\x08\0" + (105).to_bytes(4, "little") + frame(2), 192) == (val(a3), val(a1))
+    assert macs(frame(1, fc0=0x80), 105) == (0, 0)            # a beacon: management, no addresses
+    assert macs(frame(1)[:28], 105) == (val(a2), val(a3))    # the header is whole
+    assert macs(frame(3)[:28], 105) == (0, 0)                # four addresses, the fourth cut off
+    assert one(frame(1)[:20], 105)["anomaly"] & ANOM_TRUNCATED_L2
+    # CAPWAP: the outer Ethernet header is the outermost one, not the 802.11 frame inside
+    capwap = bytes([0, 2 << 3, (1 << 1) | 1, 0]) + bytes(4) + frame(1)
+    r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(12222, 5247, capwap))))
+    assert r["tunnel"] == TUNNEL_CAPWAP and (r["src_mac"], r["dst_mac"]) == (ETH_SRC, ETH_DST)
+
+
+def test_addresses_truncated_everywhere():
+    """Link headers cut at every length: never an exception, never an address read past the end."""
+    sll = struct.pack("!HHH8sH", 0, 1, 6, bytes.fromhex("a0b1c2d3e4f5") + b"\0\0", 0x0800) + TCP_AB
+    wlan = bytes([0x08, 0x03]) + b"\0\0" + bytes(range(24)) + b"\xaa\xaa\x03\0\0\0\x08\x00" + TCP_AB
+    for lt, f in ((1, eth(0x0800, TCP_AB)), (113, sll), (105, wlan)):
+        frames = [f[:k] for k in range(len(f) + 1)]
+        c = decode(make_batch(frames, lt))
+        assert len(c["src_mac"]) == len(frames)

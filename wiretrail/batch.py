@@ -131,6 +131,10 @@ PACKET_FIELDS: dict[str, type] = {
     "frag_id": np.uint32,     # IPv4 identification / IPv6 fragment identification
     "frag_off": np.uint32,    # fragment offset in bytes
     "anomaly": np.uint32,     # ANOM_* bits; a packet with bits set is still kept and counted
+    # link-layer addresses of the outermost header that has them (Ethernet, Linux cooked
+    # capture: source only, 802.11 data frames by their DS bits), 48 bits, 0 if none
+    "src_mac": np.uint64,
+    "dst_mac": np.uint64,
 }
 
 VLAN_NONE = 0xFFFF

@@ -31,5 +31,6 @@ def decode(batch: FrameBatch, udp_tunnels: bool = True) -> dict[str, np.ndarray]
                   c["src_hi"], c["src_lo"], c["dst_hi"], c["dst_lo"], c["sport"], c["dport"],
                   c["tcp_flags"], c["tcp_seq"], c["tcp_ack"], c["tcp_win"], c["tcp_wscale"], c["tcp_mss"],
                   c["ttl"], c["l3_off"], c["l4_off"], c["pl_off"], c["pl_len"], c["ip_len"],
-                  c["frag"], c["frag_id"], c["frag_off"], c["anomaly"], udp_tunnels)
+                  c["frag"], c["frag_id"], c["frag_off"], c["anomaly"], c["src_mac"], c["dst_mac"],
+                  udp_tunnels)
     return c

@@ -5,6 +5,9 @@ ethertype -> IP -> tunnel -> ... -> L4) and writes one row of every PacketColumn
 Every read is checked against the frame's captured end: a truncated or garbage frame sets
 anomaly bits and stops, it never reads past the frame.
 
+Link-layer addresses come from the outermost link header that has them: a tunnel's inner
+Ethernet header (VXLAN, GENEVE, GRE, PBB, FabricPath, CAPWAP) leaves them as they were.
+
 Tunnels: the innermost IP header and its L4 header are kept; the IP columns are rewritten
 each time an inner IP header is accepted, so a tunnel whose inner header turns out to be
 unusable leaves the outer packet's values in place.
@@ -76,12 +79,19 @@ def _u64(d, p):
     return (np.uint64(_u32(d, p)) << np.uint64(32)) | np.uint64(_u32(d, p + 4))
 
 
+@kernel(inline=True)
+def _mac(d, p):
+    """The 48-bit MAC address at p, as an integer (first byte most significant)."""
+    return (np.uint64(_u16(d, p)) << np.uint64(32)) | np.uint64(_u32(d, p + 2))
+
+
 @kernel
 def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                   ethertype, vlan, inner_vlan, tunnel, ip_ver, proto,
                   src_hi, src_lo, dst_hi, dst_lo, sport, dport,
                   tcp_flags, tcp_seq, tcp_ack, tcp_win, tcp_wscale, tcp_mss, ttl,
-                  l3_off, l4_off, pl_off, pl_len, ip_len, frag, frag_id, frag_off, anomaly, udp_tunnels):
+                  l3_off, l4_off, pl_off, pl_len, ip_len, frag, frag_id, frag_off, anomaly, src_mac, dst_mac,
+                  udp_tunnels):
     n = offset.shape[0]
     dlen = np.int64(data.shape[0])
     for i in range(n):
@@ -110,6 +120,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
         udp_mark = -1         # ip_commits when the last UDP tunnel was opened (-1: none)
         udp_prev_tun = 0      # `tun` before it
         from_capwap = False   # the 802.11 frame came out of CAPWAP
+        mac_done = False      # src_mac/dst_mac hold the outermost link-layer addresses
         lt = np.int64(linktype[i])
 
         # ---- link layer -----------------------------------------------------------------
@@ -119,6 +130,9 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
             if end - pos < 16:
                 anom |= ANOM_TRUNCATED_L2
             else:
+                if _u16(data, pos + 4) == 6:  # the sender's link-layer address (no destination)
+                    src_mac[i] = _mac(data, pos + 6)
+                    mac_done = True
                 et = _u16(data, pos + 14)
                 pos += 16
                 state = _S_ET
@@ -126,6 +140,9 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
             if end - pos < 20:
                 anom |= ANOM_TRUNCATED_L2
             else:
+                if data[pos + 11] == 6:  # the sender's link-layer address (no destination)
+                    src_mac[i] = _mac(data, pos + 12)
+                    mac_done = True
                 et = _u16(data, pos)
                 pos += 20
                 state = _S_ET
@@ -231,6 +248,10 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 if end - pos < 14:
                     anom |= ANOM_TRUNCATED_L2
                     break
+                if not mac_done:  # the outermost Ethernet header: a tunnel's inner one does not count
+                    dst_mac[i] = _mac(data, pos)
+                    src_mac[i] = _mac(data, pos + 6)
+                    mac_done = True
                 et = _u16(data, pos + 12)
                 pos += 14
                 state = _S_ET
@@ -250,6 +271,23 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     fc0, fc1 = fc1, fc0
                     frag_at = pos + 23
                 sub = fc0 >> 4
+                if not mac_done and (fc0 >> 2) & 3 == 2:
+                    # a data frame's addresses by its To DS / From DS bits: addr1 at pos + 4,
+                    # addr2 at + 10, addr3 at + 16, addr4 (both bits) at + 24
+                    ds = fc1 & 3
+                    if ds == 0:
+                        dst_mac[i] = _mac(data, pos + 4)
+                        src_mac[i] = _mac(data, pos + 10)
+                    elif ds == 1:
+                        dst_mac[i] = _mac(data, pos + 16)
+                        src_mac[i] = _mac(data, pos + 10)
+                    elif ds == 2:
+                        dst_mac[i] = _mac(data, pos + 4)
+                        src_mac[i] = _mac(data, pos + 16)
+                    elif end - pos >= 30:
+                        dst_mac[i] = _mac(data, pos + 16)
+                        src_mac[i] = _mac(data, pos + 24)
+                    mac_done = True
                 if (fc0 >> 2) & 3 != 2 or fc1 & 0x40 or sub & 0x4:
                     break  # management/control, protected (encrypted), or no body (null data)
                 if fc1 & 0x04 or (np.int64(data[frag_at]) & 0x0F) != 0:
