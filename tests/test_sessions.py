@@ -62,6 +62,8 @@ def columns(pkts: list[dict]):
         c["ip_len"][i] = iph + l4h + plen
         c["frag"][i] = p.get("frag", FRAG_NONE)
         c["vlan"][i] = p.get("vlan", VLAN_NONE)
+        c["src_mac"][i] = p.get("src_mac", 0)
+        c["dst_mac"][i] = p.get("dst_mac", 0)
         ts[i] = p.get("ts", T0 + i * 1000)
         wirelen[i] = 14 + iph + l4h + plen
     return c, ts, wirelen, np.zeros(n, dtype=np.int16)
@@ -166,6 +168,61 @@ def test_syn_ack_first_flips():
     assert (r["orig_h"], r["orig_p"], r["conn_state"]) == (C, 40000, "SF")
     assert (r["orig_bytes"], r["resp_bytes"]) == (100, 300)
     assert is_orig[0] == False and is_orig[1] == True  # noqa: E712
+
+
+MAC_C, MAC_S = 0x0A1B2C3D4E5F, 0xF0E0D0C0B0A0  # the client's and the server's link-layer addresses
+TEXT_C, TEXT_S = "0a:1b:2c:3d:4e:5f", "f0:e0:d0:c0:b0:a0"
+
+
+def with_macs(pkts):
+    """Each packet gets its sender's MAC as source, the other side's as destination."""
+    for p in pkts:
+        src, dst = (MAC_C, MAC_S) if p["src"] == C else (MAC_S, MAC_C)
+        p.update(src_mac=src, dst_mac=dst)
+    return pkts
+
+
+def test_link_layer_addresses():
+    """orig_l2_addr / resp_l2_addr as Zeek's mac-logging: from the first packet that has them,
+    seen from the originator; null when no packet had any."""
+    rows, _, _ = run(with_macs(handshake_session()))
+    assert (rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (TEXT_C, TEXT_S)
+    # the first packet came from the responder (a SYN-ACK, then the role flip of the SYN after it)
+    pk = with_macs(handshake_session())
+    pk[0], pk[1] = pk[1], pk[0]
+    pk[0]["ts"], pk[1]["ts"] = pk[1]["ts"], pk[0]["ts"]
+    rows, _, _ = run(pk)
+    assert (rows[0]["orig_h"], rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (C, TEXT_C, TEXT_S)
+    # the same on ports no server uses: the roles are swapped by the SYN after the SYN-ACK (_flip)
+    pk = with_macs([tcp(SV, 7777, C, 5555, SA, 5000, 1001, ts=T0), tcp(C, 5555, SV, 7777, S, 1000, ts=T0 + 1),
+                    tcp(C, 5555, SV, 7777, A, 1001, 5001, ts=T0 + 2)])
+    rows, _, is_orig = run(pk)
+    assert is_orig.tolist() == [True, True, True] and "^" in rows[0]["history"]  # the first as it was then
+    assert (rows[0]["orig_h"], rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (C, TEXT_C, TEXT_S)
+    # flipped when the session is made (the first packet is from a server port)
+    pk = with_macs(handshake_session())[4:]
+    rows, _, _ = run(pk)
+    assert (rows[0]["orig_h"], rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (C, TEXT_C, TEXT_S)
+    # only the first packet that has addresses counts: later ones (another router) do not
+    udp = [dict(src=C, dst=SV, sport=5000, dport=53, proto=17, len=10),
+           dict(src=SV, dst=C, sport=53, dport=5000, proto=17, len=20, src_mac=MAC_S, dst_mac=MAC_C),
+           dict(src=C, dst=SV, sport=5000, dport=53, proto=17, len=10, src_mac=1, dst_mac=2)]
+    rows, _, _ = run(udp)
+    assert (rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (TEXT_C, TEXT_S)
+    # a Linux cooked capture: the sender's address alone
+    rows, _, _ = run([dict(src=SV, dst=C, sport=53, dport=5000, proto=17, len=20, src_mac=MAC_S)])
+    assert (rows[0]["orig_h"], rows[0]["orig_l2_addr"], rows[0]["resp_l2_addr"]) == (C, None, TEXT_S)
+    rows, _, _ = run(handshake_session())
+    assert rows[0]["orig_l2_addr"] is None and rows[0]["resp_l2_addr"] is None
+
+
+def test_mac_texts():
+    from wiretrail.sessions.flowtable import mac_texts
+
+    vals = np.array([0, 1, 0x0A1B2C3D4E5F, 0xFFFFFFFFFFFF, 0], dtype=np.int64)
+    assert mac_texts(vals).to_pylist() == [None, "00:00:00:00:00:01", "0a:1b:2c:3d:4e:5f", "ff:ff:ff:ff:ff:ff", None]
+    assert mac_texts(np.zeros(3, dtype=np.int64)).to_pylist() == [None] * 3
+    assert mac_texts(np.zeros(0, dtype=np.int64)).to_pylist() == []
 
 
 def test_retransmission_ooo_zero_window():

@@ -41,7 +41,8 @@ GAPLO_O, GAPHI_O = 24, 26
 LASTSYN_O, LASTFIN_O, LASTRST_O = 28, 30, 32
 IDLE = 34  # this session's inactivity timeout
 WIRE_O = 35  # frame bytes per direction (Suricata's bytes_toserver/toclient count the link layer)
-N_I64 = 37
+L2_O = 37  # link-layer address of each side (48 bits, 0: unknown), from the first packet that had one
+N_I64 = 39
 
 # ---- per-session int32 fields ----------------------------------------------------------------
 ORIG_IS_A, PROTO, IPVER, LINK, VLAN, INNER, TUNNEL, ICMP_T, ICMP_C, HSEEN, HLEN = range(11)
@@ -162,7 +163,7 @@ def _flip(I64, I32, hist, s):
     """Swap originator and responder of session s (Zeek's FlipRoles), adding '^'."""
     I32[s, ORIG_IS_A] = 1 - I32[s, ORIG_IS_A]
     for f in (PKTS_O, IPB_O, PLB_O, START_O, MAXREL_O, DATAEND_O, ACKREL_O, GAPLO_O, GAPHI_O,
-              LASTSYN_O, LASTFIN_O, LASTRST_O, WIRE_O):
+              LASTSYN_O, LASTFIN_O, LASTRST_O, WIRE_O, L2_O):
         t = I64[s, f]
         I64[s, f] = I64[s, f + 1]
         I64[s, f + 1] = t
@@ -185,7 +186,7 @@ def _flip(I64, I32, hist, s):
 @kernel
 def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo, sport, dport,
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
-                   vlan, inner_vlan, tunnel, anomaly, ts, wirelen, link,
+                   vlan, inner_vlan, tunnel, anomaly, src_mac, dst_mac, ts, wirelen, link,
                    tab, K64, I64, I32, hist, free, retired, ctr, idle_to, active_to, close_delay,
                    attempt_delay, dns_to, server_ports, cp4, cp6, link_salt, out_sid, out_orig, out_seq, out_cum):
     mask = np.uint64(tab.shape[0] - 1)
@@ -370,6 +371,11 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
         I64[s, WIRE] += wirelen[i]
         I64[s, WIRE_O + d] += wirelen[i]
         I64[s, ANOM] |= anomaly[i]
+        if I64[s, L2_O] == 0 and I64[s, L2_O + 1] == 0:
+            # Zeek's orig_l2_addr / resp_l2_addr: the link-layer source and destination of the
+            # first packet that has them, seen from the originator (kept right by _flip)
+            I64[s, L2_O + d] = np.int64(src_mac[i])
+            I64[s, L2_O + e] = np.int64(dst_mac[i])
         out_sid[i] = I64[s, SID]
         out_orig[i] = d == 0
         out_seq[i] = npk
@@ -940,6 +946,26 @@ def addr_texts(hi: np.ndarray, lo: np.ndarray, v4: np.ndarray) -> pa.Array:
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out[:used]))
 
 
+_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+def mac_texts(macs: np.ndarray) -> pa.Array:
+    """48-bit MAC addresses as Arrow strings "aa:bb:cc:dd:ee:ff" (lowercase, as Zeek writes them);
+    0 is null. Built with numpy, no Python string per row."""
+    m = len(macs)
+    known = macs != 0
+    if not known.any():
+        return pa.nulls(m, pa.string())
+    b = _be_bytes(macs.astype(np.uint64), 6)
+    out = np.full((m, 17), 58, dtype=np.uint8)  # ':'
+    out[:, 0::3] = _HEX[b >> 4]
+    out[:, 1::3] = _HEX[b & 15]
+    offsets = np.arange(0, 17 * m + 1, 17, dtype=np.int32)
+    nulls = int(m - known.sum())
+    bitmap = pa.py_buffer(np.packbits(known, bitorder="little")) if nulls else None
+    return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()), bitmap, null_count=nulls)
+
+
 class FlowTable:
     """Session per packet; closed sessions out as pyarrow tables (see module docstring).
 
@@ -1059,7 +1085,8 @@ class FlowTable:
             i = _update_kernel(i, n, c["ip_ver"], c["frag"], c["proto"], c["src_hi"], c["src_lo"], c["dst_hi"],
                                c["dst_lo"], c["sport"], c["dport"], c["tcp_flags"], c["tcp_seq"], c["tcp_ack"],
                                c["tcp_win"], c["pl_len"], c["ip_len"], c["l3_off"], c["l4_off"], c["pl_off"],
-                               c["vlan"], c["inner_vlan"], c["tunnel"], c["anomaly"], ts, wirelen, link,
+                               c["vlan"], c["inner_vlan"], c["tunnel"], c["anomaly"], c["src_mac"], c["dst_mac"],
+                               ts, wirelen, link,
                                self.tab, self.K64, self.I64, self.I32, self.hist, self.free, self.retired,
                                self.ctr, self.idle_to, self.active_to, self.close_delay,
                                self.attempt_delay, self.dns_timeout, SERVER_PORTS, _CP4, _CP6,
@@ -1222,6 +1249,8 @@ class FlowTable:
             "zero_win_orig": pa.array(I32[:, ZW_O], type=pa.int32()),
             "zero_win_resp": pa.array(I32[:, ZW_O + 1], type=pa.int32()),
             "anomalies": pa.array(I64[:, ANOM].astype(np.uint32), type=pa.uint32()),
+            "orig_l2_addr": mac_texts(I64[:, L2_O]),
+            "resp_l2_addr": mac_texts(I64[:, L2_O + 1]),
         }
         # columns later stages fill (app, category, ...) start as nulls
         arrays = [cols[f.name] if f.name in cols else pa.nulls(m, f.type) for f in SESSIONS_SCHEMA]

@@ -46,6 +46,8 @@ SESSIONS_SCHEMA = pa.schema([
     ("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
     ("resp_wire_bytes", pa.int64()),
     ("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
+    ("orig_l2_addr", pa.string()),     # link-layer (MAC) address of each side, "aa:bb:cc:dd:ee:ff", from the
+    ("resp_l2_addr", pa.string()),     # first packet that had one (Zeek's mac-logging); null if unknown
     # filled by the application stage (null without it)
     ("app", pa.string()),              # nDPI's Master.App, e.g. TLS.YouTube, DNS, Unknown
     ("category", pa.string()),         # nDPI's category, e.g. Web, Network, Media
