@@ -4,6 +4,9 @@ Event types: flow (every session), dns, http, tls, smb, ftp, smtp. Each event ca
 Suricata's common fields (timestamp, flow_id, event_type, src_ip, src_port, dest_ip,
 dest_port, proto, app_proto, community_id); `flow_id` is the session id, the same for a
 session's flow and protocol events, as Suricata does. src is the session's originator.
+`ether` (Suricata's `ethernet: yes`) carries the session's link-layer addresses when known:
+src_macs/dest_macs on flow events, src_mac/dest_mac on the others, for the direction the event
+describes.
 """
 
 from __future__ import annotations
@@ -133,6 +136,10 @@ def _flow(r: dict) -> dict:
     event = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": "flow",
              "src_ip": _ip(r["orig_h"]), "src_port": r["orig_p"], "dest_ip": _ip(r["resp_h"]), "dest_port": r["resp_p"],
              "proto": proto, "app_proto": _app_proto(r), "flow": flow, "community_id": r["community_id"]}
+    ether = _clean({"src_macs": [r["orig_l2_addr"]] if r.get("orig_l2_addr") else None,
+                    "dest_macs": [r["resp_l2_addr"]] if r.get("resp_l2_addr") else None})
+    if ether:
+        event["ether"] = ether
     if r["vlan"] is not None:
         event["vlan"] = [r["vlan"]] + ([r["inner_vlan"]] if r["inner_vlan"] is not None else [])
     if r["proto"] == "tcp":
@@ -153,6 +160,9 @@ def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | No
     if packet and not r.get("session_tunnel"):
         e["pkt_src"] = "wire/pcap"
     e.update({"app_proto": app_proto, "community_id": r.get("community_id")})
+    ether = _clean({"src_mac": r.get("orig_l2_addr"), "dest_mac": r.get("resp_l2_addr")})
+    if ether:
+        e["ether"] = ether
     return e
 
 
@@ -174,6 +184,8 @@ def _dns(r: dict) -> list[dict]:
         e = _head(r, "dns", "dns", proto, r.get("response_packet"))
         e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
                                                                     _ip(r.get("orig_h")), r.get("orig_p"))
+        if "ether" in e:  # the server's message: its link-layer source is the responder's
+            e["ether"] = _clean({"src_mac": r.get("resp_l2_addr"), "dest_mac": r.get("orig_l2_addr")})
         e["timestamp"] = _timestamp(r["response_ns"]) if r.get("response_ns") else e["timestamp"]
         flags = r["response_flags"]
         answers = [_present(a) for a in (r.get("answer_records") or [])]
@@ -429,10 +441,14 @@ def emit_table(db, table: str, convert, emit) -> None:
     # tx_id: the transaction's number within its flow, as Suricata counts them
     # community_id comes from the session, as Suricata puts it on every event of a flow
     where = _WHERE.get(table, "")
+    # the session's link-layer addresses (a store written before they existed has none)
+    session_columns = {row[0] for row in db.execute('DESCRIBE "sessions"').fetchall()}
+    macs = ", ".join(c for c in ("orig_l2_addr", "resp_l2_addr") if c in session_columns and c not in columns)
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
              f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
-             f's.tunnel AS session_tunnel '
-             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel FROM sessions) s USING (uid) {where}'
+             f's.tunnel AS session_tunnel{", s." + macs.replace(", ", ", s.") if macs else ""} '
+             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel{", " + macs if macs else ""} '
+             f'FROM sessions) s USING (uid) {where}'
              f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)

@@ -24,7 +24,8 @@ CONN_FIELDS = [
     ("missed_bytes", "missed_bytes"), ("history", "history"), ("orig_pkts", "orig_pkts"),
     ("orig_ip_bytes", "orig_ip_bytes"), ("resp_pkts", "resp_pkts"), ("resp_ip_bytes", "resp_ip_bytes"),
     ("tunnel", "tunnel_parents"), ("vlan", "vlan"), ("inner_vlan", "inner_vlan"),
-    ("community_id", "community_id"), ("link", "link"), ("app", "app"), ("category", "category"),
+    ("community_id", "community_id"), ("orig_l2_addr", "orig_l2_addr"), ("resp_l2_addr", "resp_l2_addr"),
+    ("link", "link"), ("app", "app"), ("category", "category"),
 ]
 
 _ID = {"orig_h": "id.orig_h", "orig_p": "id.orig_p", "resp_h": "id.resp_h", "resp_p": "id.resp_p"}
