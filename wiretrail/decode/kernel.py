@@ -82,7 +82,11 @@ def _u64(d, p):
 @kernel(inline=True)
 def _mac(d, p):
     """The 48-bit MAC address at p, as an integer (first byte most significant)."""
-    return (np.uint64(_u16(d, p)) << np.uint64(32)) | np.uint64(_u32(d, p + 2))
+    q = np.uint64(p)  # an unsigned index: no negative-index wraparound check per byte
+    v = np.uint64(0)
+    for k in range(6):
+        v = (v << np.uint64(8)) | np.uint64(d[q + np.uint64(k)])
+    return v
 
 
 @kernel
