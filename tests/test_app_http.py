@@ -294,6 +294,20 @@ def test_100_continue_and_response_without_request():
     assert rows[1].get("method") is None and rows[1]["status_code"] == 500 and rows[1]["trans_depth"] == 2
 
 
+def test_status_that_is_not_a_number():
+    """Kept as sent for Suricata's status_string; Zeek's fields as Zeek writes them."""
+    from wiretrail.export.eve import _http
+
+    rows = http.parse_stream(_stream(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+                                     b"HTTP/1.1 2XX OK\r\nContent-Length: 2\r\n\r\nok"))
+    assert (rows[0]["status_code"], rows[0]["status_msg"], rows[0]["status_string"]) == (0, "<empty>", "2XX")
+    assert rows[0]["malformed"]
+    event = _http({**rows[0], "uid": "C0000000001A", "ts_ns": 0})[0]["http"]
+    assert event["status_string"] == "2XX" and "status" not in event
+    ok = http.parse_stream(_stream(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n"))
+    assert ok[0]["status_code"] == 200 and ok[0].get("status_string") is None
+
+
 def test_body_until_close_http09_and_inflated_length():
     import gzip
     import zlib

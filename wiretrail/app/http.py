@@ -81,6 +81,7 @@ SCHEMA = pa.schema([
     ("response_body_len", pa.int64()),
     ("status_code", pa.int32()),
     ("status_msg", pa.string()),
+    ("status_string", pa.string()),             # the status as sent when it is not a number (Suricata's)
     ("info_code", pa.int32()),                  # last 1xx before the final response
     ("info_msg", pa.string()),
     ("tags", pa.list_(pa.string())),
@@ -228,7 +229,7 @@ class _Dir:
 
 class _Msg:
     __slots__ = ("start", "ts", "line", "headers", "hlist", "body_len", "wire_len", "gap", "chunked",
-                 "malformed", "method", "uri", "version", "code", "reason", "pieces", "complete",
+                 "malformed", "method", "uri", "version", "code", "reason", "status_text", "pieces", "complete",
                  "v09", "resynced", "tunnel_from")
 
     def __init__(self, start: int, ts: int):
@@ -242,7 +243,7 @@ class _Msg:
         self.gap = 0
         self.chunked = False
         self.malformed = False
-        self.method = self.uri = self.version = self.reason = None
+        self.method = self.uri = self.version = self.reason = self.status_text = None
         self.code = None
         self.pieces: list[bytes] | None = None
         self.complete = True
@@ -318,6 +319,8 @@ def _status_line(line: bytes, m: _Msg) -> bool:
         m.malformed = True
         m.code = 0
         m.reason = "<empty>"
+        if len(parts) >= 2:
+            m.status_text = _s(parts[1])  # as sent ("2XX"): Suricata's status_string
         return True
     m.code = int(parts[1][:3])
     reason = parts[2].strip() if len(parts) > 2 else b""
@@ -780,6 +783,7 @@ class _Parser:
         if resp is not None:
             h = resp.headers
             row.update(version=resp.version, status_code=resp.code, status_msg=resp.reason,
+                       status_string=resp.status_text,
                        response_body_len=resp.body_len, response_content_encoding=h.get("content-encoding"),
                        response_transfer_encoding=h.get("transfer-encoding"), response_chunked=resp.chunked)
             row["malformed"] = row["malformed"] or resp.malformed

@@ -215,7 +215,8 @@ def _http(r: dict) -> list[dict]:
                         "http_user_agent": r.get("user_agent"),
                         "http_content_type": types[0] if types else None, "http_refer": r.get("referrer"),
                         "http_method": r.get("method"), "protocol": f"HTTP/{r['version']}" if r.get("version") else None,
-                        "status": r.get("status_code"), "length": r.get("response_body_len"),
+                        "status": None if r.get("status_string") else r.get("status_code"),
+                        "status_string": r.get("status_string"), "length": r.get("response_body_len"),
                         "xff": r.get("xff")})
     return [_clean(e)]
 
