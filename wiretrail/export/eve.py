@@ -429,6 +429,10 @@ _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 
                  "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
                  "('FileRenameInformation', 'FileDispositionInformation')))) "}
 
+# Rows after which Suricata starts counting a flow's transactions again: HTTP after a granted
+# CONNECT (the tunnelled requests are a new HTTP state, tx_id 0 on).
+_TX_RESTART = {"http": "method = 'CONNECT' AND status_code BETWEEN 200 AND 299"}
+
 # store table -> EVE converter
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
@@ -445,10 +449,16 @@ def emit_table(db, table: str, convert, emit) -> None:
     # the session's link-layer addresses (a store written before they existed has none)
     session_columns = {row[0] for row in db.execute('DESCRIBE "sessions"').fetchall()}
     macs = ", ".join(c for c in ("orig_l2_addr", "resp_l2_addr") if c in session_columns and c not in columns)
+    source, segment = f'"{table}"', ""
+    if table in _TX_RESTART:  # number each stretch between restarts on its own
+        source = (f'(SELECT *, coalesce(sum(CASE WHEN {_TX_RESTART[table]} THEN 1 END) OVER (PARTITION BY uid '
+                  f'ORDER BY ts ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS tx_segment '
+                  f'FROM "{table}")')
+        segment = ", t.tx_segment"
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
-             f'row_number() OVER (PARTITION BY t.uid ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
+             f'row_number() OVER (PARTITION BY t.uid{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
              f's.tunnel AS session_tunnel{", s." + macs.replace(", ", ", s.") if macs else ""} '
-             f'FROM "{table}" t LEFT JOIN (SELECT uid, community_id, tunnel{", " + macs if macs else ""} '
+             f'FROM {source} t LEFT JOIN (SELECT uid, community_id, tunnel{", " + macs if macs else ""} '
              f'FROM sessions) s USING (uid) {where}'
              f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
