@@ -252,42 +252,30 @@ class _Bad(Exception):
 _U16_PAIR = struct.Struct(">HH").unpack_from  # an extension header: type, length
 
 
-class _Reader:
-    __slots__ = ("b", "p", "end")
+def _vec(b: bytes, p: int, end: int, width: int) -> tuple[int, int]:
+    """(start, stop) of the vector at b[p:] whose length is the big-endian `width`-byte (1 or
+    2) field there; _Bad if it does not fit before `end`. The hellos are read with this and
+    positions by hand: a reader object per field cost more than the rest of the parse."""
+    if p + width > end:
+        raise _Bad("length")
+    ln = b[p] if width == 1 else (b[p] << 8) | b[p + 1]
+    p += width
+    if p + ln > end:
+        raise _Bad("vector")
+    return p, p + ln
 
-    def __init__(self, b: bytes, p: int = 0, end: int | None = None):
-        self.b, self.p, self.end = b, p, len(b) if end is None else end
 
-    def left(self) -> int:
-        return self.end - self.p
-
-    def u8(self) -> int:
-        if self.p + 1 > self.end:
-            raise _Bad("u8")
-        v = self.b[self.p]
-        self.p += 1
-        return v
-
-    def u16(self) -> int:
-        if self.p + 2 > self.end:
-            raise _Bad("u16")
-        v = (self.b[self.p] << 8) | self.b[self.p + 1]
-        self.p += 2
-        return v
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.p + n > self.end:
-            raise _Bad("take")
-        v = self.b[self.p:self.p + n]
-        self.p += n
-        return v
-
-    def sub(self, n: int) -> _Reader:
-        if n < 0 or self.p + n > self.end:
-            raise _Bad("sub")
-        r = _Reader(self.b, self.p, self.p + n)
-        self.p += n
-        return r
+def _extensions(b: bytes, p: int, end: int):
+    """(type, start, stop) of each extension in b[p:end]; _Bad at one that does not fit."""
+    while p < end:
+        if p + 4 > end:
+            raise _Bad("extension header")
+        et, ln = _U16_PAIR(b, p)
+        p += 4
+        if p + ln > end:
+            raise _Bad("extension body")
+        yield et, p, p + ln
+        p += ln
 
 
 @dataclass
@@ -324,57 +312,30 @@ def parse_client_hello(body: bytes) -> ClientHello:
     ch = ClientHello()
     b = body
     n = len(b)
-    # read by hand, positions and bounds as a _Reader keeps them: a field that does not fit
-    # is _Bad, what was read before it stays
+    # a field that does not fit is _Bad; what was read before it stays
     try:
         if n < 2:
             raise _Bad("u16")
         ch.version = (b[0] << 8) | b[1]
-        if n < 35:  # the random, then the session id's length
-            raise _Bad("take")
-        p = 35 + b[34]
-        if p > n:
-            raise _Bad("take")
-        ch.session_id = b[35:p]
-        if p + 2 > n:
-            raise _Bad("u16")
-        end = p + 2 + ((b[p] << 8) | b[p + 1])
-        if end > n:
-            raise _Bad("sub")
-        k = (end - p - 2) // 2
-        ch.ciphers = list(struct.unpack_from(f">{k}H", b, p + 2)) if k else []
-        if (end - p) & 1:  # an odd byte left over
+        start, p = _vec(b, 34, n, 1)
+        ch.session_id = b[start:p]
+        start, end = _vec(b, p, n, 2)
+        k = (end - start) // 2
+        ch.ciphers = list(struct.unpack_from(f">{k}H", b, start)) if k else []
+        if (end - start) & 1:  # an odd byte left over
             ch.malformed = True
-        p = end
-        if p + 1 > n:  # compression methods
-            raise _Bad("u8")
-        p += 1 + b[p]
-        if p > n:
-            raise _Bad("take")
+        _, p = _vec(b, end, n, 1)  # compression methods
         if p == n:
             return ch
-        if p + 2 > n:
-            raise _Bad("u16")
-        end = p + 2 + ((b[p] << 8) | b[p + 1])
-        if end > n:
-            raise _Bad("sub")
-        p += 2
-        # the extension list walked inline (a dozen or more per hello)
+        p, end = _vec(b, p, n, 2)
         extensions = ch.extensions
-        while p < end:
-            if p + 4 > end:
-                raise _Bad("extension header")
-            et, ln = _U16_PAIR(b, p)
-            p += 4
-            if p + ln > end:
-                raise _Bad("extension body")
+        for et, start, stop in _extensions(b, p, end):
             extensions.append(et)
             if et in _CLIENT_EXTS_READ:
                 try:
-                    _client_ext(ch, et, b, p, p + ln)
+                    _client_ext(ch, et, b, start, stop)
                 except _Bad:
                     ch.malformed = True
-            p += ln
     except _Bad:
         ch.malformed = True
     return ch
@@ -385,56 +346,26 @@ _CLIENT_EXTS_READ = frozenset((0, 16, 10, 11, 13, 43))  # the types _client_ext 
 
 def _client_ext(ch: ClientHello, et: int, b: bytes, p: int, end: int) -> None:
     """Read extension `et` of a ClientHello, its data b[p:end]; _Bad where it breaks (what was
-    read before stays). Positions by hand, not a _Reader: a dozen of these per hello."""
+    read before stays)."""
     if et == 10 or et == 13 or et == 43:  # supported_groups, signature_algorithms, supported_versions
-        if et == 43:  # a one-byte length
-            if p + 1 > end:
-                raise _Bad("u8")
-            ln, p = b[p], p + 1
-        else:
-            if p + 2 > end:
-                raise _Bad("u16")
-            ln, p = (b[p] << 8) | b[p + 1], p + 2
-        if p + ln > end:
-            raise _Bad("sub")
-        k = ln // 2  # 16-bit values; an odd last byte is ignored
+        p, stop = _vec(b, p, end, 1 if et == 43 else 2)
+        k = (stop - p) // 2  # 16-bit values; an odd last byte is ignored
         values = struct.unpack_from(f">{k}H", b, p) if k else ()
         (ch.groups if et == 10 else ch.sig_algs if et == 13 else ch.supported_versions).extend(values)
     elif et == 0 or et == 16:  # server_name, ALPN: a list with a 16-bit length
-        if p + 2 > end:
-            raise _Bad("u16")
-        ln, p = (b[p] << 8) | b[p + 1], p + 2
-        if p + ln > end:
-            raise _Bad("sub")
-        end = p + ln
+        p, end = _vec(b, p, end, 2)
         while p < end:
             if et == 0:
                 nt = b[p]
-                if p + 3 > end:
-                    raise _Bad("u16")
-                n = (b[p + 1] << 8) | b[p + 2]
-                p += 3
-                if p + n > end:
-                    raise _Bad("take")
+                start, p = _vec(b, p + 1, end, 2)
                 if nt == 0 and ch.sni is None:
-                    ch.sni = b[p:p + n].decode("utf-8", "backslashreplace")
+                    ch.sni = b[start:p].decode("utf-8", "backslashreplace")
             else:
-                n = b[p]
-                p += 1
-                if p + n > end:
-                    raise _Bad("take")
-                ch.alpn.append(b[p:p + n])
-            p += n
+                start, p = _vec(b, p, end, 1)
+                ch.alpn.append(b[start:p])
     elif et == 11:  # ec_point_formats: bytes with an 8-bit length
-        if p + 1 > end:
-            raise _Bad("u8")
-        ln, p = b[p], p + 1
-        if p + ln > end:
-            raise _Bad("sub")
-        ch.point_formats.extend(b[p:p + ln])
-
-
-_SERVER_EXTS_READ = frozenset((43, 51, 41, 16))  # the types parse_server_hello reads
+        p, stop = _vec(b, p, end, 1)
+        ch.point_formats.extend(b[p:stop])
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
@@ -457,12 +388,8 @@ def parse_server_hello(body: bytes) -> ServerHello:
             sh.cipher = (b[34] << 8) | b[35]
             p = 36
         else:
-            if n < 35:
-                raise _Bad("u8")
-            p = 35 + b[34]
-            if p > n:
-                raise _Bad("take")
-            sh.session_id = b[35:p]
+            start, p = _vec(b, 34, n, 1)
+            sh.session_id = b[start:p]
             if p + 2 > n:
                 raise _Bad("u16")
             sh.cipher = (b[p] << 8) | b[p + 1]
@@ -471,43 +398,26 @@ def parse_server_hello(body: bytes) -> ServerHello:
             p += 3
         if p == n:
             return sh
-        if p + 2 > n:
-            raise _Bad("u16")
-        end = p + 2 + ((b[p] << 8) | b[p + 1])
-        if end > n:
-            raise _Bad("sub")
-        p += 2
-        while p < end:  # the extension list walked inline, as in parse_client_hello
-            if p + 4 > end:
-                raise _Bad("extension header")
-            et, ln = _U16_PAIR(b, p)
-            p += 4
-            if p + ln > end:
-                raise _Bad("extension body")
+        p, end = _vec(b, p, n, 2)
+        for et, start, stop in _extensions(b, p, end):
             sh.extensions.append(et)
-            if et not in _SERVER_EXTS_READ:
-                p += ln
-                continue
             if et == 43 or et == 51:
-                if ln >= 2:
-                    v = (b[p] << 8) | b[p + 1]
+                if stop - start >= 2:
+                    v = (b[start] << 8) | b[start + 1]
                     if et == 43:
                         sh.selected_version = v
                     else:
                         sh.key_share_group = v
-                p += ln
-                continue
-            ed = _Reader(b, p, p + ln)
-            p += ln
-            try:
-                if et == 41:
-                    sh.psk = True
-                elif et == 16:
-                    lst = ed.sub(ed.u16())
-                    if lst.left():
-                        sh.alpn = lst.take(lst.u8())
-            except _Bad:
-                sh.malformed = True
+            elif et == 41:
+                sh.psk = True
+            elif et == 16:
+                try:
+                    p, stop = _vec(b, start, stop, 2)
+                    if p < stop:
+                        p, stop = _vec(b, p, stop, 1)
+                        sh.alpn = b[p:stop]
+                except _Bad:
+                    sh.malformed = True
     except _Bad:
         sh.malformed = True
     return sh
@@ -773,7 +683,7 @@ def _after_ccs(side: _Side, types: tuple[int, ...]) -> int:
 
 def _cert_list(body: bytes, tls13: bool = False) -> tuple[list[bytes], bool]:
     """The DER certificates of a Certificate message, and whether it was malformed (what was
-    read before the break is kept). Positions by hand, bounds as a _Reader checks them."""
+    read before the break is kept). Positions by hand, bounds checked as _vec checks them."""
     b = body
     n = len(b)
     out: list[bytes] = []
