@@ -29,7 +29,6 @@ import numpy as np
 import pyarrow as pa
 
 
-
 # The columns that say which session a record belongs to: first in the protocol tables.
 SESSION_COLUMNS = [
     ("ts", pa.timestamp("ns")),
@@ -39,6 +38,7 @@ SESSION_COLUMNS = [
     ("resp_h", pa.string()),
     ("resp_p", pa.int32()),
 ]
+
 
 @dataclass
 class Datagram:

@@ -142,7 +142,6 @@ class NdpiResult(NamedTuple):
     confidence: str     # "DPI", "Match by port", ... ("Unknown" when undetected)
     extra: dict         # host, ja4, ja3s, risk, risks, non_std_port, dpi_packets
 
-
     @property
     def port_mismatch(self) -> bool:
         return bool(self.extra.get("non_std_port", False))

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from wiretrail.batch import (
+    TUNNEL_AYIYA, TUNNEL_CAPWAP, TUNNEL_GENEVE, TUNNEL_GTP, TUNNEL_NAMES, TUNNEL_TEREDO, TUNNEL_VXLAN,
+)
+
 SESSIONS_SCHEMA = pa.schema([
     ("uid", pa.string()),
     ("sid", pa.int64()),
@@ -62,11 +66,13 @@ SESSIONS_SCHEMA = pa.schema([
 # sessions inside those are not flows to it, their outer UDP sessions are. Sessions follow
 # Zeek instead (idle and active timeouts, a new connection on a SYN after a close), so a
 # capture has more sessions than flows; this sets the two side by side (tests, bench).
-NDPI_FLOW_COUNT_SQL = """
+_NOT_OPENED_BY_NDPIREADER = ", ".join(f"'{TUNNEL_NAMES[t]}'" for t in (
+    TUNNEL_VXLAN, TUNNEL_GENEVE, TUNNEL_TEREDO, TUNNEL_GTP, TUNNEL_AYIYA, TUNNEL_CAPWAP))
+NDPI_FLOW_COUNT_SQL = f"""
 SELECT count(DISTINCT (ip_proto, coalesce(inner_vlan, vlan, 0), least(a, b), greatest(a, b))) AS flows
 FROM (SELECT ip_proto, vlan, inner_vlan,
              orig_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN orig_p ELSE 0 END AS a,
              resp_h || '|' || CASE WHEN ip_proto IN (6, 17) THEN resp_p ELSE 0 END AS b
       FROM sessions
-      WHERE tunnel IS NULL OR tunnel NOT IN ('VXLAN', 'GENEVE', 'Teredo', 'GTPv1', 'AYIYA', 'CAPWAP'))
+      WHERE tunnel IS NULL OR tunnel NOT IN ({_NOT_OPENED_BY_NDPIREADER}))
 """
