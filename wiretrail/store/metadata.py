@@ -65,13 +65,19 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
 
 
 def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
-    """Write one Parquet part atomically (temporary name, then rename)."""
+    """Write one Parquet part atomically (temporary name, then rename).
+
+    LZ4, not zstd: a zstd context is set up for every column chunk, about 1.4 ms more per part
+    of a 36-column table whatever its rows, and ingest writes a part per table and hour at
+    each flush (measured on mix.pcap: 0.12 CPU s less for a full ingest, 0.03 s for the
+    sessions alone). The parts are about 45% larger, under 2% of the store (packets are the
+    rest), and read faster."""
     global _part_seq
     _part_seq += 1
     directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns()}-{os.getpid()}-{_part_seq}.parquet"
     tmp = directory / (name + ".tmp")
-    options = {"compression": "zstd", "row_group_size": 1 << 17,
+    options = {"compression": "lz4", "row_group_size": 1 << 17,
                "use_dictionary": _dictionary_columns(table.schema), **parquet_options}
     try:
         pq.write_table(table, tmp, **options)
