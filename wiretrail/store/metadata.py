@@ -64,6 +64,16 @@ def _dictionary_columns(schema: pa.Schema) -> list[str]:
     return [f.name for f in schema if pa.types.is_string(f.type) and f.name not in _UNIQUE_COLUMNS]
 
 
+# Min/max statistics let a query skip parts and row groups, which only works on columns that
+# follow the order rows are written in: time, and the session id (its high bits are the hour).
+# On the others they cost writing time (15% of a sessions part) and prune nothing.
+_STATISTICS_COLUMNS = ("ts", "last_ts", "sid")
+
+
+def _statistics_columns(schema: pa.Schema) -> list[str]:
+    return [name for name in _STATISTICS_COLUMNS if schema.get_field_index(name) >= 0]
+
+
 def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     """Write one Parquet part atomically (temporary name, then rename).
 
@@ -78,7 +88,8 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     name = f"part-{time.time_ns()}-{os.getpid()}-{_part_seq}.parquet"
     tmp = directory / (name + ".tmp")
     options = {"compression": "lz4", "row_group_size": 1 << 17,
-               "use_dictionary": _dictionary_columns(table.schema), **parquet_options}
+               "use_dictionary": _dictionary_columns(table.schema),
+               "write_statistics": _statistics_columns(table.schema), **parquet_options}
     try:
         pq.write_table(table, tmp, **options)
         os.replace(tmp, directory / name)
