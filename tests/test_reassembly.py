@@ -35,15 +35,21 @@ def reorder(batch: FrameBatch, order: list[int]) -> FrameBatch:
                                linktype=batch.linktype[idx])
 
 
-def streams(batch: FrameBatch, depth: int = 1 << 20):
-    """{sid: (orig Direction, resp Direction)} for every TCP session of the batch."""
-    cols = decode(batch)
+def streams(batch: FrameBatch, depth: int = 1 << 20, batch_packets: int = 0, memcap: int = 256 << 20):
+    """{sid: (orig Direction, resp Direction)} for every TCP session of the batch, fed to the
+    reassembler whole or `batch_packets` packets at a time."""
+    step = batch_packets or len(batch)
     table = FlowTable()
-    sid, is_orig, _, _ = table.update(cols, batch.ts, batch.wirelen)
-    r = Reassembler(depth=depth)
-    rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
-    r.add(batch, cols, rows, sid, is_orig)
-    return {s: (r.take(s, True), r.take(s, False)) for s in np.unique(sid[rows]).tolist()}, r
+    r = Reassembler(depth=depth, memcap=memcap)
+    seen = set()
+    for lo in range(0, len(batch), step):
+        part = reorder(batch, list(range(lo, min(lo + step, len(batch)))))
+        cols = decode(part)
+        sid, is_orig, _, _ = table.update(cols, part.ts, part.wirelen)
+        rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
+        r.add(part, cols, rows, sid, is_orig)
+        seen.update(sid[rows].tolist())
+    return {s: (r.take(s, True), r.take(s, False)) for s in sorted(seen)}, r
 
 
 def tokens(direction) -> list[bytes]:
@@ -154,6 +160,42 @@ def test_overlap_first_copy_wins_and_depth_bound():
     (o, s), = got.values()
     assert len(o.data) <= 1000 and len(s.data) <= 1000 and (o.truncated or s.truncated)
     assert r.held == 0  # everything taken
+
+
+def test_same_streams_whatever_the_batches():
+    """A stream fed a few packets per batch (each batch a block of its own), out of order and
+    with every segment twice, comes out as when fed whole."""
+    batch = one_batch(PPP / "tcp_reassembly" / "one_tcp_stream.pcap")
+    n = len(batch)
+    whole, _ = streams(batch)
+    for order in (list(range(n)), _out_of_order(n), list(range(n)) + list(range(3, n))):
+        mixed = reorder(batch, order)
+        one, _ = streams(mixed)
+        for per_batch in (1, 3, 7):
+            got, r = streams(mixed, batch_packets=per_batch)
+            assert [(o.data, o.gaps, s.data, s.gaps) for o, s in got.values()] == \
+                [(o.data, o.gaps, s.data, s.gaps) for o, s in one.values()]
+            assert [list(o.ts_offsets) for o, _ in got.values()] == [list(o.ts_offsets) for o, _ in one.values()]
+            assert r.held == 0
+    assert [(o.data, s.data) for o, s in one.values()] == [(o.data, s.data) for o, s in whole.values()]
+
+
+def test_memcap_sheds_the_later_bytes_as_gaps():
+    """Past the memcap the directions holding most are cut to what comes first in sequence:
+    what a direction holds up to its first gap is the stream's start, and bytes shed before
+    later ones are gaps (shed at the end, the direction just ends, marked truncated)."""
+    batch = one_batch(PPP / "tcp_reassembly" / "one_tcp_stream.pcap")
+    whole, _ = streams(batch)
+    (o_all, r_all), = whole.values()
+    memcap = (len(o_all.data) + len(r_all.data)) // 4
+    got, r = streams(batch, batch_packets=5, memcap=memcap)
+    (o, s), = got.values()
+    assert o.truncated and s.truncated and s.gaps
+    for part, full in ((o, o_all), (s, r_all)):
+        first_gap = part.gaps[0][0] if part.gaps else len(part.data)
+        assert 0 < first_gap and part.data[:first_gap] == full.data[:first_gap]
+        assert len(part.data) + sum(n for _, n in part.gaps) < len(full.data)
+    assert r.held == 0
 
 
 def test_acked_by_names_the_first_packet_acknowledging_the_bytes():

@@ -52,9 +52,35 @@ _SEQ_TIME = itemgetter(0, 2)
 
 
 @dataclass
+class _Block:
+    """The segments one batch brought to one side, back to back: segment k is
+    data[starts[k] - starts[0]:starts[k + 1] - starts[0]], at relative sequence rel[k], seen at
+    ts[k]. Kept as one block, not a chunk per segment, so that a batch costs Python one object
+    per side, not one per packet."""
+    rel: np.ndarray
+    data: bytes
+    starts: np.ndarray
+    ts: np.ndarray
+
+    def chunks(self) -> list[tuple[int, bytes, int]]:
+        """(relative seq, bytes, ts) per segment."""
+        bounds, data = (self.starts - self.starts[0]).tolist(), self.data
+        return list(zip(self.rel.tolist(), [data[a:b] for a, b in zip(bounds, bounds[1:])], self.ts.tolist()))
+
+    @classmethod
+    def of_chunks(cls, chunks: list[tuple[int, bytes, int]]) -> "_Block":
+        lengths = [len(c[1]) for c in chunks]
+        starts = np.zeros(len(chunks) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=starts[1:])
+        return cls(rel=np.array([c[0] for c in chunks], dtype=np.int64), data=b"".join(c[1] for c in chunks),
+                   starts=starts, ts=np.array([c[2] for c in chunks], dtype=np.int64))
+
+
+@dataclass
 class _Side:
     base: int = -1                  # absolute sequence number of stream offset 0
-    chunks: list = field(default_factory=list)  # (relative seq, bytes, ts)
+    # what the side holds, one _Block per batch that brought it bytes
+    blocks: list = field(default_factory=list)
     # the chunks so far follow each other exactly from offset 0, in the order they came (no gap,
     # no overlap, no reordering: the usual case), and where the next one would start
     in_order: bool = True
@@ -144,23 +170,23 @@ class Reassembler:
         out_off = np.empty(len(kept_rows) + 1, dtype=np.int64)
         _gather(batch.data, batch.offset, cols["pl_off"], kept_len, kept_rows, self._buf, out_off)
         payload = self._buf[:need].tobytes()
-        bounds = out_off.tolist()
         offsets = rel[kept]
         ends = offsets + keep[kept]
-        chunks = list(zip(offsets.tolist(), [payload[a:b] for a, b in zip(bounds, bounds[1:])],
-                          batch.ts[kept_rows].tolist()))
-        at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first chunk
-        # chunks that do not start where the one before them in their group ended, counted so
-        # that breaks[j] - breaks[i + 1] is how many of chunks i+1..j-1 do not
+        kept_ts = batch.ts[kept_rows].astype(np.int64, copy=False)
+        at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first segment
+        bounds = out_off.tolist()
+        # segments that do not start where the one before them in their group ended, counted so
+        # that breaks[j] - breaks[i + 1] is how many of segments i+1..j-1 do not
         breaks = np.concatenate([[0, 0], np.cumsum(offsets[1:] != ends[:-1])]).tolist()
-        offsets, ends = offsets.tolist(), ends.tolist()
+        first_rel, last_end = offsets.tolist(), ends.tolist()
         for g, side in enumerate(group_sides):
             i, j = at[g], at[g + 1]
             if i < j:
-                side.chunks.extend(chunks[i:j])
+                side.blocks.append(_Block(rel=offsets[i:j], data=payload[bounds[i]:bounds[j]],
+                                          starts=out_off[i:j + 1], ts=kept_ts[i:j]))
                 if side.in_order:
-                    if offsets[i] == side.next_rel and breaks[j] == breaks[i + 1]:
-                        side.next_rel = ends[j - 1]
+                    if first_rel[i] == side.next_rel and breaks[j] == breaks[i + 1]:
+                        side.next_rel = last_end[j - 1]
                     else:
                         side.in_order = False
             n = int(cut[g])
@@ -218,13 +244,14 @@ class Reassembler:
             if self.held <= self.memcap * 3 // 4:
                 break
             keep, total = [], 0
-            for c in sorted(side.chunks, key=lambda c: c[0]):
+            for c in sorted((c for b in side.blocks for c in b.chunks()), key=lambda c: c[0]):
                 if total >= side.kept // 2:
                     break
                 keep.append(c)
                 total += len(c[1])
             self.held -= side.kept - total
-            side.chunks, side.kept, side.truncated, side.in_order = keep, total, True, False
+            side.blocks = [_Block.of_chunks(keep)] if keep else []
+            side.kept, side.truncated, side.in_order = total, True, False
 
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
@@ -232,13 +259,17 @@ class Reassembler:
         if side is None:
             return Direction()
         self.held -= side.kept
-        chunks = side.chunks
-        if chunks and side.in_order:
+        blocks = side.blocks
+        if blocks and side.in_order:
             # the common case: every byte once, in order, from the start: one join
-            offsets, parts, times = zip(*chunks)
-            return Direction(data=b"".join(parts), gaps=[], ts_offsets=np.array(offsets, dtype=np.int64),
-                             ts=np.array(times, dtype=np.int64), truncated=side.truncated,
-                             acks=side.acks)
+            if len(blocks) == 1:
+                b = blocks[0]
+                return Direction(data=b.data, gaps=[], ts_offsets=b.rel, ts=b.ts, truncated=side.truncated,
+                                 acks=side.acks)
+            return Direction(data=b"".join([b.data for b in blocks]), gaps=[],
+                             ts_offsets=np.concatenate([b.rel for b in blocks]),
+                             ts=np.concatenate([b.ts for b in blocks]), truncated=side.truncated, acks=side.acks)
+        chunks = [c for b in blocks for c in b.chunks()]
         chunks.sort(key=_SEQ_TIME)
         parts, gaps, ts_off, ts_val = [], [], [], []
         end = 0  # relative seq covered so far
