@@ -161,7 +161,8 @@ def test_netbios_name_decoded():
 
 
 def test_one_parse_gives_both_readings():
-    """parse_both: one parse, equal to parse_message lower-cased (with authorities) and as sent."""
+    """One parse as sent carries Zeek's lower-cased reading too (DnsMessage.lowered, Answer.lower):
+    lower-cased, it equals parse_message's lower-cased parse (with authorities)."""
     def name(s: bytes) -> bytes:
         return b"".join(bytes([len(x)]) + x for x in s.split(b".")) + b"\0"
 
@@ -181,11 +182,26 @@ def test_one_parse_gives_both_readings():
         (msg(flags=0x8180, qd=[question("lower.example")], an=[rr(PTR_Q, 16, b"\x03TXT")]), 53),
     ]
     for buf, port in cases:
-        low, sent = dns.parse_both(buf, netbios=port == 137, resp_port=port)
-        assert low == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_authorities=True)
-        assert sent == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_case=True)
-        assert (low is sent) == (buf == cases[-1][0]) and not low.malformed
-    low, sent = dns.parse_both(cases[1][0])
+        sent = dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_case=True)
+        low = dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_authorities=True)
+        assert sent.lowered == (buf != cases[-1][0]) and not sent.malformed and not low.malformed
+        assert [q.lower() for q, _, _ in sent.questions] == [q for q, _, _ in low.questions]
+        assert [a.lower or (a.name, a.reply) for a in sent.answers] == [(a.name, a.reply) for a in low.answers]
+        if not sent.lowered:
+            assert sent == low
+    sent = dns.parse_message(cases[0][0], keep_case=True)
+    low = dns.parse_message(cases[0][0], keep_authorities=True)
+    assert [a.reply for a in sent.answers] == [
+        "TXT 5 HeLLo TXT 3 \\x00AB", "Target.EXAMPLE", "SRV.Host", "RRSIG 0 Signer.ORG", "NSEC WWW.Example.COM Next.ORG",
+        "NAPTR 1 2 U E2U !X Repl.NET"]
+    assert [a.reply for a in low.answers] == [  # names lower-cased, the strings of TXT and NAPTR as sent
+        "TXT 5 HeLLo TXT 3 \\x00AB", "target.example", "srv.host", "RRSIG 0 signer.org", "NSEC www.example.com next.org",
+        "NAPTR 1 2 U E2U !X repl.net"]
+    assert low.answers[0].txt == ["HeLLo", "\\x00AB"] and low.answers[2].detail["srv"]["name"] == "srv.host"
+    assert sent.authorities[0].detail["soa"]["mname"] == "NS1.Ex\\x01.COM"
+    assert low.authorities[0].detail["soa"]["rname"] == "host\\xc3master.ex.com"
+    low = dns.parse_message(cases[1][0])
+    sent = dns.parse_message(cases[1][0], keep_case=True)
     assert [a.reply for a in low.answers] == ["pre: NameNotInUse pre.zone.example", "del:x.example", "add: A a.zone.example 0.0.0.0"]
     assert [a.reply for a in sent.answers] == ["pre: NameNotInUse Pre.Zone.EXAMPLE", "add: DEL:x.Example",
                                                 "add: A A.Zone.EXAMPLE 0.0.0.0"]
