@@ -152,6 +152,22 @@ def test_pairing_as_zeek():
     assert row["malformed"] and row["opcode"] == 2
 
 
+def test_names_as_sent_and_lower_cased():
+    """Zeek's fields lower-case names, Suricata's keep them as sent. A query gives query_original
+    only if its datagram had capitals; one without leaves it to the response's question."""
+    s = dns.DnsSession("C1", "10.0.0.1", 40000, "10.0.0.53", 53)
+    s.add(dgram(msg(tid=1, qd=[question("WWW.Example.com")])))
+    (row,) = s.add(dgram(msg(tid=1, flags=0x8180, qd=[question("www.example.com")],
+                             an=[rr(PTR_Q, 5, qname("Alias.Example.NET"))]), ts=2_000_000_000, from_orig=False))
+    assert row["query"] == "www.example.com" and row["query_original"] == "WWW.Example.com"
+    assert row["answers"] == ["alias.example.net"]
+    assert row["answer_records"] == [{"rrname": "www.example.com", "rrtype": "CNAME", "ttl": 300,
+                                      "rdata": "Alias.Example.NET"}]
+    s.add(dgram(msg(tid=2, qd=[question("www.example.com")])))
+    (row,) = s.add(dgram(msg(tid=2, flags=0x8180, qd=[question("WWW.EXAMPLE.COM")]), from_orig=False))
+    assert row["query"] == "www.example.com" and row["query_original"] == "WWW.EXAMPLE.COM"
+
+
 def test_netbios_name_decoded():
     enc = "".join(chr(65 + (b >> 4)) + chr(65 + (b & 15)) for b in b"WORKGROUP      \x00")
     s = dns.DnsSession("C1", "10.0.0.1", 137, "10.0.0.255", 137)
