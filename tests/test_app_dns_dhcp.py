@@ -152,6 +152,22 @@ def test_pairing_as_zeek():
     assert row["malformed"] and row["opcode"] == 2
 
 
+def test_names_as_sent_and_lower_cased():
+    """Zeek's fields lower-case names, Suricata's keep them as sent. A query gives query_original
+    only if its datagram had capitals; one without leaves it to the response's question."""
+    s = dns.DnsSession("C1", "10.0.0.1", 40000, "10.0.0.53", 53)
+    s.add(dgram(msg(tid=1, qd=[question("WWW.Example.com")])))
+    (row,) = s.add(dgram(msg(tid=1, flags=0x8180, qd=[question("www.example.com")],
+                             an=[rr(PTR_Q, 5, qname("Alias.Example.NET"))]), ts=2_000_000_000, from_orig=False))
+    assert row["query"] == "www.example.com" and row["query_original"] == "WWW.Example.com"
+    assert row["answers"] == ["alias.example.net"]
+    assert row["answer_records"] == [{"rrname": "www.example.com", "rrtype": "CNAME", "ttl": 300,
+                                      "rdata": "Alias.Example.NET"}]
+    s.add(dgram(msg(tid=2, qd=[question("www.example.com")])))
+    (row,) = s.add(dgram(msg(tid=2, flags=0x8180, qd=[question("WWW.EXAMPLE.COM")]), from_orig=False))
+    assert row["query"] == "www.example.com" and row["query_original"] == "WWW.EXAMPLE.COM"
+
+
 def test_netbios_name_decoded():
     enc = "".join(chr(65 + (b >> 4)) + chr(65 + (b & 15)) for b in b"WORKGROUP      \x00")
     s = dns.DnsSession("C1", "10.0.0.1", 137, "10.0.0.255", 137)
@@ -161,7 +177,8 @@ def test_netbios_name_decoded():
 
 
 def test_one_parse_gives_both_readings():
-    """parse_both: one parse, equal to parse_message lower-cased (with authorities) and as sent."""
+    """One parse as sent carries Zeek's lower-cased reading too (DnsMessage.lowered, Answer.lower):
+    lower-cased, it equals parse_message's lower-cased parse (with authorities)."""
     def name(s: bytes) -> bytes:
         return b"".join(bytes([len(x)]) + x for x in s.split(b".")) + b"\0"
 
@@ -181,11 +198,26 @@ def test_one_parse_gives_both_readings():
         (msg(flags=0x8180, qd=[question("lower.example")], an=[rr(PTR_Q, 16, b"\x03TXT")]), 53),
     ]
     for buf, port in cases:
-        low, sent = dns.parse_both(buf, netbios=port == 137, resp_port=port)
-        assert low == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_authorities=True)
-        assert sent == dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_case=True)
-        assert (low is sent) == (buf == cases[-1][0]) and not low.malformed
-    low, sent = dns.parse_both(cases[1][0])
+        sent = dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_case=True)
+        low = dns.parse_message(buf, netbios=port == 137, resp_port=port, keep_authorities=True)
+        assert sent.lowered == (buf != cases[-1][0]) and not sent.malformed and not low.malformed
+        assert [q.lower() for q, _, _ in sent.questions] == [q for q, _, _ in low.questions]
+        assert [a.lower or (a.name, a.reply) for a in sent.answers] == [(a.name, a.reply) for a in low.answers]
+        if not sent.lowered:
+            assert sent == low
+    sent = dns.parse_message(cases[0][0], keep_case=True)
+    low = dns.parse_message(cases[0][0], keep_authorities=True)
+    assert [a.reply for a in sent.answers] == [
+        "TXT 5 HeLLo TXT 3 \\x00AB", "Target.EXAMPLE", "SRV.Host", "RRSIG 0 Signer.ORG", "NSEC WWW.Example.COM Next.ORG",
+        "NAPTR 1 2 U E2U !X Repl.NET"]
+    assert [a.reply for a in low.answers] == [  # names lower-cased, the strings of TXT and NAPTR as sent
+        "TXT 5 HeLLo TXT 3 \\x00AB", "target.example", "srv.host", "RRSIG 0 signer.org", "NSEC www.example.com next.org",
+        "NAPTR 1 2 U E2U !X repl.net"]
+    assert low.answers[0].txt == ["HeLLo", "\\x00AB"] and low.answers[2].detail["srv"]["name"] == "srv.host"
+    assert sent.authorities[0].detail["soa"]["mname"] == "NS1.Ex\\x01.COM"
+    assert low.authorities[0].detail["soa"]["rname"] == "host\\xc3master.ex.com"
+    low = dns.parse_message(cases[1][0])
+    sent = dns.parse_message(cases[1][0], keep_case=True)
     assert [a.reply for a in low.answers] == ["pre: NameNotInUse pre.zone.example", "del:x.example", "add: A a.zone.example 0.0.0.0"]
     assert [a.reply for a in sent.answers] == ["pre: NameNotInUse Pre.Zone.EXAMPLE", "add: DEL:x.Example",
                                                 "add: A A.Zone.EXAMPLE 0.0.0.0"]

@@ -34,6 +34,8 @@ import ipaddress
 import struct
 from collections import deque
 from dataclasses import dataclass, field
+from socket import inet_ntoa
+from typing import NamedTuple
 
 import pyarrow as pa
 
@@ -124,22 +126,23 @@ NETBIOS_OPCODE_NAMES = {0: "netbios-query", 5: "netbios-registration", 6: "netbi
                         7: "netbios-wack", 8: "netbios-refresh"}
 
 
+# (the name for a number not in a table is made only when asked for: these run per message)
 def qtype_name(n: int) -> str:
-    return QTYPE_NAMES.get(n, f"query-{n}")
+    return QTYPE_NAMES.get(n) or f"query-{n}"
 
 
 def rcode_name(n: int) -> str:
-    return RCODE_NAMES.get(n, f"rcode-{n}")
+    return RCODE_NAMES.get(n) or f"rcode-{n}"
 
 
 def qclass_name(n: int) -> str:
-    return QCLASS_NAMES.get(n, f"qclass-{n}")
+    return QCLASS_NAMES.get(n) or f"qclass-{n}"
 
 
 def opcode_name(n: int, netbios: bool = False) -> str:
     if netbios:
-        return NETBIOS_OPCODE_NAMES.get(n, f"netbios-opcode-{n}")
-    return OPCODE_NAMES.get(n, f"opcode-{n}")
+        return NETBIOS_OPCODE_NAMES.get(n) or f"netbios-opcode-{n}"
+    return OPCODE_NAMES.get(n) or f"opcode-{n}"
 
 
 # ---- limits (Zeek's defaults) ---------------------------------------------------------------
@@ -197,20 +200,24 @@ class _Bad(Exception):
     """Internal: the message breaks here (never leaves this module)."""
 
 
-@dataclass
-class Answer:
+class Answer(NamedTuple):
+    """One record: names as sent."""
+
     name: str        # owner name
     rtype: int
     rclass: int
     ttl: int
-    kind: int        # ANS, PREREQ or UPDATE
+    kind: int        # ANS, PREREQ or UPDATE; 0 in the authority section
     reply: str | None  # Zeek's answer string; "" counts for AA/RA/rtt but adds no answer; None: no event
     txt: list[str] | None = None  # a TXT record's strings, each on its own (Suricata's answers)
     detail: dict | None = None    # Suricata's fields for a record: {"soa": {...}}, {"srv": ...}, {"sshfp": ...},
                                   # or {"rdata": text} where its text differs from Zeek's (NULL)
+    # (owner, reply) as Zeek's lower-cased reading has them, once a name in the message had
+    # capitals; None: the same as `name` and `reply`
+    lower: tuple[str, str | None] | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class DnsMessage:
     """One DNS message, parsed on its own."""
 
@@ -227,10 +234,12 @@ class DnsMessage:
     short: bool = False   # fewer bytes than a header: nothing but `malformed`
     offset: int = 0       # where the message started in a TCP stream
     packet: int = 0       # packet number in the capture file (Datagram.packet), 0 if unknown
-    authorities: list[Answer] = field(default_factory=list)  # authority section (keep_case parses only)
-    as_sent: "DnsMessage | None" = None  # the same message with names as sent (for EVE fields)
-    # a name lost capitals to lower-casing (parsed with keep_case, it would read differently)
+    authorities: list[Answer] = field(default_factory=list)  # authority section (when asked for)
+    # a name had capitals: Zeek's fields need the names lower-cased (questions, Answer.lower)
     lowered: bool = field(default=False, repr=False, compare=False)
+    # the datagram had ASCII capitals anywhere: only then does a query give `query_original`
+    # (a query without them leaves it to the response's question)
+    capitals: bool = field(default=False, repr=False, compare=False)
 
     @property
     def qr(self) -> bool:
@@ -269,35 +278,37 @@ class DnsMessage:
         return not self.short and self.opcode in TRACKED_OPCODES
 
 
-def _clone(m: DnsMessage) -> DnsMessage:
-    """copy.copy(m), without copy's generic dispatch (a shallow copy of the instance dict)."""
-    c = object.__new__(DnsMessage)
-    c.__dict__.update(m.__dict__)
-    return c
-
-
 class _Parser:
-    def __init__(self, buf: bytes, netbios: bool, keep_case: bool = False):
+    """One message's names (read as sent) and record data."""
+
+    __slots__ = ("buf", "n", "netbios", "weird", "lowered", "lreply", "owner", "lowner", "names", "txt", "detail",
+                 "after_reply")
+
+    def __init__(self, buf: bytes, netbios: bool):
         self.buf = buf
         self.n = len(buf)
         self.netbios = netbios
-        self.keep_case = keep_case  # Zeek lower-cases names; Suricata's EVE keeps them as sent
         self.weird = False
         self.lowered = False  # a name had capitals (DnsMessage.lowered)
-        # With keep_case, `rdata` also gives its reply as the lower-cased parse would have
-        # written it, once a name had capitals (until then both read the same): `lreply`
-        # (None: the same as the reply). `lowner` is the owner name lower-cased.
+        # `rdata` also gives its reply as the lower-cased reading writes it, once a name had
+        # capitals (until then both read the same): `lreply` (None: the same as the reply).
+        # `owner` is the record's owner name, `lowner` the same lower-cased.
         self.lreply: str | None = None
+        self.owner = ""
         self.lowner = ""
         # names read so far, by where they start: (labels joined by dots, the length the name
         # counts against MAX_NAME, pointers followed, its text). Compression points most names
         # at one read before (answers at the question's name): such a pointer takes the whole rest.
         self.names: dict[int, tuple[bytes, int, int, str]] = {}
+        # what `rdata` found besides its reply: a TXT record's strings, Suricata's fields, the
+        # strings of a TXT record that broke part way (Zeek still reports them)
+        self.txt: list[str] | None = None
+        self.detail: dict | None = None
+        self.after_reply: str | None = None
 
     # -- names --
     def name(self, pos: int) -> tuple[str, int]:
-        """Name at `pos` -> (text without the trailing dot, lower-cased unless keep_case;
-        position after it)."""
+        """Name at `pos` -> (text as sent, without the trailing dot; position after it)."""
         buf = self.buf
         if pos + 1 < self.n and buf[pos] >= 0xC0:
             # most names are one pointer to a name read before: its text as it was, with
@@ -309,16 +320,13 @@ class _Parser:
                 if known is not None and known[2] < MAX_COMPRESSION_DEPTH:
                     self.names[pos] = (known[0], known[1], known[2] + 1, known[3])
                     return known[3], pos + 2
-        return self._name(pos)
-
-    def _name(self, pos: int) -> tuple[str, int]:
         start = pos
         out: list[bytes] = []
         total = 0
         end = None
         depth = 0
         cut = False
-        buf, n = self.buf, self.n
+        n = self.n
         while True:
             if pos >= n:
                 raise _Bad("name past the end")
@@ -326,7 +334,7 @@ class _Parser:
             if ln == 0:
                 pos += 1
                 break
-            if ln & 0xC0 == 0xC0:
+            if ln >= 0xC0:
                 if pos + 1 >= n:
                     raise _Bad("pointer past the end")
                 target = ((ln & 0x3F) << 8) | buf[pos + 1]
@@ -353,30 +361,27 @@ class _Parser:
                     break
                 pos = target
                 continue
-            if ln & 0xC0:
-                # 0x40/0x80: extended label types (obsolete); Zeek reads them as long labels
-                if not (self.netbios and pos + 1 + ln <= n):
-                    raise _Bad("bad label type")
-            if pos + 1 + ln > n:
+            after = pos + 1 + ln
+            if after > n:
                 raise _Bad("label past the end")
             if ln > 63 and not self.netbios:
-                raise _Bad("label too long")
+                # 0x40/0x80: extended label types (obsolete); Zeek reads them as long labels
+                raise _Bad("bad label type")
             total += ln + 1
             if total > MAX_NAME:
                 raise _Bad("name too long")
-            out.append(buf[pos + 1:pos + 1 + ln])
-            pos += 1 + ln
+            out.append(buf[pos + 1:after])
+            pos = after
         joined = b".".join(out)
-        text = _text(joined) if out else ""
-        # _text writes ASCII letters as they are and its escapes in lower case: lower-casing
-        # the text lower-cases exactly the name's ASCII capitals
-        if not self.keep_case:
-            lower = text.lower()
-            if lower != text:
+        if joined.isascii() and (text := joined.decode("ascii")).isprintable():
+            if not self.lowered and not text.islower() and text.lower() != text:
                 self.lowered = True
-                text = lower
-        elif not self.lowered and text.lower() != text:
-            self.lowered = True
+        else:
+            # _text writes ASCII letters as they are and its escapes in lower case: the
+            # lower-cased text lower-cases exactly the name's ASCII capitals
+            text = _text(joined)
+            if not self.lowered and text.lower() != text:
+                self.lowered = True
         if not cut:
             self.names[start] = (joined, total, depth, text)
         return text, (end if end is not None else pos)
@@ -385,11 +390,6 @@ class _Parser:
         if pos + 2 > self.n:
             raise _Bad("short")
         return (self.buf[pos] << 8) | self.buf[pos + 1]
-
-    def u32(self, pos: int) -> int:
-        if pos + 4 > self.n:
-            raise _Bad("short")
-        return struct.unpack_from(">I", self.buf, pos)[0]
 
     def char_strings(self, pos: int, end: int) -> tuple[list[bytes], bool]:
         out, ok = [], True
@@ -403,43 +403,43 @@ class _Parser:
         return out, ok
 
     # -- records --
-    def rdata(self, msg: DnsMessage, rtype: int, rclass: int, pos: int, rdlen: int,
-              resp_port_netbios: bool, update: bool) -> str | None:
+    def rdata(self, rtype: int, pos: int, rdlen: int, resp_port_netbios: bool, update: bool) -> str | None:
         """Zeek's reply string for one record (None: no reply event for that type)."""
         buf = self.buf
         end = pos + rdlen
-        rd = buf[pos:end]
         if rtype == 1:  # A
             if rdlen != 4:
                 raise _Bad("A record length")
-            a = ".".join(str(b) for b in rd)
+            a = inet_ntoa(buf[pos:end])
             if not update:
                 return a
             if self.lowered:
                 self.lreply = f"A {self.lowner} {a}"
-            return f"A {msg._owner} {a}"
+            return f"A {self.owner} {a}"
+        if rtype in (2, 5, 12):  # NS, CNAME, PTR
+            return self._lower(self.name(pos)[0])
         if rtype in (28, 38):  # AAAA, A6
             if rdlen != 16:
                 raise _Bad("AAAA record length")
-            a = _ip6(rd)
+            a = _ip6(buf[pos:end])
             if not update:
                 return a
             if self.lowered:
                 self.lreply = f"{qtype_name(rtype)} {self.lowner} {a}"
-            return f"{qtype_name(rtype)} {msg._owner} {a}"
-        if rtype in (2, 5, 12):  # NS, CNAME, PTR
-            return self._lower(self.name(pos)[0])
+            return f"{qtype_name(rtype)} {self.owner} {a}"
         if rtype == 6:  # SOA
             mname, p = self.name(pos)
             rname, p = self.name(p)
             if p + 20 > self.n:
                 raise _Bad("SOA too short")
             serial, refresh, retry, expire, minimum = struct.unpack_from(">IIIII", buf, p)
-            msg._detail = {"soa": {"mname": mname, "rname": rname, "serial": serial, "refresh": refresh,
+            self.detail = {"soa": {"mname": mname, "rname": rname, "serial": serial, "refresh": refresh,
                                    "retry": retry, "expire": expire, "minimum": minimum}}
             return self._lower(mname)
         if rtype == 15:  # MX
-            return self._lower(self.name(pos + 2)[0]) if rdlen >= 2 else self._fail("MX too short")
+            if rdlen < 2:
+                raise _Bad("MX too short")
+            return self._lower(self.name(pos + 2)[0])
         if rtype == 33:  # SRV (NBSTAT for NetBIOS: not parsed)
             if resp_port_netbios:
                 return None
@@ -447,15 +447,15 @@ class _Parser:
                 raise _Bad("SRV too short")
             target = self.name(pos + 6)[0]
             priority, weight, port = struct.unpack_from(">HHH", buf, pos)
-            msg._detail = {"srv": {"priority": priority, "weight": weight, "port": port, "name": target}}
+            self.detail = {"srv": {"priority": priority, "weight": weight, "port": port, "name": target}}
             return self._lower(target)
         if rtype in (16, 99):  # TXT, SPF
             strs, ok = self.char_strings(pos, end)
             tag = "TXT" if rtype == 16 else "SPF"
             s = " ".join(f"{tag} {len(x)} {_text(x)}" for x in strs)
-            msg._txt = [_text(x) for x in strs]
+            self.txt = [_text(x) for x in strs]
             if not ok:
-                msg._after_reply = s
+                self.after_reply = s
                 raise _Bad("TXT string past rdata")
             return s
         if rtype == 11:  # WKS: an event with no text
@@ -492,7 +492,7 @@ class _Parser:
             nxt, _ = self.name(pos)
             if self.lowered:
                 self.lreply = f"NSEC {self.lowner} {nxt.lower()}"
-            return f"NSEC {msg._owner} {nxt}"
+            return f"NSEC {self.owner} {nxt}"
         if rtype == 50:
             return "NSEC3"
         if rtype == 51:
@@ -506,23 +506,21 @@ class _Parser:
         if rtype == 44:  # SSHFP
             if rdlen < 2:
                 raise _Bad("SSHFP too short")
-            msg._detail = {"sshfp": {"algo": rd[0], "type": rd[1], "fingerprint": ":".join(f"{b:02x}" for b in rd[2:])}}
+            rd = buf[pos:end]
+            self.detail = {"sshfp": {"algo": rd[0], "type": rd[1], "fingerprint": ":".join(f"{b:02x}" for b in rd[2:])}}
             return "SSHFP: " + rd[2:].hex()
         if rtype == 29:  # LOC
             if rdlen != 16:
                 raise _Bad("LOC length")
-            return f"LOC:  {rd[1]} {rd[2]} {rd[3]}"
+            return f"LOC:  {buf[pos + 1]} {buf[pos + 2]} {buf[pos + 3]}"
         if rtype in (13, 257, 64, 65, 41, 249, 250, 32):  # HINFO CAA SVCB HTTPS OPT TKEY TSIG NB: no answer text
             return None
         if rtype == 10:  # NULL: Suricata logs its bytes as text
-            msg._detail = {"rdata": _lossy(rd)}
+            self.detail = {"rdata": _lossy(buf[pos:end])}
         return f"<unknown type={rtype}>"
 
-    def _fail(self, why: str):
-        raise _Bad(why)
-
     def _lower(self, name: str) -> str:
-        """A reply that is one name: its lower-cased form noted for the lower-cased view."""
+        """A reply that is one name: its lower-cased form noted for the lower-cased reading."""
         if self.lowered:
             self.lreply = name.lower()
         return name
@@ -540,6 +538,7 @@ def _lower_detail(d: dict | None) -> dict | None:
     return d
 
 
+_HEADER = struct.Struct(">HHHHHH")  # id, flags, qdcount, ancount, nscount, arcount
 _QUESTION = struct.Struct(">HH")     # qtype, qclass
 _RECORD = struct.Struct(">HHIH")     # rtype, rclass, ttl, rdlength
 
@@ -547,81 +546,82 @@ _RECORD = struct.Struct(">HHIH")     # rtype, rclass, ttl, rdlength
 def parse_message(buf: bytes, *, netbios: bool = False, resp_port: int = 0, keep_case: bool = False,
                   keep_authorities: bool = False) -> DnsMessage:
     """Parse one DNS message. Never raises: a problem sets `malformed` and ends the parse.
-    `keep_case`: names as sent (Suricata) rather than lower-cased (Zeek), and the authority
-    section's records kept too (`keep_authorities` keeps them alone)."""
-    return _parse(buf, netbios, resp_port, keep_case, keep_authorities, False)[0]
+    Names lower-cased (Zeek), or as sent with `keep_case` (Suricata), which also keeps the
+    authority section's records (`keep_authorities` keeps them alone)."""
+    m = _parse(buf, netbios, resp_port, keep_case or keep_authorities)
+    return m if keep_case or not m.lowered else _lower_case(m)
 
 
-def parse_both(buf: bytes, *, netbios: bool = False, resp_port: int = 0) -> tuple[DnsMessage, DnsMessage]:
-    """One parse, both readings: (names lower-cased, as parse_message(keep_authorities=True)
-    gives the message; names as sent, as parse_message(keep_case=True) gives it). One object
-    when no name had capitals (the two would be equal).
-
-    The message is parsed as sent; the lower-cased one has its names (questions, owners,
-    names in replies and in SOA/SRV fields) lower-cased. Nothing else in a parse depends on
-    case: the name cache, limits and errors work on bytes, and _text's escapes are lower case."""
-    sent, low = _parse(buf, netbios, resp_port, True, True, True)
-    return low, sent
+def _lower_case(m: DnsMessage) -> DnsMessage:
+    """The message with its names lower-cased, as Zeek reads it (and records' data as the
+    lower-cased reading writes it: escapes in a name's text are lower case already, so only
+    its ASCII capitals change)."""
+    return DnsMessage(m.trans_id, m.flags, m.qdcount, m.ancount, m.nscount, m.arcount, m.netbios,
+                      [(q.lower(), qt, qc) for q, qt, qc in m.questions],
+                      [_lower_record(a) for a in m.answers], m.malformed, m.short, m.offset, m.packet,
+                      [_lower_record(a) for a in m.authorities], True, m.capitals)
 
 
-def _parse(buf: bytes, netbios: bool, resp_port: int, keep_case: bool, keep_authorities: bool,
-           both: bool) -> tuple[DnsMessage, DnsMessage]:
-    """parse_message -> (message, the message lower-cased if `both` else the message)."""
-    msg = DnsMessage(netbios=netbios)
-    if len(buf) < 12:
-        msg.short = True
-        msg.malformed = True
-        return msg, msg
-    (msg.trans_id, msg.flags, msg.qdcount, msg.ancount, msg.nscount,
-     msg.arcount) = struct.unpack_from(">HHHHHH", buf, 0)
-    if not msg.tracked and not netbios:
+def _lower_record(a: Answer) -> Answer:
+    if a.lower is None:
+        return a
+    name, reply = a.lower
+    return a._replace(name=name, reply=reply, detail=_lower_detail(a.detail), lower=None)
+
+
+def _parse(buf: bytes, netbios: bool, resp_port: int, authorities: bool) -> DnsMessage:
+    """One message, names as sent, with the lower-cased reading alongside where it differs
+    (DnsMessage.lowered, Answer.lower). `authorities`: keep the authority section's records.
+    Nothing else in a parse depends on case: the name cache, limits and errors work on bytes."""
+    n = len(buf)
+    if n < 12:
+        return DnsMessage(netbios=netbios, malformed=True, short=True)
+    trans_id, flags, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(buf)
+    msg = DnsMessage(trans_id, flags, qdcount, ancount, nscount, arcount, netbios)
+    opcode = (flags >> 11) & 0xF
+    if opcode not in TRACKED_OPCODES and not netbios:
         msg.malformed = True  # not an opcode DNS analysis follows (Zeek: DNS_unknown_opcode)
-        return msg, msg
-    if msg.qdcount > MAX_QUERIES:
+        return msg
+    if qdcount > MAX_QUERIES:
         msg.malformed = True
-        return msg, msg
-    p = _Parser(buf, netbios or resp_port == NETBIOS_PORT, keep_case)
-    # with `both`, the lower-cased message's records, one for each of msg's (the same
-    # object while no name had capitals)
-    lans: list[Answer] | None = [] if both else None
-    lauth: list[Answer] | None = [] if both else None
+        return msg
+    p = _Parser(buf, netbios or resp_port == NETBIOS_PORT)
+    name = p.name
     resp_nb = resp_port == NETBIOS_PORT
-    msg._owner = ""
-    msg._after_reply = None
-    msg._txt = None
-    msg._detail = None
+    answers = msg.answers
     pos = 12
-    update = msg.opcode == 5 and not netbios
+    update = opcode == 5 and not netbios
     try:
         if update:
-            if msg.qdcount != 1:
+            if qdcount != 1:
                 raise _Bad("update zone count")
-            _, pos = p.name(pos)
+            _, pos = name(pos)
             ztype, zclass = p.u16(pos), p.u16(pos + 2)
             pos += 4
             if ztype != 6:
                 raise _Bad("update zone not SOA")
-            sections = ((msg.ancount, PREREQ), (msg.nscount, UPDATE), (msg.arcount, 0))
+            sections = ((ancount, PREREQ), (nscount, UPDATE), (arcount, 0))
         else:
-            for _ in range(msg.qdcount):
-                name, pos = p.name(pos)
-                if pos + 4 > p.n:
+            questions = msg.questions
+            for _ in range(qdcount):
+                text, pos = name(pos)
+                if pos + 4 > n:
                     raise _Bad("question past the end")
                 qt, qc = _QUESTION.unpack_from(buf, pos)
                 pos += 4
-                msg.questions.append((name, qt, qc))
+                questions.append((text, qt, qc))
             zclass = 0
-            sections = ((msg.ancount, ANS), (msg.nscount, 0), (msg.arcount, 0))
-        for section, (count, kind) in enumerate(sections):
+            sections = ((ancount, ANS), (nscount, 0), (arcount, 0))
+        for section, (count, kind) in enumerate(sections) if ancount or nscount or arcount else ():
             for _ in range(count):
-                owner, pos = p.name(pos)
-                if pos + 10 > p.n:
+                owner, pos = name(pos)
+                if pos + 10 > n:
                     raise _Bad("record header past the end")
                 rtype, rclass, ttl, rdlen = _RECORD.unpack_from(buf, pos)
                 pos += 10
-                if pos + rdlen > len(buf):
+                if pos + rdlen > n:
                     raise _Bad("rdata past the end")
-                msg._owner = owner
+                p.owner = owner
                 # the owner lower-cased (no name so far had capitals: it has none)
                 lowner = p.lowner = owner.lower() if p.lowered else owner
                 reply: str | None = None
@@ -649,27 +649,22 @@ def _parse(buf: bytes, netbios: bool, resp_port: int, keep_case: bool, keep_auth
                 elif rdlen == 0:
                     # Zeek stops reading the answer section at an empty record with more data
                     # after it (DNS_zero_rdlength); legal (OPT, NULL...), so not malformed.
-                    if kind == ANS and pos < len(buf):
-                        a = Answer(owner, rtype, rclass, ttl, kind, None)
-                        msg.answers.append(a)
-                        if lans is not None:
-                            lans.append(Answer(lowner, rtype, rclass, ttl, kind, None) if p.lowered else a)
+                    if kind == ANS and pos < n:
+                        answers.append(Answer(owner, rtype, rclass, ttl, kind, None, None, None,
+                                              (lowner, None) if p.lowered else None))
                         break
                 elif kind:  # answer / update: only these sections make answer text
                     p.lreply = None
                     try:
-                        reply = p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, update and kind == UPDATE)
+                        reply = p.rdata(rtype, pos, rdlen, resp_nb, update and kind == UPDATE)
                     except _Bad:
-                        if msg._after_reply is not None:  # Zeek still reports the strings it read
-                            a = Answer(owner, rtype, rclass, ttl, kind, msg._after_reply)
-                            msg.answers.append(a)
-                            if lans is not None:  # TXT strings: no names
-                                lans.append(Answer(lowner, rtype, rclass, ttl, kind, msg._after_reply)
-                                            if p.lowered else a)
+                        if p.after_reply is not None:  # Zeek still reports the strings it read
+                            answers.append(Answer(owner, rtype, rclass, ttl, kind, p.after_reply, None, None,
+                                                  (lowner, p.after_reply) if p.lowered else None))
                         raise
                     lreply = p.lreply
                     if reply is not None and kind == UPDATE:
-                        # (a name reply "DEL:..." as sent and "del:..." lower-cased: each as its parse had it)
+                        # (a name reply "DEL:..." as sent and "del:..." lower-cased: each as its reading has it)
                         if lreply is not None and not lreply.startswith("del:"):
                             lreply = "add: " + lreply
                         if not reply.startswith("del:"):
@@ -677,28 +672,22 @@ def _parse(buf: bytes, netbios: bool, resp_port: int, keep_case: bool, keep_auth
                 else:
                     # authority/additional: check names inside well-known records only
                     if rtype in (2, 5, 12):
-                        p.name(pos)
-                    if (keep_case or keep_authorities) and section == 1 and not update:
+                        name(pos)
+                    if authorities and section == 1 and not update:
                         p.lreply = None
                         try:
-                            a = Answer(owner, rtype, rclass, ttl, 0,
-                                       p.rdata(msg, rtype, rclass, pos, rdlen, resp_nb, False), detail=msg._detail)
-                            msg.authorities.append(a)
-                            if lauth is not None:
-                                lauth.append(Answer(lowner, rtype, rclass, ttl, 0,
-                                                    a.reply if p.lreply is None else p.lreply,
-                                                    detail=_lower_detail(a.detail)) if p.lowered else a)
+                            areply = p.rdata(rtype, pos, rdlen, resp_nb, False)
+                            msg.authorities.append(Answer(
+                                owner, rtype, rclass, ttl, 0, areply, None, p.detail,
+                                (lowner, areply if p.lreply is None else p.lreply) if p.lowered else None))
                         except _Bad:
                             pass
                 if kind:
-                    a = Answer(owner, rtype, rclass, ttl, kind, reply, msg._txt if rtype in (16, 99) else None,
-                               msg._detail)
-                    msg.answers.append(a)
-                    if lans is not None:
-                        lans.append(Answer(lowner, rtype, rclass, ttl, kind, reply if lreply is None else lreply,
-                                           a.txt, _lower_detail(a.detail)) if p.lowered else a)
-                msg._txt = None
-                msg._detail = None
+                    answers.append(Answer(owner, rtype, rclass, ttl, kind, reply,
+                                          p.txt if rtype in (16, 99) else None, p.detail,
+                                          (lowner, reply if lreply is None else lreply) if p.lowered else None))
+                p.txt = None
+                p.detail = None
                 pos += rdlen
     except _Bad:
         msg.malformed = True
@@ -706,20 +695,13 @@ def _parse(buf: bytes, netbios: bool, resp_port: int, keep_case: bool, keep_auth
         msg.malformed = True
     if p.weird:
         msg.malformed = True
-    msg.lowered = p.lowered and not keep_case
-    del msg._owner, msg._after_reply
-    if not (both and p.lowered):
-        return msg, msg
-    low = _clone(msg)
-    low.lowered = True
-    low.questions = [(q.lower(), qt, qc) for q, qt, qc in msg.questions]
-    low.answers = lans
-    low.authorities = lauth
-    return msg, low
+    msg.lowered = p.lowered
+    return msg
 
 
 def parse_tcp_messages(data: bytes) -> list[DnsMessage]:
-    """DNS over TCP: messages of one direction's byte stream (2-byte length prefixes).
+    """DNS over TCP: messages of one direction's byte stream (2-byte length prefixes), names
+    lower-cased (as parse_message reads them).
 
     Each message's `offset` is where its length prefix starts in `data` (for
     `Direction.time_at`). A length running past the end gives a malformed message with
@@ -800,66 +782,73 @@ class _Info:
 
     __slots__ = ("row", "saw_query", "saw_reply")
 
-    def __init__(self, base: dict, ts: int, trans_id: int):
-        self.row = dict(_BLANK, **base, ts=ts, trans_id=trans_id, AA=False, TC=False, RD=False, RA=False, Z=0,
-                        rejected=False, malformed=False)
+    def __init__(self, template: dict, ts: int, trans_id: int):
+        self.row = row = template.copy()
+        row["ts"] = ts
+        row["trans_id"] = trans_id
         self.saw_query = False
         self.saw_reply = False
 
     def apply(self, m: DnsMessage, ts: int, resp_p: int) -> None:
         r = self.row
-        opcode = m.opcode
+        flags = m.flags
+        opcode = (flags >> 11) & 0xF
         r["opcode"] = opcode
         r["opcode_name"] = opcode_name(opcode, m.netbios)
-        r["malformed"] = r["malformed"] or m.malformed
-        if not m.qr:
-            if r.get("flags_raw") is None:
-                r["flags_raw"] = m.flags
-            if r.get("query_flags") is None:
-                r["query_flags"] = m.flags
+        if m.malformed:
+            r["malformed"] = True
+        if not flags & 0x8000:  # a query
+            if r["flags_raw"] is None:
+                r["flags_raw"] = flags
+            if r["query_flags"] is None:
+                r["query_flags"] = flags
                 r["query_packet"] = m.packet or None
-                if m.as_sent is not None and m.as_sent.questions:
-                    r["query_original"] = m.as_sent.questions[0][0]
+                if m.capitals and m.questions:
+                    r["query_original"] = m.questions[0][0]
             if not m.questions:
                 return
-            rd, tc, z = m.RD, m.TC, m.Z
+            rd, tc, z = bool(flags & 0x0100), bool(flags & 0x0200), (flags >> 4) & 0x7
             for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
                 r["RD"], r["TC"], r["Z"] = rd, tc, z
                 r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
                 r["qtype"], r["qtype_name"] = qt, qtype_name(qt)
+                name = name.lower()
                 if resp_p == NETBIOS_PORT:
                     name = decode_netbios_name(name) or name
                     if qt == 33:
                         r["qtype_name"] = "NBSTAT"
                 r["query"] = name
             return
-        r["flags_raw"] = m.flags
-        if r.get("response_flags") is None:
-            r["response_flags"] = m.flags
+        r["flags_raw"] = flags
+        if r["response_flags"] is None:
+            r["response_flags"] = flags
             r["response_ts"] = ts
             r["response_packet"] = m.packet or None
-            sent = m.as_sent or m
-            r["answer_records"] = _records(a for a in sent.answers if a.kind == ANS)
-            r["authority_records"] = _records(sent.authorities)
-            if r.get("query_original") is None and sent.questions:
-                r["query_original"] = sent.questions[0][0]
-        r["rcode"], r["rcode_name"] = m.rcode, rcode_name(m.rcode)
-        if m.rcode != 0 and m.qdcount == 0:
+            r["answer_records"] = _records(a for a in m.answers if a.kind == ANS)
+            r["authority_records"] = _records(m.authorities)
+            if r["query_original"] is None and m.questions:
+                r["query_original"] = m.questions[0][0]
+        rcode = flags & 0xF
+        r["rcode"], r["rcode_name"] = rcode, rcode_name(rcode)
+        if rcode != 0 and m.qdcount == 0:
             r["rejected"] = True
         if m.questions and m.ancount == 0 and m.nscount == 0 and m.arcount == 0:
             r["rejected"] = True  # Zeek's dns_rejected: a question and no records at all
         replied = False
         answers = ttls = None
-        for a in m.answers:  # Zeek's do_reply
+        for a in m.answers:  # Zeek's do_reply, on the lower-cased reading
             reply = a.reply
             if reply is None:
                 continue
+            lower = a.lower
+            if lower is not None:
+                reply = lower[1]
             if not replied:  # the first reply sets these; the next ones would set the same again
                 replied = True
-                if r.get("query") is None:
-                    r["query"] = a.name
-                r["AA"], r["RA"] = m.AA, m.RA
-                if r.get("rtt") is None:
+                if r["query"] is None:
+                    r["query"] = a.name if lower is None else lower[0]
+                r["AA"], r["RA"] = bool(flags & 0x0400), bool(flags & 0x0080)
+                if r["rtt"] is None:
                     rtt = ts - r["ts"]
                     r["rtt"] = rtt if rtt != 0 else None
             if reply != "":
@@ -876,6 +865,8 @@ class DnsSession:
 
     def __init__(self, uid: str, orig_h: str, orig_p: int, resp_h: str, resp_p: int, proto: str = "udp"):
         self.base = dict(uid=uid, orig_h=orig_h, orig_p=orig_p, resp_h=resp_h, resp_p=resp_p, proto=proto)
+        self.template = dict(_BLANK, **self.base, AA=False, TC=False, RD=False, RA=False, Z=0, rejected=False,
+                             malformed=False)  # a transaction's row before its messages
         self.resp_p = resp_p
         self.netbios = resp_p == NETBIOS_PORT or orig_p == NETBIOS_PORT
         self.multicast = _is_multicast(resp_h)
@@ -890,12 +881,10 @@ class DnsSession:
 
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram of the session; returns the rows it completes."""
-        # names lower-cased for Zeek's fields, and as sent for Suricata's (`as_sent`), in one parse
-        m, sent = parse_both(d.payload, netbios=self.netbios, resp_port=self.resp_p)
-        # `as_sent` is kept for a message with capitals (anywhere: most are in binary fields,
-        # and then both readings are the same message)
-        if d.payload.lower() != d.payload:
-            m.as_sent = sent if sent is not m else _clone(m)
+        payload = d.payload
+        # names as sent for Suricata's fields, with Zeek's lower-cased reading alongside
+        m = _parse(payload, self.netbios, self.resp_p, True)
+        m.capitals = payload.lower() != payload
         m.packet = d.packet
         if d.truncated:
             m.malformed = True
@@ -904,36 +893,41 @@ class DnsSession:
     def _flip(self) -> None:
         b = self.base
         b["orig_h"], b["orig_p"], b["resp_h"], b["resp_p"] = b["resp_h"], b["resp_p"], b["orig_h"], b["orig_p"]
+        self.template.update(b)
         self.resp_p = b["resp_p"]
 
     def add_message(self, m: DnsMessage, ts: int, from_orig: bool | None = None) -> list[dict]:
-        """Feed one parsed message (from_orig: sent by the session's originator, if known)."""
+        """Feed one parsed message (from_orig: sent by the session's originator, if known).
+        Its names go to Suricata's fields (query_original, answer_records, ...) as they are
+        in `m`, and lower-cased to Zeek's."""
         out: list[dict] = []
+        flags = m.flags
+        is_query = not flags & 0x8000
         if self.first and not m.short:
             self.first = False
-            if m.qr and from_orig and not self.multicast:
+            if not is_query and from_orig and not self.multicast:
                 # The first message is a response sent by the originator: the session's roles
                 # are the wrong way round (Zeek's DNS analyzer flips the connection here).
                 self._flip()
-        if not m.tracked:
+        if m.short or ((flags >> 11) & 0xF) not in TRACKED_OPCODES:
             # too short, or an opcode Zeek does not follow: a flagged row of its own
-            r = dict(_BLANK, **self.base, ts=ts, malformed=True, AA=False, TC=False, RD=False, RA=False, Z=0,
-                     rejected=False)
+            r = self.template.copy()
+            r["ts"] = ts
+            r["malformed"] = True
             if not m.short:
                 r.update(trans_id=m.trans_id, opcode=m.opcode, opcode_name=opcode_name(m.opcode, m.netbios),
-                         flags_raw=m.flags)
+                         flags_raw=flags)
             return [r]
-        is_query = not m.qr
         tid = m.trans_id
         if self.multicast:
-            info = _Info(self.base, ts, tid)
+            info = _Info(self.template, ts, tid)
             info.saw_query = info.saw_reply = True
         elif is_query:
             q = self.pending_replies.get(tid)
             if q:
                 info = self._pop(self.pending_replies, tid)
             else:
-                info = _Info(self.base, ts, tid)
+                info = _Info(self.template, ts, tid)
                 if self.pending_query is None:
                     self.pending_query = info
                 else:
@@ -951,7 +945,7 @@ class DnsSession:
             elif self.pending_queries.get(tid):
                 info = self._pop(self.pending_queries, tid)
             else:
-                info = _Info(self.base, ts, tid)
+                info = _Info(self.template, ts, tid)
                 out += self._enqueue(self.pending_replies, tid, info)
         info.apply(m, ts, self.resp_p)
         if is_query:
