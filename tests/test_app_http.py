@@ -369,6 +369,27 @@ def test_gaps_in_body_counted_and_header_gap_resyncs():
     assert rows[1]["malformed"] and not rows[2]["malformed"]
 
 
+def test_message_right_after_a_gap_that_ended_a_body():
+    """A body that ends inside a gap, the gap running on past it: the next message, starting
+    where the gap ends, is still read (Suricata's http-gap-whole-body), on either side."""
+    resp_full = b"".join(b"HTTP/1.0 200 OK\r\nContent-Length: 12\r\n\r\n" + b"%012d" % i + b"\r\n" for i in (1, 2, 3))
+    hl = resp_full.index(b"000000000001")
+    resp = resp_full[:hl] + resp_full[hl + 14:]  # the first body and the CRLF after it never seen
+    orig = b"GET /1 HTTP/1.0\r\n\r\nGET /2 HTTP/1.0\r\n\r\nGET /3 HTTP/1.0\r\n\r\n"
+    rows = http.parse_stream(_stream(orig, resp, rgaps=[(hl, 14)], otimes=[(0, 0), (19, 20), (38, 40)],
+                                     rtimes=[(0, 10), (hl, 30), (resp.index(b"HTTP", hl + 1), 50)]))
+    assert [(r["uri"], r["status_code"], r["response_body_len"], r["gap_bytes"]) for r in rows] == [
+        ("/1", 200, 12, 12), ("/2", 200, 12, 0), ("/3", 200, 12, 0)]
+    body = b"x=1&y=2"
+    orig_full = b"".join(b"POST /%d HTTP/1.1\r\nContent-Length: 7\r\n\r\n" % i + body + b"\r\n" for i in (1, 2))
+    cut = orig_full.index(body)
+    orig = orig_full[:cut] + orig_full[cut + 9:]
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n" * 2
+    rows = http.parse_stream(_stream(orig, resp, ogaps=[(cut, 9)], otimes=[(0, 0), (cut, 20)],
+                                     rtimes=[(0, 10), (len(resp) // 2, 30)]))
+    assert [(r["uri"], r["status_code"], r["request_body_len"]) for r in rows] == [("/1", 200, 7), ("/2", 200, 7)]
+
+
 def test_basic_auth_and_login_form_credentials():
     auth = base64.b64encode(b"alice:s3cr:et").decode()
     orig = (b"GET /private HTTP/1.1\r\nHost: h\r\nAuthorization: Basic " + auth.encode() + b"\r\n"

@@ -117,6 +117,9 @@ _HDR_END = re.compile(rb"\n\r?\n")
 _VERSION = re.compile(rb"\s*(\d{1,3})\.?(\d{0,3})")
 _REQ_SYNC = re.compile(rb"(?:^|\n)([A-Z][A-Za-z0-9_\-]{0,23}[ \t]+[^\s]+[ \t]+HTTP/\d\.\d\r?\n)")
 _RESP_SYNC = re.compile(rb"(?:^|\n)(HTTP/\d\.\d[ \t]+\d{3}\b)")
+# the same start lines where a gap ends (the bytes before them are missing, not a line end)
+_STARTS_AT = {_REQ_SYNC: re.compile(_REQ_SYNC.pattern.removeprefix(rb"(?:^|\n)")),
+              _RESP_SYNC: re.compile(_RESP_SYNC.pattern.removeprefix(rb"(?:^|\n)"))}
 _CRLFS = re.compile(rb"[\r\n]+")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _CD_FILENAME = re.compile(r"""filename\*?\s*=\s*(?:[\w!#$&+.^`|~-]*'[^']*')?("([^"]*)"|[^;\s]+)""", re.I)
@@ -170,6 +173,9 @@ class _Dir:
         self.goff = [o for o, _ in gaps]
         self.gsize = [m for _, m in gaps]
         self.d = d
+        # the gap a parser went past to a message starting right after it: it no longer breaks
+        # anything at that offset (-1: none)
+        self.crossed = -1
 
     def time_at(self, pos: int) -> int:
         try:
@@ -185,7 +191,7 @@ class _Dir:
         return i < len(self.goff) and self.goff[i] < b
 
     def gap_at(self, pos: int) -> bool:
-        if not self.goff:
+        if not self.goff or pos == self.crossed:
             return False
         i = bisect_left(self.goff, pos)
         return i < len(self.goff) and self.goff[i] == pos
@@ -444,7 +450,8 @@ def _read_body(d: _Dir, pos: int, m: _Msg, n: int | None, chunked: bool, keep: b
         if taken < n:
             m.complete = False
         pos = new
-        if lost:
+        if lost:  # the body is whole (its missing bytes counted), what follows it is not
+            m.body_len = m.wire_len
             return pos, True
     m.body_len = m.wire_len
     m.pieces = pieces
@@ -535,8 +542,12 @@ class _Parser:
     def _resync(self, d: _Dir, pos: int, rx: re.Pattern, gap: bool = True) -> int:
         """Where the next message starts after framing was lost at pos: the first start line
         after the gap that broke it (the first gap at or after pos; with gap=False, after pos
-        itself). Always beyond pos, or -1."""
+        itself). Beyond pos, or at it when a start line begins right where the gap at pos
+        ends (a body that ended inside the gap: the gap is then crossed), or -1."""
         g = d.next_gap_after(pos) if gap else -1
+        if g >= 0 and g != d.crossed and _STARTS_AT[rx].match(d.data, g):
+            d.crossed = g
+            return g
         frm = g if g >= 0 else pos
         mm = rx.search(d.data, frm + 1)
         if mm is None or mm.start(1) <= pos:
@@ -571,7 +582,7 @@ class _Parser:
             if resynced:
                 nxt = (self._resync(d, pos, _REQ_SYNC, d.gap_at(pos)) if pos > 0 or d.gap_at(pos)
                        else self._first_sync(d))
-                if nxt < 0 or nxt <= pos:
+                if nxt < 0 or (nxt <= pos and nxt != d.crossed):
                     self.odone = True
                     self.bad_orig = True
                     return False
