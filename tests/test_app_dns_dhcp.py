@@ -237,6 +237,33 @@ def test_dns_over_tcp():
     table_of([row], dns.SCHEMA)
 
 
+def test_dns_over_tcp_resumes_after_a_gap():
+    """A query lost in the client's direction: the queries after the gap are read again from
+    the first packet that starts a message (Suricata's dns-tcp-ts-gap); a packet after a gap
+    that starts in the middle of a message is skipped."""
+    def framed(m):
+        return struct.pack(">H", len(m)) + m
+    qs = [framed(msg(tid=t, qd=[question(f"q{t}.example")])) for t in range(4)]
+    rs = [framed(msg(tid=t, flags=0x8180, qd=[question(f"q{t}.example")], an=[rr(PTR_Q, 1, b"\x05\x06\x07\x08")]))
+          for t in range(4)]
+    # the client's bytes: q0, then q1 missing, then half of q2's packet missing, then q3
+    half = len(qs[2]) // 2
+    orig = qs[0] + qs[2][half:] + qs[3]
+    starts = [0, len(qs[0]), len(qs[0]) + len(qs[2]) - half]
+    resp = b"".join(rs)
+    rstarts = np.cumsum([0] + [len(r) for r in rs[:-1]])
+    st = Stream(uid="Ct", orig_h="10.0.0.1", orig_p=40000, resp_h="10.0.0.53", resp_p=53,
+                orig=Direction(data=orig, gaps=[(len(qs[0]), len(qs[1]) + half)], ts_offsets=np.array(starts),
+                               ts=np.array([100, 300, 400])),
+                resp=Direction(data=resp, ts_offsets=rstarts, ts=np.array([150, 250, 350, 450])))
+    rows = dns.parse_stream(st)
+    by_id = {r["trans_id"]: r for r in rows}
+    assert sorted(by_id) == [0, 1, 2, 3] and len(rows) == 4
+    assert [by_id[t]["query"] for t in range(4)] == [f"q{t}.example" for t in range(4)]  # 1, 2: from the reply
+    assert by_id[0]["rtt"] == 50 and by_id[3]["rtt"] == 50 and by_id[1]["rtt"] is None and by_id[2]["rtt"] is None
+    assert not any(r["malformed"] for r in rows)
+
+
 def _mutations(rng: random.Random, seeds: list[bytes], n: int):
     for i in range(n):
         k = i % 4

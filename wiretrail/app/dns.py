@@ -1016,6 +1016,39 @@ def parse_datagram(d: Datagram) -> list[dict]:
                      resp_p=d.resp_p, proto="udp", malformed=True)]
 
 
+def _starts_message(data: bytes, pos: int, end: int) -> bool:
+    """A DNS-over-TCP message seems to start at pos (Suricata's probe): its length prefix
+    covers a header; a whole message parses, and one cut short by `end` has a header whose
+    record counts fit in the length."""
+    if pos + 2 + _HEADER.size > end:
+        return False
+    ln = (data[pos] << 8) | data[pos + 1]
+    if ln < _HEADER.size:
+        return False
+    if pos + 2 + ln <= end:
+        return not parse_message(bytes(data[pos + 2:pos + 2 + ln])).malformed
+    _, _, qd, an, ns, ar = _HEADER.unpack_from(data, pos + 2)
+    return 2 * (qd + an + ns + ar) <= ln
+
+
+def _runs_between_gaps(d) -> list[tuple[int, bytes]]:
+    """(data offset, bytes) of a direction's stretches whose length prefixes can be followed:
+    up to the first gap, then after each gap from the first packet that starts a message (as
+    Suricata, which after a gap resumes on data that probes as DNS, and drops what does not)."""
+    data = d.data
+    gaps = sorted(off for off, n in (d.gaps or []) if n > 0)
+    if not gaps:
+        return [(0, data)]
+    runs = [(0, data[:gaps[0]])]
+    packet_starts = sorted(set(int(o) for o in d.ts_offsets))
+    for g, end in zip(gaps, gaps[1:] + [len(data)]):
+        for pos in [g] + [b for b in packet_starts if g < b < end]:
+            if _starts_message(data, pos, end):
+                runs.append((pos, data[pos:end]))
+                break
+    return runs
+
+
 def parse_stream(s: Stream) -> list[dict]:
     """DNS over TCP: both directions' messages in time order, paired into transactions."""
     names = set(s.app.split(".")) if s.app else set()
@@ -1024,11 +1057,10 @@ def parse_stream(s: Stream) -> list[dict]:
     sess = DnsSession(s.uid, s.orig_h, s.orig_p, s.resp_h, s.resp_p, "tcp")
     msgs = []
     for k, d in enumerate((s.orig, s.resp)):
-        data = d.data
-        if d.gaps:  # past a hole the length prefixes cannot be followed
-            data = data[:min(off for off, _ in d.gaps)]
-        for m in parse_tcp_messages(data):
-            msgs.append((d.time_at(m.offset), k, m))
+        for start, data in _runs_between_gaps(d):
+            for m in parse_tcp_messages(data):
+                m.offset += start
+                msgs.append((d.time_at(m.offset), k, m))
     msgs.sort(key=lambda t: (t[0], t[1]))
     rows = []
     for ts, k, m in msgs:
