@@ -82,11 +82,14 @@ STREAM_DEPTH = 64 << 10
 # ---- registries ------------------------------------------------------------------------------
 
 
-def _version_name(v: int) -> str:
-    names = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
+_VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
              0x0304: "TLSv13", 0xFEFF: "DTLSv10", 0xFEFD: "DTLSv12", 0xFEFC: "DTLSv13"}
-    if v in names:
-        return names[v]
+
+
+def _version_name(v: int) -> str:
+    name = _VERSIONS.get(v)
+    if name is not None:
+        return name
     if v >> 8 == 0x7F:
         return "TLSv13-draft%d" % (v & 0xFF)
     if v >> 8 == 0x7E:  # Google's experimental TLS 1.3 variants
@@ -279,12 +282,20 @@ class ServerHello:
 
 def _client_hello_of(f: list[int], b: bytes) -> ClientHello:
     """The ClientHello from client_hello's fields (tls_kernel.CH_*), positions into b."""
-    lists = []
     p = CH_VALUES
-    for count in (CH_N_CIPHERS, CH_N_EXTENSIONS, CH_N_GROUPS, CH_N_POINT_FORMATS, CH_N_SIG_ALGS, CH_N_VERSIONS):
-        lists.append(f[p:p + f[count]])
-        p += f[count]
-    ciphers, extensions, groups, point_formats, sig_algs, versions = lists
+    q = p + f[CH_N_CIPHERS]
+    ciphers = f[p:q]
+    p, q = q, q + f[CH_N_EXTENSIONS]
+    extensions = f[p:q]
+    p, q = q, q + f[CH_N_GROUPS]
+    groups = f[p:q]
+    p, q = q, q + f[CH_N_POINT_FORMATS]
+    point_formats = f[p:q]
+    p, q = q, q + f[CH_N_SIG_ALGS]
+    sig_algs = f[p:q]
+    p, q = q, q + f[CH_N_VERSIONS]
+    versions = f[p:q]
+    p = q
     sni = f[CH_SNI]
     return ClientHello(
         version=f[CH_VERSION], session_id=b[f[CH_SESSION_ID]:f[CH_SESSION_ID + 1]], ciphers=ciphers,

@@ -435,7 +435,7 @@ def _time_at(offsets, ts, offset):
             hi = mid
         else:
             lo = mid + 1
-    return ts[max(lo - 1, 0)]
+    return ts[min(max(lo - 1, 0), ts.shape[0] - 1)]  # within ts, whatever the arrays hold
 
 
 @kernel(inline=True)
