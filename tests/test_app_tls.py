@@ -398,6 +398,43 @@ def test_synthetic_gap_stops_cleanly_and_starttls():
     assert row["version"] == "TLSv13" and not row["malformed"]
 
 
+def test_hello_alone_and_in_a_stream_agree():
+    ch = _client_hello()
+    sh = _server_hello(exts=_ext(16, b"\x00\x03\x02h2") + _ext(43, b"\x03\x04"))
+    a = tls.analyze(_stream(_record(22, ch[:7]) + _record(22, ch[7:60]) + _record(22, ch[60:]), _record(22, sh)))
+    assert a.client_hello == tls.parse_client_hello(ch[4:])
+    assert a.server_hello == tls.parse_server_hello(sh[4:])
+    assert a.server_hello.alpn == b"h2" and a.server_hello.selected_version == 0x0304
+
+
+def test_retry_request_then_server_hello():
+    from wiretrail.app.tls_kernel import HRR_RANDOM
+    retry = _hs(2, b"\x03\x03" + HRR_RANDOM + b"\x00\x13\x01\x00" + (6).to_bytes(2, "big") + _ext(51, b"\x00\x17"))
+    hello = _server_hello(cipher=0x1302, exts=_ext(43, b"\x03\x04") + _ext(51, b"\x00\x1d\x00\x00"))
+    resp = _record(22, retry) + _record(20, b"\x01") + _record(22, hello)
+    a = tls.analyze(_stream(_record(22, _client_hello()), resp))
+    assert a.server_hello.hrr is False and a.server_hello.cipher == 0x1302
+    assert a.row["version"] == "TLSv13" and a.row["curve"] == "x25519" and not a.row["malformed"]
+
+
+def test_times_and_certificates_of_a_handshake_split_over_packets():
+    der = [bytes(range(40)), bytes(range(10, 90))]
+    entries = b"".join(len(c).to_bytes(3, "big") + c for c in der)
+    cert = _hs(11, len(entries).to_bytes(3, "big") + entries)
+    t0 = 1_700_000_000_000_000_000
+    orig = _record(22, _client_hello()) + _record(20, b"\x01") + _record(22, bytes(40))
+    first = _record(22, _server_hello() + cert[:30])
+    resp = first + _record(22, cert[30:] + _hs(14, b"")) + _record(20, b"\x01") + _record(22, bytes(40))
+    s = Stream(uid="Ctest", orig_h="10.0.0.1", orig_p=1234, resp_h="10.0.0.2", resp_p=443,
+               orig=Direction(data=orig, ts_offsets=np.array([0], dtype=np.int64), ts=np.array([t0 + 5])),
+               resp=Direction(data=resp, ts_offsets=np.array([0, len(first)], dtype=np.int64),
+                              ts=np.array([t0 + 10, t0 + 20])))
+    a = tls.analyze(s)
+    assert a.row["ts"] == t0 + 5 and a.row["established"] is True
+    assert a.certs == [(t0 + 10, der[0], False), (t0 + 10, der[1], False)]  # the message's first record
+    assert a.row["cert_chain_fps"] == [hashlib.sha256(c).hexdigest() for c in der]
+
+
 def test_not_tls_gives_no_row_and_garbage_is_flagged():
     assert tls.parse_stream(_stream(b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")) == []
     bad = _record(22, _client_hello()) + b"\x99\x99\x99\x99\x99\x99"

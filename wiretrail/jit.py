@@ -43,6 +43,7 @@ KERNEL_MODULES = (
     "wiretrail.store.index",
     "wiretrail.app.reassembly",
     "wiretrail.app.ndpi_kernel",
+    "wiretrail.app.tls_kernel",
 )
 
 _kernels: list["Kernel"] = []     # every @kernel, in definition order

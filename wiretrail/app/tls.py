@@ -17,19 +17,31 @@ ServerKeyExchange (named curve), ChangeCipherSpec, plaintext Alerts and encrypte
 encrypted record followed the later of the two; in TLS 1.3, application-data records were
 seen from both sides after the ServerHello.
 
+The bytes are read by numba kernels (app/tls_kernel.py: one call per session walks both
+directions and parses what the row needs); this module makes the row from their results.
+
 Nothing raises: a broken record or message sets `malformed` and keeps what was read.
 """
 
 from __future__ import annotations
 
 import hashlib
-import struct
-from hashlib import sha256
 from dataclasses import dataclass, field
+from hashlib import sha256
 
+import numpy as np
 import pyarrow as pa
 
 from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
+from wiretrail.app.tls_kernel import (ALERT, CERTS, CH_MALFORMED, CH_N_ALPN, CH_N_CIPHERS, CH_N_EXTENSIONS,
+                                      CH_N_GROUPS, CH_N_POINT_FORMATS, CH_N_SIG_ALGS, CH_N_VERSIONS,
+                                      CH_SESSION_ID, CH_SNI, CH_VALUES, CH_VERSION, CLIENT_CERTS,
+                                      CLIENT_DONE_END, CLIENT_HELLO, ESTABLISHED, LOGGED, MALFORMED,
+                                      RETRY_REQUEST, SERVER_APP_END, SERVER_CERT_END, SERVER_CERTS,
+                                      SERVER_HELLO, SH_ALPN, SH_CIPHER, SH_HRR, SH_KEY_SHARE_GROUP,
+                                      SH_MALFORMED, SH_N_EXTENSIONS, SH_PSK, SH_SELECTED_VERSION,
+                                      SH_SESSION_ID, SH_VALUES, SH_VERSION, SKE_GROUP, TLS13, TS, VERSION,
+                                      client_hello, handshake, server_hello)
 from wiretrail.app.x509 import leaf_names
 
 TABLE = "tls"
@@ -70,11 +82,14 @@ STREAM_DEPTH = 64 << 10
 # ---- registries ------------------------------------------------------------------------------
 
 
-def _version_name(v: int) -> str:
-    names = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
+_VERSIONS = {0x0002: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv10", 0x0302: "TLSv11", 0x0303: "TLSv12",
              0x0304: "TLSv13", 0xFEFF: "DTLSv10", 0xFEFD: "DTLSv12", 0xFEFC: "DTLSv13"}
-    if v in names:
-        return names[v]
+
+
+def _version_name(v: int) -> str:
+    name = _VERSIONS.get(v)
+    if name is not None:
+        return name
     if v >> 8 == 0x7F:
         return "TLSv13-draft%d" % (v & 0xFF)
     if v >> 8 == 0x7E:  # Google's experimental TLS 1.3 variants
@@ -225,15 +240,6 @@ ALERTS = {0: "close_notify", 10: "unexpected_message", 20: "bad_record_mac", 21:
           114: "bad_certificate_hash_value", 115: "unknown_psk_identity", 116: "certificate_required",
           120: "no_application_protocol", 121: "ech_required"}
 
-# SHA-256("HelloRetryRequest"): the ServerHello random of a HelloRetryRequest (RFC 8446 4.1.3).
-HRR_RANDOM = bytes.fromhex("cf21ad74e59a6111be1d8c021e65b891c2a211167abb8c5e079e09e2c8a8339c")
-
-CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA, CT_HEARTBEAT = 20, 21, 22, 23, 24
-MAX_RECORD = (1 << 14) + 2048
-SCAN_LIMIT = 1 << 16       # how far into a stream to look for the start of TLS (STARTTLS)
-MAX_HANDSHAKE = 1 << 20    # handshake bytes kept per direction
-
-
 def is_grease(v: int) -> bool:
     return (v & 0x0F0F) == 0x0A0A and (v >> 8) == (v & 0xFF)
 
@@ -243,39 +249,6 @@ GREASE = frozenset(v for v in range(0x10000) if is_grease(v))
 
 
 # ---- ClientHello / ServerHello ----------------------------------------------------------------
-
-
-class _Bad(Exception):
-    """A message that does not parse."""
-
-
-_U16_PAIR = struct.Struct(">HH").unpack_from  # an extension header: type, length
-
-
-def _vec(b: bytes, p: int, end: int, width: int) -> tuple[int, int]:
-    """(start, stop) of the vector at b[p:] whose length is the big-endian `width`-byte (1 or
-    2) field there; _Bad if it does not fit before `end`. The hellos are read with this and
-    positions by hand: a reader object per field cost more than the rest of the parse."""
-    if p + width > end:
-        raise _Bad("length")
-    ln = b[p] if width == 1 else (b[p] << 8) | b[p + 1]
-    p += width
-    if p + ln > end:
-        raise _Bad("vector")
-    return p, p + ln
-
-
-def _extensions(b: bytes, p: int, end: int):
-    """(type, start, stop) of each extension in b[p:end]; _Bad at one that does not fit."""
-    while p < end:
-        if p + 4 > end:
-            raise _Bad("extension header")
-        et, ln = _U16_PAIR(b, p)
-        p += 4
-        if p + ln > end:
-            raise _Bad("extension body")
-        yield et, p, p + ln
-        p += ln
 
 
 @dataclass
@@ -307,120 +280,50 @@ class ServerHello:
     malformed: bool = False
 
 
+def _client_hello_of(f: list[int], b: bytes) -> ClientHello:
+    """The ClientHello from client_hello's fields (tls_kernel.CH_*), positions into b."""
+    p = CH_VALUES
+    q = p + f[CH_N_CIPHERS]
+    ciphers = f[p:q]
+    p, q = q, q + f[CH_N_EXTENSIONS]
+    extensions = f[p:q]
+    p, q = q, q + f[CH_N_GROUPS]
+    groups = f[p:q]
+    p, q = q, q + f[CH_N_POINT_FORMATS]
+    point_formats = f[p:q]
+    p, q = q, q + f[CH_N_SIG_ALGS]
+    sig_algs = f[p:q]
+    p, q = q, q + f[CH_N_VERSIONS]
+    versions = f[p:q]
+    p = q
+    sni = f[CH_SNI]
+    return ClientHello(
+        version=f[CH_VERSION], session_id=b[f[CH_SESSION_ID]:f[CH_SESSION_ID + 1]], ciphers=ciphers,
+        extensions=extensions, sni=b[sni:f[CH_SNI + 1]].decode("utf-8", "backslashreplace") if sni >= 0 else None,
+        alpn=[b[f[i]:f[i + 1]] for i in range(p, p + 2 * f[CH_N_ALPN], 2)], groups=groups,
+        point_formats=point_formats, sig_algs=sig_algs, supported_versions=versions,
+        malformed=f[CH_MALFORMED] != 0)
+
+
+def _server_hello_of(f: list[int], b: bytes) -> ServerHello:
+    """The ServerHello from server_hello's fields (tls_kernel.SH_*), positions into b."""
+    cipher, selected, group, alpn = f[SH_CIPHER], f[SH_SELECTED_VERSION], f[SH_KEY_SHARE_GROUP], f[SH_ALPN]
+    return ServerHello(
+        version=f[SH_VERSION], session_id=b[f[SH_SESSION_ID]:f[SH_SESSION_ID + 1]],
+        cipher=cipher if cipher >= 0 else None, extensions=f[SH_VALUES:SH_VALUES + f[SH_N_EXTENSIONS]],
+        selected_version=selected if selected >= 0 else None, key_share_group=group if group >= 0 else None,
+        psk=f[SH_PSK] != 0, alpn=b[alpn:f[SH_ALPN + 1]] if alpn >= 0 else None, hrr=f[SH_HRR] != 0,
+        malformed=f[SH_MALFORMED] != 0)
+
+
 def parse_client_hello(body: bytes) -> ClientHello:
     """A ClientHello message body (after the 4-byte handshake header). Never raises."""
-    ch = ClientHello()
-    b = body
-    n = len(b)
-    # a field that does not fit is _Bad; what was read before it stays
-    try:
-        if n < 2:
-            raise _Bad("u16")
-        ch.version = (b[0] << 8) | b[1]
-        start, p = _vec(b, 34, n, 1)
-        ch.session_id = b[start:p]
-        start, end = _vec(b, p, n, 2)
-        k = (end - start) // 2
-        ch.ciphers = list(struct.unpack_from(f">{k}H", b, start)) if k else []
-        if (end - start) & 1:  # an odd byte left over
-            ch.malformed = True
-        _, p = _vec(b, end, n, 1)  # compression methods
-        if p == n:
-            return ch
-        p, end = _vec(b, p, n, 2)
-        extensions = ch.extensions
-        for et, start, stop in _extensions(b, p, end):
-            extensions.append(et)
-            if et in _CLIENT_EXTS_READ:
-                try:
-                    _client_ext(ch, et, b, start, stop)
-                except _Bad:
-                    ch.malformed = True
-    except _Bad:
-        ch.malformed = True
-    return ch
-
-
-_CLIENT_EXTS_READ = frozenset((0, 16, 10, 11, 13, 43))  # the types _client_ext reads
-
-
-def _client_ext(ch: ClientHello, et: int, b: bytes, p: int, end: int) -> None:
-    """Read extension `et` of a ClientHello, its data b[p:end]; _Bad where it breaks (what was
-    read before stays)."""
-    if et == 10 or et == 13 or et == 43:  # supported_groups, signature_algorithms, supported_versions
-        p, stop = _vec(b, p, end, 1 if et == 43 else 2)
-        k = (stop - p) // 2  # 16-bit values; an odd last byte is ignored
-        values = struct.unpack_from(f">{k}H", b, p) if k else ()
-        (ch.groups if et == 10 else ch.sig_algs if et == 13 else ch.supported_versions).extend(values)
-    elif et == 0 or et == 16:  # server_name, ALPN: a list with a 16-bit length
-        p, end = _vec(b, p, end, 2)
-        while p < end:
-            if et == 0:
-                nt = b[p]
-                start, p = _vec(b, p + 1, end, 2)
-                if nt == 0 and ch.sni is None:
-                    ch.sni = b[start:p].decode("utf-8", "backslashreplace")
-            else:
-                start, p = _vec(b, p, end, 1)
-                ch.alpn.append(b[start:p])
-    elif et == 11:  # ec_point_formats: bytes with an 8-bit length
-        p, stop = _vec(b, p, end, 1)
-        ch.point_formats.extend(b[p:stop])
+    return _client_hello_of(client_hello(np.frombuffer(body, dtype=np.uint8), 0, len(body)).tolist(), body)
 
 
 def parse_server_hello(body: bytes) -> ServerHello:
     """A ServerHello (or HelloRetryRequest) message body. Never raises."""
-    sh = ServerHello()
-    b = body
-    n = len(b)
-    # read by hand as in parse_client_hello
-    try:
-        if n < 2:
-            raise _Bad("u16")
-        sh.version = version = (b[0] << 8) | b[1]
-        if n < 34:
-            raise _Bad("take")
-        sh.hrr = b[2:34] == HRR_RANDOM
-        if version >> 8 == 0x7F and (version & 0xFF) < 22:
-            # TLS 1.3 drafts before 22: no session id, no compression
-            if n < 36:
-                raise _Bad("u16")
-            sh.cipher = (b[34] << 8) | b[35]
-            p = 36
-        else:
-            start, p = _vec(b, 34, n, 1)
-            sh.session_id = b[start:p]
-            if p + 2 > n:
-                raise _Bad("u16")
-            sh.cipher = (b[p] << 8) | b[p + 1]
-            if p + 3 > n:  # compression
-                raise _Bad("u8")
-            p += 3
-        if p == n:
-            return sh
-        p, end = _vec(b, p, n, 2)
-        for et, start, stop in _extensions(b, p, end):
-            sh.extensions.append(et)
-            if et == 43 or et == 51:
-                if stop - start >= 2:
-                    v = (b[start] << 8) | b[start + 1]
-                    if et == 43:
-                        sh.selected_version = v
-                    else:
-                        sh.key_share_group = v
-            elif et == 41:
-                sh.psk = True
-            elif et == 16:
-                try:
-                    p, stop = _vec(b, start, stop, 2)
-                    if p < stop:
-                        p, stop = _vec(b, p, stop, 1)
-                        sh.alpn = b[p:stop]
-                except _Bad:
-                    sh.malformed = True
-    except _Bad:
-        sh.malformed = True
-    return sh
+    return _server_hello_of(server_hello(np.frombuffer(body, dtype=np.uint8), 0, len(body)).tolist(), body)
 
 
 # ---- fingerprints -------------------------------------------------------------------------------
@@ -518,201 +421,6 @@ def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
     return f"{a}_{c}_{e}"
 
 
-# ---- record layer -------------------------------------------------------------------------------
-
-
-# A record is a plain tuple (content type, offset of its header in the direction's data, body):
-# dozens per session. The body is kept only for the types that are read (handshake, alert);
-# the others (ChangeCipherSpec, ciphertext) carry None.
-
-
-class _Side:
-    """One direction's records, and what the session analysis asks of them, noted in the one
-    walk over them: the index of the first ChangeCipherSpec and of the first application-data
-    record (-1: none), and the last 2-byte Alert before the ChangeCipherSpec (offset, body)."""
-    __slots__ = ("records", "malformed", "found", "ccs", "app", "alert")
-
-    def __init__(self) -> None:
-        self.records: list[tuple[int, int, bytes | None]] = []
-        self.malformed = False
-        self.found = False
-        self.ccs = -1
-        self.app = -1
-        self.alert: tuple[int, bytes] | None = None
-
-
-_HEADER = struct.Struct(">BBBH").unpack_from  # record header: type, version major, minor, length
-
-
-def _valid_header(d: bytes, p: int) -> bool:
-    return (p + 5 <= len(d) and CT_CCS <= d[p] <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4
-            and ((d[p + 3] << 8) | d[p + 4]) <= MAX_RECORD)
-
-
-def _find_start(d: bytes, limit: int, hs_type: int) -> int:
-    """Offset of the first record that opens a handshake with a message of hs_type, or -1."""
-    if _valid_header(d, 0):
-        return 0
-    p = 0
-    end = min(limit, SCAN_LIMIT)
-    while True:
-        p = d.find(b"\x16\x03", p, end)
-        if p < 0:
-            return -1
-        if _valid_header(d, p) and p + 5 < len(d) and d[p + 5] == hs_type:
-            return p
-        p += 1
-
-
-def _records(d: Direction, hs_type: int) -> _Side:
-    side = _Side()
-    data = d.data
-    limit = len(data)
-    for off, _n in d.gaps:
-        if off < limit:
-            limit = off
-            break
-    start = _find_start(data, limit, hs_type)
-    if start < 0:
-        return side
-    side.found = True
-    p = start
-    encrypted_seen = 0
-    ccs = app = -1
-    records = side.records
-    append = records.append
-    header = _HEADER
-    while p + 5 <= limit:
-        ct, major, minor, ln = header(data, p)
-        # a valid header (_valid_header, inline: this runs per record)
-        if not (20 <= ct <= 24 and major == 3 and minor <= 4 and ln <= MAX_RECORD):
-            # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
-            # drops TLS after the handshake); before it, a bad header is malformed TLS.
-            if ccs < 0:
-                side.malformed = True
-            break
-        e = p + 5 + ln
-        if e > limit:
-            break  # cut by a gap or the end of the stream
-        # bodies are kept only for the types that are read (handshake, alert)
-        if ct == 22:  # CT_HANDSHAKE
-            append((22, p, data[p + 5:e]))
-        elif ct == 23:  # CT_APPDATA
-            if app < 0:
-                app = len(records)
-            append((23, p, None))
-            encrypted_seen += 1
-            if encrypted_seen >= 4:
-                break  # the handshake is over; the rest is ciphertext
-        elif ct == 20:  # CT_CCS
-            if ccs < 0:
-                ccs = len(records)
-            append((20, p, None))
-        elif ct == 21:  # CT_ALERT
-            body = data[p + 5:e]
-            if ccs < 0 and ln == 2:
-                side.alert = (p, body)
-            append((21, p, body))
-        else:
-            append((ct, p, None))
-        p = e
-    side.ccs = ccs
-    side.app = app
-    return side
-
-
-def _messages(records: list[tuple], stop: int) -> list[tuple[int, bytes, int, int]]:
-    """Handshake messages (type, body, record start, end of the record holding its last byte)
-    from the handshake records among records[:stop] (the buffer is cut at the direction's
-    first ChangeCipherSpec when `stop` is its index: later handshake records are encrypted)."""
-    bodies: list[bytes] = []
-    starts: list[tuple[int, int]] = []  # (buffer offset, record start)
-    size = 0
-    for i in range(stop):
-        ctype, start, body = records[i]
-        if ctype == CT_HANDSHAKE:
-            starts.append((size, start))
-            bodies.append(body)
-            size += len(body)
-            if size > MAX_HANDSHAKE:
-                break
-    msgs = []
-    p = 0
-    if len(bodies) == 1:  # one record: every message is in it
-        buf = bodies[0]
-        n = len(buf)
-        rs = starts[0][1]
-        rend = rs + 5 + n
-        while p + 4 <= n:
-            e = p + 4 + ((buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3])
-            if e > n:
-                break
-            msgs.append((buf[p], buf[p + 4:e], rs, rend))
-            p = e
-        return msgs
-    buf = b"".join(bodies)
-    k = 0
-    n = len(buf)
-    while p + 4 <= n:
-        mt = buf[p]
-        ln = (buf[p + 1] << 16) | (buf[p + 2] << 8) | buf[p + 3]
-        if p + 4 + ln > n:
-            break
-        while k + 1 < len(starts) and starts[k + 1][0] <= p:
-            k += 1
-        e = k  # the record holding the message's last byte
-        while e + 1 < len(starts) and starts[e + 1][0] < p + 4 + ln:
-            e += 1
-        msgs.append((mt, buf[p + 4:p + 4 + ln], starts[k][1] if starts else 0,
-                     starts[e][1] + 5 + len(bodies[e]) if starts else 0))
-        p += 4 + ln
-    return msgs
-
-
-def _after_ccs(side: _Side, types: tuple[int, ...]) -> int:
-    """Index of the first record after the side's first ChangeCipherSpec whose type is in
-    `types`, -1 if none (or no ChangeCipherSpec)."""
-    if side.ccs < 0:
-        return -1
-    records = side.records
-    for i in range(side.ccs + 1, len(records)):
-        if records[i][0] in types:
-            return i
-    return -1
-
-
-def _cert_list(body: bytes, tls13: bool = False) -> tuple[list[bytes], bool]:
-    """The DER certificates of a Certificate message, and whether it was malformed (what was
-    read before the break is kept). Positions by hand, bounds checked as _vec checks them."""
-    b = body
-    n = len(b)
-    out: list[bytes] = []
-    p = 0
-    if tls13:  # the request context: a u8 length
-        if n < 1 or 1 + b[0] > n:
-            return out, True
-        p = 1 + b[0]
-    if p + 3 > n:
-        return out, True
-    end = p + 3 + ((b[p] << 16) | (b[p + 1] << 8) | b[p + 2])
-    if end > n:
-        return out, True
-    p += 3
-    while p < end:
-        if p + 3 > end:
-            return out, True
-        e = p + 3 + ((b[p] << 16) | (b[p + 1] << 8) | b[p + 2])
-        if e > end:
-            return out, True
-        out.append(b[p + 3:e])
-        p = e
-        if tls13:  # the entry's extensions: a u16 length
-            if p + 2 > end or p + 2 + ((b[p] << 8) | b[p + 1]) > end:
-                return out, True
-            p += 2 + ((b[p] << 8) | b[p + 1])
-    return out, False
-
-
 # ---- the session ----------------------------------------------------------------------------
 
 
@@ -745,71 +453,33 @@ def _base_row(s: Stream, ts: int) -> dict:
             "resp_p": s.resp_p, "validation_status": None}
 
 
-def _server_hello(msgs: list, malformed: bool) -> tuple[ServerHello | None, ServerHello | None, bool]:
-    """(ServerHello, HelloRetryRequest, malformed) from a direction's handshake messages: the
-    first hello that is not the first HelloRetryRequest ends the search."""
-    sh = hrr = None
-    for mt, body, _st, _end in msgs:
-        if mt == 2:
-            h = parse_server_hello(body)
-            malformed |= h.malformed
-            if h.hrr and hrr is None:
-                hrr = h
-                continue
-            sh = h
+def _limit(d: Direction) -> int:
+    """How far the direction's bytes go before its first gap."""
+    limit = len(d.data)
+    for off, _n in d.gaps:
+        if off < limit:
+            limit = off
             break
-    return sh, hrr, malformed
+    return limit
 
 
 def _analyze(s: Stream) -> Analysis:
-    cs = _records(s.orig, 1)
-    ss = _records(s.resp, 2)
-    if not cs.found and not ss.found:
-        return Analysis(None, [])
-    malformed = cs.malformed or ss.malformed
-
-    # Server first: the negotiated version decides whether post-CCS handshake records are plaintext.
-    # The ServerHello is looked for in all handshake messages; those before the first CCS are a
-    # prefix of them, so the search starts there and reads past the CCS only if it found no hello.
-    srec, crec = ss.records, cs.records
-    before_ccs = _messages(srec, ss.ccs if ss.ccs >= 0 else len(srec))
-    smsgs_all = None if _after_ccs(ss, (CT_HANDSHAKE,)) >= 0 else before_ccs
-    sh, hrr, malformed = _server_hello(before_ccs, malformed)
-    if sh is None and smsgs_all is None:
-        smsgs_all = _messages(srec, len(srec))
-        sh, hrr, malformed = _server_hello(smsgs_all, malformed)
-    ver_num = None
-    if sh is not None:
-        ver_num = sh.selected_version or sh.version
-    elif hrr is not None:
-        ver_num = hrr.selected_version or hrr.version
-    tls13 = ver_num is not None and (ver_num == 0x0304 or ver_num >> 8 in (0x7F, 0x7E, 0xFB))
-    if not tls13:
-        smsgs = before_ccs
-    else:
-        if smsgs_all is None:
-            smsgs_all = _messages(srec, len(srec))
-        smsgs = smsgs_all
-    cmsgs = _messages(crec, cs.ccs if cs.ccs >= 0 and not tls13 else len(crec))
-
-    ch = None
-    for mt, body, _st, _end in cmsgs:
-        if mt == 1:
-            ch = parse_client_hello(body)
-            malformed |= ch.malformed
-            break
-
-    # time of the first record seen
-    t_candidates = []
-    if crec:
-        t_candidates.append(s.orig.time_at(crec[0][1]))
-    if srec:
-        t_candidates.append(s.resp.time_at(srec[0][1]))
-    ts = min((t for t in t_candidates if t), default=0)
-    if ch is None and sh is None and hrr is None and not malformed:
-        return Analysis(None, [])  # records, but no handshake seen: not logged (as Zeek)
-    row = _base_row(s, ts)
-    row["malformed"] = malformed
+    orig, resp = s.orig, s.resp
+    result, handshake_bytes = handshake(
+        np.frombuffer(orig.data, dtype=np.uint8), _limit(orig), orig.ts_offsets, orig.ts,
+        np.frombuffer(resp.data, dtype=np.uint8), _limit(resp), resp.ts_offsets, resp.ts)
+    f = result.tolist()
+    if not f[LOGGED]:
+        return Analysis(None, [])  # no TLS, or records but no handshake seen: not logged (as Zeek)
+    b = handshake_bytes.tobytes()
+    at = f[CLIENT_HELLO]
+    ch = _client_hello_of(f[at:f[CLIENT_HELLO + 1]], b) if at >= 0 else None
+    at = f[SERVER_HELLO]
+    sh = _server_hello_of(f[at:f[SERVER_HELLO + 1]], b) if at >= 0 else None
+    at = f[RETRY_REQUEST]
+    hrr = _server_hello_of(f[at:f[RETRY_REQUEST + 1]], b) if at >= 0 else None
+    tls13 = f[TLS13] != 0
+    row = _base_row(s, f[TS])
 
     if ch is not None:
         row["server_name"] = ch.sni
@@ -818,8 +488,9 @@ def _analyze(s: Stream) -> Analysis:
         row["ja3"] = ja3(ch)
         row["ja4"] = ja4(ch, "t")
     hello = sh or hrr
+    row["resumed"] = False
     if hello is not None:
-        row["version"] = _version_name(ver_num)
+        row["version"] = _version_name(f[VERSION])
         row["server_version"] = _version_name(hello.version)
         row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
         if sh is not None:
@@ -828,95 +499,60 @@ def _analyze(s: Stream) -> Analysis:
                 row["next_protocol"] = sh.alpn.decode("utf-8", "backslashreplace")
             if sh.key_share_group is not None:
                 row["curve"] = GROUPS.get(sh.key_share_group, "unknown-%d" % sh.key_share_group)
-            resumed = bool(sh.psk) if tls13 else False
-            if not tls13 and ch is not None and ch.session_id and sh.session_id == ch.session_id:
-                resumed = True
-            row["resumed"] = resumed
-        else:
-            row["resumed"] = False
-    else:
-        row["resumed"] = False
+            if tls13:
+                row["resumed"] = sh.psk
+            elif ch is not None and ch.session_id and sh.session_id == ch.session_id:
+                row["resumed"] = True
 
     # certificates (plaintext only: TLS 1.2 and earlier) and the ServerKeyExchange curve
     certs: list[tuple[int, bytes, bool]] = []
-    server_cert_end = None
     if not tls13:
-        for msgs, side_dir, by_client, key in ((smsgs, s.resp, False, "cert_chain_fps"),
-                                                (cmsgs, s.orig, True, "client_cert_chain_fps")):
-            for mt, body, st, end in msgs:
-                if mt == 11:
-                    chain, bad = _cert_list(body)
-                    malformed |= bad
-                    row[key] = [sha256(c).hexdigest() for c in chain]
-                    t = side_dir.time_at(st)
-                    certs.extend((t, c, by_client) for c in chain)
-                    if chain:
-                        subj, iss = leaf_names(chain[0])
-                        if by_client:
-                            row["client_subject"], row["client_issuer"] = subj, iss
-                        else:
-                            row["subject"], row["issuer"] = subj, iss
-                            server_cert_end = end
-                    break
-        if "cipher" in row and row["cipher"] and "ECDH" in row["cipher"]:
-            for mt, body, _st, _end in smsgs:
-                if mt == 12 and len(body) >= 3 and body[0] == 3:
-                    g = (body[1] << 8) | body[2]
-                    row["curve"] = GROUPS.get(g, "unknown-%d" % g)
-                    break
+        p = CERTS
+        for count_at, by_client, key in ((SERVER_CERTS, False, "cert_chain_fps"),
+                                         (CLIENT_CERTS, True, "client_cert_chain_fps")):
+            count = f[count_at]
+            if count < 0:
+                continue  # no Certificate message
+            chain = [b[f[i]:f[i + 1]] for i in range(p, p + 2 * count, 2)]
+            p += 2 * count
+            row[key] = [sha256(c).hexdigest() for c in chain]
+            t = f[count_at + 1]  # the message's time
+            certs.extend((t, c, by_client) for c in chain)
+            if chain:
+                subject, issuer = leaf_names(chain[0])
+                if by_client:
+                    row["client_subject"], row["client_issuer"] = subject, issuer
+                else:
+                    row["subject"], row["issuer"] = subject, issuer
+        if f[SKE_GROUP] >= 0 and row.get("cipher") and "ECDH" in row["cipher"]:
+            row["curve"] = GROUPS.get(f[SKE_GROUP], "unknown-%d" % f[SKE_GROUP])
 
     # alerts (plaintext only: an alert after its side's CCS is encrypted, not logged, as Zeek),
-    # the server's last one if it sent any, and establishment
-    alert = ss.alert or cs.alert
-    if alert is not None:
-        code = alert[1][1]
-        row["last_alert"] = ALERTS.get(code, "unknown-%d" % code)
-    had_hello = sh is not None or hrr is not None
-    if tls13:
-        # application data from both sides after the hello
-        established = had_hello and cs.app >= 0 and ss.app >= 0
-    else:
-        # both sent ChangeCipherSpec, and a record followed (on its side) the later of the two
-        established = False
-        if cs.ccs >= 0 and ss.ccs >= 0:
-            pc, ps = _after_ccs(cs, _POST_CCS), _after_ccs(ss, _POST_CCS)
-            if pc >= 0 and ps >= 0:
-                established = True
-            elif pc >= 0 or ps >= 0:
-                later = max(s.orig.time_at(crec[cs.ccs][1]), s.resp.time_at(srec[ss.ccs][1]))
-                t = s.orig.time_at(crec[pc][1]) if pc >= 0 else s.resp.time_at(srec[ps][1])
-                established = t >= later
-    row["established"] = established
-    row["malformed"] = malformed
-    row["packet"] = _log_packet(s, cs, ss, server_cert_end, had_hello)
+    # the server's last one if it sent any
+    if f[ALERT] >= 0:
+        row["last_alert"] = ALERTS.get(f[ALERT], "unknown-%d" % f[ALERT])
+    row["established"] = f[ESTABLISHED] != 0
+    row["malformed"] = f[MALFORMED] != 0
+    row["packet"] = _log_packet(s, f, hello is not None)
     return Analysis(row, certs, ch, sh)
 
 
-# the records that show a side went on after its ChangeCipherSpec
-_POST_CCS = (CT_HANDSHAKE, CT_APPDATA, CT_ALERT)
-
-
-def _record_end(d: Direction, start: int) -> int:
-    return start + 5 + ((d.data[start + 3] << 8) | d.data[start + 4])
-
-
-def _log_packet(s: Stream, cs: _Side, ss: _Side, server_cert_end: int | None, had_hello: bool) -> int | None:
+def _log_packet(s: Stream, f: list[int], had_hello: bool) -> int | None:
     """The packet Suricata logs the handshake on (its tls event's pcap_cnt): the one that
     acknowledged the bytes completing both sides' handshakes, as its TLS parser counts them:
     the server's certificate completes both; else the server is done at its first application
     data record, the client at its ChangeCipherSpec or first application data record. None
     when not both (Suricata logs it at the flow's end, on no packet of the capture)."""
-    if server_cert_end is not None:
-        return s.resp.acked_by(server_cert_end) or None
-    if not had_hello or ss.app < 0:
+    if f[SERVER_CERT_END] >= 0:
+        return s.resp.acked_by(f[SERVER_CERT_END]) or None
+    if not had_hello or f[SERVER_APP_END] < 0:
         return None  # the server's application data counts only after a hello
-    done = cs.app if cs.ccs < 0 else cs.ccs if cs.app < 0 else min(cs.ccs, cs.app)
-    if done < 0:
+    if f[CLIENT_DONE_END] < 0:
         return None
-    server = s.resp.acked_by(_record_end(s.resp, ss.records[ss.app][1]))
+    server = s.resp.acked_by(f[SERVER_APP_END])
     if not server:
         return None
-    client = s.orig.acked_by(_record_end(s.orig, cs.records[done][1]))
+    client = s.orig.acked_by(f[CLIENT_DONE_END])
     return max(server, client) if client else None
 
 
