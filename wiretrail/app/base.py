@@ -22,7 +22,7 @@ session's records, not the ingest.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -76,6 +76,7 @@ class Direction:
     # per direction, and bisect on a list beats a numpy call per lookup
     _times: tuple[list, list] | None = field(default=None, init=False, repr=False, compare=False)
     _ack_origin: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _ack_reach: tuple[list, list] | None = field(default=None, init=False, repr=False, compare=False)
 
     def after(self, offset: int) -> Direction:
         """The same direction from stream offset `offset` on (what a proxy carried after its
@@ -103,11 +104,17 @@ class Direction:
             return 0
         # in sequence numbers: the bytes of the gaps before `end` count too
         seq_end = end + sum(n for o, n in self.gaps if o < end)
-        for rel, packets in self.acks:  # the first ACK to reach it, in packet order
-            reached = rel >= seq_end
-            if reached.any():
-                return int(packets[int(np.argmax(reached))])
-        return 0
+        reach = self._ack_reach
+        if reach is None:
+            # the highest ACK so far at each ACK, in packet order: the first ACK to reach a
+            # point is where this running maximum first does, found by bisection (parsers ask
+            # once per message)
+            rel = np.concatenate([r for r, _ in self.acks])
+            packets = np.concatenate([p for _, p in self.acks])
+            reach = self._ack_reach = (np.maximum.accumulate(rel).tolist(), packets.tolist())
+        highest, packets = reach
+        i = bisect_left(highest, seq_end)
+        return int(packets[i]) if i < len(highest) else 0
 
     def time_at(self, offset: int) -> int:
         """Time of the packet that carried stream byte `offset` (ns)."""
