@@ -534,3 +534,23 @@ def test_quic_parse_datagram_one_row_per_session():
         assert set(r) <= set(quic.SCHEMA.names)
         assert r["ja4"].startswith("q13") and r["server_name"] and r["version"] in ("1", "2")
     print(f"\nquic: {len(rows)} sessions, SNI {sorted({r['server_name'] for r in rows})}")
+
+
+def test_quic_datagram_filter_keeps_what_parse_datagram_reads():
+    """The stage drops the datagrams quic.datagram_filter refuses before parsing: the same
+    rows come with and without it."""
+    import dataclasses
+
+    import numpy as np
+
+    from wiretrail.app import quic
+    _, udp = streams_of(JA4 / "pcap" / "chrome-cloudflare-quic-with-secrets.pcapng")
+    dgrams = [dataclasses.replace(d, uid=d.uid + "-f") for ds in udp.values() for d in ds]
+    first = np.array([d.payload[0] if d.payload else -1 for d in dgrams], dtype=np.int16)
+    keep = quic.datagram_filter(first, np.array([d.from_orig for d in dgrams]))
+    assert 0 < keep.sum() < len(dgrams)  # both kinds are in the capture
+    filtered = [r for d, k in zip(dgrams, keep) if k for r in quic.parse_datagram(d)]
+    quic._done.clear()
+    quic._pending.clear()
+    everything = [r for d in dgrams for r in quic.parse_datagram(d)]
+    assert filtered and filtered == everything

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 from collections import OrderedDict
 
+import numpy as np
 import pyarrow as pa
 
 from wiretrail.app import tls
@@ -291,6 +292,13 @@ _pending: OrderedDict[str, list] = OrderedDict()
 _done: OrderedDict[str, bool] = OrderedDict()
 _MAX_SESSIONS = 4096
 _MAX_DATAGRAMS = 8
+
+
+def datagram_filter(first_byte: np.ndarray, from_orig: np.ndarray) -> np.ndarray:
+    """The datagrams parse_datagram reads, for the stage to pick before making them objects:
+    the client's long-header packets (the first byte's top bit; -1: no payload). Most of a
+    QUIC session is short-header packets, which carry nothing this module reads."""
+    return from_orig & (first_byte >= 0) & ((first_byte & 0x80) != 0)
 
 
 def parse_datagram(d: Datagram) -> list[dict]:

@@ -200,6 +200,14 @@ class AppStage:
             end = start + pl_len
             want = l4_len - 8
         end = np.maximum(start, end)
+        wanted = getattr(m.mod, "datagram_filter", None)
+        if wanted is not None:  # the module says from first bytes which datagrams it reads at all
+            first = np.where(end > start, batch.data[np.minimum(start, len(batch.data) - 1)], -1).astype(np.int16)
+            keep = wanted(first, is_orig[rows])
+            if not keep.all():
+                rows, start, end, want = rows[keep], start[keep], end[keep], want[keep]
+                if not len(rows):
+                    return
         data = memoryview(batch.data)
         ports = (zip(cols["sport"][rows].tolist(), cols["dport"][rows].tolist()) if whole_l4
                  else [None] * len(rows))
