@@ -103,7 +103,8 @@ class AppStage:
         self._wanted: set[int] = set()                          # ... whose streams a parser reads
         self._unwanted: set[int] = set()                        # ... identified as what none reads
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
-        self._parsers_for: dict[tuple[str, int], list] = {}
+        self._parsers_by_label: dict[str, list] = {}
+        self._parsers_by_port: dict[int, list] = {}
         self._port_tables: dict[_Module, np.ndarray] = {}
         self.parser_errors = 0
         self.bad_rows: dict[str, int] = {}  # rows dropped per table: a value that did not fit its column
@@ -290,19 +291,26 @@ class AppStage:
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port
-        (several: x509 reads the same TLS stream as tls). Memoised: few (label, port) pairs."""
-        key = (app, resp_p)
-        parsers = self._parsers_for.get(key)
+        (several: x509 reads the same TLS stream as tls). Memoised by label, and by port only
+        for labels no module reads (the port of a labelled session does not matter)."""
+        parsers = self._parsers_by_label.get(app)
         if parsers is None:
             names = set(app.split(".")) if app else set()
-            by_label = [m for m in self.stream_modules if names & m.ndpi]
-            parsers = by_label or [m for m in self.stream_modules if resp_p in m.ports]
-            # protocols that can turn into another mid-stream (STARTTLS): that one reads it too
-            upgrades = {u for m in parsers for u in getattr(m.mod, "UPGRADES_TO", ())}
-            parsers = parsers + [m for m in self.stream_modules if m.name in upgrades and m not in parsers]
-            if len(self._parsers_for) < 65536:
-                self._parsers_for[key] = parsers
+            parsers = self._with_upgrades([m for m in self.stream_modules if names & m.ndpi])
+            if len(self._parsers_by_label) < 65536:
+                self._parsers_by_label[app] = parsers
+        if parsers:
+            return parsers
+        parsers = self._parsers_by_port.get(resp_p)
+        if parsers is None:
+            parsers = self._parsers_by_port[resp_p] = self._with_upgrades(
+                [m for m in self.stream_modules if resp_p in m.ports])
         return parsers
+
+    def _with_upgrades(self, parsers: list[_Module]) -> list[_Module]:
+        """Protocols that can turn into another mid-stream (STARTTLS): that one reads it too."""
+        upgrades = {u for m in parsers for u in getattr(m.mod, "UPGRADES_TO", ())}
+        return parsers + [m for m in self.stream_modules if m.name in upgrades and m not in parsers]
 
     # ---- sessions closing ---------------------------------------------------------------------
     def close(self, sessions: pa.Table) -> tuple[pa.Table, dict[str, pa.Table]]:
