@@ -107,16 +107,26 @@ def _compiled_variants(qualname: str) -> list:
     return out
 
 
-def _arg_check(spec):
-    """A predicate for one argument from its manifest entry: ["array", dtype, ndim, contiguous]
-    or ["scalar"]."""
-    if spec[0] == "array":
-        import numpy as np
+def _args_check(specs: list):
+    """One predicate over all of a variant's arguments, from their manifest entries
+    (["array", dtype, ndim, contiguous] or ["scalar"]): a compiled variant reads its arguments
+    as those types without checking, so a call must match them all. Written out as one
+    function's code rather than a loop over per-argument checks: the check runs before every
+    call, and this way costs about 0.9 us instead of 2.2 us for twelve arguments."""
+    import numpy as np
 
-        dtype, ndim, contiguous = np.dtype(spec[1]), spec[2], spec[3]
-        return lambda a: (type(a) is np.ndarray and a.dtype == dtype and a.ndim == ndim
-                          and (not contiguous or a.flags.c_contiguous))
-    return lambda a: not hasattr(a, "__len__")
+    env = {"ndarray": np.ndarray}
+    terms = []
+    for i, spec in enumerate(specs):
+        if spec[0] == "array":
+            env[f"d{i}"] = np.dtype(spec[1])
+            term = f"type(a{i}) is ndarray and a{i}.dtype == d{i} and a{i}.ndim == {int(spec[2])}"
+            terms.append(term + (f" and a{i}.flags.c_contiguous" if spec[3] else ""))
+        else:
+            terms.append(f"not hasattr(a{i}, '__len__')")
+    params = ", ".join(f"a{i}" for i in range(len(specs)))
+    exec(f"def check({params}):\n    return {' and '.join(f'({t})' for t in terms) or 'True'}\n", env)
+    return env["check"]
 
 
 class Kernel:
@@ -129,12 +139,12 @@ class Kernel:
         self.__name__ = py_func.__name__
         self.__doc__ = py_func.__doc__
         self.__wrapped__ = py_func
-        self.variants = [(fn, [_arg_check(s) for s in args]) for fn, args in variants]
+        self.variants = [(fn, len(args), _args_check(args)) for fn, args in variants]
         self.dispatcher = None
 
     def __call__(self, *args):
-        for fn, checks in self.variants:
-            if len(checks) == len(args) and all(ok(a) for ok, a in zip(checks, args)):
+        for fn, arity, check in self.variants:
+            if arity == len(args) and check(*args):
                 return fn(*args)
         return _use_numba(self)(*args)
 
