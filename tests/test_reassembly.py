@@ -180,6 +180,19 @@ def test_same_streams_whatever_the_batches():
     assert [(o.data, s.data) for o, s in one.values()] == [(o.data, s.data) for o, s in whole.values()]
 
 
+def test_sessions_from_2030_on():
+    """A sid's top bits are its hour: from late 2029 on, sid * 2 overflows an int64. Streams of
+    a capture dated 2031 come out as the same capture's do."""
+    batch = one_batch(PPP / "tcp_reassembly" / "one_tcp_stream.pcap")
+    later = dataclasses.replace(batch, ts=batch.ts - batch.ts.min() + 1_924_992_000 * 10**9)  # 2031-01-01
+    got, r = streams(later, batch_packets=4)
+    assert min(got) >= 1 << 62
+    want, _ = streams(batch, batch_packets=4)
+    assert [(o.data, o.gaps, s.data, s.gaps) for o, s in got.values()] == \
+        [(o.data, o.gaps, s.data, s.gaps) for o, s in want.values()]
+    assert all(o.data and s.data for o, s in got.values()) and r.held == 0
+
+
 def test_memcap_sheds_the_later_bytes_as_gaps():
     """Past the memcap the directions holding most are cut to what comes first in sequence:
     what a direction holds up to its first gap is the stream's start, and bytes shed before

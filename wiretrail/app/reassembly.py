@@ -51,6 +51,12 @@ def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
 _SEQ_TIME = itemgetter(0, 2)
 
 
+def _side_keys(sid: np.ndarray, from_orig: np.ndarray) -> np.ndarray:
+    """sid * 2 + direction, one number per side, as uint64: a sid's top bits are its hour, and
+    from late 2029 on sid * 2 no longer fits in an int64."""
+    return sid.astype(np.uint64) * np.uint64(2) + from_orig.astype(np.uint64)
+
+
 @dataclass
 class _Block:
     """The segments one batch brought to one side, back to back: segment k is
@@ -131,7 +137,7 @@ class Reassembler:
         sides = self.sides
         # Per (session, direction) group, in packet order within a group. Python runs once per
         # group (its _Side); what each packet keeps is worked out for all packets at once.
-        key = sid[rows] * 2 + is_orig[rows].astype(np.int64)
+        key = _side_keys(sid[rows], is_orig[rows])
         order = np.argsort(key, kind="stable")
         rows, key = rows[order], key[order]
         first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
@@ -204,7 +210,7 @@ class Reassembler:
         to its base; only a side whose base is known, and only values that change."""
         if len(rows) == 0:
             return
-        key = sid[rows] * 2 + (~is_orig[rows]).astype(np.int64)  # the side acknowledged
+        key = _side_keys(sid[rows], ~is_orig[rows])  # the side acknowledged
         order = np.argsort(key, kind="stable")
         rows, key = rows[order], key[order]
         first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
