@@ -761,45 +761,15 @@ def _be_bytes(x: np.ndarray, width: int) -> np.ndarray:
 
 
 def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> pa.Array:
-    """Community ID v1 for many sessions: the hash input is built with numpy, hashed by a numba
-    SHA-1 (`_community_id_text`). For ICMP pass the type as sp and the code as dp (mapped here
-    as the spec says)."""
+    """Community ID v1 for many sessions, each hashed by a numba SHA-1 (`_community_ids`). For
+    ICMP pass the type as sp and the code as dp (mapped here as the spec says)."""
     m = len(proto)
-    sp = sp.astype(np.int64).copy()
-    dp = dp.astype(np.int64).copy()
-    icmp = (proto == 1) | (proto == 58)
-    one_way = np.zeros(m, dtype=bool)
-    if icmp.any():
-        cp = np.where(proto == 1, _CP4[sp & 255], _CP6[sp & 255])
-        paired = icmp & (cp >= 0)
-        dp[paired] = cp[paired]
-        one_way = icmp & (cp < 0)
-    ports = (proto == 6) | (proto == 17) | (proto == 132) | icmp
-    less = (o_hi < r_hi) | ((o_hi == r_hi) & ((o_lo < r_lo) | ((o_lo == r_lo) & (sp < dp))))
-    swap = ~(one_way | less)
-    s_hi, s_lo = np.where(swap, r_hi, o_hi), np.where(swap, r_lo, o_lo)
-    d_hi, d_lo = np.where(swap, o_hi, r_hi), np.where(swap, o_lo, r_lo)
-    s_p, d_p = np.where(swap, dp, sp), np.where(swap, sp, dp)
     out = np.empty((m, 30), dtype=np.uint8)
-    seed_b = np.frombuffer(int(seed).to_bytes(2, "big"), dtype=np.uint8)
-    for is4 in (True, False):
-        for has_ports in (True, False):
-            rows = np.nonzero((v4 == is4) & (ports == has_ports))[0]
-            if len(rows) == 0:
-                continue
-            parts = [np.broadcast_to(seed_b, (len(rows), 2))]
-            for hi, lo in ((s_hi, s_lo), (d_hi, d_lo)):
-                if is4:
-                    parts.append(_be_bytes(lo[rows], 4))
-                else:
-                    parts += [_be_bytes(hi[rows], 8), _be_bytes(lo[rows], 8)]
-            parts.append(np.stack([proto[rows].astype(np.uint8), np.zeros(len(rows), dtype=np.uint8)], axis=1))
-            if has_ports:
-                parts += [_be_bytes(s_p[rows].astype(np.uint64), 2), _be_bytes(d_p[rows].astype(np.uint64), 2)]
-            buf = np.ascontiguousarray(np.concatenate(parts, axis=1))
-            text = np.empty((len(rows), 30), dtype=np.uint8)
-            _community_id_text(buf, text)
-            out[rows] = text
+    _community_ids(np.ascontiguousarray(o_hi, dtype=np.uint64), np.ascontiguousarray(o_lo, dtype=np.uint64),
+                   np.ascontiguousarray(r_hi, dtype=np.uint64), np.ascontiguousarray(r_lo, dtype=np.uint64),
+                   np.ascontiguousarray(v4, dtype=np.bool_), np.ascontiguousarray(proto, dtype=np.int32),
+                   np.ascontiguousarray(sp, dtype=np.int64), np.ascontiguousarray(dp, dtype=np.int64),
+                   int(seed) & 0xFFFF, _CP4, _CP6, out)
     offsets = np.arange(0, 30 * m + 1, 30, dtype=np.int32)
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
 
@@ -812,17 +782,56 @@ def _rotl(x, n):
     return ((x << np.uint32(n)) | (x >> np.uint32(32 - n))) & np.uint32(0xFFFFFFFF)
 
 
+@kernel(inline=True)
+def _put_be(block, pos, v, width):
+    """The low `width` bytes of v, big-endian, at block[pos:]; the position after them."""
+    for k in range(width):
+        block[pos + k] = (v >> np.uint64(8 * (width - 1 - k))) & np.uint64(0xFF)
+    return pos + width
+
+
 @kernel
-def _community_id_text(msgs, out):
-    """'1:' + base64(SHA-1(row)) for each row of msgs (each under 56 bytes: one SHA-1 block),
-    into out[:, :30]. hashlib per session cost more than the rest of closing a session."""
+def _community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed, cp4, cp6, out):
+    """'1:' + base64(SHA-1(hash input)) of each session into out[r, :30], the hash input made
+    here as the spec says (seed, addresses and ports in order, the ICMP type's pair as the
+    other port). The input is under 56 bytes: one SHA-1 block. Made in one pass: hashlib per
+    session cost more than the rest of closing a session, and building the inputs with numpy
+    as much as the hashing."""
     w = np.empty(80, dtype=np.uint32)
     block = np.empty(64, dtype=np.uint8)
     digest = np.empty(21, dtype=np.uint8)
-    n = msgs.shape[1]
-    for r in range(msgs.shape[0]):
+    for r in range(len(proto)):
+        p = proto[r]
+        s_port, d_port = sp[r], dp[r]
+        icmp = p == 1 or p == 58
+        one_way = False
+        if icmp:
+            cp = cp4[s_port & 255] if p == 1 else cp6[s_port & 255]
+            if cp >= 0:
+                d_port = np.int64(cp)
+            else:
+                one_way = True
+        ports = p == 6 or p == 17 or p == 132 or icmp
+        s_hi, s_lo, d_hi, d_lo = o_hi[r], o_lo[r], r_hi[r], r_lo[r]
+        less = s_hi < d_hi or (s_hi == d_hi and (s_lo < d_lo or (s_lo == d_lo and s_port < d_port)))
+        if not (one_way or less):
+            s_hi, s_lo, d_hi, d_lo = d_hi, d_lo, s_hi, s_lo
+            s_port, d_port = d_port, s_port
         block[:] = 0
-        block[:n] = msgs[r]
+        n = _put_be(block, 0, np.uint64(seed), 2)
+        if v4[r]:
+            n = _put_be(block, n, s_lo, 4)
+            n = _put_be(block, n, d_lo, 4)
+        else:
+            n = _put_be(block, n, s_hi, 8)
+            n = _put_be(block, n, s_lo, 8)
+            n = _put_be(block, n, d_hi, 8)
+            n = _put_be(block, n, d_lo, 8)
+        block[n] = p & 0xFF
+        n += 2  # proto, then a zero byte
+        if ports:
+            n = _put_be(block, n, np.uint64(s_port & 0xFFFF), 2)
+            n = _put_be(block, n, np.uint64(d_port & 0xFFFF), 2)
         block[n] = 0x80
         bits = n * 8
         block[62] = (bits >> 8) & 0xFF
