@@ -145,4 +145,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.87  # measured 325/367 (88.6%): see the printed figures for each event type
+FLOOR = 0.88  # measured 327/367 (89.1%): see the printed figures for each event type

@@ -48,6 +48,8 @@ def _ip(text: str | None) -> str | None:
 def _app_proto(r: dict) -> str | None:
     if r.get("parsed"):
         return r["parsed"]
+    if not (r.get("orig_bytes") or r.get("resp_bytes")):
+        return None  # no payload, nothing for Suricata's detection to see (nDPI may guess by port)
     app = r.get("app")
     if app:
         name = _APP_PROTO.get(app.split(".")[0])
