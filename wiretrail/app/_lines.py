@@ -16,9 +16,7 @@ MAX_LINE = 1 << 16       # a "line" longer than this is cut (and flagged by the 
 
 def usable(d: Direction) -> bytes:
     """The bytes of a direction before its first gap (parsing stops there)."""
-    if d.gaps:
-        return d.data[: max(0, d.gaps[0][0])]
-    return d.data
+    return d.data[:d.contiguous_end()]
 
 
 def next_line(data: bytes, pos: int) -> tuple[bytes, int, bool] | None:

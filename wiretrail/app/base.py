@@ -93,6 +93,11 @@ class Direction:
             out._ack_origin = (self, offset)
         return out
 
+    def contiguous_end(self) -> int:
+        """Where the bytes stop following each other: the offset of the first gap (the end of
+        `data` if none). Parsers that cannot resync stop there."""
+        return max(0, min([len(self.data), *(off for off, _ in self.gaps)]))
+
     def acked_by(self, end: int) -> int:
         """Number of the packet (from the other side) that first acknowledged the bytes of `data`
         up to `end` (exclusive): where Suricata hands them to its parser and logs what they

@@ -407,26 +407,18 @@ class _Parser:
         """Zeek's reply string for one record (None: no reply event for that type)."""
         buf = self.buf
         end = pos + rdlen
-        if rtype == 1:  # A
-            if rdlen != 4:
-                raise _Bad("A record length")
-            a = inet_ntoa(buf[pos:end])
-            if not update:
-                return a
-            if self.lowered:
-                self.lreply = f"A {self.lowner} {a}"
-            return f"A {self.owner} {a}"
-        if rtype in (2, 5, 12):  # NS, CNAME, PTR
-            return self._lower(self.name(pos)[0])
-        if rtype in (28, 38):  # AAAA, A6
-            if rdlen != 16:
-                raise _Bad("AAAA record length")
-            a = _ip6(buf[pos:end])
+        if rtype in (1, 28, 38):  # A, AAAA, A6: the address (in an update, with the owner's name)
+            v4 = rtype == 1
+            if rdlen != (4 if v4 else 16):
+                raise _Bad("address record length")
+            a = inet_ntoa(buf[pos:end]) if v4 else _ip6(buf[pos:end])
             if not update:
                 return a
             if self.lowered:
                 self.lreply = f"{qtype_name(rtype)} {self.lowner} {a}"
             return f"{qtype_name(rtype)} {self.owner} {a}"
+        if rtype in (2, 5, 12):  # NS, CNAME, PTR
+            return self._lower(self.name(pos)[0])
         if rtype == 6:  # SOA
             mname, p = self.name(pos)
             rname, p = self.name(p)

@@ -32,7 +32,7 @@ from hashlib import sha256
 import numpy as np
 import pyarrow as pa
 
-from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Stream
 from wiretrail.app.tls_kernel import (ALERT, CERTS, CH_MALFORMED, CH_N_ALPN, CH_N_CIPHERS, CH_N_EXTENSIONS,
                                       CH_N_GROUPS, CH_N_POINT_FORMATS, CH_N_SIG_ALGS, CH_N_VERSIONS,
                                       CH_SESSION_ID, CH_SNI, CH_VALUES, CH_VERSION, CLIENT_CERTS,
@@ -453,21 +453,11 @@ def _base_row(s: Stream, ts: int) -> dict:
             "resp_p": s.resp_p, "validation_status": None}
 
 
-def _limit(d: Direction) -> int:
-    """How far the direction's bytes go before its first gap."""
-    limit = len(d.data)
-    for off, _n in d.gaps:
-        if off < limit:
-            limit = off
-            break
-    return limit
-
-
 def _analyze(s: Stream) -> Analysis:
     orig, resp = s.orig, s.resp
     result, handshake_bytes = handshake(
-        np.frombuffer(orig.data, dtype=np.uint8), _limit(orig), orig.ts_offsets, orig.ts,
-        np.frombuffer(resp.data, dtype=np.uint8), _limit(resp), resp.ts_offsets, resp.ts)
+        np.frombuffer(orig.data, dtype=np.uint8), orig.contiguous_end(), orig.ts_offsets, orig.ts,
+        np.frombuffer(resp.data, dtype=np.uint8), resp.contiguous_end(), resp.ts_offsets, resp.ts)
     f = result.tolist()
     if not f[LOGGED]:
         return Analysis(None, [])  # no TLS, or records but no handshake seen: not logged (as Zeek)

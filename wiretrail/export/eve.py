@@ -450,7 +450,7 @@ def emit_table(db, table: str, convert, emit) -> None:
     where = _WHERE.get(table, "")
     # the session's link-layer addresses (a store written before they existed has none)
     session_columns = {row[0] for row in db.execute('DESCRIBE "sessions"').fetchall()}
-    macs = ", ".join(c for c in ("orig_l2_addr", "resp_l2_addr") if c in session_columns and c not in columns)
+    macs = [c for c in ("orig_l2_addr", "resp_l2_addr") if c in session_columns and c not in columns]
     source, segment = f'"{table}"', ""
     if table in _TX_RESTART:  # number each stretch between restarts on its own
         source = (f'(SELECT *, coalesce(sum(CASE WHEN {_TX_RESTART[table]} THEN 1 END) OVER (PARTITION BY uid '
@@ -459,8 +459,8 @@ def emit_table(db, table: str, convert, emit) -> None:
         segment = ", t.tx_segment"
     query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
              f'row_number() OVER (PARTITION BY t.uid{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
-             f's.tunnel AS session_tunnel{", s." + macs.replace(", ", ", s.") if macs else ""} '
-             f'FROM {source} t LEFT JOIN (SELECT uid, community_id, tunnel{", " + macs if macs else ""} '
+             f's.tunnel AS session_tunnel{"".join(f", s.{c}" for c in macs)} '
+             f'FROM {source} t LEFT JOIN (SELECT uid, community_id, tunnel{"".join(f", {c}" for c in macs)} '
              f'FROM sessions) s USING (uid) {where}'
              f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
