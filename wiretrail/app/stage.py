@@ -303,8 +303,10 @@ class AppStage:
             return parsers
         parsers = self._parsers_by_port.get(resp_p)
         if parsers is None:
-            parsers = self._parsers_by_port[resp_p] = self._with_upgrades(
-                [m for m in self.stream_modules if resp_p in m.ports])
+            # by the port tables: `port in m.ports` (a numpy array) costs microseconds per module,
+            # and unlabelled sessions bring thousands of distinct server ports
+            on_port = [m for m in self.stream_modules if 0 <= resp_p < 1 << 16 and self._port_table(m)[resp_p]]
+            parsers = self._parsers_by_port[resp_p] = self._with_upgrades(on_port)
         return parsers
 
     def _with_upgrades(self, parsers: list[_Module]) -> list[_Module]:
@@ -396,7 +398,7 @@ class AppStage:
                 self.parser_errors += len(clean)
                 continue
             try:
-                tables[name] = pa.Table.from_pylist(clean, schema=schema)
+                tables[name] = _table_of_rows(clean, schema)
             except Exception:  # a value that does not fit its column: keep the rows that do
                 good = []
                 for row in clean:
@@ -445,6 +447,14 @@ class AppStage:
         from wiretrail.app import credentials
 
         return {credentials.TABLE: credentials.SCHEMA, **{m.table: m.schema for m in self.modules}}
+
+
+def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Row dicts to a table, converted in C++ as one struct array (keys not in the schema are
+    ignored, missing ones are null): a fifth less than Table.from_pylist, which gathers each
+    column from the dicts in Python (measured on the protocol tables of mix_small.pcap)."""
+    struct = pa.array(rows, type=pa.struct(schema))
+    return pa.Table.from_batches([pa.RecordBatch.from_struct_array(struct)], schema=schema)
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
