@@ -28,10 +28,11 @@ Semantics follow Zeek's HTTP analyzer and base/protocols/http scripts:
   framing: parsing resumes at the next request line (or status line) after the gap, the
   message is flagged `malformed`, and from then on responses pair with requests by time
   (the latest unanswered request sent no later than the response) instead of by order;
-- mime types come from the Content-Type header (media type only, lower-cased) and only for a
-  message with a body; Zeek sniffs the content instead, so it says text/plain where a header
-  says application/x-javascript. For multipart/form-data requests the parts' types are used,
-  as Zeek's file analysis does;
+- mime types are sniffed from the first bytes of each body (de-chunked and inflated), as
+  Zeek's file analysis does (app.magic: it says text/plain where a header says
+  application/x-javascript, image/gif where a server called a GIF image/png); for
+  multipart/form-data requests each file part is sniffed. The Content-Type headers' media
+  types (lower-cased) are kept apart, in request_content_type and response_content_type;
 - filenames: a Content-Disposition `filename` (or `filename*`) from the message headers or,
   for multipart requests, from its parts; failing that, for a response whose Content-Type is
   file-like (application/* other than the web-page types json, javascript, xml, form data...)
@@ -64,6 +65,7 @@ import pyarrow as pa
 
 from wiretrail.app.base import SESSION_COLUMNS, Direction, Stream
 from wiretrail.app.credentials import credential
+from wiretrail.app.magic import HEAD_BYTES, sniff
 
 TABLE = "http"
 # ts: the request's time (the response's when there is no request)
@@ -89,8 +91,10 @@ SCHEMA = pa.schema([
     ("proxied", pa.list_(pa.string())),         # "HEADER -> value" for proxy headers
     ("orig_filenames", pa.list_(pa.string())),
     ("resp_filenames", pa.list_(pa.string())),
-    ("orig_mime_types", pa.list_(pa.string())),  # from Content-Type headers (Zeek sniffs content)
+    ("orig_mime_types", pa.list_(pa.string())),  # sniffed from the body's first bytes, as Zeek (app.magic)
     ("resp_mime_types", pa.list_(pa.string())),
+    ("request_content_type", pa.string()),      # the Content-Type header's media type, lower-cased
+    ("response_content_type", pa.string()),
     ("xff", pa.string()),                       # X-Forwarded-For
     ("request_content_encoding", pa.string()),
     ("response_content_encoding", pa.string()),
@@ -236,7 +240,7 @@ class _Dir:
 class _Msg:
     __slots__ = ("start", "ts", "line", "headers", "hlist", "body_len", "wire_len", "gap", "chunked",
                  "malformed", "method", "uri", "version", "code", "reason", "status_text", "pieces", "complete",
-                 "v09", "resynced", "tunnel_from")
+                 "v09", "resynced", "tunnel_from", "head", "head_done")
 
     def __init__(self, start: int, ts: int):
         self.start = start
@@ -252,6 +256,8 @@ class _Msg:
         self.method = self.uri = self.version = self.reason = self.status_text = None
         self.code = None
         self.pieces: list[bytes] | None = None
+        self.head = b""  # the body's first bytes (magic.HEAD_BYTES at most), de-chunked, up to a gap
+        self.head_done = False
         self.complete = True
         self.v09 = False
         self.resynced = False
@@ -412,6 +418,7 @@ def _read_body(d: _Dir, pos: int, m: _Msg, n: int | None, chunked: bool, keep: b
                 m.malformed = True
                 return pos, True
             new, taken, missing, lost = d.advance(pos, size)
+            _grow_head(m, data, pos, new, missing)
             if pieces is not None:
                 if missing:
                     pieces = None
@@ -434,6 +441,7 @@ def _read_body(d: _Dir, pos: int, m: _Msg, n: int | None, chunked: bool, keep: b
                 m.malformed = True
     elif n is None:
         total, missing = d.remaining(pos)
+        _grow_head(m, data, pos, d.n, missing)
         if pieces is not None and not missing:
             pieces.append(data[pos:])
         else:
@@ -442,6 +450,7 @@ def _read_body(d: _Dir, pos: int, m: _Msg, n: int | None, chunked: bool, keep: b
         pos = d.n
     elif n > 0:
         new, taken, missing, lost = d.advance(pos, n)
+        _grow_head(m, data, pos, new, missing)
         if pieces is not None and not missing:
             pieces.append(data[pos:new])
         else:
@@ -458,34 +467,52 @@ def _read_body(d: _Dir, pos: int, m: _Msg, n: int | None, chunked: bool, keep: b
     return pos, False
 
 
-def _inflated_len(pieces: list[bytes], enc: str) -> int | None:
+def _grow_head(m: _Msg, data: bytes, start: int, end: int, missing: int) -> None:
+    """Add body bytes data[start:end] to m.head. A piece with missing bytes ends it: where in
+    the piece they were missing is not known, so what follows is not the file's next bytes."""
+    if m.head_done:
+        return
+    if missing:
+        m.head_done = True
+        return
+    room = HEAD_BYTES - len(m.head)
+    m.head += data[start:start + min(end - start, room)]
+    m.head_done = len(m.head) >= HEAD_BYTES
+
+
+def _inflate(pieces: list[bytes], enc: str) -> tuple[int, bytes] | None:
+    """(inflated length, its first HEAD_BYTES) of a gzip or deflate body; None if it does not
+    inflate at all. Deflate is tried with a zlib header, then raw (servers send both)."""
     wbits = 47 if "gzip" in enc else 15
     for attempt in (wbits, -15) if wbits == 15 else (wbits,):
         d = zlib.decompressobj(attempt)
-        total = 0
+        total, head = 0, b""
         try:
             for p in pieces:
                 buf = p
                 while buf:
                     out = d.decompress(buf, 1 << 20)
                     total += len(out)
+                    if len(head) < HEAD_BYTES:
+                        head += out[:HEAD_BYTES - len(head)]
                     if total > INFLATE_CAP or d.eof:
-                        return total
+                        return total, head
                     buf = d.unconsumed_tail
-            total += len(d.flush())
-            return total
+            out = d.flush()
+            return total + len(out), (head + out)[:HEAD_BYTES]
         except zlib.error:
             if total:
-                return total
+                return total, head
     return None
 
 
-def _content_decoded_len(m: _Msg) -> None:
+def _content_decoded(m: _Msg) -> None:
+    """An encoded body's length and first bytes as inflated (Zeek counts and sniffs those)."""
     enc = (m.headers.get("content-encoding") or "").lower()
     if m.pieces and m.wire_len and ("gzip" in enc or "deflate" in enc):
-        n = _inflated_len(m.pieces, enc)
-        if n is not None:
-            m.body_len = n
+        inflated = _inflate(m.pieces, enc)
+        if inflated is not None:
+            m.body_len, m.head = inflated
 
 
 def _body_kind(m: _Msg) -> tuple[bool, int | None]:
@@ -602,7 +629,7 @@ class _Parser:
         elif n == -1:
             n = 0
         pos, lost = _read_body(d, body, m, n, chunked, _keep_body(m, True))
-        _content_decoded_len(m)
+        _content_decoded(m)
         self.reqs.append(m)
         if lost:
             self.by_time = True
@@ -695,7 +722,7 @@ class _Parser:
             else:
                 chunked, n = _body_kind(m)
                 npos, lost2 = _read_body(d, body, m, None if n == -1 else n, chunked, _keep_body(m, False))
-                _content_decoded_len(m)
+                _content_decoded(m)
             pairs.append([k, m, infos])
             infos = []
             if k is not None:
@@ -772,7 +799,8 @@ class _Parser:
             row.update(method=req.method, uri=req.uri, _request_version=req.version, host=h.get("host"),
                        referrer=h.get("referer"), user_agent=h.get("user-agent"), origin=h.get("origin"),
                        request_body_len=req.body_len, xff=h.get("x-forwarded-for"),
-                       request_content_encoding=h.get("content-encoding"), request_chunked=req.chunked)
+                       request_content_encoding=h.get("content-encoding"), request_chunked=req.chunked,
+                       request_content_type=_media_type(h.get("content-type")))
             row["malformed"] = row["malformed"] or req.malformed
             row["gap_bytes"] += req.gap
             proxied = [f"{k.upper()} -> {v}" for k, v in req.hlist if k in PROXY_HEADERS]
@@ -796,7 +824,8 @@ class _Parser:
             row.update(version=resp.version, status_code=resp.code, status_msg=resp.reason,
                        status_string=resp.status_text,
                        response_body_len=resp.body_len, response_content_encoding=h.get("content-encoding"),
-                       response_transfer_encoding=h.get("transfer-encoding"), response_chunked=resp.chunked)
+                       response_transfer_encoding=h.get("transfer-encoding"), response_chunked=resp.chunked,
+                       response_content_type=_media_type(h.get("content-type")))
             row["malformed"] = row["malformed"] or resp.malformed
             row["gap_bytes"] += resp.gap
             if resp.body_len:
@@ -862,8 +891,9 @@ def _entity_files(m: _Msg, is_req: bool, req: _Msg | None) -> tuple[list[str], l
                 fn = _filename_of(pm.headers.get("content-disposition"))
                 if fn:
                     names.append(fn)
-                pt = _media_type(pm.headers.get("content-type"))
-                if pt and fn is not None:
+                # the part's content from its header block's end to the next boundary
+                pt = sniff(part[he.end():he.end() + HEAD_BYTES]) if fn is not None else None
+                if pt:
                     types.append(pt)
             if names or types:
                 return names, types
@@ -875,8 +905,9 @@ def _entity_files(m: _Msg, is_req: bool, req: _Msg | None) -> tuple[list[str], l
         last = req.uri.split("?", 1)[0].rsplit("/", 1)[-1]
         if "." in last.strip("."):
             names.append(last)
-    if mt:
-        types.append(mt)
+    sniffed = sniff(m.head)
+    if sniffed:
+        types.append(sniffed)
     return names, types
 
 

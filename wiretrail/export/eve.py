@@ -209,13 +209,12 @@ def _dns(r: dict) -> list[dict]:
 def _http(r: dict) -> list[dict]:
     e = _head(r, "http", "http", "TCP")
     e["tx_id"] = r.get("tx_id")
-    types = r.get("resp_mime_types") or []
     host, port = r.get("host"), None
     if host and host.count(":") == 1 and host.rsplit(":", 1)[1].isdigit():  # Suricata splits the port off
         host, port = host.rsplit(":", 1)[0], int(host.rsplit(":", 1)[1])
     e["http"] = _clean({"hostname": host, "http_port": port, "url": r.get("uri"),
                         "http_user_agent": r.get("user_agent"),
-                        "http_content_type": types[0] if types else None, "http_refer": r.get("referrer"),
+                        "http_content_type": r.get("response_content_type"), "http_refer": r.get("referrer"),
                         "http_method": r.get("method"), "protocol": f"HTTP/{r['version']}" if r.get("version") else None,
                         "status": None if r.get("status_string") else r.get("status_code"),
                         "status_string": r.get("status_string"), "length": r.get("response_body_len"),
