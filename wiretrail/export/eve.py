@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from wiretrail.errors import WiretrailError
 from wiretrail.sessions.flowtable import sid_of_uid
@@ -151,10 +152,114 @@ def _flow(r: dict) -> dict:
     return _clean(event)
 
 
+# Suricata's flow timeouts by protocol and flow state, in seconds (the `flow-timeouts` of the
+# suricata.yaml it ships): a packet coming later than this after the flow's last one starts a
+# new flow. Zeek ends connections sooner (5 s after a FIN or RST, an unanswered SYN after 5 s,
+# UDP after a minute idle, DNS after 10 s), so one Suricata flow can be several of our sessions.
+FLOW_TIMEOUTS = {"tcp": {"new": 60, "established": 600, "closed": 60},
+                 "udp": {"new": 30, "established": 300, "closed": 300}}
+_STATE_ORDER = {"new": 0, "established": 1, "closed": 2}
+_LONGEST_TIMEOUT_NS = max(t for d in FLOW_TIMEOUTS.values() for t in d.values()) * 1_000_000_000
+
+
+def _starts_with_syn(r: dict) -> bool:
+    """The session began with a SYN without ACK (Zeek's history starts S, after a ^ if flipped)."""
+    history = (r.get("history") or "").lstrip("^")
+    return history[:1] in ("S", "s")
+
+
+class FlowMerger:
+    """Sessions (in start order) -> the flows Suricata would have logged.
+
+    Sessions of the same 5-tuple, VLANs, link and tunnel join the flow before them when they
+    start within Suricata's timeout of that flow's last packet, for its state (FLOW_TIMEOUTS),
+    unless the new session opens with a SYN on a flow that is closed or was picked up
+    midstream: Suricata's TCP session reuse (TcpSessionReuseDoneEnoughSyn: a SYN starts a new
+    flow when the old session is past LAST_ACK or has no TCP session), which is also where Zeek
+    starts a new connection. Counters add up (turned when Zeek saw the later session's first
+    packet from the other side), flags are or-ed, the state only moves forward, the end and
+    the close reason come from the last session. TCP and UDP only (ICMP flows are keyed
+    otherwise). The sessions table keeps Zeek's split.
+
+    `flow_of` maps the uid of each session merged into an earlier one to that flow's uid."""
+
+    def __init__(self):
+        self.open: dict[tuple, dict] = {}
+        self.flow_of: dict[str, str] = {}
+        self._last_prune = 0
+
+    @staticmethod
+    def _key(r: dict) -> tuple | None:
+        if r.get("proto") not in FLOW_TIMEOUTS or r.get("orig_p") is None:
+            return None
+        ends = tuple(sorted([(r["orig_h"] or "", r["orig_p"]), (r["resp_h"] or "", r["resp_p"])]))
+        return (r["proto"], ends, r.get("vlan"), r.get("inner_vlan"), r.get("link"), r.get("tunnel"))
+
+    def add(self, r: dict) -> list[dict]:
+        """Take the next session; returns the flows that can no longer grow."""
+        done = self._prune(r["ts_ns"])
+        key = self._key(r)
+        if key is None:
+            return done + [r]
+        f = self.open.get(key)
+        if f is not None and self._joins(f, r):
+            self._merge(f, r)
+            return done
+        if f is not None:
+            done.append(f)
+        self.open[key] = dict(r)
+        return done
+
+    def close(self) -> list[dict]:
+        done = list(self.open.values())
+        self.open.clear()
+        return done
+
+    def _prune(self, now: int) -> list[dict]:
+        """Flows idle past the longest timeout cannot take another session: out they go (bounds
+        memory to the flows of the last ten minutes)."""
+        if now - self._last_prune < _LONGEST_TIMEOUT_NS:
+            return []
+        self._last_prune = now
+        gone = [k for k, f in self.open.items() if now - f["last_ns"] >= _LONGEST_TIMEOUT_NS]
+        return [self.open.pop(k) for k in gone]
+
+    @staticmethod
+    def _joins(f: dict, r: dict) -> bool:
+        state = _state(f)
+        if r["ts_ns"] - f["last_ns"] >= FLOW_TIMEOUTS[f["proto"]][state] * 1_000_000_000:
+            return False
+        if f["proto"] == "tcp" and _starts_with_syn(r):
+            return not (state == "closed" or f.get("conn_state") == "OTH")
+        return True
+
+    def _merge(self, f: dict, r: dict) -> None:
+        self.flow_of[r["uid"]] = f["uid"]
+        # Zeek may have seen the later session's first packet from the flow's responder
+        turned = (r["orig_h"], r["orig_p"]) != (f["orig_h"], f["orig_p"])
+        sides = (("orig", "resp"), ("resp", "orig")) if turned else (("orig", "orig"), ("resp", "resp"))
+        before = _state(f)
+        for mine, theirs in sides:
+            for name in ("pkts", "ip_bytes", "wire_bytes", "bytes"):
+                add = r.get(f"{theirs}_{name}")
+                if add is not None or f.get(f"{mine}_{name}") is not None:
+                    f[f"{mine}_{name}"] = (f.get(f"{mine}_{name}") or 0) + (add or 0)
+            flags = r.get(f"{theirs}_tcp_flags")
+            if flags is not None or f.get(f"{mine}_tcp_flags") is not None:
+                f[f"{mine}_tcp_flags"] = (f.get(f"{mine}_tcp_flags") or 0) | (flags or 0)
+        f["last_ns"] = max(f["last_ns"], r["last_ns"])
+        f["close_reason"] = r.get("close_reason")
+        if _STATE_ORDER[_state(r)] > _STATE_ORDER[before]:  # Suricata's state only moves forward
+            f["conn_state"], f["history"] = r.get("conn_state"), r.get("history")
+        if not f.get("parsed") and not f.get("app"):
+            f["parsed"], f["app"] = r.get("parsed"), r.get("app")
+
+
 def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | None = None) -> dict:
     """The common fields. `packet`: the capture packet the event is logged on (pcap_cnt; Suricata
     then names the packet's source too, pkt_src: the wire for a packet of the capture itself)."""
-    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type}
+    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r.get("flow_uid") or r["uid"]),
+         "event_type": event_type}
     if packet:
         e["pcap_cnt"] = packet
     e.update({"src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
@@ -457,11 +562,13 @@ def emit_table(db, table: str, convert, emit) -> None:
                   f'ORDER BY ts ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS tx_segment '
                   f'FROM "{table}")')
         segment = ", t.tx_segment"
-    query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
-             f'row_number() OVER (PARTITION BY t.uid{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
+    # flow_uid: the flow the record's session is part of (FlowMerger), where Suricata counts it
+    flow_uid = "coalesce(fo.flow_uid, t.uid)"
+    query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, {flow_uid} AS flow_uid, '
+             f'row_number() OVER (PARTITION BY {flow_uid}{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
              f's.tunnel AS session_tunnel{"".join(f", s.{c}" for c in macs)} '
              f'FROM {source} t LEFT JOIN (SELECT uid, community_id, tunnel{"".join(f", {c}" for c in macs)} '
-             f'FROM sessions) s USING (uid) {where}'
+             f'FROM sessions) s USING (uid) LEFT JOIN eve_flow_of fo ON fo.uid = t.uid {where}'
              f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
@@ -479,10 +586,10 @@ def emit_table(db, table: str, convert, emit) -> None:
     # Suricata numbers DNS messages, not exchanges: each message of a flow is a transaction
     # (tx_id 0, 1, 2, ... in the order they came), so events are numbered per flow here.
     flow, events = None, []
-    for r in _rows(db, query.replace("ORDER BY t.ts", "ORDER BY t.uid, t.ts")):
-        if r["uid"] != flow:
+    for r in _rows(db, query.replace("ORDER BY t.ts", f"ORDER BY {flow_uid}, t.ts")):
+        if r["flow_uid"] != flow:
             emit(_number_dns(events))
-            flow, events = r["uid"], []
+            flow, events = r["flow_uid"], []
         events.extend(convert(r))
     emit(_number_dns(events))
 
@@ -511,10 +618,15 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
             parsed = [t for t in EVENTS if t in views]
             by_records = (" UNION ALL ".join(f"SELECT DISTINCT uid, '{t}' AS parsed FROM \"{t}\"" for t in parsed)
                           if parsed else "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS parsed WHERE false")
+            flows = FlowMerger()
             for r in _rows(db, "SELECT s.*, epoch_ns(s.ts) AS ts_ns, epoch_ns(s.last_ts) AS last_ns, p.parsed "
                                f"FROM sessions s LEFT JOIN (SELECT uid, any_value(parsed) AS parsed FROM ({by_records}) "
                                "GROUP BY uid) p USING (uid) ORDER BY s.ts"):
-                emit([_flow(r)])
+                emit([_flow(f) for f in flows.add(r)])
+            emit([_flow(f) for f in flows.close()])
+            # the protocol events of a session merged into an earlier one belong to that flow
+            db.register("eve_flow_of", pa.table({"uid": pa.array(list(flows.flow_of), pa.string()),
+                                                 "flow_uid": pa.array(list(flows.flow_of.values()), pa.string())}))
             for table, convert in EVENTS.items():
                 if table in views:
                     emit_table(db, table, convert, emit)
