@@ -491,8 +491,11 @@ def _smb(r: dict) -> list[dict]:
     else:
         smb["filename"], smb["share"] = r.get("name"), r.get("tree")
     if raw == "SESSION_SETUP":
-        smb["ntlmssp"] = _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
-                                 "host": r.get("ntlm_host"), "version": r.get("ntlm_version")}) or None
+        # Suricata's ntlmssp object comes from the AUTHENTICATE message only (the leg that names
+        # the user): the NEGOTIATE leg's version alone is not logged
+        if any(r.get(k) is not None for k in ("ntlm_user", "ntlm_domain", "ntlm_host")):
+            smb["ntlmssp"] = _present({"domain": r.get("ntlm_domain") or "", "user": r.get("ntlm_user") or "",
+                                       "host": r.get("ntlm_host") or "", "version": r.get("ntlm_version")})
         if r.get("native_os") is not None or r.get("native_lm") is not None:
             smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
     e["smb"] = _present(smb)
@@ -500,22 +503,27 @@ def _smb(r: dict) -> list[dict]:
 
 
 def _status_code(status: str | None) -> str | None:
-    """Suricata's status_code: the NT status in hex, no leading zeros."""
+    """Suricata's status_code: an NT status in hex, no leading zeros; an SMB1 DOS error (class,
+    code) as its code in four hex digits (the class is in the status name)."""
     if not status:
         return None
     if status.startswith("0x"):
-        code = int(status, 16)
-    else:
-        from wiretrail.app.smb import NT_STATUS
-
-        codes = _STATUS_CODES or _STATUS_CODES.update({v: k for k, v in NT_STATUS.items()}) or _STATUS_CODES
-        code = codes.get(status)
-        if code is None:
+        try:
+            code = int(status, 16)
+        except ValueError:
             return None
-    return f"0x{code:x}"
+        if len(status) == 8:  # the parser's unnamed DOS error: 0x<class:2><code:4>
+            return f"0x{code & 0xFFFF:04x}"
+        return f"0x{code:x}"
+    if not _STATUS_CODES:
+        from wiretrail.app.smb import DOS_ERRORS, NT_STATUS
+
+        _STATUS_CODES.update({v: f"0x{k:x}" for k, v in NT_STATUS.items()})
+        _STATUS_CODES.update({v: f"0x{code:04x}" for (_cls, code), v in DOS_ERRORS.items()})
+    return _STATUS_CODES.get(status)
 
 
-_STATUS_CODES: dict[str, int] = {}
+_STATUS_CODES: dict[str, str] = {}
 
 
 def _fuid(file_id: str | None) -> str | None:
@@ -530,11 +538,13 @@ def _fuid(file_id: str | None) -> str | None:
 
 
 # Records Suricata makes no transaction of (so logs nothing for, and does not count): SMB 2/3
-# QUERY_INFO, and SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx;
-# READ and WRITE are file transactions, one per file as our rows are).
+# QUERY_INFO, SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx),
+# and a READ answered only with END_OF_FILE (a read's file transaction is made by a response
+# carrying data; READ and WRITE are file transactions, one per file as our rows are).
 _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 'QUERY_INFO' OR "
                  "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
-                 "('FileRenameInformation', 'FileDispositionInformation')))) "}
+                 "('FileRenameInformation', 'FileDispositionInformation')) OR "
+                 "(t.command = 'READ' AND t.status = 'STATUS_END_OF_FILE' AND coalesce(t.bytes, 0) = 0))) "}
 
 # Rows after which Suricata starts counting a flow's transactions again: HTTP after a granted
 # CONNECT (the tunnelled requests are a new HTTP state, tx_id 0 on).
