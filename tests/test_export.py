@@ -163,3 +163,31 @@ def test_eve_flows_merge_sessions_suricata_keeps_together(tmp_path):
     udp = [f for f in flows if f["proto"] == "UDP"]
     assert [(f["flow"]["pkts_toserver"], f["flow"]["pkts_toclient"]) for f in udp] == [(2, 2), (1, 0)]
     assert udp[0]["flow"]["state"] == "established" and udp[0]["flow"]["bytes_toserver"] == 2 * udp[1]["flow"]["bytes_toserver"]
+
+
+def test_eve_options_from_suricata_config():
+    """The settings of a suricata.yaml the export follows: dns requests/responses, SMTP URL
+    extraction (schemes, whether the scheme is logged); what is not set keeps Suricata's default."""
+    from wiretrail.export import eve
+
+    default = eve.EveOptions.from_suricata_config(None)
+    assert default == eve.EveOptions() and default.smtp_url_schemes == ("http",)
+    config = {"outputs": [{"eve-log": {"types": ["alert", {"dns": {"requests": "yes", "responses": "no"}}]}}],
+              "app-layer": {"protocols": {"smtp": {"mime": {"extract-urls-schemes": ["http", "https", "ftp"],
+                                                            "log-url-scheme": True}}}}}
+    opts = eve.EveOptions.from_suricata_config(config)
+    assert (opts.dns_requests, opts.dns_responses) == (True, False)
+    assert opts.smtp_url_schemes == ("http", "https", "ftp") and opts.smtp_log_url_scheme
+
+    # email.url: per scheme in the configured order, then written last first, as Suricata does
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "tx_id": 0, "message_sent": True,
+           "urls": ["http://a.example/", "ftp://f.example", "HTTPS://s.example", "http://b.example/x", "gopher://g"]}
+    assert eve._smtp(row, opts)[0]["email"]["url"] == ["ftp://f.example", "HTTPS://s.example",
+                                                       "http://b.example/x", "http://a.example/"]
+    assert eve._smtp(row)[0]["email"] == {"status": "PARSE_DONE", "url": ["b.example/x", "a.example/"]}
+    assert "email" not in eve._smtp({**row, "message_sent": False, "urls": None})[0]
+
+    dns = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "query": "a.example", "query_flags": 0x0100,
+           "response_flags": 0x8180, "response_ns": 2}
+    assert [e["dns"]["type"] for e in eve._dns(dns)] == ["request", "response"]
+    assert [e["dns"]["type"] for e in eve._dns(dns, opts)] == ["request"]

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import duckdb
@@ -273,21 +275,76 @@ def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | No
     return e
 
 
-def _dns(r: dict) -> list[dict]:
+@dataclass(frozen=True)
+class EveOptions:
+    """What Suricata's configuration changes in the events written (its defaults here):
+    eve-log's dns `requests`/`responses`, and the SMTP MIME decoder's `extract-urls`,
+    `extract-urls-schemes` and `log-url-scheme`."""
+
+    dns_requests: bool = True
+    dns_responses: bool = True
+    smtp_extract_urls: bool = True
+    smtp_url_schemes: tuple[str, ...] = ("http",)
+    smtp_log_url_scheme: bool = False
+
+    @classmethod
+    def from_suricata_config(cls, config: dict | None) -> EveOptions:
+        """From a parsed suricata.yaml (what it does not set keeps Suricata's default)."""
+        kw: dict = {}
+        config = config if isinstance(config, dict) else {}
+        for output in config.get("outputs") or []:
+            eve_log = output.get("eve-log") if isinstance(output, dict) else None
+            for t in (eve_log or {}).get("types") or []:
+                dns = t.get("dns") if isinstance(t, dict) else None
+                if isinstance(dns, dict):
+                    for key in ("requests", "responses"):
+                        if key in dns:
+                            kw[f"dns_{key}"] = _yes(dns[key])
+        smtp = (((config.get("app-layer") or {}).get("protocols") or {}).get("smtp") or {})
+        mime = smtp.get("mime") if isinstance(smtp, dict) else None
+        if isinstance(mime, dict):
+            if "extract-urls" in mime:
+                kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
+            if isinstance(mime.get("extract-urls-schemes"), list):
+                kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
+            if "log-url-scheme" in mime:
+                kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
+        return cls(**kw)
+
+
+def _yes(v) -> bool:
+    return v is True or str(v).lower() in ("yes", "true", "on", "1")
+
+
+def _email_urls(urls: list[str] | None, options: EveOptions) -> list[str] | None:
+    """Suricata's email.url: for each configured scheme in turn, the URLs with it in the order
+    found, the whole list then written last first (its decoder pushes them so and logs them
+    reversed); without log-url-scheme the "scheme://" is cut off."""
+    if not urls or not options.smtp_extract_urls:
+        return None
+    out = []
+    for scheme in options.smtp_url_schemes:
+        prefix = scheme + "://"
+        out.extend(u if options.smtp_log_url_scheme else u[len(prefix):]
+                   for u in urls if u[:len(prefix)].lower() == prefix)
+    return out[::-1] or None
+
+
+def _dns(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     """Suricata 8's DNS events (version 3): one per message, a request from the client and a
     response from the server (src and dest swapped, as the packet went)."""
     proto = "TCP" if r.get("proto") == "tcp" else "UDP"
     name = r.get("query_original") or r.get("query")
     queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
     out = []
-    if r.get("query_flags") is not None:
+    if r.get("query_flags") is not None and options.dns_requests:
         e = _head(r, "dns", "dns", proto, r.get("query_packet"))
         flags = r["query_flags"]
         e["dns"] = _clean({"version": 3, "type": "request", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "rd": bool(flags & 0x0100) or None, "opcode": r.get("opcode"),
                            "queries": queries})
         out.append(_clean(e))
-    if r.get("response_flags") is not None:
+    if r.get("response_flags") is not None and options.dns_responses:
         e = _head(r, "dns", "dns", proto, r.get("response_packet"))
         e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
                                                                     _ip(r.get("orig_h")), r.get("orig_p"))
@@ -397,17 +454,20 @@ def _tls(r: dict) -> list[dict]:
     return [_clean(e)]
 
 
-def _smtp(r: dict) -> list[dict]:
+def _smtp(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     e = _head(r, "smtp", "smtp", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
     # the parameters as sent (older stores: the addresses, in angle brackets as usually sent)
     mail_from = r["mailfrom_param"] if r.get("mailfrom_param") is not None else _angle(r.get("mailfrom"))
     rcpt_to = r.get("rcptto_params") or [_angle(x) for x in (r.get("rcptto") or [])]
     e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": mail_from, "rcpt_to": rcpt_to})
-    email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
+    # Suricata logs the email object for a transaction that reached DATA (its MIME state), status
+    # PARSE_DONE; stores from before message_sent: when headers were read
+    sent = r["message_sent"] if "message_sent" in r else (r.get("from") or r.get("to") or r.get("subject"))
+    email = _clean({"status": "PARSE_DONE" if sent else None,
                     "from": r.get("from"), "to": r.get("to"), "cc": r.get("cc"), "subject": r.get("subject"),
                     "message_id": r.get("msg_id"), "x_mailer": r.get("user_agent"),
-                    "attachment": r.get("attachments")})
+                    "attachment": r.get("attachments"), "url": _email_urls(r.get("urls"), options)})
     if email:
         e["email"] = email
     return [_clean(e)]
@@ -551,6 +611,7 @@ _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 
 _TX_RESTART = {"http": "method = 'CONNECT' AND status_code BETWEEN 200 AND 299"}
 
 # store table -> EVE converter
+_CONFIGURED = {"dns", "smtp"}  # converters that take EveOptions
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
 
@@ -611,8 +672,10 @@ def _number_dns(events: list[dict]) -> list[dict]:
     return events
 
 
-def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
-    """Write eve.json; returns events written per event type."""
+def export(db: duckdb.DuckDBPyConnection, out_dir: Path, options: EveOptions | None = None) -> dict[str, int]:
+    """Write eve.json; returns events written per event type. `options`: what a Suricata
+    configuration would change (EveOptions; Suricata's defaults if not given)."""
+    options = options or EveOptions()
     views = {row[0] for row in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     counts: dict[str, int] = {}
     try:
@@ -639,6 +702,8 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
                                                  "flow_uid": pa.array(list(flows.flow_of.values()), pa.string())}))
             for table, convert in EVENTS.items():
                 if table in views:
+                    if table in _CONFIGURED:
+                        convert = partial(convert, options=options)
                     emit_table(db, table, convert, emit)
     except OSError as err:
         raise WiretrailError(f"cannot write to {out_dir}: {err.strerror}") from None
