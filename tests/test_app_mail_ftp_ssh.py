@@ -522,3 +522,25 @@ def test_pipeline_tables(tmp_path):
     m = _sql(store, "select mailfrom, rcptto, subject, attachments from smtp")
     assert m and m[0]["mailfrom"] == "gurpartap@patriots.in" and m[0]["subject"] == "SMTP"
     assert m[0]["attachments"]
+
+
+def test_smtp_message_sent_and_urls_of_text_parts():
+    """A message with no header still counts as sent; URLs come from the decoded text parts
+    (plain, base64 HTML, quoted-printable with a soft line break inside a URL), in order, and
+    not from attachments nor a multipart preamble."""
+    import base64
+    html = base64.b64encode(b'<a href="https://b.example/x?y=1">b</a>\r\n').decode()
+    rows, _ = _split(smtp.parse_stream(_stream(
+        ("EHLO me\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\nThis is a test\r\n"
+         ".\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n"
+         "Content-Type: multipart/alternative; boundary=B\r\n\r\nhttp://preamble.example/ --B\r\n"
+         "Content-Type: text/plain\r\n"
+         "Content-Transfer-Encoding: quoted-printable\r\n\r\nsee ftp://f.example/a=\r\nb=3Dc now\r\n"
+         f"--B\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: base64\r\n\r\n{html}\r\n"
+         "--B\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; filename=\"u.txt\"\r\n\r\n"
+         "http://attached.example/\r\n--B--\r\n.\r\n").encode(),
+        b"220 mx\r\n250 mx\r\n250 ok\r\n250 ok\r\n354 go\r\n250 queued\r\n250 ok\r\n250 ok\r\n354 go\r\n"
+        b"250 queued\r\n", 25)))
+    assert [r["message_sent"] for r in rows] == [True, True]
+    assert rows[0].get("from") is None and rows[0].get("urls") is None
+    assert rows[1]["urls"] == ["ftp://f.example/ab=c", "https://b.example/x?y=1"]

@@ -692,3 +692,60 @@ def test_fuzz_icmp_never_raises():
     import pyarrow as pa
     pa.Table.from_pylist(icmp_rows(CORPUS / "scenarios/port_scan/port_scan_5.pcap"), schema=icmp.SCHEMA)
     print("\nfuzz: 3000 mutated ICMP messages, no exception")
+
+
+def _eof_resp(mid):
+    """An SMB2 error response: STATUS_END_OF_FILE, the 9-byte error body."""
+    return _hdr2(8, mid, status=0xC0000011, resp=True) + struct.pack("<HBBI", 9, 0, 0, 0) + b"\0"
+
+
+def test_synthetic_read_to_end_of_file_is_a_success():
+    """Reading until the server answers END_OF_FILE is how a read ends: the folded READ row stays
+    STATUS_SUCCESS when data came first; a READ whose only answer is END_OF_FILE keeps it."""
+    other = bytes(range(16, 32))
+    orig = [_nb(_tree_req(0, "\\\\s\\d")), _nb(_create_req(1, "a.txt")), _nb(_read_req(2, FID)),
+            _nb(_read_req(3, FID)), _nb(_create_req(4, "empty.txt")), _nb(_read_req(5, other))]
+    resp = [_nb(_tree_resp(0)), _nb(_create_resp(1, FID)), _nb(_read_resp(2, 100)), _nb(_eof_resp(3)),
+            _nb(_create_resp(4, other, size=0)), _nb(_eof_resp(5))]
+    rows = smb.parse_stream(_stream(_dir(orig), _dir(resp)))
+    reads = {r["name"]: r for r in rows if r["command"] == "READ"}
+    assert reads["a.txt"]["status"] == "STATUS_SUCCESS" and reads["a.txt"]["messages"] == 2
+    assert reads["a.txt"]["bytes"] == 100
+    assert reads["empty.txt"]["status"] == "STATUS_END_OF_FILE" and reads["empty.txt"]["bytes"] == 0
+
+
+def test_eve_smb_ntlmssp_and_dos_status():
+    """EVE's smb events: the ntlmssp object only on the AUTHENTICATE leg (Suricata builds it
+    from that message: domain, user and host always, empty when not sent); an SMB1 DOS error's
+    status_code is its code in four hex digits, an NT status its value without leading zeros."""
+    from wiretrail.export import eve
+
+    base = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "orig_h": "10.0.0.1", "orig_p": 1, "resp_h": "10.0.0.2",
+            "resp_p": 445, "tx_id": 0, "command": "SESSION_SETUP"}
+    first = eve._smb({**base, "dialect": "3.1.1", "status": "STATUS_MORE_PROCESSING_REQUIRED",
+                      "ntlm_version": "10.0 build 19041 rev 15"})[0]["smb"]
+    assert "ntlmssp" not in first and first["status_code"] == "0xc0000016"
+    auth = eve._smb({**base, "dialect": "3.1.1", "status": "STATUS_SUCCESS", "ntlm_user": "bob",
+                     "ntlm_version": "10.0 build 19041 rev 15"})[0]["smb"]
+    assert auth["ntlmssp"] == {"domain": "", "user": "bob", "host": "", "version": "10.0 build 19041 rev 15"}
+    logoff = eve._smb({**base, "dialect": "SMB1", "command": "LOGOFF", "status": "SRV_BADUID"})[0]["smb"]
+    assert logoff["status_code"] == "0x005b" and logoff["command"] == "SMB1_COMMAND_LOGOFF_ANDX"
+    unnamed = eve._smb({**base, "dialect": "SMB1", "command": "LOGOFF", "status": "0x02abcd"})[0]["smb"]
+    assert unnamed["status_code"] == "0xabcd"
+
+
+def test_netbios_session_service_goes_to_smb():
+    """nDPI labels TCP 139 sessions "NetBIOS" when they open with a NetBIOS session request:
+    the session service carries SMB, so the smb parser reads them (a label a module claims
+    wins over ports, so without it the SMB inside was never read)."""
+    from wiretrail.app.stage import AppStage
+
+    stage = AppStage(identify=False)
+    assert "smb" in {m.name for m in stage._stream_parsers("NetBIOS", 139)}
+    assert "smb" in {m.name for m in stage._stream_parsers("NetBIOS.SMBv1", 139)}
+    # a NBSS session request and its positive response, then SMB: the request/response skipped
+    nbss = b"\x81\x00\x00\x44" + b" " * 68
+    orig = [nbss, _nb(_tree_req(0, "\\\\s\\IPC$"))]
+    resp = [b"\x82\x00\x00\x00", _nb(_tree_resp(0, st=2))]
+    rows = smb.parse_stream(_stream(_dir(orig), _dir(resp)))
+    assert [(r["command"], r["tree"], r["share_type"]) for r in rows] == [("TREE_CONNECT", "\\\\s\\IPC$", "PIPE")]

@@ -93,3 +93,101 @@ def test_link_layer_addresses(tmp_path):
     for e in dns:
         o, r = macs[uid_of(e["flow_id"])]
         assert (e["ether"]["src_mac"], e["ether"]["dest_mac"]) == ((o, r) if e["dns"]["type"] == "request" else (r, o))
+
+
+def _flow_merge_capture(path):
+    """One TCP connection closed, then a FIN retransmitted 20 s later (Zeek: a new connection,
+    more than 5 s after the close; Suricata: the same flow, within its 60 s closed timeout),
+    another 80 s after that (past the timeout: a new flow for Suricata too), then a SYN on that
+    port pair (a new flow: the old one is closed); a SYN retransmitted 8 s after the first
+    (Zeek's 5 s attempt timeout; one Suricata flow); a UDP exchange resumed after 70 s (Zeek's
+    60 s UDP timeout; within Suricata's 300 s established timeout) and again 301 s later."""
+    from wiretrail.sample import _Builder
+
+    b = _Builder()
+    s = 1_700_000_000 * 10**9
+    c, srv, cp, sp = "10.0.0.1", "10.0.0.2", 40000, 443
+    C, S = 1, 2  # MAC addresses
+
+    def to_srv(t, flags, seq, ack, data=b""):
+        b.emit(s + int(t * 1e9), b.tcp(c, srv, cp, sp, seq, ack, flags, data), C, S, None)
+
+    def to_cli(t, flags, seq, ack, data=b""):
+        b.emit(s + int(t * 1e9), b.tcp(srv, c, sp, cp, seq, ack, flags, data), S, C, None)
+
+    SYN, ACK, PSH, FIN = 0x02, 0x10, 0x08, 0x01
+    to_srv(0.0, SYN, 100, 0)
+    to_cli(0.1, SYN | ACK, 500, 101)
+    to_srv(0.2, ACK, 101, 501)
+    to_srv(0.3, PSH | ACK, 101, 501, b"x" * 10)
+    to_cli(0.4, PSH | ACK, 501, 111, b"y" * 20)
+    to_srv(0.5, FIN | ACK, 111, 521)
+    to_cli(0.6, FIN | ACK, 521, 112)
+    to_srv(0.7, ACK, 112, 522)
+    to_cli(20.7, FIN | ACK, 521, 112)    # retransmitted: 20 s after the last packet
+    to_cli(100.7, FIN | ACK, 521, 112)   # 80 s later: past Suricata's closed timeout
+    to_srv(110.0, SYN, 9000, 0)          # a new connection on the same ports
+    b.emit(s + 200 * 10**9, b.tcp(c, srv, 40001, 80, 7000, 0, SYN), C, S, None)
+    b.emit(s + 208 * 10**9, b.tcp(c, srv, 40001, 80, 7000, 0, SYN), C, S, None)
+    for t in (300.0, 300.1, 370.0, 370.1, 671.2):
+        src, dst = (c, "10.0.0.3") if t in (300.0, 370.0, 671.2) else ("10.0.0.3", c)
+        sport, dport = (5000, 9999) if src == c else (9999, 5000)
+        b.emit(s + int(t * 1e9), b.udp(src, dst, sport, dport, b"z" * 8), C if src == c else S,
+               S if src == c else C, None)
+    write_pcap(path, b.frames)
+
+
+def test_eve_flows_merge_sessions_suricata_keeps_together(tmp_path):
+    _flow_merge_capture(tmp_path / "m.pcap")
+    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "store"), str(tmp_path / "m.pcap")]) == 0
+    assert main(["export", "--store", str(tmp_path / "store"), "--format", "zeek", "--out", str(tmp_path / "z")]) == 0
+    conn = lines(tmp_path / "z" / "conn.log")
+    # the sessions stay Zeek's: the late FINs and the attempt retransmission are connections of their own
+    assert sum(1 for r in conn if 40000 in (r["id.orig_p"], r["id.resp_p"])) == 4
+    assert sum(1 for r in conn if 40001 in (r["id.orig_p"], r["id.resp_p"])) == 2
+    assert sum(1 for r in conn if r["proto"] == "udp") == 3
+    assert main(["export", "--store", str(tmp_path / "store"), "--format", "eve", "--out", str(tmp_path / "e")]) == 0
+    flows = sorted((e for e in lines(tmp_path / "e" / "eve.json") if e["event_type"] == "flow"),
+                   key=lambda e: e["timestamp"])
+    https = [f for f in flows if 40000 in (f["src_port"], f["dest_port"])]
+    assert len(https) == 3
+    first = https[0]
+    assert (first["src_port"], first["dest_port"]) == (40000, 443)
+    assert (first["flow"]["pkts_toserver"], first["flow"]["pkts_toclient"]) == (5, 4)
+    assert first["flow"]["age"] == 20 and first["flow"]["end"].startswith("2023-11-14T22:13:40.7")
+    assert first["flow"]["state"] == "closed" and first["tcp"]["tcp_flags_tc"] == "1b"
+    assert https[1]["flow"]["pkts_toclient"] + https[1]["flow"]["pkts_toserver"] == 1
+    assert https[2]["flow"]["pkts_toserver"] == 1 and https[2]["tcp"]["tcp_flags_ts"] == "02"
+    attempt = [f for f in flows if 40001 in (f["src_port"], f["dest_port"])]
+    assert len(attempt) == 1 and attempt[0]["flow"]["pkts_toserver"] == 2 and attempt[0]["flow"]["age"] == 8
+    udp = [f for f in flows if f["proto"] == "UDP"]
+    assert [(f["flow"]["pkts_toserver"], f["flow"]["pkts_toclient"]) for f in udp] == [(2, 2), (1, 0)]
+    assert udp[0]["flow"]["state"] == "established" and udp[0]["flow"]["bytes_toserver"] == 2 * udp[1]["flow"]["bytes_toserver"]
+
+
+def test_eve_options_from_suricata_config():
+    """The settings of a suricata.yaml the export follows: dns requests/responses, SMTP URL
+    extraction (schemes, whether the scheme is logged); what is not set keeps Suricata's default."""
+    from wiretrail.export import eve
+
+    default = eve.EveOptions.from_suricata_config(None)
+    assert default == eve.EveOptions() and default.smtp_url_schemes == ("http",)
+    config = {"outputs": [{"eve-log": {"types": ["alert", {"dns": {"requests": "yes", "responses": "no"}}]}}],
+              "app-layer": {"protocols": {"smtp": {"mime": {"extract-urls-schemes": ["http", "https", "ftp"],
+                                                            "log-url-scheme": True}}}}}
+    opts = eve.EveOptions.from_suricata_config(config)
+    assert (opts.dns_requests, opts.dns_responses) == (True, False)
+    assert opts.smtp_url_schemes == ("http", "https", "ftp") and opts.smtp_log_url_scheme
+
+    # email.url: per scheme in the configured order, then written last first, as Suricata does
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "tx_id": 0, "message_sent": True,
+           "urls": ["http://a.example/", "ftp://f.example", "HTTPS://s.example", "http://b.example/x", "gopher://g"]}
+    assert eve._smtp(row, opts)[0]["email"]["url"] == ["ftp://f.example", "HTTPS://s.example",
+                                                       "http://b.example/x", "http://a.example/"]
+    assert eve._smtp(row)[0]["email"] == {"status": "PARSE_DONE", "url": ["b.example/x", "a.example/"]}
+    assert "email" not in eve._smtp({**row, "message_sent": False, "urls": None})[0]
+
+    dns = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "query": "a.example", "query_flags": 0x0100,
+           "response_flags": 0x8180, "response_ns": 2}
+    assert [e["dns"]["type"] for e in eve._dns(dns)] == ["request", "response"]
+    assert [e["dns"]["type"] for e in eve._dns(dns, opts)] == ["request"]

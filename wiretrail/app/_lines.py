@@ -6,6 +6,7 @@ nothing raises."""
 from __future__ import annotations
 
 import base64
+import quopri
 import binascii
 import re
 
@@ -182,6 +183,54 @@ def attachments(head: list[tuple[str, str]], body: bytes, depth: int = 0) -> lis
         elif pct.startswith("message/rfc822"):
             h2, b2 = split_head(pbody)
             out.extend(attachments(headers(h2), b2, depth + 1))
+    return out
+
+
+_TEXT_TYPES = ("text/plain", "text/html", "message/")
+# where a URL ends, as Suricata's MIME decoder ends it (mime_smtp_finish_url), and at line ends
+_URL = re.compile(rb"(?i)[a-z][a-z0-9+.-]*://[^ \"'<>\]\t\r\n]*")
+MAX_URLS = 1000
+
+
+def _decoded(hs: list[tuple[str, str]], body: bytes) -> bytes:
+    encoding = next((v for n, v in hs if n == "CONTENT-TRANSFER-ENCODING"), "").strip().lower()
+    if encoding == "base64":
+        return b64(b"".join(body.split())) or b""
+    if encoding == "quoted-printable":
+        return quopri.decodestring(body)
+    return body
+
+
+def text_parts(head: list[tuple[str, str]], body: bytes, depth: int = 0) -> list[bytes]:
+    """The decoded bodies of a message's text parts (text/plain, text/html, message/*; a part
+    with no Content-Type is text/plain), base64 and quoted-printable undone, attachments (parts
+    with a file name) left out: what Suricata's MIME decoder looks for URLs in."""
+    ctype = next((v for n, v in head if n == "CONTENT-TYPE"), "text/plain").strip().lower()
+    if ctype.startswith("multipart/") and depth <= 8:
+        m = _BOUNDARY.search(next(v for n, v in head if n == "CONTENT-TYPE").encode("utf-8", "surrogateescape"))
+        boundary = (m.group(2) if m.group(2) is not None else m.group(1)) if m else None
+        if not boundary:
+            return []
+        out: list[bytes] = []
+        for piece in body.split(b"--" + boundary)[1:]:
+            if piece.startswith(b"--"):
+                break
+            hblock, pbody = split_head(piece[2:] if piece.startswith(b"\r\n") else piece.lstrip(b"\n"))
+            out.extend(text_parts(headers(hblock), pbody, depth + 1))
+        return out
+    if _filename(head) or not (ctype.startswith(_TEXT_TYPES) or not ctype):
+        return []
+    return [_decoded(head, body)]
+
+
+def urls(parts: list[bytes]) -> list[str]:
+    """Every scheme://... in the text parts, in the order they come."""
+    out: list[str] = []
+    for part in parts:
+        for m in _URL.finditer(part):
+            if len(out) >= MAX_URLS:
+                return out
+            out.append(text(m.group(0)))
     return out
 
 

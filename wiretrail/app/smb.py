@@ -90,7 +90,7 @@ SCHEMA = pa.schema([
     ("malformed", pa.bool_()),
 ])
 PORTS = {445, 139}
-NDPI = {"SMBv1", "SMBv23"}
+NDPI = {"SMBv1", "SMBv23", "NetBIOS"}  # NetBIOS: nDPI's label for the session service on 139, SMB's carrier
 
 # ---- registries ------------------------------------------------------------------------------
 
@@ -539,7 +539,11 @@ class _Session:
                 row = self.open_io[key] = self.row(m, r, cmd, offset=u(b, "<Q", 8), bytes=0, messages=0, **kw)
             row["messages"] += 1
             row["bytes"] += n or 0
-            if r is not None and r.status not in (0, 0x103) and row.get("status") == "STATUS_SUCCESS":
+            # reading on to the end of the file after data came is how a read ends, not a failure
+            # (Suricata's read transaction is done with its data and logged as a success)
+            read_to_end = cmd == "READ" and r is not None and r.status == 0xC0000011 and row["bytes"] > 0
+            if (r is not None and r.status not in (0, 0x103) and row.get("status") == "STATUS_SUCCESS"
+                    and not read_to_end):
                 row["status"] = self.status(r)
         elif cmd == "CLOSE":
             fid = fid_at(b, 8)

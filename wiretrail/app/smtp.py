@@ -8,7 +8,8 @@ the reply to the end of a message arrives (the transaction count goes up), when 
 starts a new one, and at the end of the session, but only once the client did something
 that counts (MAIL, RCPT, STARTTLS). Headers of the top-level entity fill date, from, to,
 cc, reply_to, msg_id, in_reply_to, subject, x_originating_ip, received and user_agent;
-each Received header's address extends `path`. MIME part file names go to `attachments`.
+each Received header's address extends `path`. MIME part file names go to `attachments`,
+URLs (scheme://...) in the decoded text parts to `urls`; `message_sent` says a body went.
 
 AUTH PLAIN and AUTH LOGIN responses are base64-decoded into credentials rows (the password
 never reaches this table; `user` keeps the login). A STARTTLS answered 220 sets `tls` and
@@ -23,7 +24,7 @@ import re
 import pyarrow as pa
 
 from wiretrail.app._lines import (addresses, attachments, headers, next_line, sasl_login, split_head, text,
-                                  until_dot, usable)
+                                  text_parts, until_dot, urls, usable)
 from wiretrail.app.base import SESSION_COLUMNS, Stream, guarded
 
 TABLE = "smtp"
@@ -52,6 +53,8 @@ SCHEMA = pa.schema([
     ("tls", pa.bool_()),
     ("fuids", pa.list_(pa.string())),        # files are not extracted: null
     ("attachments", pa.list_(pa.string())),  # MIME part file names
+    ("message_sent", pa.bool_()),            # a message body went (DATA accepted, or BDAT LAST)
+    ("urls", pa.list_(pa.string())),         # scheme://... in the message's decoded text parts, in order
     ("user", pa.string()),                   # AUTH login name, if any
     ("malformed", pa.bool_()),
     ("packet", pa.int64()),                  # capture packet number Suricata logs the transaction on
@@ -186,6 +189,10 @@ class _Session:
         names = attachments(hs, body)
         if names:
             r.setdefault("attachments", []).extend(names)
+        r["message_sent"] = True
+        found = urls(text_parts(hs, body))
+        if found:
+            r.setdefault("urls", []).extend(found)
 
 
 def _parse(s: Stream) -> list[dict]:

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from wiretrail.errors import WiretrailError
 from wiretrail.sessions.flowtable import sid_of_uid
@@ -151,10 +154,114 @@ def _flow(r: dict) -> dict:
     return _clean(event)
 
 
+# Suricata's flow timeouts by protocol and flow state, in seconds (the `flow-timeouts` of the
+# suricata.yaml it ships): a packet coming later than this after the flow's last one starts a
+# new flow. Zeek ends connections sooner (5 s after a FIN or RST, an unanswered SYN after 5 s,
+# UDP after a minute idle, DNS after 10 s), so one Suricata flow can be several of our sessions.
+FLOW_TIMEOUTS = {"tcp": {"new": 60, "established": 600, "closed": 60},
+                 "udp": {"new": 30, "established": 300, "closed": 300}}
+_STATE_ORDER = {"new": 0, "established": 1, "closed": 2}
+_LONGEST_TIMEOUT_NS = max(t for d in FLOW_TIMEOUTS.values() for t in d.values()) * 1_000_000_000
+
+
+def _starts_with_syn(r: dict) -> bool:
+    """The session began with a SYN without ACK (Zeek's history starts S, after a ^ if flipped)."""
+    history = (r.get("history") or "").lstrip("^")
+    return history[:1] in ("S", "s")
+
+
+class FlowMerger:
+    """Sessions (in start order) -> the flows Suricata would have logged.
+
+    Sessions of the same 5-tuple, VLANs, link and tunnel join the flow before them when they
+    start within Suricata's timeout of that flow's last packet, for its state (FLOW_TIMEOUTS),
+    unless the new session opens with a SYN on a flow that is closed or was picked up
+    midstream: Suricata's TCP session reuse (TcpSessionReuseDoneEnoughSyn: a SYN starts a new
+    flow when the old session is past LAST_ACK or has no TCP session), which is also where Zeek
+    starts a new connection. Counters add up (turned when Zeek saw the later session's first
+    packet from the other side), flags are or-ed, the state only moves forward, the end and
+    the close reason come from the last session. TCP and UDP only (ICMP flows are keyed
+    otherwise). The sessions table keeps Zeek's split.
+
+    `flow_of` maps the uid of each session merged into an earlier one to that flow's uid."""
+
+    def __init__(self):
+        self.open: dict[tuple, dict] = {}
+        self.flow_of: dict[str, str] = {}
+        self._last_prune = 0
+
+    @staticmethod
+    def _key(r: dict) -> tuple | None:
+        if r.get("proto") not in FLOW_TIMEOUTS or r.get("orig_p") is None:
+            return None
+        ends = tuple(sorted([(r["orig_h"] or "", r["orig_p"]), (r["resp_h"] or "", r["resp_p"])]))
+        return (r["proto"], ends, r.get("vlan"), r.get("inner_vlan"), r.get("link"), r.get("tunnel"))
+
+    def add(self, r: dict) -> list[dict]:
+        """Take the next session; returns the flows that can no longer grow."""
+        done = self._prune(r["ts_ns"])
+        key = self._key(r)
+        if key is None:
+            return done + [r]
+        f = self.open.get(key)
+        if f is not None and self._joins(f, r):
+            self._merge(f, r)
+            return done
+        if f is not None:
+            done.append(f)
+        self.open[key] = dict(r)
+        return done
+
+    def close(self) -> list[dict]:
+        done = list(self.open.values())
+        self.open.clear()
+        return done
+
+    def _prune(self, now: int) -> list[dict]:
+        """Flows idle past the longest timeout cannot take another session: out they go (bounds
+        memory to the flows of the last ten minutes)."""
+        if now - self._last_prune < _LONGEST_TIMEOUT_NS:
+            return []
+        self._last_prune = now
+        gone = [k for k, f in self.open.items() if now - f["last_ns"] >= _LONGEST_TIMEOUT_NS]
+        return [self.open.pop(k) for k in gone]
+
+    @staticmethod
+    def _joins(f: dict, r: dict) -> bool:
+        state = _state(f)
+        if r["ts_ns"] - f["last_ns"] >= FLOW_TIMEOUTS[f["proto"]][state] * 1_000_000_000:
+            return False
+        if f["proto"] == "tcp" and _starts_with_syn(r):
+            return not (state == "closed" or f.get("conn_state") == "OTH")
+        return True
+
+    def _merge(self, f: dict, r: dict) -> None:
+        self.flow_of[r["uid"]] = f["uid"]
+        # Zeek may have seen the later session's first packet from the flow's responder
+        turned = (r["orig_h"], r["orig_p"]) != (f["orig_h"], f["orig_p"])
+        sides = (("orig", "resp"), ("resp", "orig")) if turned else (("orig", "orig"), ("resp", "resp"))
+        before = _state(f)
+        for mine, theirs in sides:
+            for name in ("pkts", "ip_bytes", "wire_bytes", "bytes"):
+                add = r.get(f"{theirs}_{name}")
+                if add is not None or f.get(f"{mine}_{name}") is not None:
+                    f[f"{mine}_{name}"] = (f.get(f"{mine}_{name}") or 0) + (add or 0)
+            flags = r.get(f"{theirs}_tcp_flags")
+            if flags is not None or f.get(f"{mine}_tcp_flags") is not None:
+                f[f"{mine}_tcp_flags"] = (f.get(f"{mine}_tcp_flags") or 0) | (flags or 0)
+        f["last_ns"] = max(f["last_ns"], r["last_ns"])
+        f["close_reason"] = r.get("close_reason")
+        if _STATE_ORDER[_state(r)] > _STATE_ORDER[before]:  # Suricata's state only moves forward
+            f["conn_state"], f["history"] = r.get("conn_state"), r.get("history")
+        if not f.get("parsed") and not f.get("app"):
+            f["parsed"], f["app"] = r.get("parsed"), r.get("app")
+
+
 def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | None = None) -> dict:
     """The common fields. `packet`: the capture packet the event is logged on (pcap_cnt; Suricata
     then names the packet's source too, pkt_src: the wire for a packet of the capture itself)."""
-    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r["uid"]), "event_type": event_type}
+    e = {"timestamp": _timestamp(r["ts_ns"]), "flow_id": sid_of_uid(r.get("flow_uid") or r["uid"]),
+         "event_type": event_type}
     if packet:
         e["pcap_cnt"] = packet
     e.update({"src_ip": _ip(r.get("orig_h")), "src_port": r.get("orig_p"), "dest_ip": _ip(r.get("resp_h")),
@@ -168,21 +275,76 @@ def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | No
     return e
 
 
-def _dns(r: dict) -> list[dict]:
+@dataclass(frozen=True)
+class EveOptions:
+    """What Suricata's configuration changes in the events written (its defaults here):
+    eve-log's dns `requests`/`responses`, and the SMTP MIME decoder's `extract-urls`,
+    `extract-urls-schemes` and `log-url-scheme`."""
+
+    dns_requests: bool = True
+    dns_responses: bool = True
+    smtp_extract_urls: bool = True
+    smtp_url_schemes: tuple[str, ...] = ("http",)
+    smtp_log_url_scheme: bool = False
+
+    @classmethod
+    def from_suricata_config(cls, config: dict | None) -> EveOptions:
+        """From a parsed suricata.yaml (what it does not set keeps Suricata's default)."""
+        kw: dict = {}
+        config = config if isinstance(config, dict) else {}
+        for output in config.get("outputs") or []:
+            eve_log = output.get("eve-log") if isinstance(output, dict) else None
+            for t in (eve_log or {}).get("types") or []:
+                dns = t.get("dns") if isinstance(t, dict) else None
+                if isinstance(dns, dict):
+                    for key in ("requests", "responses"):
+                        if key in dns:
+                            kw[f"dns_{key}"] = _yes(dns[key])
+        smtp = (((config.get("app-layer") or {}).get("protocols") or {}).get("smtp") or {})
+        mime = smtp.get("mime") if isinstance(smtp, dict) else None
+        if isinstance(mime, dict):
+            if "extract-urls" in mime:
+                kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
+            if isinstance(mime.get("extract-urls-schemes"), list):
+                kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
+            if "log-url-scheme" in mime:
+                kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
+        return cls(**kw)
+
+
+def _yes(v) -> bool:
+    return v is True or str(v).lower() in ("yes", "true", "on", "1")
+
+
+def _email_urls(urls: list[str] | None, options: EveOptions) -> list[str] | None:
+    """Suricata's email.url: for each configured scheme in turn, the URLs with it in the order
+    found, the whole list then written last first (its decoder pushes them so and logs them
+    reversed); without log-url-scheme the "scheme://" is cut off."""
+    if not urls or not options.smtp_extract_urls:
+        return None
+    out = []
+    for scheme in options.smtp_url_schemes:
+        prefix = scheme + "://"
+        out.extend(u if options.smtp_log_url_scheme else u[len(prefix):]
+                   for u in urls if u[:len(prefix)].lower() == prefix)
+    return out[::-1] or None
+
+
+def _dns(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     """Suricata 8's DNS events (version 3): one per message, a request from the client and a
     response from the server (src and dest swapped, as the packet went)."""
     proto = "TCP" if r.get("proto") == "tcp" else "UDP"
     name = r.get("query_original") or r.get("query")
     queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
     out = []
-    if r.get("query_flags") is not None:
+    if r.get("query_flags") is not None and options.dns_requests:
         e = _head(r, "dns", "dns", proto, r.get("query_packet"))
         flags = r["query_flags"]
         e["dns"] = _clean({"version": 3, "type": "request", "tx_id": r.get("tx_id"), "id": r.get("trans_id"),
                            "flags": f"{flags:x}", "rd": bool(flags & 0x0100) or None, "opcode": r.get("opcode"),
                            "queries": queries})
         out.append(_clean(e))
-    if r.get("response_flags") is not None:
+    if r.get("response_flags") is not None and options.dns_responses:
         e = _head(r, "dns", "dns", proto, r.get("response_packet"))
         e["src_ip"], e["src_port"], e["dest_ip"], e["dest_port"] = (_ip(r.get("resp_h")), r.get("resp_p"),
                                                                     _ip(r.get("orig_h")), r.get("orig_p"))
@@ -291,17 +453,20 @@ def _tls(r: dict) -> list[dict]:
     return [_clean(e)]
 
 
-def _smtp(r: dict) -> list[dict]:
+def _smtp(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     e = _head(r, "smtp", "smtp", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
     # the parameters as sent (older stores: the addresses, in angle brackets as usually sent)
     mail_from = r["mailfrom_param"] if r.get("mailfrom_param") is not None else _angle(r.get("mailfrom"))
     rcpt_to = r.get("rcptto_params") or [_angle(x) for x in (r.get("rcptto") or [])]
     e["smtp"] = _clean({"helo": r.get("helo"), "mail_from": mail_from, "rcpt_to": rcpt_to})
-    email = _clean({"status": "PARSE_DONE" if r.get("from") or r.get("to") or r.get("subject") else None,
+    # Suricata logs the email object for a transaction that reached DATA (its MIME state), status
+    # PARSE_DONE; stores from before message_sent: when headers were read
+    sent = r["message_sent"] if "message_sent" in r else (r.get("from") or r.get("to") or r.get("subject"))
+    email = _clean({"status": "PARSE_DONE" if sent else None,
                     "from": r.get("from"), "to": r.get("to"), "cc": r.get("cc"), "subject": r.get("subject"),
                     "message_id": r.get("msg_id"), "x_mailer": r.get("user_agent"),
-                    "attachment": r.get("attachments")})
+                    "attachment": r.get("attachments"), "url": _email_urls(r.get("urls"), options)})
     if email:
         e["email"] = email
     return [_clean(e)]
@@ -385,8 +550,11 @@ def _smb(r: dict) -> list[dict]:
     else:
         smb["filename"], smb["share"] = r.get("name"), r.get("tree")
     if raw == "SESSION_SETUP":
-        smb["ntlmssp"] = _clean({"user": r.get("ntlm_user"), "domain": r.get("ntlm_domain"),
-                                 "host": r.get("ntlm_host"), "version": r.get("ntlm_version")}) or None
+        # Suricata's ntlmssp object comes from the AUTHENTICATE message only (the leg that names
+        # the user): the NEGOTIATE leg's version alone is not logged
+        if any(r.get(k) is not None for k in ("ntlm_user", "ntlm_domain", "ntlm_host")):
+            smb["ntlmssp"] = _present({"domain": r.get("ntlm_domain") or "", "user": r.get("ntlm_user") or "",
+                                       "host": r.get("ntlm_host") or "", "version": r.get("ntlm_version")})
         if r.get("native_os") is not None or r.get("native_lm") is not None:
             smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
     e["smb"] = _present(smb)
@@ -394,22 +562,27 @@ def _smb(r: dict) -> list[dict]:
 
 
 def _status_code(status: str | None) -> str | None:
-    """Suricata's status_code: the NT status in hex, no leading zeros."""
+    """Suricata's status_code: an NT status in hex, no leading zeros; an SMB1 DOS error (class,
+    code) as its code in four hex digits (the class is in the status name)."""
     if not status:
         return None
     if status.startswith("0x"):
-        code = int(status, 16)
-    else:
-        from wiretrail.app.smb import NT_STATUS
-
-        codes = _STATUS_CODES or _STATUS_CODES.update({v: k for k, v in NT_STATUS.items()}) or _STATUS_CODES
-        code = codes.get(status)
-        if code is None:
+        try:
+            code = int(status, 16)
+        except ValueError:
             return None
-    return f"0x{code:x}"
+        if len(status) == 8:  # the parser's unnamed DOS error: 0x<class:2><code:4>
+            return f"0x{code & 0xFFFF:04x}"
+        return f"0x{code:x}"
+    if not _STATUS_CODES:
+        from wiretrail.app.smb import DOS_ERRORS, NT_STATUS
+
+        _STATUS_CODES.update({v: f"0x{k:x}" for k, v in NT_STATUS.items()})
+        _STATUS_CODES.update({v: f"0x{code:04x}" for (_cls, code), v in DOS_ERRORS.items()})
+    return _STATUS_CODES.get(status)
 
 
-_STATUS_CODES: dict[str, int] = {}
+_STATUS_CODES: dict[str, str] = {}
 
 
 def _fuid(file_id: str | None) -> str | None:
@@ -424,17 +597,20 @@ def _fuid(file_id: str | None) -> str | None:
 
 
 # Records Suricata makes no transaction of (so logs nothing for, and does not count): SMB 2/3
-# QUERY_INFO, and SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx;
-# READ and WRITE are file transactions, one per file as our rows are).
+# QUERY_INFO, SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx),
+# and a READ answered only with END_OF_FILE (a read's file transaction is made by a response
+# carrying data; READ and WRITE are file transactions, one per file as our rows are).
 _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 'QUERY_INFO' OR "
                  "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
-                 "('FileRenameInformation', 'FileDispositionInformation')))) "}
+                 "('FileRenameInformation', 'FileDispositionInformation')) OR "
+                 "(t.command = 'READ' AND t.status = 'STATUS_END_OF_FILE' AND coalesce(t.bytes, 0) = 0))) "}
 
 # Rows after which Suricata starts counting a flow's transactions again: HTTP after a granted
 # CONNECT (the tunnelled requests are a new HTTP state, tx_id 0 on).
 _TX_RESTART = {"http": "method = 'CONNECT' AND status_code BETWEEN 200 AND 299"}
 
 # store table -> EVE converter
+_CONFIGURED = {"dns", "smtp"}  # converters that take EveOptions
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
 
@@ -456,11 +632,13 @@ def emit_table(db, table: str, convert, emit) -> None:
                   f'ORDER BY ts ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS tx_segment '
                   f'FROM "{table}")')
         segment = ", t.tx_segment"
-    query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, '
-             f'row_number() OVER (PARTITION BY t.uid{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
+    # flow_uid: the flow the record's session is part of (FlowMerger), where Suricata counts it
+    flow_uid = "coalesce(fo.flow_uid, t.uid)"
+    query = (f'SELECT t.*, epoch_ns(t.ts) AS ts_ns{extra}, {flow_uid} AS flow_uid, '
+             f'row_number() OVER (PARTITION BY {flow_uid}{segment} ORDER BY t.ts) - 1 AS tx_id, s.community_id, '
              f's.tunnel AS session_tunnel{"".join(f", s.{c}" for c in macs)} '
              f'FROM {source} t LEFT JOIN (SELECT uid, community_id, tunnel{"".join(f", {c}" for c in macs)} '
-             f'FROM sessions) s USING (uid) {where}'
+             f'FROM sessions) s USING (uid) LEFT JOIN eve_flow_of fo ON fo.uid = t.uid {where}'
              f'ORDER BY t.ts')
     if table == "tls" and "x509" in {v[0] for v in db.execute("SELECT view_name FROM duckdb_views()").fetchall()}:
         # the server's leaf certificate: the first of its chain (cert_chain_fps, leaf first)
@@ -478,10 +656,10 @@ def emit_table(db, table: str, convert, emit) -> None:
     # Suricata numbers DNS messages, not exchanges: each message of a flow is a transaction
     # (tx_id 0, 1, 2, ... in the order they came), so events are numbered per flow here.
     flow, events = None, []
-    for r in _rows(db, query.replace("ORDER BY t.ts", "ORDER BY t.uid, t.ts")):
-        if r["uid"] != flow:
+    for r in _rows(db, query.replace("ORDER BY t.ts", f"ORDER BY {flow_uid}, t.ts")):
+        if r["flow_uid"] != flow:
             emit(_number_dns(events))
-            flow, events = r["uid"], []
+            flow, events = r["flow_uid"], []
         events.extend(convert(r))
     emit(_number_dns(events))
 
@@ -493,8 +671,10 @@ def _number_dns(events: list[dict]) -> list[dict]:
     return events
 
 
-def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
-    """Write eve.json; returns events written per event type."""
+def export(db: duckdb.DuckDBPyConnection, out_dir: Path, options: EveOptions | None = None) -> dict[str, int]:
+    """Write eve.json; returns events written per event type. `options`: what a Suricata
+    configuration would change (EveOptions; Suricata's defaults if not given)."""
+    options = options or EveOptions()
     views = {row[0] for row in db.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
     counts: dict[str, int] = {}
     try:
@@ -510,12 +690,19 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path) -> dict[str, int]:
             parsed = [t for t in EVENTS if t in views]
             by_records = (" UNION ALL ".join(f"SELECT DISTINCT uid, '{t}' AS parsed FROM \"{t}\"" for t in parsed)
                           if parsed else "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS parsed WHERE false")
+            flows = FlowMerger()
             for r in _rows(db, "SELECT s.*, epoch_ns(s.ts) AS ts_ns, epoch_ns(s.last_ts) AS last_ns, p.parsed "
                                f"FROM sessions s LEFT JOIN (SELECT uid, any_value(parsed) AS parsed FROM ({by_records}) "
                                "GROUP BY uid) p USING (uid) ORDER BY s.ts"):
-                emit([_flow(r)])
+                emit([_flow(f) for f in flows.add(r)])
+            emit([_flow(f) for f in flows.close()])
+            # the protocol events of a session merged into an earlier one belong to that flow
+            db.register("eve_flow_of", pa.table({"uid": pa.array(list(flows.flow_of), pa.string()),
+                                                 "flow_uid": pa.array(list(flows.flow_of.values()), pa.string())}))
             for table, convert in EVENTS.items():
                 if table in views:
+                    if table in _CONFIGURED:
+                        convert = partial(convert, options=options)
                     emit_table(db, table, convert, emit)
     except OSError as err:
         raise WiretrailError(f"cannot write to {out_dir}: {err.strerror}") from None
