@@ -110,9 +110,9 @@ def test_index_lookup_and_session_extraction(tmp_path):
     w.close()
     ix = IndexWriter(tmp_path)
     half = n // 2
-    ix.append(sid[:half], fid[:half], off[:half], batch.ts[:half])
+    ix.append(sid[:half], fid[:half], off[:half])
     ix.flush()
-    ix.append(sid[half:], fid[half:], off[half:], batch.ts[half:])
+    ix.append(sid[half:], fid[half:], off[half:])
     ix.close()
     target = int(sid[10])
     rows = lookup(tmp_path, target)
@@ -202,7 +202,7 @@ def test_index_rows_are_stably_sorted_by_session():
     for keys in (sids[rng.integers(0, 5000, 200_000)], rng.integers(0, 1 << 62, 3000), np.zeros(7, dtype=np.int64),
                  np.array([5, 1, 5, 0, 1], dtype=np.int64), np.zeros(0, dtype=np.int64)):
         n = len(keys)
-        cols = (keys, rng.integers(0, 1 << 31, n).astype(np.int32), rng.integers(0, 1 << 40, n), np.arange(n) * 7)
+        cols = (keys, rng.integers(0, 1 << 31, n).astype(np.int32), rng.integers(0, 1 << 40, n))
         order = np.argsort(keys, kind="stable")
         for got, col in zip(sort_by_session(*cols), cols):
             assert got.dtype == col.dtype and np.array_equal(got, col[order])

@@ -142,7 +142,7 @@ class Pipeline:
             if self.app.identify_error:
                 self.report.notes.append(self.app.identify_error)
         self._bpf: dict[int, np.ndarray] = {}
-        self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, ts)
+        self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, link)
         self._next_tag = 0
         self.file_packets = 0        # packets of the current file so far (records' packet numbers)
 
@@ -197,9 +197,9 @@ class Pipeline:
 
         indexed = stored & (sid >= 0)
         if indexed.all():  # the usual case: no copies
-            self.index.append(sid, file_id, file_off, batch.ts)
+            self.index.append(sid, file_id, file_off)
         else:
-            self.index.append(sid[indexed], file_id[indexed], file_off[indexed], batch.ts[indexed])
+            self.index.append(sid[indexed], file_id[indexed], file_off[indexed])
         self._tunnel_sessions(batch, cols, link, file_id, file_off)
         self._fragments(batch, cols, link, file_id, file_off)
 
@@ -217,7 +217,7 @@ class Pipeline:
                                      self.app.identify if self.app is not None else None)
         ok = (osid >= 0) & (file_off[rows] >= 0)
         if ok.any():
-            self.index.append(osid[ok], file_id[rows][ok], file_off[rows][ok], batch.ts[rows][ok])
+            self.index.append(osid[ok], file_id[rows][ok], file_off[rows][ok])
 
     def _fragments(self, batch, cols, link, file_id, file_off) -> None:
         """Reassemble IP fragments; the reassembled datagram joins its session, and every
@@ -228,13 +228,13 @@ class Pipeline:
         tags = np.arange(self._next_tag, self._next_tag + len(rows), dtype=np.int64)
         self._next_tag += len(rows)
         for tag, r in zip(tags.tolist(), rows.tolist()):  # per fragment: fragments are rare
-            self._frag_pos[tag] = (int(file_id[r]), int(file_off[r]), int(batch.ts[r]), int(link[r]))
+            self._frag_pos[tag] = (int(file_id[r]), int(file_off[r]), int(link[r]))
         whole, parts = self.fragments.add(batch, cols, rows, tags)
         if len(whole):
             from wiretrail.decode import decode
 
             wcols = decode(whole)
-            wlink = np.array([self._frag_pos[int(p[0])][3] for p in parts], dtype=np.int16)
+            wlink = np.array([self._frag_pos[int(p[0])][2] for p in parts], dtype=np.int16)
             wsid, wis_orig, wseq, _ = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
             if self.app is not None:
                 self.app.process(whole, wcols, wsid, wis_orig, wseq)
@@ -250,8 +250,7 @@ class Pipeline:
         pos = [p for p in pos if p[1] >= 0]
         if pos:
             arr = np.array(pos, dtype=np.int64)
-            self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32),
-                              arr[:, 1], arr[:, 2])
+            self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32), arr[:, 1])
 
     def _close(self, sessions) -> None:
         if sessions is None or not sessions.num_rows:

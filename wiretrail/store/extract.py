@@ -38,7 +38,6 @@ def extract_session(store: Path, uid: str, out: Path, fmt: str = "pcap") -> int:
                              "not kept or have expired)")
     file_id = rows.column("file_id").to_numpy()
     offset = rows.column("offset").to_numpy()
-    ts = rows.column("ts").to_numpy()
     paths = file_paths(store)
     frames: list[tuple[int, str, int, np.ndarray, np.ndarray, list[bytes]]] = []
     for fid in np.unique(file_id):  # sorted: file ids grow with capture order
@@ -47,10 +46,10 @@ def extract_session(store: Path, uid: str, out: Path, fmt: str = "pcap") -> int:
             continue  # removed by retention since
         sel = np.flatnonzero(file_id == fid)
         with open(path, "rb") as f:
-            linktype, snaplen = read_pcap_header(f)
-            wire, data = _read_records(f, offset[sel])
-        frames.append((linktype, _link_of(path, store), snaplen, ts[sel], wire, data))
-    nanosecond = bool(np.any(ts % 1000))
+            linktype, snaplen, frac_ns = read_pcap_header(f)
+            ts, wire, data = _read_records(f, offset[sel], frac_ns)
+        frames.append((linktype, _link_of(path, store), snaplen, ts, wire, data))
+    nanosecond = any(bool(np.any(fr[3] % 1000)) for fr in frames)
     with _open_output(out) as f:
         output = CaptureOutput(f, fmt, nanosecond=nanosecond)
         for linktype, link, snaplen, t, wire, data in frames:
@@ -58,9 +57,11 @@ def extract_session(store: Path, uid: str, out: Path, fmt: str = "pcap") -> int:
     return output.count
 
 
-def _read_records(f, offsets: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
-    """Read the records at `offsets` (sorted) of an open store file: (wire lengths, frames)."""
+def _read_records(f, offsets: np.ndarray, frac_ns: int) -> tuple[np.ndarray, np.ndarray, list[bytes]]:
+    """Read the records at `offsets` (sorted) of an open store file: (times in ns, wire lengths,
+    frames). `frac_ns`: ns per unit of the header's fraction (1000 in a microsecond file)."""
     fd = f.fileno()
+    ts = np.empty(len(offsets), dtype=np.int64)
     wire = np.empty(len(offsets), dtype=np.int64)
     frames = []
     for k, off in enumerate(offsets.tolist()):
@@ -69,8 +70,9 @@ def _read_records(f, offsets: np.ndarray) -> tuple[np.ndarray, list[bytes]]:
         if len(hdr) < 4:
             raise WiretrailError(f"{f.name}: packet record at offset {off} is cut short")
         frames.append(os.pread(fd, int(hdr[2]), off + RECORD_HEADER_LEN))
+        ts[k] = int(hdr[0]) * 1_000_000_000 + int(hdr[1]) * frac_ns
         wire[k] = hdr[3]
-    return wire, frames
+    return ts, wire, frames
 
 
 def extract_filter(store: Path, bpf: str, start: int | None, end: int | None, out: Path,

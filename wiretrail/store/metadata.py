@@ -243,5 +243,4 @@ INDEX_SCHEMA = pa.schema([
     ("sid", pa.int64()),
     ("file_id", pa.int32()),
     ("offset", pa.int64()),
-    ("ts", pa.int64()),
 ])

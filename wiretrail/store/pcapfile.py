@@ -27,15 +27,16 @@ def pcap_header(linktype: int, snaplen: int, nanosecond: bool = True) -> bytes:
     return struct.pack("<IHHiIII", magic, 2, 4, 0, 0, snaplen, linktype)
 
 
-def read_pcap_header(f: BinaryIO) -> tuple[int, int]:
-    """(linktype, snaplen) of one of the store's own files (little-endian, µs or ns)."""
+def read_pcap_header(f: BinaryIO) -> tuple[int, int, int]:
+    """(linktype, snaplen, ns per unit of a record's time fraction) of one of the store's own
+    files (little-endian, µs or ns)."""
     head = f.read(PCAP_HEADER_LEN)
     if len(head) < PCAP_HEADER_LEN:
         raise ValueError("short pcap header")
     magic, _, _, _, _, snaplen, linktype = struct.unpack("<IHHiIII", head)
     if magic not in (PCAP_MAGIC_NS, PCAP_MAGIC_US):
         raise ValueError("not a store capture file")
-    return linktype, snaplen
+    return linktype, snaplen, 1 if magic == PCAP_MAGIC_NS else 1000
 
 
 @kernel(inline=True)
