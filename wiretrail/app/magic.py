@@ -47,11 +47,10 @@ _SIGNATURES: list[tuple[int, str, re.Pattern]] = [
     (100, "image/gif", re.compile(rb"GIF8[79]a")),
     (52, "image/jpeg", re.compile(rb"\xff\xd8\xff")),
     (50, "image/x-ms-bmp", re.compile(rb"BM.{12}[\x0c\x28\x38\x40\x6c\x7c]\x00\x00\x00", re.S)),
-    (50, "image/tiff", re.compile(rb"II\x2a\x00|MM\x00\x2a")),
+    (50, "image/tiff", re.compile(rb"II[\x2a\x2b]\x00|MM\x00[\x2a\x2b]")),
     (50, "image/x-icon", re.compile(rb"\x00\x00\x01\x00[\x01-\x20]\x00", re.S)),
     (50, "image/webp", re.compile(rb"RIFF.{4}WEBP", re.S)),
     (50, "audio/mpeg", re.compile(rb"ID3[\x02-\x04]")),
-    (70, "application/x-ole-storage", re.compile(rb"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1")),
 ]
 
 
