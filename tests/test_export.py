@@ -172,6 +172,9 @@ def test_eve_options_from_suricata_config():
 
     default = eve.EveOptions.from_suricata_config(None)
     assert default == eve.EveOptions() and default.smtp_url_schemes == ("http",)
+    for odd in ("text", ["a"], {"outputs": {"eve-log": 1}}, {"outputs": [{"eve-log": ["types"]}]},
+                {"outputs": [{"eve-log": {"types": "dns"}}]}, {"app-layer": {"protocols": {"smtp": ["mime"]}}}):
+        assert eve.EveOptions.from_suricata_config(odd) == default  # a file of another shape: defaults
     config = {"outputs": [{"eve-log": {"types": ["alert", {"dns": {"requests": "yes", "responses": "no"}}]}}],
               "app-layer": {"protocols": {"smtp": {"mime": {"extract-urls-schemes": ["http", "https", "ftp"],
                                                             "log-url-scheme": True}}}}}
@@ -191,3 +194,28 @@ def test_eve_options_from_suricata_config():
            "response_flags": 0x8180, "response_ns": 2}
     assert [e["dns"]["type"] for e in eve._dns(dns)] == ["request", "response"]
     assert [e["dns"]["type"] for e in eve._dns(dns, opts)] == ["request"]
+
+
+def test_export_eve_with_a_suricata_config(store, tmp_path, capsys):
+    """`--suricata-config FILE`: the export follows the file's eve-log settings; a file that is
+    missing, unreadable or not YAML is one line on stderr and exit status 1."""
+    d, _ = store
+    config = tmp_path / "suricata.yaml"
+    config.write_text("%YAML 1.1\n---\noutputs:\n  - eve-log:\n      types:\n        - dns:\n"
+                      "            responses: no\n")
+    out = tmp_path / "eve"
+    assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                 "--suricata-config", str(config)]) == 0
+    dns = [e for e in lines(out / "eve.json") if e["event_type"] == "dns"]
+    assert dns and {e["dns"]["type"] for e in dns} == {"request"}
+    capsys.readouterr()
+    for bad in (tmp_path / "missing.yaml", tmp_path):  # absent; a directory cannot be read as a file
+        assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                     "--suricata-config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"wiretrail: cannot read {bad}") and err.count("\n") == 1
+    config.write_text("outputs: [eve-log\n")
+    assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                 "--suricata-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wiretrail: {config} is not YAML") and err.count("\n") == 1

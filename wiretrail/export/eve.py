@@ -288,28 +288,34 @@ class EveOptions:
     smtp_log_url_scheme: bool = False
 
     @classmethod
-    def from_suricata_config(cls, config: dict | None) -> EveOptions:
-        """From a parsed suricata.yaml (what it does not set keeps Suricata's default)."""
+    def from_suricata_config(cls, config) -> EveOptions:
+        """From a parsed suricata.yaml (what it does not set keeps Suricata's default; a part of
+        another shape than Suricata's is ignored, as a user's file may hold anything)."""
         kw: dict = {}
-        config = config if isinstance(config, dict) else {}
-        for output in config.get("outputs") or []:
-            eve_log = output.get("eve-log") if isinstance(output, dict) else None
-            for t in (eve_log or {}).get("types") or []:
-                dns = t.get("dns") if isinstance(t, dict) else None
+        config = _dict(config)
+        for output in _list(config.get("outputs")):
+            for t in _list(_dict(_dict(output).get("eve-log")).get("types")):
+                dns = _dict(t).get("dns")
                 if isinstance(dns, dict):
                     for key in ("requests", "responses"):
                         if key in dns:
                             kw[f"dns_{key}"] = _yes(dns[key])
-        smtp = (((config.get("app-layer") or {}).get("protocols") or {}).get("smtp") or {})
-        mime = smtp.get("mime") if isinstance(smtp, dict) else None
-        if isinstance(mime, dict):
-            if "extract-urls" in mime:
-                kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
-            if isinstance(mime.get("extract-urls-schemes"), list):
-                kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
-            if "log-url-scheme" in mime:
-                kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
+        mime = _dict(_dict(_dict(_dict(config.get("app-layer")).get("protocols")).get("smtp")).get("mime"))
+        if "extract-urls" in mime:
+            kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
+        if isinstance(mime.get("extract-urls-schemes"), list):
+            kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
+        if "log-url-scheme" in mime:
+            kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
         return cls(**kw)
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def _yes(v) -> bool:
