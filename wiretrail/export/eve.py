@@ -545,6 +545,9 @@ def _smb(r: dict) -> list[dict]:
         smb["named_pipe" if r.get("share_type") == "PIPE" else "share"] = r.get("tree")
     elif raw == "NEGOTIATE":
         smb["client_dialects"] = r.get("client_dialects")
+        smb["client_guid"] = r.get("client_guid")
+        # Suricata writes the server's GUID for every NEGOTIATE, "" when the response gave none
+        smb["server_guid"] = r.get("server_guid") or ""
     elif raw == "SET_INFO" and r.get("info_class") == "FileRenameInformation":
         smb["set_info"] = {"class": "FILE_INFO", "info_level": "SMB2_FILE_RENAME_INFO"}
         smb["rename"] = {"from": r.get("prev_name") or "<unknown>", "to": r.get("name")}
@@ -563,6 +566,9 @@ def _smb(r: dict) -> list[dict]:
                                        "host": r.get("ntlm_host") or "", "version": r.get("ntlm_version")})
         if r.get("native_os") is not None or r.get("native_lm") is not None:
             smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
+        if r.get("server_native_os") is not None or r.get("server_native_lm") is not None:  # SMB1
+            smb["response"] = {"native_os": r.get("server_native_os") or "",
+                               "native_lm": r.get("server_native_lm") or ""}
     e["smb"] = _present(smb)
     return [_clean(e)]
 
