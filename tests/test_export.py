@@ -219,3 +219,32 @@ def test_export_eve_with_a_suricata_config(store, tmp_path, capsys):
                  "--suricata-config", str(config)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"wiretrail: {config} is not YAML") and err.count("\n") == 1
+
+
+def test_eve_tls_fields_and_handshakes():
+    """eve-log tls `extended` / `custom` choose the fields; client_handshake and server_handshake
+    as Suricata 8 writes them: GREASE values left out, the client's version raised by its first
+    supported_versions entry, the server's as its ServerHello says, its cipher as a number."""
+    from wiretrail.export import eve
+
+    def tls_config(settings):
+        return eve.EveOptions.from_suricata_config({"outputs": [{"eve-log": {"types": [{"tls": settings}]}}]})
+
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "server_name": "a.example", "ja3": "0" * 32,
+           "client_version": "TLSv12", "client_supported_versions": [0x0A0A, 0x0304, 0x0303],
+           "client_ciphers": [0x1A1A, 0x1301, 0xC02F], "ssl_client_exts": [0x2A2A, 0, 43],
+           "client_sig_algs": [0x0403], "server_version": "TLSv12", "version": "TLSv13",
+           "cipher": "TLS_AES_128_GCM_SHA256", "ssl_server_exts": [43, 51]}
+    default = eve._tls(row)[0]["tls"]
+    assert default["sni"] == "a.example" and "client_handshake" not in default
+    custom = eve._tls(row, tls_config({"enabled": "yes", "custom": ["client_handshake", "server_handshake",
+                                                                      "sni"]}))[0]["tls"]
+    assert custom == {"sni": "a.example",
+                      "client_handshake": {"version": "TLS 1.3", "ciphers": [0x1301, 0xC02F], "exts": [0, 43],
+                                           "sig_algs": [0x0403]},
+                      "server_handshake": {"version": "TLS 1.2", "cipher": 0x1301, "exts": [43, 51]}}
+    basic = eve._tls(row, tls_config({"extended": "no"}))[0]["tls"]
+    assert "sni" not in basic and "ja3" not in basic
+    assert tls_config({"extended": "yes"}) == eve.EveOptions()
+    no_hello = eve._tls({"ts_ns": 1, "uid": "CAAAAAAAAAAA"}, tls_config({"custom": ["client_handshake"]}))[0]
+    assert "tls" not in no_hello or "client_handshake" not in no_hello["tls"]
