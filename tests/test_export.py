@@ -248,3 +248,28 @@ def test_eve_tls_fields_and_handshakes():
     assert tls_config({"extended": "yes"}) == eve.EveOptions()
     no_hello = eve._tls({"ts_ns": 1, "uid": "CAAAAAAAAAAA"}, tls_config({"custom": ["client_handshake"]}))[0]
     assert "tls" not in no_hello or "client_handshake" not in no_hello["tls"]
+
+
+def test_eve_http_dump_all_headers():
+    """dump-all-headers: the headers as Suricata's libhtp keeps them: one entry per name (the
+    first's case and place), repeats joined with ", " except Content-Length, C-string cuts."""
+    from wiretrail.export import eve
+
+    def http_config(value):
+        return eve.EveOptions.from_suricata_config(
+            {"outputs": [{"eve-log": {"types": [{"http": {"dump-all-headers": value}}]}}]})
+
+    sent = [("Host", "a"), ("Cookie", "a=1"), ("cookie", "b=2"), ("Content-Length", "5"), ("content-length", "6"),
+            ("X-Nul", "left\x00right"), ("X-Long", "é" * 2000)]
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "method": "GET", "request_headers": [{"name": n, "value": v}
+                                                                                  for n, v in sent],
+           "response_headers": [{"name": "Server", "value": "s"}]}
+    assert "request_headers" not in eve._http(row)[0]["http"]
+    both = eve._http(row, http_config("both"))[0]["http"]
+    assert both["request_headers"] == [{"name": "Host", "value": "a"}, {"name": "Cookie", "value": "a=1, b=2"},
+                                       {"name": "Content-Length", "value": "5"}, {"name": "X-Nul", "value": "left"},
+                                       {"name": "X-Long", "value": "é" * 1023}]  # 2047 bytes cut to whole characters
+    assert both["response_headers"] == [{"name": "Server", "value": "s"}]
+    request_only = eve._http(row, http_config("request"))[0]["http"]
+    assert "request_headers" in request_only and "response_headers" not in request_only
+    assert (http_config("response").http_request_headers, http_config("response").http_response_headers) == (False, True)

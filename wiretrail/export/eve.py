@@ -300,6 +300,9 @@ class EveOptions:
     # eve-log tls: the fields logged, by Suricata's names (TLS_FIELDS); `extended: yes` as the
     # suricata.yaml Suricata ships
     tls_fields: frozenset[str] = TLS_EXTENDED
+    # eve-log http `dump-all-headers` (both, request or response): the messages' headers
+    http_request_headers: bool = False
+    http_response_headers: bool = False
 
     @classmethod
     def from_suricata_config(cls, config) -> EveOptions:
@@ -316,6 +319,11 @@ class EveOptions:
                     kw["tls_fields"] = TLS_EXTENDED if _yes(tls.get("extended")) else TLS_BASIC
                     if isinstance(tls.get("custom"), list):  # custom replaces the set
                         kw["tls_fields"] = frozenset(str(f).lower() for f in tls["custom"])
+                http = _dict(t).get("http")
+                if isinstance(http, dict) and "dump-all-headers" in http:
+                    dump = str(http["dump-all-headers"])  # Suricata compares the value's first letters
+                    kw["http_request_headers"] = dump.startswith(("both", "request"))
+                    kw["http_response_headers"] = dump.startswith(("both", "response"))
                 dns = _dict(t).get("dns")
                 if isinstance(dns, dict):
                     for key in ("requests", "responses"):
@@ -395,7 +403,7 @@ def _dns(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     return out
 
 
-def _http(r: dict) -> list[dict]:
+def _http(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     e = _head(r, "http", "http", "TCP")
     e["tx_id"] = r.get("tx_id")
     host, port = r.get("host"), None
@@ -407,8 +415,48 @@ def _http(r: dict) -> list[dict]:
                         "http_method": r.get("method"), "protocol": f"HTTP/{r['version']}" if r.get("version") else None,
                         "status": None if r.get("status_string") else r.get("status_code"),
                         "status_string": r.get("status_string"), "length": r.get("response_body_len"),
-                        "xff": r.get("xff")})
+                        "xff": r.get("xff"),
+                        "request_headers": _htp_headers(r.get("request_headers")) if options.http_request_headers
+                        else None,
+                        "response_headers": _htp_headers(r.get("response_headers")) if options.http_response_headers
+                        else None})
     return [_clean(e)]
+
+
+def _htp_headers(headers: list[dict] | None) -> list[dict] | None:
+    """A message's headers as Suricata logs them: as its libhtp keeps them, one per name (the
+    first one's case and place), a repeated header's values joined with ", " (Content-Length
+    keeps its first; after the first repeat of each name, 64 more repeats are taken in all);
+    a name cut at 255 bytes, a value at 2047, either at a NUL (written as C strings)."""
+    if not headers:
+        return None
+    out: list[list[str]] = []
+    at: dict[str, int] = {}
+    repeated: set[str] = set()
+    repeats = 0
+    for h in headers:
+        name, value = h["name"] or "", h["value"] or ""
+        key = name.lower()
+        i = at.get(key)
+        if i is None:
+            at[key] = len(out)
+            out.append([name, value])
+            continue
+        if key in repeated:
+            if repeats >= 64:
+                continue
+            repeats += 1
+        repeated.add(key)
+        if key != "content-length":
+            out[i][1] += ", " + value
+    return [{"name": _c_string(n, 255), "value": _c_string(v, 2047)} for n, v in out]
+
+
+def _c_string(text: str, limit: int) -> str:
+    text = text.split("\x00", 1)[0]
+    if len(text) <= limit // 4:
+        return text  # short enough whatever its UTF-8 length
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
 
 
 def _tls_version(r: dict) -> str | None:
@@ -694,7 +742,7 @@ _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 
 _TX_RESTART = {"http": "method = 'CONNECT' AND status_code BETWEEN 200 AND 299"}
 
 # store table -> EVE converter
-_CONFIGURED = {"dns", "smtp", "tls"}  # converters that take EveOptions
+_CONFIGURED = {"dns", "smtp", "tls", "http"}  # converters that take EveOptions
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
 
