@@ -580,3 +580,61 @@ def test_speed_1000_transactions():
     assert len(rows) == 1000 and rows[-1]["response_body_len"] == 8192 and rows[0]["response_body_len"] == 8000
     print(f"\nspeed: 1000 transactions ({(len(orig) + len(resp)) >> 20} MiB) in {dt * 1000:.0f} ms")
     assert dt < 2.0  # measured ~35 ms on one core
+
+
+def test_headers_kept_as_sent_and_bounded():
+    orig = (b"GET / HTTP/1.1\r\nHOST: x\r\nX-Forwarded-For: 1.2.3.4\r\nAccept:  a/b \r\n"
+            b"X-Long: one\r\n  two\r\nCookie: a=1\r\ncookie: b=2\r\n\r\n")
+    many = b"".join(b"H%d: %s\r\n" % (i, b"v" * (5000 if i == 0 else 1)) for i in range(200))
+    resp = b"HTTP/1.1 200 OK\r\n" + b"N" * 300 + b": n\r\n" + many + b"Content-Length: 0\r\n\r\n"
+    row = http.parse_stream(_stream(orig, resp))[0]
+    assert row["request_headers"] == [("HOST", "x"), ("X-Forwarded-For", "1.2.3.4"), ("Accept", "a/b"),
+                                      ("X-Long", "one two"), ("Cookie", "a=1"), ("cookie", "b=2")]
+    assert row["host"] == "x" and row["proxied"] == ["X-FORWARDED-FOR -> 1.2.3.4"]
+    got = row["response_headers"]
+    assert len(got) == http.MAX_HEADERS and got[0] == ("N" * http.MAX_HEADER_NAME, "n")
+    assert got[1] == ("H0", "v" * http.MAX_HEADER_VALUE) and got[-1] == (f"H{http.MAX_HEADERS - 2}", "v")
+
+
+def _tshark_header_lines(pcap: Path) -> Counter:
+    """Every header line tshark reads in HTTP messages, as (client port, direction, line)."""
+    import subprocess
+
+    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", "http.request or http.response", "-T", "fields",
+           "-E", "separator=/t", "-E", "occurrence=a", "-E", "aggregator=\x1f", "-e", "tcp.srcport",
+           "-e", "tcp.dstport", "-e", "http.request", "-e", "http.request.line", "-e", "http.response.line"]
+    out = Counter()
+    for line in subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.splitlines():
+        sport, dport, is_request, req_lines, resp_lines = (line.split("\t") + [""] * 5)[:5]
+        port, lines = (int(sport), req_lines) if is_request else (int(dport), resp_lines)
+        for h in filter(None, lines.split("\x1f")):
+            name, _, value = h.removesuffix("\\n").removesuffix("\\r").partition(":")  # tshark escapes the CRLF
+            out[port, bool(is_request), f"{name.strip()}: {value.strip()}"] += 1
+    return out
+
+
+def test_headers_against_tshark():
+    """Each stored header, written back as a line, is one tshark read, in the messages both read."""
+    import shutil
+
+    if shutil.which("tshark") is None:
+        return
+    same = total = 0
+    for pcap in sorted((ZEEK / "traces" / "http").glob("*.pcap")):
+        theirs = _tshark_header_lines(pcap)
+        ours = Counter()
+        for s in streams_of(pcap):
+            for r in http_rows(s):
+                for key, is_request in (("request_headers", True), ("response_headers", False)):
+                    for name, value in r.get(key) or []:
+                        ours[s.orig_p, is_request, f"{name}: {value}"] += 1
+        # messages both read (methods.pcap's odd methods, for one, are not HTTP to the parser)
+        read = {(port, is_request) for port, is_request, _ in ours}
+        theirs = Counter({k: n for k, n in theirs.items() if k[:2] in read})
+        total += sum(theirs.values())
+        same += sum((ours & theirs).values())
+        if ours != theirs:
+            print(f"  {pcap.name}: tshark only {list((theirs - ours).items())[:3]}, "
+                  f"ours only {list((ours - theirs).items())[:3]}")
+    print(f"\nhttp header lines vs tshark: {same}/{total} equal")
+    assert total >= 200 and same == total

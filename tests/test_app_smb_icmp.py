@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
 import struct
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -163,7 +165,7 @@ _SV_CMD = {"SMB1_COMMAND_NEGOTIATE_PROTOCOL": "NEGOTIATE", "SMB1_COMMAND_SESSION
            "SMB2_COMMAND_FIND": "QUERY_DIRECTORY", "SMB2_COMMAND_GET_INFO": "QUERY_INFO",
            "SMB2_COMMAND_SET_INFO": "SET_INFO", "SMB2_COMMAND_SESSION_SETUP": "SESSION_SETUP"}
 # EVE keys that have no column here: the checks using them are left out
-_SV_SKIP = ("smb.fuid", "smb.dcerpc", "smb.server_guid", "smb.response.", "smb.id", "smb.status_code")
+_SV_SKIP = ("smb.fuid", "smb.dcerpc", "smb.id", "smb.status_code")
 
 
 def _sv_value(row: dict, key: str):
@@ -197,6 +199,12 @@ def _sv_value(row: dict, key: str):
         return row.get("native_os")
     if k == "request.native_lm":
         return row.get("native_lm")
+    if k == "response.native_os":
+        return row.get("server_native_os")
+    if k == "response.native_lm":
+        return row.get("server_native_lm")
+    if k in ("server_guid", "client_guid"):
+        return row.get(k)
     if k == "client_dialects[0]":
         return (row.get("client_dialects") or [None])[0]
     if k in ("status", "disposition", "session_id", "tree_id"):
@@ -749,3 +757,49 @@ def test_netbios_session_service_goes_to_smb():
     resp = [b"\x82\x00\x00\x00", _nb(_tree_resp(0, st=2))]
     rows = smb.parse_stream(_stream(_dir(orig), _dir(resp)))
     assert [(r["command"], r["tree"], r["share_type"]) for r in rows] == [("TREE_CONNECT", "\\\\s\\IPC$", "PIPE")]
+
+
+def _tshark_smb_hellos(trace: Path) -> Counter:
+    """tshark's NEGOTIATE GUIDs and SESSION_SETUP native OS / LAN manager, per sender."""
+    cmd = ["tshark", "-n", "-r", str(trace), "-Y", "smb2.server_guid or smb2.client_guid or smb.server_guid "
+           "or smb.native_os", "-T", "fields", "-E", "separator=/t", "-e", "smb.flags.response",
+           "-e", "smb2.client_guid", "-e", "smb2.server_guid", "-e", "smb.server_guid", "-e", "smb.native_os",
+           "-e", "smb.native_lanman"]
+    out = Counter()
+    for line in subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout.splitlines():
+        response, client_guid, server_guid, smb1_guid, native_os, native_lm = (line.split("\t") + [""] * 6)[:6]
+        if client_guid:
+            out["client_guid", client_guid] += 1
+        if server_guid:
+            out["server_guid", server_guid] += 1
+        if smb1_guid:  # tshark prints SMB1's GUID in wire order, not as a GUID's text form
+            out["server_guid", smb.guid_text(bytes.fromhex(smb1_guid.replace("-", "")))] += 1
+        if native_os or native_lm:
+            out["server" if response == "1" else "client", native_os, native_lm] += 1
+    return out
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_negotiate_guids_and_native_os_against_tshark():
+    traces = [ZEEK / "traces/smb/smb2.pcap", ZEEK / "traces/smb/smb3.pcap",
+              ZEEK / "traces/smb/smb2.delete-on-close-perms-delete-existing.pcap",
+              ARKIME / "smb-smb1-ascii.pcap", ARKIME / "smb-smbclient.pcap", ARKIME / "smbtorture-ntlmssp.pcap",
+              SV / "tests/smb1-02/smb1_osx.pcap"]
+    same = total = 0
+    for trace in traces:
+        ours = Counter()
+        for r in smb_rows(trace):
+            for key in ("client_guid", "server_guid"):
+                if r.get(key):
+                    ours[key, r[key]] += 1
+            if r.get("native_os") or r.get("native_lm"):
+                ours["client", r.get("native_os") or "", r.get("native_lm") or ""] += 1
+            if r.get("server_native_os") or r.get("server_native_lm"):
+                ours["server", r["server_native_os"], r["server_native_lm"]] += 1
+        theirs = _tshark_smb_hellos(trace)
+        total += sum(theirs.values())
+        same += sum((ours & theirs).values())
+        if ours != theirs:
+            print(f"  {trace.name}: tshark only {dict(theirs - ours)}, ours only {dict(ours - theirs)}")
+    print(f"\nsmb GUIDs and native OS/LAN manager vs tshark: {same}/{total} equal")
+    assert total >= 20 and same == total

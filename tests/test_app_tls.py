@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import shutil
+import subprocess
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -315,6 +317,65 @@ def test_arkime_ja3_ja4():
         print("  differs:", mm)
     # Not read: DTLS (3 sessions) and TLS inside OpenVPN framing (2 sessions).
     assert ok["ja3"] >= 38 and ok["ja3s"] >= 35 and ok["ja4"] >= 38
+
+
+def _tshark_hellos(pcap: Path) -> dict[tuple, dict]:
+    """tshark's first ClientHello and ServerHello of each TCP connection, by the client's
+    address and port: cipher suites, extension types, signature algorithms, supported versions."""
+    fields = ["ip.src", "ipv6.src", "tcp.srcport", "ip.dst", "ipv6.dst", "tcp.dstport", "tls.handshake.type",
+              "tls.handshake.ciphersuite", "tls.handshake.extension.type", "tls.handshake.sig_hash_alg",
+              "tls.handshake.extensions.supported_version"]
+    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", "tcp and (tls.handshake.type == 1 or tls.handshake.type == 2)",
+           "-T", "fields", "-E", "separator=/t", "-E", "occurrence=a", "-E", "aggregator=,"]
+    for f in fields:
+        cmd += ["-e", f]
+    out: dict[tuple, dict] = {}
+    text = subprocess.run(cmd, capture_output=True, text=True, timeout=300).stdout
+    for line in text.splitlines():
+        v = dict(zip(fields, (line.split("\t") + [""] * len(fields))[:len(fields)]))
+        types = v["tls.handshake.type"].split(",")
+        if types[0] not in ("1", "2") or "1" in types and "2" in types:
+            continue  # both hellos in one packet (not seen in these captures): left out
+        nums = lambda f: [int(x, 0) for x in v[f].split(",") if x]  # noqa: E731
+        src = (v["ip.src"] or v["ipv6.src"]).split(",")[-1], int(v["tcp.srcport"].split(",")[0])
+        dst = (v["ip.dst"] or v["ipv6.dst"]).split(",")[-1], int(v["tcp.dstport"].split(",")[0])
+        if types[0] == "1":
+            hello = out.setdefault(src, {})
+            hello.setdefault("client", {"client_ciphers": nums("tls.handshake.ciphersuite"),
+                                        "ssl_client_exts": nums("tls.handshake.extension.type"),
+                                        "client_sig_algs": nums("tls.handshake.sig_hash_alg"),
+                                        "client_supported_versions": nums("tls.handshake.extensions.supported_version")})
+        else:
+            out.setdefault(dst, {}).setdefault("server", {"ssl_server_exts": nums("tls.handshake.extension.type")})
+    return out
+
+
+@pytest.mark.skipif(shutil.which("tshark") is None, reason="tshark not installed")
+def test_hello_lists_against_tshark():
+    """The hellos' lists stored for Suricata's client/server_handshake, as tshark reads them."""
+    pcaps = sorted((ZEEK / "traces" / "tls").glob("*.pcap")) + [
+        JA4 / "pcap" / n for n in ("tls-handshake.pcapng", "tls3.pcapng", "tls12.pcap", "tls-alpn-h2.pcap",
+                                   "tls-sni.pcapng", "browsers-x509.pcapng", "latest.pcapng", "ipv6.pcapng")]
+    same = total = 0
+    for pcap in pcaps:
+        theirs = _tshark_hellos(pcap)
+        for st in streams_of(pcap)[0]:
+            for r in tls.parse_stream(st):
+                want = theirs.get((st.orig_h, st.orig_p))
+                if not want:
+                    continue
+                for side in ("client", "server"):
+                    for key, value in (want.get(side) or {}).items():
+                        if key == "client_sig_algs" and {34, 50} & set(want["client"]["ssl_client_exts"]):
+                            continue  # tshark lists delegated_credentials' and signature_algorithms_cert's
+                                      # algorithms in the same field
+                        total += 1
+                        if (r.get(key) or []) == value:
+                            same += 1
+                        else:
+                            print("  differs:", pcap.name, st.orig_p, key, value[:8], (r.get(key) or [])[:8])
+    print(f"\nhello lists vs tshark: {same}/{total} equal")
+    assert total >= 100 and same == total
 
 
 # ---------------------------------------------------------------------------------------------

@@ -172,6 +172,9 @@ def test_eve_options_from_suricata_config():
 
     default = eve.EveOptions.from_suricata_config(None)
     assert default == eve.EveOptions() and default.smtp_url_schemes == ("http",)
+    for odd in ("text", ["a"], {"outputs": {"eve-log": 1}}, {"outputs": [{"eve-log": ["types"]}]},
+                {"outputs": [{"eve-log": {"types": "dns"}}]}, {"app-layer": {"protocols": {"smtp": ["mime"]}}}):
+        assert eve.EveOptions.from_suricata_config(odd) == default  # a file of another shape: defaults
     config = {"outputs": [{"eve-log": {"types": ["alert", {"dns": {"requests": "yes", "responses": "no"}}]}}],
               "app-layer": {"protocols": {"smtp": {"mime": {"extract-urls-schemes": ["http", "https", "ftp"],
                                                             "log-url-scheme": True}}}}}
@@ -191,3 +194,82 @@ def test_eve_options_from_suricata_config():
            "response_flags": 0x8180, "response_ns": 2}
     assert [e["dns"]["type"] for e in eve._dns(dns)] == ["request", "response"]
     assert [e["dns"]["type"] for e in eve._dns(dns, opts)] == ["request"]
+
+
+def test_export_eve_with_a_suricata_config(store, tmp_path, capsys):
+    """`--suricata-config FILE`: the export follows the file's eve-log settings; a file that is
+    missing, unreadable or not YAML is one line on stderr and exit status 1."""
+    d, _ = store
+    config = tmp_path / "suricata.yaml"
+    config.write_text("%YAML 1.1\n---\noutputs:\n  - eve-log:\n      types:\n        - dns:\n"
+                      "            responses: no\n")
+    out = tmp_path / "eve"
+    assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                 "--suricata-config", str(config)]) == 0
+    dns = [e for e in lines(out / "eve.json") if e["event_type"] == "dns"]
+    assert dns and {e["dns"]["type"] for e in dns} == {"request"}
+    capsys.readouterr()
+    for bad in (tmp_path / "missing.yaml", tmp_path):  # absent; a directory cannot be read as a file
+        assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                     "--suricata-config", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"wiretrail: cannot read {bad}") and err.count("\n") == 1
+    config.write_text("outputs: [eve-log\n")
+    assert main(["export", "--store", str(d / "store"), "--format", "eve", "--out", str(out),
+                 "--suricata-config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"wiretrail: {config} is not YAML") and err.count("\n") == 1
+
+
+def test_eve_tls_fields_and_handshakes():
+    """eve-log tls `extended` / `custom` choose the fields; client_handshake and server_handshake
+    as Suricata 8 writes them: GREASE values left out, the client's version raised by its first
+    supported_versions entry, the server's as its ServerHello says, its cipher as a number."""
+    from wiretrail.export import eve
+
+    def tls_config(settings):
+        return eve.EveOptions.from_suricata_config({"outputs": [{"eve-log": {"types": [{"tls": settings}]}}]})
+
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "server_name": "a.example", "ja3": "0" * 32,
+           "client_version": "TLSv12", "client_supported_versions": [0x0A0A, 0x0304, 0x0303],
+           "client_ciphers": [0x1A1A, 0x1301, 0xC02F], "ssl_client_exts": [0x2A2A, 0, 43],
+           "client_sig_algs": [0x0403], "server_version": "TLSv12", "version": "TLSv13",
+           "cipher": "TLS_AES_128_GCM_SHA256", "ssl_server_exts": [43, 51]}
+    default = eve._tls(row)[0]["tls"]
+    assert default["sni"] == "a.example" and "client_handshake" not in default
+    custom = eve._tls(row, tls_config({"enabled": "yes", "custom": ["client_handshake", "server_handshake",
+                                                                      "sni"]}))[0]["tls"]
+    assert custom == {"sni": "a.example",
+                      "client_handshake": {"version": "TLS 1.3", "ciphers": [0x1301, 0xC02F], "exts": [0, 43],
+                                           "sig_algs": [0x0403]},
+                      "server_handshake": {"version": "TLS 1.2", "cipher": 0x1301, "exts": [43, 51]}}
+    basic = eve._tls(row, tls_config({"extended": "no"}))[0]["tls"]
+    assert "sni" not in basic and "ja3" not in basic
+    assert tls_config({"extended": "yes"}) == eve.EveOptions()
+    no_hello = eve._tls({"ts_ns": 1, "uid": "CAAAAAAAAAAA"}, tls_config({"custom": ["client_handshake"]}))[0]
+    assert "tls" not in no_hello or "client_handshake" not in no_hello["tls"]
+
+
+def test_eve_http_dump_all_headers():
+    """dump-all-headers: the headers as Suricata's libhtp keeps them: one entry per name (the
+    first's case and place), repeats joined with ", " except Content-Length, C-string cuts."""
+    from wiretrail.export import eve
+
+    def http_config(value):
+        return eve.EveOptions.from_suricata_config(
+            {"outputs": [{"eve-log": {"types": [{"http": {"dump-all-headers": value}}]}}]})
+
+    sent = [("Host", "a"), ("Cookie", "a=1"), ("cookie", "b=2"), ("Content-Length", "5"), ("content-length", "6"),
+            ("X-Nul", "left\x00right"), ("X-Long", "é" * 2000)]
+    row = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "method": "GET", "request_headers": [{"name": n, "value": v}
+                                                                                  for n, v in sent],
+           "response_headers": [{"name": "Server", "value": "s"}]}
+    assert "request_headers" not in eve._http(row)[0]["http"]
+    both = eve._http(row, http_config("both"))[0]["http"]
+    assert both["request_headers"] == [{"name": "Host", "value": "a"}, {"name": "Cookie", "value": "a=1, b=2"},
+                                       {"name": "Content-Length", "value": "5"}, {"name": "X-Nul", "value": "left"},
+                                       {"name": "X-Long", "value": "é" * 1023}]  # 2047 bytes cut to whole characters
+    assert both["response_headers"] == [{"name": "Server", "value": "s"}]
+    request_only = eve._http(row, http_config("request"))[0]["http"]
+    assert "request_headers" in request_only and "response_headers" not in request_only
+    assert (http_config("response").http_request_headers, http_config("response").http_response_headers) == (False, True)

@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["zeek", "eve"], required=True,
                    help="zeek: conn.log, dns.log, ssl.log, ... as Zeek JSON; eve: Suricata eve.json")
     p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--suricata-config", type=Path, default=None, metavar="FILE",
+                   help="eve: follow this suricata.yaml's eve-log and app-layer settings "
+                        "(default: Suricata's defaults)")
 
     p = sub.add_parser("retention", help="apply retention by age and disk quota now")
     _store_arg(p)
@@ -204,12 +207,33 @@ def _cmd_extract(args) -> int:
     return 0
 
 
+def _suricata_config(path: Path) -> dict | None:
+    """A suricata.yaml, parsed (Suricata's files open with a %YAML 1.1 directive, which PyYAML reads)."""
+    import yaml
+
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise WiretrailError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        at = f" (line {where.line + 1})" if where is not None else ""
+        raise WiretrailError(f"{path} is not YAML{at}") from None
+
+
 def _cmd_export(args) -> int:
     from wiretrail.export import eve, zeek
     from wiretrail.query import open_store
 
+    if args.suricata_config is not None and args.format != "eve":
+        raise WiretrailError("--suricata-config is for --format eve")
+    options = None
+    if args.suricata_config is not None:
+        options = eve.EveOptions.from_suricata_config(_suricata_config(args.suricata_config))
     with open_store(args.store or default_store()) as db:
-        written = (zeek if args.format == "zeek" else eve).export(db, args.out)
+        written = (zeek.export(db, args.out) if args.format == "zeek" else eve.export(db, args.out, options))
     for log, n in written.items():
         print(f"{log}: {n} records")
     return 0

@@ -69,6 +69,13 @@ from wiretrail.app.magic import HEAD_BYTES, sniff
 
 TABLE = "http"
 # ts: the request's time (the response's when there is no request)
+HEADERS_TYPE = pa.list_(pa.struct([("name", pa.string()), ("value", pa.string())]))
+# Bounds of the stored header lists: a real message has a few dozen headers; the cuts are at
+# what Suricata's EVE logs of a name and a value (255 and 2047 bytes) with room to spare.
+MAX_HEADERS = 128
+MAX_HEADER_NAME = 256
+MAX_HEADER_VALUE = 4096
+
 SCHEMA = pa.schema([
     *SESSION_COLUMNS,
     ("trans_depth", pa.int32()),                # 1, 2, ... per transaction in the session
@@ -103,6 +110,10 @@ SCHEMA = pa.schema([
     ("response_chunked", pa.bool_()),
     ("malformed", pa.bool_()),
     ("gap_bytes", pa.int64()),                  # bytes missing from this transaction's messages
+    # every header of each message as sent (names' case and order kept, repeats apart; folded
+    # lines joined), the first MAX_HEADERS, names and values cut at MAX_HEADER_NAME / _VALUE
+    ("request_headers", HEADERS_TYPE),
+    ("response_headers", HEADERS_TYPE),
 ])
 PORTS = {80, 81, 591, 3128, 5985, 8000, 8008, 8080, 8081, 8088, 8118, 8888, 8880, 9080}
 NDPI = {"HTTP", "HTTP_Proxy", "HTTP_Connect"}
@@ -274,16 +285,17 @@ def _parse_headers(block: bytes, m: _Msg) -> None:
                 k, v = m.hlist[-1]
                 v = v + " " + _s(line.strip())
                 m.hlist[-1] = (k, v)
-                m.headers[k] = v
+                m.headers[name] = v
             continue
         k, sep, v = line.partition(b":")
         if not sep or not k or not _TOKEN.fullmatch(k.strip()):
             m.malformed = True
             name = None
             continue
-        name = _s(k.strip()).lower()
+        sent = _s(k.strip())
+        name = sent.lower()
         val = _s(v.strip())
-        m.hlist.append((name, val))
+        m.hlist.append((sent, val))
         m.headers[name] = val
 
 
@@ -803,7 +815,8 @@ class _Parser:
                        request_content_type=_media_type(h.get("content-type")))
             row["malformed"] = row["malformed"] or req.malformed
             row["gap_bytes"] += req.gap
-            proxied = [f"{k.upper()} -> {v}" for k, v in req.hlist if k in PROXY_HEADERS]
+            row["request_headers"] = _stored_headers(req.hlist)
+            proxied = [f"{k.upper()} -> {v}" for k, v in req.hlist if k.lower() in PROXY_HEADERS]
             row["proxied"] = proxied or None
             if req.body_len:
                 names, types = _entity_files(req, True, None)
@@ -828,6 +841,7 @@ class _Parser:
                        response_content_type=_media_type(h.get("content-type")))
             row["malformed"] = row["malformed"] or resp.malformed
             row["gap_bytes"] += resp.gap
+            row["response_headers"] = _stored_headers(resp.hlist)
             if resp.body_len:
                 names, types = _entity_files(resp, False, req)
                 row["resp_filenames"] = names or None
@@ -836,6 +850,16 @@ class _Parser:
             row["info_code"], row["info_msg"] = infos[-1]
         out.insert(0, row)
         return out
+
+
+def _stored_headers(hlist: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+    """A message's headers for its row (name, value pairs: Arrow takes tuples for its structs)."""
+    if not hlist:
+        return None
+    if len(hlist) <= MAX_HEADERS and all(len(k) <= MAX_HEADER_NAME and len(v) <= MAX_HEADER_VALUE
+                                         for k, v in hlist):
+        return hlist
+    return [(k[:MAX_HEADER_NAME], v[:MAX_HEADER_VALUE]) for k, v in hlist[:MAX_HEADERS]]
 
 
 def _pair_ts(p: _Parser, pair) -> int:

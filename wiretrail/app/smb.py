@@ -14,8 +14,9 @@ skipped) or by (MID, PID) in order (SMB1), then walked in request order with the
 server keeps: trees by TreeId (share path and type, from TREE CONNECT), files by FileId
 (name, size and times from CREATE), the dialect from NEGOTIATE.
 
-Rows: one per exchange for NEGOTIATE, SESSION_SETUP (the NTLMSSP AUTHENTICATE's user,
-domain and host; SMB1 plain-text account fields), LOGOFF, TREE_CONNECT, TREE_DISCONNECT,
+Rows: one per exchange for NEGOTIATE (dialects; client and server GUIDs), SESSION_SETUP (the
+NTLMSSP AUTHENTICATE's user, domain and host; SMB1 plain-text account fields and both sides'
+native OS and LAN manager), LOGOFF, TREE_CONNECT, TREE_DISCONNECT,
 CREATE, CLOSE, IOCTL, QUERY_DIRECTORY, QUERY_INFO, SET_INFO (rename, delete, attributes,
 end of file), LOCK, FLUSH, CHANGE_NOTIFY, SMB1 DELETE/RENAME/TRANS/TRANS2/NT_TRANSACT; READ
 and WRITE are folded to one row per file and command until the file is closed (`messages`
@@ -78,8 +79,12 @@ SCHEMA = pa.schema([
     ("info_class", pa.string()),       # QUERY_INFO/SET_INFO/QUERY_DIRECTORY class; IOCTL code; TRANS2 sub-command
     ("pattern", pa.string()),          # QUERY_DIRECTORY search pattern
     ("client_dialects", pa.list_(pa.string())),
-    ("native_os", pa.string()),        # SMB1 SESSION_SETUP
+    ("native_os", pa.string()),        # SMB1 SESSION_SETUP request
     ("native_lm", pa.string()),
+    ("server_native_os", pa.string()), # SMB1 SESSION_SETUP response ("" when it names none)
+    ("server_native_lm", pa.string()),
+    ("client_guid", pa.string()),      # NEGOTIATE (SMB2) request, as GUID text
+    ("server_guid", pa.string()),      # NEGOTIATE response, as GUID text
     ("ntlm_user", pa.string()),
     ("ntlm_domain", pa.string()),
     ("ntlm_host", pa.string()),
@@ -205,6 +210,13 @@ def _utf16(b: bytes) -> str:
     if len(b) % 2:
         b = b[:-1]
     return b.decode("utf-16-le", "replace").rstrip("\x00")
+
+
+def guid_text(b: bytes) -> str | None:
+    """A GUID's 16 bytes (little-endian first three fields, as SMB sends them) as its text form."""
+    if len(b) != 16:
+        return None
+    return "%08x-%04x-%04x-%s-%s" % (*struct.unpack_from("<IHH", b), b[8:10].hex(), b[10:16].hex())
 
 
 def _cstr(b: bytes, at: int, unicode: bool) -> tuple[str, int]:
@@ -465,11 +477,14 @@ class _Session:
                 if v is None:
                     break
                 offered.append(DIALECTS.get(v, "0x%04x" % v))
+            server_guid = None
             if r is not None and u(rb, "<H", 0) == 65:
                 v = u(rb, "<H", 4)
                 if v is not None and v != 0x02FF:
                     self.dialect = DIALECTS.get(v, "0x%04x" % v)
-            self.row(m, r, cmd, client_dialects=offered or None, dialect=self.dialect or "SMB2")
+                server_guid = guid_text(rb[8:24])
+            self.row(m, r, cmd, client_dialects=offered or None, dialect=self.dialect or "SMB2",
+                     client_guid=guid_text(b[12:28]), server_guid=server_guid)
         elif cmd == "SESSION_SETUP":
             row = self.row(m, r, cmd)
             off, ln = u(b, "<H", 12), u(b, "<H", 14)
@@ -691,8 +706,14 @@ class _Session:
                 chosen = DIALECTS.get(v, "0x%04x" % v)
                 if v != 0x02FF:
                     self.dialect = chosen
+            # NT LM 0.12 with extended security: the server's GUID opens the response's bytes
+            # (without it they hold a challenge and a domain name, which Suricata logs as a GUID)
+            extended = len(rwords) == 34 and struct.unpack_from("<I", rwords, 19)[0] & 0x80000000
+            server_guid = guid_text(rdata[:16]) if r is not None and r.v == 1 and extended else None
+            if r is not None and r.v == 2 and len(r.raw) >= 88:
+                server_guid = guid_text(r.raw[72:88])
             self.row(m, r, cmd, client_dialects=offered or None, info_class=chosen,
-                     dialect="SMB1" if r is None or r.v == 1 else self.dialect)
+                     dialect="SMB1" if r is None or r.v == 1 else self.dialect, server_guid=server_guid)
         elif cmd == "SESSION_SETUP":
             row = self.row(m, r, cmd)
             if wc == 12:  # extended security: a security blob
@@ -716,6 +737,17 @@ class _Session:
                 row["native_os"], row["native_lm"] = os_ or None, lm or None
             if r is not None and len(rwords) >= 8 and len(rwords) // 2 == 4:
                 self.auth(rdata[:w(rwords, "<H", 6) or 0], row)
+            if r is not None and r.v == 1 and rdata_at:
+                # the server's native OS and LAN manager open the bytes (3 words, or an error's
+                # 0) or follow the security blob (4 words); a blob longer than the bytes: none
+                at = 0 if len(rwords) in (0, 6) else w(rwords, "<H", 6)
+                if at is not None and at <= len(rdata):
+                    r_uni = bool(r.flags2 & 0x8000)
+                    if r_uni and (rdata_at + at) % 2:
+                        at += 1
+                    os_, at = _cstr(rdata, at, r_uni)
+                    lm, _ = _cstr(rdata, at, r_uni) if at < len(rdata) else ("", 0)
+                    row["server_native_os"], row["server_native_lm"] = os_, lm
             self.dialect = self.dialect or "SMB1"
         elif cmd == "TREE_CONNECT":
             pl = w(words, "<H", 6) or 0

@@ -61,6 +61,13 @@ SCHEMA = pa.schema([
     ("ja3", pa.string()),
     ("ja3s", pa.string()),
     ("ja4", pa.string()),
+    # the hellos' lists as sent (GREASE values included; at most MAX_HELLO_LIST each), names
+    # as Zeek's ssl-log-ext where it has them: what Suricata's client/server_handshake log
+    ("client_ciphers", pa.list_(pa.uint16())),
+    ("ssl_client_exts", pa.list_(pa.uint16())),
+    ("client_sig_algs", pa.list_(pa.uint16())),   # signature_algorithms: 16-bit schemes
+    ("client_supported_versions", pa.list_(pa.uint16())),
+    ("ssl_server_exts", pa.list_(pa.uint16())),
     ("cert_chain_fps", pa.list_(pa.string())),
     ("client_cert_chain_fps", pa.list_(pa.string())),
     ("subject", pa.string()),              # server leaf certificate
@@ -78,6 +85,10 @@ NDPI = {"TLS", "DTLS"}
 # The handshake, certificates and the first encrypted records fit well within this: the
 # rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
 STREAM_DEPTH = 64 << 10
+
+# A hello's list longer than this (a real one has a few dozen values; a forged one can carry
+# thousands) is stored cut, to keep rows small.
+MAX_HELLO_LIST = 1024
 
 # ---- registries ------------------------------------------------------------------------------
 
@@ -97,6 +108,26 @@ def _version_name(v: int) -> str:
     if v >> 8 == 0xFB:  # Facebook's TLS 1.3 drafts
         return "TLSv13-draft%d-fb" % (v & 0xFF)
     return "unknown-%d" % v
+
+
+def version_number(name: str | None) -> int | None:
+    """The protocol version number a name of _version_name stands for (None if it names none)."""
+    if not name:
+        return None
+    v = _VERSION_NUMBERS.get(name)
+    if v is not None:
+        return v
+    if name.startswith("TLSv13-draft"):
+        n = name[len("TLSv13-draft"):]
+        fb = n.endswith("-fb")
+        n = n[:-3] if fb else n
+        return ((0xFB if fb else 0x7F) << 8 | int(n)) if n.isdigit() and int(n) < 256 else None
+    if name.startswith("unknown-") and name[8:].isdigit():
+        return int(name[8:])
+    return None
+
+
+_VERSION_NUMBERS = {v: k for k, v in _VERSIONS.items()}
 
 
 def _build_ciphers() -> dict[int, str]:
@@ -215,6 +246,17 @@ def _build_ciphers() -> dict[int, str]:
 
 
 CIPHERS = _build_ciphers()
+_CIPHER_NUMBERS = {v: k for k, v in CIPHERS.items()}
+
+
+def cipher_number(name: str | None) -> int | None:
+    """The cipher suite number a `cipher` value names (None if it names none)."""
+    if not name:
+        return None
+    v = _CIPHER_NUMBERS.get(name)
+    if v is None and name.startswith("unknown-") and name[8:].isdigit():
+        v = int(name[8:])
+    return v
 
 GROUPS = {i + 1: n for i, n in enumerate(
     "sect163k1 sect163r1 sect163r2 sect193r1 sect193r2 sect233k1 sect233r1 sect239k1 sect283k1 "
@@ -477,12 +519,17 @@ def _analyze(s: Stream) -> Analysis:
         row["client_version"] = _version_name(ch.version)
         row["ja3"] = ja3(ch)
         row["ja4"] = ja4(ch, "t")
+        row["client_ciphers"] = ch.ciphers[:MAX_HELLO_LIST]
+        row["ssl_client_exts"] = ch.extensions[:MAX_HELLO_LIST]
+        row["client_sig_algs"] = ch.sig_algs[:MAX_HELLO_LIST]
+        row["client_supported_versions"] = ch.supported_versions[:MAX_HELLO_LIST]
     hello = sh or hrr
     row["resumed"] = False
     if hello is not None:
         row["version"] = _version_name(f[VERSION])
         row["server_version"] = _version_name(hello.version)
         row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
+        row["ssl_server_exts"] = hello.extensions[:MAX_HELLO_LIST]
         if sh is not None:
             row["ja3s"] = ja3s(sh)
             if sh.alpn is not None:

@@ -275,6 +275,17 @@ def _head(r: dict, event_type: str, app_proto: str, proto: str, packet: int | No
     return e
 
 
+# Suricata's tls field names (eve-log tls `custom`) -> our keys in the event; the sets its
+# `extended: no` and `extended: yes` log
+TLS_FIELDS = {"subject": "subject", "issuer": "issuerdn", "sni": "sni", "version": "version", "ja3": "ja3",
+              "ja3s": "ja3s", "ja4": "ja4", "client_alpns": "client_alpns", "fingerprint": "fingerprint",
+              "serial": "serial", "not_before": "notbefore", "not_after": "notafter",
+              "client_handshake": "client_handshake", "server_handshake": "server_handshake"}
+TLS_BASIC = frozenset({"subject", "issuer", "subjectaltname"})
+TLS_EXTENDED = TLS_BASIC | {"version", "serial", "fingerprint", "not_before", "not_after", "ja3", "ja3s", "ja4",
+                            "client", "client_alpns", "server_alpns", "sni"}
+
+
 @dataclass(frozen=True)
 class EveOptions:
     """What Suricata's configuration changes in the events written (its defaults here):
@@ -286,30 +297,54 @@ class EveOptions:
     smtp_extract_urls: bool = True
     smtp_url_schemes: tuple[str, ...] = ("http",)
     smtp_log_url_scheme: bool = False
+    # eve-log tls: the fields logged, by Suricata's names (TLS_FIELDS); `extended: yes` as the
+    # suricata.yaml Suricata ships
+    tls_fields: frozenset[str] = TLS_EXTENDED
+    # eve-log http `dump-all-headers` (both, request or response): the messages' headers
+    http_request_headers: bool = False
+    http_response_headers: bool = False
 
     @classmethod
-    def from_suricata_config(cls, config: dict | None) -> EveOptions:
-        """From a parsed suricata.yaml (what it does not set keeps Suricata's default)."""
+    def from_suricata_config(cls, config) -> EveOptions:
+        """From a parsed suricata.yaml (what it does not set keeps Suricata's default; a part of
+        another shape than Suricata's is ignored, as a user's file may hold anything)."""
         kw: dict = {}
-        config = config if isinstance(config, dict) else {}
-        for output in config.get("outputs") or []:
-            eve_log = output.get("eve-log") if isinstance(output, dict) else None
-            for t in (eve_log or {}).get("types") or []:
-                dns = t.get("dns") if isinstance(t, dict) else None
+        config = _dict(config)
+        for output in _list(config.get("outputs")):
+            for t in _list(_dict(_dict(output).get("eve-log")).get("types")):
+                if t == "tls":  # listed without settings: Suricata's basic fields
+                    kw["tls_fields"] = TLS_BASIC
+                tls = _dict(t).get("tls")
+                if isinstance(tls, dict):
+                    kw["tls_fields"] = TLS_EXTENDED if _yes(tls.get("extended")) else TLS_BASIC
+                    if isinstance(tls.get("custom"), list):  # custom replaces the set
+                        kw["tls_fields"] = frozenset(str(f).lower() for f in tls["custom"])
+                http = _dict(t).get("http")
+                if isinstance(http, dict) and "dump-all-headers" in http:
+                    dump = str(http["dump-all-headers"])  # Suricata compares the value's first letters
+                    kw["http_request_headers"] = dump.startswith(("both", "request"))
+                    kw["http_response_headers"] = dump.startswith(("both", "response"))
+                dns = _dict(t).get("dns")
                 if isinstance(dns, dict):
                     for key in ("requests", "responses"):
                         if key in dns:
                             kw[f"dns_{key}"] = _yes(dns[key])
-        smtp = (((config.get("app-layer") or {}).get("protocols") or {}).get("smtp") or {})
-        mime = smtp.get("mime") if isinstance(smtp, dict) else None
-        if isinstance(mime, dict):
-            if "extract-urls" in mime:
-                kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
-            if isinstance(mime.get("extract-urls-schemes"), list):
-                kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
-            if "log-url-scheme" in mime:
-                kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
+        mime = _dict(_dict(_dict(_dict(config.get("app-layer")).get("protocols")).get("smtp")).get("mime"))
+        if "extract-urls" in mime:
+            kw["smtp_extract_urls"] = _yes(mime["extract-urls"])
+        if isinstance(mime.get("extract-urls-schemes"), list):
+            kw["smtp_url_schemes"] = tuple(str(x).lower() for x in mime["extract-urls-schemes"])
+        if "log-url-scheme" in mime:
+            kw["smtp_log_url_scheme"] = _yes(mime["log-url-scheme"])
         return cls(**kw)
+
+
+def _dict(v) -> dict:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v) -> list:
+    return v if isinstance(v, list) else []
 
 
 def _yes(v) -> bool:
@@ -368,7 +403,7 @@ def _dns(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     return out
 
 
-def _http(r: dict) -> list[dict]:
+def _http(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     e = _head(r, "http", "http", "TCP")
     e["tx_id"] = r.get("tx_id")
     host, port = r.get("host"), None
@@ -380,8 +415,48 @@ def _http(r: dict) -> list[dict]:
                         "http_method": r.get("method"), "protocol": f"HTTP/{r['version']}" if r.get("version") else None,
                         "status": None if r.get("status_string") else r.get("status_code"),
                         "status_string": r.get("status_string"), "length": r.get("response_body_len"),
-                        "xff": r.get("xff")})
+                        "xff": r.get("xff"),
+                        "request_headers": _htp_headers(r.get("request_headers")) if options.http_request_headers
+                        else None,
+                        "response_headers": _htp_headers(r.get("response_headers")) if options.http_response_headers
+                        else None})
     return [_clean(e)]
+
+
+def _htp_headers(headers: list[dict] | None) -> list[dict] | None:
+    """A message's headers as Suricata logs them: as its libhtp keeps them, one per name (the
+    first one's case and place), a repeated header's values joined with ", " (Content-Length
+    keeps its first; after the first repeat of each name, 64 more repeats are taken in all);
+    a name cut at 255 bytes, a value at 2047, either at a NUL (written as C strings)."""
+    if not headers:
+        return None
+    out: list[list[str]] = []
+    at: dict[str, int] = {}
+    repeated: set[str] = set()
+    repeats = 0
+    for h in headers:
+        name, value = h["name"] or "", h["value"] or ""
+        key = name.lower()
+        i = at.get(key)
+        if i is None:
+            at[key] = len(out)
+            out.append([name, value])
+            continue
+        if key in repeated:
+            if repeats >= 64:
+                continue
+            repeats += 1
+        repeated.add(key)
+        if key != "content-length":
+            out[i][1] += ", " + value
+    return [{"name": _c_string(n, 255), "value": _c_string(v, 2047)} for n, v in out]
+
+
+def _c_string(text: str, limit: int) -> str:
+    text = text.split("\x00", 1)[0]
+    if len(text) <= limit // 4:
+        return text  # short enough whatever its UTF-8 length
+    return text.encode("utf-8", "surrogateescape")[:limit].decode("utf-8", "ignore")
 
 
 def _tls_version(r: dict) -> str | None:
@@ -440,16 +515,67 @@ def _iso(ns: int | None) -> str | None:
     return dt.datetime.fromtimestamp(ns // 1_000_000_000, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
 
 
-def _tls(r: dict) -> list[dict]:
+# Suricata's names of protocol versions in the handshake objects (its SCTlsVersion); a number
+# not here is not logged
+_HS_VERSIONS = {0x0000: "UNDETERMINED", 0x0200: "SSLv2", 0x0300: "SSLv3", 0x0301: "TLSv1", 0x0302: "TLS 1.1",
+                0x0303: "TLS 1.2", 0x0304: "TLS 1.3", 0x7F01: "TLS 1.3 draft-<16",
+                **{0x7F00 | n: f"TLS 1.3 draft-{n}" for n in range(16, 29)},
+                **{0xFB00 | n: f"TLS 1.3 draft-{n}-fb" for n in (20, 21, 22, 23, 26)}}
+
+
+def _hs_version(versions: list[int | None]) -> str | None:
+    """The highest of the versions a hello announced (GREASE skipped), as Suricata names it."""
+    from wiretrail.app.tls import is_grease
+
+    seen = [v for v in versions if v is not None and not is_grease(v)]
+    return _HS_VERSIONS.get(max(seen)) if seen else _HS_VERSIONS[0]
+
+
+def _client_handshake(r: dict) -> dict | None:
+    """Suricata 8's client_handshake: the ClientHello's version (its own, raised by the first
+    supported_versions entry Suricata knows), cipher suites, extensions and signature
+    algorithms, GREASE left out."""
+    from wiretrail.app.tls import is_grease, version_number  # only when asked: it loads the TLS kernels
+
+    legacy = version_number(r.get("client_version"))
+    if legacy is None and not r.get("client_ciphers"):
+        return None  # no ClientHello
+    versions = [legacy]
+    first = next((v for v in r.get("client_supported_versions") or [] if v in _HS_VERSIONS and v > 0x0200), None)
+    versions.append(first)
+    plain = lambda key: [v for v in r.get(key) or [] if not is_grease(v)] or None  # noqa: E731
+    return _present({"version": _hs_version(versions), "ciphers": plain("client_ciphers"),
+                     "exts": plain("ssl_client_exts"), "sig_algs": plain("client_sig_algs")})
+
+
+def _server_handshake(r: dict) -> dict | None:
+    """Suricata 8's server_handshake: the ServerHello's own version field, its cipher suite and
+    extensions."""
+    from wiretrail.app.tls import cipher_number, is_grease, version_number
+
+    version = version_number(r.get("server_version"))
+    if version is None:
+        return None  # no ServerHello
+    cipher = cipher_number(r.get("cipher"))
+    exts = [v for v in r.get("ssl_server_exts") or [] if not is_grease(v)]
+    return _present({"version": _hs_version([version]),
+                     "cipher": cipher if cipher is not None and not is_grease(cipher) else 0, "exts": exts or None})
+
+
+def _tls(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     e = _head(r, "tls", "tls", "TCP", r.get("packet"))
     e["tx_id"] = r.get("tx_id")
-    e["tls"] = _clean({"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
-                       "version": _tls_version(r),
-                       "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
-                       "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
-                       "client_alpns": r.get("alpn"), "fingerprint": _colons(r.get("leaf_sha1")),
-                       "serial": _colons(r.get("leaf_serial"), upper=True),
-                       "notbefore": _iso(r.get("leaf_not_before")), "notafter": _iso(r.get("leaf_not_after"))})
+    fields = options.tls_fields
+    tls = {"subject": _dn(r.get("subject")), "issuerdn": _dn(r.get("issuer")), "sni": r.get("server_name"),
+           "version": _tls_version(r),
+           "ja3": {"hash": r["ja3"]} if r.get("ja3") else None,
+           "ja3s": {"hash": r["ja3s"]} if r.get("ja3s") else None, "ja4": r.get("ja4"),
+           "client_alpns": r.get("alpn"), "fingerprint": _colons(r.get("leaf_sha1")),
+           "serial": _colons(r.get("leaf_serial"), upper=True),
+           "notbefore": _iso(r.get("leaf_not_before")), "notafter": _iso(r.get("leaf_not_after")),
+           "client_handshake": _client_handshake(r) if "client_handshake" in fields else None,
+           "server_handshake": _server_handshake(r) if "server_handshake" in fields else None}
+    e["tls"] = _clean({key: tls[key] for f, key in TLS_FIELDS.items() if f in fields})
     return [_clean(e)]
 
 
@@ -539,6 +665,9 @@ def _smb(r: dict) -> list[dict]:
         smb["named_pipe" if r.get("share_type") == "PIPE" else "share"] = r.get("tree")
     elif raw == "NEGOTIATE":
         smb["client_dialects"] = r.get("client_dialects")
+        smb["client_guid"] = r.get("client_guid")
+        # Suricata writes the server's GUID for every NEGOTIATE, "" when the response gave none
+        smb["server_guid"] = r.get("server_guid") or ""
     elif raw == "SET_INFO" and r.get("info_class") == "FileRenameInformation":
         smb["set_info"] = {"class": "FILE_INFO", "info_level": "SMB2_FILE_RENAME_INFO"}
         smb["rename"] = {"from": r.get("prev_name") or "<unknown>", "to": r.get("name")}
@@ -557,6 +686,9 @@ def _smb(r: dict) -> list[dict]:
                                        "host": r.get("ntlm_host") or "", "version": r.get("ntlm_version")})
         if r.get("native_os") is not None or r.get("native_lm") is not None:
             smb["request"] = {"native_os": r.get("native_os") or "", "native_lm": r.get("native_lm") or ""}
+        if r.get("server_native_os") is not None or r.get("server_native_lm") is not None:  # SMB1
+            smb["response"] = {"native_os": r.get("server_native_os") or "",
+                               "native_lm": r.get("server_native_lm") or ""}
     e["smb"] = _present(smb)
     return [_clean(e)]
 
@@ -610,7 +742,7 @@ _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 
 _TX_RESTART = {"http": "method = 'CONNECT' AND status_code BETWEEN 200 AND 299"}
 
 # store table -> EVE converter
-_CONFIGURED = {"dns", "smtp"}  # converters that take EveOptions
+_CONFIGURED = {"dns", "smtp", "tls", "http"}  # converters that take EveOptions
 EVENTS = {"dns": _dns, "http": _http, "tls": _tls, "ftp": _ftp, "smtp": _smtp, "smb": _smb}
 
 
