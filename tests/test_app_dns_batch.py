@@ -64,7 +64,10 @@ RESPONSE = msg(flags=0x8180, qd=[question("Mail.Example.COM", 15)], an=[
     rr(PTR_Q, 4242, b"\x01\x02"),
     rr(PTR_Q, 11, b"\x01\x02\x03\x04\x06"),
     rr(PTR_Q, 13, b"\x01a\x01b"),
-], ns=[rr(b"\0", 6, qname("a.root") + qname("Hostmaster.root") + bytes(20))],
+    rr(PTR_Q, 16, b"\x05hello\x00\x04A\xffb\x01"),   # TXT: strings as sent, one empty, bytes escaped
+    rr(PTR_Q, 99, b"\x03v=1"),
+], ns=[rr(b"\0", 6, qname("a.root") + qname("Hostmaster.root") + bytes(20)),
+       rr(b"\0", 16, b"\x02ok"), rr(b"\0", 16, b"\x09cut")],  # a TXT cut short: dropped, not malformed
     ar=[rr(b"\0", 41, b""), rr(PTR_Q, 5, qname("extra.example"))])
 
 # names with capitals and bytes outside printable ASCII; an empty answer record at the end
@@ -84,6 +87,13 @@ def test_kernel_reads_well_formed_messages_as_python_does():
     assert m.answers[0].lower == ("mail.example.com", "mx1.example.com")
     assert m.authorities[0].detail["soa"]["rname"] == "Hostmaster.root"
     assert m.answers[7].detail["soa"]["serial"] == 0x00010203
+    assert m.answers[12].reply == "TXT 5 hello TXT 0  TXT 4 A\\xffb\\x01" and m.answers[12].txt == ["hello", "", "A\\xffb\\x01"]
+    assert m.answers[13].reply == "SPF 3 v=1" and not m.malformed
+    assert [(a.rtype, a.reply, a.txt) for a in m.authorities[1:]] == [(16, "TXT 2 ok", None)]
+    # a TXT answer cut short: Zeek reports the strings before the cut, Python writes that
+    cut = msg(flags=0x8180, qd=[question()], an=[rr(PTR_Q, 16, b"\x02ok\x09cut")])
+    got, want = kernel_and_python([cut])
+    assert got[0] is None and want[0].malformed and want[0].answers[0].reply == "TXT 2 ok"
 
 
 def test_kernel_malformed_and_truncated_as_python():

@@ -720,7 +720,7 @@ def parse_batch(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios:
         authorities: list[Answer] = []
         for section, owner, rtype, rclass, ttl, kind, t1, t2, v0, v1, v2, v3, v4, rdata, low in rrows[r0:r0 + nr]:
             name = strings[owner]
-            detail = None
+            detail = txt = None
             if kind == K.K_NAME:
                 reply = strings[t1]
                 lreply = reply.lower()
@@ -740,12 +740,16 @@ def parse_batch(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios:
                 reply = strings[t1]
                 lreply = reply.lower()
                 detail = {"srv": {"priority": v0, "weight": v1, "port": v2, "name": reply}}
+            elif kind == K.K_TXT:
+                reply = lreply = strings[t1]
+                if section == 0:  # (an authority record keeps no strings of its own)
+                    txt = strings[v0:v0 + v1]
             elif kind == K.K_EMPTY:
                 reply = lreply = ""
             else:  # K_UNKNOWN
                 reply = lreply = f"<unknown type={rtype}>"
             # (a name with no capitals reads the same lower-cased: `lower` is kept once one had them)
-            answer = Answer(name, rtype, rclass, ttl, ANS if section == 0 else 0, reply, None, detail,
+            answer = Answer(name, rtype, rclass, ttl, ANS if section == 0 else 0, reply, txt, detail,
                             (name.lower(), lreply) if low else None)
             (answers if section == 0 else authorities).append(answer)
         out.append(DnsMessage(tid, flags, qd, an, ns, ar, nb_list[j], questions_j, answers, bool(malformed), False,

@@ -4,16 +4,17 @@
 them (with the authority section kept, names as sent): the header, the questions, and the
 answer and authority records whose data it knows how to read, with the same limits and the
 same places where a malformed message stops. Text is written once, in the kernel: every name
-(escaped as Zeek escapes it: bytes outside printable ASCII as \\xNN) and every IPv4 answer goes
-to a string table, and the rows refer to strings by their number in it. app/dns.py turns those
+(escaped as Zeek escapes it: bytes outside printable ASCII as \\xNN), every IPv4 answer and
+TXT record goes to a string table, and the rows refer to strings by their number in it. app/dns.py turns those
 into its DnsMessage objects.
 
 A message the kernel does not read itself gets the status FALLBACK, and app/dns.py parses it
 in Python: fewer bytes than a header, a dynamic update, a name cut by the compression depth
 limit, an empty answer record before the end of the message, and records whose data it does
-not format (TXT, SPF, NAPTR, RRSIG, NSEC, DNSKEY, DS, SSHFP, LOC, NULL, NSEC3, ...). These
-are rare; the common ones (A, AAAA, CNAME, PTR, NS, MX, SOA, SRV, NetBIOS NB and NBSTAT,
-OPT, the types with no answer text, unknown types) are read here.
+not format (NAPTR, RRSIG, NSEC, DNSKEY, DS, SSHFP, LOC, NULL, NSEC3, ...; a TXT answer
+whose strings run past its data). These are rare; the common ones (A, AAAA, CNAME, PTR, NS,
+MX, SOA, SRV, TXT, SPF, NetBIOS NB and NBSTAT, OPT, the types with no answer text, unknown
+types) are read here.
 
 Results (int64 arrays unless said):
 - msgs[j, M_*]: one row per message;
@@ -54,8 +55,9 @@ Q_FIELDS = 3
  R_LOWERED) = range(15)
 R_FIELDS = 15
 # reply kinds: no reply event; an event with no text (WKS); an IPv4 / IPv6 address; a name
-# (NS, CNAME, PTR, MX); SOA; SRV; "<unknown type=N>"
-K_NONE, K_EMPTY, K_ADDR4, K_ADDR6, K_NAME, K_SOA, K_SRV, K_UNKNOWN = range(8)
+# (NS, CNAME, PTR, MX); SOA; SRV; "<unknown type=N>"; TXT or SPF (TEXT1 the reply, its strings'
+# texts the V1 strings from number V0 on)
+K_NONE, K_EMPTY, K_ADDR4, K_ADDR6, K_NAME, K_SOA, K_SRV, K_UNKNOWN, K_TXT = range(9)
 
 # name reading outcomes
 _NAME_OK, _NAME_BAD, _NAME_CUT = 0, 1, 2
@@ -134,6 +136,36 @@ def _name(b, s, n, pos, netbios, text, tw, hexdigits):
 
 
 @kernel(inline=True)
+def _escaped(b, a, e, text, tw, hexdigits):
+    """b[a:e] as log text at text[tw:] (printable ASCII as is, other bytes as \\xNN); the end."""
+    for i in range(a, e):
+        c = b[i]
+        if 0x20 <= c < 0x7F:
+            text[tw] = c
+            tw += 1
+        else:
+            text[tw] = 92
+            text[tw + 1] = 120
+            text[tw + 2] = hexdigits[c >> 4]
+            text[tw + 3] = hexdigits[c & 15]
+            tw += 4
+    return tw
+
+
+@kernel(inline=True)
+def _decimal(v, text, tw):
+    """0 <= v < 1000 in decimal at text[tw:]; the end."""
+    if v >= 100:
+        text[tw] = 48 + v // 100
+        tw += 1
+    if v >= 10:
+        text[tw] = 48 + (v // 10) % 10
+        tw += 1
+    text[tw] = 48 + v % 10
+    return tw + 1
+
+
+@kernel(inline=True)
 def _dotted_quad(b, p, text, tw):
     for k in range(4):
         octet = np.int64(b[p + k])
@@ -207,7 +239,7 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
             continue
         # room for this message's strings and rows: names of at most NAME_TEXT_MAX bytes, one
         # string per name, a name per 2 bytes of message at most
-        need_strings = ns_ + n + 2
+        need_strings = ns_ + 2 * n + 4  # names, TXT strings and their replies
         if need_strings + 1 > len(text_offsets):
             bigger = np.zeros(2 * need_strings + 1, dtype=np.int32)
             bigger[:ns_ + 1] = text_offsets[:ns_ + 1]
@@ -401,12 +433,63 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                                             v2 = _u32(data, s + p2 + 8)
                                             v3 = _u32(data, s + p2 + 12)
                                             v4 = _u32(data, s + p2 + 16)
+                    elif rtype == 16 or rtype == 99:  # TXT, SPF: "TXT <len> <text>" per string
+                        if tw + 17 * rdlen + 64 > len(text):
+                            bigger_t = np.empty(2 * len(text) + 17 * rdlen + 64, dtype=np.uint8)
+                            bigger_t[:tw] = text[:tw]
+                            text = bigger_t
+                        # the reply first (string t1), then each string's text (v0: the first, v1: how many)
+                        complete = True
+                        p = pos
+                        while p < pos + rdlen:
+                            if p + 1 + np.int64(data[s + p]) > pos + rdlen:
+                                complete = False
+                                break
+                            p += 1 + np.int64(data[s + p])
+                        if not complete:
+                            if section == 0:  # Zeek still reports the strings read: Python's to write
+                                status = FALLBACK
+                                break
+                            bad = True
+                        else:
+                            kind = K_TXT
+                            p = pos
+                            while p < pos + rdlen:
+                                ln = np.int64(data[s + p])
+                                if p > pos:
+                                    text[tw] = 32
+                                    tw += 1
+                                if rtype == 16:
+                                    text[tw] = 84  # TXT
+                                    text[tw + 1] = 88
+                                    text[tw + 2] = 84
+                                else:
+                                    text[tw] = 83  # SPF
+                                    text[tw + 1] = 80
+                                    text[tw + 2] = 70
+                                text[tw + 3] = 32
+                                tw = _decimal(ln, text, tw + 4)
+                                text[tw] = 32
+                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw + 1, hexdigits)
+                                p += 1 + ln
+                            ns_ += 1
+                            text_offsets[ns_] = tw
+                            t1 = ns_ - 1
+                            v0 = ns_
+                            p = pos
+                            while p < pos + rdlen:
+                                ln = np.int64(data[s + p])
+                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw, hexdigits)
+                                ns_ += 1
+                                text_offsets[ns_] = tw
+                                v1 += 1
+                                p += 1 + ln
                     elif rtype == 11:
                         kind = K_EMPTY
                     elif (rtype == 13 or rtype == 257 or rtype == 64 or rtype == 65 or rtype == 41 or rtype == 249
                           or rtype == 250 or rtype == 32):
                         kind = K_NONE
-                    elif (rtype == 16 or rtype == 99 or rtype == 35 or rtype == 46 or rtype == 48 or rtype == 47
+                    elif (rtype == 35 or rtype == 46 or rtype == 48 or rtype == 47
                           or rtype == 50 or rtype == 51 or rtype == 43 or rtype == 65534 or rtype == 44
                           or rtype == 29 or rtype == 10):
                         status = FALLBACK  # data formatted in Python
