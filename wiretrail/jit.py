@@ -44,6 +44,7 @@ KERNEL_MODULES = (
     "wiretrail.app.reassembly",
     "wiretrail.app.ndpi_kernel",
     "wiretrail.app.tls_kernel",
+    "wiretrail.app.dns_kernel",
 )
 
 _kernels: list["Kernel"] = []     # every @kernel, in definition order

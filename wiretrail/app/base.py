@@ -10,6 +10,10 @@ and one or more of
     def parse_datagram(d: Datagram) -> list[dict]        # UDP: one payload at a time, no state
     def new_session(d: Datagram) -> state                 # UDP: state per session, made on its first
                                                           #   datagram: state.add(d) -> rows, state.close() -> rows
+    def add_datagrams(states, b: DatagramBatch)           # optional, with new_session: a batch's datagrams
+                                                          #   at once (the stage prefers it); states is
+                                                          #   the module's {sid: state}, kept by the stage
+                                                          #   -> ([(sid, row), ...], number of parser errors)
     def new_tracker() -> tracker                          # UDP: one state for all sessions (DHCP's
                                                           #   exchanges span sessions): add(d), expire(now), close()
     def parse_stream(s: Stream) -> list[dict]             # TCP: both reassembled directions
@@ -52,6 +56,22 @@ class Datagram:
     resp_p: int
     truncated: bool = False  # the payload is shorter than the UDP length said
     packet: int = 0          # its packet number in the capture file (1-based; 0 if not known)
+
+
+@dataclass(slots=True)
+class DatagramBatch:
+    """The datagrams of one batch for one module, as columns (row j is one datagram, in
+    capture order): what `add_datagrams` gets instead of a Datagram per payload."""
+
+    data: np.ndarray        # uint8: the batch's bytes; payload j is data[start[j]:end[j]]
+    start: np.ndarray       # int64
+    end: np.ndarray         # int64
+    sid: np.ndarray         # int64 session ids
+    from_orig: np.ndarray   # bool
+    ts: np.ndarray          # int64 ns
+    packet: np.ndarray      # int64 packet numbers in the capture file (1-based; 0 if not known)
+    truncated: np.ndarray   # bool: the payload is shorter than the UDP length said
+    tuples: dict            # sid -> (uid, orig_h, orig_p, resp_h, resp_p), for every sid above
 
 
 @dataclass

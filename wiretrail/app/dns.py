@@ -37,9 +37,11 @@ from dataclasses import dataclass, field
 from socket import inet_ntoa
 from typing import NamedTuple
 
+import numpy as np
 import pyarrow as pa
 
-from wiretrail.app.base import Datagram, Stream
+from wiretrail.app import dns_kernel as K
+from wiretrail.app.base import Datagram, DatagramBatch, Stream
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -691,6 +693,70 @@ def _parse(buf: bytes, netbios: bool, resp_port: int, authorities: bool) -> DnsM
     return msg
 
 
+def parse_batch(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios: np.ndarray,
+                resp_nb: np.ndarray) -> tuple[list[DnsMessage | None], list[int], list[int]]:
+    """The messages data[starts[j]:ends[j]] (netbios[j]: the session is NetBIOS name service;
+    resp_nb[j]: the server port is 137), each as `_parse(payload, netbios[j], 137 if resp_nb[j]
+    else 0, True)` gives it, read by one kernel call (app/dns_kernel.py) for the whole batch.
+    Returns (messages, capitals, depends): a message is None where the kernel left it to
+    `_parse`; capitals[j]: the payload has ASCII capitals (DnsMessage.capitals); depends[j]: the
+    message reads differently with another resp_nb (it has an SRV/NBSTAT record)."""
+    msgs, questions, records, text, offsets = K.parse_messages(data, starts, ends, netbios, resp_nb)
+    strings = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text)).to_pylist()
+    qrows = questions.tolist()
+    rrows = records.tolist()
+    nb_list = netbios.tolist()
+    out: list[DnsMessage | None] = []
+    capitals, depends = [], []
+    for j, (status, tid, flags, qd, an, ns, ar, malformed, lowered, caps, dep, q0, nq, r0, nr) in enumerate(
+            msgs.tolist()):
+        capitals.append(bool(caps))
+        depends.append(bool(dep))
+        if status != K.OK:
+            out.append(None)
+            continue
+        questions_j = [(strings[name], qt, qc) for name, qt, qc in qrows[q0:q0 + nq]]
+        answers: list[Answer] = []
+        authorities: list[Answer] = []
+        for section, owner, rtype, rclass, ttl, kind, t1, t2, v0, v1, v2, v3, v4, rdata, low in rrows[r0:r0 + nr]:
+            name = strings[owner]
+            detail = txt = None
+            if kind == K.K_NAME:
+                reply = strings[t1]
+                lreply = reply.lower()
+            elif kind == K.K_ADDR4:
+                reply = lreply = strings[t1]
+            elif kind == K.K_NONE:
+                reply = lreply = None
+            elif kind == K.K_ADDR6:
+                at = int(starts[j]) + rdata
+                reply = lreply = _ip6(data[at:at + 16].tobytes())
+            elif kind == K.K_SOA:
+                reply = strings[t1]
+                lreply = reply.lower()
+                detail = {"soa": {"mname": reply, "rname": strings[t2], "serial": v0, "refresh": v1, "retry": v2,
+                                  "expire": v3, "minimum": v4}}
+            elif kind == K.K_SRV:
+                reply = strings[t1]
+                lreply = reply.lower()
+                detail = {"srv": {"priority": v0, "weight": v1, "port": v2, "name": reply}}
+            elif kind == K.K_TXT:
+                reply = lreply = strings[t1]
+                if section == 0:  # (an authority record keeps no strings of its own)
+                    txt = strings[v0:v0 + v1]
+            elif kind == K.K_EMPTY:
+                reply = lreply = ""
+            else:  # K_UNKNOWN
+                reply = lreply = f"<unknown type={rtype}>"
+            # (a name with no capitals reads the same lower-cased: `lower` is kept once one had them)
+            answer = Answer(name, rtype, rclass, ttl, ANS if section == 0 else 0, reply, txt, detail,
+                            (name.lower(), lreply) if low else None)
+            (answers if section == 0 else authorities).append(answer)
+        out.append(DnsMessage(tid, flags, qd, an, ns, ar, nb_list[j], questions_j, answers, bool(malformed), False,
+                              0, 0, authorities, bool(lowered), bool(caps)))
+    return out, capitals, depends
+
+
 def parse_tcp_messages(data: bytes) -> list[DnsMessage]:
     """DNS over TCP: messages of one direction's byte stream (2-byte length prefixes), names
     lower-cased (as parse_message reads them).
@@ -995,6 +1061,59 @@ class DnsSession:
                 out += [i.row for i in q]
             table.clear()
         return out
+
+
+def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list[tuple[int, dict]], int]:
+    """The stage's batch entry point: a batch's DNS datagrams, parsed by one kernel call, then
+    paired per session in capture order exactly as `DnsSession.add` would pair them one by one.
+    `states` is this module's {sid: DnsSession}; sessions first seen here are added to it.
+    Returns ([(sid, row), ...] in the order the rows were completed, parser errors)."""
+    m = len(b.sid)
+    if m == 0:
+        return [], 0
+    sids = b.sid.tolist()
+    # per session (a batch has far fewer sessions than datagrams), then spread over the datagrams
+    sessions, which = np.unique(b.sid, return_inverse=True)
+    netbios_of, resp_nb_of = [], []
+    for s in sessions.tolist():
+        st = states.get(s)
+        if st is None:
+            uid, orig_h, orig_p, resp_h, resp_p = b.tuples[s]
+            st = states[s] = DnsSession(uid, orig_h, orig_p, resp_h, resp_p, "udp")
+        netbios_of.append(st.netbios)
+        resp_nb_of.append(st.resp_p == NETBIOS_PORT)  # before this batch's messages (a session
+        # flips its roles at most once, on its first message: `depends` catches that case below)
+    netbios = np.array(netbios_of, dtype=bool)[which]
+    resp_nb = np.array(resp_nb_of, dtype=bool)[which]
+    starts = np.ascontiguousarray(b.start, dtype=np.int64)
+    ends = np.ascontiguousarray(b.end, dtype=np.int64)
+    data = b.data
+    try:
+        messages, capitals, depends = parse_batch(data, starts, ends, netbios, resp_nb)
+    except Exception:  # noqa: BLE001 - a kernel bug must not cost the batch: Python reads them all
+        messages, capitals, depends = [None] * m, [None] * m, [False] * m
+    guess = resp_nb.tolist()
+    out: list[tuple[int, dict]] = []
+    errors = 0
+    for j, (s, msg, caps, dep, ts, orig, packet, truncated) in enumerate(zip(
+            sids, messages, capitals, depends, b.ts.tolist(), b.from_orig.tolist(), b.packet.tolist(),
+            b.truncated.tolist())):
+        st = states[s]
+        try:
+            if msg is None or (dep and (st.resp_p == NETBIOS_PORT) != guess[j]):
+                payload = data[starts[j]:ends[j]].tobytes()
+                msg = _parse(payload, st.netbios, st.resp_p, True)
+                msg.capitals = payload.lower() != payload if caps is None else caps
+            msg.packet = packet
+            if truncated:
+                msg.malformed = True
+            rows = st.add_message(msg, ts, orig)
+        except Exception:  # noqa: BLE001 - as the stage's guard around add(): this message is lost
+            errors += 1
+            continue
+        for row in rows:
+            out.append((s, row))
+    return out, errors
 
 
 def parse_datagram(d: Datagram) -> list[dict]:

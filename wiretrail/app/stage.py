@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from wiretrail.app.base import Datagram, Stream
+from wiretrail.app.base import Datagram, DatagramBatch, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
 
@@ -96,7 +96,7 @@ class AppStage:
         self.stream_ports = np.unique(np.concatenate([m.ports for m in self.stream_modules] or
                                                      [np.zeros(0, dtype=np.int64)]))
         self.reasm = Reassembler(depth=depth, memcap=memcap)
-        self.dgram_state: dict[int, dict[_Module, object]] = {}  # sid -> module -> parser session
+        self.dgram_state: dict[_Module, dict[int, object]] = {m: {} for m in self.datagram_modules}  # module -> sid -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.streamed: set[int] = set()                         # sids with reassembly state
         self._judged: set[int] = set()                          # identified sids looked at by _streams
@@ -168,17 +168,31 @@ class AppStage:
             table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
         return table
 
-    def _session_tuple(self, s: int, cols, r: int, from_orig: bool) -> tuple:
-        """(uid, orig_h, orig_p, resp_h, resp_p) of session s, made once per session."""
-        t = self.tuples.get(s)
-        if t is None:
-            from wiretrail.sessions.flowtable import uid_of
+    def _make_tuples(self, cols, sid, is_orig, rows: np.ndarray) -> None:
+        """(uid, orig_h, orig_p, resp_h, resp_p) of every session of `rows` that has none yet,
+        made for all of them at once, from each one's first row here."""
+        sessions, first = np.unique(sid[rows], return_index=True)
+        tuples = self.tuples
+        new = np.fromiter((s not in tuples for s in sessions.tolist()), dtype=bool, count=len(sessions))
+        if not new.any():
+            return
+        from wiretrail.sessions.flowtable import addr_texts, uids_of
 
-            src = _addr(int(cols["src_hi"][r]), int(cols["src_lo"][r]))
-            dst = _addr(int(cols["dst_hi"][r]), int(cols["dst_lo"][r]))
-            sp, dp = int(cols["sport"][r]), int(cols["dport"][r])
-            t = self.tuples[s] = (uid_of(s), *((src, sp, dst, dp) if from_orig else (dst, dp, src, sp)))
-        return t
+        r = rows[first[new]]
+        orig = is_orig[r]
+        src_hi, src_lo = cols["src_hi"][r].astype(np.uint64), cols["src_lo"][r].astype(np.uint64)
+        dst_hi, dst_lo = cols["dst_hi"][r].astype(np.uint64), cols["dst_lo"][r].astype(np.uint64)
+        o_hi, o_lo = np.where(orig, src_hi, dst_hi), np.where(orig, src_lo, dst_lo)
+        r_hi, r_lo = np.where(orig, dst_hi, src_hi), np.where(orig, dst_lo, src_lo)
+        sport, dport = cols["sport"][r], cols["dport"][r]
+        o_p, r_p = np.where(orig, sport, dport).tolist(), np.where(orig, dport, sport).tolist()
+
+        def texts(hi, lo):  # IPv4 (as the flow table keeps it: ::ffff:a.b.c.d) as a dotted quad
+            return addr_texts(hi, lo, (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))).to_pylist()
+
+        for s, uid, oh, op, rh, rp in zip(sessions[new].tolist(), uids_of(sessions[new]).to_pylist(),
+                                          texts(o_hi, o_lo), o_p, texts(r_hi, r_lo), r_p):
+            tuples[s] = (uid, oh, op, rh, rp)
 
     def _datagram_rows(self, m: _Module, batch, cols, sid, is_orig, rows: np.ndarray, whole_l4: bool = False) -> None:
         """Feed the datagrams `rows` of a batch to module m: where each payload lies is worked out
@@ -209,18 +223,23 @@ class AppStage:
                 rows, start, end, want = rows[keep], start[keep], end[keep], want[keep]
                 if not len(rows):
                     return
+        self._make_tuples(cols, sid, is_orig, rows)
+        tracker = self.trackers.get(m.name)
+        per_session = hasattr(m.mod, "new_session")
+        if per_session and not whole_l4 and tracker is None and hasattr(m.mod, "add_datagrams"):
+            self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
+            return
         data = memoryview(batch.data)
         ports = (zip(cols["sport"][rows].tolist(), cols["dport"][rows].tolist()) if whole_l4
                  else [None] * len(rows))
         first_packet = self._first_packet
-        tracker = self.trackers.get(m.name)
-        per_session = hasattr(m.mod, "new_session")
+        tuples = self.tuples
+        states = self.dgram_state[m]
         for r, s, from_orig, a, b, w, ts, icmp_ports in zip(rows.tolist(), sid[rows].tolist(),
                                                            is_orig[rows].tolist(), start.tolist(), end.tolist(),
                                                            want.tolist(), batch.ts[rows].tolist(), ports):
             payload = data[a:b].tobytes()
-            t = self.tuples.get(s)
-            uid, o_h, o_p, r_h, r_p = t if t is not None else self._session_tuple(s, cols, r, from_orig)
+            uid, o_h, o_p, r_h, r_p = tuples[s]
             if whole_l4:  # ICMP: the message's own type and code, not the session's
                 o_p, r_p = icmp_ports
             d = Datagram(uid=uid, ts=ts, payload=payload, from_orig=from_orig, orig_h=o_h,
@@ -231,12 +250,9 @@ class AppStage:
                     self.tracker_rows.extend((m, row) for row in tracker.expire(ts) + tracker.add(d))
                     continue
                 if per_session:
-                    states = self.dgram_state.get(s)
-                    if states is None:
-                        states = self.dgram_state[s] = {}
-                    state = states.get(m)
+                    state = states.get(s)
                     if state is None:
-                        state = states[m] = m.mod.new_session(d)
+                        state = states[s] = m.mod.new_session(d)
                     out = state.add(d)
                 else:
                     out = m.mod.parse_datagram(d)
@@ -245,6 +261,26 @@ class AppStage:
                 continue
             if out:
                 self.rows.setdefault(s, []).extend((m, row) for row in out)
+
+    def _datagram_batch(self, m: _Module, batch, sid, is_orig, rows, start, end, want) -> None:
+        """Module m's datagrams `rows` in one call (its `add_datagrams`), as columns."""
+        first_packet = self._first_packet
+        sids = sid[rows]
+        b = DatagramBatch(data=batch.data, start=start, end=end, sid=sids, from_orig=is_orig[rows],
+                          ts=batch.ts[rows], packet=(first_packet + rows) if first_packet else np.zeros(len(rows), np.int64),
+                          truncated=want > end - start, tuples=self.tuples)
+        try:
+            out, errors = m.mod.add_datagrams(self.dgram_state[m], b)
+        except Exception:
+            self.parser_errors += 1
+            return
+        self.parser_errors += errors
+        rows_of = self.rows
+        for s, row in out:
+            held = rows_of.get(s)
+            if held is None:
+                held = rows_of[s] = []
+            held.append((m, row))
 
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
@@ -345,15 +381,13 @@ class AppStage:
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
-            states = self.dgram_state.pop(s, None)
-            if states is not None:
-                for m in self.datagram_modules:  # in module order, as the rows always came
-                    state = states.get(m)
-                    if state is not None:
-                        try:
-                            rows.extend((m, row) for row in state.close())
-                        except Exception:
-                            self.parser_errors += 1
+            for m, states in self.dgram_state.items():  # in module order, as the rows always came
+                state = states.pop(s, None)
+                if state is not None:
+                    try:
+                        rows.extend((m, row) for row in state.close())
+                    except Exception:
+                        self.parser_errors += 1
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)

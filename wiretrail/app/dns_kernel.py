@@ -1,0 +1,535 @@
+"""The byte work of app/dns.py in numba: every DNS message of a batch parsed in one call.
+
+`parse_messages` reads the messages data[starts[j]:ends[j]] as app/dns.py's `_parse` reads
+them (with the authority section kept, names as sent): the header, the questions, and the
+answer and authority records whose data it knows how to read, with the same limits and the
+same places where a malformed message stops. Text is written once, in the kernel: every name
+(escaped as Zeek escapes it: bytes outside printable ASCII as \\xNN), every IPv4 answer and
+TXT record goes to a string table, and the rows refer to strings by their number in it. app/dns.py turns those
+into its DnsMessage objects.
+
+A message the kernel does not read itself gets the status FALLBACK, and app/dns.py parses it
+in Python: fewer bytes than a header, a dynamic update, a name cut by the compression depth
+limit, an empty answer record before the end of the message, and records whose data it does
+not format (NAPTR, RRSIG, NSEC, DNSKEY, DS, SSHFP, LOC, NULL, NSEC3, ...; a TXT answer
+whose strings run past its data). These are rare; the common ones (A, AAAA, CNAME, PTR, NS,
+MX, SOA, SRV, TXT, SPF, NetBIOS NB and NBSTAT, OPT, the types with no answer text, unknown
+types) are read here.
+
+Results (int64 arrays unless said):
+- msgs[j, M_*]: one row per message;
+- questions[k, Q_*]: the questions of message j are rows msgs[j, M_Q0] ... + msgs[j, M_NQ];
+- records[k, R_*]: answer-section (R_SECTION 0) and authority-section (1) records that give an
+  Answer, in parse order; message j's are rows msgs[j, M_R0] ... + msgs[j, M_NR];
+- text (uint8) and text_offsets (int32): string i is text[text_offsets[i]:text_offsets[i + 1]].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from wiretrail.jit import kernel
+
+MAX_QUERIES = 25            # as app/dns.py (Zeek's dns_max_queries)
+MAX_COMPRESSION_DEPTH = 20  # dns_max_compression_chain_depth
+MAX_NAME = 512              # bytes of labels a name may take
+NAME_TEXT_MAX = 4 * MAX_NAME  # text of one name at most: every byte escaped, plus its dots
+
+# message status
+OK, FALLBACK = 0, 1
+# msgs columns. MALFORMED: the parse stopped at a fault (or the opcode is not followed).
+# LOWERED: a name had ASCII capitals; CAPITALS: the message had ASCII capitals anywhere.
+# RESP_NB: a record's reading depended on whether the server port is NetBIOS's (SRV/NBSTAT).
+(M_STATUS, M_ID, M_FLAGS, M_QD, M_AN, M_NS, M_AR, M_MALFORMED, M_LOWERED, M_CAPITALS, M_RESP_NB,
+ M_Q0, M_NQ, M_R0, M_NR) = range(15)
+M_FIELDS = 15
+# questions columns: name (string number), qtype, qclass
+Q_NAME, Q_TYPE, Q_CLASS = range(3)
+Q_FIELDS = 3
+# records columns. KIND: the reply's kind (below). TEXT1/TEXT2: string numbers (-1: none):
+# NAME the name, ADDR4 the address, SOA mname and rname, SRV the target. V0..V4: SOA's serial,
+# refresh, retry, expire, minimum; SRV's priority, weight, port. RDATA: where the record's data
+# starts in the message (ADDR6: its 16 bytes). LOWERED: a name so far had capitals (the
+# record's `lower` reading is kept).
+(R_SECTION, R_OWNER, R_TYPE, R_CLASS, R_TTL, R_KIND, R_TEXT1, R_TEXT2, R_V0, R_V1, R_V2, R_V3, R_V4, R_RDATA,
+ R_LOWERED) = range(15)
+R_FIELDS = 15
+# reply kinds: no reply event; an event with no text (WKS); an IPv4 / IPv6 address; a name
+# (NS, CNAME, PTR, MX); SOA; SRV; "<unknown type=N>"; TXT or SPF (TEXT1 the reply, its strings'
+# texts the V1 strings from number V0 on)
+K_NONE, K_EMPTY, K_ADDR4, K_ADDR6, K_NAME, K_SOA, K_SRV, K_UNKNOWN, K_TXT = range(9)
+
+# name reading outcomes
+_NAME_OK, _NAME_BAD, _NAME_CUT = 0, 1, 2
+_HEXDIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
+
+
+@kernel(inline=True)
+def _u16(b, p):
+    return (np.int64(b[p]) << 8) | np.int64(b[p + 1])
+
+
+@kernel(inline=True)
+def _u32(b, p):
+    return (np.int64(b[p]) << 24) | (np.int64(b[p + 1]) << 16) | (np.int64(b[p + 2]) << 8) | np.int64(b[p + 3])
+
+
+@kernel(inline=True)
+def _name(b, s, n, pos, netbios, text, tw, hexdigits):
+    """The name at message offset `pos` of the message b[s:s + n], its text written at text[tw:]
+    (room for NAME_TEXT_MAX bytes is the caller's to make). Returns (outcome, the position after
+    the name, the end of its text, whether it had ASCII capitals). Follows app/dns.py's
+    _Parser.name: pointers only backwards, at most MAX_COMPRESSION_DEPTH of them (more: CUT),
+    labels over 63 bytes only for NetBIOS, at most MAX_NAME bytes of labels."""
+    total = 0
+    end = -1
+    depth = 0
+    caps = False
+    first = True
+    while True:
+        if pos >= n:
+            return _NAME_BAD, pos, tw, caps
+        ln = np.int64(b[s + pos])
+        if ln == 0:
+            pos += 1
+            break
+        if ln >= 0xC0:
+            if pos + 1 >= n:
+                return _NAME_BAD, pos, tw, caps
+            target = ((ln & 0x3F) << 8) | np.int64(b[s + pos + 1])
+            if target >= pos:
+                return _NAME_BAD, pos, tw, caps
+            if end < 0:
+                end = pos + 2
+            depth += 1
+            if depth > MAX_COMPRESSION_DEPTH:
+                return _NAME_CUT, pos, tw, caps
+            pos = target
+            continue
+        after = pos + 1 + ln
+        if after > n:
+            return _NAME_BAD, pos, tw, caps
+        if ln > 63 and not netbios:
+            return _NAME_BAD, pos, tw, caps
+        total += ln + 1
+        if total > MAX_NAME:
+            return _NAME_BAD, pos, tw, caps
+        if not first:
+            text[tw] = 46  # '.'
+            tw += 1
+        first = False
+        for i in range(s + pos + 1, s + after):
+            c = b[i]
+            if 0x20 <= c < 0x7F:
+                text[tw] = c
+                tw += 1
+                if 0x41 <= c <= 0x5A:
+                    caps = True
+            else:
+                text[tw] = 92  # '\'
+                text[tw + 1] = 120  # 'x'
+                text[tw + 2] = hexdigits[c >> 4]
+                text[tw + 3] = hexdigits[c & 15]
+                tw += 4
+        pos = after
+    return _NAME_OK, (end if end >= 0 else pos), tw, caps
+
+
+@kernel(inline=True)
+def _escaped(b, a, e, text, tw, hexdigits):
+    """b[a:e] as log text at text[tw:] (printable ASCII as is, other bytes as \\xNN); the end."""
+    for i in range(a, e):
+        c = b[i]
+        if 0x20 <= c < 0x7F:
+            text[tw] = c
+            tw += 1
+        else:
+            text[tw] = 92
+            text[tw + 1] = 120
+            text[tw + 2] = hexdigits[c >> 4]
+            text[tw + 3] = hexdigits[c & 15]
+            tw += 4
+    return tw
+
+
+@kernel(inline=True)
+def _decimal(v, text, tw):
+    """0 <= v < 1000 in decimal at text[tw:]; the end."""
+    if v >= 100:
+        text[tw] = 48 + v // 100
+        tw += 1
+    if v >= 10:
+        text[tw] = 48 + (v // 10) % 10
+        tw += 1
+    text[tw] = 48 + v % 10
+    return tw + 1
+
+
+@kernel(inline=True)
+def _dotted_quad(b, p, text, tw):
+    for k in range(4):
+        octet = np.int64(b[p + k])
+        if octet >= 100:
+            text[tw] = 48 + octet // 100
+            tw += 1
+        if octet >= 10:
+            text[tw] = 48 + (octet // 10) % 10
+            tw += 1
+        text[tw] = 48 + octet % 10
+        tw += 1
+        if k < 3:
+            text[tw] = 46
+            tw += 1
+    return tw
+
+
+@kernel
+def parse_messages(data, starts, ends, netbios, resp_nb):
+    """The messages data[starts[j]:ends[j]]; netbios[j]: its session is NetBIOS name service
+    (either port 137), resp_nb[j]: its server port is 137 (SRV records are then NBSTAT, not read).
+    Returns (msgs, questions, records, text, text_offsets): see the module's docstring."""
+    m = len(starts)
+    msgs = np.zeros((m, M_FIELDS), dtype=np.int64)
+    questions = np.zeros((max(16, m), Q_FIELDS), dtype=np.int64)
+    records = np.zeros((max(16, 2 * m), R_FIELDS), dtype=np.int64)
+    text = np.empty(max(4096, 64 * m + 2 * NAME_TEXT_MAX), dtype=np.uint8)
+    text_offsets = np.zeros(max(64, 4 * m) + 1, dtype=np.int32)
+    hexdigits = _HEXDIGITS
+    nq = 0
+    nr = 0
+    ns_ = 0   # strings made
+    tw = 0    # text bytes used
+    for j in range(m):
+        s = starts[j]
+        n = ends[j] - s
+        msg = msgs[j]
+        msg[M_Q0] = nq
+        msg[M_R0] = nr
+        caps_any = False
+        for i in range(s, s + n):
+            if 0x41 <= data[i] <= 0x5A:
+                caps_any = True
+                break
+        msg[M_CAPITALS] = caps_any
+        if n < 12:
+            msg[M_STATUS] = FALLBACK
+            continue
+        msg[M_ID] = _u16(data, s)
+        flags = _u16(data, s + 2)
+        msg[M_FLAGS] = flags
+        qdcount = _u16(data, s + 4)
+        ancount = _u16(data, s + 6)
+        nscount = _u16(data, s + 8)
+        arcount = _u16(data, s + 10)
+        msg[M_QD] = qdcount
+        msg[M_AN] = ancount
+        msg[M_NS] = nscount
+        msg[M_AR] = arcount
+        nb = netbios[j]
+        labels_nb = nb or resp_nb[j]  # long labels are NetBIOS's (app/dns.py's _Parser.netbios)
+        opcode = (flags >> 11) & 0xF
+        if not (opcode == 0 or opcode == 4 or opcode == 5) and not nb:
+            msg[M_MALFORMED] = 1  # an opcode DNS analysis does not follow
+            continue
+        if qdcount > MAX_QUERIES:
+            msg[M_MALFORMED] = 1
+            continue
+        if opcode == 5 and not nb:  # dynamic update: read in Python
+            msg[M_STATUS] = FALLBACK
+            continue
+        # room for this message's strings and rows: names of at most NAME_TEXT_MAX bytes, one
+        # string per name, a name per 2 bytes of message at most
+        need_strings = ns_ + 2 * n + 4  # names, TXT strings and their replies
+        if need_strings + 1 > len(text_offsets):
+            bigger = np.zeros(2 * need_strings + 1, dtype=np.int32)
+            bigger[:ns_ + 1] = text_offsets[:ns_ + 1]
+            text_offsets = bigger
+        if nq + qdcount > len(questions):
+            bigger_q = np.zeros((2 * (nq + qdcount), Q_FIELDS), dtype=np.int64)
+            bigger_q[:nq] = questions[:nq]
+            questions = bigger_q
+        if nr + n // 11 + 1 > len(records):  # a record takes 11 bytes at least
+            bigger_r = np.zeros((2 * (nr + n // 11 + 1), R_FIELDS), dtype=np.int64)
+            bigger_r[:nr] = records[:nr]
+            records = bigger_r
+        lowered = False
+        status = OK
+        malformed = False
+        pos = 12
+        q0 = nq
+        r0 = nr
+        s0 = ns_
+        tw0 = tw
+        for _ in range(qdcount):
+            if tw + NAME_TEXT_MAX + 8 > len(text):
+                bigger_t = np.empty(2 * len(text) + NAME_TEXT_MAX, dtype=np.uint8)
+                bigger_t[:tw] = text[:tw]
+                text = bigger_t
+            outcome, pos, tw2, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
+            if outcome == _NAME_CUT:
+                status = FALLBACK
+                break
+            if outcome == _NAME_BAD:
+                malformed = True
+                break
+            lowered = lowered or caps
+            tw = tw2
+            ns_ += 1
+            text_offsets[ns_] = tw
+            if pos + 4 > n:
+                malformed = True
+                break
+            questions[nq, Q_NAME] = ns_ - 1
+            questions[nq, Q_TYPE] = _u16(data, s + pos)
+            questions[nq, Q_CLASS] = _u16(data, s + pos + 2)
+            nq += 1
+            pos += 4
+        if status == OK and not malformed and (ancount or nscount or arcount):
+            for section in range(3):
+                count = ancount if section == 0 else (nscount if section == 1 else arcount)
+                for _ in range(count):
+                    if tw + 3 * NAME_TEXT_MAX + 64 > len(text):
+                        bigger_t = np.empty(2 * len(text) + 3 * NAME_TEXT_MAX, dtype=np.uint8)
+                        bigger_t[:tw] = text[:tw]
+                        text = bigger_t
+                    outcome, pos, tw2, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
+                    if outcome == _NAME_CUT:
+                        status = FALLBACK
+                        break
+                    if outcome == _NAME_BAD:
+                        malformed = True
+                        break
+                    lowered = lowered or caps
+                    tw = tw2
+                    ns_ += 1
+                    text_offsets[ns_] = tw
+                    owner = ns_ - 1
+                    if pos + 10 > n:
+                        malformed = True
+                        break
+                    rtype = _u16(data, s + pos)
+                    rclass = _u16(data, s + pos + 2)
+                    ttl = _u32(data, s + pos + 4)
+                    rdlen = _u16(data, s + pos + 8)
+                    pos += 10
+                    if pos + rdlen > n:
+                        malformed = True
+                        break
+                    if section == 2 or (rdlen == 0 and section == 1):
+                        # additional records (and empty authority ones): only the names inside
+                        # NS, CNAME and PTR are checked
+                        if rdlen != 0 and (rtype == 2 or rtype == 5 or rtype == 12):
+                            outcome, _p, _tw, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
+                            if outcome == _NAME_CUT:
+                                status = FALLBACK
+                                break
+                            if outcome == _NAME_BAD:
+                                malformed = True
+                                break
+                            lowered = lowered or caps
+                        pos += rdlen
+                        continue
+                    if rdlen == 0:  # an empty answer record
+                        if pos < n:  # Zeek stops the answer section here: read in Python
+                            status = FALLBACK
+                            break
+                        kind = K_NONE
+                        t1 = -1
+                        t2 = -1
+                        rec = records[nr]
+                        rec[R_SECTION] = 0
+                        rec[R_OWNER] = owner
+                        rec[R_TYPE] = rtype
+                        rec[R_CLASS] = rclass
+                        rec[R_TTL] = ttl
+                        rec[R_KIND] = K_NONE
+                        rec[R_TEXT1] = -1
+                        rec[R_TEXT2] = -1
+                        rec[R_RDATA] = pos
+                        rec[R_LOWERED] = lowered
+                        nr += 1
+                        continue
+                    if section == 1 and (rtype == 2 or rtype == 5 or rtype == 12):
+                        # an authority record's name is checked before its data is read
+                        outcome, _p, _tw, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
+                        if outcome == _NAME_CUT:
+                            status = FALLBACK
+                            break
+                        if outcome == _NAME_BAD:
+                            malformed = True
+                            break
+                        lowered = lowered or caps
+                    # the record's data (app/dns.py's _Parser.rdata); a fault in it ends the
+                    # message in the answer section, and drops only the record in the authority one
+                    bad = False
+                    kind = K_UNKNOWN
+                    t1 = -1
+                    t2 = -1
+                    v0 = v1 = v2 = v3 = v4 = 0
+                    if rtype == 1:
+                        if rdlen != 4:
+                            bad = True
+                        else:
+                            kind = K_ADDR4
+                            tw = _dotted_quad(data, s + pos, text, tw)
+                            ns_ += 1
+                            text_offsets[ns_] = tw
+                            t1 = ns_ - 1
+                    elif rtype == 28 or rtype == 38:
+                        if rdlen != 16:
+                            bad = True
+                        else:
+                            kind = K_ADDR6
+                    elif rtype == 2 or rtype == 5 or rtype == 12 or rtype == 15 or rtype == 6 or rtype == 33:
+                        if rtype == 33 and resp_nb[j]:
+                            kind = K_NONE  # NBSTAT: not read
+                            msg[M_RESP_NB] = 1
+                        elif rtype == 15 and rdlen < 2:
+                            bad = True
+                        elif rtype == 33 and rdlen < 6:
+                            bad = True
+                            msg[M_RESP_NB] = 1
+                        else:
+                            if rtype == 33:
+                                msg[M_RESP_NB] = 1
+                            at = pos + 2 if rtype == 15 else (pos + 6 if rtype == 33 else pos)
+                            outcome, p2, tw2, caps = _name(data, s, n, at, labels_nb, text, tw, hexdigits)
+                            if outcome == _NAME_CUT:
+                                status = FALLBACK
+                                break
+                            if outcome == _NAME_BAD:
+                                bad = True
+                            else:
+                                lowered = lowered or caps
+                                tw = tw2
+                                ns_ += 1
+                                text_offsets[ns_] = tw
+                                t1 = ns_ - 1
+                                kind = K_NAME
+                                if rtype == 33:
+                                    kind = K_SRV
+                                    v0 = _u16(data, s + pos)
+                                    v1 = _u16(data, s + pos + 2)
+                                    v2 = _u16(data, s + pos + 4)
+                                elif rtype == 6:
+                                    outcome, p2, tw2, caps = _name(data, s, n, p2, labels_nb, text, tw, hexdigits)
+                                    if outcome == _NAME_CUT:
+                                        status = FALLBACK
+                                        break
+                                    if outcome == _NAME_BAD:
+                                        bad = True
+                                    else:
+                                        lowered = lowered or caps
+                                        tw = tw2
+                                        ns_ += 1
+                                        text_offsets[ns_] = tw
+                                        t2 = ns_ - 1
+                                        if p2 + 20 > n:
+                                            bad = True
+                                        else:
+                                            kind = K_SOA
+                                            v0 = _u32(data, s + p2)
+                                            v1 = _u32(data, s + p2 + 4)
+                                            v2 = _u32(data, s + p2 + 8)
+                                            v3 = _u32(data, s + p2 + 12)
+                                            v4 = _u32(data, s + p2 + 16)
+                    elif rtype == 16 or rtype == 99:  # TXT, SPF: "TXT <len> <text>" per string
+                        if tw + 17 * rdlen + 64 > len(text):
+                            bigger_t = np.empty(2 * len(text) + 17 * rdlen + 64, dtype=np.uint8)
+                            bigger_t[:tw] = text[:tw]
+                            text = bigger_t
+                        # the reply first (string t1), then each string's text (v0: the first, v1: how many)
+                        complete = True
+                        p = pos
+                        while p < pos + rdlen:
+                            if p + 1 + np.int64(data[s + p]) > pos + rdlen:
+                                complete = False
+                                break
+                            p += 1 + np.int64(data[s + p])
+                        if not complete:
+                            if section == 0:  # Zeek still reports the strings read: Python's to write
+                                status = FALLBACK
+                                break
+                            bad = True
+                        else:
+                            kind = K_TXT
+                            p = pos
+                            while p < pos + rdlen:
+                                ln = np.int64(data[s + p])
+                                if p > pos:
+                                    text[tw] = 32
+                                    tw += 1
+                                if rtype == 16:
+                                    text[tw] = 84  # TXT
+                                    text[tw + 1] = 88
+                                    text[tw + 2] = 84
+                                else:
+                                    text[tw] = 83  # SPF
+                                    text[tw + 1] = 80
+                                    text[tw + 2] = 70
+                                text[tw + 3] = 32
+                                tw = _decimal(ln, text, tw + 4)
+                                text[tw] = 32
+                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw + 1, hexdigits)
+                                p += 1 + ln
+                            ns_ += 1
+                            text_offsets[ns_] = tw
+                            t1 = ns_ - 1
+                            v0 = ns_
+                            p = pos
+                            while p < pos + rdlen:
+                                ln = np.int64(data[s + p])
+                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw, hexdigits)
+                                ns_ += 1
+                                text_offsets[ns_] = tw
+                                v1 += 1
+                                p += 1 + ln
+                    elif rtype == 11:
+                        kind = K_EMPTY
+                    elif (rtype == 13 or rtype == 257 or rtype == 64 or rtype == 65 or rtype == 41 or rtype == 249
+                          or rtype == 250 or rtype == 32):
+                        kind = K_NONE
+                    elif (rtype == 35 or rtype == 46 or rtype == 48 or rtype == 47
+                          or rtype == 50 or rtype == 51 or rtype == 43 or rtype == 65534 or rtype == 44
+                          or rtype == 29 or rtype == 10):
+                        status = FALLBACK  # data formatted in Python
+                        break
+                    if bad:
+                        if section == 0:
+                            malformed = True
+                            break
+                        pos += rdlen
+                        continue
+                    rec = records[nr]
+                    rec[R_SECTION] = section
+                    rec[R_OWNER] = owner
+                    rec[R_TYPE] = rtype
+                    rec[R_CLASS] = rclass
+                    rec[R_TTL] = ttl
+                    rec[R_KIND] = kind
+                    rec[R_TEXT1] = t1
+                    rec[R_TEXT2] = t2
+                    rec[R_V0] = v0
+                    rec[R_V1] = v1
+                    rec[R_V2] = v2
+                    rec[R_V3] = v3
+                    rec[R_V4] = v4
+                    rec[R_RDATA] = pos
+                    rec[R_LOWERED] = lowered
+                    nr += 1
+                    pos += rdlen
+                if status != OK or malformed:
+                    break
+        if status != OK:  # what this message wrote is dropped: Python reads it
+            nq = q0
+            nr = r0
+            ns_ = s0
+            tw = tw0
+            msg[M_STATUS] = status
+            msg[M_RESP_NB] = 0
+            continue
+        msg[M_MALFORMED] = malformed
+        msg[M_LOWERED] = lowered
+        msg[M_NQ] = nq - q0
+        msg[M_NR] = nr - r0
+    return msgs, questions[:nq], records[:nr], text[:tw], text_offsets[:ns_ + 1]
