@@ -14,7 +14,6 @@ records of every protocol table, each row carrying its session's uid and 5-tuple
 from __future__ import annotations
 
 import importlib
-import ipaddress
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,12 +76,6 @@ def load_modules(names=PROTOCOLS) -> list[_Module]:
                                np.array(sorted(getattr(mod, "PORTS", ())), dtype=np.int64),
                                frozenset(getattr(mod, "NDPI", ())), mod, datagram, stream))
     return out
-
-
-def _addr(hi: int, lo: int) -> str:
-    if hi == 0 and (lo >> 32) == 0xFFFF:  # IPv4, written as str(IPv4Address) writes it
-        return f"{(lo >> 24) & 255}.{(lo >> 16) & 255}.{(lo >> 8) & 255}.{lo & 255}"
-    return ipaddress.IPv6Address((hi << 64) | lo).compressed
 
 
 class AppStage:
