@@ -191,9 +191,26 @@ def test_eve_options_from_suricata_config():
     assert "email" not in eve._smtp({**row, "message_sent": False, "urls": None})[0]
 
     dns = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "query": "a.example", "query_flags": 0x0100,
-           "response_flags": 0x8180, "response_ns": 2}
+           "response_flags": 0x8180, "response_ns": 2, "orig_p": 40000, "resp_p": 53}
     assert [e["dns"]["type"] for e in eve._dns(dns)] == ["request", "response"]
     assert [e["dns"]["type"] for e in eve._dns(dns, opts)] == ["request"]
+
+
+def test_eve_leaves_to_suricata_what_it_parses():
+    """Suricata probes its DNS parser on port 53 only and has none for mDNS, LLMNR or NetBIOS
+    names: no dns events for those, and their flows (any flow whose payload no Suricata
+    parser took, UDP as TCP) are app_proto `failed`; a flow without payload has none."""
+    from wiretrail.export import eve
+
+    dns = {"ts_ns": 1, "uid": "CAAAAAAAAAAA", "query": "a.local", "query_flags": 0, "response_flags": 0x8400,
+           "response_ns": 2, "orig_p": 5353, "resp_p": 5353}
+    assert eve._dns(dns) == [] and len(eve._dns({**dns, "resp_p": 53})) == 2
+    flow = {"proto": "udp", "orig_bytes": 50, "resp_bytes": 0}
+    assert eve._app_proto({**flow, "app": "MDNS"}) == "failed"
+    assert eve._app_proto({**flow, "app": "NetBIOS"}) == "failed"
+    assert eve._app_proto({**flow, "app": "DNS"}) == "dns" and eve._app_proto({**flow, "parsed": "dns"}) == "dns"
+    assert eve._app_proto({**flow, "orig_bytes": 0}) is None
+    assert eve._app_proto({**flow, "proto": "icmp"}) is None
 
 
 def test_export_eve_with_a_suricata_config(store, tmp_path, capsys):

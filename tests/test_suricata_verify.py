@@ -155,4 +155,4 @@ def test_eve_against_suricata_verify(tmp_path):
     assert sum(passed.values()) >= FLOOR * sum(total.values())
 
 
-FLOOR = 0.93  # measured 345/367 (94.0%): see the printed figures for each event type
+FLOOR = 0.94  # measured 346/367 (94.3%): see the printed figures for each event type

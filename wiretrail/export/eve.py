@@ -24,10 +24,13 @@ from wiretrail.errors import WiretrailError
 from wiretrail.sessions.flowtable import sid_of_uid
 
 _PROTO = {"tcp": "TCP", "udp": "UDP", "icmp": "ICMP"}
-# nDPI master protocol -> Suricata's app_proto name
+# nDPI master protocol -> Suricata's app_proto name. Not mDNS, LLMNR or NetBIOS names: Suricata's
+# DNS parser is probed on its detection port only (53, suricata.yaml's default), and it has no
+# parser of their own, so their flows are `failed` and give no dns events.
+DNS_DETECTION_PORT = 53
 _APP_PROTO = {
     "TLS": "tls", "HTTP": "http", "HTTP_Proxy": "http", "HTTP_Connect": "http", "HTTP2": "http2", "DNS": "dns",
-    "MDNS": "dns", "LLMNR": "dns", "SMBv1": "smb", "SMBv23": "smb", "FTP_CONTROL": "ftp", "FTP_DATA": "ftp-data",
+    "SMBv1": "smb", "SMBv23": "smb", "FTP_CONTROL": "ftp", "FTP_DATA": "ftp-data",
     "SMTP": "smtp", "SMTPS": "tls", "IMAPS": "tls", "POPS": "tls", "SSH": "ssh", "DHCP": "dhcp", "NTP": "ntp",
     "Kerberos": "krb5", "SNMP": "snmp", "SIP": "sip", "RDP": "rdp", "MQTT": "mqtt", "QUIC": "quic",
     "IMAP": "imap", "POP3": "pop3", "TFTP": "tftp", "DCE_RPC": "dcerpc", "NFS": "nfs", "Modbus": "modbus",
@@ -58,9 +61,9 @@ def _app_proto(r: dict) -> str | None:
         name = _APP_PROTO.get(app.split(".")[0])
         if name:
             return name
-    if r.get("proto") == "tcp":
-        return "failed" if (r.get("orig_bytes") or r.get("resp_bytes")) else None
-    return None
+    # payload that no Suricata parser took (UDP too: its detection gives up on the first
+    # datagrams, as for NetBIOS name service broadcasts)
+    return "failed" if r.get("proto") in ("tcp", "udp") else None
 
 
 def _timestamp(ns: int) -> str:
@@ -368,6 +371,8 @@ def _email_urls(urls: list[str] | None, options: EveOptions) -> list[str] | None
 def _dns(r: dict, options: EveOptions = EveOptions()) -> list[dict]:
     """Suricata 8's DNS events (version 3): one per message, a request from the client and a
     response from the server (src and dest swapped, as the packet went)."""
+    if DNS_DETECTION_PORT not in (r.get("orig_p"), r.get("resp_p")):
+        return []  # mDNS, LLMNR, NetBIOS: Suricata does not parse them (see DNS_DETECTION_PORT)
     proto = "TCP" if r.get("proto") == "tcp" else "UDP"
     name = r.get("query_original") or r.get("query")
     queries = [_clean({"rrname": name, "rrtype": r.get("qtype_name")})] if name is not None else []
@@ -820,7 +825,9 @@ def export(db: duckdb.DuckDBPyConnection, out_dir: Path, options: EveOptions | N
             # a session a parser made records of is that protocol, whatever nDPI said (Suricata's
             # app_proto is its parsers' verdict too)
             parsed = [t for t in EVENTS if t in views]
-            by_records = (" UNION ALL ".join(f"SELECT DISTINCT uid, '{t}' AS parsed FROM \"{t}\"" for t in parsed)
+            by_records = (" UNION ALL ".join(f"SELECT DISTINCT uid, '{t}' AS parsed FROM \"{t}\""
+                                             + (f" WHERE {DNS_DETECTION_PORT} IN (orig_p, resp_p)" if t == "dns" else "")
+                                             for t in parsed)
                           if parsed else "SELECT NULL::VARCHAR AS uid, NULL::VARCHAR AS parsed WHERE false")
             flows = FlowMerger()
             for r in _rows(db, "SELECT s.*, epoch_ns(s.ts) AS ts_ns, epoch_ns(s.last_ts) AS last_ns, p.parsed "
