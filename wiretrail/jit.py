@@ -34,6 +34,7 @@ MANIFEST = AOT_DIR / "manifest.json"
 # Every module that defines kernels: their sources make up the hash an extension is checked
 # against (a kernel inlines helpers from other modules, so one module's change stales them all).
 KERNEL_MODULES = (
+    "wiretrail.bytes_kernels",
     "wiretrail.capture.pcap",
     "wiretrail.capture.pcapng",
     "wiretrail.capture.bpf",

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from wiretrail.bytes_kernels import HEXDIGITS, be16, be32, put_decimal, put_escaped
 from wiretrail.jit import kernel
 
 MAX_QUERIES = 25            # as app/dns.py (Zeek's dns_max_queries)
@@ -61,17 +62,6 @@ K_NONE, K_EMPTY, K_ADDR4, K_ADDR6, K_NAME, K_SOA, K_SRV, K_UNKNOWN, K_TXT = rang
 
 # name reading outcomes
 _NAME_OK, _NAME_BAD, _NAME_CUT = 0, 1, 2
-_HEXDIGITS = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
-@kernel(inline=True)
-def _u16(b, p):
-    return (np.int64(b[p]) << 8) | np.int64(b[p + 1])
-
-
-@kernel(inline=True)
-def _u32(b, p):
-    return (np.int64(b[p]) << 24) | (np.int64(b[p + 1]) << 16) | (np.int64(b[p + 2]) << 8) | np.int64(b[p + 3])
 
 
 @kernel(inline=True)
@@ -118,69 +108,30 @@ def _name(b, s, n, pos, netbios, text, tw, hexdigits):
             text[tw] = 46  # '.'
             tw += 1
         first = False
-        for i in range(s + pos + 1, s + after):
-            c = b[i]
-            if 0x20 <= c < 0x7F:
-                text[tw] = c
-                tw += 1
-                if 0x41 <= c <= 0x5A:
-                    caps = True
-            else:
-                text[tw] = 92  # '\'
-                text[tw + 1] = 120  # 'x'
-                text[tw + 2] = hexdigits[c >> 4]
-                text[tw + 3] = hexdigits[c & 15]
-                tw += 4
+        tw, label_caps = put_escaped(b, s + pos + 1, s + after, text, tw, hexdigits)
+        caps = caps or label_caps
         pos = after
     return _NAME_OK, (end if end >= 0 else pos), tw, caps
 
 
 @kernel(inline=True)
-def _escaped(b, a, e, text, tw, hexdigits):
-    """b[a:e] as log text at text[tw:] (printable ASCII as is, other bytes as \\xNN); the end."""
-    for i in range(a, e):
-        c = b[i]
-        if 0x20 <= c < 0x7F:
-            text[tw] = c
-            tw += 1
-        else:
-            text[tw] = 92
-            text[tw + 1] = 120
-            text[tw + 2] = hexdigits[c >> 4]
-            text[tw + 3] = hexdigits[c & 15]
-            tw += 4
-    return tw
-
-
-@kernel(inline=True)
-def _decimal(v, text, tw):
-    """0 <= v < 1000 in decimal at text[tw:]; the end."""
-    if v >= 100:
-        text[tw] = 48 + v // 100
-        tw += 1
-    if v >= 10:
-        text[tw] = 48 + (v // 10) % 10
-        tw += 1
-    text[tw] = 48 + v % 10
-    return tw + 1
-
-
-@kernel(inline=True)
 def _dotted_quad(b, p, text, tw):
     for k in range(4):
-        octet = np.int64(b[p + k])
-        if octet >= 100:
-            text[tw] = 48 + octet // 100
+        if k:
+            text[tw] = 46  # '.'
             tw += 1
-        if octet >= 10:
-            text[tw] = 48 + (octet // 10) % 10
-            tw += 1
-        text[tw] = 48 + octet % 10
-        tw += 1
-        if k < 3:
-            text[tw] = 46
-            tw += 1
+        tw = put_decimal(np.int64(b[p + k]), text, tw)
     return tw
+
+
+@kernel(inline=True)
+def _room(text, tw, need):
+    """`text`, or a copy twice as large when fewer than `need` bytes are free after tw."""
+    if tw + need <= len(text):
+        return text
+    bigger = np.empty(2 * len(text) + need, dtype=np.uint8)
+    bigger[:tw] = text[:tw]
+    return bigger
 
 
 @kernel
@@ -194,7 +145,7 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
     records = np.zeros((max(16, 2 * m), R_FIELDS), dtype=np.int64)
     text = np.empty(max(4096, 64 * m + 2 * NAME_TEXT_MAX), dtype=np.uint8)
     text_offsets = np.zeros(max(64, 4 * m) + 1, dtype=np.int32)
-    hexdigits = _HEXDIGITS
+    hexdigits = HEXDIGITS
     nq = 0
     nr = 0
     ns_ = 0   # strings made
@@ -214,13 +165,13 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
         if n < 12:
             msg[M_STATUS] = FALLBACK
             continue
-        msg[M_ID] = _u16(data, s)
-        flags = _u16(data, s + 2)
+        msg[M_ID] = be16(data, s)
+        flags = be16(data, s + 2)
         msg[M_FLAGS] = flags
-        qdcount = _u16(data, s + 4)
-        ancount = _u16(data, s + 6)
-        nscount = _u16(data, s + 8)
-        arcount = _u16(data, s + 10)
+        qdcount = be16(data, s + 4)
+        ancount = be16(data, s + 6)
+        nscount = be16(data, s + 8)
+        arcount = be16(data, s + 10)
         msg[M_QD] = qdcount
         msg[M_AN] = ancount
         msg[M_NS] = nscount
@@ -261,10 +212,7 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
         s0 = ns_
         tw0 = tw
         for _ in range(qdcount):
-            if tw + NAME_TEXT_MAX + 8 > len(text):
-                bigger_t = np.empty(2 * len(text) + NAME_TEXT_MAX, dtype=np.uint8)
-                bigger_t[:tw] = text[:tw]
-                text = bigger_t
+            text = _room(text, tw, NAME_TEXT_MAX + 8)
             outcome, pos, tw2, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
             if outcome == _NAME_CUT:
                 status = FALLBACK
@@ -280,18 +228,15 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                 malformed = True
                 break
             questions[nq, Q_NAME] = ns_ - 1
-            questions[nq, Q_TYPE] = _u16(data, s + pos)
-            questions[nq, Q_CLASS] = _u16(data, s + pos + 2)
+            questions[nq, Q_TYPE] = be16(data, s + pos)
+            questions[nq, Q_CLASS] = be16(data, s + pos + 2)
             nq += 1
             pos += 4
         if status == OK and not malformed and (ancount or nscount or arcount):
             for section in range(3):
                 count = ancount if section == 0 else (nscount if section == 1 else arcount)
                 for _ in range(count):
-                    if tw + 3 * NAME_TEXT_MAX + 64 > len(text):
-                        bigger_t = np.empty(2 * len(text) + 3 * NAME_TEXT_MAX, dtype=np.uint8)
-                        bigger_t[:tw] = text[:tw]
-                        text = bigger_t
+                    text = _room(text, tw, 3 * NAME_TEXT_MAX + 64)
                     outcome, pos, tw2, caps = _name(data, s, n, pos, labels_nb, text, tw, hexdigits)
                     if outcome == _NAME_CUT:
                         status = FALLBACK
@@ -307,10 +252,10 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                     if pos + 10 > n:
                         malformed = True
                         break
-                    rtype = _u16(data, s + pos)
-                    rclass = _u16(data, s + pos + 2)
-                    ttl = _u32(data, s + pos + 4)
-                    rdlen = _u16(data, s + pos + 8)
+                    rtype = be16(data, s + pos)
+                    rclass = be16(data, s + pos + 2)
+                    ttl = be32(data, s + pos + 4)
+                    rdlen = be16(data, s + pos + 8)
                     pos += 10
                     if pos + rdlen > n:
                         malformed = True
@@ -408,9 +353,9 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                                 kind = K_NAME
                                 if rtype == 33:
                                     kind = K_SRV
-                                    v0 = _u16(data, s + pos)
-                                    v1 = _u16(data, s + pos + 2)
-                                    v2 = _u16(data, s + pos + 4)
+                                    v0 = be16(data, s + pos)
+                                    v1 = be16(data, s + pos + 2)
+                                    v2 = be16(data, s + pos + 4)
                                 elif rtype == 6:
                                     outcome, p2, tw2, caps = _name(data, s, n, p2, labels_nb, text, tw, hexdigits)
                                     if outcome == _NAME_CUT:
@@ -428,16 +373,13 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                                             bad = True
                                         else:
                                             kind = K_SOA
-                                            v0 = _u32(data, s + p2)
-                                            v1 = _u32(data, s + p2 + 4)
-                                            v2 = _u32(data, s + p2 + 8)
-                                            v3 = _u32(data, s + p2 + 12)
-                                            v4 = _u32(data, s + p2 + 16)
+                                            v0 = be32(data, s + p2)
+                                            v1 = be32(data, s + p2 + 4)
+                                            v2 = be32(data, s + p2 + 8)
+                                            v3 = be32(data, s + p2 + 12)
+                                            v4 = be32(data, s + p2 + 16)
                     elif rtype == 16 or rtype == 99:  # TXT, SPF: "TXT <len> <text>" per string
-                        if tw + 17 * rdlen + 64 > len(text):
-                            bigger_t = np.empty(2 * len(text) + 17 * rdlen + 64, dtype=np.uint8)
-                            bigger_t[:tw] = text[:tw]
-                            text = bigger_t
+                        text = _room(text, tw, 17 * rdlen + 64)
                         # the reply first (string t1), then each string's text (v0: the first, v1: how many)
                         complete = True
                         p = pos
@@ -468,9 +410,9 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                                     text[tw + 1] = 80
                                     text[tw + 2] = 70
                                 text[tw + 3] = 32
-                                tw = _decimal(ln, text, tw + 4)
+                                tw = put_decimal(ln, text, tw + 4)
                                 text[tw] = 32
-                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw + 1, hexdigits)
+                                tw, _caps = put_escaped(data, s + p + 1, s + p + 1 + ln, text, tw + 1, hexdigits)
                                 p += 1 + ln
                             ns_ += 1
                             text_offsets[ns_] = tw
@@ -479,7 +421,7 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
                             p = pos
                             while p < pos + rdlen:
                                 ln = np.int64(data[s + p])
-                                tw = _escaped(data, s + p + 1, s + p + 1 + ln, text, tw, hexdigits)
+                                tw, _caps = put_escaped(data, s + p + 1, s + p + 1 + ln, text, tw, hexdigits)
                                 ns_ += 1
                                 text_offsets[ns_] = tw
                                 v1 += 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from wiretrail.bytes_kernels import be16, be24
 from wiretrail.jit import kernel
 
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA, CT_HEARTBEAT = 20, 21, 22, 23, 24
@@ -61,22 +62,12 @@ CERTS = 21
 
 
 @kernel(inline=True)
-def _u16(b, p):
-    return (np.int64(b[p]) << 8) | np.int64(b[p + 1])
-
-
-@kernel(inline=True)
-def _u24(b, p):
-    return (np.int64(b[p]) << 16) | (np.int64(b[p + 1]) << 8) | np.int64(b[p + 2])
-
-
-@kernel(inline=True)
 def _vec(b, p, end, width):
     """(start, stop) of the vector at b[p:] whose length is the big-endian `width`-byte (1 or 2)
     field there; stop is -1 when it does not fit before `end`."""
     if p + width > end:
         return p, -1
-    ln = np.int64(b[p]) if width == 1 else _u16(b, p)
+    ln = np.int64(b[p]) if width == 1 else be16(b, p)
     p += width
     if p + ln > end:
         return p, -1
@@ -93,7 +84,7 @@ def client_hello(b, start, end):
     if n < 2:
         out[CH_MALFORMED] = 1
         return out[:CH_VALUES]
-    out[CH_VERSION] = _u16(b, start)
+    out[CH_VERSION] = be16(b, start)
     w = CH_VALUES
     a, p = _vec(b, start + 34, end, 1)
     if p < 0:
@@ -107,7 +98,7 @@ def client_hello(b, start, end):
         return out[:w]
     k = (p - a) // 2
     for i in range(k):
-        out[w + i] = _u16(b, a + 2 * i)
+        out[w + i] = be16(b, a + 2 * i)
     w += k
     out[CH_N_CIPHERS] = k
     if (p - a) & 1:  # an odd byte left over
@@ -129,12 +120,12 @@ def client_hello(b, start, end):
     ext_stop = np.empty(cap, dtype=np.int64)
     count = 0
     while p < ext_end:
-        if p + 4 > ext_end or p + 4 + _u16(b, p + 2) > ext_end:
+        if p + 4 > ext_end or p + 4 + be16(b, p + 2) > ext_end:
             out[CH_MALFORMED] = 1
             break
-        out[w + count] = _u16(b, p)
+        out[w + count] = be16(b, p)
         ext_start[count] = p + 4
-        ext_stop[count] = p + 4 + _u16(b, p + 2)
+        ext_stop[count] = p + 4 + be16(b, p + 2)
         p = ext_stop[count]
         count += 1
     types = out[w:w + count].copy()
@@ -159,7 +150,7 @@ def client_hello(b, start, end):
                     w += 1
             else:
                 for j in range((stop - a) // 2):
-                    out[w] = _u16(b, a + 2 * j)
+                    out[w] = be16(b, a + 2 * j)
                     w += 1
         out[field] = w - first
     # server_name (the first host_name entry) and ALPN (every value): lists with a 16-bit
@@ -206,7 +197,7 @@ def server_hello(b, start, end):
     if n < 2:
         out[SH_MALFORMED] = 1
         return out[:SH_VALUES]
-    version = _u16(b, start)
+    version = be16(b, start)
     out[SH_VERSION] = version
     if n < 34:
         out[SH_MALFORMED] = 1
@@ -222,7 +213,7 @@ def server_hello(b, start, end):
         if n < 36:
             out[SH_MALFORMED] = 1
             return out[:SH_VALUES]
-        out[SH_CIPHER] = _u16(b, start + 34)
+        out[SH_CIPHER] = be16(b, start + 34)
         p = start + 36
     else:
         a, p = _vec(b, start + 34, end, 1)
@@ -234,7 +225,7 @@ def server_hello(b, start, end):
         if p + 2 > end:
             out[SH_MALFORMED] = 1
             return out[:SH_VALUES]
-        out[SH_CIPHER] = _u16(b, p)
+        out[SH_CIPHER] = be16(b, p)
         if p + 3 > end:  # compression
             out[SH_MALFORMED] = 1
             return out[:SH_VALUES]
@@ -247,17 +238,17 @@ def server_hello(b, start, end):
         return out[:SH_VALUES]
     w = SH_VALUES
     while p < ext_end:
-        if p + 4 > ext_end or p + 4 + _u16(b, p + 2) > ext_end:
+        if p + 4 > ext_end or p + 4 + be16(b, p + 2) > ext_end:
             out[SH_MALFORMED] = 1
             break
-        et = _u16(b, p)
+        et = be16(b, p)
         a = p + 4
-        stop = a + _u16(b, p + 2)
+        stop = a + be16(b, p + 2)
         out[w] = et
         w += 1
         if et == 43 or et == 51:  # supported_versions, key_share: the first 16 bits
             if stop - a >= 2:
-                out[SH_SELECTED_VERSION if et == 43 else SH_KEY_SHARE_GROUP] = _u16(b, a)
+                out[SH_SELECTED_VERSION if et == 43 else SH_KEY_SHARE_GROUP] = be16(b, a)
         elif et == 41:  # pre_shared_key
             out[SH_PSK] = 1
         elif et == 16:  # ALPN: a list with a 16-bit length holding one value
@@ -279,7 +270,7 @@ def server_hello(b, start, end):
 @kernel(inline=True)
 def _valid_header(d, p):
     return (p + 5 <= d.shape[0] and CT_CCS <= d[p] <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4
-            and _u16(d, p + 3) <= MAX_RECORD)
+            and be16(d, p + 3) <= MAX_RECORD)
 
 
 @kernel(inline=True)
@@ -314,7 +305,7 @@ def _walk(d, limit, hs_type):
         encrypted = 0
         while p + 5 <= limit:
             ct = d[p]
-            ln = _u16(d, p + 3)
+            ln = be16(d, p + 3)
             if not (CT_CCS <= ct <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4 and ln <= MAX_RECORD):
                 # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
                 # drops TLS after the handshake); before it, a bad header is malformed TLS.
@@ -366,7 +357,7 @@ def _handshake_bytes(d, handshakes, n_hs, n_before_ccs):
     total = 0
     n = 0
     while n < n_hs:
-        total += _u16(d, handshakes[n] + 3)
+        total += be16(d, handshakes[n] + 3)
         n += 1
         if total > MAX_HANDSHAKE:
             break
@@ -374,7 +365,7 @@ def _handshake_bytes(d, handshakes, n_hs, n_before_ccs):
     pos = 0
     for i in range(n):
         at[i] = pos
-        pos += _u16(d, handshakes[i] + 3)
+        pos += be16(d, handshakes[i] + 3)
     at[n] = pos
     return n, at, at[min(n_before_ccs, n)]
 
@@ -392,7 +383,7 @@ def _message(buf, p, n):
     not fit."""
     if p + 4 > n:
         return 0, p, -1
-    e = p + 4 + _u24(buf, p + 1)
+    e = p + 4 + be24(buf, p + 1)
     if e > n:
         return 0, p, -1
     return np.int64(buf[p]), p + 4, e
@@ -420,7 +411,7 @@ def _records_of(d, handshakes, at, n, header, end):
     last = k
     while last + 1 < n and at[last + 1] < end:
         last += 1
-    return handshakes[k], handshakes[last] + 5 + _u16(d, handshakes[last] + 3)
+    return handshakes[k], handshakes[last] + 5 + be16(d, handshakes[last] + 3)
 
 
 @kernel(inline=True)
@@ -444,7 +435,7 @@ def _cert_list(buf, a, e, out, w):
     written to out[w:]: (count, new w, malformed); what was read before a break is kept."""
     if a + 3 > e:
         return 0, w, True
-    end = a + 3 + _u24(buf, a)
+    end = a + 3 + be24(buf, a)
     if end > e:
         return 0, w, True
     p = a + 3
@@ -452,7 +443,7 @@ def _cert_list(buf, a, e, out, w):
     while p < end:
         if p + 3 > end:
             return count, w, True
-        q = p + 3 + _u24(buf, p)
+        q = p + 3 + be24(buf, p)
         if q > end:
             return count, w, True
         out[w] = p + 3
@@ -558,7 +549,7 @@ def handshake(c_data, c_limit, c_offsets, c_ts, s_data, s_limit, s_offsets, s_ts
             if e < 0:
                 break
             if mt == 12 and e - a >= 3 and buf[a] == 3:
-                out[SKE_GROUP] = _u16(buf, a + 1)
+                out[SKE_GROUP] = be16(buf, a + 1)
                 break
             p = e
     w = _append_fields(out, w, CLIENT_HELLO, ch)

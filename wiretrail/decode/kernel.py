@@ -16,7 +16,6 @@ unusable leaves the outer packet's values in place.
 from __future__ import annotations
 
 import numpy as np
-from wiretrail.jit import kernel
 
 from wiretrail.batch import (
     ANOM_BAD_IP_HEADER, ANOM_BAD_TCP_HEADER, ANOM_CAPLEN_GT_WIRELEN, ANOM_IP_LEN_GT_FRAME,
@@ -25,6 +24,8 @@ from wiretrail.batch import (
     TUNNEL_CAPWAP, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN,
     VLAN_NONE,
 )
+from wiretrail.bytes_kernels import be16, be32
+from wiretrail.jit import kernel
 
 # Encapsulations removed before the packet is given up with ANOM_TUNNEL_DEPTH (MPLS and
 # PPPoE count as one each, like GRE, VXLAN, GENEVE, IP-in-IP and Teredo).
@@ -65,18 +66,8 @@ KNOWN_ETHERTYPE[list(_KNOWN_NON_IP_ETHERTYPES)] = 1
 
 
 @kernel(inline=True)
-def _u16(d, p):
-    return (np.int64(d[p]) << 8) | np.int64(d[p + 1])
-
-
-@kernel(inline=True)
-def _u32(d, p):
-    return (np.int64(d[p]) << 24) | (np.int64(d[p + 1]) << 16) | (np.int64(d[p + 2]) << 8) | np.int64(d[p + 3])
-
-
-@kernel(inline=True)
 def _u64(d, p):
-    return (np.uint64(_u32(d, p)) << np.uint64(32)) | np.uint64(_u32(d, p + 4))
+    return (np.uint64(be32(d, p)) << np.uint64(32)) | np.uint64(be32(d, p + 4))
 
 
 @kernel(inline=True)
@@ -134,10 +125,10 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
             if end - pos < 16:
                 anom |= ANOM_TRUNCATED_L2
             else:
-                if _u16(data, pos + 4) == 6:  # the sender's link-layer address (no destination)
+                if be16(data, pos + 4) == 6:  # the sender's link-layer address (no destination)
                     src_mac[i] = _mac(data, pos + 6)
                     mac_done = True
-                et = _u16(data, pos + 14)
+                et = be16(data, pos + 14)
                 pos += 16
                 state = _S_ET
         elif lt == 276:  # Linux cooked v2: 20 bytes, protocol first
@@ -147,7 +138,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 if data[pos + 11] == 6:  # the sender's link-layer address (no destination)
                     src_mac[i] = _mac(data, pos + 12)
                     mac_done = True
-                et = _u16(data, pos)
+                et = be16(data, pos)
                 pos += 20
                 state = _S_ET
         elif lt == 101 or lt == 12 or lt == 14:
@@ -161,13 +152,13 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 anom |= ANOM_TRUNCATED_L2
             else:
                 if lt == 108:
-                    af = _u32(data, pos)
+                    af = be32(data, pos)
                 else:
                     # host byte order of the writer: either order, the family is small
                     af = (np.int64(data[pos]) | (np.int64(data[pos + 1]) << 8)
                           | (np.int64(data[pos + 2]) << 16) | (np.int64(data[pos + 3]) << 24))
                     if af > 0xFFFF:
-                        af = _u32(data, pos)
+                        af = be32(data, pos)
                 pos += 4
                 if af == 2:
                     state = _S_IP4
@@ -175,7 +166,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     state = _S_IP6
                 else:
                     # some writers put an ethertype in the last two bytes (as Wireshark accepts)
-                    et = _u16(data, pos - 2)
+                    et = be16(data, pos - 2)
                     if et == 0x0800 or et == 0x86DD:
                         state = _S_ET
         elif lt == 105:  # IEEE 802.11
@@ -215,7 +206,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
             if end - pos < 4:
                 anom |= ANOM_TRUNCATED_L2
             else:
-                et = _u16(data, pos + 2)
+                et = be16(data, pos + 2)
                 pos += 4
                 state = _S_ET
         elif lt == 239:  # NFLOG: family, version, resource id, then TLVs; type 9 = payload
@@ -256,7 +247,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     dst_mac[i] = _mac(data, pos)
                     src_mac[i] = _mac(data, pos + 6)
                     mac_done = True
-                et = _u16(data, pos + 12)
+                et = be16(data, pos + 12)
                 pos += 14
                 state = _S_ET
             elif state == _S_WLAN:
@@ -310,7 +301,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         hl += 4
                 pos += hl
                 if end - pos >= 8 and data[pos] == 0xAA and data[pos + 1] == 0xAA and data[pos + 2] == 0x03:
-                    et = _u16(data, pos + 6)
+                    et = be16(data, pos + 6)
                     pos += 8
                     state = _S_ET
                 else:
@@ -320,13 +311,13 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if end - pos < 4:
                         anom |= ANOM_TRUNCATED_L2
                         break
-                    vid = _u16(data, pos) & 0xFFF
+                    vid = be16(data, pos) & 0xFFF
                     if vlan_depth < 0:
                         vlan[i] = vid
                         vlan_depth = depth
                     elif vlan_depth == depth and inner_vlan[i] == VLAN_NONE:
                         inner_vlan[i] = vid
-                    et = _u16(data, pos + 2)
+                    et = be16(data, pos + 2)
                     pos += 4
                 elif et == 0x0800:
                     state = _S_IP4
@@ -367,7 +358,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 elif et <= 1500:
                     # 802.3 length: only LLC/SNAP with an ethertype is followed
                     if end - pos >= 8 and data[pos] == 0xAA and data[pos + 1] == 0xAA and data[pos + 2] == 0x03:
-                        et = _u16(data, pos + 6)
+                        et = be16(data, pos + 6)
                         pos += 8
                     else:
                         break
@@ -393,7 +384,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if end - pos < 2:
                         anom |= ANOM_TRUNCATED_L2
                         break
-                    pp = _u16(data, pos)
+                    pp = be16(data, pos)
                     pos += 2
                 if pp == 0x21:
                     state = _S_IP4
@@ -454,22 +445,22 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if end - pos < ihl:
                         anom |= ANOM_TRUNCATED_IP
                         break
-                    tot = _u16(data, pos + 2)
+                    tot = be16(data, pos + 2)
                     if tot == 0:
                         tot = end - pos  # TCP segmentation offload leaves 0: use what was captured
                     elif tot < ihl:
                         anom |= ANOM_BAD_IP_HEADER
                         break
-                    fw = _u16(data, pos + 6)
+                    fw = be16(data, pos + 6)
                     fo = (fw & 0x1FFF) * 8
                     mf = (fw >> 13) & 1
                     nxt = np.int64(data[pos + 9])
                     shi = np.uint64(0)
-                    slo = IPV4_MAPPED | np.uint64(_u32(data, pos + 12))
+                    slo = IPV4_MAPPED | np.uint64(be32(data, pos + 12))
                     dhi = np.uint64(0)
-                    dlo = IPV4_MAPPED | np.uint64(_u32(data, pos + 16))
+                    dlo = IPV4_MAPPED | np.uint64(be32(data, pos + 16))
                     hop = data[pos + 8]
-                    fid = _u32(data, pos + 4) >> 16
+                    fid = be32(data, pos + 4) >> 16
                     ver = 4
                     ipend = pos + tot
                     p = pos + ihl
@@ -480,7 +471,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if (data[pos] >> 4) != 6:
                         anom |= ANOM_BAD_IP_HEADER
                         break
-                    plen = _u16(data, pos + 4)
+                    plen = be16(data, pos + 4)
                     tot = 40 + plen
                     nxt = np.int64(data[pos + 6])
                     if plen == 0 and nxt == 0:
@@ -546,10 +537,10 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                             if ipend - p < 8:
                                 truncated_ext = True
                                 break
-                            fw = _u16(data, p + 2)
+                            fw = be16(data, p + 2)
                             fo = fw & 0xFFF8
                             mf = fw & 1
-                            fid = _u32(data, p + 4)
+                            fid = be32(data, p + 4)
                             nxt = np.int64(data[p])
                             p += 8
                             if fo > 0:
@@ -595,17 +586,17 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if lim - p < 20:
                         anom |= ANOM_TRUNCATED_L4
                         if lim - p >= 4:
-                            sport[i] = _u16(data, p)
-                            dport[i] = _u16(data, p + 2)
+                            sport[i] = be16(data, p)
+                            dport[i] = be16(data, p + 2)
                         break
-                    sport[i] = _u16(data, p)
-                    dport[i] = _u16(data, p + 2)
-                    tcp_seq[i] = _u32(data, p + 4)
-                    tcp_ack[i] = _u32(data, p + 8)
+                    sport[i] = be16(data, p)
+                    dport[i] = be16(data, p + 2)
+                    tcp_seq[i] = be32(data, p + 4)
+                    tcp_ack[i] = be32(data, p + 8)
                     doff = (np.int64(data[p + 12]) >> 4) * 4
                     fl = data[p + 13]
                     tcp_flags[i] = fl
-                    tcp_win[i] = _u16(data, p + 14)
+                    tcp_win[i] = be16(data, p + 14)
                     l4_off[i] = p - base
                     if doff < 20:
                         anom |= ANOM_BAD_TCP_HEADER
@@ -630,7 +621,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                             if olen < 2 or q + olen > oend:
                                 break
                             if kind == 2 and olen == 4:
-                                tcp_mss[i] = _u16(data, q + 2)
+                                tcp_mss[i] = be16(data, q + 2)
                             elif kind == 3 and olen == 3:
                                 tcp_wscale[i] = min(np.int64(data[q + 2]), 127)
                             q += olen
@@ -641,11 +632,11 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if lim - p < 8:
                         anom |= ANOM_TRUNCATED_L4
                         if lim - p >= 4:
-                            sport[i] = _u16(data, p)
-                            dport[i] = _u16(data, p + 2)
+                            sport[i] = be16(data, p)
+                            dport[i] = be16(data, p + 2)
                         break
-                    sp = _u16(data, p)
-                    dp = _u16(data, p + 2)
+                    sp = be16(data, p)
+                    dp = be16(data, p + 2)
                     sport[i] = sp
                     dport[i] = dp
                     l4_off[i] = p - base
@@ -669,7 +660,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         continue
                     if dp == GENEVE_PORT and lim - q >= 8:
                         optlen = (np.int64(data[q]) & 0x3F) * 4
-                        gp = _u16(data, q + 2)
+                        gp = be16(data, q + 2)
                         if (data[q] >> 6) == 0 and lim - q >= 8 + optlen and (
                                 gp == 0x6558 or gp == 0x0800 or gp == 0x86DD):
                             if depth >= MAX_TUNNEL_DEPTH:
@@ -685,7 +676,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                                 et = gp
                                 state = _S_ET
                             continue
-                    if dp == GRE_UDP_PORT and lim - q >= 4 and (_u16(data, q) & 0x0007) == 0:
+                    if dp == GRE_UDP_PORT and lim - q >= 4 and (be16(data, q) & 0x0007) == 0:
                         # GRE-in-UDP (RFC 8086): a GRE header right after UDP
                         pos = q
                         state = _S_GRE
@@ -752,14 +743,14 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         # port 3544; elsewhere (a relay talks from any port) only when an address
                         # is in the Teredo prefix 2001:0::/32, so random UDP payloads stay UDP.
                         t = q
-                        if _u16(data, t) == 0x0001 and lim - t >= 4:
+                        if be16(data, t) == 0x0001 and lim - t >= 4:
                             t += 4 + np.int64(data[t + 2]) + np.int64(data[t + 3]) + 9
-                        if lim - t >= 8 and _u16(data, t) == 0x0000:
+                        if lim - t >= 8 and be16(data, t) == 0x0000:
                             t += 8
                         on_port = dp == TEREDO_PORT or sp == TEREDO_PORT
-                        if lim - t >= 40 and (data[t] >> 4) == 6 and 40 + _u16(data, t + 4) == lim - t and (
-                                on_port or _u16(data, t + 8) == 0x2001 and _u16(data, t + 10) == 0
-                                or _u16(data, t + 24) == 0x2001 and _u16(data, t + 26) == 0):
+                        if lim - t >= 40 and (data[t] >> 4) == 6 and 40 + be16(data, t + 4) == lim - t and (
+                                on_port or be16(data, t + 8) == 0x2001 and be16(data, t + 10) == 0
+                                or be16(data, t + 24) == 0x2001 and be16(data, t + 26) == 0):
                             if depth >= MAX_TUNNEL_DEPTH:
                                 anom |= ANOM_TUNNEL_DEPTH
                                 break
@@ -785,8 +776,8 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     if lim - p < 12:
                         anom |= ANOM_TRUNCATED_L4
                         break
-                    sport[i] = _u16(data, p)
-                    dport[i] = _u16(data, p + 2)
+                    sport[i] = be16(data, p)
+                    dport[i] = be16(data, p + 2)
                     l4_off[i] = p - base
                     pl_off[i] = p + 12 - base
                     pl_len[i] = lim - p - 12
@@ -801,8 +792,8 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 lim = gre_end
                 if lim - pos < 4:
                     break
-                gf = _u16(data, pos)
-                gp = _u16(data, pos + 2)
+                gf = be16(data, pos)
+                gp = be16(data, pos + 2)
                 gver = gf & 7
                 hl = 4
                 if gver == 0:

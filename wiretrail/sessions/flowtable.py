@@ -25,9 +25,10 @@ import os
 
 import numpy as np
 import pyarrow as pa
-from wiretrail.jit import kernel
 
 from wiretrail.batch import HOUR_NS, SID_HASH_MASK, SID_HOUR_SHIFT, TUNNEL_NAMES, VLAN_NONE
+from wiretrail.bytes_kernels import put_decimal
+from wiretrail.jit import kernel
 from wiretrail.sessions.schema import SESSIONS_SCHEMA
 
 NS = 1_000_000_000
@@ -899,18 +900,10 @@ def _addr_text(hi, lo, v4, out, offsets):
         if v4[j]:
             x = np.int64(lo[j] & np.uint64(0xFFFFFFFF))
             for k in range(4):
-                octet = (x >> (24 - 8 * k)) & 255
-                if octet >= 100:
-                    out[pos] = 48 + octet // 100
+                if k:
+                    out[pos] = 46  # '.'
                     pos += 1
-                if octet >= 10:
-                    out[pos] = 48 + (octet // 10) % 10
-                    pos += 1
-                out[pos] = 48 + octet % 10
-                pos += 1
-                if k < 3:
-                    out[pos] = 46
-                    pos += 1
+                pos = put_decimal((x >> (24 - 8 * k)) & 255, out, pos)
             continue
         for k in range(4):
             groups[k] = np.int64((hi[j] >> np.uint64(48 - 16 * k)) & np.uint64(0xFFFF))
