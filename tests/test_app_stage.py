@@ -89,3 +89,88 @@ def test_identification_state_is_bounded(sample, tmp_path):
           f"{len(rows) - unknown}/{len(rows)} identified")
     assert pipe.app.ndpi_state.skipped > 0 and len(rows) - unknown > 0
     assert len(pipe.app.ndpi_state.live) <= 3
+
+
+def _fake_modules(batch: bool):
+    """A stream and a datagram module that count bytes, written row by row or, with `batch`,
+    with the stage's batch calls (parse_streams, add_datagrams, close_sessions) as Records."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    import pyarrow as pa
+
+    from wiretrail.app.base import SESSION_COLUMNS, Records
+    from wiretrail.app.stage import _Module
+
+    stream_schema = pa.schema([*SESSION_COLUMNS, ("orig_bytes", pa.int64()), ("resp_bytes", pa.int64())])
+    dgram_schema = pa.schema([*SESSION_COLUMNS, ("size", pa.int64()), ("count", pa.int64())])
+
+    def parse_stream(s):
+        return [{"ts": s.orig.time_at(0), "uid": s.uid, "orig_h": s.orig_h, "orig_p": s.orig_p, "resp_h": s.resp_h,
+                 "resp_p": s.resp_p, "orig_bytes": len(s.orig.data), "resp_bytes": len(s.resp.data)}]
+
+    def parse_streams(streams):
+        table = pa.table({"ts": pa.array([s.orig.time_at(0) for s in streams], pa.timestamp("ns")),
+                          "orig_bytes": [len(s.orig.data) for s in streams],
+                          "resp_bytes": [len(s.resp.data) for s in streams]})
+        return Records(table, np.arange(len(streams)))
+
+    class Counter:
+        def __init__(self, d):
+            self.ts, self.n, self.uid = d.ts, 0, d.uid
+
+        def add(self, d):
+            self.n += 1
+            return [{"ts": d.ts, "uid": d.uid, "size": len(d.payload)}]
+
+        def close(self):
+            return [{"ts": self.ts, "uid": self.uid, "count": self.n}]
+
+    def add_datagrams(states, b):
+        for s, ts in zip(b.sid.tolist(), b.ts.tolist()):
+            st = states.get(s)
+            if st is None:
+                st = states[s] = SimpleNamespace(ts=ts, n=0)
+            st.n += 1
+        table = pa.table({"ts": pa.array(b.ts, pa.timestamp("ns")), "size": b.end - b.start})
+        return Records(table, b.sid), 0
+
+    def close_sessions(states, sids):
+        got = [states.pop(s) for s in sids.tolist()]
+        table = pa.table({"ts": pa.array([g.ts for g in got], pa.timestamp("ns")), "count": [g.n for g in got]})
+        return Records(table, sids)
+
+    stream = SimpleNamespace(SCHEMA=stream_schema, parse_stream=parse_stream)
+    dgram = SimpleNamespace(SCHEMA=dgram_schema, new_session=Counter)
+    if batch:
+        stream.parse_streams, dgram.add_datagrams, dgram.close_sessions = parse_streams, add_datagrams, close_sessions
+    return [_Module("bytes", "bytes", stream_schema, np.array([80]), frozenset(), stream, False, True),
+            _Module("counts", "counts", dgram_schema, np.array([53]), frozenset(), dgram, True, False)]
+
+
+def test_batch_calls_give_the_rows_of_row_by_row_calls(sample, tmp_path):
+    """A module's batch calls (Records) and its row-by-row calls give the same tables: the
+    stage fills the session columns of Records and keeps rows in session order."""
+    from wiretrail.app.stage import AppStage
+    from wiretrail.capture import iter_batches
+    from wiretrail.ingest import IngestOptions, Pipeline
+
+    _, pcap, _ = sample
+    got = {}
+    for batch in (False, True):
+        store = tmp_path / str(batch)
+        pipe = Pipeline(IngestOptions(store=store, batch_bytes=1 << 14))
+        pipe.app = AppStage(identify=False, modules=_fake_modules(batch))
+        for b in iter_batches(str(pcap), batch_bytes=1 << 14):
+            pipe.process(b)
+        pipe.finish()
+        # uids differ between runs: each row's uid must name a session with the row's 5-tuple
+        got[batch] = {t: sql(store, f"SELECT t.* EXCLUDE (uid), s.uid IS NOT NULL AS own FROM {t} t "
+                                    "LEFT JOIN sessions s ON s.uid = t.uid AND s.orig_h = t.orig_h AND "
+                                    "s.orig_p = t.orig_p AND s.resp_h = t.resp_h AND s.resp_p = t.resp_p ORDER BY ALL")
+                      for t in ("bytes", "counts")}
+    print(f"\nbatch calls: {len(got[True]['bytes'])} stream rows, {len(got[True]['counts'])} datagram rows")
+    assert len(got[False]["bytes"]) > 100 and len(got[False]["counts"]) > 100
+    assert all(r["own"] and r["resp_p"] == 80 for r in got[True]["bytes"])
+    assert all(r["own"] for r in got[True]["counts"])
+    assert got[True] == got[False]

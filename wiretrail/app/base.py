@@ -13,12 +13,23 @@ and one or more of
     def add_datagrams(states, b: DatagramBatch)           # optional, with new_session: a batch's datagrams
                                                           #   at once (the stage prefers it); states is
                                                           #   the module's {sid: state}, kept by the stage
-                                                          #   -> ([(sid, row), ...], number of parser errors)
+                                                          #   -> ([(sid, row), ...] or Records indexed by
+                                                          #   sid, number of parser errors)
+    def close_sessions(states, sids: np.ndarray)         # optional, with new_session: the states of the
+                                                          #   closing sessions `sids` (those that have one)
+                                                          #   finished at once, popped from `states`
+                                                          #   -> [(sid, row), ...] or Records indexed by sid
     def new_tracker() -> tracker                          # UDP: one state for all sessions (DHCP's
                                                           #   exchanges span sessions): add(d), expire(now), close()
     def parse_stream(s: Stream) -> list[dict]             # TCP: both reassembled directions
+    def parse_streams(streams: list[Stream])              # optional: many sessions' streams at once (the
+                                                          #   stage prefers it; parse_stream stays the
+                                                          #   fallback) -> Records or a list of them,
+                                                          #   indexed by position in `streams`
 
-Rows are plain dicts keyed by SCHEMA's names (missing keys are null). A parser never
+Rows are plain dicts keyed by SCHEMA's names (missing keys are null), or, from the batch
+calls, `Records`: a table of SCHEMA's columns and, per row, the item it belongs to; the
+stage fills the session columns (uid, orig_h, ...) of Records itself. A parser never
 raises on what it is fed: a malformed message yields a row with `malformed` set (or no
 row), never an exception; the stage still guards every call, so a parser bug costs one
 session's records, not the ingest.
@@ -72,6 +83,19 @@ class DatagramBatch:
     packet: np.ndarray      # int64 packet numbers in the capture file (1-based; 0 if not known)
     truncated: np.ndarray   # bool: the payload is shorter than the UDP length said
     tuples: dict            # sid -> (uid, orig_h, orig_p, resp_h, resp_p), for every sid above
+
+
+@dataclass(slots=True)
+class Records:
+    """A protocol's rows as columns, from a batch call: row i belongs to input item index[i]
+    (a position in parse_streams' list, a session id from add_datagrams or close_sessions).
+    The session columns of `table` (uid, orig_h, orig_p, resp_h, resp_p) may be left out: the
+    stage sets them from the session; `ts` and the protocol's own columns are the module's
+    (one it leaves out is null)."""
+
+    table: pa.Table
+    index: np.ndarray          # int64, one per row
+    name: str | None = None    # the table the rows go to, when not the module's own
 
 
 @dataclass

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from wiretrail.app.base import Datagram, DatagramBatch, Stream
+from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
 
@@ -91,6 +91,7 @@ class AppStage:
         self.reasm = Reassembler(depth=depth, memcap=memcap)
         self.dgram_state: dict[_Module, dict[int, object]] = {m: {} for m in self.datagram_modules}  # module -> sid -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
+        self.held: list[tuple[_Module, Records]] = []          # finished rows as columns, by sid
         self.streamed: set[int] = set()                         # sids with reassembly state
         self._judged: set[int] = set()                          # identified sids looked at by _streams
         self._wanted: set[int] = set()                          # ... whose streams a parser reads
@@ -268,6 +269,10 @@ class AppStage:
             self.parser_errors += 1
             return
         self.parser_errors += errors
+        if isinstance(out, Records):  # columns, held until their sessions close
+            if out.table.num_rows:
+                self.held.append((m, out))
+            return
         rows_of = self.rows
         for s, row in out:
             held = rows_of.get(s)
@@ -350,7 +355,7 @@ class AppStage:
         if sessions.num_rows == 0:
             return sessions, {}
         sids = sessions.column("sid").to_numpy()
-        apps = cats = None
+        apps = None
         if self.ndpi_state is not None:
             apps, cats, nonstd = self.ndpi_state.finish_many(sids)
             sessions = _set(sessions, "app", pa.array(apps, pa.string()))
@@ -363,6 +368,30 @@ class AppStage:
         self._judged.difference_update(sid_list)
         self._wanted.difference_update(sid_list)
         self._unwanted.difference_update(sid_list)
+        out = _Out()
+        if self.held:  # column rows of the closing sessions; the others wait for theirs
+            waiting = []
+            for m, rec in self.held:
+                closing = np.isin(rec.index, sids)
+                if closing.any():
+                    self._add_by_sid(out, m, Records(rec.table.filter(closing), rec.index[closing], rec.name), sids)
+                if not closing.all():
+                    waiting.append((m, Records(rec.table.filter(~closing), rec.index[~closing], rec.name)))
+            self.held = waiting
+        # datagram states that modules finish in one call per close
+        batch_closed = {m for m in self.datagram_modules if hasattr(m.mod, "close_sessions")}
+        for m in batch_closed:
+            states = self.dgram_state[m]
+            if not states:
+                continue
+            have = np.flatnonzero(np.fromiter((s in states for s in sid_list), dtype=bool, count=len(sid_list)))
+            if len(have):
+                try:
+                    self._add_by_sid(out, m, m.mod.close_sessions(states, sids[have]), sids)
+                except Exception:
+                    self.parser_errors += 1
+                    for s in sids[have].tolist():
+                        states.pop(s, None)
         # Only sessions with rows, streams or datagram state have anything to finish (a session
         # with datagram state has its tuple made, so `tuples` covers it).
         needed = [k for k, s in enumerate(sid_list)
@@ -370,11 +399,13 @@ class AppStage:
         # the 5-tuple as Python values, only for the sessions that have records
         picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
-        out: dict[_Module, list[dict]] = {}
+        batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
             for m, states in self.dgram_state.items():  # in module order, as the rows always came
+                if m in batch_closed:
+                    continue
                 state = states.pop(s, None)
                 if state is not None:
                     try:
@@ -384,60 +415,133 @@ class AppStage:
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)
-                rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else ""))
+                rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else "", batched))
             if not rows:
                 continue
             fill = {name: tuples[name][k] for name in tuples}
             for m, row in rows:
                 for name, value in fill.items():
                     row.setdefault(name, value)
-                out.setdefault(m, []).append(row)
+                out.row(m, k, row)
+        for m, (ks, streams) in batched.items():
+            self._run_batch(out, m, ks, streams)
         for m, row in self.tracker_rows:
-            out.setdefault(m, []).append(row)
+            out.row(m, _LAST, row)
         self.tracker_rows.clear()
-        return sessions, self._tables(out)
+        return sessions, self._tables(out, sessions)
 
     def finish(self) -> dict[str, pa.Table]:
         """Rows still held by cross-session trackers, at the end of input."""
-        out: dict[_Module, list[dict]] = {}
+        out = _Out()
         for name, tracker in self.trackers.items():
             m = next(m for m in self.datagram_modules if m.name == name)
             try:
-                out.setdefault(m, []).extend(tracker.close())
+                for row in tracker.close():
+                    out.row(m, _LAST, row)
             except Exception:
                 self.parser_errors += 1
-        return self._tables(out)
+        return self._tables(out, None)
 
-    def _tables(self, out: dict) -> dict[str, pa.Table]:
+    def _add_by_sid(self, out: _Out, m: _Module, got, sids: np.ndarray) -> None:
+        """Rows of closing sessions keyed by session id ([(sid, row)] or Records) into `out`, by
+        each session's position in `sids` (the closed sessions, in the sessions table's order)."""
+        order = np.argsort(sids, kind="stable")
+
+        def position(of: np.ndarray) -> np.ndarray:
+            return order[np.searchsorted(sids, of, sorter=order)]
+
+        for piece in got if isinstance(got, list) and got and isinstance(got[0], Records) else [got]:
+            if isinstance(piece, Records):
+                out.records(m, piece.name, piece.table, position(np.asarray(piece.index, dtype=np.int64)))
+            elif piece:
+                ks = position(np.fromiter((s for s, _ in piece), dtype=np.int64, count=len(piece))).tolist()
+                for k, (_, row) in zip(ks, piece):
+                    out.row(m, k, row)
+
+    def _run_batch(self, out: _Out, m: _Module, ks: list[int], streams: list[Stream]) -> None:
+        """Module m's parse_streams over the streams of one close; per stream with parse_stream
+        if the batch call fails (a parser bug costs the rows of one session, not of the batch)."""
+        try:
+            got = m.mod.parse_streams(streams)
+        except Exception:
+            for k, stream in zip(ks, streams):
+                for _, row in self._run_parsers([m], stream, None):
+                    out.row(m, k, row)
+            return
+        at = np.asarray(ks, dtype=np.int64)
+        for piece in got if isinstance(got, list) else [got]:
+            out.records(m, piece.name, piece.table, at[np.asarray(piece.index, dtype=np.int64)])
+
+    def _tables(self, out: _Out, sessions: pa.Table | None) -> dict[str, pa.Table]:
         """Rows to tables: a row with `_table` goes to that shared table (credentials); keys
-        starting with `_` (such as a clear password) stay in memory and are never written."""
-        by_table: dict[str, list[dict]] = {}
-        for m, rows in out.items():
-            for row in rows:
-                by_table.setdefault(row.get("_table", m.table), []).append(row)
+        starting with `_` (such as a clear password) stay in memory and are never written.
+        Records (column tables) get their session columns from `sessions`, and a table made of
+        several pieces is put back in session order."""
+        pieces: dict[str, list[tuple[pa.Table, np.ndarray]]] = {}
+        by_table: dict[str, tuple[list[int], list[dict]]] = {}
+        for m, (ks, rows) in out.rows.items():
+            for k, row in zip(ks, rows):
+                name = row.get("_table", m.table)
+                if "_table" in row:  # only shared-table rows (credentials) carry `_` keys
+                    row = {key: v for key, v in row.items() if not key.startswith("_")}
+                got = by_table.get(name)
+                if got is None:
+                    got = by_table[name] = ([], [])
+                got[0].append(k)
+                got[1].append(row)
         schemas = self.tables()
-        tables = {}
-        for name, rows in by_table.items():
-            clean = [row if "_table" not in row else {k: v for k, v in row.items() if not k.startswith("_")}
-                     for row in rows]  # only shared-table rows (credentials) carry `_` keys
+        for name, (ks, rows) in by_table.items():
             schema = schemas.get(name)
             if schema is None:
-                self.parser_errors += len(clean)
+                self.parser_errors += len(rows)
+                continue
+            table, ks = self._table_of(name, rows, ks, schema)
+            if table is not None:
+                pieces.setdefault(name, []).append((table, ks))
+        for name, table, ks in out.tables:
+            schema = schemas.get(name)
+            if schema is None:
+                self.parser_errors += table.num_rows
                 continue
             try:
-                tables[name] = _table_of_rows(clean, schema)
-            except Exception:  # a value that does not fit its column: keep the rows that do
-                good = []
-                for row in clean:
-                    try:
-                        good.append(pa.Table.from_pylist([row], schema=schema))
-                    except Exception:
-                        self.bad_rows[name] = self.bad_rows.get(name, 0) + 1
-                if good:
-                    tables[name] = pa.concat_tables(good)
+                for field in schema:  # columns a module leaves out are null (the session's: filled)
+                    if field.name not in table.column_names:
+                        table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+                table = _session_columns(table.select(schema.names).cast(schema), sessions, ks)
+            except Exception:  # a module's columns not as its schema says: a bug, its rows lost
+                self.parser_errors += 1
+                continue
+            pieces.setdefault(name, []).append((table, ks))
+        tables = {}
+        for name, parts in pieces.items():
+            if len(parts) == 1:
+                tables[name] = parts[0][0]
+                continue
+            table = pa.concat_tables([t for t, _ in parts])
+            ks = np.concatenate([k for _, k in parts])
+            if (np.diff(ks) < 0).any():
+                table = table.take(pa.array(np.argsort(ks, kind="stable")))
+            tables[name] = table
         return tables
 
-    def _parse_stream(self, s: int, k: int, tuples: dict, app: str) -> list:
+    def _table_of(self, name: str, rows: list[dict], ks: list[int], schema: pa.Schema):
+        """Row dicts to a table (and their session positions); a row with a value that does not
+        fit its column is dropped, the others kept."""
+        try:
+            return _table_of_rows(rows, schema), np.asarray(ks, dtype=np.int64)
+        except Exception:
+            good, kept = [], []
+            for k, row in zip(ks, rows):
+                try:
+                    good.append(pa.Table.from_pylist([row], schema=schema))
+                    kept.append(k)
+                except Exception:
+                    self.bad_rows[name] = self.bad_rows.get(name, 0) + 1
+            if not good:
+                return None, None
+            return pa.concat_tables(good), np.asarray(kept, dtype=np.int64)
+
+    def _parse_stream(self, s: int, k: int, tuples: dict, app: str, batched: dict) -> list:
         orig, resp = self.reasm.take(s, True), self.reasm.take(s, False)
         parsers = self._stream_parsers(app, tuples["resp_p"][k])
         if not parsers or not (orig.data or resp.data):
@@ -445,7 +549,7 @@ class AppStage:
         stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
                         resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k], orig=orig, resp=resp,
                         app="" if app == "Unknown" else app)
-        out = self._run_parsers(parsers, stream)
+        out = self._run_parsers(parsers, stream, (k, batched))
         for _, row in list(out):  # a proxy (SOCKS) says where the connection it carries begins
             inner = row.get("_inner")
             if inner:
@@ -453,17 +557,27 @@ class AppStage:
                 carried = Stream(uid=stream.uid, orig_h=stream.orig_h, orig_p=stream.orig_p, resp_h=stream.resp_h,
                                  resp_p=stream.resp_p, orig=orig.after(orig_off), resp=resp.after(resp_off))
                 by_port = self._stream_parsers("", port)
-                inner = self._run_parsers(by_port, carried)
+                inner = self._run_parsers(by_port, carried, None)
                 if not inner:  # not what its port says (HTTP inside CONNECT to :443): the parsers
                     # that recognise their protocol by content try (others accept any text)
                     sniffers = [m for m in self.stream_modules if m.name in SELF_DETECTING and m not in by_port]
-                    inner = self._run_parsers(sniffers, carried)
+                    inner = self._run_parsers(sniffers, carried, None)
                 out.extend(inner)
         return out
 
-    def _run_parsers(self, parsers: list[_Module], stream: Stream) -> list:
+    def _run_parsers(self, parsers: list[_Module], stream: Stream, batch: tuple[int, dict] | None) -> list:
+        """The rows of `parsers` on `stream`; with `batch` (session position, work lists), a
+        module with parse_streams is queued for one call per close instead."""
         out = []
         for m in parsers:
+            if batch is not None and hasattr(m.mod, "parse_streams"):
+                k, batched = batch
+                work = batched.get(m)
+                if work is None:
+                    work = batched[m] = ([], [])
+                work[0].append(k)
+                work[1].append(stream)
+                continue
             try:
                 out.extend((m, row) for row in m.mod.parse_stream(stream))
             except Exception:
@@ -482,6 +596,43 @@ def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     column from the dicts in Python (measured on the protocol tables of mix_small.pcap)."""
     struct = pa.array(rows, type=pa.struct(schema))
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(struct)], schema=schema)
+
+
+_LAST = 1 << 62  # the session position of rows that belong to no closing session (trackers')
+
+
+class _Out:
+    """What one close produces, before it becomes tables: dict rows per module with their
+    sessions' positions, and column tables (Records) with theirs."""
+
+    def __init__(self):
+        self.rows: dict[_Module, tuple[list[int], list[dict]]] = {}
+        self.tables: list[tuple[str, pa.Table, np.ndarray]] = []
+
+    def row(self, m: _Module, k: int, row: dict) -> None:
+        got = self.rows.get(m)
+        if got is None:
+            got = self.rows[m] = ([], [])
+        got[0].append(k)
+        got[1].append(row)
+
+    def records(self, m: _Module, name: str | None, table: pa.Table, ks: np.ndarray) -> None:
+        if table.num_rows:
+            self.tables.append((name or m.table, table, ks))
+
+
+def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray) -> pa.Table:
+    """`table` with its session columns (those of base.SESSION_COLUMNS it has, ts aside) taken
+    from the sessions at positions `ks`."""
+    if sessions is None:
+        return table
+    at = pa.array(ks)
+    for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p"):
+        i = table.schema.get_field_index(name)
+        if i >= 0:
+            field = table.schema.field(i)
+            table = table.set_column(i, field, pc.cast(sessions.column(name).take(at), field.type))
+    return table
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
