@@ -428,3 +428,34 @@ if __name__ == "__main__":
     c, misses = compare_with_ndpi(verbose="-v" in sys.argv, witness=nfstream_witness(names), **kw)
     print(dict(c))
     print(cause_table(misses))
+
+
+@pytest.mark.skipif(not (NDPI_DIR / "benign.txt").exists(), reason="corpus not found")
+def test_pipeline_config_gives_the_same_labels():
+    """The ingest pipeline turns off metadata nDPI computes for its own reports (LABELS_ONLY):
+    every flow of nDPI's benign test captures keeps its Master.App, category and non-standard
+    port flag."""
+    names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
+    flows = same = 0
+    calls = {}
+    differ = []
+    for name in names:
+        got = {}
+        for which, config in (("default", ndpi.DEFAULT_CONFIG), ("pipeline", ndpi.PIPELINE_CONFIG)):
+            ident = _identifier(config=config)
+            try:
+                got[which] = identify_capture(NDPI_DIR / name, ident)
+                calls[which] = calls.get(which, 0) + ident.calls
+            finally:
+                ident.close()
+        for key, res in got["default"].items():
+            other = got["pipeline"].get(key)
+            flows += 1
+            label = (res.app, res.category, res.extra.get("non_std_port"))
+            if other is not None and (other.app, other.category, other.extra.get("non_std_port")) == label:
+                same += 1
+            elif len(differ) < 5:
+                differ.append((name, key, label, other and other.app))
+    print(f"\nnDPI with the pipeline's configuration: {same}/{flows} flows labelled as with nDPI's defaults "
+          f"({calls['pipeline']} calls against {calls['default']}) {differ}")
+    assert flows > 2000 and same == flows

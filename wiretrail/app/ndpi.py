@@ -30,7 +30,7 @@ import numpy as np
 
 from wiretrail.errors import WiretrailError
 
-__all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG"]
+__all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG", "PIPELINE_CONFIG"]
 
 # nDPI's own enums (values from ndpi_typedefs.h of the bundled 5.0 build; checked at load).
 STATE_CLASSIFIED = 3        # NDPI_STATE_CLASSIFIED: nothing more to extract
@@ -47,6 +47,26 @@ DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
     ("dns", "subclassification", "enable"),
     ("ookla", "dpi.aggressiveness", "0x1"),
 )
+
+# What the ingest pipeline adds: nDPI stops computing metadata that only its own reports show
+# and Wiretrail takes from its own parsers (JA3S/JA4 and the other fingerprints, certificate
+# details, payload entropy). Labels (Master.App, category, risks) are the same with and
+# without (tests/test_ndpi.py compares them on every flow of nDPI's test captures); nDPI's
+# time per packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap, same 288,610 calls).
+LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
+    (None, "dpi.compute_entropy", "0"),
+    (None, "metadata.tcp_fingerprint", "disable"),
+    (None, "metadata.ndpi_fingerprint", "disable"),
+    ("tls", "metadata.sha1_fingerprint", "disable"),
+    ("tls", "metadata.ja3s_fingerprint", "disable"),
+    ("tls", "metadata.ja4c_fingerprint", "disable"),
+    ("tls", "metadata.cert_validity", "disable"),
+    ("tls", "metadata.browser", "disable"),
+    ("tls", "metadata.versions_supported", "disable"),
+    ("tls", "metadata.cipher", "disable"),
+    ("tls", "metadata.alpn_negotiated", "disable"),
+)
+PIPELINE_CONFIG = DEFAULT_CONFIG + LABELS_ONLY
 
 # Protocols whose flows carry nDPI's `protos.tls_quic` union member (JA4, JA3S).
 _TLS_FAMILY = ("TLS", "QUIC", "DTLS", "SMTPS", "IMAPS", "POPS", "FTPS")
