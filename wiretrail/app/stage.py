@@ -93,9 +93,7 @@ class AppStage:
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.held: list[tuple[_Module, Records]] = []          # finished rows as columns, by sid
         self.streamed: set[int] = set()                         # sids with reassembly state
-        self._judged: set[int] = set()                          # identified sids looked at by _streams
-        self._wanted: set[int] = set()                          # ... whose streams a parser reads
-        self._unwanted: set[int] = set()                        # ... identified as what none reads
+        self._stream_choice: dict[int, int] = {}                # sid -> _WANTED, _UNWANTED or _BY_PORT
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_by_label: dict[str, list] = {}
         self._parsers_by_port: dict[int, list] = {}
@@ -291,37 +289,46 @@ class AppStage:
         cand = np.flatnonzero(tcp)
         want = np.isin(cols["sport"][cand], self.stream_ports) | np.isin(cols["dport"][cand], self.stream_ports)
         if self.ndpi_state is not None:
-            results = self.ndpi_state.results
-            for s in results.keys() - self._judged:  # sessions identified since the last batch
-                self._judged.add(s)
-                app = results[s].app
-                parsers = self._stream_parsers(app)
-                if parsers:
-                    self._wanted.add(s)
-                    # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
-                    depth = max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers)
-                    if depth < self.reasm.depth:
-                        self.reasm.limit(s, depth)
-                elif app not in ("", "Unknown"):
-                    # identified as something no module parses, whatever its port (a session
-                    # nDPI could not name is left to its port)
-                    self._unwanted.add(s)
-                    self.reasm.drop(s)
-                    self.streamed.discard(s)
-            # decided once per session of the batch (hundreds), not per packet (tens of thousands)
+            # judged once per session of the batch (hundreds), not per packet (tens of thousands);
+            # a session is judged on nDPI's label the first time it sends TCP after being decided
+            results, choice, judge = self.ndpi_state.results, self._stream_choice, self._judge
             sessions, which = np.unique(sid[cand], return_inverse=True)
-            sessions = sessions.tolist()
-            yes = np.array([s in self._wanted for s in sessions], dtype=bool)[which]
-            no = np.array([s in self._unwanted for s in sessions], dtype=bool)[which]
-            undecided = np.array([s not in results for s in sessions], dtype=bool)[which]
+            codes = []
+            for s in sessions.tolist():
+                code = choice.get(s)
+                if code is None:
+                    label = results.get(s)
+                    code = _UNDECIDED if label is None else judge(s, label.app)
+                codes.append(code)
+            code = np.array(codes, dtype=np.int8)[which]
             # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
-            want = yes | (~no & (want | undecided))
+            want = (code == _WANTED) | ((code != _UNWANTED) & (want | (code == _UNDECIDED)))
         rows = cand[want]
         if len(rows):
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
             # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
             carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
             self.streamed.update(np.unique(sid[carries]).tolist())
+
+    def _judge(self, s: int, app: str) -> int:
+        """Whether session s's streams are kept, now that nDPI has named it `app`: wanted by a
+        parser (capped at the depth its protocols read), not wanted (named as something no
+        module parses: what was kept is dropped), or left to its port (nDPI could not name it)."""
+        parsers = self._stream_parsers(app)
+        if parsers:
+            code = _WANTED
+            # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
+            depth = max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers)
+            if depth < self.reasm.depth:
+                self.reasm.limit(s, depth)
+        elif app not in ("", "Unknown"):
+            code = _UNWANTED
+            self.reasm.drop(s)
+            self.streamed.discard(s)
+        else:
+            code = _BY_PORT
+        self._stream_choice[s] = code
+        return code
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port
@@ -365,9 +372,9 @@ class AppStage:
             services = [service_of[a] for a in apps]
             sessions = _set(sessions, "service", pa.array(services, pa.string()))
         sid_list = sids.tolist()
-        self._judged.difference_update(sid_list)
-        self._wanted.difference_update(sid_list)
-        self._unwanted.difference_update(sid_list)
+        forget = self._stream_choice.pop
+        for s in sid_list:
+            forget(s, None)
         out = _Out()
         if self.held:  # column rows of the closing sessions; the others wait for theirs
             waiting = []
@@ -597,6 +604,9 @@ def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     struct = pa.array(rows, type=pa.struct(schema))
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(struct)], schema=schema)
 
+
+# What _streams does with a TCP session's packets, once nDPI has decided it (_judge).
+_UNDECIDED, _WANTED, _UNWANTED, _BY_PORT = 0, 1, 2, 3
 
 _LAST = 1 << 62  # the session position of rows that belong to no closing session (trackers')
 
