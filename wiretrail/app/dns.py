@@ -855,67 +855,99 @@ class _Info:
         r["opcode_name"] = opcode_name(opcode, m.netbios)
         if m.malformed:
             r["malformed"] = True
+        f = message_fields(m, resp_p == NETBIOS_PORT)
         if not flags & 0x8000:  # a query
             if r["flags_raw"] is None:
                 r["flags_raw"] = flags
             if r["query_flags"] is None:
                 r["query_flags"] = flags
                 r["query_packet"] = m.packet or None
-                if m.capitals and m.questions:
-                    r["query_original"] = m.questions[0][0]
-            if not m.questions:
+                if m.capitals and f.question0 is not None:
+                    r["query_original"] = f.question0
+            if f.query is None:
                 return
-            rd, tc, z = bool(flags & 0x0100), bool(flags & 0x0200), (flags >> 4) & 0x7
-            for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
-                r["RD"], r["TC"], r["Z"] = rd, tc, z
-                r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
-                r["qtype"], r["qtype_name"] = qt, qtype_name(qt)
-                name = name.lower()
-                if resp_p == NETBIOS_PORT:
-                    name = decode_netbios_name(name) or name
-                    if qt == 33:
-                        r["qtype_name"] = "NBSTAT"
-                r["query"] = name
+            r["RD"], r["TC"], r["Z"] = bool(flags & 0x0100), bool(flags & 0x0200), (flags >> 4) & 0x7
+            r["qclass"], r["qclass_name"] = f.qclass, qclass_name(f.qclass)
+            r["qtype"], r["qtype_name"] = f.qtype, f.qtype_name
+            r["query"] = f.query
             return
         r["flags_raw"] = flags
         if r["response_flags"] is None:
             r["response_flags"] = flags
             r["response_ts"] = ts
             r["response_packet"] = m.packet or None
-            r["answer_records"] = _records(a for a in m.answers if a.kind == ANS)
-            r["authority_records"] = _records(m.authorities)
-            if r["query_original"] is None and m.questions:
-                r["query_original"] = m.questions[0][0]
+            r["answer_records"] = f.answer_records
+            r["authority_records"] = f.authority_records
+            if r["query_original"] is None and f.question0 is not None:
+                r["query_original"] = f.question0
         rcode = flags & 0xF
         r["rcode"], r["rcode_name"] = rcode, rcode_name(rcode)
         if rcode != 0 and m.qdcount == 0:
             r["rejected"] = True
         if m.questions and m.ancount == 0 and m.nscount == 0 and m.arcount == 0:
             r["rejected"] = True  # Zeek's dns_rejected: a question and no records at all
-        replied = False
-        answers = ttls = None
-        for a in m.answers:  # Zeek's do_reply, on the lower-cased reading
-            reply = a.reply
-            if reply is None:
-                continue
-            lower = a.lower
-            if lower is not None:
-                reply = lower[1]
-            if not replied:  # the first reply sets these; the next ones would set the same again
-                replied = True
-                if r["query"] is None:
-                    r["query"] = a.name if lower is None else lower[0]
-                r["AA"], r["RA"] = bool(flags & 0x0400), bool(flags & 0x0080)
-                if r["rtt"] is None:
-                    rtt = ts - r["ts"]
-                    r["rtt"] = rtt if rtt != 0 else None
-            if reply != "":
-                if answers is None:
-                    if r["answers"] is None:
-                        r["answers"], r["TTLs"] = [], []
-                    answers, ttls = r["answers"], r["TTLs"]
-                answers.append(reply)
-                ttls.append(float(a.ttl))
+        if f.reply_owner is not None:  # the first reply set these (the next ones would set the same again)
+            if r["query"] is None:
+                r["query"] = f.reply_owner
+            r["AA"], r["RA"] = bool(flags & 0x0400), bool(flags & 0x0080)
+            if r["rtt"] is None:
+                rtt = ts - r["ts"]
+                r["rtt"] = rtt if rtt != 0 else None
+        if f.answers is not None:
+            if r["answers"] is None:
+                r["answers"], r["TTLs"] = [], []
+            r["answers"] += f.answers
+            r["TTLs"] += f.TTLs
+
+
+class MessageFields(NamedTuple):
+    """What one message gives the row of its transaction, whichever its place in it: the
+    per-message half of Zeek's dns_request and dns_*_reply handlers, shared by DnsSession
+    (through _Info.apply) and the batch path (for the messages its kernel leaves to Python;
+    the kernel's own are made the same way in columns, by `_kernel_messages`)."""
+
+    query: str | None          # the last question's name, lower-cased (NetBIOS: decoded); None: no question
+    qtype: int | None
+    qtype_name: str | None
+    qclass: int | None
+    question0: str | None      # the first question's name as sent
+    reply_owner: str | None    # the owner of the first record with a reply, lower-cased; None: no reply
+    answers: list[str] | None  # the replies with text, lower-cased reading; None: none
+    TTLs: list[float] | None
+    answer_records: list[dict]  # Suricata's: records as sent
+    authority_records: list[dict]
+
+
+def message_fields(m: DnsMessage, netbios_names: bool) -> MessageFields:
+    """`m`'s part of a row; `netbios_names`: the session's server port is NetBIOS's (names
+    are decoded, SRV queries are NBSTAT)."""
+    query = qtype = qt_name = qclass = question0 = None
+    if m.questions:
+        question0 = m.questions[0][0]
+        name, qtype, qclass = m.questions[-1]  # Zeek's dns_request, once per question: the last one stays
+        query = name.lower()
+        qt_name = qtype_name(qtype)
+        if netbios_names:
+            query = decode_netbios_name(query) or query
+            if qtype == 33:
+                qt_name = "NBSTAT"
+    reply_owner = answers = ttls = None
+    for a in m.answers:  # Zeek's do_reply, on the lower-cased reading
+        reply = a.reply
+        if reply is None:
+            continue
+        lower = a.lower
+        if lower is not None:
+            reply = lower[1]
+        if reply_owner is None:
+            reply_owner = a.name if lower is None else lower[0]
+        if reply != "":
+            if answers is None:
+                answers, ttls = [], []
+            answers.append(reply)
+            ttls.append(float(a.ttl))
+    return MessageFields(query, qtype, qt_name, qclass, question0, reply_owner, answers, ttls,
+                         _records(a for a in m.answers if a.kind == ANS), _records(m.authorities))
 
 
 class DnsSession:
