@@ -1,9 +1,10 @@
-"""DNS datagrams a batch at a time (dns.add_datagrams, app/dns_kernel.py) against the one-by-one path.
+"""DNS datagrams a batch at a time (dns.add_datagrams and close_sessions, app/dns_kernel.py)
+against the one-by-one path.
 
 The batch path must give exactly what DnsSession.add gives datagram by datagram: the kernel's
 messages are compared with the Python parser's (`_parse`) field by field, the rows of whole
-sessions split into batches in every way with those of the one-by-one path, and a capture's
-dns table with the batch entry point and without it.
+sessions split into batches in every way (and closed at every point) with those of the
+one-by-one path, and a capture's dns table with the batch entry points and without them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import struct
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -202,36 +204,92 @@ def batch_of(datagrams: list[Datagram]) -> DatagramBatch:
                          truncated=np.array([d.truncated for d in datagrams]), tuples=tuples)
 
 
-def rows_one_by_one(datagrams: list[Datagram]) -> list[dict]:
-    states, rows = {}, []
+def rows_one_by_one(datagrams: list[Datagram], mod=dns) -> list[dict]:
+    """new_session, add per datagram, then close per session: the rows as the stage's table has them."""
+    states, tuples, rows = {}, {}, []
     for d in datagrams:
         if d.uid not in states:
-            states[d.uid] = dns.new_session(d)
-        rows += states[d.uid].add(d)
-    for st in states.values():
-        rows += st.close()
+            states[d.uid] = mod.new_session(d)
+            tuples[d.uid] = dict(uid=d.uid, orig_h=d.orig_h, orig_p=d.orig_p, resp_h=d.resp_h, resp_p=d.resp_p)
+        rows += [(d.uid, r) for r in states[d.uid].add(d)]
+    for uid, st in states.items():
+        rows += [(uid, r) for r in st.close()]
+    for uid, r in rows:  # the session's columns a row leaves out (ICMP's all): the stage's
+        for name, value in tuples[uid].items():
+            r.setdefault(name, value)
+    return pylist(pa.Table.from_pylist([r for _, r in rows], schema=mod.SCHEMA))
+
+
+def pylist(table: pa.Table) -> list[dict]:
+    """A table's rows, times as ns integers."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) or pa.types.is_duration(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+    return table.to_pylist()
+
+
+def records_rows(records, tuples: dict, mod=dns) -> list[dict]:
+    """Records as the stage makes them rows: columns left out null, the session's columns
+    where the module gave none."""
+    if isinstance(records, list):
+        assert records == []
+        return []
+    table = records.table
+    for field in mod.SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    rows = pylist(table.select(mod.SCHEMA.names).cast(mod.SCHEMA))
+    for row, s in zip(rows, records.index.tolist()):
+        for name, value in zip(("uid", "orig_h", "orig_p", "resp_h", "resp_p"), tuples[s]):
+            if row[name] is None:
+                row[name] = value
     return rows
 
 
-def batch_rows(datagrams: list[Datagram], sizes: list[int]) -> list[dict]:
-    """The datagrams in batches of the given sizes (sessions spanning batches), then closed."""
+def batch_rows(datagrams: list[Datagram], sizes: list[int], mod=dns, closing: dict | None = None) -> list[dict]:
+    """The datagrams in batches of the given sizes (sessions spanning batches), then closed:
+    after batch closing[uid] for those it names (their rows first), at the end for the others."""
     sids = {d.uid: k + 100 for k, d in enumerate({d.uid: d for d in datagrams}.values())}
+    tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in datagrams}
     states, rows, at = {}, [], 0
-    for size in sizes:
+    for k, size in enumerate(sizes):
         chunk = datagrams[at:at + size]
         at += size
-        if not chunk:
-            continue
-        b = batch_of(chunk)
-        # one numbering of sessions over all batches
-        b.sid = np.array([sids[d.uid] for d in chunk])
-        b.tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in chunk}
-        out, errors = dns.add_datagrams(states, b)
-        assert errors == 0
-        rows += [r for _, r in out]
-    for s in sorted(states):
-        rows += states[s].close()
+        if chunk:
+            b = batch_of(chunk)
+            # one numbering of sessions over all batches
+            b.sid = np.array([sids[d.uid] for d in chunk])
+            b.tuples = {sids[d.uid]: tuples[sids[d.uid]] for d in chunk}
+            out, errors = mod.add_datagrams(states, b)
+            assert errors == 0
+            rows += records_rows(out, tuples, mod)
+        done = sorted(sids[u] for u, after in (closing or {}).items() if after == k)
+        if done:
+            rows += records_rows(mod.close_sessions(states, np.array(done, dtype=np.int64)), tuples, mod)
+    rows += records_rows(mod.close_sessions(states, np.array(sorted(states), dtype=np.int64)), tuples, mod)
+    assert not states
     return rows
+
+
+def by_session(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["uid"], []).append(r)
+    return out
+
+
+def random_batches(rng: random.Random, datagrams: list[Datagram], biggest: int = 200):
+    """Batch sizes at random, and each session closed after a random batch from its last one on."""
+    sizes = []
+    while sum(sizes) < len(datagrams):
+        sizes.append(rng.randrange(1, biggest))
+    last, at = {}, 0
+    for k, size in enumerate(sizes):
+        for d in datagrams[at:at + size]:
+            last[d.uid] = k
+        at += size
+    closing = {u: rng.randrange(k, len(sizes) + 1) for u, k in last.items()}
+    return sizes, closing
 
 
 def conversation() -> list[Datagram]:
@@ -251,6 +309,10 @@ def conversation() -> list[Datagram]:
     a, b = ("10.0.0.1", 40000), ("10.0.0.53", 53)
     nb_c, nb_s = ("10.0.0.1", 137), ("10.0.0.9", 137)
     txt = msg(tid=11, flags=0x8180, qd=[question("t.example", 16)], an=[rr(PTR_Q, 16, b"\x05hello")])
+    # names that are the root's: replies (AA, RA, rtt) with no answer text
+    root = msg(tid=12, flags=0x8580, qd=[question("r.example", 5)],
+               an=[rr(PTR_Q, 5, b"\0"), rr(PTR_Q, 33, struct.pack(">HHH", 1, 2, 3) + b"\0"),
+                   rr(PTR_Q, 6, b"\0\0" + bytes(20))])
     return [
         dgram(q1, ts=10, uid="C1", orig=a, resp=b),
         dgram(q2, ts=11, uid="C1", orig=a, resp=b),
@@ -271,6 +333,8 @@ def conversation() -> list[Datagram]:
         dgram(srv, ts=32, uid="C5", from_orig=True, orig=nb_s, resp=("10.0.0.7", 40001)),
         dgram(txt, ts=33, uid="C2", from_orig=False, orig=b, resp=a),     # TXT: read in Python
         dgram(RESPONSE[:40], ts=34, uid="C2", from_orig=False, orig=b, resp=a),
+        dgram(msg(tid=12, qd=[question("r.example", 5)]), ts=35, uid="C6", orig=a, resp=b),
+        dgram(root, ts=36, uid="C6", from_orig=False, orig=a, resp=b),
     ]
 
 
@@ -280,7 +344,8 @@ def test_batches_pair_as_one_by_one():
     datagrams[3].packet = 77
     want = rows_one_by_one(datagrams)
     # what the one-by-one path gives, in short (so a change in both at once still shows)
-    assert len(want) == 14
+    assert len(want) == 15
+    assert [(r["answers"], r["AA"], r["rtt"]) for r in want if r["uid"] == "C6"] == [(None, True, 1)]
     paired = [r for r in want if r["uid"] == "C1" and r["trans_id"] == 7]
     assert paired[0]["rtt"] == 10 and paired[0]["answers"] == ["1.1.1.1"] and paired[0]["query_original"] == "A.example"
     assert sum(r["uid"] == "C3" for r in want) == 2                      # multicast: one row per message
@@ -316,6 +381,54 @@ def test_batch_fuzz_pairs_as_one_by_one():
     assert batch_rows(datagrams, sizes) == want
 
 
+def test_batch_closes_sessions_at_any_point(monkeypatch):
+    """Sessions closed between batches, in any order, the book compacting its messages often:
+    each session's rows as one by one."""
+    monkeypatch.setattr(dns, "COMPACT_AFTER", 5)
+    rng = random.Random(12)
+    seeds = [m for m in (d.payload for d in conversation())] + [RESPONSE, ODD_NAMES]
+    datagrams = []
+    for i in range(2500):
+        k = rng.randrange(60)
+        uid = f"C{k}"
+        server = ("224.0.0.251", 5353) if k % 10 == 0 else (("10.0.1.1", 137) if k % 7 == 0 else ("10.0.1.1", 53))
+        client = ("10.0.0.%d" % k, 137 if k % 7 == 0 else 30000 + k)
+        b = bytearray(rng.choice(seeds))
+        if rng.random() < 0.2 and b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if len(b) > 2:
+            b[0:2] = struct.pack(">H", rng.randrange(6))
+        datagrams.append(dgram(bytes(b), ts=i, uid=uid, from_orig=rng.random() < 0.5, orig=client, resp=server))
+    want = by_session(rows_one_by_one(datagrams))
+    for trial in range(3):
+        sizes, closing = random_batches(rng, datagrams)
+        assert by_session(batch_rows(datagrams, sizes, closing=closing)) == want
+    print(f"\ndns batch path, sessions closed at random: {sum(map(len, want.values()))} rows as one by one")
+
+
+def test_pending_queues_overflow_as_one_by_one():
+    """More ids waiting than Zeek keeps (DNS::max_pending_query_ids), more messages of one id
+    than it keeps (max_pending_msgs), in the queues of queries and of lone responses."""
+    a, b = ("10.0.0.1", 40000), ("10.0.0.53", 53)
+    q = lambda tid, name="x.example": msg(tid=tid, qd=[question(name)])  # noqa: E731
+    r = lambda tid: msg(tid=tid, flags=0x8180, qd=[question("x.example")],  # noqa: E731
+                        an=[rr(PTR_Q, 1, bytes([10, 0, 0, tid & 0xFF]))])
+    sent = [(q(1), True)]                                      # the pending query
+    sent += [(q(100 + k), True) for k in range(70)]            # 70 ids queued: flushed past 50
+    sent += [(q(7), True) for _ in range(60)]                  # one id 60 times: flushed past 50
+    sent += [(r(100 + k), False) for k in range(0, 70, 3)]     # some answered
+    sent += [(r(1), False), (r(7), False)]                     # the pending query, then the next one in its place
+    sent += [(r(500 + k), False) for k in range(60)]           # lone responses: queued, flushed
+    sent += [(r(900), False) for _ in range(55)]
+    sent += [(q(500 + k), True) for k in range(0, 60, 7)] + [(q(900), True)]
+    datagrams = [dgram(p, ts=i, uid="C1", from_orig=fo, orig=a, resp=b) for i, (p, fo) in enumerate(sent)]
+    want = rows_one_by_one(datagrams)
+    assert len(want) > 150
+    n = len(datagrams)
+    for sizes in ([n], [1] * n, [7] * n, [60, 60, 60, n], [n // 2, n]):
+        assert batch_rows(datagrams, sizes) == want, sizes
+
+
 # ---- through the stage: a capture's dns table with the batch entry point and without ---------
 
 def _dns_table(store) -> list[tuple]:
@@ -344,5 +457,6 @@ def test_stage_batch_path_gives_the_same_table(trace, tmp_path, monkeypatch):
     assert main(["ingest", "--no-progress", "--store", str(tmp_path / "batch"), str(trace)]) in (0, 1)
     batch = _dns_table(tmp_path / "batch")
     monkeypatch.delattr(dns, "add_datagrams")
+    monkeypatch.delattr(dns, "close_sessions")
     assert main(["ingest", "--no-progress", "--store", str(tmp_path / "single"), str(trace)]) in (0, 1)
     assert batch == _dns_table(tmp_path / "single")

@@ -89,9 +89,10 @@ class DatagramBatch:
 class Records:
     """A protocol's rows as columns, from a batch call: row i belongs to input item index[i]
     (a position in parse_streams' list, a session id from add_datagrams or close_sessions).
-    The session columns of `table` (uid, orig_h, orig_p, resp_h, resp_p) may be left out: the
-    stage sets them from the session; `ts` and the protocol's own columns are the module's
-    (one it leaves out is null)."""
+    The session columns of `table` (uid, orig_h, orig_p, resp_h, resp_p) may be left out, or
+    null in some rows: the stage sets them from the session (a value the module gives stays:
+    DNS rows of a session whose roles were flipped); `ts` and the protocol's own columns are
+    the module's (one it leaves out is null)."""
 
     table: pa.Table
     index: np.ndarray          # int64, one per row

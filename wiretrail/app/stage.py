@@ -622,8 +622,9 @@ class _Out:
 
 
 def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray) -> pa.Table:
-    """`table` with its session columns (those of base.SESSION_COLUMNS it has, ts aside) taken
-    from the sessions at positions `ks`."""
+    """`table` with the nulls of its session columns (those of base.SESSION_COLUMNS it has, ts
+    aside) taken from the sessions at positions `ks` (a module's own values stay: DNS gives
+    those of a session whose roles Zeek flips)."""
     if sessions is None:
         return table
     at = pa.array(ks)
@@ -631,7 +632,10 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
         i = table.schema.get_field_index(name)
         if i >= 0:
             field = table.schema.field(i)
-            table = table.set_column(i, field, pc.cast(sessions.column(name).take(at), field.type))
+            column = pc.cast(sessions.column(name).take(at), field.type)
+            if table.column(i).null_count < table.num_rows:
+                column = pc.coalesce(table.column(i), column)
+            table = table.set_column(i, field, column)
     return table
 
 
