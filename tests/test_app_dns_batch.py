@@ -1,16 +1,18 @@
-"""DNS datagrams a batch at a time (dns.add_datagrams and close_sessions, app/dns_kernel.py)
-against the one-by-one path.
+"""DNS and ICMP datagrams a batch at a time (dns.add_datagrams and close_sessions,
+app/dns_kernel.py; icmp's, app/icmp_kernel.py) against the one-by-one path.
 
-The batch path must give exactly what DnsSession.add gives datagram by datagram: the kernel's
-messages are compared with the Python parser's (`_parse`) field by field, the rows of whole
-sessions split into batches in every way (and closed at every point) with those of the
-one-by-one path, and a capture's dns table with the batch entry points and without them.
+The batch path must give exactly what DnsSession.add and IcmpSession.add give datagram by
+datagram: the DNS kernel's messages are compared with the Python parser's (`_parse`) field by
+field, the rows of whole sessions split into batches in every way (and closed at every point)
+with those of the one-by-one path, and the corpus's DNS and ICMP captures' tables with the
+batch entry points and without them.
 """
 
 from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_app_dns_dhcp import PTR_Q, dgram, msg, qname, question, rr
-from wiretrail.app import dns
+from wiretrail.app import dns, icmp
 from wiretrail.app.base import Datagram, DatagramBatch
 
 
@@ -429,34 +431,214 @@ def test_pending_queues_overflow_as_one_by_one():
         assert batch_rows(datagrams, sizes) == want, sizes
 
 
-# ---- through the stage: a capture's dns table with the batch entry point and without ---------
+# ---- ICMP: the batch path against IcmpSession ---------------------------------------------------
 
-def _dns_table(store) -> list[tuple]:
-    files = sorted(store.glob("tables/dns/**/*.parquet"))
+def icmp_message(t: int, code: int = 0, rest: bytes = b"\0\0\0\0", body: bytes = b"") -> bytes:
+    return bytes([t, code, 0, 0]) + rest + body
+
+
+def echo(t: int, ident: int, seq: int, data: bytes = b"abcdefgh" * 4) -> bytes:
+    return icmp_message(t, 0, struct.pack(">HH", ident, seq), data)
+
+
+def v4_quote(proto: int = 17, sp: int = 5353, dp: int = 53, frag: int = 0, ihl: int = 5) -> bytes:
+    ip = bytes([0x40 | ihl, 0, 0, 40]) + struct.pack(">HH", 1, frag) + bytes([64, proto, 0, 0, 10, 0, 0, 1,
+                                                                             10, 0, 0, 2])
+    return ip + bytes(4 * max(ihl - 5, 0)) + struct.pack(">HHHH", sp, dp, 20, 0)
+
+
+def v6_quote(proto: int = 6, sp: int = 443, dp: int = 50000, ext: bytes = b"", first: int | None = None) -> bytes:
+    src = bytes.fromhex("20010db8000000000000000000000001")
+    dst = bytes.fromhex("20010db80000000000000000000000ff")
+    ip = bytes([0x60, 0, 0, 0]) + struct.pack(">H", 20 + len(ext)) + bytes([proto if first is None else first, 57])
+    return ip + src + dst + ext + struct.pack(">HHII", sp, dp, 0, 0)
+
+
+def icmp_conversation() -> list[Datagram]:
+    """ICMP and ICMPv6 sessions: echo exchanges (answered, repeated, unanswered, lone replies,
+    the same host at both ends), errors quoting IPv4 and IPv6 packets (extension headers, later
+    fragments), neighbour discovery, redirects, messages too short for their type."""
+    a4 = ("10.0.0.1", 8), ("10.0.0.2", 0)
+    a6 = ("2001:db8::1", 128), ("2001:db8::2", 129)
+    self4 = ("127.0.0.1", 8), ("127.0.0.1", 0)
+    out = []
+
+    def add(payload, uid, hosts, fo=True, truncated=False):
+        d = dgram(payload, ts=len(out) * 10, uid=uid, from_orig=fo, orig=hosts[0], resp=hosts[1])
+        d.truncated = truncated
+        out.append(d)
+
+    hop = bytes([44, 0]) + bytes(6)                                   # hop-by-hop, then a fragment header
+    add(echo(8, 7, 1), "I1", a4)
+    add(echo(8, 7, 2), "I1", a4)
+    add(echo(0, 7, 1, b"abcdefgh" * 4), "I1", a4, fo=False)          # answered, same data
+    add(echo(8, 7, 2, b"x" * 20), "I1", a4)                           # repeated: the first stays unanswered
+    add(echo(0, 7, 2, b"y" * 20), "I1", a4, fo=False)                 # answered, other data
+    add(echo(0, 9, 9), "I1", a4, fo=False)                            # a reply with no request
+    add(echo(8, 7, 3, b"z" * 4), "I1", a4)                            # never answered
+    add(echo(8, 7, 4), "I1", a4)
+    add(echo(0, 7, 4), "I1", a4, fo=False, truncated=True)            # answered by a truncated reply
+    add(icmp_message(3, 3, body=v4_quote()), "I2", a4)
+    add(icmp_message(3, 4, b"\0\0\x05\xdc", v4_quote(6, 40000, 443)), "I2", a4)
+    add(icmp_message(3, 4, b"\0\0\0\0", v4_quote(1, 8, 0)), "I2", a4)                # mtu 0: none
+    add(icmp_message(11, 0, body=v4_quote(frag=0x20)), "I2", a4)                      # a later fragment
+    add(icmp_message(11, 1, body=v4_quote(ihl=4)), "I2", a4)                          # header length < 20
+    add(icmp_message(5, 1, bytes([192, 168, 1, 1]), v4_quote(47)), "I2", a4)         # redirect: gateway
+    add(icmp_message(3, 1, body=b"\x55" + bytes(30)), "I2", a4)                       # not an IP packet
+    add(icmp_message(12, 9, body=v4_quote()[:10]), "I2", a4)                          # a quote too short
+    add(icmp_message(13, 0, b"\0\x01\0\x02", bytes(12)), "I2", a4)                   # timestamp: echo fields
+    add(icmp_message(99, 5), "I2", a4)
+    add(b"\x08", "I2", a4)
+    add(b"\x08\x00\x00", "I2", a4)
+    add(b"\x08\x00\x00\x00\x00\x07", "I2", a4)
+    add(b"", "I2", a4)
+    add(echo(128, 1, 1), "I3", a6)
+    add(echo(129, 1, 1), "I3", a6, fo=False)
+    add(echo(160, 2, 2), "I3", a6)
+    add(icmp_message(1, 4, body=v6_quote(17, 5000, 53)), "I3", a6)
+    add(icmp_message(2, 0, b"\0\0\x05\x00", v6_quote()), "I3", a6)                   # packet too big: mtu
+    add(icmp_message(3, 0, body=v6_quote(ext=hop + bytes([6, 0, 0, 0, 0, 0, 0, 0]), first=0)), "I3", a6)
+    add(icmp_message(4, 1, body=v6_quote(ext=bytes([17, 0, 0, 8, 0, 0, 0, 0]), first=44)), "I3", a6)  # later fragment
+    add(icmp_message(1, 0, body=v6_quote(ext=bytes([60, 0]) + bytes(6) + bytes([58, 1]) + bytes(6), first=43)),
+        "I3", a6)
+    add(icmp_message(1, 0, body=v6_quote()[:30]), "I3", a6)                           # too short for its header
+    add(icmp_message(135, 0, body=bytes.fromhex("fe800000000000000000000000000001")), "I3", a6)
+    add(icmp_message(136, 0, body=bytes(10)), "I3", a6)                               # too short for a target
+    target = bytes.fromhex("fe800000000000000000000000000002") + bytes.fromhex("20010db8000000000000000000000009")
+    add(icmp_message(137, 0, body=target + bytes([2, 1]) + bytes(6) + bytes([4, 8]) + bytes(6) + v6_quote()[:56]),
+        "I3", a6)
+    add(icmp_message(137, 0, body=target + bytes([1, 0]) + bytes(6)), "I3", a6)       # an option of length 0
+    add(icmp_message(137, 0, body=target[:20]), "I3", a6)                             # too short
+    add(icmp_message(143, 0, body=bytes(20)), "I3", a6)
+    add(echo(8, 5, 5), "I4", self4)                                   # the same host at both ends
+    add(echo(8, 5, 5), "I4", self4, fo=False)
+    add(echo(0, 5, 5), "I4", self4)
+    return out
+
+
+def test_icmp_batches_as_one_by_one():
+    datagrams = icmp_conversation()
+    want = rows_one_by_one(datagrams, icmp)
+    # what the one-by-one path gives, in short (so a change in both at once still shows)
+    assert len(want) == 36
+    answered = [r for r in want if r["replied"]]
+    assert [(r["echo_seq"], r["reply_differs"]) for r in answered if r["uid"] == "I1"] == [(1, False), (2, True),
+                                                                                          (4, None)]
+    assert {r["inner_proto"] for r in want} >= {"udp", "tcp", "icmp", "gre", "icmp6"}
+    assert any(r["gateway"] == "fe80::2" and r["inner_orig_p"] == 443 for r in want)
+    n = len(datagrams)
+    for sizes in ([n], [1] * n, [2] * n, [3] * n, [5, n], [n - 1, 1], [7, 1, 1, n]):
+        assert batch_rows(datagrams, sizes, icmp) == want, sizes
+
+
+def test_icmp_batch_fuzz_as_one_by_one(monkeypatch):
+    """Mutated messages in random sessions (IPv4 and IPv6), few requests allowed to wait, batches
+    and closes at random, the book compacting often: each session's rows as one by one."""
+    monkeypatch.setattr(icmp, "MAX_PENDING", 3)
+    monkeypatch.setattr(icmp, "COMPACT_AFTER", 5)
+    from test_app_smb_icmp import _mutate
+    rng = random.Random(59)
+    seeds = [d.payload for d in icmp_conversation()]
+    datagrams = []
+    for i in range(4000):
+        k = rng.randrange(30)
+        hosts = ((f"2001:db8::{k}", 128), ("2001:db8::ff", 129)) if k % 2 else ((f"10.0.0.{k}", 8), ("10.0.0.99", 0))
+        p = rng.choice(seeds)
+        if rng.random() < 0.5:
+            p = _mutate(rng, p)
+        elif len(p) >= 8 and rng.random() < 0.7:  # an echo message of a few ids and sequence numbers
+            p = bytes([rng.choice((8, 0, 128, 129)), 0, 0, 0]) + struct.pack(">HH", rng.randrange(2),
+                                                                             rng.randrange(6)) + p[8:]
+        d = dgram(p, ts=i * 10 + rng.randrange(-5, 5), uid=f"I{k}", from_orig=rng.random() < 0.5, orig=hosts[0],
+                  resp=hosts[1])
+        d.truncated = rng.random() < 0.05
+        datagrams.append(d)
+    want = by_session(rows_one_by_one(datagrams, icmp))
+    for trial in range(3):
+        sizes, closing = random_batches(rng, datagrams, 300)
+        assert by_session(batch_rows(datagrams, sizes, icmp, closing)) == want
+    print(f"\nicmp batch path fuzz: {sum(map(len, want.values()))} rows as one by one")
+
+
+def test_icmp_entropies_are_the_same_floats():
+    """The batch path's payload entropies are entropy()'s float64s, to the last bit: numpy's
+    terms, added up as numpy's sum adds them (up to 256 of them: blocks and halvings)."""
+    rng = np.random.default_rng(5)
+    payloads = [bytes([7]) * 9, bytes(range(256)), bytes(range(256)) * 3 + bytes(range(200))]
+    for _ in range(3000):
+        n = int(rng.integers(1, 3000))
+        alphabet = int(rng.integers(1, 257))
+        payloads.append(rng.integers(0, alphabet, n, dtype=np.uint8).tobytes())
+    data = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    length = np.array([len(p) for p in payloads], dtype=np.int64)
+    got = icmp._entropies(data, np.cumsum(length) - length, length)
+    want = np.array([icmp.entropy(p) for p in payloads])
+    assert (got.view(np.int64) == want.view(np.int64)).all()
+    assert str(got[0]) == "-0.0"  # one byte value: -(0.0), as entropy() has it
+
+
+# ---- through the stage: the corpus's tables with the batch entry points and without ------------
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+def _corpus_captures() -> list[Path]:
+    """The corpus's captures with DNS or ICMP in them, by each folder's manifest: Zeek's traces
+    with a dns.log, suricata-verify's tests with dns events, Arkime's and nDPI's captures with
+    DNS (mDNS, LLMNR, NetBIOS) or ICMP sessions, and the scenarios of DNS tunnels, floods
+    (DNS amplification, ICMP), ICMP tunnels and port scans (unreachables)."""
+    import json
+
+    out: set[Path] = set()
+
+    def manifest(folder: str) -> list:
+        path = CORPUS / folder / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    out |= {CORPUS / "zeek" / t["trace"] for t in manifest("zeek") if "dns" in t["logs"]}
+    out |= {CORPUS / "suricata-verify" / t["pcap"] for t in manifest("suricata-verify")
+            if t.get("pcap") and "dns" in (t.get("event_types") or [])}
+    out |= {CORPUS / "arkime" / t["pcap"] for t in manifest("arkime") if {"dns", "icmp"} & set(t["protocols"])}
+    out |= {CORPUS / "ndpi" / t["pcap"] for t in manifest("ndpi")
+            if {"DNS", "MDNS", "LLMNR", "NetBIOS", "ICMP", "ICMPV6"} & set(t["protocols"])}
+    for scenario in ("dns_tunnel", "dos_flood", "icmp_tunnel", "port_scan"):
+        out |= set((CORPUS / "scenarios" / scenario).glob("*.pcap*"))
+    return sorted(p for p in out if p.exists())
+
+
+def _table_rows(store: Path, table: str) -> list[str]:
     rows = []
-    for f in files:
-        for r in pq.read_table(f).to_pylist():
+    for f in sorted(store.glob(f"tables/{table}/**/*.parquet")):
+        for r in pylist(pq.read_table(f)):
             r.pop("uid")
             rows.append(repr(sorted(r.items())))
     return sorted(rows)
 
 
-def _traces() -> list:
-    from _app_harness import ZEEK, manifest_tests
-    if not (ZEEK / "manifest.json").exists():
-        return []
-    return sorted({ZEEK / t["trace"] for t in manifest_tests("dns")})
-
-
-@pytest.mark.parametrize("trace", _traces(), ids=lambda p: p.name)
-def test_stage_batch_path_gives_the_same_table(trace, tmp_path, monkeypatch):
-    """Zeek's DNS traces (UDP, TCP, multicast, NetBIOS) ingested with dns.add_datagrams and
-    with the stage's one-datagram-at-a-time path: the same dns table (uids aside)."""
+def test_corpus_batch_path_gives_the_same_tables(tmp_path, monkeypatch):
+    """Every DNS and ICMP capture of the corpus ingested with the batch entry points
+    (add_datagrams, close_sessions) and with the stage's one-datagram-at-a-time path: the same
+    dns and icmp tables (uids aside)."""
     from wiretrail.cli import main
 
-    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "batch"), str(trace)]) in (0, 1)
-    batch = _dns_table(tmp_path / "batch")
-    monkeypatch.delattr(dns, "add_datagrams")
-    monkeypatch.delattr(dns, "close_sessions")
-    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "single"), str(trace)]) in (0, 1)
-    assert batch == _dns_table(tmp_path / "single")
+    captures = _corpus_captures()
+    if not captures:
+        pytest.skip("no corpus")
+    got: dict[str, dict] = {"batch": {}, "single": {}}
+    for path in ("batch", "single"):
+        if path == "single":
+            for mod in (dns, icmp):
+                monkeypatch.delattr(mod, "add_datagrams")
+                monkeypatch.delattr(mod, "close_sessions")
+        for k, capture in enumerate(captures):
+            store = tmp_path / f"{path}{k}"
+            assert main(["ingest", "--no-progress", "--store", str(store), str(capture)]) in (0, 1)
+            got[path][capture] = {t: _table_rows(store, t) for t in ("dns", "icmp")}
+    counts = {"dns": 0, "icmp": 0}
+    for capture in captures:
+        for t in counts:
+            assert got["batch"][capture][t] == got["single"][capture][t], (capture, t)
+            counts[t] += len(got["batch"][capture][t])
+    print(f"\nbatch vs one datagram at a time on {len(captures)} corpus captures: dns {counts['dns']} rows, "
+          f"icmp {counts['icmp']} rows compared, all equal")
+    assert counts["dns"] > 1000 and counts["icmp"] > 1000

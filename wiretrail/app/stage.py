@@ -220,7 +220,7 @@ class AppStage:
         self._make_tuples(cols, sid, is_orig, rows)
         tracker = self.trackers.get(m.name)
         per_session = hasattr(m.mod, "new_session")
-        if per_session and not whole_l4 and tracker is None and hasattr(m.mod, "add_datagrams"):
+        if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
             self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
             return
         data = memoryview(batch.data)
