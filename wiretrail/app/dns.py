@@ -701,7 +701,9 @@ def parse_batch(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios:
     else 0, True)` gives it, read by one kernel call (app/dns_kernel.py) for the whole batch.
     Returns (messages, capitals, depends): a message is None where the kernel left it to
     `_parse`; capitals[j]: the payload has ASCII capitals (DnsMessage.capitals); depends[j]: the
-    message reads differently with another resp_nb (it has an SRV/NBSTAT record)."""
+    message reads differently with another resp_nb (it has an SRV/NBSTAT record).
+    (The kernel's reading as DnsMessage objects, for comparing it with `_parse`: the batch path
+    itself takes the kernel's arrays as they are, see add_datagrams.)"""
     msgs, questions, records, text, offsets = K.parse_messages(data, starts, ends, netbios, resp_nb)
     strings = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text)).to_pylist()
     qrows = questions.tolist()
@@ -817,6 +819,10 @@ def _is_multicast(h: str) -> bool:
     except ValueError:
         return False
 
+
+# how the text of every multicast address starts (IPv4 224-239, IPv6 ff00::/8 in either case):
+# the others need no parsing
+_MULTICAST_STARTS = tuple(f"{n}." for n in range(224, 240)) + ("ff", "fF", "Ff", "FF")
 
 _BLANK = dict.fromkeys(SCHEMA.names)
 
@@ -1120,15 +1126,13 @@ class DnsSession:
  N_AUTH0, N_NAUTH) = range(27)
 N_FIELDS = 27
 N_TEXTS = (N_QUERY, N_Q0, N_OWNER)
-# a record list entry (Suricata's record): E_RRNAME, E_RRTYPE, E_RDATA and E_T1/E_T2 strings
-# (SOA's mname and rname, SRV's name, SSHFP's fingerprint), E_V0.. E_V4 numbers (SOA's serial
-# .. minimum; SRV's priority, weight, port; SSHFP's algorithm and type)
-(E_RRNAME, E_RRTYPE, E_TTL, E_RDATA, E_KIND, E_T1, E_T2, E_V0, E_V1, E_V2, E_V3, E_V4) = range(12)
-E_FIELDS = 12
-E_STRINGS = (E_RRNAME, E_RRTYPE, E_RDATA, E_T1, E_T2)
-EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP = range(4)
-# a Zeek answer: its text (a pool number) and TTL
-A_TEXT, A_TTL = range(2)
+# the columns dns_kernel.message_texts gives, in its order
+_FROM_KERNEL = [N_QTYPE, N_QCLASS, N_QUERY, N_Q0, N_OWNER, N_ANS0, N_NANS, N_AREC0, N_NAREC, N_AUTH0, N_NAUTH]
+# a record list entry (Suricata's record, E_* columns) and a Zeek answer (A_* columns): dns_kernel's
+from wiretrail.app.dns_kernel import (A_TEXT, A_TTL, E_FIELDS, E_KIND, E_RDATA, E_RRNAME, E_RRTYPE, E_T1,  # noqa: E402
+                                      E_T2, E_TTL, E_V0, E_V1, E_V2, E_V3, E_V4, EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP)
+
+E_STRINGS = (E_RRNAME, E_RRTYPE, E_RDATA, E_T1, E_T2)  # (in a source, E_RRTYPE is its name's number too)
 
 
 @dataclass(slots=True)
@@ -1150,7 +1154,8 @@ class _Names:
         self.names: list[str] = []
         self.array = pa.array([], pa.string())
 
-    def of(self, codes: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+    def at(self, codes: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Where the codes' names are in `array` (made for those not seen before)."""
         at = self.index[codes]
         new = at < 0 if valid is None else (at < 0) & valid
         if new.any():
@@ -1159,6 +1164,10 @@ class _Names:
                 self.names.append(self.name(code))
             self.array = pa.array(self.names, pa.string())
             at = self.index[codes]
+        return at
+
+    def of(self, codes: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+        at = self.at(codes, valid)  # (first: it may make `array` anew)
         return _take(self.array, at, valid)
 
 
@@ -1204,6 +1213,13 @@ def _offsets(count: np.ndarray, start: int = 0) -> pa.Array:
     return pa.array(out)
 
 
+def _among(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_ids, for each i (np.isin without its sorting of both)."""
+    if not len(sorted_ids):
+        return np.zeros(len(values), dtype=bool)
+    return sorted_ids[np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)] == values
+
+
 def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
     """start[i], start[i] + 1, ..., start[i] + count[i] - 1, for every i in turn."""
     total = int(count.sum())
@@ -1211,13 +1227,6 @@ def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     ends = np.cumsum(count)
     return np.repeat(start - (ends - count), count) + np.arange(total)
-
-
-def _runs(owner: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each of m messages' run starts and how long it is, for items in message order
-    (owner[i]: item i's message)."""
-    count = np.bincount(owner, minlength=m)
-    return np.cumsum(count) - count, count
 
 
 def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
@@ -1236,94 +1245,49 @@ def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
 def _kernel_messages(data: np.ndarray, starts: np.ndarray, parsed: tuple, netbios_names: np.ndarray,
                      num: np.ndarray) -> _Source:
     """message_fields of the messages parse_messages read (`parsed`, its results) into their
-    rows of `num` (N_TID .. N_CAPITALS from the header, N_QTYPE ..), and their texts' source.
-    The messages the kernel left to Python are the caller's."""
+    rows of `num` (N_TID .. N_CAPITALS from the header, N_QTYPE ..), and their texts' source
+    (dns_kernel.message_texts' numbers, with the strings they number). The messages the kernel
+    left to Python are the caller's."""
     msgs, questions, records, text, offsets = parsed
-    m = len(msgs)
     strings = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text))
-    n_str = len(strings)
-    # the pool: the kernel's strings as sent, the same lower-cased (Zeek's reading: the text is
-    # ASCII, other bytes escaped in lower case already), then what is made here
-    pool = [strings, pc.ascii_lower(strings)]
-    end = 2 * n_str
-
-    def add(texts: pa.Array) -> int:
-        nonlocal end
-        pool.append(texts)
-        end += len(texts)
-        return end - len(texts)
-
+    n_str, n_rec = len(strings), len(records)
     for to, frm in ((N_TID, K.M_ID), (N_FLAGS, K.M_FLAGS), (N_QD, K.M_QD), (N_AN, K.M_AN), (N_NS, K.M_NS),
                     (N_AR, K.M_AR), (N_MALFORMED, K.M_MALFORMED), (N_CAPITALS, K.M_CAPITALS)):
         num[:, to] = msgs[:, frm]
-    num[:, N_TEXTS] = -1
-    # questions: the last one's name and type (Zeek's dns_request runs per question), the first one's name as sent
-    nq = msgs[:, K.M_NQ]
-    has_q = np.flatnonzero(nq > 0)
-    if len(has_q):
-        last = questions[msgs[has_q, K.M_Q0] + nq[has_q] - 1]
-        num[has_q, N_QTYPE] = last[:, K.Q_TYPE]
-        num[has_q, N_QCLASS] = last[:, K.Q_CLASS]
-        num[has_q, N_QUERY] = n_str + last[:, K.Q_NAME]
-        num[has_q, N_Q0] = questions[msgs[has_q, K.M_Q0], K.Q_NAME]
-        nb = has_q[netbios_names[has_q]]
-        if len(nb):  # NetBIOS names: decoded (few, and cached)
-            names = pool[1].take(pa.array(num[nb, N_QUERY] - n_str)).to_pylist()
-            num[nb, N_QUERY] = add(pa.array([decode_netbios_name(n) or n for n in names], pa.string())) + np.arange(
-                len(nb))
-            num[nb, N_NBSTAT] = num[nb, N_QTYPE] == 33
-    # records, rec_msg[i] record i's message
-    rec_msg = np.repeat(np.arange(m), msgs[:, K.M_NR])
-    section, kind, rtype = records[:, K.R_SECTION], records[:, K.R_KIND], records[:, K.R_TYPE]
-    owner, t1 = records[:, K.R_OWNER], records[:, K.R_TEXT1]
-    replies = np.flatnonzero((section == 0) & (kind != K.K_NONE))  # records that give a reply (do_reply)
-    with_reply, first_reply = np.unique(rec_msg[replies], return_index=True)
-    num[with_reply, N_OWNER] = n_str + owner[replies[first_reply]]
-    # each record's text as sent (`sent`: Suricata's rdata) and as Zeek's answers have it (`zeek`)
-    sent = np.full(len(records), -1, dtype=np.int64)
-    zeek = np.full(len(records), -1, dtype=np.int64)
-    as_name = (kind == K.K_NAME) | (kind == K.K_SOA) | (kind == K.K_SRV)
-    as_sent = (kind == K.K_ADDR4) | (kind == K.K_TXT)
-    sent[as_sent | (kind == K.K_NAME)] = t1[as_sent | (kind == K.K_NAME)]
-    zeek[as_sent] = t1[as_sent]
-    zeek[as_name] = n_str + t1[as_name]
+    fields, answers, entries = K.message_texts(msgs, questions, records, offsets)
+    num[:, _FROM_KERNEL] = fields
+    # the pool: the strings as sent, the same lower-cased (Zeek's reading: the text is ASCII,
+    # other bytes escaped in lower case already), "", the texts of records message_texts
+    # leaves to this (IPv6 addresses, "<unknown type=N>"), the types' names, decoded NetBIOS names
+    pool = [strings, pc.ascii_lower(strings), pa.array([""], pa.string())]
+    end = 2 * n_str + 1
+    own = np.full(n_rec + 1, 2 * n_str, dtype=np.int64)  # record r's text, at own[r]; "" at own[n_rec]
+    kind = records[:, K.R_KIND]
     at = np.flatnonzero(kind == K.K_ADDR6)
     if len(at):
-        sent[at] = zeek[at] = add(_ip6_texts(data, starts[rec_msg[at]] + records[at, K.R_RDATA])) + np.arange(len(at))
+        rec_msg = np.repeat(np.arange(len(msgs)), msgs[:, K.M_NR])
+        pool.append(_ip6_texts(data, starts[rec_msg[at]] + records[at, K.R_RDATA]))
+        own[at] = end + np.arange(len(at))
+        end += len(at)
     at = np.flatnonzero(kind == K.K_UNKNOWN)
     if len(at):
-        distinct, which = np.unique(rtype[at], return_inverse=True)
-        sent[at] = zeek[at] = add(pa.array([f"<unknown type={t}>" for t in distinct.tolist()], pa.string())) + which.reshape(-1)
-    at = np.flatnonzero(kind == K.K_EMPTY)
-    if len(at):
-        sent[at] = add(pa.array([""], pa.string()))
-    # Zeek's answers: the replies with text (not WKS's, nor a name that is the root's)
-    empty = (kind == K.K_EMPTY) | (as_name & (np.diff(offsets)[np.where(as_name, t1, 0)] == 0))
-    ans = replies[~empty[replies]]
-    num[:, N_ANS0], num[:, N_NANS] = _runs(rec_msg[ans], m)
-    answers = np.stack([zeek[ans], records[ans, K.R_TTL]], axis=1)
-    # Suricata's records: a TXT answer's strings each an entry (its strings are V1 strings from V0 on)
-    per = np.where(kind[replies] == K.K_TXT, records[replies, K.R_V1], 1)
-    rec = np.repeat(replies, per)
-    nth = np.arange(len(rec)) - np.repeat(np.cumsum(per) - per, per)
-    rdata = np.where(kind[rec] == K.K_TXT, records[rec, K.R_V0] + nth, sent[rec])
-    authority = np.flatnonzero((section == 1) & (kind != K.K_NONE))
-    num[:, N_AREC0], num[:, N_NAREC] = _runs(rec_msg[rec], m)
-    num[:, N_AUTH0], num[:, N_NAUTH] = _runs(rec_msg[authority], m)
-    num[:, N_AUTH0] += len(rec)
-    rec = np.concatenate([rec, authority])
-    entries = np.zeros((len(rec), E_FIELDS), dtype=np.int64)
-    entries[:, E_RRNAME] = owner[rec]
-    distinct, which = np.unique(rtype[rec], return_inverse=True)
-    if len(distinct):
-        entries[:, E_RRTYPE] = add(pa.array([qtype_name(t) for t in distinct.tolist()], pa.string())) + which.reshape(-1)
-    entries[:, E_TTL] = records[rec, K.R_TTL]
-    entries[:, E_RDATA] = np.concatenate([rdata, sent[authority]])
-    k = kind[rec]
-    entries[:, E_KIND] = np.where(k == K.K_SOA, EK_SOA, np.where(k == K.K_SRV, EK_SRV, EK_PLAIN))
-    entries[:, E_T1] = t1[rec]
-    entries[:, E_T2] = records[rec, K.R_TEXT2]
-    entries[:, E_V0:E_V4 + 1] = records[rec, K.R_V0:K.R_V4 + 1]
+        distinct, which = np.unique(records[at, K.R_TYPE], return_inverse=True)
+        pool.append(pa.array([f"<unknown type={t}>" for t in distinct.tolist()], pa.string()))
+        own[at] = end + which.reshape(-1)
+        end += len(distinct)
+    for texts in (answers[:, A_TEXT], entries[:, E_RDATA]):  # message_texts' numbers past the strings
+        theirs = texts >= 2 * n_str
+        texts[theirs] = own[texts[theirs] - 2 * n_str]
+    if len(entries):
+        entries[:, E_RRTYPE] = end + _QTYPE_NAMES.at(entries[:, E_RRTYPE])
+        pool.append(_QTYPE_NAMES.array)
+        end += len(_QTYPE_NAMES.array)
+    nb = np.flatnonzero((num[:, N_QUERY] >= 0) & netbios_names)
+    if len(nb):  # NetBIOS names: decoded, once per distinct name
+        names = pc.dictionary_encode(pool[1].take(pa.array(num[nb, N_QUERY] - n_str)))
+        pool.append(pa.array([decode_netbios_name(n) or n for n in names.dictionary.to_pylist()], pa.string()))
+        num[nb, N_QUERY] = end + names.indices.to_numpy()
+        num[nb, N_NBSTAT] = num[nb, N_QTYPE] == 33
     return _Source(pa.concat_arrays(pool), entries, answers)
 
 
@@ -1386,90 +1350,84 @@ def _python_messages(left: np.ndarray, data: np.ndarray, starts: np.ndarray, end
     return source, failed
 
 
-class _Texts:
-    """The sources of some messages as one: pool numbers, entries and answers renumbered
-    (`at(num)`: the messages' rows with theirs)."""
+def _own_texts(source: _Source, num: np.ndarray) -> tuple[np.ndarray, _Source]:
+    """The messages `num` of `source` with a source of their own texts only (renumbered)."""
+    num = num.copy()
+    entries = source.entries[np.concatenate([_ranges(num[:, N_AREC0], num[:, N_NAREC]),
+                                             _ranges(num[:, N_AUTH0], num[:, N_NAUTH])])]
+    answers = source.answers[_ranges(num[:, N_ANS0], num[:, N_NANS])]
+    strings = np.unique(np.concatenate([num[:, f] for f in N_TEXTS] + [answers[:, A_TEXT]] +
+                                       [entries[:, f] for f in E_STRINGS]))
+    strings = strings[strings >= 0]
+    renumber = lambda v: np.where(v >= 0, np.searchsorted(strings, v), -1)  # noqa: E731
+    for f in N_TEXTS:
+        num[:, f] = renumber(num[:, f])
+    for f in E_STRINGS:
+        entries[:, f] = renumber(entries[:, f])
+    answers[:, A_TEXT] = renumber(answers[:, A_TEXT])
+    num[:, N_ANS0] = np.cumsum(num[:, N_NANS]) - num[:, N_NANS]
+    num[:, N_AREC0] = np.cumsum(num[:, N_NAREC]) - num[:, N_NAREC]
+    num[:, N_AUTH0] = np.cumsum(num[:, N_NAUTH]) - num[:, N_NAUTH] + int(num[:, N_NAREC].sum())
+    return num, _Source(source.pool.take(pa.array(strings, pa.int64())), entries, answers)
 
-    def __init__(self, sources: dict, ids: np.ndarray):
-        self.ids = ids
-        if len(ids) == 1:
-            s = sources[int(ids[0])]
-            self.pool, self.entries, self.answers = s.pool, s.entries, s.answers
-            self.base = np.zeros((1, 3), dtype=np.int64)
-            return
-        parts = [sources[i] for i in ids.tolist()]
-        sizes = np.array([[len(p.pool), len(p.entries), len(p.answers)] for p in parts], dtype=np.int64)
-        self.base = np.cumsum(sizes, axis=0) - sizes
-        self.pool = pa.concat_arrays([p.pool for p in parts])
-        entries = [p.entries.copy() for p in parts]
-        answers = [p.answers.copy() for p in parts]
-        for k in range(len(parts)):
-            for f in E_STRINGS:
-                entries[k][:, f] = np.where(entries[k][:, f] >= 0, entries[k][:, f] + self.base[k, 0], -1)
-            answers[k][:, A_TEXT] += self.base[k, 0]
-        self.entries = np.concatenate(entries)
-        self.answers = np.concatenate(answers)
 
-    def at(self, num: np.ndarray) -> np.ndarray:
-        """Rows of `num` with their texts' numbers in this one."""
-        num = num.copy()
-        base = self.base[np.searchsorted(self.ids, num[:, N_SOURCE])]
-        for f in N_TEXTS:
-            num[:, f] = np.where(num[:, f] >= 0, num[:, f] + base[:, 0], -1)
-        num[:, N_AREC0] += base[:, 1]
-        num[:, N_AUTH0] += base[:, 1]
-        num[:, N_ANS0] += base[:, 2]
-        return num
-
-    def repack(self, num: np.ndarray) -> tuple[np.ndarray, _Source]:
-        """The messages `num` (as `at` gives them) with a source of their own texts only."""
-        num = num.copy()
-        used = [num[:, f][num[:, f] >= 0] for f in N_TEXTS]
-        ans = _ranges(num[:, N_ANS0], num[:, N_NANS])
-        entries = self.entries[np.concatenate([_ranges(num[:, N_AREC0], num[:, N_NAREC]),
-                                               _ranges(num[:, N_AUTH0], num[:, N_NAUTH])])]
-        answers = self.answers[ans]
-        strings = np.unique(np.concatenate(used + [answers[:, A_TEXT]] + [entries[:, f] for f in E_STRINGS]))
-        strings = strings[strings >= 0]
-        renumber = lambda v: np.where(v >= 0, np.searchsorted(strings, v), -1)  # noqa: E731
-        for f in N_TEXTS:
-            num[:, f] = renumber(num[:, f])
+def _texts(sources: dict, num: np.ndarray) -> tuple[np.ndarray, _Source]:
+    """The messages `num` with their texts in one source: the one they share, or their
+    sources joined (copying them is cheaper than picking out the texts of these messages)."""
+    ids = np.unique(num[:, N_SOURCE])
+    if len(ids) == 1:
+        return num, sources[int(ids[0])]
+    parts = [sources[i] for i in ids.tolist()]
+    sizes = np.array([[len(p.pool), len(p.entries), len(p.answers)] for p in parts], dtype=np.int64)
+    base = np.cumsum(sizes, axis=0) - sizes
+    entries = [p.entries.copy() for p in parts]
+    answers = [p.answers.copy() for p in parts]
+    for k in range(len(parts)):
         for f in E_STRINGS:
-            entries[:, f] = renumber(entries[:, f])
-        answers[:, A_TEXT] = renumber(answers[:, A_TEXT])
-        num[:, N_ANS0], _ = _runs(np.repeat(np.arange(len(num)), num[:, N_NANS]), len(num))
-        num[:, N_AREC0], _ = _runs(np.repeat(np.arange(len(num)), num[:, N_NAREC]), len(num))
-        num[:, N_AUTH0], _ = _runs(np.repeat(np.arange(len(num)), num[:, N_NAUTH]), len(num))
-        num[:, N_AUTH0] += int(num[:, N_NAREC].sum())
-        return num, _Source(self.pool.take(pa.array(strings, pa.int64())), entries, answers)
+            entries[k][:, f] = np.where(entries[k][:, f] >= 0, entries[k][:, f] + base[k, 0], -1)
+        answers[k][:, A_TEXT] += base[k, 0]
+    num = num.copy()
+    at = base[np.searchsorted(ids, num[:, N_SOURCE])]
+    for f in N_TEXTS:
+        num[:, f] = np.where(num[:, f] >= 0, num[:, f] + at[:, 0], -1)
+    num[:, N_AREC0] += at[:, 1]
+    num[:, N_AUTH0] += at[:, 1]
+    num[:, N_ANS0] += at[:, 2]
+    return num, _Source(pa.concat_arrays([p.pool for p in parts]), np.concatenate(entries), np.concatenate(answers))
 
-    def record_lists(self, num: np.ndarray, valid: np.ndarray) -> list[pa.Array]:
-        """answer_records and authority_records of the messages `num` (as `at` gives them), null
-        where not `valid`: one array of entries that both lists' offsets point into."""
-        lists = []
-        runs = []
-        done = 0
-        for first, count in ((N_AREC0, N_NAREC), (N_AUTH0, N_NAUTH)):
-            n = np.where(valid, num[:, count], 0)
-            runs.append(_ranges(num[:, first], n))
-            lists.append((n, done))
-            done += int(n.sum())
-        e = self.entries[np.concatenate(runs)]
-        pool = self.pool
-        kind = e[:, E_KIND]
-        soa, srv, sshfp = kind == EK_SOA, kind == EK_SRV, kind == EK_SSHFP
-        v = [pa.array(e[:, f]) for f in (E_V0, E_V1, E_V2, E_V3, E_V4)]
-        t1 = e[:, E_T1]
-        items = pa.StructArray.from_arrays([
-            _take(pool, e[:, E_RRNAME]), _take(pool, e[:, E_RRTYPE]), pa.array(e[:, E_TTL]),
-            _take(pool, e[:, E_RDATA], e[:, E_RDATA] >= 0),
-            pa.StructArray.from_arrays([_take(pool, t1, soa), _take(pool, e[:, E_T2], soa)] + v, fields=list(_SOA),
-                                       mask=pa.array(~soa)),
-            pa.StructArray.from_arrays(v[:3] + [_take(pool, t1, srv)], fields=list(_SRV), mask=pa.array(~srv)),
-            pa.StructArray.from_arrays(v[:2] + [_take(pool, t1, sshfp)], fields=list(_SSHFP), mask=pa.array(~sshfp)),
-        ], fields=list(_RECORDS.value_type))
-        mask = pa.array(~valid)
-        return [pa.ListArray.from_arrays(_offsets(n, start), items, type=_RECORDS, mask=mask) for n, start in lists]
+
+def _record_lists(source: _Source, num: np.ndarray, valid: np.ndarray) -> list[pa.Array]:
+    """answer_records and authority_records of the messages `num` of `source`, null where not
+    `valid`: one array of entries that both lists' offsets point into."""
+    lists = []
+    runs = []
+    done = 0
+    for first, count in ((N_AREC0, N_NAREC), (N_AUTH0, N_NAUTH)):
+        n = np.where(valid, num[:, count], 0)
+        runs.append(_ranges(num[:, first], n))
+        lists.append((n, done))
+        done += int(n.sum())
+    e = source.entries[np.concatenate(runs)]
+    pool = source.pool
+    kind = e[:, E_KIND]
+    soa, srv, sshfp = kind == EK_SOA, kind == EK_SRV, kind == EK_SSHFP
+    v = [pa.array(e[:, f]) for f in (E_V0, E_V1, E_V2, E_V3, E_V4)]
+    t1 = e[:, E_T1]
+
+    def fields(type: pa.DataType, which: np.ndarray, children) -> pa.Array:  # (mostly none: not made then)
+        if not which.any():
+            return pa.nulls(len(which), type)
+        return pa.StructArray.from_arrays(children(), fields=list(type), mask=pa.array(~which))
+
+    items = pa.StructArray.from_arrays([
+        _take(pool, e[:, E_RRNAME]), _take(pool, e[:, E_RRTYPE]), pa.array(e[:, E_TTL]),
+        _take(pool, e[:, E_RDATA], e[:, E_RDATA] >= 0),
+        fields(_SOA, soa, lambda: [_take(pool, t1, soa), _take(pool, e[:, E_T2], soa)] + v),
+        fields(_SRV, srv, lambda: v[:3] + [_take(pool, t1, srv)]),
+        fields(_SSHFP, sshfp, lambda: v[:2] + [_take(pool, t1, sshfp)]),
+    ], fields=list(_RECORDS.value_type))
+    mask = pa.array(~valid)
+    return [pa.ListArray.from_arrays(_offsets(n, start), items, type=_RECORDS, mask=mask) for n, start in lists]
 
 
 def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
@@ -1480,11 +1438,9 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
     n = len(first)
     hq, hr = q >= 0, r >= 0
     own = ~hq & ~hr
-    used = np.concatenate([first, q[hq], r[hr]])
-    texts = _Texts(sources, np.unique(num[used, N_SOURCE]))
     F = num[first]
-    Q = texts.at(num[np.where(hq, q, first)])
-    R = texts.at(num[np.where(hr, r, first)])
+    both, texts = _texts(sources, num[np.concatenate([np.where(hq, q, first), np.where(hr, r, first)])])
+    Q, R = both[:n], both[n:]
     L = num[np.where(hq & hr, np.where(first == q, r, q), first)]  # the message applied last
     header = ~own | (F[:, N_SHORT] == 0)
     opcode = (L[:, N_FLAGS] >> 11) & 0xF
@@ -1497,7 +1453,7 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
     count = np.where(hr, R[:, N_NANS], 0)
     answers = texts.answers[_ranges(R[:, N_ANS0], count)]
     offsets, none = _offsets(count), pa.array(count == 0)
-    answer_records, authority_records = texts.record_lists(R, hr)
+    answer_records, authority_records = _record_lists(texts, R, hr)
     bools = lambda v: pa.array(v, pa.bool_())  # noqa: E731
     return {
         "ts": pa.array(F[:, N_TS]).view(pa.timestamp("ns")),
@@ -1537,8 +1493,10 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
 
 
 COMPACT_AFTER = 4096  # messages of closed sessions the book keeps at most (unless as many live ones)
-# per session in the book: first message seen, roles flipped, multicast, NetBIOS, the ports as the stage gave them
-B_SEEN, B_FLIPPED, B_MULTICAST, B_NETBIOS, B_ORIG_P, B_RESP_P = range(6)
+# per session in the book: first message seen, roles flipped, multicast, NetBIOS, the ports as the
+# stage gave them, its messages in the book
+B_SEEN, B_FLIPPED, B_MULTICAST, B_NETBIOS, B_ORIG_P, B_RESP_P, B_MESSAGES = range(7)
+B_FIELDS = 7
 # a finished transaction waiting for its session to close: its session, query, response, first message
 D_SID, D_Q, D_R, D_FIRST = range(4)
 
@@ -1554,7 +1512,7 @@ class DnsBook:
 
     def __init__(self):
         self.sids = np.zeros(0, dtype=np.int64)
-        self.state = np.zeros((0, 6), dtype=np.int64)
+        self.state = np.zeros((0, B_FIELDS), dtype=np.int64)
         self.flipped: dict[int, tuple] = {}  # sid -> (orig_h, orig_p, resp_h, resp_p) of a flipped session
         self.num = np.zeros((1024, N_FIELDS), dtype=np.int64)
         self.n = 0       # messages in `num`
@@ -1592,10 +1550,12 @@ class DnsBook:
         known[known] = self.sids[at[known]] == sids[known]
         if not known.all():
             new = sids[~known].tolist()
-            rows = np.zeros((len(new), 6), dtype=np.int64)
-            for k, s in enumerate(new):
-                _, _, orig_p, resp_h, resp_p = tuples[s]
-                rows[k, B_MULTICAST:] = (_is_multicast(resp_h), NETBIOS_PORT in (orig_p, resp_p), orig_p, resp_p)
+            rows = np.zeros((len(new), B_FIELDS), dtype=np.int64)
+            ports = [tuples[s] for s in new]
+            rows[:, B_MULTICAST] = [t[3].startswith(_MULTICAST_STARTS) and _is_multicast(t[3]) for t in ports]
+            rows[:, B_ORIG_P] = [t[2] for t in ports]
+            rows[:, B_RESP_P] = [t[4] for t in ports]
+            rows[:, B_NETBIOS] = (rows[:, B_ORIG_P] == NETBIOS_PORT) | (rows[:, B_RESP_P] == NETBIOS_PORT)
             all_sids = np.concatenate([self.sids, sids[~known]])
             order = np.argsort(all_sids, kind="stable")
             self.sids, self.state = all_sids[order], np.concatenate([self.state, rows])[order]
@@ -1607,8 +1567,9 @@ class DnsBook:
         """The rows of the sessions `sids`: their finished transactions, then what they still
         have waiting (DnsSession.close: the pending query, then the queues of queries, then
         those of responses, each in the order of its ids); and the sessions forgotten."""
-        done = np.isin(self.done[:, D_SID], sids)
-        closing = np.isin(self.e_sid, sids)
+        sids = np.sort(sids)
+        done = _among(self.done[:, D_SID], sids)
+        closing = _among(self.e_sid, sids)
         at = np.flatnonzero(closing)
         keyseq = np.where(self.e_table == K.T_PENDING, 0, self.e_keyseq)
         at = at[np.lexsort((self.e_seq[at], keyseq[at], self.e_table[at], self.e_sid[at]))]
@@ -1622,22 +1583,24 @@ class DnsBook:
             cols = _transactions(num, self.sources, rows[:, D_Q], rows[:, D_R], first)
             flipped = num[first, N_FLIPPED] == 1
             if flipped.any():  # a flipped session's roles, in its rows made after the flip (the others: the stage's)
-                tuples = [self.flipped[s] if f else (None,) * 4 for s, f in zip(rows[:, D_SID].tolist(),
-                                                                                 flipped.tolist())]
-                for name, type, values in zip(("orig_h", "orig_p", "resp_h", "resp_p"),
-                                              (pa.string(), pa.uint16(), pa.string(), pa.uint16()), zip(*tuples)):
-                    cols[name] = pa.array(values, type)
+                which, at = np.unique(rows[flipped, D_SID], return_inverse=True)
+                where = np.zeros(len(rows), dtype=np.int64)
+                where[flipped] = at.reshape(-1)
+                tuples = list(zip(*(self.flipped[s] for s in which.tolist())))
+                for k, (name, type) in enumerate((("orig_h", pa.string()), ("orig_p", pa.uint16()),
+                                                  ("resp_h", pa.string()), ("resp_p", pa.uint16()))):
+                    cols[name] = _take(pa.array(tuples[k], type), where, flipped)
             out = Records(pa.table(cols), rows[:, D_SID].copy())
         self.done = self.done[~done]
         keep = np.flatnonzero(~closing)
         self.e_sid, self.e_table, self.e_keyseq, self.e_seq, self.e_msg = (
             self.e_sid[keep], self.e_table[keep], self.e_keyseq[keep], self.e_seq[keep], self.e_msg[keep])
-        gone = np.isin(self.sids, sids)
+        gone = _among(self.sids, sids)
         if gone.any():
             for s in self.sids[gone & (self.state[:, B_FLIPPED] == 1)].tolist():
                 self.flipped.pop(s, None)
+            self.dead += int(self.state[gone, B_MESSAGES].sum())
             self.sids, self.state = self.sids[~gone], self.state[~gone]
-        self.dead += int(np.isin(self.num[:self.n, N_SID], sids).sum())
         if self.dead > max(self.n - self.dead, COMPACT_AFTER):
             self.compact()
         return out
@@ -1645,13 +1608,13 @@ class DnsBook:
     def compact(self) -> None:
         """The messages of closed sessions dropped, those left with their texts in one source
         of their own (a long session keeps no other session's texts)."""
-        live = np.flatnonzero(np.isin(self.num[:self.n, N_SID], self.sids))
+        live = np.flatnonzero(_among(self.num[:self.n, N_SID], self.sids))
         renumber = np.full(self.n + 1, -1, dtype=np.int64)  # (-1 stays -1: the last one)
         renumber[live] = np.arange(len(live))
         num = self.num[live]
         if len(live):
-            texts = _Texts(self.sources, np.unique(num[:, N_SOURCE]))
-            num, source = texts.repack(texts.at(num))
+            num, source = _texts(self.sources, num)
+            num, source = _own_texts(source, num)
             self.sources = {}
             num[:, N_SOURCE] = self.source(source)
         else:
@@ -1742,9 +1705,10 @@ def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list, int]:
         errors = len(failed)
     num[:, N_MALFORMED] |= b.truncated
     base = book.append(num)
+    book.state[rows_of, B_MESSAGES] += np.bincount(sess, minlength=len(sessions))
     # pair them, with the messages still pending in these sessions: the kernel numbers the
     # pending ones of these sessions (`held`) first, then the batch's
-    held = np.flatnonzero(np.isin(book.e_sid, sessions)) if len(book.e_sid) else np.zeros(0, dtype=np.int64)
+    held = np.flatnonzero(_among(book.e_sid, sessions))
     e_msg = book.e_msg[held]
     (q, r, first, row_sess, o_sess, o_table, o_keyseq, o_seq, _, o_msg, book.clock) = K.pair_messages(
         sess.astype(np.int64), kind.astype(np.int64), tid, multicast, np.searchsorted(sessions, book.e_sid[held]),

@@ -729,3 +729,105 @@ def pair_messages(sess, kind, tid, multicast, e_sess, e_table, e_keyseq, e_seq, 
             e = head[s] if e == pending[s] else nxt[e]
     return (row_q[:nrows], row_r[:nrows], row_first[:nrows], row_sess[:nrows], out_sess[:n_out], out_table[:n_out],
             out_keyseq[:n_out], out_seq[:n_out], out_tid[:n_out], out_msg[:n_out], clock)
+
+
+# ---- what each message gives its row --------------------------------------------------------
+#
+# `message_texts` turns parse_messages' results into what app/dns.py's message_fields makes of
+# each message, as numbers: its texts are numbers in a pool of strings laid out as
+#   [the n strings as sent | the same n lower-cased | one per record (its IPv6 address or
+#    "<unknown type=N>", made in app/dns.py) | ""]
+# and its record lists runs of entries (Suricata's records: a TXT answer's strings each one).
+
+# per message: the last question's type, class and name (lower-cased), the first one's name as
+# sent, the first reply's owner (lower-cased; -1: no reply), its runs of answers, of
+# answer_records entries and of authority_records entries
+(MT_QTYPE, MT_QCLASS, MT_QUERY, MT_Q0, MT_OWNER, MT_ANS0, MT_NANS, MT_AREC0, MT_NAREC, MT_AUTH0, MT_NAUTH) = range(11)
+MT_FIELDS = 11
+# a record list entry: E_RRNAME, E_RDATA and E_T1/E_T2 strings (SOA's mname and rname, SRV's
+# name, SSHFP's fingerprint), E_RRTYPE the type (a number here: app/dns.py makes it its name),
+# E_V0.. E_V4 numbers (SOA's serial .. minimum; SRV's priority, weight, port; SSHFP's algorithm
+# and type)
+(E_RRNAME, E_RRTYPE, E_TTL, E_RDATA, E_KIND, E_T1, E_T2, E_V0, E_V1, E_V2, E_V3, E_V4) = range(12)
+E_FIELDS = 12
+EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP = range(4)
+# a Zeek answer: its text and TTL
+A_TEXT, A_TTL = range(2)
+
+
+@kernel
+def message_texts(msgs, questions, records, text_offsets):
+    """What each message read by parse_messages gives its row (see above): returns (fields
+    (MT_*), answers (A_*), entries (E_*)), texts as numbers in the pool laid out above."""
+    m = len(msgs)
+    n_str = len(text_offsets) - 1
+    n_rec = len(records)
+    extra = 2 * n_str          # record r's own text: extra + r
+    empty = 2 * n_str + n_rec  # ""
+    fields = np.full((m, MT_FIELDS), -1, dtype=np.int64)
+    answers = np.zeros((n_rec, 2), dtype=np.int64)
+    entries = np.zeros((n_rec + n_str, E_FIELDS), dtype=np.int64)
+    na = 0
+    ne = 0
+    for j in range(m):
+        f = fields[j]
+        nq = msgs[j, M_NQ]
+        q0 = msgs[j, M_Q0]
+        f[MT_QTYPE] = 0
+        f[MT_QCLASS] = 0
+        if nq > 0:  # Zeek's dns_request runs per question: the last one's stay
+            f[MT_QTYPE] = questions[q0 + nq - 1, Q_TYPE]
+            f[MT_QCLASS] = questions[q0 + nq - 1, Q_CLASS]
+            f[MT_QUERY] = n_str + questions[q0 + nq - 1, Q_NAME]
+            f[MT_Q0] = questions[q0, Q_NAME]
+        f[MT_ANS0] = na
+        f[MT_AREC0] = ne
+        f[MT_AUTH0] = ne
+        r0 = msgs[j, M_R0]
+        for r in range(r0, r0 + msgs[j, M_NR]):
+            rec = records[r]
+            kind = rec[R_KIND]
+            if kind == K_NONE:  # no reply: in no list
+                continue
+            t1 = rec[R_TEXT1]
+            as_name = kind == K_NAME or kind == K_SOA or kind == K_SRV
+            # its data as sent (Suricata's rdata; -1: none, SOA and SRV have their fields)
+            if kind == K_ADDR6 or kind == K_UNKNOWN:
+                sent = extra + r
+            elif kind == K_EMPTY:
+                sent = empty
+            elif kind == K_SOA or kind == K_SRV:
+                sent = -1
+            else:
+                sent = t1
+            section = rec[R_SECTION]
+            if section == 0:
+                if f[MT_OWNER] < 0:
+                    f[MT_OWNER] = n_str + rec[R_OWNER]
+                # Zeek's answers: the replies with text (not WKS's, nor a name that is the root's)
+                if kind != K_EMPTY and not (as_name and text_offsets[t1 + 1] == text_offsets[t1]):
+                    answers[na, A_TEXT] = n_str + t1 if as_name else sent
+                    answers[na, A_TTL] = rec[R_TTL]
+                    na += 1
+                f[MT_AUTH0] = ne + (rec[R_V1] if kind == K_TXT else 1)
+            # its entries: a TXT answer's strings (V1 of them from V0) each one
+            count = rec[R_V1] if kind == K_TXT and section == 0 else 1
+            for k in range(count):
+                e = entries[ne]
+                e[E_RRNAME] = rec[R_OWNER]
+                e[E_RRTYPE] = rec[R_TYPE]
+                e[E_TTL] = rec[R_TTL]
+                e[E_RDATA] = rec[R_V0] + k if kind == K_TXT and section == 0 else sent
+                e[E_KIND] = EK_SOA if kind == K_SOA else (EK_SRV if kind == K_SRV else EK_PLAIN)
+                e[E_T1] = t1
+                e[E_T2] = rec[R_TEXT2]
+                e[E_V0] = rec[R_V0]
+                e[E_V1] = rec[R_V1]
+                e[E_V2] = rec[R_V2]
+                e[E_V3] = rec[R_V3]
+                e[E_V4] = rec[R_V4]
+                ne += 1
+        f[MT_NANS] = na - f[MT_ANS0]
+        f[MT_NAREC] = f[MT_AUTH0] - f[MT_AREC0]
+        f[MT_NAUTH] = ne - f[MT_AUTH0]
+    return fields, answers[:na], entries[:ne]

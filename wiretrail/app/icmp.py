@@ -33,6 +33,7 @@ import struct
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from wiretrail.app import icmp_kernel as K
 from wiretrail.app.base import Datagram, Records
@@ -316,28 +317,13 @@ D_SID, D_MSG, D_KIND, D_RTT, D_REPLY_LEN, D_DIFFERS = range(6)
 DK_MESSAGE, DK_REQUEST, DK_ANSWERED = range(3)  # a message's own row; an echo request unanswered, answered
 
 
-def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """start[i], start[i] + 1, ..., start[i] + count[i] - 1, for every i in turn."""
-    total = int(count.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(count)
-    return np.repeat(start - (ends - count), count) + np.arange(total)
-
-
 def _entropies(data: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
     """`entropy` of each data[start[i]:start[i] + length[i]] (length >= 1), the same float64s:
-    the same terms (numpy's, elementwise), added up as numpy's sum adds them (the kernel's
-    sum_terms)."""
-    k = len(start)
-    if k == 0:
+    the same frequencies and terms (numpy's log2), added up as numpy's sum adds them."""
+    if len(start) == 0:
         return np.zeros(0)
-    values = data[_ranges(start, length)].astype(np.int64)
-    counts = np.bincount(np.repeat(np.arange(k) * 256, length) + values, minlength=256 * k).reshape(k, 256)
-    seen = counts > 0
-    distinct = seen.sum(axis=1)
-    p = counts[seen] / np.repeat(length, distinct)
-    return -K.sum_terms(p * np.log2(p), np.cumsum(distinct) - distinct, distinct)
+    p, first, count = K.byte_frequencies(data, start, length)
+    return -K.sum_terms(p * np.log2(p), first, count)
 
 
 def _type_name(code: int) -> str:
@@ -410,6 +396,7 @@ class IcmpBook:
 
     def __init__(self):
         self.hosts: dict[int, tuple[str, str]] = {}
+        self.messages: dict[int, int] = {}  # sid -> its messages in `num`
         self.pending: dict[int, dict] = {}
         self.num = np.zeros((1024, I_FIELDS), dtype=np.int64)
         self.n = 0       # messages in `num`
@@ -430,7 +417,9 @@ class IcmpBook:
         """The rows of the sessions `sids`: those made so far, then the requests still waiting
         (IcmpSession.close); and the sessions forgotten."""
         sid_list = sids.tolist()
-        done = np.isin(self.done[:, D_SID], sids)
+        sorted_sids = np.sort(sids)
+        done = sorted_sids[np.minimum(np.searchsorted(sorted_sids, self.done[:, D_SID]), len(sids) - 1)] == \
+            self.done[:, D_SID]
         rows = [self.done[done]]
         for s in sid_list:
             pending = self.pending.pop(s, None)
@@ -441,7 +430,7 @@ class IcmpBook:
         out = self._rows(rows) if len(rows) else []
         for s in sid_list:
             self.hosts.pop(s, None)
-        self.dead += int(np.isin(self.num[:self.n, I_SID], sids).sum())
+            self.dead += self.messages.pop(s, 0)
         if self.dead > max(self.n - self.dead, COMPACT_AFTER):
             self.compact()
         return out
@@ -465,9 +454,12 @@ class IcmpBook:
         n = len(rows)
         yes = np.ones(n, dtype=bool)
         from_orig = msg[:, I_FROM_ORIG] == 1
-        hosts = [self.hosts[s] for s in rows[:, D_SID].tolist()]
-        src = [h[0] if f else h[1] for h, f in zip(hosts, from_orig.tolist())]
-        dst = [h[1] if f else h[0] for h, f in zip(hosts, from_orig.tolist())]
+        # the sender and receiver: the session's hosts (per session), the message's way round
+        sessions, at = np.unique(rows[:, D_SID], return_inverse=True)
+        hosts = [self.hosts[s] for s in sessions.tolist()]
+        orig = pa.array([h[0] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
+        resp = pa.array([h[1] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
+        sent_by_orig = pa.array(from_orig)
         v6 = msg[:, I_V6] == 1
         typ, code = msg[:, I_TYPE], msg[:, I_CODE]
         plen = msg[:, I_PLEN]
@@ -483,8 +475,8 @@ class IcmpBook:
         entropy = msg[:, I_ENTROPY].view(np.float64).astype(np.float32)
         cols = {
             "ts": pa.array(msg[:, I_TS]).view(pa.timestamp("ns")),
-            "src_h": pa.array(src, pa.string()),
-            "dst_h": pa.array(dst, pa.string()),
+            "src_h": pc.if_else(sent_by_orig, orig, resp),
+            "dst_h": pc.if_else(sent_by_orig, resp, orig),
             "version": pa.array(np.where(v6, 6, 4).astype(np.int8)),
             "itype": _numbers(typ, typ >= 0, pa.int16()),
             "icode": _numbers(code, code >= 0, pa.int16()),
@@ -529,12 +521,17 @@ def add_datagrams(states: dict, b) -> tuple[list, int]:
         return [], 0
     book = _book_of(states)
     sid_list = b.sid.tolist()
-    new = [s for s in dict.fromkeys(sid_list) if s not in book.hosts]
+    sessions, sess = np.unique(b.sid, return_inverse=True)
+    session_list = sessions.tolist()
+    new = [s for s in session_list if s not in book.hosts]
     for s in new:
         _, orig_h, _, resp_h, _ = b.tuples[s]
         book.hosts[s] = (orig_h, resp_h)
     states.update(dict.fromkeys(new, book))
-    v6 = np.fromiter((":" in book.hosts[s][0] for s in sid_list), dtype=bool, count=m)
+    for s, n in zip(session_list, np.bincount(sess.reshape(-1)).tolist()):
+        book.messages[s] = book.messages.get(s, 0) + n
+    # a session's messages are ICMPv6 if its originator's address is IPv6 (IcmpSession.v6)
+    v6 = np.array([":" in book.hosts[s][0] for s in session_list], dtype=bool)[sess.reshape(-1)]
     start = np.ascontiguousarray(b.start, dtype=np.int64)
     end = np.ascontiguousarray(b.end, dtype=np.int64)
     num = K.parse_icmp(b.data, start, end, v6)

@@ -162,6 +162,30 @@ def parse_icmp(data, start, end, v6):
     return num
 
 
+@kernel
+def byte_frequencies(data, start, length):
+    """For each payload data[start[i]:start[i] + length[i]] (length >= 1), the frequencies of
+    the byte values it has, in byte order (count / length: the float64s numpy's division of the
+    counts gives). Returns (p, first, count): payload i's are p[first[i]:first[i] + count[i]]."""
+    k = len(start)
+    first = np.zeros(k, dtype=np.int64)
+    count = np.zeros(k, dtype=np.int64)
+    p = np.empty(np.minimum(length, 256).sum(), dtype=np.float64)
+    histogram = np.zeros(256, dtype=np.int64)
+    n = 0
+    for i in range(k):
+        histogram[:] = 0
+        for j in range(start[i], start[i] + length[i]):
+            histogram[data[j]] += 1
+        first[i] = n
+        for v in range(256):
+            if histogram[v]:
+                p[n] = histogram[v] / length[i]
+                n += 1
+        count[i] = n - first[i]
+    return p[:n], first, count
+
+
 @kernel(inline=True)
 def _block(a, lo, n):
     """numpy's pairwise_sum of a[lo:lo + n] for n <= 128: eight running sums, then the rest."""
