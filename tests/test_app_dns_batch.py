@@ -1,22 +1,26 @@
-"""DNS datagrams a batch at a time (dns.add_datagrams, app/dns_kernel.py) against the one-by-one path.
+"""DNS and ICMP datagrams a batch at a time (dns.add_datagrams and close_sessions,
+app/dns_kernel.py; icmp's, app/icmp_kernel.py) against the one-by-one path.
 
-The batch path must give exactly what DnsSession.add gives datagram by datagram: the kernel's
-messages are compared with the Python parser's (`_parse`) field by field, the rows of whole
-sessions split into batches in every way with those of the one-by-one path, and a capture's
-dns table with the batch entry point and without it.
+The batch path must give exactly what DnsSession.add and IcmpSession.add give datagram by
+datagram: the DNS kernel's messages are compared with the Python parser's (`_parse`) field by
+field, the rows of whole sessions split into batches in every way (and closed at every point)
+with those of the one-by-one path, and the corpus's DNS and ICMP captures' tables with the
+batch entry points and without them.
 """
 
 from __future__ import annotations
 
 import random
 import struct
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from test_app_dns_dhcp import PTR_Q, dgram, msg, qname, question, rr
-from wiretrail.app import dns
+from wiretrail.app import dns, icmp
 from wiretrail.app.base import Datagram, DatagramBatch
 
 
@@ -202,36 +206,92 @@ def batch_of(datagrams: list[Datagram]) -> DatagramBatch:
                          truncated=np.array([d.truncated for d in datagrams]), tuples=tuples)
 
 
-def rows_one_by_one(datagrams: list[Datagram]) -> list[dict]:
-    states, rows = {}, []
+def rows_one_by_one(datagrams: list[Datagram], mod=dns) -> list[dict]:
+    """new_session, add per datagram, then close per session: the rows as the stage's table has them."""
+    states, tuples, rows = {}, {}, []
     for d in datagrams:
         if d.uid not in states:
-            states[d.uid] = dns.new_session(d)
-        rows += states[d.uid].add(d)
-    for st in states.values():
-        rows += st.close()
+            states[d.uid] = mod.new_session(d)
+            tuples[d.uid] = dict(uid=d.uid, orig_h=d.orig_h, orig_p=d.orig_p, resp_h=d.resp_h, resp_p=d.resp_p)
+        rows += [(d.uid, r) for r in states[d.uid].add(d)]
+    for uid, st in states.items():
+        rows += [(uid, r) for r in st.close()]
+    for uid, r in rows:  # the session's columns a row leaves out (ICMP's all): the stage's
+        for name, value in tuples[uid].items():
+            r.setdefault(name, value)
+    return pylist(pa.Table.from_pylist([r for _, r in rows], schema=mod.SCHEMA))
+
+
+def pylist(table: pa.Table) -> list[dict]:
+    """A table's rows, times as ns integers."""
+    for i, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) or pa.types.is_duration(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+    return table.to_pylist()
+
+
+def records_rows(records, tuples: dict, mod=dns) -> list[dict]:
+    """Records as the stage makes them rows: columns left out null, the session's columns
+    where the module gave none."""
+    if isinstance(records, list):
+        assert records == []
+        return []
+    table = records.table
+    for field in mod.SCHEMA:
+        if field.name not in table.column_names:
+            table = table.append_column(field, pa.nulls(table.num_rows, field.type))
+    rows = pylist(table.select(mod.SCHEMA.names).cast(mod.SCHEMA))
+    for row, s in zip(rows, records.index.tolist()):
+        for name, value in zip(("uid", "orig_h", "orig_p", "resp_h", "resp_p"), tuples[s]):
+            if row[name] is None:
+                row[name] = value
     return rows
 
 
-def batch_rows(datagrams: list[Datagram], sizes: list[int]) -> list[dict]:
-    """The datagrams in batches of the given sizes (sessions spanning batches), then closed."""
+def batch_rows(datagrams: list[Datagram], sizes: list[int], mod=dns, closing: dict | None = None) -> list[dict]:
+    """The datagrams in batches of the given sizes (sessions spanning batches), then closed:
+    after batch closing[uid] for those it names (their rows first), at the end for the others."""
     sids = {d.uid: k + 100 for k, d in enumerate({d.uid: d for d in datagrams}.values())}
+    tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in datagrams}
     states, rows, at = {}, [], 0
-    for size in sizes:
+    for k, size in enumerate(sizes):
         chunk = datagrams[at:at + size]
         at += size
-        if not chunk:
-            continue
-        b = batch_of(chunk)
-        # one numbering of sessions over all batches
-        b.sid = np.array([sids[d.uid] for d in chunk])
-        b.tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in chunk}
-        out, errors = dns.add_datagrams(states, b)
-        assert errors == 0
-        rows += [r for _, r in out]
-    for s in sorted(states):
-        rows += states[s].close()
+        if chunk:
+            b = batch_of(chunk)
+            # one numbering of sessions over all batches
+            b.sid = np.array([sids[d.uid] for d in chunk])
+            b.tuples = {sids[d.uid]: tuples[sids[d.uid]] for d in chunk}
+            out, errors = mod.add_datagrams(states, b)
+            assert errors == 0
+            rows += records_rows(out, tuples, mod)
+        done = sorted(sids[u] for u, after in (closing or {}).items() if after == k)
+        if done:
+            rows += records_rows(mod.close_sessions(states, np.array(done, dtype=np.int64)), tuples, mod)
+    rows += records_rows(mod.close_sessions(states, np.array(sorted(states), dtype=np.int64)), tuples, mod)
+    assert not states
     return rows
+
+
+def by_session(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["uid"], []).append(r)
+    return out
+
+
+def random_batches(rng: random.Random, datagrams: list[Datagram], biggest: int = 200):
+    """Batch sizes at random, and each session closed after a random batch from its last one on."""
+    sizes = []
+    while sum(sizes) < len(datagrams):
+        sizes.append(rng.randrange(1, biggest))
+    last, at = {}, 0
+    for k, size in enumerate(sizes):
+        for d in datagrams[at:at + size]:
+            last[d.uid] = k
+        at += size
+    closing = {u: rng.randrange(k, len(sizes) + 1) for u, k in last.items()}
+    return sizes, closing
 
 
 def conversation() -> list[Datagram]:
@@ -251,6 +311,10 @@ def conversation() -> list[Datagram]:
     a, b = ("10.0.0.1", 40000), ("10.0.0.53", 53)
     nb_c, nb_s = ("10.0.0.1", 137), ("10.0.0.9", 137)
     txt = msg(tid=11, flags=0x8180, qd=[question("t.example", 16)], an=[rr(PTR_Q, 16, b"\x05hello")])
+    # names that are the root's: replies (AA, RA, rtt) with no answer text
+    root = msg(tid=12, flags=0x8580, qd=[question("r.example", 5)],
+               an=[rr(PTR_Q, 5, b"\0"), rr(PTR_Q, 33, struct.pack(">HHH", 1, 2, 3) + b"\0"),
+                   rr(PTR_Q, 6, b"\0\0" + bytes(20))])
     return [
         dgram(q1, ts=10, uid="C1", orig=a, resp=b),
         dgram(q2, ts=11, uid="C1", orig=a, resp=b),
@@ -271,6 +335,8 @@ def conversation() -> list[Datagram]:
         dgram(srv, ts=32, uid="C5", from_orig=True, orig=nb_s, resp=("10.0.0.7", 40001)),
         dgram(txt, ts=33, uid="C2", from_orig=False, orig=b, resp=a),     # TXT: read in Python
         dgram(RESPONSE[:40], ts=34, uid="C2", from_orig=False, orig=b, resp=a),
+        dgram(msg(tid=12, qd=[question("r.example", 5)]), ts=35, uid="C6", orig=a, resp=b),
+        dgram(root, ts=36, uid="C6", from_orig=False, orig=a, resp=b),
     ]
 
 
@@ -280,7 +346,8 @@ def test_batches_pair_as_one_by_one():
     datagrams[3].packet = 77
     want = rows_one_by_one(datagrams)
     # what the one-by-one path gives, in short (so a change in both at once still shows)
-    assert len(want) == 14
+    assert len(want) == 15
+    assert [(r["answers"], r["AA"], r["rtt"]) for r in want if r["uid"] == "C6"] == [(None, True, 1)]
     paired = [r for r in want if r["uid"] == "C1" and r["trans_id"] == 7]
     assert paired[0]["rtt"] == 10 and paired[0]["answers"] == ["1.1.1.1"] and paired[0]["query_original"] == "A.example"
     assert sum(r["uid"] == "C3" for r in want) == 2                      # multicast: one row per message
@@ -316,33 +383,262 @@ def test_batch_fuzz_pairs_as_one_by_one():
     assert batch_rows(datagrams, sizes) == want
 
 
-# ---- through the stage: a capture's dns table with the batch entry point and without ---------
+def test_batch_closes_sessions_at_any_point(monkeypatch):
+    """Sessions closed between batches, in any order, the book compacting its messages often:
+    each session's rows as one by one."""
+    monkeypatch.setattr(dns, "COMPACT_AFTER", 5)
+    rng = random.Random(12)
+    seeds = [m for m in (d.payload for d in conversation())] + [RESPONSE, ODD_NAMES]
+    datagrams = []
+    for i in range(2500):
+        k = rng.randrange(60)
+        uid = f"C{k}"
+        server = ("224.0.0.251", 5353) if k % 10 == 0 else (("10.0.1.1", 137) if k % 7 == 0 else ("10.0.1.1", 53))
+        client = ("10.0.0.%d" % k, 137 if k % 7 == 0 else 30000 + k)
+        b = bytearray(rng.choice(seeds))
+        if rng.random() < 0.2 and b:
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        if len(b) > 2:
+            b[0:2] = struct.pack(">H", rng.randrange(6))
+        datagrams.append(dgram(bytes(b), ts=i, uid=uid, from_orig=rng.random() < 0.5, orig=client, resp=server))
+    want = by_session(rows_one_by_one(datagrams))
+    for trial in range(3):
+        sizes, closing = random_batches(rng, datagrams)
+        assert by_session(batch_rows(datagrams, sizes, closing=closing)) == want
+    print(f"\ndns batch path, sessions closed at random: {sum(map(len, want.values()))} rows as one by one")
 
-def _dns_table(store) -> list[tuple]:
-    files = sorted(store.glob("tables/dns/**/*.parquet"))
+
+def test_pending_queues_overflow_as_one_by_one():
+    """More ids waiting than Zeek keeps (DNS::max_pending_query_ids), more messages of one id
+    than it keeps (max_pending_msgs), in the queues of queries and of lone responses."""
+    a, b = ("10.0.0.1", 40000), ("10.0.0.53", 53)
+    q = lambda tid, name="x.example": msg(tid=tid, qd=[question(name)])  # noqa: E731
+    r = lambda tid: msg(tid=tid, flags=0x8180, qd=[question("x.example")],  # noqa: E731
+                        an=[rr(PTR_Q, 1, bytes([10, 0, 0, tid & 0xFF]))])
+    sent = [(q(1), True)]                                      # the pending query
+    sent += [(q(100 + k), True) for k in range(70)]            # 70 ids queued: flushed past 50
+    sent += [(q(7), True) for _ in range(60)]                  # one id 60 times: flushed past 50
+    sent += [(r(100 + k), False) for k in range(0, 70, 3)]     # some answered
+    sent += [(r(1), False), (r(7), False)]                     # the pending query, then the next one in its place
+    sent += [(r(500 + k), False) for k in range(60)]           # lone responses: queued, flushed
+    sent += [(r(900), False) for _ in range(55)]
+    sent += [(q(500 + k), True) for k in range(0, 60, 7)] + [(q(900), True)]
+    datagrams = [dgram(p, ts=i, uid="C1", from_orig=fo, orig=a, resp=b) for i, (p, fo) in enumerate(sent)]
+    want = rows_one_by_one(datagrams)
+    assert len(want) > 150
+    n = len(datagrams)
+    for sizes in ([n], [1] * n, [7] * n, [60, 60, 60, n], [n // 2, n]):
+        assert batch_rows(datagrams, sizes) == want, sizes
+
+
+# ---- ICMP: the batch path against IcmpSession ---------------------------------------------------
+
+def icmp_message(t: int, code: int = 0, rest: bytes = b"\0\0\0\0", body: bytes = b"") -> bytes:
+    return bytes([t, code, 0, 0]) + rest + body
+
+
+def echo(t: int, ident: int, seq: int, data: bytes = b"abcdefgh" * 4) -> bytes:
+    return icmp_message(t, 0, struct.pack(">HH", ident, seq), data)
+
+
+def v4_quote(proto: int = 17, sp: int = 5353, dp: int = 53, frag: int = 0, ihl: int = 5) -> bytes:
+    ip = bytes([0x40 | ihl, 0, 0, 40]) + struct.pack(">HH", 1, frag) + bytes([64, proto, 0, 0, 10, 0, 0, 1,
+                                                                             10, 0, 0, 2])
+    return ip + bytes(4 * max(ihl - 5, 0)) + struct.pack(">HHHH", sp, dp, 20, 0)
+
+
+def v6_quote(proto: int = 6, sp: int = 443, dp: int = 50000, ext: bytes = b"", first: int | None = None) -> bytes:
+    src = bytes.fromhex("20010db8000000000000000000000001")
+    dst = bytes.fromhex("20010db80000000000000000000000ff")
+    ip = bytes([0x60, 0, 0, 0]) + struct.pack(">H", 20 + len(ext)) + bytes([proto if first is None else first, 57])
+    return ip + src + dst + ext + struct.pack(">HHII", sp, dp, 0, 0)
+
+
+def icmp_conversation() -> list[Datagram]:
+    """ICMP and ICMPv6 sessions: echo exchanges (answered, repeated, unanswered, lone replies,
+    the same host at both ends), errors quoting IPv4 and IPv6 packets (extension headers, later
+    fragments), neighbour discovery, redirects, messages too short for their type."""
+    a4 = ("10.0.0.1", 8), ("10.0.0.2", 0)
+    a6 = ("2001:db8::1", 128), ("2001:db8::2", 129)
+    self4 = ("127.0.0.1", 8), ("127.0.0.1", 0)
+    out = []
+
+    def add(payload, uid, hosts, fo=True, truncated=False):
+        d = dgram(payload, ts=len(out) * 10, uid=uid, from_orig=fo, orig=hosts[0], resp=hosts[1])
+        d.truncated = truncated
+        out.append(d)
+
+    hop = bytes([44, 0]) + bytes(6)                                   # hop-by-hop, then a fragment header
+    add(echo(8, 7, 1), "I1", a4)
+    add(echo(8, 7, 2), "I1", a4)
+    add(echo(0, 7, 1, b"abcdefgh" * 4), "I1", a4, fo=False)          # answered, same data
+    add(echo(8, 7, 2, b"x" * 20), "I1", a4)                           # repeated: the first stays unanswered
+    add(echo(0, 7, 2, b"y" * 20), "I1", a4, fo=False)                 # answered, other data
+    add(echo(0, 9, 9), "I1", a4, fo=False)                            # a reply with no request
+    add(echo(8, 7, 3, b"z" * 4), "I1", a4)                            # never answered
+    add(echo(8, 7, 4), "I1", a4)
+    add(echo(0, 7, 4), "I1", a4, fo=False, truncated=True)            # answered by a truncated reply
+    add(icmp_message(3, 3, body=v4_quote()), "I2", a4)
+    add(icmp_message(3, 4, b"\0\0\x05\xdc", v4_quote(6, 40000, 443)), "I2", a4)
+    add(icmp_message(3, 4, b"\0\0\0\0", v4_quote(1, 8, 0)), "I2", a4)                # mtu 0: none
+    add(icmp_message(11, 0, body=v4_quote(frag=0x20)), "I2", a4)                      # a later fragment
+    add(icmp_message(11, 1, body=v4_quote(ihl=4)), "I2", a4)                          # header length < 20
+    add(icmp_message(5, 1, bytes([192, 168, 1, 1]), v4_quote(47)), "I2", a4)         # redirect: gateway
+    add(icmp_message(3, 1, body=b"\x55" + bytes(30)), "I2", a4)                       # not an IP packet
+    add(icmp_message(12, 9, body=v4_quote()[:10]), "I2", a4)                          # a quote too short
+    add(icmp_message(13, 0, b"\0\x01\0\x02", bytes(12)), "I2", a4)                   # timestamp: echo fields
+    add(icmp_message(99, 5), "I2", a4)
+    add(b"\x08", "I2", a4)
+    add(b"\x08\x00\x00", "I2", a4)
+    add(b"\x08\x00\x00\x00\x00\x07", "I2", a4)
+    add(b"", "I2", a4)
+    add(echo(128, 1, 1), "I3", a6)
+    add(echo(129, 1, 1), "I3", a6, fo=False)
+    add(echo(160, 2, 2), "I3", a6)
+    add(icmp_message(1, 4, body=v6_quote(17, 5000, 53)), "I3", a6)
+    add(icmp_message(2, 0, b"\0\0\x05\x00", v6_quote()), "I3", a6)                   # packet too big: mtu
+    add(icmp_message(3, 0, body=v6_quote(ext=hop + bytes([6, 0, 0, 0, 0, 0, 0, 0]), first=0)), "I3", a6)
+    add(icmp_message(4, 1, body=v6_quote(ext=bytes([17, 0, 0, 8, 0, 0, 0, 0]), first=44)), "I3", a6)  # later fragment
+    add(icmp_message(1, 0, body=v6_quote(ext=bytes([60, 0]) + bytes(6) + bytes([58, 1]) + bytes(6), first=43)),
+        "I3", a6)
+    add(icmp_message(1, 0, body=v6_quote()[:30]), "I3", a6)                           # too short for its header
+    add(icmp_message(135, 0, body=bytes.fromhex("fe800000000000000000000000000001")), "I3", a6)
+    add(icmp_message(136, 0, body=bytes(10)), "I3", a6)                               # too short for a target
+    target = bytes.fromhex("fe800000000000000000000000000002") + bytes.fromhex("20010db8000000000000000000000009")
+    add(icmp_message(137, 0, body=target + bytes([2, 1]) + bytes(6) + bytes([4, 8]) + bytes(6) + v6_quote()[:56]),
+        "I3", a6)
+    add(icmp_message(137, 0, body=target + bytes([1, 0]) + bytes(6)), "I3", a6)       # an option of length 0
+    add(icmp_message(137, 0, body=target[:20]), "I3", a6)                             # too short
+    add(icmp_message(143, 0, body=bytes(20)), "I3", a6)
+    add(echo(8, 5, 5), "I4", self4)                                   # the same host at both ends
+    add(echo(8, 5, 5), "I4", self4, fo=False)
+    add(echo(0, 5, 5), "I4", self4)
+    return out
+
+
+def test_icmp_batches_as_one_by_one():
+    datagrams = icmp_conversation()
+    want = rows_one_by_one(datagrams, icmp)
+    # what the one-by-one path gives, in short (so a change in both at once still shows)
+    assert len(want) == 36
+    answered = [r for r in want if r["replied"]]
+    assert [(r["echo_seq"], r["reply_differs"]) for r in answered if r["uid"] == "I1"] == [(1, False), (2, True),
+                                                                                          (4, None)]
+    assert {r["inner_proto"] for r in want} >= {"udp", "tcp", "icmp", "gre", "icmp6"}
+    assert any(r["gateway"] == "fe80::2" and r["inner_orig_p"] == 443 for r in want)
+    n = len(datagrams)
+    for sizes in ([n], [1] * n, [2] * n, [3] * n, [5, n], [n - 1, 1], [7, 1, 1, n]):
+        assert batch_rows(datagrams, sizes, icmp) == want, sizes
+
+
+def test_icmp_batch_fuzz_as_one_by_one(monkeypatch):
+    """Mutated messages in random sessions (IPv4 and IPv6), few requests allowed to wait, batches
+    and closes at random, the book compacting often: each session's rows as one by one."""
+    monkeypatch.setattr(icmp, "MAX_PENDING", 3)
+    monkeypatch.setattr(icmp, "COMPACT_AFTER", 5)
+    from test_app_smb_icmp import _mutate
+    rng = random.Random(59)
+    seeds = [d.payload for d in icmp_conversation()]
+    datagrams = []
+    for i in range(4000):
+        k = rng.randrange(30)
+        hosts = ((f"2001:db8::{k}", 128), ("2001:db8::ff", 129)) if k % 2 else ((f"10.0.0.{k}", 8), ("10.0.0.99", 0))
+        p = rng.choice(seeds)
+        if rng.random() < 0.5:
+            p = _mutate(rng, p)
+        elif len(p) >= 8 and rng.random() < 0.7:  # an echo message of a few ids and sequence numbers
+            p = bytes([rng.choice((8, 0, 128, 129)), 0, 0, 0]) + struct.pack(">HH", rng.randrange(2),
+                                                                             rng.randrange(6)) + p[8:]
+        d = dgram(p, ts=i * 10 + rng.randrange(-5, 5), uid=f"I{k}", from_orig=rng.random() < 0.5, orig=hosts[0],
+                  resp=hosts[1])
+        d.truncated = rng.random() < 0.05
+        datagrams.append(d)
+    want = by_session(rows_one_by_one(datagrams, icmp))
+    for trial in range(3):
+        sizes, closing = random_batches(rng, datagrams, 300)
+        assert by_session(batch_rows(datagrams, sizes, icmp, closing)) == want
+    print(f"\nicmp batch path fuzz: {sum(map(len, want.values()))} rows as one by one")
+
+
+def test_icmp_entropies_are_the_same_floats():
+    """The batch path's payload entropies are entropy()'s float64s, to the last bit: numpy's
+    terms, added up as numpy's sum adds them (up to 256 of them: blocks and halvings)."""
+    rng = np.random.default_rng(5)
+    payloads = [bytes([7]) * 9, bytes(range(256)), bytes(range(256)) * 3 + bytes(range(200))]
+    for _ in range(3000):
+        n = int(rng.integers(1, 3000))
+        alphabet = int(rng.integers(1, 257))
+        payloads.append(rng.integers(0, alphabet, n, dtype=np.uint8).tobytes())
+    data = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+    length = np.array([len(p) for p in payloads], dtype=np.int64)
+    got = icmp._entropies(data, np.cumsum(length) - length, length)
+    want = np.array([icmp.entropy(p) for p in payloads])
+    assert (got.view(np.int64) == want.view(np.int64)).all()
+    assert str(got[0]) == "-0.0"  # one byte value: -(0.0), as entropy() has it
+
+
+# ---- through the stage: the corpus's tables with the batch entry points and without ------------
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
+
+
+def _corpus_captures() -> list[Path]:
+    """The corpus's captures with DNS or ICMP in them, by each folder's manifest: Zeek's traces
+    with a dns.log, suricata-verify's tests with dns events, Arkime's and nDPI's captures with
+    DNS (mDNS, LLMNR, NetBIOS) or ICMP sessions, and the scenarios of DNS tunnels, floods
+    (DNS amplification, ICMP), ICMP tunnels and port scans (unreachables)."""
+    import json
+
+    out: set[Path] = set()
+
+    def manifest(folder: str) -> list:
+        path = CORPUS / folder / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else []
+
+    out |= {CORPUS / "zeek" / t["trace"] for t in manifest("zeek") if "dns" in t["logs"]}
+    out |= {CORPUS / "suricata-verify" / t["pcap"] for t in manifest("suricata-verify")
+            if t.get("pcap") and "dns" in (t.get("event_types") or [])}
+    out |= {CORPUS / "arkime" / t["pcap"] for t in manifest("arkime") if {"dns", "icmp"} & set(t["protocols"])}
+    out |= {CORPUS / "ndpi" / t["pcap"] for t in manifest("ndpi")
+            if {"DNS", "MDNS", "LLMNR", "NetBIOS", "ICMP", "ICMPV6"} & set(t["protocols"])}
+    for scenario in ("dns_tunnel", "dos_flood", "icmp_tunnel", "port_scan"):
+        out |= set((CORPUS / "scenarios" / scenario).glob("*.pcap*"))
+    return sorted(p for p in out if p.exists())
+
+
+def _table_rows(store: Path, table: str) -> list[str]:
     rows = []
-    for f in files:
-        for r in pq.read_table(f).to_pylist():
+    for f in sorted(store.glob(f"tables/{table}/**/*.parquet")):
+        for r in pylist(pq.read_table(f)):
             r.pop("uid")
             rows.append(repr(sorted(r.items())))
     return sorted(rows)
 
 
-def _traces() -> list:
-    from _app_harness import ZEEK, manifest_tests
-    if not (ZEEK / "manifest.json").exists():
-        return []
-    return sorted({ZEEK / t["trace"] for t in manifest_tests("dns")})
-
-
-@pytest.mark.parametrize("trace", _traces(), ids=lambda p: p.name)
-def test_stage_batch_path_gives_the_same_table(trace, tmp_path, monkeypatch):
-    """Zeek's DNS traces (UDP, TCP, multicast, NetBIOS) ingested with dns.add_datagrams and
-    with the stage's one-datagram-at-a-time path: the same dns table (uids aside)."""
+def test_corpus_batch_path_gives_the_same_tables(tmp_path, monkeypatch):
+    """Every DNS and ICMP capture of the corpus ingested with the batch entry points
+    (add_datagrams, close_sessions) and with the stage's one-datagram-at-a-time path: the same
+    dns and icmp tables (uids aside)."""
     from wiretrail.cli import main
 
-    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "batch"), str(trace)]) in (0, 1)
-    batch = _dns_table(tmp_path / "batch")
-    monkeypatch.delattr(dns, "add_datagrams")
-    assert main(["ingest", "--no-progress", "--store", str(tmp_path / "single"), str(trace)]) in (0, 1)
-    assert batch == _dns_table(tmp_path / "single")
+    captures = _corpus_captures()
+    if not captures:
+        pytest.skip("no corpus")
+    got: dict[str, dict] = {"batch": {}, "single": {}}
+    for path in ("batch", "single"):
+        if path == "single":
+            for mod in (dns, icmp):
+                monkeypatch.delattr(mod, "add_datagrams")
+                monkeypatch.delattr(mod, "close_sessions")
+        for k, capture in enumerate(captures):
+            store = tmp_path / f"{path}{k}"
+            assert main(["ingest", "--no-progress", "--store", str(store), str(capture)]) in (0, 1)
+            got[path][capture] = {t: _table_rows(store, t) for t in ("dns", "icmp")}
+    counts = {"dns": 0, "icmp": 0}
+    for capture in captures:
+        for t in counts:
+            assert got["batch"][capture][t] == got["single"][capture][t], (capture, t)
+            counts[t] += len(got["batch"][capture][t])
+    print(f"\nbatch vs one datagram at a time on {len(captures)} corpus captures: dns {counts['dns']} rows, "
+          f"icmp {counts['icmp']} rows compared, all equal")
+    assert counts["dns"] > 1000 and counts["icmp"] > 1000

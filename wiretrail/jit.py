@@ -46,6 +46,7 @@ KERNEL_MODULES = (
     "wiretrail.app.ndpi_kernel",
     "wiretrail.app.tls_kernel",
     "wiretrail.app.dns_kernel",
+    "wiretrail.app.icmp_kernel",
 )
 
 _kernels: list["Kernel"] = []     # every @kernel, in definition order

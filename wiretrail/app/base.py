@@ -72,7 +72,12 @@ class Datagram:
 @dataclass(slots=True)
 class DatagramBatch:
     """The datagrams of one batch for one module, as columns (row j is one datagram, in
-    capture order): what `add_datagrams` gets instead of a Datagram per payload."""
+    capture order): what `add_datagrams` gets instead of a Datagram per payload.
+
+    For a module of a whole IP protocol (IP_PROTOS: ICMP) a "datagram" is the L4 message from
+    its header on, as its Datagram's payload would be: its own type and code (what the stage
+    gives a Datagram as orig_p/resp_p) are its first two bytes, and `tuples` has the session's
+    (the type and code that keyed it)."""
 
     data: np.ndarray        # uint8: the batch's bytes; payload j is data[start[j]:end[j]]
     start: np.ndarray       # int64
@@ -81,7 +86,7 @@ class DatagramBatch:
     from_orig: np.ndarray   # bool
     ts: np.ndarray          # int64 ns
     packet: np.ndarray      # int64 packet numbers in the capture file (1-based; 0 if not known)
-    truncated: np.ndarray   # bool: the payload is shorter than the UDP length said
+    truncated: np.ndarray   # bool: the payload is shorter than the UDP (IP) length said
     tuples: dict            # sid -> (uid, orig_h, orig_p, resp_h, resp_p), for every sid above
 
 
@@ -89,9 +94,10 @@ class DatagramBatch:
 class Records:
     """A protocol's rows as columns, from a batch call: row i belongs to input item index[i]
     (a position in parse_streams' list, a session id from add_datagrams or close_sessions).
-    The session columns of `table` (uid, orig_h, orig_p, resp_h, resp_p) may be left out: the
-    stage sets them from the session; `ts` and the protocol's own columns are the module's
-    (one it leaves out is null)."""
+    The session columns of `table` (uid, orig_h, orig_p, resp_h, resp_p) may be left out, or
+    null in some rows: the stage sets them from the session (a value the module gives stays:
+    DNS rows of a session whose roles were flipped); `ts` and the protocol's own columns are
+    the module's (one it leaves out is null)."""
 
     table: pa.Table
     index: np.ndarray          # int64, one per row

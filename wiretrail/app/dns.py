@@ -39,9 +39,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from wiretrail.app import dns_kernel as K
-from wiretrail.app.base import Datagram, DatagramBatch, Stream
+from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -700,7 +701,9 @@ def parse_batch(data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios:
     else 0, True)` gives it, read by one kernel call (app/dns_kernel.py) for the whole batch.
     Returns (messages, capitals, depends): a message is None where the kernel left it to
     `_parse`; capitals[j]: the payload has ASCII capitals (DnsMessage.capitals); depends[j]: the
-    message reads differently with another resp_nb (it has an SRV/NBSTAT record)."""
+    message reads differently with another resp_nb (it has an SRV/NBSTAT record).
+    (The kernel's reading as DnsMessage objects, for comparing it with `_parse`: the batch path
+    itself takes the kernel's arrays as they are, see add_datagrams.)"""
     msgs, questions, records, text, offsets = K.parse_messages(data, starts, ends, netbios, resp_nb)
     strings = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text)).to_pylist()
     qrows = questions.tolist()
@@ -817,6 +820,10 @@ def _is_multicast(h: str) -> bool:
         return False
 
 
+# how the text of every multicast address starts (IPv4 224-239, IPv6 ff00::/8 in either case):
+# the others need no parsing
+_MULTICAST_STARTS = tuple(f"{n}." for n in range(224, 240)) + ("ff", "fF", "Ff", "FF")
+
 _BLANK = dict.fromkeys(SCHEMA.names)
 
 
@@ -855,67 +862,99 @@ class _Info:
         r["opcode_name"] = opcode_name(opcode, m.netbios)
         if m.malformed:
             r["malformed"] = True
+        f = message_fields(m, resp_p == NETBIOS_PORT)
         if not flags & 0x8000:  # a query
             if r["flags_raw"] is None:
                 r["flags_raw"] = flags
             if r["query_flags"] is None:
                 r["query_flags"] = flags
                 r["query_packet"] = m.packet or None
-                if m.capitals and m.questions:
-                    r["query_original"] = m.questions[0][0]
-            if not m.questions:
+                if m.capitals and f.question0 is not None:
+                    r["query_original"] = f.question0
+            if f.query is None:
                 return
-            rd, tc, z = bool(flags & 0x0100), bool(flags & 0x0200), (flags >> 4) & 0x7
-            for name, qt, qc in m.questions:  # Zeek's dns_request, once per question
-                r["RD"], r["TC"], r["Z"] = rd, tc, z
-                r["qclass"], r["qclass_name"] = qc, qclass_name(qc)
-                r["qtype"], r["qtype_name"] = qt, qtype_name(qt)
-                name = name.lower()
-                if resp_p == NETBIOS_PORT:
-                    name = decode_netbios_name(name) or name
-                    if qt == 33:
-                        r["qtype_name"] = "NBSTAT"
-                r["query"] = name
+            r["RD"], r["TC"], r["Z"] = bool(flags & 0x0100), bool(flags & 0x0200), (flags >> 4) & 0x7
+            r["qclass"], r["qclass_name"] = f.qclass, qclass_name(f.qclass)
+            r["qtype"], r["qtype_name"] = f.qtype, f.qtype_name
+            r["query"] = f.query
             return
         r["flags_raw"] = flags
         if r["response_flags"] is None:
             r["response_flags"] = flags
             r["response_ts"] = ts
             r["response_packet"] = m.packet or None
-            r["answer_records"] = _records(a for a in m.answers if a.kind == ANS)
-            r["authority_records"] = _records(m.authorities)
-            if r["query_original"] is None and m.questions:
-                r["query_original"] = m.questions[0][0]
+            r["answer_records"] = f.answer_records
+            r["authority_records"] = f.authority_records
+            if r["query_original"] is None and f.question0 is not None:
+                r["query_original"] = f.question0
         rcode = flags & 0xF
         r["rcode"], r["rcode_name"] = rcode, rcode_name(rcode)
         if rcode != 0 and m.qdcount == 0:
             r["rejected"] = True
         if m.questions and m.ancount == 0 and m.nscount == 0 and m.arcount == 0:
             r["rejected"] = True  # Zeek's dns_rejected: a question and no records at all
-        replied = False
-        answers = ttls = None
-        for a in m.answers:  # Zeek's do_reply, on the lower-cased reading
-            reply = a.reply
-            if reply is None:
-                continue
-            lower = a.lower
-            if lower is not None:
-                reply = lower[1]
-            if not replied:  # the first reply sets these; the next ones would set the same again
-                replied = True
-                if r["query"] is None:
-                    r["query"] = a.name if lower is None else lower[0]
-                r["AA"], r["RA"] = bool(flags & 0x0400), bool(flags & 0x0080)
-                if r["rtt"] is None:
-                    rtt = ts - r["ts"]
-                    r["rtt"] = rtt if rtt != 0 else None
-            if reply != "":
-                if answers is None:
-                    if r["answers"] is None:
-                        r["answers"], r["TTLs"] = [], []
-                    answers, ttls = r["answers"], r["TTLs"]
-                answers.append(reply)
-                ttls.append(float(a.ttl))
+        if f.reply_owner is not None:  # the first reply set these (the next ones would set the same again)
+            if r["query"] is None:
+                r["query"] = f.reply_owner
+            r["AA"], r["RA"] = bool(flags & 0x0400), bool(flags & 0x0080)
+            if r["rtt"] is None:
+                rtt = ts - r["ts"]
+                r["rtt"] = rtt if rtt != 0 else None
+        if f.answers is not None:
+            if r["answers"] is None:
+                r["answers"], r["TTLs"] = [], []
+            r["answers"] += f.answers
+            r["TTLs"] += f.TTLs
+
+
+class MessageFields(NamedTuple):
+    """What one message gives the row of its transaction, whichever its place in it: the
+    per-message half of Zeek's dns_request and dns_*_reply handlers, shared by DnsSession
+    (through _Info.apply) and the batch path (for the messages its kernel leaves to Python;
+    the kernel's own are made the same way in columns, by `_kernel_messages`)."""
+
+    query: str | None          # the last question's name, lower-cased (NetBIOS: decoded); None: no question
+    qtype: int | None
+    qtype_name: str | None
+    qclass: int | None
+    question0: str | None      # the first question's name as sent
+    reply_owner: str | None    # the owner of the first record with a reply, lower-cased; None: no reply
+    answers: list[str] | None  # the replies with text, lower-cased reading; None: none
+    TTLs: list[float] | None
+    answer_records: list[dict]  # Suricata's: records as sent
+    authority_records: list[dict]
+
+
+def message_fields(m: DnsMessage, netbios_names: bool) -> MessageFields:
+    """`m`'s part of a row; `netbios_names`: the session's server port is NetBIOS's (names
+    are decoded, SRV queries are NBSTAT)."""
+    query = qtype = qt_name = qclass = question0 = None
+    if m.questions:
+        question0 = m.questions[0][0]
+        name, qtype, qclass = m.questions[-1]  # Zeek's dns_request, once per question: the last one stays
+        query = name.lower()
+        qt_name = qtype_name(qtype)
+        if netbios_names:
+            query = decode_netbios_name(query) or query
+            if qtype == 33:
+                qt_name = "NBSTAT"
+    reply_owner = answers = ttls = None
+    for a in m.answers:  # Zeek's do_reply, on the lower-cased reading
+        reply = a.reply
+        if reply is None:
+            continue
+        lower = a.lower
+        if lower is not None:
+            reply = lower[1]
+        if reply_owner is None:
+            reply_owner = a.name if lower is None else lower[0]
+        if reply != "":
+            if answers is None:
+                answers, ttls = [], []
+            answers.append(reply)
+            ttls.append(float(a.ttl))
+    return MessageFields(query, qtype, qt_name, qclass, question0, reply_owner, answers, ttls,
+                         _records(a for a in m.answers if a.kind == ANS), _records(m.authorities))
 
 
 class DnsSession:
@@ -1063,57 +1102,641 @@ class DnsSession:
         return out
 
 
-def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list[tuple[int, dict]], int]:
-    """The stage's batch entry point: a batch's DNS datagrams, parsed by one kernel call, then
-    paired per session in capture order exactly as `DnsSession.add` would pair them one by one.
-    `states` is this module's {sid: DnsSession}; sessions first seen here are added to it.
-    Returns ([(sid, row), ...] in the order the rows were completed, parser errors)."""
+# ---- the stage's batch path: a batch's datagrams to rows, as columns ------------------------
+#
+# add_datagrams reads a batch's messages with one kernel call (dns_kernel.parse_messages) and
+# makes, with numpy, what each message gives its row (message_fields, as numbers: its texts
+# are numbers in a pool of strings, its record lists runs of entries, `_Source`); messages
+# the kernel leaves to `_parse` go through message_fields itself. A second kernel
+# (dns_kernel.pair_messages) pairs the messages into transactions by DnsSession.add_message's
+# rules. The rows wait in the session's DnsBook, as the numbers of their messages, until the
+# session closes (the stage would hold them until then anyway); close_sessions then builds
+# the closing sessions' rows in one go, by _Info.apply's rules in columns (`_transactions`):
+# strings go from the kernel's text buffer to Arrow arrays by offsets and takes, with no
+# Python object per message or row.
+
+# per message: the book's `num` columns. Texts are numbers in the pool of its source (N_SOURCE),
+# -1 for none: N_QUERY the query (lower-cased, decoded), N_Q0 the first question's name as sent,
+# N_OWNER the first reply's owner (lower-cased; -1: no reply); N_ANS0/N_NANS its run of Zeek's
+# answers in the source's `answers`, N_AREC0/N_NAREC and N_AUTH0/N_NAUTH its runs of
+# answer_records and authority_records entries. N_FLIPPED: its session's roles were flipped
+# when it came (its row takes them); N_NBSTAT: its qtype_name is NBSTAT.
+(N_SID, N_TS, N_TID, N_FLAGS, N_SHORT, N_QD, N_AN, N_NS, N_AR, N_MALFORMED, N_CAPITALS, N_PACKET, N_FLIPPED,
+ N_NETBIOS, N_QTYPE, N_QCLASS, N_NBSTAT, N_SOURCE, N_QUERY, N_Q0, N_OWNER, N_ANS0, N_NANS, N_AREC0, N_NAREC,
+ N_AUTH0, N_NAUTH) = range(27)
+N_FIELDS = 27
+N_TEXTS = (N_QUERY, N_Q0, N_OWNER)
+# the columns dns_kernel.message_texts gives, in its order
+_FROM_KERNEL = [N_QTYPE, N_QCLASS, N_QUERY, N_Q0, N_OWNER, N_ANS0, N_NANS, N_AREC0, N_NAREC, N_AUTH0, N_NAUTH]
+# a record list entry (Suricata's record, E_* columns) and a Zeek answer (A_* columns): dns_kernel's
+from wiretrail.app.dns_kernel import (A_TEXT, A_TTL, E_FIELDS, E_KIND, E_RDATA, E_RRNAME, E_RRTYPE, E_T1,  # noqa: E402
+                                      E_T2, E_TTL, E_V0, E_V1, E_V2, E_V3, E_V4, EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP)
+
+E_STRINGS = (E_RRNAME, E_RRTYPE, E_RDATA, E_T1, E_T2)  # (in a source, E_RRTYPE is its name's number too)
+
+
+@dataclass(slots=True)
+class _Source:
+    """The texts of some messages: strings (`pool`), record list entries (E_* columns) and Zeek
+    answers (A_* columns), the messages referring to them by number."""
+
+    pool: pa.Array
+    entries: np.ndarray
+    answers: np.ndarray
+
+
+class _Names:
+    """name(code) for arrays of codes, each name made once (module-wide: names are fixed)."""
+
+    def __init__(self, name, size: int):
+        self.name = name
+        self.index = np.full(size, -1, dtype=np.int64)
+        self.names: list[str] = []
+        self.array = pa.array([], pa.string())
+
+    def at(self, codes: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+        """Where the codes' names are in `array` (made for those not seen before)."""
+        at = self.index[codes]
+        new = at < 0 if valid is None else (at < 0) & valid
+        if new.any():
+            for code in np.unique(codes[new]).tolist():
+                self.index[code] = len(self.names)
+                self.names.append(self.name(code))
+            self.array = pa.array(self.names, pa.string())
+            at = self.index[codes]
+        return at
+
+    def of(self, codes: np.ndarray, valid: np.ndarray | None = None) -> pa.Array:
+        at = self.at(codes, valid)  # (first: it may make `array` anew)
+        return _take(self.array, at, valid)
+
+
+# qtype_name, with 65536 + n for NBSTAT's; opcode_name with 16 + n for NetBIOS's
+_QTYPE_NAMES = _Names(lambda n: "NBSTAT" if n >= 65536 else qtype_name(n), 1 << 17)
+_QCLASS_NAMES = _Names(qclass_name, 1 << 16)
+_RCODE_NAMES = _Names(rcode_name, 1 << 16)
+_OPCODE_NAMES = _Names(lambda n: opcode_name(n & 0xF, n >= 16), 32)
+
+
+# (Arrow arrays are made from numpy arrays, or from lists with their type given: pa.array infers
+# a list's type by trying to import pandas and dateutil, tens of microseconds a call without them)
+
+
+def _take(values, at: np.ndarray, valid: np.ndarray | None = None):
+    """values[at] (an Arrow array), null where not `valid`."""
+    if valid is None:
+        return values.take(pa.array(at, pa.int64()))
+    if len(values) == 0 or not valid.any():
+        return pa.nulls(len(at), values.type)
+    return values.take(pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
+
+
+_NUMPY_TYPES = {pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.int64(): np.int64}
+
+
+def _numbers(v: np.ndarray, valid: np.ndarray, type: pa.DataType) -> pa.Array:
+    if pa.types.is_timestamp(type):
+        return pa.array(np.where(valid, v, 0), pa.int64(), mask=~valid).view(type)
+    return pa.array(np.where(valid, v, 0).astype(_NUMPY_TYPES[type]), type, mask=~valid)
+
+
+def _constant(text: bytes, n: int) -> pa.Array:
+    """n times the same string (pa.repeat of a scalar tries to import pandas on every call)."""
+    return pa.StringArray.from_buffers(n, pa.py_buffer(np.arange(0, len(text) * n + 1, len(text), dtype=np.int32)),
+                                       pa.py_buffer(text * n))
+
+
+def _offsets(count: np.ndarray, start: int = 0) -> pa.Array:
+    out = np.full(len(count) + 1, start, dtype=np.int32)
+    np.cumsum(count, out=out[1:])
+    out[1:] += start
+    return pa.array(out)
+
+
+def _among(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_ids, for each i (np.isin without its sorting of both)."""
+    if not len(sorted_ids):
+        return np.zeros(len(values), dtype=bool)
+    return sorted_ids[np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)] == values
+
+
+def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """start[i], start[i] + 1, ..., start[i] + count[i] - 1, for every i in turn."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(count)
+    return np.repeat(start - (ends - count), count) + np.arange(total)
+
+
+def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
+    """The IPv6 addresses at data[at[i]:at[i] + 16] as `_ip6` writes them."""
+    from wiretrail.sessions.flowtable import addr_texts
+
+    halves = np.ascontiguousarray(data[at[:, None] + np.arange(16)]).view(">u8").astype(np.uint64)
+    hi, lo = halves[:, 0], halves[:, 1]
+    mapped = (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))
+    texts = addr_texts(hi, lo, mapped)  # a mapped address's IPv4 part as a dotted quad
+    if mapped.any():
+        texts = pc.if_else(pa.array(mapped), pc.binary_join_element_wise("::ffff:", texts, ""), texts)
+    return texts
+
+
+def _kernel_messages(data: np.ndarray, starts: np.ndarray, parsed: tuple, netbios_names: np.ndarray,
+                     num: np.ndarray) -> _Source:
+    """message_fields of the messages parse_messages read (`parsed`, its results) into their
+    rows of `num` (N_TID .. N_CAPITALS from the header, N_QTYPE ..), and their texts' source
+    (dns_kernel.message_texts' numbers, with the strings they number). The messages the kernel
+    left to Python are the caller's."""
+    msgs, questions, records, text, offsets = parsed
+    strings = pa.StringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets), pa.py_buffer(text))
+    n_str, n_rec = len(strings), len(records)
+    for to, frm in ((N_TID, K.M_ID), (N_FLAGS, K.M_FLAGS), (N_QD, K.M_QD), (N_AN, K.M_AN), (N_NS, K.M_NS),
+                    (N_AR, K.M_AR), (N_MALFORMED, K.M_MALFORMED), (N_CAPITALS, K.M_CAPITALS)):
+        num[:, to] = msgs[:, frm]
+    fields, answers, entries = K.message_texts(msgs, questions, records, offsets)
+    num[:, _FROM_KERNEL] = fields
+    # the pool: the strings as sent, the same lower-cased (Zeek's reading: the text is ASCII,
+    # other bytes escaped in lower case already), "", the texts of records message_texts
+    # leaves to this (IPv6 addresses, "<unknown type=N>"), the types' names, decoded NetBIOS names
+    pool = [strings, pc.ascii_lower(strings), pa.array([""], pa.string())]
+    end = 2 * n_str + 1
+    own = np.full(n_rec + 1, 2 * n_str, dtype=np.int64)  # record r's text, at own[r]; "" at own[n_rec]
+    kind = records[:, K.R_KIND]
+    at = np.flatnonzero(kind == K.K_ADDR6)
+    if len(at):
+        rec_msg = np.repeat(np.arange(len(msgs)), msgs[:, K.M_NR])
+        pool.append(_ip6_texts(data, starts[rec_msg[at]] + records[at, K.R_RDATA]))
+        own[at] = end + np.arange(len(at))
+        end += len(at)
+    at = np.flatnonzero(kind == K.K_UNKNOWN)
+    if len(at):
+        distinct, which = np.unique(records[at, K.R_TYPE], return_inverse=True)
+        pool.append(pa.array([f"<unknown type={t}>" for t in distinct.tolist()], pa.string()))
+        own[at] = end + which.reshape(-1)
+        end += len(distinct)
+    for texts in (answers[:, A_TEXT], entries[:, E_RDATA]):  # message_texts' numbers past the strings
+        theirs = texts >= 2 * n_str
+        texts[theirs] = own[texts[theirs] - 2 * n_str]
+    if len(entries):
+        entries[:, E_RRTYPE] = end + _QTYPE_NAMES.at(entries[:, E_RRTYPE])
+        pool.append(_QTYPE_NAMES.array)
+        end += len(_QTYPE_NAMES.array)
+    nb = np.flatnonzero((num[:, N_QUERY] >= 0) & netbios_names)
+    if len(nb):  # NetBIOS names: decoded, once per distinct name
+        names = pc.dictionary_encode(pool[1].take(pa.array(num[nb, N_QUERY] - n_str)))
+        pool.append(pa.array([decode_netbios_name(n) or n for n in names.dictionary.to_pylist()], pa.string()))
+        num[nb, N_QUERY] = end + names.indices.to_numpy()
+        num[nb, N_NBSTAT] = num[nb, N_QTYPE] == 33
+    return _Source(pa.concat_arrays(pool), entries, answers)
+
+
+def _python_messages(left: np.ndarray, data: np.ndarray, starts: np.ndarray, ends: np.ndarray, netbios: np.ndarray,
+                     resp_nb: np.ndarray, netbios_names: np.ndarray, num: np.ndarray) -> tuple[_Source, list]:
+    """The messages `left` (those the kernel left to Python) read by `_parse` and
+    message_fields into their rows of `num`, with their texts' source; and those that failed
+    (a parser bug: lost)."""
+    pool: list[str] = []
+    entries: list[list[int]] = []
+    answers: list[tuple[int, int]] = []
+    failed = []
+
+    def text(s: str | None) -> int:
+        if s is None:
+            return -1
+        pool.append(s)
+        return len(pool) - 1
+
+    for j in left.tolist():
+        try:
+            payload = data[starts[j]:ends[j]].tobytes()
+            m = _parse(payload, bool(netbios[j]), NETBIOS_PORT if resp_nb[j] else 0, True)
+            f = message_fields(m, bool(netbios_names[j]))
+        except Exception:  # noqa: BLE001 - as the stage's guard around add(): this message is lost
+            failed.append(j)
+            continue
+        row = num[j]
+        row[[N_TID, N_FLAGS, N_QD, N_AN, N_NS, N_AR]] = (m.trans_id, m.flags, m.qdcount, m.ancount, m.nscount,
+                                                         m.arcount)
+        row[N_MALFORMED] = m.malformed
+        row[N_CAPITALS] = payload.lower() != payload
+        row[N_QTYPE] = f.qtype or 0
+        row[N_QCLASS] = f.qclass or 0
+        row[N_NBSTAT] = f.qtype_name == "NBSTAT"
+        row[N_QUERY], row[N_Q0], row[N_OWNER] = text(f.query), text(f.question0), text(f.reply_owner)
+        row[N_ANS0], row[N_NANS] = len(answers), len(f.answers or ())
+        answers += [(text(a), int(t)) for a, t in zip(f.answers or (), f.TTLs or ())]
+        for first, count, records in ((N_AREC0, N_NAREC, f.answer_records),
+                                      (N_AUTH0, N_NAUTH, f.authority_records)):
+            row[first], row[count] = len(entries), len(records)
+            for r in records:
+                e = [text(r["rrname"]), text(r["rrtype"]), r["ttl"], text(r.get("rdata")), EK_PLAIN, -1, -1, 0, 0,
+                     0, 0, 0]
+                if r.get("soa") is not None:
+                    soa = r["soa"]
+                    e[E_KIND], e[E_T1], e[E_T2] = EK_SOA, text(soa["mname"]), text(soa["rname"])
+                    e[E_V0:] = soa["serial"], soa["refresh"], soa["retry"], soa["expire"], soa["minimum"]
+                elif r.get("srv") is not None:
+                    srv = r["srv"]
+                    e[E_KIND], e[E_T1] = EK_SRV, text(srv["name"])
+                    e[E_V0:E_V2 + 1] = srv["priority"], srv["weight"], srv["port"]
+                elif r.get("sshfp") is not None:
+                    sshfp = r["sshfp"]
+                    e[E_KIND], e[E_T1] = EK_SSHFP, text(sshfp["fingerprint"])
+                    e[E_V0:E_V1 + 1] = sshfp["algo"], sshfp["type"]
+                entries.append(e)
+    source = _Source(pa.array(pool, pa.string()), np.array(entries, dtype=np.int64).reshape(-1, E_FIELDS),
+                     np.array(answers, dtype=np.int64).reshape(-1, 2))
+    return source, failed
+
+
+def _own_texts(source: _Source, num: np.ndarray) -> tuple[np.ndarray, _Source]:
+    """The messages `num` of `source` with a source of their own texts only (renumbered)."""
+    num = num.copy()
+    entries = source.entries[np.concatenate([_ranges(num[:, N_AREC0], num[:, N_NAREC]),
+                                             _ranges(num[:, N_AUTH0], num[:, N_NAUTH])])]
+    answers = source.answers[_ranges(num[:, N_ANS0], num[:, N_NANS])]
+    strings = np.unique(np.concatenate([num[:, f] for f in N_TEXTS] + [answers[:, A_TEXT]] +
+                                       [entries[:, f] for f in E_STRINGS]))
+    strings = strings[strings >= 0]
+    renumber = lambda v: np.where(v >= 0, np.searchsorted(strings, v), -1)  # noqa: E731
+    for f in N_TEXTS:
+        num[:, f] = renumber(num[:, f])
+    for f in E_STRINGS:
+        entries[:, f] = renumber(entries[:, f])
+    answers[:, A_TEXT] = renumber(answers[:, A_TEXT])
+    num[:, N_ANS0] = np.cumsum(num[:, N_NANS]) - num[:, N_NANS]
+    num[:, N_AREC0] = np.cumsum(num[:, N_NAREC]) - num[:, N_NAREC]
+    num[:, N_AUTH0] = np.cumsum(num[:, N_NAUTH]) - num[:, N_NAUTH] + int(num[:, N_NAREC].sum())
+    return num, _Source(source.pool.take(pa.array(strings, pa.int64())), entries, answers)
+
+
+def _texts(sources: dict, num: np.ndarray) -> tuple[np.ndarray, _Source]:
+    """The messages `num` with their texts in one source: the one they share, or their
+    sources joined (copying them is cheaper than picking out the texts of these messages)."""
+    ids = np.unique(num[:, N_SOURCE])
+    if len(ids) == 1:
+        return num, sources[int(ids[0])]
+    parts = [sources[i] for i in ids.tolist()]
+    sizes = np.array([[len(p.pool), len(p.entries), len(p.answers)] for p in parts], dtype=np.int64)
+    base = np.cumsum(sizes, axis=0) - sizes
+    entries = [p.entries.copy() for p in parts]
+    answers = [p.answers.copy() for p in parts]
+    for k in range(len(parts)):
+        for f in E_STRINGS:
+            entries[k][:, f] = np.where(entries[k][:, f] >= 0, entries[k][:, f] + base[k, 0], -1)
+        answers[k][:, A_TEXT] += base[k, 0]
+    num = num.copy()
+    at = base[np.searchsorted(ids, num[:, N_SOURCE])]
+    for f in N_TEXTS:
+        num[:, f] = np.where(num[:, f] >= 0, num[:, f] + at[:, 0], -1)
+    num[:, N_AREC0] += at[:, 1]
+    num[:, N_AUTH0] += at[:, 1]
+    num[:, N_ANS0] += at[:, 2]
+    return num, _Source(pa.concat_arrays([p.pool for p in parts]), np.concatenate(entries), np.concatenate(answers))
+
+
+def _record_lists(source: _Source, num: np.ndarray, valid: np.ndarray) -> list[pa.Array]:
+    """answer_records and authority_records of the messages `num` of `source`, null where not
+    `valid`: one array of entries that both lists' offsets point into."""
+    lists = []
+    runs = []
+    done = 0
+    for first, count in ((N_AREC0, N_NAREC), (N_AUTH0, N_NAUTH)):
+        n = np.where(valid, num[:, count], 0)
+        runs.append(_ranges(num[:, first], n))
+        lists.append((n, done))
+        done += int(n.sum())
+    e = source.entries[np.concatenate(runs)]
+    pool = source.pool
+    kind = e[:, E_KIND]
+    soa, srv, sshfp = kind == EK_SOA, kind == EK_SRV, kind == EK_SSHFP
+    v = [pa.array(e[:, f]) for f in (E_V0, E_V1, E_V2, E_V3, E_V4)]
+    t1 = e[:, E_T1]
+
+    def fields(type: pa.DataType, which: np.ndarray, children) -> pa.Array:  # (mostly none: not made then)
+        if not which.any():
+            return pa.nulls(len(which), type)
+        return pa.StructArray.from_arrays(children(), fields=list(type), mask=pa.array(~which))
+
+    items = pa.StructArray.from_arrays([
+        _take(pool, e[:, E_RRNAME]), _take(pool, e[:, E_RRTYPE]), pa.array(e[:, E_TTL]),
+        _take(pool, e[:, E_RDATA], e[:, E_RDATA] >= 0),
+        fields(_SOA, soa, lambda: [_take(pool, t1, soa), _take(pool, e[:, E_T2], soa)] + v),
+        fields(_SRV, srv, lambda: v[:3] + [_take(pool, t1, srv)]),
+        fields(_SSHFP, sshfp, lambda: v[:2] + [_take(pool, t1, sshfp)]),
+    ], fields=list(_RECORDS.value_type))
+    mask = pa.array(~valid)
+    return [pa.ListArray.from_arrays(_offsets(n, start), items, type=_RECORDS, mask=mask) for n, start in lists]
+
+
+def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
+                  first: np.ndarray) -> dict[str, pa.Array]:
+    """The dns columns (all but the session's) of transactions made of the messages `num`: row
+    i of its query q[i] and its response r[i] (-1: none; neither: the malformed row of message
+    first[i] alone), first[i] the one that came first. _Info.apply's rules, in columns."""
+    n = len(first)
+    hq, hr = q >= 0, r >= 0
+    own = ~hq & ~hr
+    F = num[first]
+    both, texts = _texts(sources, num[np.concatenate([np.where(hq, q, first), np.where(hr, r, first)])])
+    Q, R = both[:n], both[n:]
+    L = num[np.where(hq & hr, np.where(first == q, r, q), first)]  # the message applied last
+    header = ~own | (F[:, N_SHORT] == 0)
+    opcode = (L[:, N_FLAGS] >> 11) & 0xF
+    question = hq & (Q[:, N_QUERY] >= 0)
+    replied = hr & (R[:, N_OWNER] >= 0)
+    rcode = R[:, N_FLAGS] & 0xF
+    rtt = R[:, N_TS] - F[:, N_TS]
+    query = np.where(question, Q[:, N_QUERY], np.where(replied, R[:, N_OWNER], -1))
+    original = np.where(question & (Q[:, N_CAPITALS] == 1), Q[:, N_Q0], np.where(hr, R[:, N_Q0], -1))
+    count = np.where(hr, R[:, N_NANS], 0)
+    answers = texts.answers[_ranges(R[:, N_ANS0], count)]
+    offsets, none = _offsets(count), pa.array(count == 0)
+    answer_records, authority_records = _record_lists(texts, R, hr)
+    bools = lambda v: pa.array(v, pa.bool_())  # noqa: E731
+    return {
+        "ts": pa.array(F[:, N_TS]).view(pa.timestamp("ns")),
+        "proto": _constant(b"udp", n),
+        "trans_id": _numbers(F[:, N_TID], header, pa.uint16()),
+        "rtt": _numbers(rtt, replied & (rtt != 0), pa.int64()),
+        "query": _take(texts.pool, query, query >= 0),
+        "qclass": _numbers(Q[:, N_QCLASS], question, pa.uint16()),
+        "qclass_name": _QCLASS_NAMES.of(Q[:, N_QCLASS], question),
+        "qtype": _numbers(Q[:, N_QTYPE], question, pa.uint16()),
+        "qtype_name": _QTYPE_NAMES.of(Q[:, N_QTYPE] + (Q[:, N_NBSTAT] << 16), question),
+        "rcode": _numbers(rcode, hr, pa.uint16()),
+        "rcode_name": _RCODE_NAMES.of(rcode, hr),
+        "AA": bools(replied & ((R[:, N_FLAGS] & 0x0400) != 0)),
+        "TC": bools(question & ((Q[:, N_FLAGS] & 0x0200) != 0)),
+        "RD": bools(question & ((Q[:, N_FLAGS] & 0x0100) != 0)),
+        "RA": bools(replied & ((R[:, N_FLAGS] & 0x0080) != 0)),
+        "Z": pa.array(np.where(question, (Q[:, N_FLAGS] >> 4) & 0x7, 0).astype(np.uint8)),
+        "answers": pa.ListArray.from_arrays(offsets, _take(texts.pool, answers[:, A_TEXT]), mask=none),
+        "TTLs": pa.ListArray.from_arrays(offsets, pa.array(answers[:, A_TTL].astype(np.float64)), mask=none),
+        "rejected": bools(hr & (((rcode != 0) & (R[:, N_QD] == 0)) | (
+            (R[:, N_Q0] >= 0) & (R[:, N_AN] == 0) & (R[:, N_NS] == 0) & (R[:, N_AR] == 0)))),
+        "opcode": _numbers(opcode, header, pa.uint8()),
+        "opcode_name": _OPCODE_NAMES.of(opcode + 16 * L[:, N_NETBIOS], header),
+        "malformed": bools(own | (hq & (Q[:, N_MALFORMED] == 1)) | (hr & (R[:, N_MALFORMED] == 1))),
+        "flags_raw": _numbers(np.where(own, F[:, N_FLAGS], np.where(hr, R[:, N_FLAGS], Q[:, N_FLAGS])), header,
+                              pa.uint16()),
+        "query_flags": _numbers(Q[:, N_FLAGS], hq, pa.uint16()),
+        "response_flags": _numbers(R[:, N_FLAGS], hr, pa.uint16()),
+        "response_ts": _numbers(R[:, N_TS], hr, pa.timestamp("ns")),
+        "query_packet": _numbers(Q[:, N_PACKET], hq & (Q[:, N_PACKET] != 0), pa.int64()),
+        "response_packet": _numbers(R[:, N_PACKET], hr & (R[:, N_PACKET] != 0), pa.int64()),
+        "query_original": _take(texts.pool, original, original >= 0),
+        "answer_records": answer_records,
+        "authority_records": authority_records,
+    }
+
+
+COMPACT_AFTER = 4096  # messages of closed sessions the book keeps at most (unless as many live ones)
+# per session in the book: first message seen, roles flipped, multicast, NetBIOS, the ports as the
+# stage gave them, its messages in the book
+B_SEEN, B_FLIPPED, B_MULTICAST, B_NETBIOS, B_ORIG_P, B_RESP_P, B_MESSAGES = range(7)
+B_FIELDS = 7
+# a finished transaction waiting for its session to close: its session, query, response, first message
+D_SID, D_Q, D_R, D_FIRST = range(4)
+
+
+class DnsBook:
+    """The batch path's state of every DNS session at once, as columns: in the stage's `states`
+    each DNS session's value is this one object. Per session (by sid, sorted): what DnsSession
+    keeps of it (`state`, B_* columns). The messages of the open sessions (`num`, N_* columns,
+    and their texts' `sources`); the transactions finished (`done`, D_* columns, in the order
+    they finished); the messages pending (queries waiting for their responses, lone
+    responses): where each waits (dns_kernel.T_*), the order of its transaction id among those
+    queued and its own, as pair_messages hands them back."""
+
+    def __init__(self):
+        self.sids = np.zeros(0, dtype=np.int64)
+        self.state = np.zeros((0, B_FIELDS), dtype=np.int64)
+        self.flipped: dict[int, tuple] = {}  # sid -> (orig_h, orig_p, resp_h, resp_p) of a flipped session
+        self.num = np.zeros((1024, N_FIELDS), dtype=np.int64)
+        self.n = 0       # messages in `num`
+        self.dead = 0    # ... of closed sessions
+        self.sources: dict[int, _Source] = {}
+        self.next_source = 0
+        self.done = np.zeros((0, 4), dtype=np.int64)
+        self.e_sid = np.zeros(0, dtype=np.int64)
+        self.e_table = np.zeros(0, dtype=np.int64)
+        self.e_keyseq = np.zeros(0, dtype=np.int64)
+        self.e_seq = np.zeros(0, dtype=np.int64)
+        self.e_msg = np.zeros(0, dtype=np.int64)
+        self.clock = 0
+
+    def source(self, source: _Source) -> int:
+        self.sources[self.next_source] = source
+        self.next_source += 1
+        return self.next_source - 1
+
+    def append(self, num: np.ndarray) -> int:
+        """Messages in; returns the number of the first."""
+        if self.n + len(num) > len(self.num):
+            bigger = np.zeros((2 * (self.n + len(num)), N_FIELDS), dtype=np.int64)
+            bigger[:self.n] = self.num[:self.n]
+            self.num = bigger
+        self.num[self.n:self.n + len(num)] = num
+        self.n += len(num)
+        return self.n - len(num)
+
+    def sessions(self, sids: np.ndarray, tuples: dict, states: dict) -> np.ndarray:
+        """Where the sessions `sids` (sorted, distinct) are in `state`, new ones added (and put
+        in `states`)."""
+        at = np.searchsorted(self.sids, sids)
+        known = at < len(self.sids)
+        known[known] = self.sids[at[known]] == sids[known]
+        if not known.all():
+            new = sids[~known].tolist()
+            rows = np.zeros((len(new), B_FIELDS), dtype=np.int64)
+            ports = [tuples[s] for s in new]
+            rows[:, B_MULTICAST] = [t[3].startswith(_MULTICAST_STARTS) and _is_multicast(t[3]) for t in ports]
+            rows[:, B_ORIG_P] = [t[2] for t in ports]
+            rows[:, B_RESP_P] = [t[4] for t in ports]
+            rows[:, B_NETBIOS] = (rows[:, B_ORIG_P] == NETBIOS_PORT) | (rows[:, B_RESP_P] == NETBIOS_PORT)
+            all_sids = np.concatenate([self.sids, sids[~known]])
+            order = np.argsort(all_sids, kind="stable")
+            self.sids, self.state = all_sids[order], np.concatenate([self.state, rows])[order]
+            states.update(dict.fromkeys(new, self))
+            at = np.searchsorted(self.sids, sids)
+        return at
+
+    def close(self, sids: np.ndarray) -> Records | list:
+        """The rows of the sessions `sids`: their finished transactions, then what they still
+        have waiting (DnsSession.close: the pending query, then the queues of queries, then
+        those of responses, each in the order of its ids); and the sessions forgotten."""
+        sids = np.sort(sids)
+        done = _among(self.done[:, D_SID], sids)
+        closing = _among(self.e_sid, sids)
+        at = np.flatnonzero(closing)
+        keyseq = np.where(self.e_table == K.T_PENDING, 0, self.e_keyseq)
+        at = at[np.lexsort((self.e_seq[at], keyseq[at], self.e_table[at], self.e_sid[at]))]
+        msg, table = self.e_msg[at], self.e_table[at]
+        rows = np.concatenate([self.done[done], np.stack([self.e_sid[at], np.where(table != K.T_REPLIES, msg, -1),
+                                                          np.where(table == K.T_REPLIES, msg, -1), msg], axis=1)])
+        out: Records | list = []
+        if len(rows):
+            num = self.num[:self.n]
+            first = rows[:, D_FIRST]
+            cols = _transactions(num, self.sources, rows[:, D_Q], rows[:, D_R], first)
+            flipped = num[first, N_FLIPPED] == 1
+            if flipped.any():  # a flipped session's roles, in its rows made after the flip (the others: the stage's)
+                which, at = np.unique(rows[flipped, D_SID], return_inverse=True)
+                where = np.zeros(len(rows), dtype=np.int64)
+                where[flipped] = at.reshape(-1)
+                tuples = list(zip(*(self.flipped[s] for s in which.tolist())))
+                for k, (name, type) in enumerate((("orig_h", pa.string()), ("orig_p", pa.uint16()),
+                                                  ("resp_h", pa.string()), ("resp_p", pa.uint16()))):
+                    cols[name] = _take(pa.array(tuples[k], type), where, flipped)
+            out = Records(pa.table(cols), rows[:, D_SID].copy())
+        self.done = self.done[~done]
+        keep = np.flatnonzero(~closing)
+        self.e_sid, self.e_table, self.e_keyseq, self.e_seq, self.e_msg = (
+            self.e_sid[keep], self.e_table[keep], self.e_keyseq[keep], self.e_seq[keep], self.e_msg[keep])
+        gone = _among(self.sids, sids)
+        if gone.any():
+            for s in self.sids[gone & (self.state[:, B_FLIPPED] == 1)].tolist():
+                self.flipped.pop(s, None)
+            self.dead += int(self.state[gone, B_MESSAGES].sum())
+            self.sids, self.state = self.sids[~gone], self.state[~gone]
+        if self.dead > max(self.n - self.dead, COMPACT_AFTER):
+            self.compact()
+        return out
+
+    def compact(self) -> None:
+        """The messages of closed sessions dropped, those left with their texts in one source
+        of their own (a long session keeps no other session's texts)."""
+        live = np.flatnonzero(_among(self.num[:self.n, N_SID], self.sids))
+        renumber = np.full(self.n + 1, -1, dtype=np.int64)  # (-1 stays -1: the last one)
+        renumber[live] = np.arange(len(live))
+        num = self.num[live]
+        if len(live):
+            num, source = _texts(self.sources, num)
+            num, source = _own_texts(source, num)
+            self.sources = {}
+            num[:, N_SOURCE] = self.source(source)
+        else:
+            self.sources = {}
+        self.num = np.zeros((max(1024, 2 * len(live)), N_FIELDS), dtype=np.int64)
+        self.n = self.dead = 0
+        self.append(num)
+        self.done[:, D_Q:] = renumber[self.done[:, D_Q:]]
+        self.e_msg = renumber[self.e_msg]
+
+
+def _book_of(states: dict) -> DnsBook:
+    book = next(iter(states.values()), None)
+    return book if isinstance(book, DnsBook) else DnsBook()
+
+
+def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list, int]:
+    """The stage's batch entry point: a batch's DNS datagrams paired into transactions, as
+    DnsSession.add would pair them one by one (see the section's comment); their rows come from
+    close_sessions. `states` is this module's {sid: state}, where every DNS session's state is
+    the one DnsBook. Returns ([], parser errors)."""
     m = len(b.sid)
     if m == 0:
         return [], 0
-    sids = b.sid.tolist()
-    # per session (a batch has far fewer sessions than datagrams), then spread over the datagrams
-    sessions, which = np.unique(b.sid, return_inverse=True)
-    netbios_of, resp_nb_of = [], []
-    for s in sessions.tolist():
-        st = states.get(s)
-        if st is None:
-            uid, orig_h, orig_p, resp_h, resp_p = b.tuples[s]
-            st = states[s] = DnsSession(uid, orig_h, orig_p, resp_h, resp_p, "udp")
-        netbios_of.append(st.netbios)
-        resp_nb_of.append(st.resp_p == NETBIOS_PORT)  # before this batch's messages (a session
-        # flips its roles at most once, on its first message: `depends` catches that case below)
-    netbios = np.array(netbios_of, dtype=bool)[which]
-    resp_nb = np.array(resp_nb_of, dtype=bool)[which]
+    book = _book_of(states)
+    sessions, sess = np.unique(b.sid, return_inverse=True)
+    sess = sess.reshape(-1)
+    rows_of = book.sessions(sessions, b.tuples, states)
+    info = book.state[rows_of]  # (a copy: the sessions as they were before this batch)
+    data = b.data
     starts = np.ascontiguousarray(b.start, dtype=np.int64)
     ends = np.ascontiguousarray(b.end, dtype=np.int64)
-    data = b.data
+    short = ends - starts < 12
+    tid = np.zeros(m, dtype=np.int64)
+    flags = np.zeros(m, dtype=np.int64)
+    if not short.all():
+        s0 = starts[~short]
+        tid[~short] = (data[s0].astype(np.int64) << 8) | data[s0 + 1]
+        flags[~short] = (data[s0 + 2].astype(np.int64) << 8) | data[s0 + 3]
+    opcode = (flags >> 11) & 0xF
+    response = (flags & 0x8000) != 0
+    kind = np.where(short | ~np.isin(opcode, TRACKED_OPCODES), K.KIND_OWN,
+                    np.where(response, K.KIND_RESPONSE, K.KIND_QUERY))
+    # A session whose first message (with a header) is a response sent by its originator has its
+    # roles the wrong way round: DnsSession flips them there (the message itself was parsed before).
+    multicast = info[:, B_MULTICAST] == 1
+    flip_at = np.full(len(sessions), m)
+    unseen = np.flatnonzero(~short & (info[sess, B_SEEN] == 0))
+    if len(unseen):
+        seen, at = np.unique(sess[unseen], return_index=True)
+        j = unseen[at]
+        flips = response[j] & b.from_orig[j] & ~multicast[seen]
+        flip_at[seen[flips]] = j[flips]
+        rows = rows_of[seen]
+        book.state[rows, B_SEEN] = 1
+        book.state[rows[flips], B_FLIPPED] = 1
+        for s in sessions[seen[flips]].tolist():
+            _, orig_h, orig_p, resp_h, resp_p = b.tuples[s]
+            book.flipped[s] = (resp_h, resp_p, orig_h, orig_p)
+    j = np.arange(m)
+    was = info[sess, B_FLIPPED] == 1
+    flipped = was | (j >= flip_at[sess])
+    orig_p, resp_p = info[sess, B_ORIG_P], info[sess, B_RESP_P]
+    resp_nb = np.where(was | (j > flip_at[sess]), orig_p, resp_p) == NETBIOS_PORT  # the server port when parsed
+    names_nb = np.where(flipped, orig_p, resp_p) == NETBIOS_PORT                    # ... when applied
+    netbios = info[sess, B_NETBIOS] == 1
     try:
-        messages, capitals, depends = parse_batch(data, starts, ends, netbios, resp_nb)
+        parsed = K.parse_messages(data, starts, ends, netbios, resp_nb)
     except Exception:  # noqa: BLE001 - a kernel bug must not cost the batch: Python reads them all
-        messages, capitals, depends = [None] * m, [None] * m, [False] * m
-    guess = resp_nb.tolist()
-    out: list[tuple[int, dict]] = []
+        parsed = (np.full((m, K.M_FIELDS), K.FALLBACK, dtype=np.int64), np.zeros((0, K.Q_FIELDS), dtype=np.int64),
+                  np.zeros((0, K.R_FIELDS), dtype=np.int64), np.zeros(0, dtype=np.uint8), np.zeros(1, dtype=np.int32))
+    num = np.zeros((m, N_FIELDS), dtype=np.int64)
+    num[:, N_SOURCE] = book.source(_kernel_messages(data, starts, parsed, names_nb, num))
+    num[:, N_SID] = b.sid
+    num[:, N_TS] = b.ts
+    num[:, N_SHORT] = short
+    num[:, N_PACKET] = b.packet
+    num[:, N_FLIPPED] = flipped
+    num[:, N_NETBIOS] = netbios
+    num[:, N_TID] = tid  # (the header's, also for messages left to Python)
+    num[:, N_FLAGS] = flags
+    left = np.flatnonzero((parsed[0][:, K.M_STATUS] != K.OK) & (kind != K.KIND_OWN))
     errors = 0
-    for j, (s, msg, caps, dep, ts, orig, packet, truncated) in enumerate(zip(
-            sids, messages, capitals, depends, b.ts.tolist(), b.from_orig.tolist(), b.packet.tolist(),
-            b.truncated.tolist())):
-        st = states[s]
-        try:
-            if msg is None or (dep and (st.resp_p == NETBIOS_PORT) != guess[j]):
-                payload = data[starts[j]:ends[j]].tobytes()
-                msg = _parse(payload, st.netbios, st.resp_p, True)
-                msg.capitals = payload.lower() != payload if caps is None else caps
-            msg.packet = packet
-            if truncated:
-                msg.malformed = True
-            rows = st.add_message(msg, ts, orig)
-        except Exception:  # noqa: BLE001 - as the stage's guard around add(): this message is lost
-            errors += 1
-            continue
-        for row in rows:
-            out.append((s, row))
-    return out, errors
+    if len(left):
+        source, failed = _python_messages(left, data, starts, ends, netbios, resp_nb, names_nb, num)
+        num[left, N_SOURCE] = book.source(source)
+        kind[failed] = K.KIND_SKIP
+        errors = len(failed)
+    num[:, N_MALFORMED] |= b.truncated
+    base = book.append(num)
+    book.state[rows_of, B_MESSAGES] += np.bincount(sess, minlength=len(sessions))
+    # pair them, with the messages still pending in these sessions: the kernel numbers the
+    # pending ones of these sessions (`held`) first, then the batch's
+    held = np.flatnonzero(_among(book.e_sid, sessions))
+    e_msg = book.e_msg[held]
+    (q, r, first, row_sess, o_sess, o_table, o_keyseq, o_seq, _, o_msg, book.clock) = K.pair_messages(
+        sess.astype(np.int64), kind.astype(np.int64), tid, multicast, np.searchsorted(sessions, book.e_sid[held]),
+        book.e_table[held], book.e_keyseq[held], book.e_seq[held], book.num[e_msg, N_TID], book.clock)
+    renumber = np.concatenate([e_msg, base + j, [-1]])  # (-1 stays -1: the last one)
+    book.done = np.concatenate([book.done, np.stack([sessions[row_sess], renumber[q], renumber[r], renumber[first]],
+                                                    axis=1)])
+    keep = np.ones(len(book.e_sid), dtype=bool)
+    keep[held] = False
+    book.e_sid = np.concatenate([book.e_sid[keep], sessions[o_sess]])
+    book.e_table = np.concatenate([book.e_table[keep], o_table])
+    book.e_keyseq = np.concatenate([book.e_keyseq[keep], o_keyseq])
+    book.e_seq = np.concatenate([book.e_seq[keep], o_seq])
+    book.e_msg = np.concatenate([book.e_msg[keep], renumber[o_msg]])
+    return [], errors
+
+
+def close_sessions(states: dict, sids: np.ndarray) -> Records | list:
+    """The stage's batch close: the rows of the sessions `sids` (DnsSession's rows from add and
+    close, in that order), their states popped from `states`."""
+    book = None
+    for s in sids.tolist():
+        state = states.pop(s, None)
+        if state is not None:
+            book = state
+    if not isinstance(book, DnsBook):
+        return []
+    return book.close(np.asarray(sids, dtype=np.int64))
 
 
 def parse_datagram(d: Datagram) -> list[dict]:

@@ -475,3 +475,359 @@ def parse_messages(data, starts, ends, netbios, resp_nb):
         msg[M_NQ] = nq - q0
         msg[M_NR] = nr - r0
     return msgs, questions[:nq], records[:nr], text[:tw], text_offsets[:ns_ + 1]
+
+
+# ---- pairing messages into transactions -----------------------------------------------------
+#
+# `pair_messages` pairs the messages of a batch into transactions as app/dns.py's
+# DnsSession.add_message does one message at a time (Zeek's base/protocols/dns/main.zeek):
+# per session one pending query, then queues per transaction id of further queries and of
+# lone responses, each queue first in first out and the ids in the order they were first
+# queued. Sessions span batches: what is still pending after a batch comes back as entries
+# and is handed in again with the session's next messages.
+
+# message kinds
+KIND_SKIP, KIND_OWN, KIND_QUERY, KIND_RESPONSE = -1, 0, 1, 2
+# where a pending message waits: the session's pending query, the queries' queues, the
+# responses' queues (DnsSession.pending_query, pending_queries, pending_replies)
+T_PENDING, T_QUERIES, T_REPLIES = 0, 1, 2
+MAX_PENDING_MSGS = 50       # as app/dns.py (Zeek's DNS::max_pending_msgs)
+MAX_PENDING_IDS = 50        # DNS::max_pending_query_ids
+
+
+@kernel(inline=True)
+def _find(head, nxt, table, etid, s, which, tid):
+    """The first (oldest) entry of session s waiting in `which` with transaction id `tid`, or -1."""
+    e = head[s]
+    while e >= 0:
+        if table[e] == which and etid[e] == tid:
+            return e
+        e = nxt[e]
+    return -1
+
+
+@kernel(inline=True)
+def _unlink(head, tail, nxt, prv, nkeys, table, etid, s, e):
+    """Entry e out of session s's list; its id's queue is gone when e was its last entry."""
+    if prv[e] >= 0:
+        nxt[prv[e]] = nxt[e]
+    else:
+        head[s] = nxt[e]
+    if nxt[e] >= 0:
+        prv[nxt[e]] = prv[e]
+    else:
+        tail[s] = prv[e]
+    nxt[e] = -1
+    prv[e] = -1
+    if _find(head, nxt, table, etid, s, table[e], etid[e]) < 0:
+        nkeys[s, table[e]] -= 1
+
+
+@kernel(inline=True)
+def _append(head, tail, nxt, prv, s, e):
+    prv[e] = tail[s]
+    nxt[e] = -1
+    if tail[s] >= 0:
+        nxt[tail[s]] = e
+    else:
+        head[s] = e
+    tail[s] = e
+
+
+@kernel
+def pair_messages(sess, kind, tid, multicast, e_sess, e_table, e_keyseq, e_seq, e_tid, clock):
+    """Pair a batch's messages (in capture order) into transactions.
+
+    Messages are numbered after the pending ones handed in: pending entry i is message i, the
+    batch's message j is message len(e_sess) + j. Per batch message: sess[j] its session (an
+    index into `multicast`, which says the session's messages are each a transaction of its
+    own), kind[j] (KIND_*: KIND_OWN, a message that is a malformed row of its own; KIND_SKIP,
+    one left out), tid[j] its transaction id. Per pending entry i: its session, table (T_*),
+    the order of its id among the ids queued (keyseq) and its own (seq), its transaction id.
+    `clock` numbers what is queued from here on (larger than every keyseq and seq so far).
+
+    Returns (row_q, row_r, row_first, row_sess, out_sess, out_table, out_keyseq, out_seq,
+    out_tid, out_msg, clock): the transactions completed, in the order DnsSession.add_message
+    returns them (the query's message, the response's, -1 where it has none; the first of
+    them, whose time and id the row takes; its session; a row of its own has neither query
+    nor response), then what is still pending (its message out_msg), and the clock after."""
+    c = len(e_sess)
+    m = len(sess)
+    n_sess = len(multicast)
+    cap = c + m
+    table = np.empty(cap, dtype=np.int64)
+    keyseq = np.empty(cap, dtype=np.int64)
+    seq = np.empty(cap, dtype=np.int64)
+    etid = np.empty(cap, dtype=np.int64)
+    msg = np.empty(cap, dtype=np.int64)
+    nxt = np.full(cap, -1, dtype=np.int64)
+    prv = np.full(cap, -1, dtype=np.int64)
+    head = np.full(n_sess, -1, dtype=np.int64)
+    tail = np.full(n_sess, -1, dtype=np.int64)
+    pending = np.full(n_sess, -1, dtype=np.int64)
+    nkeys = np.zeros((n_sess, 3), dtype=np.int64)  # how many ids have a queue, per table
+    row_q = np.empty(cap, dtype=np.int64)
+    row_r = np.empty(cap, dtype=np.int64)
+    row_first = np.empty(cap, dtype=np.int64)
+    row_sess = np.empty(cap, dtype=np.int64)
+    flush = np.empty(cap, dtype=np.int64)
+    nrows = 0
+    ne = 0
+    # the pending entries, in the order they were queued (a session's list keeps that order)
+    for i in np.argsort(e_seq):
+        s = e_sess[i]
+        e = ne
+        ne += 1
+        table[e] = e_table[i]
+        keyseq[e] = e_keyseq[i]
+        seq[e] = e_seq[i]
+        etid[e] = e_tid[i]
+        msg[e] = i
+        if table[e] == T_PENDING:
+            pending[s] = e
+        else:
+            if _find(head, nxt, table, etid, s, table[e], etid[e]) < 0:
+                nkeys[s, table[e]] += 1
+            _append(head, tail, nxt, prv, s, e)
+    for j in range(m):
+        k = kind[j]
+        if k == KIND_SKIP:
+            continue
+        s = sess[j]
+        t = tid[j]
+        mj = c + j
+        if k == KIND_OWN or multicast[s]:
+            row_q[nrows] = mj if k == KIND_QUERY else -1
+            row_r[nrows] = mj if k == KIND_RESPONSE else -1
+            row_first[nrows] = mj
+            row_sess[nrows] = s
+            nrows += 1
+            continue
+        done = -1  # the entry this message completes
+        which = -1  # else the table it waits in
+        if k == KIND_QUERY:
+            done = _find(head, nxt, table, etid, s, T_REPLIES, t)
+            if done >= 0:
+                _unlink(head, tail, nxt, prv, nkeys, table, etid, s, done)
+            elif pending[s] < 0:
+                which = T_PENDING
+            else:
+                which = T_QUERIES
+        else:
+            p = pending[s]
+            if p >= 0 and etid[p] == t:
+                done = p
+                pending[s] = -1
+                if nkeys[s, T_QUERIES] > 0:
+                    # the next query waits in its place: one with this id, else the oldest id's
+                    e = _find(head, nxt, table, etid, s, T_QUERIES, t)
+                    if e < 0:
+                        e = head[s]
+                        best = -1
+                        while e >= 0:
+                            if table[e] == T_QUERIES and (best < 0 or keyseq[e] < keyseq[best]):
+                                best = e
+                            e = nxt[e]
+                        e = best
+                    _unlink(head, tail, nxt, prv, nkeys, table, etid, s, e)
+                    table[e] = T_PENDING
+                    pending[s] = e
+            else:
+                done = _find(head, nxt, table, etid, s, T_QUERIES, t)
+                if done >= 0:
+                    _unlink(head, tail, nxt, prv, nkeys, table, etid, s, done)
+                else:
+                    which = T_REPLIES
+        if done >= 0:
+            first = msg[done]
+            row_q[nrows] = mj if k == KIND_QUERY else first
+            row_r[nrows] = first if k == KIND_QUERY else mj
+            row_first[nrows] = first
+            row_sess[nrows] = s
+            nrows += 1
+            continue
+        e = ne
+        ne += 1
+        table[e] = which
+        etid[e] = t
+        msg[e] = mj
+        seq[e] = clock
+        clock += 1
+        if which == T_PENDING:
+            pending[s] = e
+            keyseq[e] = 0
+            continue
+        # a queue (DnsSession._enqueue): a new id when too many ids wait empties the table,
+        # too many messages of one id empty its queue; what they held are rows now
+        same = _find(head, nxt, table, etid, s, which, t)
+        nflush = 0
+        if same < 0:
+            keyseq[e] = clock
+            clock += 1
+            if nkeys[s, which] > MAX_PENDING_IDS:
+                x = head[s]
+                while x >= 0:
+                    if table[x] == which:
+                        flush[nflush] = x
+                        nflush += 1
+                    x = nxt[x]
+                # in the order of the ids' queues, each queue oldest first
+                order = np.argsort(keyseq[flush[:nflush]], kind="mergesort")
+                flushed = flush[:nflush][order]
+                for x in flushed:
+                    _unlink(head, tail, nxt, prv, nkeys, table, etid, s, x)
+                flush[:nflush] = flushed
+            nkeys[s, which] += 1
+        else:
+            keyseq[e] = keyseq[same]
+            x = same
+            count = 0
+            while x >= 0:
+                if table[x] == which and etid[x] == t:
+                    flush[count] = x
+                    count += 1
+                x = nxt[x]
+            if count > MAX_PENDING_MSGS:
+                nflush = count
+                for i in range(nflush):
+                    x = flush[i]
+                    # the id keeps its place: its queue is emptied, not removed
+                    if prv[x] >= 0:
+                        nxt[prv[x]] = nxt[x]
+                    else:
+                        head[s] = nxt[x]
+                    if nxt[x] >= 0:
+                        prv[nxt[x]] = prv[x]
+                    else:
+                        tail[s] = prv[x]
+        for i in range(nflush):
+            x = flush[i]
+            row_q[nrows] = msg[x] if which == T_QUERIES else -1
+            row_r[nrows] = msg[x] if which == T_REPLIES else -1
+            row_first[nrows] = msg[x]
+            row_sess[nrows] = s
+            nrows += 1
+        _append(head, tail, nxt, prv, s, e)
+    # what still waits: each session's pending query, then its lists
+    out_sess = np.empty(ne, dtype=np.int64)
+    out_table = np.empty(ne, dtype=np.int64)
+    out_keyseq = np.empty(ne, dtype=np.int64)
+    out_seq = np.empty(ne, dtype=np.int64)
+    out_tid = np.empty(ne, dtype=np.int64)
+    out_msg = np.empty(ne, dtype=np.int64)
+    n_out = 0
+    for s in range(n_sess):
+        e = pending[s] if pending[s] >= 0 else head[s]
+        while e >= 0:
+            out_sess[n_out] = s
+            out_table[n_out] = table[e]
+            out_keyseq[n_out] = keyseq[e]
+            out_seq[n_out] = seq[e]
+            out_tid[n_out] = etid[e]
+            out_msg[n_out] = msg[e]
+            n_out += 1
+            e = head[s] if e == pending[s] else nxt[e]
+    return (row_q[:nrows], row_r[:nrows], row_first[:nrows], row_sess[:nrows], out_sess[:n_out], out_table[:n_out],
+            out_keyseq[:n_out], out_seq[:n_out], out_tid[:n_out], out_msg[:n_out], clock)
+
+
+# ---- what each message gives its row --------------------------------------------------------
+#
+# `message_texts` turns parse_messages' results into what app/dns.py's message_fields makes of
+# each message, as numbers: its texts are numbers in a pool of strings laid out as
+#   [the n strings as sent | the same n lower-cased | one per record (its IPv6 address or
+#    "<unknown type=N>", made in app/dns.py) | ""]
+# and its record lists runs of entries (Suricata's records: a TXT answer's strings each one).
+
+# per message: the last question's type, class and name (lower-cased), the first one's name as
+# sent, the first reply's owner (lower-cased; -1: no reply), its runs of answers, of
+# answer_records entries and of authority_records entries
+(MT_QTYPE, MT_QCLASS, MT_QUERY, MT_Q0, MT_OWNER, MT_ANS0, MT_NANS, MT_AREC0, MT_NAREC, MT_AUTH0, MT_NAUTH) = range(11)
+MT_FIELDS = 11
+# a record list entry: E_RRNAME, E_RDATA and E_T1/E_T2 strings (SOA's mname and rname, SRV's
+# name, SSHFP's fingerprint), E_RRTYPE the type (a number here: app/dns.py makes it its name),
+# E_V0.. E_V4 numbers (SOA's serial .. minimum; SRV's priority, weight, port; SSHFP's algorithm
+# and type)
+(E_RRNAME, E_RRTYPE, E_TTL, E_RDATA, E_KIND, E_T1, E_T2, E_V0, E_V1, E_V2, E_V3, E_V4) = range(12)
+E_FIELDS = 12
+EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP = range(4)
+# a Zeek answer: its text and TTL
+A_TEXT, A_TTL = range(2)
+
+
+@kernel
+def message_texts(msgs, questions, records, text_offsets):
+    """What each message read by parse_messages gives its row (see above): returns (fields
+    (MT_*), answers (A_*), entries (E_*)), texts as numbers in the pool laid out above."""
+    m = len(msgs)
+    n_str = len(text_offsets) - 1
+    n_rec = len(records)
+    extra = 2 * n_str          # record r's own text: extra + r
+    empty = 2 * n_str + n_rec  # ""
+    fields = np.full((m, MT_FIELDS), -1, dtype=np.int64)
+    answers = np.zeros((n_rec, 2), dtype=np.int64)
+    entries = np.zeros((n_rec + n_str, E_FIELDS), dtype=np.int64)
+    na = 0
+    ne = 0
+    for j in range(m):
+        f = fields[j]
+        nq = msgs[j, M_NQ]
+        q0 = msgs[j, M_Q0]
+        f[MT_QTYPE] = 0
+        f[MT_QCLASS] = 0
+        if nq > 0:  # Zeek's dns_request runs per question: the last one's stay
+            f[MT_QTYPE] = questions[q0 + nq - 1, Q_TYPE]
+            f[MT_QCLASS] = questions[q0 + nq - 1, Q_CLASS]
+            f[MT_QUERY] = n_str + questions[q0 + nq - 1, Q_NAME]
+            f[MT_Q0] = questions[q0, Q_NAME]
+        f[MT_ANS0] = na
+        f[MT_AREC0] = ne
+        f[MT_AUTH0] = ne
+        r0 = msgs[j, M_R0]
+        for r in range(r0, r0 + msgs[j, M_NR]):
+            rec = records[r]
+            kind = rec[R_KIND]
+            if kind == K_NONE:  # no reply: in no list
+                continue
+            t1 = rec[R_TEXT1]
+            as_name = kind == K_NAME or kind == K_SOA or kind == K_SRV
+            # its data as sent (Suricata's rdata; -1: none, SOA and SRV have their fields)
+            if kind == K_ADDR6 or kind == K_UNKNOWN:
+                sent = extra + r
+            elif kind == K_EMPTY:
+                sent = empty
+            elif kind == K_SOA or kind == K_SRV:
+                sent = -1
+            else:
+                sent = t1
+            section = rec[R_SECTION]
+            if section == 0:
+                if f[MT_OWNER] < 0:
+                    f[MT_OWNER] = n_str + rec[R_OWNER]
+                # Zeek's answers: the replies with text (not WKS's, nor a name that is the root's)
+                if kind != K_EMPTY and not (as_name and text_offsets[t1 + 1] == text_offsets[t1]):
+                    answers[na, A_TEXT] = n_str + t1 if as_name else sent
+                    answers[na, A_TTL] = rec[R_TTL]
+                    na += 1
+                f[MT_AUTH0] = ne + (rec[R_V1] if kind == K_TXT else 1)
+            # its entries: a TXT answer's strings (V1 of them from V0) each one
+            count = rec[R_V1] if kind == K_TXT and section == 0 else 1
+            for k in range(count):
+                e = entries[ne]
+                e[E_RRNAME] = rec[R_OWNER]
+                e[E_RRTYPE] = rec[R_TYPE]
+                e[E_TTL] = rec[R_TTL]
+                e[E_RDATA] = rec[R_V0] + k if kind == K_TXT and section == 0 else sent
+                e[E_KIND] = EK_SOA if kind == K_SOA else (EK_SRV if kind == K_SRV else EK_PLAIN)
+                e[E_T1] = t1
+                e[E_T2] = rec[R_TEXT2]
+                e[E_V0] = rec[R_V0]
+                e[E_V1] = rec[R_V1]
+                e[E_V2] = rec[R_V2]
+                e[E_V3] = rec[R_V3]
+                e[E_V4] = rec[R_V4]
+                ne += 1
+        f[MT_NANS] = na - f[MT_ANS0]
+        f[MT_NAREC] = f[MT_AUTH0] - f[MT_AREC0]
+        f[MT_NAUTH] = ne - f[MT_AUTH0]
+    return fields, answers[:na], entries[:ne]

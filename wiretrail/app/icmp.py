@@ -33,8 +33,15 @@ import struct
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from wiretrail.app.base import Datagram
+from wiretrail.app import icmp_kernel as K
+from wiretrail.app.base import Datagram, Records
+from wiretrail.app.icmp_kernel import (I_ECHO_ID, I_ECHO_SEQ, I_ENTROPY, I_FROM_ORIG, I_GATEWAY,
+                                       I_GATEWAY_IS_TARGET, I_INNER_V6, I_IO_HI, I_IO_LO, I_IO_P, I_IR_HI,
+                                       I_IR_LO, I_IR_P, I_MALFORMED, I_MTU, I_PLEN, I_PROTO, I_SID,
+                                       I_TARGET, I_TARGET_HI, I_TARGET_LO, I_TRUNCATED, I_TS, I_TTL,
+                                       I_TYPE, I_CODE, I_V6, I_FIELDS)
 
 TABLE = "icmp"
 SCHEMA = pa.schema([
@@ -251,17 +258,9 @@ class IcmpSession:
         t = row.get("itype")
         req, rep = ECHO6 if self.v6 else ECHO4
         if t == req and not row["malformed"]:
-            key = (src, dst, row["echo_id"], row["echo_seq"])
-            out = []
-            old = self.pending.pop(key, None)
-            if old is not None:  # a repeated request: the first stays unanswered
-                out.append(old)
             row["replied"] = False
             row["_data"] = d.payload[8:]
-            self.pending[key] = row
-            if len(self.pending) > MAX_PENDING:
-                out.append(self.pending.pop(next(iter(self.pending))))
-            return _clean(out)
+            return _clean(echo_request(self.pending, (src, dst, row["echo_id"], row["echo_seq"]), row))
         if t == rep and not row["malformed"]:
             q = self.pending.pop((dst, src, row["echo_id"], row["echo_seq"]), None)
             if q is not None:
@@ -288,3 +287,310 @@ def _clean(rows: list[dict]) -> list[dict]:
 
 def new_session(d: Datagram) -> IcmpSession:
     return IcmpSession(d)
+
+
+def echo_request(pending: dict, key, request) -> list:
+    """An echo request into its session's `pending` ones (by key: sender, receiver, identifier,
+    sequence number; oldest first): returns the requests it puts out unanswered, the one it
+    repeats and the oldest when too many wait. (IcmpSession's rule; the batch path's too.)"""
+    out = []
+    old = pending.pop(key, None)
+    if old is not None:  # a repeated request: the first stays unanswered
+        out.append(old)
+    pending[key] = request
+    if len(pending) > MAX_PENDING:
+        out.append(pending.pop(next(iter(pending))))
+    return out
+
+
+# ---- the stage's batch path: a batch's messages to rows, as columns -------------------------
+#
+# add_datagrams reads every message of a batch with one kernel call (icmp_kernel.parse_icmp:
+# parse_message's fields as numbers, addresses as their 128-bit values) and the payloads'
+# entropies with numpy, pairs echo requests and replies per session with echo_request (Python
+# per echo message only), and keeps the rows, as numbers of their messages, in the one IcmpBook
+# until their sessions close; close_sessions builds the closing sessions' rows in one go
+# (`_rows`), addresses and names made a column at a time.
+
+# a row waiting for its session to close: its session, message, kind, and an answered request's reply
+D_SID, D_MSG, D_KIND, D_RTT, D_REPLY_LEN, D_DIFFERS = range(6)
+DK_MESSAGE, DK_REQUEST, DK_ANSWERED = range(3)  # a message's own row; an echo request unanswered, answered
+
+
+def _entropies(data: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """`entropy` of each data[start[i]:start[i] + length[i]] (length >= 1), the same float64s:
+    the same frequencies and terms (numpy's log2), added up as numpy's sum adds them."""
+    if len(start) == 0:
+        return np.zeros(0)
+    p, first, count = K.byte_frequencies(data, start, length)
+    return -K.sum_terms(p * np.log2(p), first, count)
+
+
+def _type_name(code: int) -> str:
+    v6, t = code >> 8, code & 0xFF
+    return (TYPES6 if v6 else TYPES4).get(t, f"type_{t}")
+
+
+def _code_name(code: int) -> str | None:
+    v6, t, c = code >> 16, (code >> 8) & 0xFF, code & 0xFF
+    cn = (CODES6 if v6 else CODES4).get(t)
+    return cn[c] if cn and c < len(cn) else (None if not cn and c == 0 else f"code_{c}")
+
+
+class _Names:
+    """name(code) for arrays of codes, each name made once (module-wide: names are fixed)."""
+
+    def __init__(self, name, size: int):
+        self.name = name
+        self.index = np.full(size, -1, dtype=np.int64)
+        self.names: list = []
+        self.array = pa.array([], pa.string())
+
+    def of(self, codes: np.ndarray, valid: np.ndarray) -> pa.Array:
+        codes = np.where(valid, codes, 0)
+        at = self.index[codes]
+        new = (at < 0) & valid
+        if new.any():
+            for code in np.unique(codes[new]).tolist():
+                self.index[code] = len(self.names)
+                self.names.append(self.name(code))
+            self.array = pa.array(self.names, pa.string())
+            at = self.index[codes]
+        if not valid.any():
+            return pa.nulls(len(codes), pa.string())
+        return self.array.take(pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
+
+
+_TYPE_NAMES = _Names(_type_name, 1 << 9)
+_CODE_NAMES = _Names(_code_name, 1 << 17)
+_PROTO_NAMES = _Names(lambda p: PROTO_NAMES.get(p, str(p)), 256)
+
+
+def _numbers(v: np.ndarray, valid: np.ndarray, type: pa.DataType) -> pa.Array:
+    if pa.types.is_timestamp(type) or pa.types.is_duration(type):
+        return pa.array(np.where(valid, v, 0), pa.int64(), mask=~valid).view(type)
+    return pa.array(np.where(valid, v, 0).astype(type.to_pandas_dtype()), type, mask=~valid)
+
+
+def _addresses(hi: np.ndarray, lo: np.ndarray, v4: np.ndarray, valid: np.ndarray) -> pa.Array:
+    from wiretrail.sessions.flowtable import addr_texts
+
+    if not valid.any():
+        return pa.nulls(len(hi), pa.string())
+    at = np.flatnonzero(valid)
+    texts = addr_texts(hi[at].view(np.uint64), lo[at].view(np.uint64), v4[at])
+    where = np.full(len(hi), 0, dtype=np.int64)
+    where[at] = np.arange(len(at))
+    return texts.take(pa.array(where, mask=~valid))
+
+
+COMPACT_AFTER = 4096  # messages of closed sessions the book keeps at most (unless as many live ones)
+
+
+class IcmpBook:
+    """The batch path's state of every ICMP session at once: in the stage's `states` each ICMP
+    session's value is this one object. Per session its addresses (`hosts`: orig_h, resp_h) and
+    echo requests waiting (`pending`: {(sender, receiver, identifier, sequence): (message,
+    its data)}); the messages of the open sessions (`num`, I_* columns) and their rows so far
+    (`done`, D_* columns, in the order IcmpSession returns them)."""
+
+    def __init__(self):
+        self.hosts: dict[int, tuple[str, str]] = {}
+        self.messages: dict[int, int] = {}  # sid -> its messages in `num`
+        self.pending: dict[int, dict] = {}
+        self.num = np.zeros((1024, I_FIELDS), dtype=np.int64)
+        self.n = 0       # messages in `num`
+        self.dead = 0    # ... of closed sessions
+        self.done = np.zeros((0, 6), dtype=np.int64)
+
+    def append(self, num: np.ndarray) -> int:
+        """Messages in; returns the number of the first."""
+        if self.n + len(num) > len(self.num):
+            bigger = np.zeros((2 * (self.n + len(num)), I_FIELDS), dtype=np.int64)
+            bigger[:self.n] = self.num[:self.n]
+            self.num = bigger
+        self.num[self.n:self.n + len(num)] = num
+        self.n += len(num)
+        return self.n - len(num)
+
+    def close(self, sids: np.ndarray) -> Records | list:
+        """The rows of the sessions `sids`: those made so far, then the requests still waiting
+        (IcmpSession.close); and the sessions forgotten."""
+        sid_list = sids.tolist()
+        sorted_sids = np.sort(sids)
+        done = sorted_sids[np.minimum(np.searchsorted(sorted_sids, self.done[:, D_SID]), len(sids) - 1)] == \
+            self.done[:, D_SID]
+        rows = [self.done[done]]
+        for s in sid_list:
+            pending = self.pending.pop(s, None)
+            if pending:
+                rows.append(np.array([[s, m, DK_REQUEST, 0, 0, 0] for m, _ in pending.values()], dtype=np.int64))
+        rows = np.concatenate(rows)
+        self.done = self.done[~done]
+        out = self._rows(rows) if len(rows) else []
+        for s in sid_list:
+            self.hosts.pop(s, None)
+            self.dead += self.messages.pop(s, 0)
+        if self.dead > max(self.n - self.dead, COMPACT_AFTER):
+            self.compact()
+        return out
+
+    def compact(self) -> None:
+        """The messages of closed sessions dropped, the others renumbered."""
+        live = np.isin(self.num[:self.n, I_SID], np.fromiter(self.hosts, dtype=np.int64, count=len(self.hosts)))
+        renumber = np.cumsum(live) - 1
+        num = self.num[:self.n][live]
+        self.num = np.zeros((max(1024, 2 * len(num)), I_FIELDS), dtype=np.int64)
+        self.n = self.dead = 0
+        self.append(num)
+        self.done[:, D_MSG] = renumber[self.done[:, D_MSG]]
+        for pending in self.pending.values():
+            for key, (m, data) in pending.items():
+                pending[key] = (int(renumber[m]), data)
+
+    def _rows(self, rows: np.ndarray) -> Records:
+        msg = self.num[rows[:, D_MSG]]
+        kind = rows[:, D_KIND]
+        n = len(rows)
+        yes = np.ones(n, dtype=bool)
+        from_orig = msg[:, I_FROM_ORIG] == 1
+        # the sender and receiver: the session's hosts (per session), the message's way round
+        sessions, at = np.unique(rows[:, D_SID], return_inverse=True)
+        hosts = [self.hosts[s] for s in sessions.tolist()]
+        orig = pa.array([h[0] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
+        resp = pa.array([h[1] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
+        sent_by_orig = pa.array(from_orig)
+        v6 = msg[:, I_V6] == 1
+        typ, code = msg[:, I_TYPE], msg[:, I_CODE]
+        plen = msg[:, I_PLEN]
+        echo = msg[:, I_ECHO_ID] >= 0
+        request = kind != DK_MESSAGE
+        answered = kind == DK_ANSWERED
+        proto = msg[:, I_PROTO]
+        inner = proto >= 0
+        inner_v4 = msg[:, I_INNER_V6] == 0
+        gateway4 = msg[:, I_GATEWAY] >= 0
+        target = msg[:, I_TARGET] == 1
+        gateway = gateway4 | (msg[:, I_GATEWAY_IS_TARGET] == 1)
+        entropy = msg[:, I_ENTROPY].view(np.float64).astype(np.float32)
+        cols = {
+            "ts": pa.array(msg[:, I_TS]).view(pa.timestamp("ns")),
+            "src_h": pc.if_else(sent_by_orig, orig, resp),
+            "dst_h": pc.if_else(sent_by_orig, resp, orig),
+            "version": pa.array(np.where(v6, 6, 4).astype(np.int8)),
+            "itype": _numbers(typ, typ >= 0, pa.int16()),
+            "icode": _numbers(code, code >= 0, pa.int16()),
+            "itype_name": _TYPE_NAMES.of((msg[:, I_V6] << 8) | typ, code >= 0),
+            "icode_name": _CODE_NAMES.of((msg[:, I_V6] << 16) | (typ << 8) | code, code >= 0),
+            "payload_len": _numbers(plen, plen >= 0, pa.int32()),
+            "payload_entropy": pa.array(entropy, mask=plen <= 0),
+            "echo_id": _numbers(msg[:, I_ECHO_ID], echo, pa.int32()),
+            "echo_seq": _numbers(msg[:, I_ECHO_SEQ], echo, pa.int32()),
+            "replied": pa.array(answered, mask=~request),
+            "rtt": _numbers(rows[:, D_RTT], answered, pa.duration("ns")),
+            "reply_len": _numbers(rows[:, D_REPLY_LEN], answered, pa.int32()),
+            "reply_differs": pa.array(rows[:, D_DIFFERS] == 1, mask=~answered | (rows[:, D_DIFFERS] < 0)),
+            "inner_proto": _PROTO_NAMES.of(proto, inner),
+            "inner_orig_h": _addresses(msg[:, I_IO_HI], msg[:, I_IO_LO], inner_v4, inner),
+            "inner_orig_p": _numbers(msg[:, I_IO_P], msg[:, I_IO_P] >= 0, pa.int32()),
+            "inner_resp_h": _addresses(msg[:, I_IR_HI], msg[:, I_IR_LO], inner_v4, inner),
+            "inner_resp_p": _numbers(msg[:, I_IR_P], msg[:, I_IR_P] >= 0, pa.int32()),
+            "inner_ttl": _numbers(msg[:, I_TTL], inner, pa.int16()),
+            "mtu": _numbers(msg[:, I_MTU], msg[:, I_MTU] >= 0, pa.int32()),
+            "gateway": _addresses(np.where(gateway4, 0, msg[:, I_TARGET_HI]),
+                                  np.where(gateway4, msg[:, I_GATEWAY], msg[:, I_TARGET_LO]), gateway4, gateway),
+            "target": _addresses(msg[:, I_TARGET_HI], msg[:, I_TARGET_LO], ~yes, target),
+            "truncated": pa.array(msg[:, I_TRUNCATED] == 1),
+            "malformed": pa.array(msg[:, I_MALFORMED] == 1),
+        }
+        return Records(pa.table(cols), rows[:, D_SID].copy())
+
+
+def _book_of(states: dict) -> IcmpBook:
+    book = next(iter(states.values()), None)
+    return book if isinstance(book, IcmpBook) else IcmpBook()
+
+
+def add_datagrams(states: dict, b) -> tuple[list, int]:
+    """The stage's batch entry point: a batch's ICMP messages (from their type byte, as
+    new_session's datagrams have them), each made and paired as IcmpSession.add would (see the
+    section's comment); their rows come from close_sessions. `states` is this module's {sid:
+    state}, where every ICMP session's state is the one IcmpBook. Returns ([], 0)."""
+    m = len(b.sid)
+    if m == 0:
+        return [], 0
+    book = _book_of(states)
+    sid_list = b.sid.tolist()
+    sessions, sess = np.unique(b.sid, return_inverse=True)
+    session_list = sessions.tolist()
+    new = [s for s in session_list if s not in book.hosts]
+    for s in new:
+        _, orig_h, _, resp_h, _ = b.tuples[s]
+        book.hosts[s] = (orig_h, resp_h)
+    states.update(dict.fromkeys(new, book))
+    for s, n in zip(session_list, np.bincount(sess.reshape(-1)).tolist()):
+        book.messages[s] = book.messages.get(s, 0) + n
+    # a session's messages are ICMPv6 if its originator's address is IPv6 (IcmpSession.v6)
+    v6 = np.array([":" in book.hosts[s][0] for s in session_list], dtype=bool)[sess.reshape(-1)]
+    start = np.ascontiguousarray(b.start, dtype=np.int64)
+    end = np.ascontiguousarray(b.end, dtype=np.int64)
+    num = K.parse_icmp(b.data, start, end, v6)
+    body = np.flatnonzero(num[:, I_PLEN] > 0)
+    num[body, I_ENTROPY] = _entropies(b.data, start[body] + 8, num[body, I_PLEN]).view(np.int64)
+    num[:, I_SID] = b.sid
+    num[:, I_TS] = b.ts
+    num[:, I_FROM_ORIG] = b.from_orig
+    num[:, I_TRUNCATED] = b.truncated
+    base = book.append(num)
+    # every message its own row, but echo requests (waiting for their replies) and the replies
+    # that find one
+    typ = num[:, I_TYPE]
+    request = np.where(v6, typ == ECHO6[0], typ == ECHO4[0]) & (num[:, I_MALFORMED] == 0)
+    reply = np.where(v6, typ == ECHO6[1], typ == ECHO4[1]) & (num[:, I_MALFORMED] == 0)
+    echo = np.flatnonzero(request | reply)
+    if not len(echo):
+        rows = np.zeros((m, 6), dtype=np.int64)
+        rows[:, D_SID], rows[:, D_MSG] = b.sid, base + np.arange(m)
+        book.done = np.concatenate([book.done, rows])
+        return [], 0
+    out: list[tuple] = []  # (sid, message, kind, rtt, reply length, reply differs), in order
+    at = 0
+    data = b.data
+    for j, s, orig, ident, seq, ts, is_request, truncated in zip(
+            echo.tolist(), b.sid[echo].tolist(), b.from_orig[echo].tolist(), num[echo, I_ECHO_ID].tolist(),
+            num[echo, I_ECHO_SEQ].tolist(), b.ts[echo].tolist(), request[echo].tolist(), b.truncated[echo].tolist()):
+        out += [(sid_list[k], base + k, DK_MESSAGE, 0, 0, 0) for k in range(at, j)]  # the messages before it
+        at = j + 1
+        orig_h, resp_h = book.hosts[s]
+        src, dst = (orig_h, resp_h) if orig else (resp_h, orig_h)
+        pending = book.pending.get(s)
+        if pending is None:
+            pending = book.pending[s] = {}
+        body = data[start[j] + 8:end[j]].tobytes()
+        if is_request:
+            for old, _ in echo_request(pending, (src, dst, ident, seq), (base + j, body)):
+                out.append((s, old, DK_REQUEST, 0, 0, 0))
+            continue
+        got = pending.pop((dst, src, ident, seq), None)
+        if got is None:
+            out.append((s, base + j, DK_MESSAGE, 0, 0, 0))
+            continue
+        q, q_body = got
+        out.append((s, q, DK_ANSWERED, max(0, ts - int(book.num[q, I_TS])), int(num[j, I_PLEN]),
+                    -1 if truncated else int(body != q_body)))
+    out += [(s, base + k, DK_MESSAGE, 0, 0, 0) for s, k in zip(sid_list[at:], range(at, m))]
+    book.done = np.concatenate([book.done, np.array(out, dtype=np.int64).reshape(-1, 6)])
+    return [], 0
+
+
+def close_sessions(states: dict, sids: np.ndarray) -> Records | list:
+    """The stage's batch close: the rows of the sessions `sids` (IcmpSession's rows from add and
+    close, in that order), their states popped from `states`."""
+    book = None
+    for s in sids.tolist():
+        state = states.pop(s, None)
+        if state is not None:
+            book = state
+    if not isinstance(book, IcmpBook):
+        return []
+    return book.close(np.asarray(sids, dtype=np.int64))

@@ -218,7 +218,7 @@ class AppStage:
         self._make_tuples(cols, sid, is_orig, rows)
         tracker = self.trackers.get(m.name)
         per_session = hasattr(m.mod, "new_session")
-        if per_session and not whole_l4 and tracker is None and hasattr(m.mod, "add_datagrams"):
+        if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
             self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
             return
         data = memoryview(batch.data)
@@ -632,8 +632,9 @@ class _Out:
 
 
 def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray) -> pa.Table:
-    """`table` with its session columns (those of base.SESSION_COLUMNS it has, ts aside) taken
-    from the sessions at positions `ks`."""
+    """`table` with the nulls of its session columns (those of base.SESSION_COLUMNS it has, ts
+    aside) taken from the sessions at positions `ks` (a module's own values stay: DNS gives
+    those of a session whose roles Zeek flips)."""
     if sessions is None:
         return table
     at = pa.array(ks)
@@ -641,7 +642,10 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
         i = table.schema.get_field_index(name)
         if i >= 0:
             field = table.schema.field(i)
-            table = table.set_column(i, field, pc.cast(sessions.column(name).take(at), field.type))
+            column = pc.cast(sessions.column(name).take(at), field.type)
+            if table.column(i).null_count < table.num_rows:
+                column = pc.coalesce(table.column(i), column)
+            table = table.set_column(i, field, column)
     return table
 
 
