@@ -400,6 +400,9 @@ class AppStage:
         picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
+        # both directions of every closing session with a stream, rebuilt as the loop reaches them
+        with_streams = list(dict.fromkeys(s for s in (sid_list[k] for k in needed) if s in self.streamed))
+        directions = self.reasm.take_many(with_streams)
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
@@ -415,7 +418,7 @@ class AppStage:
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)
-                rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else "", batched))
+                rows.extend(self._parse_stream(next(directions), k, tuples, apps[k] if apps else "", batched))
             if not rows:
                 continue
             fill = {name: tuples[name][k] for name in tuples}
@@ -541,8 +544,8 @@ class AppStage:
                 return None, None
             return pa.concat_tables(good), np.asarray(kept, dtype=np.int64)
 
-    def _parse_stream(self, s: int, k: int, tuples: dict, app: str, batched: dict) -> list:
-        orig, resp = self.reasm.take(s, True), self.reasm.take(s, False)
+    def _parse_stream(self, directions: tuple, k: int, tuples: dict, app: str, batched: dict) -> list:
+        orig, resp = directions
         parsers = self._stream_parsers(app, tuples["resp_p"][k])
         if not parsers or not (orig.data or resp.data):
             return []
