@@ -312,7 +312,10 @@ def _consistent(r: Reassembler) -> bool:
 
     st, S = r._st, r._S[:r._st[m.ST_S_USED]]
     live = S[S[:, m.LIVE] == 1]
-    return (len(live) == st[m.ST_SIDES] and live[:, m.KEPT].sum() == st[m.ST_HELD]
+    G = r._G[:st[m.ST_G_USED]]
+    segs = G[G[:, m.G_LEN] > 0]  # in arena order, which squeezing the arena relies on
+    return ((np.diff(segs[:, m.G_OFF]) > 0).all() and len(segs) == st[m.ST_G_LIVE]
+            and len(live) == st[m.ST_SIDES] and live[:, m.KEPT].sum() == st[m.ST_HELD]
             and live[:, m.NSEG].sum() == st[m.ST_G_LIVE] and live[:, m.NACK].sum() == st[m.ST_A_LIVE]
             and st[m.ST_S_USED] - len(live) == st[m.ST_S_NFREE] and (r._T[:, 1] >= 0).sum() == len(live))
 

@@ -226,12 +226,16 @@ def _new_side(T, S, st, key):
 
 
 @kernel(inline=True)
-def _free_side(T, S, st, key):
-    """Forget side `key` (if there is one): its row goes back to the free list; its segments,
-    ACKs and bytes are dead, left for the next squeeze."""
+def _free_side(T, S, G, st, key):
+    """Forget side `key` (if there is one): its row goes back to the free list; its segments
+    (marked dead: no length), ACKs and bytes are left for the next squeeze."""
     s = _remove(T, key)
     if s < 0:
         return
+    g = S[s, SEG_HEAD]
+    for _ in range(S[s, NSEG]):
+        G[g, G_LEN] = 0
+        g = G[g, G_NEXT]
     st[ST_SIDES] -= 1
     st[ST_HELD] -= S[s, KEPT]
     st[ST_G_LIVE] -= S[s, NSEG]
@@ -263,12 +267,14 @@ def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
 
 
 @kernel
-def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_orig, T, S, G, arena, st):
+def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_orig, T, S, G, arena, st,
+              row_side):
     """The payloads of `rows` (those with one) from row `start` on into their sides' segments.
     Returns len(rows) when done; _TABLE_FULL if the table must grow first (then call again from
     0); else the row it stopped at, whose payload needs st[ST_NEED_DATA] more bytes free in
     the arena (the row's side may have been made and its base set: doing it again is
-    harmless). Past the memcap at the end of a batch that had payloads, sheds."""
+    harmless). Past the memcap at the end of a batch that had payloads, sheds. row_side[k]:
+    the side row of rows[k], found by the call from 0 (-1: made after it looked)."""
     n = len(rows)
     payloads = start > 0  # a call that resumes stopped at a payload
     if start == 0:
@@ -280,7 +286,8 @@ def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_or
             if pl_len[i] > 0:
                 payloads = True
                 key = _side_key(sid[i], is_orig[i])
-                if _find(T, key) < 0:
+                row_side[k] = _find(T, key)
+                if row_side[k] < 0:
                     missing[m] = np.uint64(key)
                     m += 1
         if m:
@@ -296,7 +303,9 @@ def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_or
         length = np.int64(pl_len[i])
         if length <= 0:
             continue
-        s = _find(T, _side_key(sid[i], is_orig[i]))
+        s = row_side[k]
+        if s < 0:
+            s = _find(T, _side_key(sid[i], is_orig[i]))
         q = np.int64(tcp_seq[i])
         if S[s, BASE] < 0:  # no SYN seen: the first segment is offset 0
             S[s, BASE] = q
@@ -370,8 +379,10 @@ def _shed(S, G, st):
         while n_keep < nseg and total < kept // 2:
             total += G[segs[n_keep], G_LEN]
             n_keep += 1
-        for j in range(n_keep):  # what is kept, in sequence order; the rest is dead
+        for j in range(n_keep):  # what is kept, in sequence order
             G[segs[j], G_NEXT] = segs[j + 1] if j + 1 < n_keep else -1
+        for j in range(n_keep, nseg):  # the rest is dead
+            G[segs[j], G_LEN] = 0
         S[s, SEG_HEAD] = segs[0] if n_keep else -1
         S[s, SEG_TAIL] = segs[n_keep - 1] if n_keep else -1
         S[s, NSEG] = n_keep
@@ -421,7 +432,7 @@ def _add_acks(rows, tcp_flags, tcp_ack, sid, is_orig, first_packet, T, S, A, st)
 
 
 @kernel
-def _apply_ops(start, op_sid, op_depth, T, S, st):
+def _apply_ops(start, op_sid, op_depth, T, S, G, st):
     """Queued limits and drops from op `start` on, in the order they were asked for: a limit
     makes both sides of its session (the originator's first) and sets their depth; a drop
     forgets them. Returns the op it stopped at: len(op_sid) when done, else the table needs
@@ -429,8 +440,8 @@ def _apply_ops(start, op_sid, op_depth, T, S, st):
     for j in range(start, len(op_sid)):
         d = op_depth[j]
         if d == _DROP:
-            _free_side(T, S, st, _side_key(op_sid[j], True))
-            _free_side(T, S, st, _side_key(op_sid[j], False))
+            _free_side(T, S, G, st, _side_key(op_sid[j], True))
+            _free_side(T, S, G, st, _side_key(op_sid[j], False))
             continue
         orig, resp = _side_key(op_sid[j], True), _side_key(op_sid[j], False)
         so, sr = _find(T, orig), _find(T, resp)
@@ -448,25 +459,18 @@ def _apply_ops(start, op_sid, op_depth, T, S, st):
 
 # ---- room ------------------------------------------------------------------------------------
 @kernel
-def _pack(S, G, st, src, dst, in_place):
-    """The live segments' bytes moved to the start of `dst` (`src` itself when `in_place`: they
-    move in arena order, never forward, so none is overwritten before it has moved; a move
-    may overlap its own old place, which memmove allows)."""
-    segs = np.empty(st[ST_G_LIVE], dtype=np.int64)
-    n = 0
-    for s in range(st[ST_S_USED]):
-        if S[s, LIVE]:
-            g = S[s, SEG_HEAD]
-            for _ in range(S[s, NSEG]):
-                segs[n] = g
-                n += 1
-                g = G[g, G_NEXT]
-    segs = segs[:n]
-    segs = segs[np.argsort(G[segs, G_OFF])]
+def _pack(G, st, src, dst, in_place):
+    """The live segments' bytes moved to the start of `dst` (`src` itself when `in_place`).
+    Segment rows are in arena order (both are taken from their ends together, and squeezed
+    keeping their order), so the bytes move in arena order, never forward: none is
+    overwritten before it has moved (a move may overlap its own old place, which memmove
+    allows)."""
     pos = 0
-    for g in segs:
-        off = G[g, G_OFF]
+    for g in range(st[ST_G_USED]):
         length = G[g, G_LEN]
+        if length == 0:  # dead
+            continue
+        off = G[g, G_OFF]
         if off != pos or not in_place:
             _copy(dst, pos, src, off, length)
         G[g, G_OFF] = pos
@@ -476,26 +480,26 @@ def _pack(S, G, st, src, dst, in_place):
 
 @kernel
 def _compact_rows(S, G, A, st, new_G, new_A):
-    """The live segment and ACK rows copied to the start of new_G and new_A, side by side (each
-    side's in its list order, which is how taking reads them)."""
-    ng = na = 0
+    """The live segment rows copied to the start of new_G in their order (the arena's), and the
+    live ACK rows to the start of new_A side by side; the links follow."""
+    moved = np.empty(st[ST_G_USED], dtype=np.int64)
+    ng = 0
+    for g in range(st[ST_G_USED]):
+        if G[g, G_LEN]:
+            for f in range(N_G):
+                new_G[ng, f] = G[g, f]
+            moved[g] = ng
+            ng += 1
+    for g in range(ng):
+        if new_G[g, G_NEXT] >= 0:
+            new_G[g, G_NEXT] = moved[new_G[g, G_NEXT]]
+    na = 0
     for s in range(st[ST_S_USED]):
         if not S[s, LIVE]:
             continue
-        g = S[s, SEG_HEAD]
-        for j in range(S[s, NSEG]):
-            new_G[ng, G_REL] = G[g, G_REL]
-            new_G[ng, G_LEN] = G[g, G_LEN]
-            new_G[ng, G_TS] = G[g, G_TS]
-            new_G[ng, G_OFF] = G[g, G_OFF]
-            new_G[ng, G_NEXT] = ng + 1
-            if j == 0:
-                S[s, SEG_HEAD] = ng
-            ng += 1
-            g = G[g, G_NEXT]
         if S[s, NSEG]:
-            S[s, SEG_TAIL] = ng - 1
-            new_G[ng - 1, G_NEXT] = -1
+            S[s, SEG_HEAD] = moved[S[s, SEG_HEAD]]
+            S[s, SEG_TAIL] = moved[S[s, SEG_TAIL]]
         a = S[s, ACK_HEAD]
         for j in range(S[s, NACK]):
             new_A[na, A_REL] = A[a, A_REL]
@@ -514,15 +518,30 @@ def _compact_rows(S, G, A, st, new_G, new_A):
 
 # ---- taking directions -----------------------------------------------------------------------
 @kernel
-def _take_kernel(keys, start, T, S, G, A, arena, st, out, ts_off, ts_val, gap_off, gap_len,
+def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, gap_off, gap_len,
                  ack_rel, ack_pkt, order, meta):
-    """Rebuild and forget the sides keys[start:], as many as the output buffers hold in full;
-    meta[j - start] says where direction j's parts end. Returns the index of the first key not
-    taken (len(keys) when done); if even keys[start] did not fit, st[ST_NEED_*] say what it
-    needs. `order` (as long as ts_off) is room for one side's segment numbers."""
+    """Rebuild and forget the sides keys[start:], `per` at a time (a session's two directions),
+    as many groups as the output buffers hold in full; meta[j - start] says where direction
+    j's parts end. Returns the index of the first key not taken (len(keys) when done); if even
+    the first group did not fit, st[ST_NEED_*] say what it needs. gap_off, gap_len and `order`
+    (room for one side's segment numbers) are as long as ts_off: a side has at most one gap
+    per segment."""
     nd = nt = ng = na = 0
     for j in range(start, len(keys)):
         m = j - start
+        if m % per == 0:  # a group's first side: does the whole group fit?
+            need_data = need_seg = need_ack = 0
+            for q in range(j, min(j + per, len(keys))):
+                s = _find(T, keys[q])
+                if s >= 0:
+                    need_data += S[s, KEPT]
+                    need_seg += S[s, NSEG]
+                    need_ack += S[s, NACK]
+            if nd + need_data > len(out) or nt + need_seg > len(ts_off) or na + need_ack > len(ack_rel):
+                st[ST_NEED_DATA] = need_data
+                st[ST_NEED_SEG] = need_seg
+                st[ST_NEED_ACK] = need_ack
+                return j
         s = _find(T, keys[j])
         if s < 0:
             meta[m, M_DATA_END] = nd
@@ -532,12 +551,6 @@ def _take_kernel(keys, start, T, S, G, A, arena, st, out, ts_off, ts_val, gap_of
             meta[m, M_TRUNC] = 0
             continue
         nseg = S[s, NSEG]
-        if nd + S[s, KEPT] > len(out) or nt + nseg > len(ts_off) or ng + nseg > len(gap_off) \
-                or na + S[s, NACK] > len(ack_rel):
-            st[ST_NEED_DATA] = S[s, KEPT]
-            st[ST_NEED_SEG] = nseg
-            st[ST_NEED_ACK] = S[s, NACK]
-            return j
         # the segments in (relative seq, time) order, the earlier-come first among equals:
         # usually they came that way
         segs = order[:nseg]
@@ -594,7 +607,7 @@ def _take_kernel(keys, start, T, S, G, A, arena, st, out, ts_off, ts_val, gap_of
         meta[m, M_GAP_END] = ng
         meta[m, M_ACK_END] = na
         meta[m, M_TRUNC] = S[s, TRUNC]
-        _free_side(T, S, st, keys[j])
+        _free_side(T, S, G, st, keys[j])
     return len(keys)
 
 
@@ -683,10 +696,10 @@ class Reassembler:
         if int(st[ST_ARENA_USED]) + need <= cap:
             return
         if held + need <= cap // 2:
-            _pack(self._S, self._G, st, self._arena, self._arena, True)
+            _pack(self._G, st, self._arena, self._arena, True)
         else:
             bigger = np.empty(max(2 * cap, 2 * (held + need)), dtype=np.uint8)
-            _pack(self._S, self._G, st, self._arena, bigger, False)
+            _pack(self._G, st, self._arena, bigger, False)
             self._arena = bigger
 
     def _apply(self) -> None:
@@ -697,7 +710,7 @@ class Reassembler:
             self._reserve(2 * ops.shape[1], 0, 0)
             done = 0
             while True:
-                done = _apply_ops(done, ops[0], ops[1], self._T, self._S, self._st)
+                done = _apply_ops(done, ops[0], ops[1], self._T, self._S, self._G, self._st)
                 if done == ops.shape[1]:
                     break
                 self._grow_table()
@@ -727,10 +740,11 @@ class Reassembler:
             self._grow_table()
         pl_len, pl_off = cols["pl_len"], cols["pl_off"]
         data, offset, ts = batch.data, batch.offset, batch.ts
+        row_side = np.empty(n, dtype=np.int64)
         at = 0
         while True:
             at = _add_data(at, rows, seq, pl_len, pl_off, data, offset, ts, sid, is_orig, self._T, self._S, self._G,
-                           self._arena, st)
+                           self._arena, st, row_side)
             if at == n:
                 break
             if at == _TABLE_FULL:
@@ -752,37 +766,42 @@ class Reassembler:
 
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
-        return next(self._take_keys(_side_keys(np.array([sid], dtype=np.int64), np.array([from_orig]))))
+        keys = _side_keys(np.array([sid], dtype=np.int64), np.array([from_orig]))
+        return self._take_chunk(keys, 0, 1, None)[0][0]
 
-    def take_many(self, sids):
+    def take_many(self, sids, wanted=None):
         """Rebuild both directions of each session of `sids` and forget them: yields (orig
-        Direction, resp Direction) per session, in order. The directions are rebuilt a few
-        megabytes at a time as the iteration reaches them (a session's are taken when it is
-        yielded, not before), so that taking many never holds them all at once twice."""
+        Direction, resp Direction) per session, in order. With `wanted` (a truth value per
+        session), a session not wanted is taken all the same (forgotten, its retransmissions
+        counted) but yields None: its directions are not made. The directions are rebuilt a
+        megabyte or so at a time, as the iteration reaches them (a session is taken when its
+        group is, not before), so that taking many never holds all their bytes twice."""
         sids = np.asarray(sids, dtype=np.int64)
         keys = np.empty(2 * len(sids), dtype=np.int64)
         keys[0::2] = _side_keys(sids, np.ones(len(sids), dtype=bool))
         keys[1::2] = _side_keys(sids, np.zeros(len(sids), dtype=bool))
-        directions = self._take_keys(keys)
-        for orig in directions:
-            yield orig, next(directions)
+        want = None if wanted is None else np.repeat(np.asarray(wanted, dtype=bool), 2).tolist()
+        start = 0
+        while start < len(keys):
+            made, done = self._take_chunk(keys, start, 2, want)
+            start = done
+            for orig, resp in zip(made[0::2], made[1::2]):
+                yield None if orig is None else (orig, resp)
 
-    def _take_keys(self, keys: np.ndarray):
-        """Direction per side key, rebuilt a bufferful of them per kernel call."""
+    def _take_chunk(self, keys: np.ndarray, start: int, per: int, want: list | None) -> tuple[list, int]:
+        """Directions of keys[start:], `per` at a time, as many as the output buffers hold
+        (grown if not even `per` fit): (a Direction, or None where `want` says no, per key
+        taken; the index of the first key not taken)."""
         self._apply()
         st = self._st
-        n = len(keys)
-        meta = np.empty((n, N_M), dtype=np.int64)
-        start = 0
-        while start < n:
-            done = _take_kernel(keys, start, self._T, self._S, self._G, self._A, self._arena, st,
+        meta = np.empty((len(keys) - start, N_M), dtype=np.int64)
+        while True:
+            done = _take_kernel(keys, start, per, self._T, self._S, self._G, self._A, self._arena, st,
                                 self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len, self._ack_rel,
                                 self._ack_pkt, self._order, meta)
-            if done == start:  # one direction more than the buffers hold
-                self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))
-                continue
-            yield from self._directions(meta[:done - start])
-            start = done
+            if done > start:
+                return self._directions(meta[:done - start], None if want is None else want[start:done]), done
+            self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))
 
     def _take_room(self, data: int, segments: int, acks: int) -> None:
         if len(self._out) < data:
@@ -796,10 +815,10 @@ class Reassembler:
             size = max(acks, 2 * len(self._ack_rel))
             self._ack_rel, self._ack_pkt = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
 
-    def _directions(self, meta: np.ndarray) -> list[Direction]:
+    def _directions(self, meta: np.ndarray, want: list | None) -> list:
         """The directions one _take_kernel call rebuilt, from its output buffers (copied: the
-        buffers serve the next call). Python's part of taking, per direction: kept to making the
-        objects a Direction is made of."""
+        buffers serve the next call); None for those `want` says are not wanted. Python's part
+        of taking, per direction: kept to making the objects a Direction is made of."""
         data_end, ts_end, gap_end, ack_end, trunc = meta.T.tolist()
         data_start, ts_start, gap_start, ack_start = ([0] + ends[:-1] for ends in (data_end, ts_end, gap_end, ack_end))
         out = memoryview(self._out)
@@ -810,9 +829,12 @@ class Reassembler:
         ack_pkt = self._ack_pkt[:ack_end[-1]].copy()
         made = []
         append = made.append
-        for t0, t1, d0, d1, g0, g1, a0, a1, cut in zip(ts_start, ts_end, data_start, data_end, gap_start, gap_end,
-                                                       ack_start, ack_end, trunc):
-            if t0 == t1:  # no segment (no side, or only a SYN or a limit made it): no bytes
+        for t0, t1, d0, d1, g0, g1, a0, a1, cut, wanted in zip(ts_start, ts_end, data_start, data_end, gap_start,
+                                                               gap_end, ack_start, ack_end, trunc,
+                                                               want or [True] * len(trunc)):
+            if not wanted:
+                append(None)
+            elif t0 == t1:  # no segment (no side, or only a SYN or a limit made it): no bytes
                 append(Direction(b"", [], _EMPTY, _EMPTY, cut == 1, [(ack_rel[a0:a1], ack_pkt[a0:a1])] if a1 > a0 else []))
             else:
                 append(Direction(out[d0:d1].tobytes(), gaps[g0:g1] if g1 > g0 else [], ts_off[t0:t1], ts_val[t0:t1],

@@ -401,8 +401,13 @@ class AppStage:
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
         # both directions of every closing session with a stream, rebuilt as the loop reaches them
-        with_streams = list(dict.fromkeys(s for s in (sid_list[k] for k in needed) if s in self.streamed))
-        directions = self.reasm.take_many(with_streams)
+        # (only for the sessions some parser reads: the others are just forgotten)
+        with_streams = {}
+        for k in needed:
+            if sid_list[k] in self.streamed:
+                with_streams.setdefault(sid_list[k], k)
+        read = [bool(self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])) for k in with_streams.values()]
+        directions = self.reasm.take_many(list(with_streams), read)
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
@@ -544,7 +549,9 @@ class AppStage:
                 return None, None
             return pa.concat_tables(good), np.asarray(kept, dtype=np.int64)
 
-    def _parse_stream(self, directions: tuple, k: int, tuples: dict, app: str, batched: dict) -> list:
+    def _parse_stream(self, directions: tuple | None, k: int, tuples: dict, app: str, batched: dict) -> list:
+        if directions is None:  # no parser reads it
+            return []
         orig, resp = directions
         parsers = self._stream_parsers(app, tuples["resp_p"][k])
         if not parsers or not (orig.data or resp.data):
