@@ -10,9 +10,10 @@ closing sessions (`take_many`), not once per side or per packet:
 - the segments kept, one row of `_G` each (relative sequence, length, time, place in the
   byte arena), linked per side in the order they came, their bytes in `_arena`; and the
   acknowledgements kept, one row of `_A` each, linked likewise. Rows and bytes are taken
-  from the end of their array and never reused one by one: when an array is full, the
-  live part is squeezed together (rows also regrouped per side, which is the order taking
-  reads them in) or moved into one twice as large.
+  from the end of their array and never reused one by one (what is taken or dropped is
+  dead): when an array is full, its live part is squeezed together, or moved into one
+  twice as large. Segment rows and their bytes come in the same order and keep it, so
+  that the arena is squeezed by one walk over the segment rows.
 Python makes room between kernel calls: before a batch for what it can bound (side rows,
 segment and ACK rows: one per packet at most), and when a kernel stops because the hash
 table is half full or the arena has no room for a payload.
@@ -527,12 +528,13 @@ def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, g
     (room for one side's segment numbers) are as long as ts_off: a side has at most one gap
     per segment."""
     nd = nt = ng = na = 0
+    group = np.empty(per, dtype=np.int64)  # the side rows of the group's keys
     for j in range(start, len(keys)):
         m = j - start
         if m % per == 0:  # a group's first side: does the whole group fit?
             need_data = need_seg = need_ack = 0
-            for q in range(j, min(j + per, len(keys))):
-                s = _find(T, keys[q])
+            for q in range(per):
+                s = group[q] = _find(T, keys[j + q]) if j + q < len(keys) else -1
                 if s >= 0:
                     need_data += S[s, KEPT]
                     need_seg += S[s, NSEG]
@@ -542,7 +544,7 @@ def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, g
                 st[ST_NEED_SEG] = need_seg
                 st[ST_NEED_ACK] = need_ack
                 return j
-        s = _find(T, keys[j])
+        s = group[m % per]
         if s < 0:
             meta[m, M_DATA_END] = nd
             meta[m, M_TS_END] = nt
