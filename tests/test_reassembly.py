@@ -231,3 +231,155 @@ def test_acked_by_names_the_first_packet_acknowledging_the_bytes():
             want = next((k + 1 for k, a in acks if a >= end and a < 1 << 31), 0)
             assert d.acked_by(end) == want and (want or end == len(d.data))
         assert d.after(10).acked_by(len(d.data) - 10) == d.acked_by(len(d.data))
+
+
+# ---- the reassembler against the one it replaced, on random segment streams ------------------
+
+def _random_capture(rng: np.random.Generator):
+    """Packets of a few sessions, as (sid, from_orig, flags, seq, ack, payload, ts) in capture
+    order: streams cut into segments, reordered, retransmitted (some with other bytes or other
+    boundaries), some lost, SYNs seen or missed, sequence numbers that wrap, stray segments
+    before the base, ACKs repeated and out of range. In some captures every segment has 100
+    bytes and streams a few of them: sides then often hold as much as others (the memcap's ties)."""
+    packets = []
+    even = rng.random() < 0.3
+    sids = rng.choice([1, 7, 12345, (1 << 62) + 3, (1 << 63) - 5], size=int(rng.integers(1, 5)), replace=False)
+    for sid in sids.tolist():
+        isn = {d: int(rng.choice([rng.integers(0, 1 << 32), (1 << 32) - int(rng.integers(1, 400))])) for d in (True, False)}
+        streams = {d: rng.integers(0, 256, size=100 * int(rng.integers(0, 4)) if even else int(rng.integers(0, 2500)),
+                                   dtype=np.uint8).tobytes() for d in (True, False)}
+        t = int(rng.integers(0, 1000))
+        for d in (True, False):
+            if rng.random() < 0.7:
+                packets.append([sid, d, 0x02 | (0x10 if not d else 0), isn[d], (isn[not d] + 1) & 0xFFFFFFFF if not d else 0, b"", t])
+            data, pos = streams[d], 0
+            while pos < len(data):
+                n = 100 if even else int(rng.integers(1, 300))
+                piece = data[pos:pos + n]
+                for copy in range(1 + (rng.random() < 0.2)):
+                    if copy and rng.random() < 0.5:  # a retransmission with other bytes
+                        piece = bytes(rng.integers(0, 256, size=len(piece), dtype=np.uint8))
+                    start = pos
+                    if copy and rng.random() < 0.3:  # ... or other boundaries
+                        start = max(0, pos - int(rng.integers(0, 50)))
+                        piece = data[start:pos + n + int(rng.integers(0, 50))]
+                    if rng.random() < 0.08:  # lost
+                        continue
+                    ack = (isn[not d] + 1 + int(rng.integers(0, len(streams[not d]) + 40))) & 0xFFFFFFFF
+                    packets.append([sid, d, 0x10 if rng.random() < 0.9 else 0, (isn[d] + 1 + start) & 0xFFFFFFFF,
+                                    ack, piece, t + int(rng.integers(-3, 30))])
+                pos += n
+            if rng.random() < 0.2:  # stray bytes before the base
+                packets.append([sid, d, 0x10, (isn[d] - 100) & 0xFFFFFFFF, 0, b"x" * 20, t])
+            for _ in range(int(rng.integers(0, 6))):  # bare ACKs, some repeated
+                ack = (isn[not d] + 1 + int(rng.integers(-5, len(streams[not d]) + 5))) & 0xFFFFFFFF
+                for _ in range(int(rng.integers(1, 3))):
+                    packets.append([sid, d, 0x10, (isn[d] + 1) & 0xFFFFFFFF, ack, b"", t + int(rng.integers(0, 40))])
+    order = np.argsort(rng.random(len(packets)) + np.array([p[6] for p in packets]) / 400)  # mostly in time order
+    return [packets[k] for k in order]
+
+
+def _fake_batch(packets):
+    """A batch and its decoded columns from (sid, from_orig, flags, seq, ack, payload, ts)."""
+    payloads = [p[5] for p in packets]
+    lengths = np.array([len(b) + 10 for b in payloads], dtype=np.int64)
+    offset = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    data = np.frombuffer(b"".join(b"\xee" * 10 + b for b in payloads), dtype=np.uint8).copy()
+    batch = FrameBatch(data=data, offset=offset, caplen=lengths.astype(np.int32), wirelen=lengths.astype(np.int32),
+                       ts=np.array([p[6] for p in packets], dtype=np.int64), iface=np.zeros(len(packets), dtype=np.int16),
+                       linktype=np.ones(len(packets), dtype=np.uint16))
+    cols = {"tcp_flags": np.array([p[2] for p in packets], dtype=np.uint8),
+            "tcp_seq": np.array([p[3] for p in packets], dtype=np.uint32),
+            "tcp_ack": np.array([p[4] for p in packets], dtype=np.uint32),
+            "pl_len": np.array([len(b) for b in payloads], dtype=np.int32),
+            "pl_off": np.full(len(packets), 10, dtype=np.int32)}
+    sid = np.array([p[0] for p in packets], dtype=np.int64)
+    is_orig = np.array([p[1] for p in packets], dtype=bool)
+    return batch, cols, sid, is_orig
+
+
+def _same(a, b) -> bool:
+    acks = [(np.concatenate([r for r, _ in d.acks]).tolist(), np.concatenate([p for _, p in d.acks]).tolist())
+            if d.acks else None for d in (a, b)]
+    return (a.data == b.data and a.gaps == b.gaps and list(a.ts_offsets) == list(b.ts_offsets)
+            and list(a.ts) == list(b.ts) and a.truncated == b.truncated and acks[0] == acks[1])
+
+
+def _consistent(r: Reassembler) -> bool:
+    """The reassembler's counts agree with what its arrays hold (the kernels trust them: they
+    size the arrays that compaction writes)."""
+    from wiretrail.app import reassembly as m
+
+    st, S = r._st, r._S[:r._st[m.ST_S_USED]]
+    live = S[S[:, m.LIVE] == 1]
+    G = r._G[:st[m.ST_G_USED]]
+    segs = G[G[:, m.G_LEN] > 0]  # in arena order, which squeezing the arena relies on
+    return ((np.diff(segs[:, m.G_OFF]) > 0).all() and len(segs) == st[m.ST_G_LIVE]
+            and len(live) == st[m.ST_SIDES] and live[:, m.KEPT].sum() == st[m.ST_HELD]
+            and live[:, m.NSEG].sum() == st[m.ST_G_LIVE] and live[:, m.NACK].sum() == st[m.ST_A_LIVE]
+            and st[m.ST_S_USED] - len(live) == st[m.ST_S_NFREE] and (r._T[:, 1] >= 0).sum() == len(live))
+
+
+def _tiny(r: Reassembler) -> Reassembler:
+    """`r` (new) with arrays so small that every way of making room is taken: the table
+    rehashed, rows grown and squeezed, the arena squeezed in place and moved, take's buffers
+    grown."""
+    from wiretrail.app import reassembly as m
+
+    r._T = m._empty_table(2)
+    r._S, r._G, r._A = np.empty((1, m.N_S), np.int64), np.empty((1, m.N_G), np.int64), np.empty((1, m.N_A), np.int64)
+    r._arena, r._out = np.empty(16, np.uint8), np.empty(16, np.uint8)
+    for name in ("_ts_off", "_ts_val", "_gap_off", "_gap_len", "_order", "_ack_rel", "_ack_pkt"):
+        setattr(r, name, np.empty(1, np.int64))
+    return r
+
+
+def test_same_directions_as_the_reference_reassembler():
+    """Random segment streams (reordered, overlapping, retransmitted with other bytes, with gaps,
+    with and without SYNs, wrapping sequence numbers), fed in random batches with limits, drops
+    and takes in between, under small depths and memcaps: every direction, `held` and
+    `conflicts` as the reassembler this one replaced gives them."""
+    from _reassembly_reference import ReferenceReassembler
+
+    rng = np.random.default_rng(20240601)
+    compared = shed = 0
+    for case in range(250):
+        depth = int(rng.choice([1 << 20, 700, 3000]))
+        memcap = int(rng.choice([256 << 20, 1000, 4000, 12000]))
+        new, old = Reassembler(depth=depth, memcap=memcap), ReferenceReassembler(depth=depth, memcap=memcap)
+        if case % 2:
+            new = _tiny(new)
+        packets = _random_capture(rng)
+        sids = sorted({p[0] for p in packets})
+        cuts = sorted(rng.choice(len(packets) + 1, size=min(len(packets) + 1, int(rng.integers(1, 8))), replace=False).tolist())
+        first = 0
+        for lo, hi in zip([0] + cuts, cuts + [len(packets)]):
+            if hi <= lo:
+                continue
+            batch, cols, sid, is_orig = _fake_batch(packets[lo:hi])
+            rows = np.flatnonzero(rng.random(hi - lo) < 0.95)  # a few rows not selected
+            first_packet = 0 if rng.random() < 0.2 else first + 1
+            for r in (new, old):
+                r.add(batch, cols, rows, sid, is_orig, first_packet)
+            first += hi - lo
+            shed += old.held > memcap * 3 // 4
+            for s in sids:  # between batches: what the stage may ask
+                u = rng.random()
+                if u < 0.1:
+                    d = int(rng.choice([0, 100, 2000]))
+                    new.limit(s, d)
+                    old.limit(s, d)
+                elif u < 0.13:
+                    new.drop(s)
+                    old.drop(s)
+                elif u < 0.18:
+                    from_orig = bool(rng.random() < 0.5)
+                    assert _same(new.take(s, from_orig), old.take(s, from_orig)), case
+                    compared += 1
+            assert new.held == old.held and new.conflicts == old.conflicts and _consistent(new), case
+        got = list(new.take_many(sids))
+        for s, (o, r) in zip(sids, got):
+            assert _same(o, old.take(s, True)) and _same(r, old.take(s, False)), (case, s)
+            compared += 2
+        assert new.held == old.held == 0 and new.conflicts == old.conflicts and _consistent(new), case
+    assert compared > 1000 and shed > 20

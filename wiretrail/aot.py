@@ -50,6 +50,21 @@ def _exercise(work: Path) -> None:
     flows = FlowTable(initial_capacity=16)
     for batch in iter_batches(capture):
         flows.update(decode(batch), batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
+    # the reassembler's kernels, also those the sample's ingest may not reach (its hash table
+    # growing, its arena squeezed, limits and drops, the memcap), called as the stage calls them
+    from wiretrail.app.reassembly import Reassembler
+
+    reasm, flows = Reassembler(memcap=1 << 14), FlowTable()
+    for batch in iter_batches(capture):
+        cols = decode(batch)
+        sid, is_orig, _, _ = flows.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
+        rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
+        for s in range(1, 2000):  # sides enough for the table to grow
+            reasm.limit(-s, 100)
+        for s in range(1, 2000):
+            reasm.drop(-s)
+        reasm.add(batch, cols, rows, sid, is_orig, 1)
+        list(reasm.take_many(np.unique(sid[rows])))
     # the sample has no TLS session: the TLS kernels are called as app.tls calls them (the
     # hello parsers also on their own, as for QUIC: a kernel that only another kernel calls
     # gets no variant of its own when numba loads the caller from its cache)

@@ -1,114 +1,723 @@
 """TCP stream reassembly for the sessions whose protocol needs it.
 
-Per batch, the payloads of the selected packets are gathered into one buffer by a numba
-kernel and grouped by (session, direction) with numpy; Python then runs once per group,
-not per packet, keeping (relative sequence, bytes, time) chunks. A direction is rebuilt
-when its session closes (or asked for earlier):
+What a direction ("side": session and direction) holds lives in numpy arrays that numba
+kernels read and write, so that Python runs once per batch (`add`) and once per group of
+closing sessions (`take_many`), not once per side or per packet:
+
+- a hash table (open addressing, linear probing) from side key (sid * 2 + 1 for the
+  originator's bytes, sid * 2 for the responder's) to a row of `_S`, the side's state
+  (rows reused through a free list);
+- the segments kept, one row of `_G` each (relative sequence, length, time, place in the
+  byte arena), linked per side in the order they came, their bytes in `_arena`; and the
+  acknowledgements kept, one row of `_A` each, linked likewise. Rows and bytes are taken
+  from the end of their array and never reused one by one (what is taken or dropped is
+  dead): when an array is full, its live part is squeezed together, or moved into one
+  twice as large. Segment rows and their bytes come in the same order and keep it, so
+  that the arena is squeezed by one walk over the segment rows.
+Python makes room between kernel calls: before a batch for what it can bound (side rows,
+segment and ACK rows: one per packet at most), and when a kernel stops because the hash
+table is half full or the arena has no room for a payload.
+
+A direction is rebuilt when its session closes (or asked for earlier):
 
 - Sequence numbers are relative to the SYN (ISN + 1), or to the first segment seen when
   the SYN was missed, unwrapped over 32 bits.
 - Overlaps and retransmissions: the first copy of a byte wins (Suricata's "first" policy,
   and what Windows and most BSDs do; Linux prefers new data for some overlaps). Bytes that
-  differ from the first copy are counted in `conflicts`: an evasion attempt or corruption.
+  differ from the first copy are counted in `conflicts`: an evasion attempt or corruption
+  (only checked against the bytes of the last part rebuilt, the usual case).
 - Bytes never seen are gaps: recorded as (offset, length) and left out of the data.
 - Acknowledgements: the packets of one direction that acknowledge new bytes of the other
   are kept as (bytes acknowledged, packet number), so that a record can name the packet
   that made it complete: Suricata (IDS mode) hands a direction's bytes to its parser when
   the other side acknowledges them, and logs a transaction on that packet (`pcap_cnt`).
+  Only for a side whose base is known, within its depth (+1: a FIN), and only where the
+  value changes from the previous ACK of the same batch.
 - Bounds: `depth` bytes per direction (later bytes are counted, not kept: Suricata's
-  stream.reassembly.depth, 1 MiB by default), and `memcap` bytes for all sessions; past the
-  memcap the sessions holding most are truncated first.
+  stream.reassembly.depth, 1 MiB by default; `limit` lowers it per session), and `memcap`
+  bytes for all sessions; past the memcap the sides holding most are cut first, each to
+  the segments that come first in sequence up to half of what it held.
+
+Within a batch, SYNs fix their side's base first, then the payloads are kept (a side first
+met in a batch's payloads is made in key order: the order `_shed` breaks ties in), then the
+ACKs; `limit` and `drop` are queued and applied in order before anything else.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from operator import itemgetter
-
 import numpy as np
-from wiretrail.jit import kernel
+from wiretrail.jit import kernel, numba_hook
 
 from wiretrail.app.base import Direction
 from wiretrail.batch import TCP_ACK, TCP_SYN
 
+# ---- per-side fields (_S columns) ------------------------------------------------------------
+BASE = 0        # absolute sequence number of stream offset 0, -1: not known yet
+DEPTH = 1       # this side's own depth (Reassembler.limit), -1: the default
+KEPT = 2        # bytes held in its segments
+TRUNC = 3       # 1: the depth or the memcap cut the stream
+SEG_HEAD, SEG_TAIL, NSEG = 4, 5, 6
+ACK_HEAD, ACK_TAIL, NACK = 7, 8, 9
+ORDER = 10      # creation number: ties of the memcap's "holding most" go to the older side
+ACK_STAMP = 11  # the batch (add number) of the side's last ACK ...
+ACK_LAST = 12   # ... and its relative value: an ACK repeating it in that batch is not kept
+LIVE = 13
+NEXT_FREE = 14
+N_S = 15
+
+# ---- per-segment fields (_G columns) and per-ACK fields (_A columns) -------------------------
+G_REL, G_LEN, G_TS, G_OFF, G_NEXT = range(5)
+N_G = 5
+A_REL, A_PKT, A_NEXT = range(3)
+N_A = 3
+
+# ---- scalars (_st) ---------------------------------------------------------------------------
+(ST_HELD, ST_CONFLICTS, ST_ORDER, ST_SIDES, ST_S_USED, ST_S_FREE, ST_S_NFREE, ST_G_USED, ST_G_LIVE,
+ ST_A_USED, ST_A_LIVE, ST_ARENA_USED, ST_STAMP, ST_DEPTH, ST_MEMCAP, ST_NEED_DATA, ST_NEED_SEG,
+ ST_NEED_ACK) = range(18)
+N_ST = 18
+
+# take_many's per-direction results (_take_kernel's `meta` columns); the ends are cumulative
+# over one kernel call, so a direction's part of each output runs from the previous end
+M_DATA_END, M_TS_END, M_GAP_END, M_ACK_END, M_TRUNC = range(5)
+N_M = 5
+
+_DROP = -2      # an op's depth that means drop (a limit's depth is >= 0, or -1: the default)
+_TABLE_FULL = -1  # _add_data stopped making sides: the hash table needs to grow
+_GOLD = np.uint64(0x9E3779B97F4A7C15)
+_S32 = np.uint64(32)
+_U1 = np.uint64(1)
+_U2 = np.uint64(2)
+_SEQ_MASK = 0xFFFFFFFF
+_HALF = 1 << 31
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@numba_hook
+def _define_intrinsics() -> None:
+    """The intrinsics the kernels call; numba builds them when it compiles a kernel (the
+    compiled extension has them built in)."""
+    global _copy
+    from numba import types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    @intrinsic
+    def _copy(typingctx, dst, dst_at, src, src_at, n):
+        """dst[dst_at:dst_at + n] = src[src_at:src_at + n] (uint8 arrays, no bounds checked) as
+        one memmove: numba's slice assignment copies byte by byte, at about 1 GB/s, and every
+        byte kept is copied three times (batch -> arena -> take's buffer -> bytes)."""
+        sig = types.void(dst, types.int64, src, types.int64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            d = context.make_array(signature.args[0])(context, builder, args[0])
+            s = context.make_array(signature.args[2])(context, builder, args[2])
+            cgutils.raw_memmove(builder, builder.gep(d.data, [args[1]]), builder.gep(s.data, [args[3]]), args[4], 1)
+            return context.get_dummy_value()
+        return sig, codegen
+
+
+# ---- hash table: T[h] = (side key, side row), row -1: empty ------------------------------------
+@kernel(inline=True)
+def _side_key(sid, orig):
+    """sid * 2 + direction, wrapped to an int64: a sid's top bits are its hour, and from late
+    2029 on sid * 2 no longer fits (the table stores the key's 64 bits, whatever their sign)."""
+    return np.int64(np.uint64(sid) * _U2 + (_U1 if orig else np.uint64(0)))
+
+
+@kernel(inline=True)
+def _home(key, cap):
+    h = np.uint64(key) * _GOLD
+    return np.int64((h ^ (h >> _S32)) & np.uint64(cap - 1))
+
+
+@kernel(inline=True)
+def _find(T, key):
+    """The side row of `key`, -1 if none."""
+    mask = len(T) - 1
+    h = _home(key, len(T))
+    while True:
+        s = T[h, 1]
+        if s < 0 or T[h, 0] == key:
+            return s
+        h = (h + 1) & mask
+
+
+@kernel(inline=True)
+def _insert(T, key, s):
+    mask = len(T) - 1
+    h = _home(key, len(T))
+    while T[h, 1] >= 0:
+        h = (h + 1) & mask
+    T[h, 0] = key
+    T[h, 1] = s
+
+
+@kernel(inline=True)
+def _remove(T, key):
+    """Take `key` out of the table (moving back the entries its place was delaying, so that no
+    tombstones pile up); its side row, -1 if none."""
+    cap = len(T)
+    mask = cap - 1
+    i = _home(key, cap)
+    while True:
+        s = T[i, 1]
+        if s < 0:
+            return -1
+        if T[i, 0] == key:
+            break
+        i = (i + 1) & mask
+    j = i
+    while True:
+        j = (j + 1) & mask
+        if T[j, 1] < 0:
+            break
+        k = _home(T[j, 0], cap)
+        # the entry at j may fill the hole at i unless its home lies cyclically in (i, j]
+        if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
+            T[i, 0] = T[j, 0]
+            T[i, 1] = T[j, 1]
+            i = j
+    T[i, 1] = -1
+    return s
+
+
+@kernel(inline=True)
+def _table_full(T, st):
+    """No room for one more side at a load of at most one half."""
+    return 2 * (st[ST_SIDES] + 1) > len(T)
+
 
 @kernel
-def _gather(data, offset, pl_off, pl_len, rows, out, out_off):
-    """Copy the payloads of `rows` back to back into `out`; out_off[k] = start of row k."""
-    pos = 0
+def _rehash(T, bigger):
+    for h in range(len(T)):
+        if T[h, 1] >= 0:
+            _insert(bigger, T[h, 0], T[h, 1])
+
+
+# ---- sides -----------------------------------------------------------------------------------
+@kernel(inline=True)
+def _new_side(T, S, st, key):
+    """A side for `key` (Python made room for its row; the caller checked the table)."""
+    s = st[ST_S_FREE]
+    if s >= 0:
+        st[ST_S_FREE] = S[s, NEXT_FREE]
+        st[ST_S_NFREE] -= 1
+    else:
+        s = st[ST_S_USED]
+        st[ST_S_USED] = s + 1
+    S[s, BASE] = -1
+    S[s, DEPTH] = -1
+    S[s, KEPT] = 0
+    S[s, TRUNC] = 0
+    S[s, SEG_HEAD] = -1
+    S[s, SEG_TAIL] = -1
+    S[s, NSEG] = 0
+    S[s, ACK_HEAD] = -1
+    S[s, ACK_TAIL] = -1
+    S[s, NACK] = 0
+    S[s, ORDER] = st[ST_ORDER]
+    st[ST_ORDER] += 1
+    S[s, ACK_STAMP] = -1
+    S[s, ACK_LAST] = -1
+    S[s, LIVE] = 1
+    _insert(T, key, s)
+    st[ST_SIDES] += 1
+    return s
+
+
+@kernel(inline=True)
+def _free_side(T, S, G, st, key):
+    """Forget side `key` (if there is one): its row goes back to the free list; its segments
+    (marked dead: no length), ACKs and bytes are left for the next squeeze."""
+    s = _remove(T, key)
+    if s < 0:
+        return
+    g = S[s, SEG_HEAD]
+    for _ in range(S[s, NSEG]):
+        G[g, G_LEN] = 0
+        g = G[g, G_NEXT]
+    st[ST_SIDES] -= 1
+    st[ST_HELD] -= S[s, KEPT]
+    st[ST_G_LIVE] -= S[s, NSEG]
+    st[ST_A_LIVE] -= S[s, NACK]
+    S[s, LIVE] = 0
+    S[s, NEXT_FREE] = st[ST_S_FREE]
+    st[ST_S_FREE] = s
+    st[ST_S_NFREE] += 1
+
+
+# ---- adding a batch --------------------------------------------------------------------------
+@kernel
+def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
+    """SYNs fix the base of their direction, even without payload (and before the batch's
+    payloads, whatever their order). Returns the row it stopped at: len(rows) when done, else
+    the table needs to grow."""
+    for k in range(start, len(rows)):
+        i = rows[k]
+        if tcp_flags[i] & TCP_SYN:
+            key = _side_key(sid[i], is_orig[i])
+            s = _find(T, key)
+            if s < 0:
+                if _table_full(T, st):
+                    return k
+                s = _new_side(T, S, st, key)
+            if S[s, BASE] < 0:
+                S[s, BASE] = (np.int64(tcp_seq[i]) + 1) & _SEQ_MASK
+    return len(rows)
+
+
+@kernel
+def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_orig, T, S, G, arena, st,
+              row_side):
+    """The payloads of `rows` (those with one) from row `start` on into their sides' segments.
+    Returns len(rows) when done; _TABLE_FULL if the table must grow first (then call again from
+    0); else the row it stopped at, whose payload needs st[ST_NEED_DATA] more bytes free in
+    the arena (the row's side may have been made and its base set: doing it again is
+    harmless). Past the memcap at the end of a batch that had payloads, sheds. row_side[k]:
+    the side row of rows[k], found by the call from 0 (-1: made after it looked)."""
+    n = len(rows)
+    payloads = start > 0  # a call that resumes stopped at a payload
+    if start == 0:
+        # sides first met here are made in key order (as the reference grouped them)
+        missing = np.empty(n, dtype=np.uint64)  # (unsigned: in the reference's order)
+        m = 0
+        for k in range(n):
+            i = rows[k]
+            if pl_len[i] > 0:
+                payloads = True
+                key = _side_key(sid[i], is_orig[i])
+                row_side[k] = _find(T, key)
+                if row_side[k] < 0:
+                    missing[m] = np.uint64(key)
+                    m += 1
+        if m:
+            missing = np.sort(missing[:m])
+            for k in range(m):
+                if k == 0 or missing[k] != missing[k - 1]:
+                    if _table_full(T, st):
+                        return _TABLE_FULL
+                    _new_side(T, S, st, np.int64(missing[k]))
+    default_depth = st[ST_DEPTH]
+    for k in range(start, n):
+        i = rows[k]
+        length = np.int64(pl_len[i])
+        if length <= 0:
+            continue
+        s = row_side[k]
+        if s < 0:
+            s = _find(T, _side_key(sid[i], is_orig[i]))
+        q = np.int64(tcp_seq[i])
+        if S[s, BASE] < 0:  # no SYN seen: the first segment is offset 0
+            S[s, BASE] = q
+        rel = (q - S[s, BASE]) & _SEQ_MASK
+        if rel >= _HALF:  # before the base (a retransmission of the SYN's data, or garbage)
+            continue
+        depth = S[s, DEPTH]
+        if depth < 0:
+            depth = default_depth
+        keep = min(max(depth - rel, 0), length)  # bytes past the depth are counted, not kept
+        if keep < length:
+            S[s, TRUNC] = 1
+        if keep == 0:
+            continue
+        at = st[ST_ARENA_USED]
+        if at + keep > len(arena):
+            st[ST_NEED_DATA] = keep
+            return k
+        _copy(arena, at, data, offset[i] + pl_off[i], keep)
+        st[ST_ARENA_USED] = at + keep
+        g = st[ST_G_USED]
+        st[ST_G_USED] = g + 1
+        st[ST_G_LIVE] += 1
+        G[g, G_REL] = rel
+        G[g, G_LEN] = keep
+        G[g, G_TS] = ts[i]
+        G[g, G_OFF] = at
+        G[g, G_NEXT] = -1
+        if S[s, NSEG] == 0:
+            S[s, SEG_HEAD] = g
+        else:
+            G[S[s, SEG_TAIL], G_NEXT] = g
+        S[s, SEG_TAIL] = g
+        S[s, NSEG] += 1
+        S[s, KEPT] += keep
+        st[ST_HELD] += keep
+    if payloads and st[ST_HELD] > st[ST_MEMCAP]:
+        _shed(S, G, st)
+    return n
+
+
+@kernel(inline=True)
+def _shed(S, G, st):
+    """Past the memcap: the sides holding most (the older first among equals), until what is
+    held is down to 3/4 of the memcap, are each cut to their segments first in sequence (the
+    earlier-come first among equals) until half of what the side held is reached, and marked
+    truncated."""
+    live = np.empty(st[ST_S_USED], dtype=np.int64)
+    n = 0
+    for s in range(st[ST_S_USED]):
+        if S[s, LIVE]:
+            live[n] = s
+            n += 1
+    live = live[:n]
+    live = live[np.argsort(S[live, ORDER])]
+    live = live[np.argsort(-S[live, KEPT], kind="mergesort")]
+    target = st[ST_MEMCAP] * 3 // 4
+    for s in live:
+        if st[ST_HELD] <= target:
+            break
+        kept = S[s, KEPT]
+        nseg = S[s, NSEG]
+        segs = np.empty(nseg, dtype=np.int64)
+        g = S[s, SEG_HEAD]
+        for j in range(nseg):
+            segs[j] = g
+            g = G[g, G_NEXT]
+        segs = segs[np.argsort(G[segs, G_REL], kind="mergesort")]
+        total = 0
+        n_keep = 0
+        while n_keep < nseg and total < kept // 2:
+            total += G[segs[n_keep], G_LEN]
+            n_keep += 1
+        for j in range(n_keep):  # what is kept, in sequence order
+            G[segs[j], G_NEXT] = segs[j + 1] if j + 1 < n_keep else -1
+        for j in range(n_keep, nseg):  # the rest is dead
+            G[segs[j], G_LEN] = 0
+        S[s, SEG_HEAD] = segs[0] if n_keep else -1
+        S[s, SEG_TAIL] = segs[n_keep - 1] if n_keep else -1
+        S[s, NSEG] = n_keep
+        st[ST_G_LIVE] -= nseg - n_keep
+        st[ST_HELD] -= kept - total
+        S[s, KEPT] = total
+        S[s, TRUNC] = 1
+
+
+@kernel
+def _add_acks(rows, tcp_flags, tcp_ack, sid, is_orig, first_packet, T, S, A, st):
+    """The ACKs of `rows` on the side they acknowledge (the other direction), relative to its
+    base; only a side whose base is known, within its depth (+1: a FIN), and only values that
+    differ from the previous ACK of that side in this batch."""
+    stamp = st[ST_STAMP] + 1
+    st[ST_STAMP] = stamp
+    default_depth = st[ST_DEPTH]
     for k in range(len(rows)):
         i = rows[k]
-        n = pl_len[i]
-        out_off[k] = pos
-        if n > 0:
-            src = offset[i] + pl_off[i]
-            out[pos:pos + n] = data[src:src + n]
-            pos += n
-    out_off[len(rows)] = pos
-    return pos
+        if not tcp_flags[i] & TCP_ACK:
+            continue
+        s = _find(T, _side_key(sid[i], not is_orig[i]))
+        if s < 0 or S[s, BASE] < 0:
+            continue
+        rel = (np.int64(tcp_ack[i]) - S[s, BASE]) & _SEQ_MASK
+        if S[s, ACK_STAMP] == stamp and S[s, ACK_LAST] == rel:
+            continue
+        S[s, ACK_STAMP] = stamp
+        S[s, ACK_LAST] = rel
+        depth = S[s, DEPTH]
+        if depth < 0:
+            depth = default_depth
+        if rel >= _HALF or rel > depth + 1:
+            continue
+        a = st[ST_A_USED]
+        st[ST_A_USED] = a + 1
+        st[ST_A_LIVE] += 1
+        A[a, A_REL] = rel
+        A[a, A_PKT] = i + first_packet
+        A[a, A_NEXT] = -1
+        if S[s, NACK] == 0:
+            S[s, ACK_HEAD] = a
+        else:
+            A[S[s, ACK_TAIL], A_NEXT] = a
+        S[s, ACK_TAIL] = a
+        S[s, NACK] += 1
 
 
-_SEQ_TIME = itemgetter(0, 2)
+@kernel
+def _apply_ops(start, op_sid, op_depth, T, S, G, st):
+    """Queued limits and drops from op `start` on, in the order they were asked for: a limit
+    makes both sides of its session (the originator's first) and sets their depth; a drop
+    forgets them. Returns the op it stopped at: len(op_sid) when done, else the table needs
+    to grow."""
+    for j in range(start, len(op_sid)):
+        d = op_depth[j]
+        if d == _DROP:
+            _free_side(T, S, G, st, _side_key(op_sid[j], True))
+            _free_side(T, S, G, st, _side_key(op_sid[j], False))
+            continue
+        orig, resp = _side_key(op_sid[j], True), _side_key(op_sid[j], False)
+        so, sr = _find(T, orig), _find(T, resp)
+        new = (1 if so < 0 else 0) + (1 if sr < 0 else 0)
+        if new and 2 * (st[ST_SIDES] + new) > len(T):
+            return j
+        if so < 0:
+            so = _new_side(T, S, st, orig)
+        if sr < 0:
+            sr = _new_side(T, S, st, resp)
+        S[so, DEPTH] = d
+        S[sr, DEPTH] = d
+    return len(op_sid)
+
+
+# ---- room ------------------------------------------------------------------------------------
+@kernel
+def _pack(G, st, src, dst, in_place):
+    """The live segments' bytes moved to the start of `dst` (`src` itself when `in_place`).
+    Segment rows are in arena order (both are taken from their ends together, and squeezed
+    keeping their order), so the bytes move in arena order, never forward: none is
+    overwritten before it has moved (a move may overlap its own old place, which memmove
+    allows)."""
+    pos = 0
+    for g in range(st[ST_G_USED]):
+        length = G[g, G_LEN]
+        if length == 0:  # dead
+            continue
+        off = G[g, G_OFF]
+        if off != pos or not in_place:
+            _copy(dst, pos, src, off, length)
+        G[g, G_OFF] = pos
+        pos += length
+    st[ST_ARENA_USED] = pos
+
+
+@kernel
+def _compact_rows(S, G, A, st, new_G, new_A):
+    """The live segment rows copied to the start of new_G in their order (the arena's), and the
+    live ACK rows to the start of new_A side by side; the links follow."""
+    moved = np.empty(st[ST_G_USED], dtype=np.int64)
+    ng = 0
+    for g in range(st[ST_G_USED]):
+        if G[g, G_LEN]:
+            for f in range(N_G):
+                new_G[ng, f] = G[g, f]
+            moved[g] = ng
+            ng += 1
+    for g in range(ng):
+        if new_G[g, G_NEXT] >= 0:
+            new_G[g, G_NEXT] = moved[new_G[g, G_NEXT]]
+    na = 0
+    for s in range(st[ST_S_USED]):
+        if not S[s, LIVE]:
+            continue
+        if S[s, NSEG]:
+            S[s, SEG_HEAD] = moved[S[s, SEG_HEAD]]
+            S[s, SEG_TAIL] = moved[S[s, SEG_TAIL]]
+        a = S[s, ACK_HEAD]
+        for j in range(S[s, NACK]):
+            new_A[na, A_REL] = A[a, A_REL]
+            new_A[na, A_PKT] = A[a, A_PKT]
+            new_A[na, A_NEXT] = na + 1
+            if j == 0:
+                S[s, ACK_HEAD] = na
+            na += 1
+            a = A[a, A_NEXT]
+        if S[s, NACK]:
+            S[s, ACK_TAIL] = na - 1
+            new_A[na - 1, A_NEXT] = -1
+    st[ST_G_USED] = ng
+    st[ST_A_USED] = na
+
+
+# ---- taking directions -----------------------------------------------------------------------
+@kernel
+def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, gap_off, gap_len,
+                 ack_rel, ack_pkt, order, meta):
+    """Rebuild and forget the sides keys[start:], `per` at a time (a session's two directions),
+    as many groups as the output buffers hold in full; meta[j - start] says where direction
+    j's parts end. Returns the index of the first key not taken (len(keys) when done); if even
+    the first group did not fit, st[ST_NEED_*] say what it needs. gap_off, gap_len and `order`
+    (room for one side's segment numbers) are as long as ts_off: a side has at most one gap
+    per segment."""
+    nd = nt = ng = na = 0
+    group = np.empty(per, dtype=np.int64)  # the side rows of the group's keys
+    for j in range(start, len(keys)):
+        m = j - start
+        if m % per == 0:  # a group's first side: does the whole group fit?
+            need_data = need_seg = need_ack = 0
+            for q in range(per):
+                s = group[q] = _find(T, keys[j + q]) if j + q < len(keys) else -1
+                if s >= 0:
+                    need_data += S[s, KEPT]
+                    need_seg += S[s, NSEG]
+                    need_ack += S[s, NACK]
+            if nd + need_data > len(out) or nt + need_seg > len(ts_off) or na + need_ack > len(ack_rel):
+                st[ST_NEED_DATA] = need_data
+                st[ST_NEED_SEG] = need_seg
+                st[ST_NEED_ACK] = need_ack
+                return j
+        s = group[m % per]
+        if s < 0:
+            meta[m, M_DATA_END] = nd
+            meta[m, M_TS_END] = nt
+            meta[m, M_GAP_END] = ng
+            meta[m, M_ACK_END] = na
+            meta[m, M_TRUNC] = 0
+            continue
+        nseg = S[s, NSEG]
+        # the segments in (relative seq, time) order, the earlier-come first among equals:
+        # usually they came that way
+        segs = order[:nseg]
+        g = S[s, SEG_HEAD]
+        ordered = True
+        for i in range(nseg):
+            segs[i] = g
+            if i and (G[g, G_REL] < G[segs[i - 1], G_REL] or
+                      (G[g, G_REL] == G[segs[i - 1], G_REL] and G[g, G_TS] < G[segs[i - 1], G_TS])):
+                ordered = False
+            g = G[g, G_NEXT]
+        if not ordered:
+            segs = segs[np.argsort(G[segs, G_TS], kind="mergesort")]
+            segs = segs[np.argsort(G[segs, G_REL], kind="mergesort")]
+        d0 = nd
+        end = 0         # relative seq covered so far
+        last_at = 0     # where the last part written starts in `out`, and its length
+        last_len = -1
+        for g in segs:
+            rel = G[g, G_REL]
+            length = G[g, G_LEN]
+            off = G[g, G_OFF]
+            if rel + length <= end:  # wholly seen before: a retransmission
+                if last_len >= 0 and rel >= end - last_len:
+                    at = last_at + last_len - (end - rel)
+                    for b in range(length):
+                        if out[at + b] != arena[off + b]:
+                            st[ST_CONFLICTS] += 1
+                            break
+                continue
+            if rel > end:  # bytes never seen (at offset 0: the stream's start was missed)
+                gap_off[ng] = nd - d0
+                gap_len[ng] = rel - end
+                ng += 1
+                end = rel
+            skip = end - rel
+            new = length - skip
+            _copy(out, nd, arena, off + skip, new)
+            ts_off[nt] = nd - d0
+            ts_val[nt] = G[g, G_TS]
+            nt += 1
+            last_at = nd
+            last_len = new
+            nd += new
+            end += new
+        a = S[s, ACK_HEAD]
+        for _ in range(S[s, NACK]):
+            ack_rel[na] = A[a, A_REL]
+            ack_pkt[na] = A[a, A_PKT]
+            na += 1
+            a = A[a, A_NEXT]
+        meta[m, M_DATA_END] = nd
+        meta[m, M_TS_END] = nt
+        meta[m, M_GAP_END] = ng
+        meta[m, M_ACK_END] = na
+        meta[m, M_TRUNC] = S[s, TRUNC]
+        _free_side(T, S, G, st, keys[j])
+    return len(keys)
 
 
 def _side_keys(sid: np.ndarray, from_orig: np.ndarray) -> np.ndarray:
-    """sid * 2 + direction, one number per side, as uint64: a sid's top bits are its hour, and
-    from late 2029 on sid * 2 no longer fits in an int64."""
-    return sid.astype(np.uint64) * np.uint64(2) + from_orig.astype(np.uint64)
+    """The kernels' side keys (_side_key) of sessions `sid`, one direction each."""
+    return (sid.astype(np.uint64) * np.uint64(2) + from_orig.astype(np.uint64)).view(np.int64)
 
 
-@dataclass
-class _Block:
-    """The segments one batch brought to one side, back to back: segment k is
-    data[starts[k] - starts[0]:starts[k + 1] - starts[0]], at relative sequence rel[k], seen at
-    ts[k]. Kept as one block, not a chunk per segment, so that a batch costs Python one object
-    per side, not one per packet."""
-    rel: np.ndarray
-    data: bytes
-    starts: np.ndarray
-    ts: np.ndarray
-
-    def chunks(self) -> list[tuple[int, bytes, int]]:
-        """(relative seq, bytes, ts) per segment."""
-        bounds, data = (self.starts - self.starts[0]).tolist(), self.data
-        return list(zip(self.rel.tolist(), [data[a:b] for a, b in zip(bounds, bounds[1:])], self.ts.tolist()))
-
-    @classmethod
-    def of_chunks(cls, chunks: list[tuple[int, bytes, int]]) -> "_Block":
-        lengths = [len(c[1]) for c in chunks]
-        starts = np.zeros(len(chunks) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=starts[1:])
-        return cls(rel=np.array([c[0] for c in chunks], dtype=np.int64), data=b"".join(c[1] for c in chunks),
-                   starts=starts, ts=np.array([c[2] for c in chunks], dtype=np.int64))
+def _grown(arr: np.ndarray, used: int, rows: int) -> np.ndarray:
+    """`arr` (rows of state) with room for at least `rows` rows; its first `used` kept. The
+    rows past `used` are left untouched, so they cost no memory until used."""
+    out = np.empty((max(rows, 2 * len(arr)),) + arr.shape[1:], dtype=arr.dtype)
+    out[:used] = arr[:used]
+    return out
 
 
-@dataclass
-class _Side:
-    base: int = -1                  # absolute sequence number of stream offset 0
-    # what the side holds, one _Block per batch that brought it bytes
-    blocks: list = field(default_factory=list)
-    # the chunks so far follow each other exactly from offset 0, in the order they came (no gap,
-    # no overlap, no reordering: the usual case), and where the next one would start
-    in_order: bool = True
-    next_rel: int = 0
-    kept: int = 0                   # bytes held in chunks
-    beyond_depth: int = 0           # bytes seen past the depth
-    truncated: bool = False
-    depth: int = -1                 # this direction's own depth (Reassembler.limit), -1: the default
-    # acknowledgements of this direction's bytes by the other side, per batch: (relative ack,
-    # packet number) arrays, in packet order; only where the value changed within a batch
-    acks: list = field(default_factory=list)
+def _empty_table(cap: int) -> np.ndarray:
+    table = np.empty((cap, 2), dtype=np.int64)
+    table[:, 1] = -1
+    return table
 
 
 class Reassembler:
     def __init__(self, depth: int = 1 << 20, memcap: int = 256 << 20):
         self.depth = depth
         self.memcap = memcap
-        self.sides: dict[tuple[int, bool], _Side] = {}
-        self.held = 0
-        self.conflicts = 0
-        self._buf = np.empty(0, dtype=np.uint8)
+        self._st = np.zeros(N_ST, dtype=np.int64)
+        self._st[ST_S_FREE] = -1
+        self._T = _empty_table(1024)
+        self._S = np.empty((256, N_S), dtype=np.int64)
+        self._G = np.empty((1024, N_G), dtype=np.int64)
+        self._A = np.empty((1024, N_A), dtype=np.int64)
+        self._arena = np.empty(1 << 16, dtype=np.uint8)
+        # take_many's output buffers (the directions' bytes are copied out of `_out`), and room
+        # for one side's segment numbers
+        self._out = np.empty(1 << 20, dtype=np.uint8)
+        self._ts_off = np.empty(4096, dtype=np.int64)
+        self._ts_val = np.empty(4096, dtype=np.int64)
+        self._gap_off = np.empty(4096, dtype=np.int64)
+        self._gap_len = np.empty(4096, dtype=np.int64)
+        self._order = np.empty(4096, dtype=np.int64)
+        self._ack_rel = np.empty(4096, dtype=np.int64)
+        self._ack_pkt = np.empty(4096, dtype=np.int64)
+        # limit and drop, queued as (sid, depth or _DROP) pairs: the stage asks for them one
+        # session at a time, tens of thousands of them, applied by one kernel call when the
+        # state is next used
+        self._ops: list[int] = []
 
+    @property
+    def held(self) -> int:
+        """Bytes held for all sessions."""
+        self._apply()
+        return int(self._st[ST_HELD])
+
+    @property
+    def conflicts(self) -> int:
+        """Retransmissions whose bytes differed from the first copy, counted as directions are
+        taken."""
+        return int(self._st[ST_CONFLICTS])
+
+    # ---- room ---------------------------------------------------------------------------------
+    def _grow_table(self) -> None:
+        bigger = _empty_table(2 * len(self._T))
+        _rehash(self._T, bigger)
+        self._T = bigger
+
+    def _reserve(self, sides: int, segments: int, acks: int) -> None:
+        """Rows for `sides` new sides, `segments` segments and `acks` ACKs. Segment and ACK rows
+        are squeezed together when full (into arrays twice as large if they are more than half
+        live)."""
+        st = self._st
+        if len(self._S) - int(st[ST_S_USED]) + int(st[ST_S_NFREE]) < sides:
+            self._S = _grown(self._S, int(st[ST_S_USED]), int(st[ST_S_USED]) + sides)
+        if len(self._G) - int(st[ST_G_USED]) < segments or len(self._A) - int(st[ST_A_USED]) < acks:
+            new_G = np.empty((max(len(self._G), 2 * (int(st[ST_G_LIVE]) + segments)), N_G), dtype=np.int64)
+            new_A = np.empty((max(len(self._A), 2 * (int(st[ST_A_LIVE]) + acks)), N_A), dtype=np.int64)
+            _compact_rows(self._S, self._G, self._A, st, new_G, new_A)
+            self._G, self._A = new_G, new_A
+
+    def _arena_room(self, need: int) -> None:
+        """`need` more bytes free at the arena's end: its dead bytes squeezed out, in place when
+        that frees at least half of it (each move then pays for itself in new bytes), else into
+        a new arena twice as large."""
+        st = self._st
+        held, cap = int(st[ST_HELD]), len(self._arena)
+        if int(st[ST_ARENA_USED]) + need <= cap:
+            return
+        if held + need <= cap // 2:
+            _pack(self._G, st, self._arena, self._arena, True)
+        else:
+            bigger = np.empty(max(2 * cap, 2 * (held + need)), dtype=np.uint8)
+            _pack(self._G, st, self._arena, bigger, False)
+            self._arena = bigger
+
+    def _apply(self) -> None:
+        """The queued limits and drops."""
+        if self._ops:
+            ops = np.array(self._ops, dtype=np.int64).reshape(-1, 2).T.copy()
+            self._ops = []
+            self._reserve(2 * ops.shape[1], 0, 0)
+            done = 0
+            while True:
+                done = _apply_ops(done, ops[0], ops[1], self._T, self._S, self._G, self._st)
+                if done == ops.shape[1]:
+                    break
+                self._grow_table()
+
+    # ---- the API ------------------------------------------------------------------------------
     def add(self, batch, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray,
             first_packet: int = 0) -> None:
         """Take the TCP packets `rows` of a batch (sessions that want their streams).
@@ -116,196 +725,120 @@ class Reassembler:
         acknowledgements are not kept)."""
         if len(rows) == 0:
             return
+        self._apply()
+        st = self._st
+        st[ST_DEPTH], st[ST_MEMCAP] = self.depth, self.memcap
         rows = np.ascontiguousarray(rows, dtype=np.int64)
-        sides = self.sides
-        # SYNs fix the base of their direction even without payload
-        syn = rows[(cols["tcp_flags"][rows] & TCP_SYN) != 0]
-        for s, o, q in zip(sid[syn].tolist(), is_orig[syn].tolist(), cols["tcp_seq"][syn].tolist()):
-            side = sides.get((s, o))
-            if side is None:
-                side = sides[(s, o)] = _Side()
-            if side.base < 0:
-                side.base = (q + 1) & 0xFFFFFFFF
-        data_rows = rows[cols["pl_len"][rows] > 0]
-        if len(data_rows):
-            self._data(batch, cols, data_rows, sid, is_orig)
+        sid = np.ascontiguousarray(sid, dtype=np.int64)
+        is_orig = np.ascontiguousarray(is_orig, dtype=np.bool_)
+        n = len(rows)
+        self._reserve(n, n, n if first_packet else 0)
+        flags, seq = cols["tcp_flags"], cols["tcp_seq"]
+        at = 0
+        while True:
+            at = _add_syns(at, rows, flags, seq, sid, is_orig, self._T, self._S, st)
+            if at == n:
+                break
+            self._grow_table()
+        pl_len, pl_off = cols["pl_len"], cols["pl_off"]
+        data, offset, ts = batch.data, batch.offset, batch.ts
+        row_side = np.empty(n, dtype=np.int64)
+        at = 0
+        while True:
+            at = _add_data(at, rows, seq, pl_len, pl_off, data, offset, ts, sid, is_orig, self._T, self._S, self._G,
+                           self._arena, st, row_side)
+            if at == n:
+                break
+            if at == _TABLE_FULL:
+                self._grow_table()
+                at = 0
+            else:
+                self._arena_room(int(st[ST_NEED_DATA]))
         if first_packet:  # after the data: a side the batch's data made (no SYN seen) has its base
-            self._acks(cols, rows[(cols["tcp_flags"][rows] & TCP_ACK) != 0], sid, is_orig, first_packet)
-
-    def _data(self, batch, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray) -> None:
-        """The payloads of `rows` (packets with payload) into their sides' chunks."""
-        sides = self.sides
-        # Per (session, direction) group, in packet order within a group. Python runs once per
-        # group (its _Side); what each packet keeps is worked out for all packets at once.
-        key = _side_keys(sid[rows], is_orig[rows])
-        order = np.argsort(key, kind="stable")
-        rows, key = rows[order], key[order]
-        first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
-        last = np.append(first[1:], len(rows))
-        seq = cols["tcp_seq"][rows].astype(np.int64)
-        group_sides = []
-        bases = np.empty(len(first), dtype=np.int64)
-        depths = np.empty(len(first), dtype=np.int64)
-        for g, (k, q) in enumerate(zip(key[first].tolist(), seq[first].tolist())):
-            side = sides.get((k >> 1, bool(k & 1)))
-            if side is None:
-                side = sides[(k >> 1, bool(k & 1))] = _Side()
-            if side.base < 0:  # no SYN seen: the first segment is offset 0
-                side.base = q
-            group_sides.append(side)
-            bases[g] = side.base
-            depths[g] = self.depth if side.depth < 0 else side.depth
-        group = np.repeat(np.arange(len(first)), last - first)
-        rel = (seq - bases[group]) & 0xFFFFFFFF
-        length = cols["pl_len"][rows].astype(np.int64)
-        # before the base (a retransmission of the SYN's data, or garbage): dropped
-        inside = rel < (1 << 31)
-        # bytes past the depth are counted, not kept
-        keep = np.where(inside, np.clip(depths[group] - rel, 0, length), 0)
-        cut = np.add.reduceat(np.where(inside, length - keep, 0), first)
-        held = np.add.reduceat(keep, first)
-        kept = np.flatnonzero(keep > 0)  # packets that start before the depth
-
-        # only the kept bytes are gathered (one copy per batch; chunks slice it)
-        kept_rows = rows[kept]
-        kept_len = cols["pl_len"].copy()
-        kept_len[kept_rows] = keep[kept]
-        need = int(keep.sum())
-        if len(self._buf) < need:
-            self._buf = np.empty(need + need // 4, dtype=np.uint8)
-        out_off = np.empty(len(kept_rows) + 1, dtype=np.int64)
-        _gather(batch.data, batch.offset, cols["pl_off"], kept_len, kept_rows, self._buf, out_off)
-        payload = self._buf[:need].tobytes()
-        offsets = rel[kept]
-        ends = offsets + keep[kept]
-        kept_ts = batch.ts[kept_rows].astype(np.int64, copy=False)
-        at = np.searchsorted(kept, first).tolist() + [len(kept)]  # each group's first segment
-        bounds = out_off.tolist()
-        # segments that do not start where the one before them in their group ended, counted so
-        # that breaks[j] - breaks[i + 1] is how many of segments i+1..j-1 do not
-        breaks = np.concatenate([[0, 0], np.cumsum(offsets[1:] != ends[:-1])]).tolist()
-        first_rel, last_end = offsets.tolist(), ends.tolist()
-        for g, side in enumerate(group_sides):
-            i, j = at[g], at[g + 1]
-            if i < j:
-                side.blocks.append(_Block(rel=offsets[i:j], data=payload[bounds[i]:bounds[j]],
-                                          starts=out_off[i:j + 1], ts=kept_ts[i:j]))
-                if side.in_order:
-                    if first_rel[i] == side.next_rel and breaks[j] == breaks[i + 1]:
-                        side.next_rel = last_end[j - 1]
-                    else:
-                        side.in_order = False
-            n = int(cut[g])
-            if n:
-                side.beyond_depth += n
-                side.truncated = True
-            n = int(held[g])
-            side.kept += n
-            self.held += n
-        if self.held > self.memcap:
-            self._shed()
-
-    def _acks(self, cols: dict, rows: np.ndarray, sid: np.ndarray, is_orig: np.ndarray, first_packet: int) -> None:
-        """Keep the ACKs of `rows` on the side they acknowledge (the other direction), relative
-        to its base; only a side whose base is known, and only values that change."""
-        if len(rows) == 0:
-            return
-        key = _side_keys(sid[rows], ~is_orig[rows])  # the side acknowledged
-        order = np.argsort(key, kind="stable")
-        rows, key = rows[order], key[order]
-        first = np.concatenate([[0], np.flatnonzero(np.diff(key)) + 1])
-        last = np.append(first[1:], len(rows))
-        bases = np.full(len(first), -1, dtype=np.int64)
-        limits = np.empty(len(first), dtype=np.int64)
-        group_sides = []
-        sides = self.sides
-        for g, k in enumerate(key[first].tolist()):
-            side = sides.get((k >> 1, bool(k & 1)))
-            group_sides.append(side)
-            if side is not None and side.base >= 0:
-                bases[g] = side.base
-                limits[g] = (self.depth if side.depth < 0 else side.depth) + 1
-        group = np.repeat(np.arange(len(first)), last - first)
-        rel = (cols["tcp_ack"][rows].astype(np.int64) - bases[group]) & 0xFFFFFFFF
-        # a known base, not before it, within the depth (+1: a FIN), and a new value
-        keep = (bases[group] >= 0) & (rel < (1 << 31)) & (rel <= limits[group])
-        keep[1:] &= (rel[1:] != rel[:-1]) | (key[1:] != key[:-1])
-        if not keep.any():
-            return
-        at = np.concatenate([[0], np.cumsum(keep)]).tolist()
-        rel, packets = rel[keep], rows[keep] + first_packet
-        for g, side in enumerate(group_sides):
-            i, j = at[first[g]], at[last[g]]
-            if i < j:
-                side.acks.append((rel[i:j], packets[i:j]))
+            _add_acks(rows, flags, cols["tcp_ack"], sid, is_orig, first_packet, self._T, self._S, self._A, st)
 
     def limit(self, sid: int, depth: int) -> None:
         """Keep at most `depth` bytes per direction of session `sid` (its protocol needs no more)."""
-        for d in (True, False):
-            self.sides.setdefault((sid, d), _Side()).depth = min(depth, self.depth)
+        depth = min(depth, self.depth)
+        self._ops += (sid, depth if depth >= 0 else -1)
 
-    def _shed(self) -> None:
-        """Past the memcap: cut the directions holding most to what they hold now / 2."""
-        for side in sorted(self.sides.values(), key=lambda s: -s.kept):
-            if self.held <= self.memcap * 3 // 4:
-                break
-            keep, total = [], 0
-            for c in sorted((c for b in side.blocks for c in b.chunks()), key=lambda c: c[0]):
-                if total >= side.kept // 2:
-                    break
-                keep.append(c)
-                total += len(c[1])
-            self.held -= side.kept - total
-            side.blocks = [_Block.of_chunks(keep)] if keep else []
-            side.kept, side.truncated, side.in_order = total, True, False
+    def drop(self, sid: int) -> None:
+        """Forget session `sid`'s streams."""
+        self._ops += (sid, _DROP)
 
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
-        side = self.sides.pop((sid, from_orig), None)
-        if side is None:
-            return Direction()
-        self.held -= side.kept
-        blocks = side.blocks
-        if blocks and side.in_order:
-            # the common case: every byte once, in order, from the start: one join
-            if len(blocks) == 1:
-                b = blocks[0]
-                return Direction(data=b.data, gaps=[], ts_offsets=b.rel, ts=b.ts, truncated=side.truncated,
-                                 acks=side.acks)
-            return Direction(data=b"".join([b.data for b in blocks]), gaps=[],
-                             ts_offsets=np.concatenate([b.rel for b in blocks]),
-                             ts=np.concatenate([b.ts for b in blocks]), truncated=side.truncated, acks=side.acks)
-        chunks = [c for b in blocks for c in b.chunks()]
-        chunks.sort(key=_SEQ_TIME)
-        parts, gaps, ts_off, ts_val = [], [], [], []
-        end = 0  # relative seq covered so far
-        out_len = 0
-        for rel, data, ts in chunks:
-            if rel + len(data) <= end:  # wholly seen before: a retransmission
-                self._count_conflicts(parts, out_len, end, rel, data)
-                continue
-            if rel > end:  # bytes never seen (at offset 0: the stream's start was missed)
-                gaps.append((out_len, rel - end))
-                end = rel
-            new = data[end - rel:]
-            ts_off.append(out_len)
-            ts_val.append(ts)
-            parts.append(new)
-            out_len += len(new)
-            end += len(new)
-        return Direction(data=b"".join(parts), gaps=gaps, ts_offsets=np.array(ts_off, dtype=np.int64),
-                         ts=np.array(ts_val, dtype=np.int64), truncated=side.truncated, acks=side.acks)
+        keys = _side_keys(np.array([sid], dtype=np.int64), np.array([from_orig]))
+        return self._take_chunk(keys, 0, 1, None)[0][0]
 
-    def _count_conflicts(self, parts, out_len, end, rel, data) -> None:
-        """A retransmission whose bytes differ from the first copy (only checked when the first
-        copy is the last part, the common case; enough to flag an evasion attempt)."""
-        if parts and rel >= end - len(parts[-1]):
-            start = len(parts[-1]) - (end - rel)
-            if parts[-1][start:start + len(data)] != data:
-                self.conflicts += 1
+    def take_many(self, sids, wanted=None):
+        """Rebuild both directions of each session of `sids` and forget them: yields (orig
+        Direction, resp Direction) per session, in order. With `wanted` (a truth value per
+        session), a session not wanted is taken all the same (forgotten, its retransmissions
+        counted) but yields None: its directions are not made. The directions are rebuilt a
+        megabyte or so at a time, as the iteration reaches them (a session is taken when its
+        group is, not before), so that taking many never holds all their bytes twice."""
+        sids = np.asarray(sids, dtype=np.int64)
+        keys = np.empty(2 * len(sids), dtype=np.int64)
+        keys[0::2] = _side_keys(sids, np.ones(len(sids), dtype=bool))
+        keys[1::2] = _side_keys(sids, np.zeros(len(sids), dtype=bool))
+        want = None if wanted is None else np.repeat(np.asarray(wanted, dtype=bool), 2).tolist()
+        start = 0
+        while start < len(keys):
+            made, done = self._take_chunk(keys, start, 2, want)
+            start = done
+            for orig, resp in zip(made[0::2], made[1::2]):
+                yield None if orig is None else (orig, resp)
 
-    def drop(self, sid: int) -> None:
-        for d in (True, False):
-            side = self.sides.pop((sid, d), None)
-            if side is not None:
-                self.held -= side.kept
+    def _take_chunk(self, keys: np.ndarray, start: int, per: int, want: list | None) -> tuple[list, int]:
+        """Directions of keys[start:], `per` at a time, as many as the output buffers hold
+        (grown if not even `per` fit): (a Direction, or None where `want` says no, per key
+        taken; the index of the first key not taken)."""
+        self._apply()
+        st = self._st
+        meta = np.empty((len(keys) - start, N_M), dtype=np.int64)
+        while True:
+            done = _take_kernel(keys, start, per, self._T, self._S, self._G, self._A, self._arena, st,
+                                self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len, self._ack_rel,
+                                self._ack_pkt, self._order, meta)
+            if done > start:
+                return self._directions(meta[:done - start], None if want is None else want[start:done]), done
+            self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))
+
+    def _take_room(self, data: int, segments: int, acks: int) -> None:
+        if len(self._out) < data:
+            self._out = np.empty(max(data, 2 * len(self._out)), dtype=np.uint8)
+        if len(self._ts_off) < segments:
+            size = max(segments, 2 * len(self._ts_off))
+            self._ts_off, self._ts_val = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+            self._gap_off, self._gap_len = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+            self._order = np.empty(size, dtype=np.int64)
+        if len(self._ack_rel) < acks:
+            size = max(acks, 2 * len(self._ack_rel))
+            self._ack_rel, self._ack_pkt = np.empty(size, dtype=np.int64), np.empty(size, dtype=np.int64)
+
+    def _directions(self, meta: np.ndarray, want: list | None) -> list:
+        """The directions one _take_kernel call rebuilt, from its output buffers (copied: the
+        buffers serve the next call); None for those `want` says are not wanted. Python's part
+        of taking, per direction: kept to making the objects a Direction is made of."""
+        data_end, ts_end, gap_end, ack_end, trunc = meta.T.tolist()
+        data_start, ts_start, gap_start, ack_start = ([0] + ends[:-1] for ends in (data_end, ts_end, gap_end, ack_end))
+        out = memoryview(self._out)
+        ts_off = self._ts_off[:ts_end[-1]].copy()
+        ts_val = self._ts_val[:ts_end[-1]].copy()
+        gaps = list(zip(self._gap_off[:gap_end[-1]].tolist(), self._gap_len[:gap_end[-1]].tolist()))
+        ack_rel = self._ack_rel[:ack_end[-1]].copy()
+        ack_pkt = self._ack_pkt[:ack_end[-1]].copy()
+        made = []
+        append = made.append
+        for t0, t1, d0, d1, g0, g1, a0, a1, cut, wanted in zip(ts_start, ts_end, data_start, data_end, gap_start,
+                                                               gap_end, ack_start, ack_end, trunc,
+                                                               want or [True] * len(trunc)):
+            if not wanted:
+                append(None)
+            elif t0 == t1:  # no segment (no side, or only a SYN or a limit made it): no bytes
+                append(Direction(b"", [], _EMPTY, _EMPTY, cut == 1, [(ack_rel[a0:a1], ack_pkt[a0:a1])] if a1 > a0 else []))
+            else:
+                append(Direction(out[d0:d1].tobytes(), gaps[g0:g1] if g1 > g0 else [], ts_off[t0:t1], ts_val[t0:t1],
+                                 cut == 1, [(ack_rel[a0:a1], ack_pkt[a0:a1])] if a1 > a0 else []))
+        return made

@@ -407,6 +407,14 @@ class AppStage:
         picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
+        # both directions of every closing session with a stream, rebuilt as the loop reaches them
+        # (only for the sessions some parser reads: the others are just forgotten)
+        with_streams = {}
+        for k in needed:
+            if sid_list[k] in self.streamed:
+                with_streams.setdefault(sid_list[k], k)
+        read = [bool(self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])) for k in with_streams.values()]
+        directions = self.reasm.take_many(list(with_streams), read)
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
@@ -422,7 +430,7 @@ class AppStage:
             self.tuples.pop(s, None)
             if s in self.streamed:
                 self.streamed.discard(s)
-                rows.extend(self._parse_stream(s, k, tuples, apps[k] if apps else "", batched))
+                rows.extend(self._parse_stream(next(directions), k, tuples, apps[k] if apps else "", batched))
             if not rows:
                 continue
             fill = {name: tuples[name][k] for name in tuples}
@@ -548,8 +556,10 @@ class AppStage:
                 return None, None
             return pa.concat_tables(good), np.asarray(kept, dtype=np.int64)
 
-    def _parse_stream(self, s: int, k: int, tuples: dict, app: str, batched: dict) -> list:
-        orig, resp = self.reasm.take(s, True), self.reasm.take(s, False)
+    def _parse_stream(self, directions: tuple | None, k: int, tuples: dict, app: str, batched: dict) -> list:
+        if directions is None:  # no parser reads it
+            return []
+        orig, resp = directions
         parsers = self._stream_parsers(app, tuples["resp_p"][k])
         if not parsers or not (orig.data or resp.data):
             return []
