@@ -6,8 +6,8 @@ attribute names such as `emailAddress`, `street`, `postalCode`, RFC 2253 escapes
 above 0x7f as `\\XX`). Fingerprints are SHA-256 (Zeek 6's default `fingerprint`), with
 SHA-1 alongside.
 
-The rows come from the certificates the TLS parser found in a session (`app.tls`):
-`parse_stream` reuses that parse when it is called on the stream `app.tls` just saw.
+The rows come from the certificates the TLS parser found in the sessions (`app.tls`):
+`parse_streams` reuses that parse when it is called on the streams `app.tls` just read.
 A certificate that `cryptography` cannot read still yields a row (fingerprints,
 `malformed` set); nothing here raises.
 """
@@ -21,7 +21,7 @@ from datetime import timezone
 
 import pyarrow as pa
 
-from wiretrail.app.base import Stream
+from wiretrail.app.base import Records, Stream
 
 TABLE = "x509"
 SCHEMA = pa.schema([
@@ -337,24 +337,35 @@ def leaf_names(der: bytes) -> tuple[str | None, str | None]:
     return row.get("subject"), row.get("issuer")
 
 
-def rows_for(uid: str, certs: list[tuple[int, bytes, bool]]) -> list[dict]:
-    """x509 rows for (ts, der, sent_by_client) certificates of one session."""
-    rows = []
-    for ts, der, by_client in certs:
-        r = parse_certificate(der)
-        r["ts"] = ts
-        r["uid"] = uid
-        r["host_cert"] = not by_client
-        r["client_cert"] = bool(by_client)
-        rows.append(r)
-    return rows
+def parse_streams(streams: list[Stream]) -> Records:
+    """x509 rows for the certificates in the TLS handshakes of many sessions (see app.tls), as
+    columns: each distinct certificate parsed once."""
+    from wiretrail.app import tls
+
+    h = tls.read_handshakes(streams)
+    parsed = [_parse_cached(der) for der in h.distinct_certificates]
+    fields = [f for f in SCHEMA if f.name not in _SESSION_FIELDS]
+    distinct = pa.Table.from_batches([pa.RecordBatch.from_struct_array(pa.array(parsed, type=pa.struct(fields)))])
+    table = distinct.take(pa.array(h.cert_group, pa.int64()))
+    by_client = h.cert_by_client.astype(bool)
+    table = table.append_column(SCHEMA.field("ts"), pa.array(h.cert_ts, pa.timestamp("ns")))
+    table = table.append_column(SCHEMA.field("host_cert"), pa.array(~by_client))
+    table = table.append_column(SCHEMA.field("client_cert"), pa.array(by_client))
+    return Records(table, h.cert_sessions())
+
+
+# Columns that are the session's and the certificate's sighting, not the certificate's own.
+_SESSION_FIELDS = {"ts", "uid", "host_cert", "client_cert"}
 
 
 def parse_stream(s: Stream) -> list[dict]:
     """x509 rows for the certificates in the TLS handshake of `s` (see app.tls)."""
+    from wiretrail.app import tls
+
     try:
-        from wiretrail.app import tls
-        info = tls.analyze(s)
-        return rows_for(s.uid, info.certs)
+        rows = tls.dicts(parse_streams([s]).table)
     except Exception:
         return []
+    for r in rows:
+        r["uid"] = s.uid
+    return rows
