@@ -564,28 +564,89 @@ def _validity(valid: np.ndarray) -> tuple[pa.Buffer | None, int]:
     return pa.py_buffer(np.packbits(valid, bitorder="little")), len(valid) - int(np.count_nonzero(valid))
 
 
-def _strings(text: np.ndarray, offsets: np.ndarray, valid: np.ndarray, ascii_only: bool) -> pa.Array:
-    """Row k as text[offsets[k]:offsets[k + 1]] decoded as UTF-8 with invalid bytes as \\xNN
-    escapes (as bytes.decode(..., "backslashreplace")), null where not `valid`. Bytes that are
-    all ASCII are their own text; others are decoded in Python."""
-    bitmap, nulls = _validity(valid)
-    buffers = [bitmap, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(text)]
-    if ascii_only:
-        return pa.Array.from_buffers(pa.string(), len(valid), buffers, null_count=nulls)
-    raw = pa.Array.from_buffers(pa.binary(), len(valid), buffers, null_count=nulls).to_pylist()
-    return pa.array([None if b is None else b.decode("utf-8", "backslashreplace") for b in raw], pa.string())
-
-
 def _row_offsets(at: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """Offsets of the rows' values from per-session offsets (sessions without a row have none)."""
     return np.append(at[rows], at[-1])
 
 
-def _lists(values: pa.Array, offsets: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """Row k as values[offsets[k]:offsets[k + 1]], null where not `valid`."""
-    bitmap, nulls = _validity(valid)
-    return pa.Array.from_buffers(pa.list_(values.type), len(valid), [bitmap, pa.py_buffer(offsets.astype(np.int32))],
-                                 null_count=nulls, children=[values])
+# The columns are made as specs that become an Arrow array (arrow(), for a batch's table) or give
+# one row's value (value(k), for parse_stream's dict: a batch of one, made without Arrow).
+
+
+class _Values:
+    """Row k: values[k] (numbers or booleans), null where not valid."""
+
+    def __init__(self, values: np.ndarray, valid: np.ndarray | None = None, type: pa.DataType | None = None):
+        self.values, self.valid, self.type = values, valid, type
+
+    def arrow(self) -> pa.Array:
+        return pa.array(self.values, self.type, mask=None if self.valid is None else ~self.valid)
+
+    def value(self, k: int):
+        return None if self.valid is not None and not self.valid[k] else self.values[k].item()
+
+
+class _Taken:
+    """Row k: items[index[k]] (strings), null where not valid; `array`: items as Arrow, if made."""
+
+    def __init__(self, items: list, index: np.ndarray, valid: np.ndarray | None = None,
+                 array: pa.Array | None = None):
+        self.items, self.index, self.valid, self.array = items, index, valid, array
+
+    def arrow(self) -> pa.Array:
+        if self.valid is not None and not self.valid.any():
+            return pa.nulls(len(self.index), pa.string())
+        items = self.array if self.array is not None else pa.array(self.items, pa.string())
+        return items.take(pa.array(self.index, mask=None if self.valid is None else ~self.valid))
+
+    def value(self, k: int):
+        return None if self.valid is not None and not self.valid[k] else self.items[self.index[k]]
+
+
+class _Texts:
+    """Row k: text[offsets[k]:offsets[k + 1]] decoded as UTF-8 with invalid bytes as \\xNN
+    escapes (as bytes.decode(..., "backslashreplace")), null where not `valid`. Bytes that are
+    all ASCII (ascii_only) are their own text in Arrow; others are decoded in Python."""
+
+    def __init__(self, text: np.ndarray, offsets: np.ndarray, valid: np.ndarray, ascii_only: bool):
+        self.text, self.offsets, self.valid, self.ascii_only = text, offsets, valid, ascii_only
+
+    def arrow(self) -> pa.Array:
+        n = len(self.valid)
+        bitmap, nulls = _validity(self.valid)
+        buffers = [bitmap, pa.py_buffer(self.offsets.astype(np.int32)), pa.py_buffer(self.text)]
+        if self.ascii_only:
+            return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+        raw = pa.Array.from_buffers(pa.binary(), n, buffers, null_count=nulls).to_pylist()
+        return pa.array([None if b is None else b.decode("utf-8", "backslashreplace") for b in raw], pa.string())
+
+    def value(self, k: int):
+        if not self.valid[k]:
+            return None
+        return self.text[self.offsets[k]:self.offsets[k + 1]].tobytes().decode("utf-8", "backslashreplace")
+
+
+class _Lists:
+    """Row k: the items offsets[k] to offsets[k + 1] of `items` (a numpy array of numbers, or a
+    column), null where not valid."""
+
+    def __init__(self, items, offsets: np.ndarray, valid: np.ndarray):
+        self.items, self.offsets, self.valid = items, offsets, valid
+
+    def arrow(self) -> pa.Array:
+        items = pa.array(self.items) if isinstance(self.items, np.ndarray) else self.items.arrow()
+        bitmap, nulls = _validity(self.valid)
+        return pa.Array.from_buffers(pa.list_(items.type), len(self.valid),
+                                     [bitmap, pa.py_buffer(self.offsets.astype(np.int32))], null_count=nulls,
+                                     children=[items])
+
+    def value(self, k: int):
+        if not self.valid[k]:
+            return None
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        if isinstance(self.items, np.ndarray):
+            return self.items[a:b].tolist()
+        return [self.items.value(j) for j in range(a, b)]
 
 
 class _Names:
@@ -598,7 +659,7 @@ class _Names:
         self.names: list[str] = []
         self.array = pa.array([], pa.string())
 
-    def column(self, values: np.ndarray, valid: np.ndarray) -> pa.Array:
+    def column(self, values: np.ndarray, valid: np.ndarray) -> _Taken:
         """name_of(v) for each valid value (all in 0..65535), null elsewhere."""
         numbers = values[valid]
         index = self.index[numbers]
@@ -610,7 +671,7 @@ class _Names:
             index = self.index[numbers]
         at = np.zeros(len(values), dtype=np.int64)
         at[valid] = index
-        return self.array.take(pa.array(at, mask=None if len(numbers) == len(values) else ~valid))
+        return _Taken(self.names, at, valid, self.array)
 
 
 _VERSION_NAMES = _Names(_version_name)
@@ -622,7 +683,7 @@ _ECDH = np.zeros(1 << 16, dtype=bool)
 _ECDH[[c for c, name in CIPHERS.items() if "ECDH" in name]] = True
 
 
-def _fingerprints(keys: np.ndarray, ends: np.ndarray, which: np.ndarray, of) -> pa.Array:
+def _fingerprints(keys: np.ndarray, ends: np.ndarray, which: np.ndarray, of) -> _Taken:
     """Per row, the fingerprint `of` makes of the distinct key numbered which[k] (null where it
     is -1). Each distinct key is fingerprinted once, and kept (by its bytes) for later batches:
     the same client software sends the same hello over and over."""
@@ -632,7 +693,7 @@ def _fingerprints(keys: np.ndarray, ends: np.ndarray, which: np.ndarray, of) -> 
     for a, b in zip(ends, ends[1:]):
         prints.append(_cached((of, raw[8 * a:8 * b]), lambda: of(keys[a:b].tolist())))
     has = which >= 0
-    return pa.array(prints, pa.string()).take(pa.array(np.where(has, which, 0), mask=~has))
+    return _Taken(prints, np.where(has, which, 0), has)
 
 
 def _lists_of(key: list, counts: list) -> list[list]:
@@ -662,7 +723,7 @@ def _ja3s_of_key(key: list) -> str:
     return ja3s(ServerHello(version=key[0], cipher=key[1] if key[1] >= 0 else None, extensions=key[2:]))
 
 
-def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> pa.Array:
+def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> _Values:
     """The packet Suricata logs each row's handshake on (its tls event's pcap_cnt): the one that
     acknowledged the bytes completing both sides' handshakes, as its TLS parser counts them:
     the server's certificate completes both; else the server is done at its first application
@@ -681,7 +742,7 @@ def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> pa.Ar
     packet[server_q] = acked[:len(server_q)]
     server, client = packet[client_q], acked[len(server_q):]
     packet[client_q] = np.where((server > 0) & (client > 0), np.maximum(server, client), 0)
-    return pa.array(packet, mask=packet == 0)
+    return _Values(packet, packet > 0)
 
 
 def acked_by_many(sides: list[Direction], ends: np.ndarray) -> np.ndarray:
@@ -712,14 +773,13 @@ def acked_by_many(sides: list[Direction], ends: np.ndarray) -> np.ndarray:
     return got
 
 
-def _certificate_columns(h: Handshakes, rows: np.ndarray, head: np.ndarray) -> dict[str, pa.Array]:
+def _certificate_columns(h: Handshakes, rows: np.ndarray, head: np.ndarray) -> dict:
     """cert_chain_fps, subject, issuer and their client_ twins (certificates are read before
     TLS 1.3 only: null after it, as without a Certificate message)."""
     ders = h.distinct_certificates
     names = [leaf_names(d) for d in ders]
-    fps = pa.array([_parse_cached(d)["fingerprint"] for d in ders], pa.string())
-    subjects = pa.array([s for s, _ in names], pa.string())
-    issuers = pa.array([i for _, i in names], pa.string())
+    fps = [_parse_cached(d)["fingerprint"] for d in ders]
+    subjects, issuers = [s for s, _ in names], [i for _, i in names]
     by_client = h.cert_by_client.astype(bool)
     out = {}
     for count_at, prefix, side in ((SERVER_CERTS, "", ~by_client), (CLIENT_CERTS, "client_", by_client)):
@@ -727,14 +787,13 @@ def _certificate_columns(h: Handshakes, rows: np.ndarray, head: np.ndarray) -> d
         chain = h.cert_group[side]  # the side's certificates, row by row
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(np.maximum(count, 0), out=offsets[1:])
-        out[prefix + "cert_chain_fps"] = _lists(fps.take(pa.array(chain)), offsets, count >= 0)
+        out[prefix + "cert_chain_fps"] = _Lists(_Taken(fps, chain), offsets, count >= 0)
         # the leaf: the chain's first certificate
         has = count > 0
         leaf = np.zeros(len(rows), dtype=np.int64)
         leaf[has] = chain[offsets[:-1][has]]
-        leaf = pa.array(leaf, mask=~has)
-        out[prefix + "subject"] = subjects.take(leaf)
-        out[prefix + "issuer"] = issuers.take(leaf)
+        out[prefix + "subject"] = _Taken(subjects, leaf, has)
+        out[prefix + "issuer"] = _Taken(issuers, leaf, has)
     return out
 
 
@@ -743,9 +802,9 @@ _COLUMNS = pa.schema([f for f in SCHEMA if f.name not in ("uid", "orig_h", "orig
                                                             "validation_status")])
 
 
-def _tls_table(h: Handshakes, streams: list[Stream]) -> tuple[pa.Table, np.ndarray]:
-    """The `tls` rows of the handshakes read of `streams` (their session columns but ts left to
-    the caller), and the position in `streams` of each row's session."""
+def _tls_columns(h: Handshakes, streams: list[Stream]) -> tuple[dict, np.ndarray]:
+    """The `tls` columns (but the session's) of the handshakes read of `streams`, and the
+    position in `streams` of each row's session."""
     rows = np.flatnonzero(h.head[:, LOGGED] != 0)
     head = h.head[rows]
     at = h.at
@@ -760,26 +819,26 @@ def _tls_table(h: Handshakes, streams: list[Stream]) -> tuple[pa.Table, np.ndarr
     from_ske = (head[:, TLS13] == 0) & (ske >= 0) & has_cipher & _ECDH[np.where(has_cipher, cipher, 0)]
     group = np.where(from_ske, ske, head[:, H_KEY_SHARE_GROUP])
     alert = head[:, ALERT]
-    alpn = _strings(h.alpn, h.alpn_ends, np.ones(len(h.alpn_ends) - 1, dtype=bool), not not_ascii & NOT_ASCII_ALPN)
+    alpn = _Texts(h.alpn, h.alpn_ends, np.ones(len(h.alpn_ends) - 1, dtype=bool), not not_ascii & NOT_ASCII_ALPN)
     cols = {
-        "ts": pa.array(head[:, TS], pa.timestamp("ns")),
+        "ts": _Values(head[:, TS], None, pa.timestamp("ns")),
         "version": _VERSION_NAMES.column(head[:, VERSION], has_hello),
         "cipher": _CIPHER_NAMES.column(cipher, has_cipher),
         "curve": _GROUP_NAMES.column(group, group >= 0),
-        "server_name": _strings(h.sni, _row_offsets(at[AT_SNI], rows), head[:, H_SNI] != 0,
-                                not not_ascii & NOT_ASCII_SNI),
-        "resumed": pa.array(head[:, H_RESUMED] != 0),
+        "server_name": _Texts(h.sni, _row_offsets(at[AT_SNI], rows), head[:, H_SNI] != 0,
+                              not not_ascii & NOT_ASCII_SNI),
+        "resumed": _Values(head[:, H_RESUMED] != 0),
         "last_alert": _ALERT_NAMES.column(alert, alert >= 0),
-        "next_protocol": _strings(h.next_protocol, _row_offsets(at[AT_NEXT_PROTOCOL], rows),
-                                  head[:, H_NEXT_PROTOCOL] != 0, not not_ascii & NOT_ASCII_NEXT_PROTOCOL),
-        "established": pa.array(head[:, ESTABLISHED] != 0),
-        "alpn": _lists(alpn, _row_offsets(at[AT_ALPN], rows), head[:, H_N_ALPN] > 0),
+        "next_protocol": _Texts(h.next_protocol, _row_offsets(at[AT_NEXT_PROTOCOL], rows),
+                                head[:, H_NEXT_PROTOCOL] != 0, not not_ascii & NOT_ASCII_NEXT_PROTOCOL),
+        "established": _Values(head[:, ESTABLISHED] != 0),
+        "alpn": _Lists(alpn, _row_offsets(at[AT_ALPN], rows), head[:, H_N_ALPN] > 0),
         "client_version": _VERSION_NAMES.column(head[:, H_CLIENT_VERSION], has_client),
         "server_version": _VERSION_NAMES.column(head[:, H_HELLO_VERSION], has_hello),
         "ja3": _fingerprints(h.ja3_keys, h.ja3_key_ends, head[:, H_JA3], _ja3_of_key),
         "ja3s": _fingerprints(h.ja3s_keys, h.ja3s_key_ends, head[:, H_JA3S], _ja3s_of_key),
         "ja4": _fingerprints(h.ja4_keys, h.ja4_key_ends, head[:, H_JA4], _ja4_of_key),
-        "malformed": pa.array(head[:, MALFORMED] != 0),
+        "malformed": _Values(head[:, MALFORMED] != 0),
         "packet": _packets(streams, rows, head),
     }
     for name, values, offsets, valid in (
@@ -788,15 +847,15 @@ def _tls_table(h: Handshakes, streams: list[Stream]) -> tuple[pa.Table, np.ndarr
             ("client_sig_algs", h.sig_algs, AT_SIG_ALGS, has_client),
             ("client_supported_versions", h.versions, AT_VERSIONS, has_client),
             ("ssl_server_exts", h.server_extensions, AT_SERVER_EXTENSIONS, has_hello)):
-        cols[name] = _lists(pa.array(values), _row_offsets(at[offsets], rows), valid)
+        cols[name] = _Lists(values, _row_offsets(at[offsets], rows), valid)
     cols.update(_certificate_columns(h, rows, head))
-    return pa.Table.from_arrays([cols[f.name] for f in _COLUMNS], schema=_COLUMNS), rows
+    return cols, rows
 
 
 def parse_streams(streams: list[Stream]) -> Records:
     """The `tls` rows of many sessions (one per session whose streams carry TLS), as columns."""
-    table, rows = _tls_table(read_handshakes(streams), streams)
-    return Records(table, rows)
+    cols, rows = _tls_columns(read_handshakes(streams), streams)
+    return Records(pa.Table.from_arrays([cols[f.name].arrow() for f in _COLUMNS], schema=_COLUMNS), rows)
 
 
 def dicts(table: pa.Table) -> list[dict]:
@@ -851,10 +910,9 @@ def analyze(s: Stream) -> Analysis:
         return _last[1]
     try:
         h = read_handshakes([s])
-        table, _ = _tls_table(h, [s])
-        if table.num_rows:
-            [row] = dicts(table)
-            row.update(uid=s.uid, orig_h=s.orig_h, orig_p=s.orig_p, resp_h=s.resp_h, resp_p=s.resp_p)
+        cols, rows = _tls_columns(h, [s])
+        if len(rows):
+            row = _base_row(s, 0) | {name: column.value(0) for name, column in cols.items()}
             ders = h.distinct_certificates
             certs = [(t, ders[g], c) for t, g, c in zip(h.cert_ts.tolist(), h.cert_group.tolist(),
                                                          h.cert_by_client.astype(bool).tolist())]

@@ -344,28 +344,33 @@ def parse_streams(streams: list[Stream]) -> Records:
 
     h = tls.read_handshakes(streams)
     parsed = [_parse_cached(der) for der in h.distinct_certificates]
-    fields = [f for f in SCHEMA if f.name not in _SESSION_FIELDS]
-    distinct = pa.Table.from_batches([pa.RecordBatch.from_struct_array(pa.array(parsed, type=pa.struct(fields)))])
+    distinct = pa.Table.from_batches([pa.RecordBatch.from_struct_array(pa.array(parsed, type=_CERTIFICATE))])
     table = distinct.take(pa.array(h.cert_group, pa.int64()))
-    by_client = h.cert_by_client.astype(bool)
-    table = table.append_column(SCHEMA.field("ts"), pa.array(h.cert_ts, pa.timestamp("ns")))
-    table = table.append_column(SCHEMA.field("host_cert"), pa.array(~by_client))
-    table = table.append_column(SCHEMA.field("client_cert"), pa.array(by_client))
+    for name, values in _sightings(h).items():
+        table = table.append_column(SCHEMA.field(name), pa.array(values, SCHEMA.field(name).type))
     return Records(table, h.cert_sessions())
 
 
-# Columns that are the session's and the certificate's sighting, not the certificate's own.
-_SESSION_FIELDS = {"ts", "uid", "host_cert", "client_cert"}
+def _sightings(h) -> dict:
+    """The columns of each certificate's sighting (ts, host_cert, client_cert), as numpy arrays."""
+    by_client = h.cert_by_client.astype(bool)
+    return {"ts": h.cert_ts, "host_cert": ~by_client, "client_cert": by_client}
+
+
+# The columns of a certificate itself (what _parse_certificate makes).
+_CERTIFICATE = pa.struct([f for f in SCHEMA if f.name not in ("ts", "uid", "host_cert", "client_cert")])
 
 
 def parse_stream(s: Stream) -> list[dict]:
-    """x509 rows for the certificates in the TLS handshake of `s` (see app.tls)."""
+    """x509 rows for the certificates in the TLS handshake of `s` (see app.tls): those of
+    parse_streams([s]), made without Arrow."""
     from wiretrail.app import tls
 
     try:
-        rows = tls.dicts(parse_streams([s]).table)
+        h = tls.read_handshakes([s])
+        parsed = [_parse_cached(der) for der in h.distinct_certificates]
+        sightings = {name: values.tolist() for name, values in _sightings(h).items()}
+        return [dict(parsed[g], uid=s.uid, **{name: values[i] for name, values in sightings.items()})
+                for i, g in enumerate(h.cert_group.tolist())]
     except Exception:
         return []
-    for r in rows:
-        r["uid"] = s.uid
-    return rows
