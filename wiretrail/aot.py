@@ -59,7 +59,7 @@ def _exercise(work: Path) -> None:
     streams = [_tls_session(), _tls_session()]
     tls.parse_streams(streams)
     x509.parse_streams(streams)
-    tls.analyze(_tls_session()).client_hello
+    tls.analyze(_tls_session()).client_hello  # the hellos of one session: handshake on its own
     tls.parse_client_hello(b"")
     tls.parse_server_hello(b"")
 

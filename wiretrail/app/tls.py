@@ -543,6 +543,8 @@ def _joined(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read(streams: list[Stream]) -> Handshakes:
+    """handshakes on the streams: their directions (client, server, session by session) end to
+    end, each one's bytes, first gap and packet times."""
     sides = [d for s in streams for d in (s.orig, s.resp)]
     datas = [d.data for d in sides]
     data_at = np.zeros(len(sides) + 1, dtype=np.int64)
@@ -748,17 +750,20 @@ def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> _Valu
 def acked_by_many(sides: list[Direction], ends: np.ndarray) -> np.ndarray:
     """Direction.acked_by(end) of each (direction, end) pair, in one kernel call."""
     sides, ends = list(sides), np.array(ends, dtype=np.int64)
-    for q, origin in [(q, d._ack_origin) for q, d in enumerate(sides) if d._ack_origin is not None]:
-        while origin is not None:  # a part of another direction (Direction.after)
-            sides[q], offset = origin
-            ends[q] += offset
-            origin = sides[q]._ack_origin
+    origins = [d._ack_origin for d in sides]
+    if any(origins):
+        for q, origin in enumerate(origins):
+            while origin is not None:  # a part of another direction (Direction.after)
+                sides[q], offset = origin
+                ends[q] += offset
+                origin = sides[q]._ack_origin
     acks = [d.acks for d in sides]
-    # in sequence numbers: the bytes of the gaps before `end` count too
-    for q, gaps in enumerate([d.gaps for d in sides]):
-        if gaps:
-            end = ends[q]
-            ends[q] = end + sum(n for o, n in gaps if o < end)
+    gaps = [d.gaps for d in sides]
+    if any(gaps):  # in sequence numbers: the bytes of the gaps before `end` count too
+        for q, side_gaps in enumerate(gaps):
+            if side_gaps:
+                end = ends[q]
+                ends[q] = end + sum(n for o, n in side_gaps if o < end)
     reach = [r for a in acks for r, _ in a]
     if not reach:
         return np.zeros(len(sides), dtype=np.int64)
