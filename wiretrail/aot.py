@@ -65,16 +65,54 @@ def _exercise(work: Path) -> None:
             reasm.drop(-s)
         reasm.add(batch, cols, rows, sid, is_orig, 1)
         list(reasm.take_many(np.unique(sid[rows])))
-    # the sample has no TLS session: the TLS kernels are called as app.tls calls them (the
-    # hello parsers also on their own, as for QUIC: a kernel that only another kernel calls
-    # gets no variant of its own when numba loads the caller from its cache)
-    from wiretrail.app import tls
-    from wiretrail.app.base import Direction, Stream
+    # the sample has no TLS session: the TLS kernels are called as app.tls and app.x509 call
+    # them, on a made-up handshake that reaches them all (the hello parsers also on their own,
+    # as for QUIC: a kernel that only another kernel calls gets no variant of its own when numba
+    # loads the caller from its cache)
+    from wiretrail.app import tls, x509
 
-    tls.parse_stream(Stream(uid="C", orig_h="10.0.0.1", orig_p=1024, resp_h="10.0.0.2", resp_p=443,
-                            orig=Direction(data=b"\x16\x03\x01\x00\x00"), resp=Direction()))
+    streams = [_tls_session(), _tls_session()]
+    tls.parse_streams(streams)
+    x509.parse_streams(streams)
+    tls.analyze(_tls_session()).client_hello  # the hellos of one session: handshake on its own
     tls.parse_client_hello(b"")
     tls.parse_server_hello(b"")
+
+
+def _tls_session():
+    """A TLS 1.2 session (SNI, ALPN, certificates from both sides, ACKs) for _exercise."""
+    from wiretrail.app.base import Direction, Stream
+
+    def record(content_type: int, body: bytes) -> bytes:
+        return bytes([content_type, 3, 3]) + len(body).to_bytes(2, "big") + body
+
+    def message(msg_type: int, body: bytes) -> bytes:
+        return bytes([msg_type]) + len(body).to_bytes(3, "big") + body
+
+    def extension(ext_type: int, body: bytes) -> bytes:
+        return ext_type.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
+
+    def vector(body: bytes, width: int = 2) -> bytes:
+        return len(body).to_bytes(width, "big") + body
+
+    certificate = message(11, vector(vector(b"\x30\x03\x02\x01\x01", 3), 3))
+    extensions = (extension(0, vector(b"\x00" + vector(b"example.com"))) + extension(10, vector(b"\x00\x1d"))
+                  + extension(11, b"\x01\x00") + extension(13, vector(b"\x04\x03"))
+                  + extension(16, vector(vector(b"h2", 1))) + extension(43, b"\x02\x03\x03"))
+    client = record(22, message(1, b"\x03\x03" + bytes(32) + vector(bytes(32), 1) + vector(b"\xc0\x2f")
+                                + b"\x01\x00" + vector(extensions)))
+    client += record(22, certificate) + record(20, b"\x01") + record(22, bytes(40))
+    server = record(22, message(2, b"\x03\x03" + bytes(32) + vector(bytes(32), 1) + b"\xc0\x2f\x00"
+                                + vector(extension(16, vector(vector(b"h2", 1)))))
+                    + certificate + message(12, b"\x03\x00\x17") + message(14, b""))
+    server += record(20, b"\x01") + record(22, bytes(40))
+
+    def side(data: bytes) -> Direction:
+        return Direction(data=data, ts_offsets=np.zeros(1, dtype=np.int64), ts=np.ones(1, dtype=np.int64),
+                         acks=[(np.array([len(data)], dtype=np.int64), np.array([2], dtype=np.int64))])
+
+    return Stream(uid="C", orig_h="10.0.0.1", orig_p=1024, resp_h="10.0.0.2", resp_p=443, orig=side(client),
+                  resp=side(server))
 
 
 def _arg_spec(t) -> list:

@@ -17,32 +17,41 @@ ServerKeyExchange (named curve), ChangeCipherSpec, plaintext Alerts and encrypte
 encrypted record followed the later of the two; in TLS 1.3, application-data records were
 seen from both sides after the ServerHello.
 
-The bytes are read by numba kernels (app/tls_kernel.py: one call per session walks both
-directions and parses what the row needs); this module makes the row from their results.
+The bytes are read by numba kernels (app/tls_kernel.py): `parse_streams` hands the sessions of
+a batch to one call, which walks both directions of each and returns what the rows need as
+columns; this module makes the columns of the table from them with numpy and pyarrow, naming
+each distinct version, cipher, curve and alert once, fingerprinting each distinct hello once and
+reading each distinct certificate once. `parse_stream` (one session) is a batch of one.
 
 Nothing raises: a broken record or message sets `malformed` and keeps what was read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import weakref
 from dataclasses import dataclass, field
-from hashlib import sha256
 
 import numpy as np
 import pyarrow as pa
 
-from wiretrail.app.base import SESSION_COLUMNS, Stream
-from wiretrail.app.tls_kernel import (ALERT, CERTS, CH_MALFORMED, CH_N_ALPN, CH_N_CIPHERS, CH_N_EXTENSIONS,
-                                      CH_N_GROUPS, CH_N_POINT_FORMATS, CH_N_SIG_ALGS, CH_N_VERSIONS,
-                                      CH_SESSION_ID, CH_SNI, CH_VALUES, CH_VERSION, CLIENT_CERTS,
-                                      CLIENT_DONE_END, CLIENT_HELLO, ESTABLISHED, LOGGED, MALFORMED,
-                                      RETRY_REQUEST, SERVER_APP_END, SERVER_CERT_END, SERVER_CERTS,
-                                      SERVER_HELLO, SH_ALPN, SH_CIPHER, SH_HRR, SH_KEY_SHARE_GROUP,
-                                      SH_MALFORMED, SH_N_EXTENSIONS, SH_PSK, SH_SELECTED_VERSION,
-                                      SH_SESSION_ID, SH_VALUES, SH_VERSION, SKE_GROUP, TLS13, TS, VERSION,
-                                      client_hello, handshake, server_hello)
-from wiretrail.app.x509 import leaf_names
+from wiretrail.app.base import SESSION_COLUMNS, Direction, Records, Stream
+from wiretrail.app.tls_kernel import (ALERT, AT_ALPN, AT_CERTS, AT_CIPHERS, AT_EXTENSIONS, AT_NEXT_PROTOCOL,
+                                      AT_SERVER_EXTENSIONS, AT_SIG_ALGS, AT_SNI, AT_VERSIONS, CH_MALFORMED,
+                                      CH_N_ALPN, CH_N_CIPHERS, CH_N_EXTENSIONS, CH_N_GROUPS, CH_N_POINT_FORMATS,
+                                      CH_N_SIG_ALGS, CH_N_VERSIONS, CH_SESSION_ID, CH_SNI, CH_VALUES, CH_VERSION,
+                                      CLIENT_CERTS, CLIENT_DONE_END, CLIENT_HELLO, ESTABLISHED, H_CLIENT_HELLO,
+                                      H_CLIENT_VERSION, H_JA3, H_JA3S, H_JA4, H_HELLO, H_HELLO_CIPHER, H_HELLO_VERSION,
+                                      H_KEY_SHARE_GROUP, H_N_ALPN, H_NEXT_PROTOCOL, H_NOT_ASCII, H_RESUMED,
+                                      H_SNI, LOGGED, MALFORMED, NOT_ASCII_ALPN,
+                                      NOT_ASCII_NEXT_PROTOCOL, NOT_ASCII_SNI, SERVER_APP_END, SERVER_CERT_END,
+                                      SERVER_CERTS, SERVER_HELLO, SH_ALPN, SH_CIPHER, SH_HRR, SH_KEY_SHARE_GROUP,
+                                      SH_MALFORMED, SH_N_EXTENSIONS, SH_PSK, SH_SELECTED_VERSION, SH_SESSION_ID,
+                                      SH_VALUES, SH_VERSION, SKE_GROUP, TLS13, TS, VERSION, acked_packets,
+                                      client_hello, handshake, handshakes,
+                                      server_hello)
+from wiretrail.app.x509 import _parse_cached, leaf_names
 
 TABLE = "tls"
 SCHEMA = pa.schema([
@@ -61,7 +70,7 @@ SCHEMA = pa.schema([
     ("ja3", pa.string()),
     ("ja3s", pa.string()),
     ("ja4", pa.string()),
-    # the hellos' lists as sent (GREASE values included; at most MAX_HELLO_LIST each), names
+    # the hellos' lists as sent (GREASE values included; at most tls_kernel.MAX_HELLO_LIST each), names
     # as Zeek's ssl-log-ext where it has them: what Suricata's client/server_handshake log
     ("client_ciphers", pa.list_(pa.uint16())),
     ("ssl_client_exts", pa.list_(pa.uint16())),
@@ -85,10 +94,6 @@ NDPI = {"TLS", "DTLS"}
 # The handshake, certificates and the first encrypted records fit well within this: the
 # rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
 STREAM_DEPTH = 64 << 10
-
-# A hello's list longer than this (a real one has a few dozen values; a forged one can carry
-# thousands) is stored cut, to keep rows small.
-MAX_HELLO_LIST = 1024
 
 # ---- registries ------------------------------------------------------------------------------
 
@@ -463,27 +468,462 @@ def ja4_raw(ch: ClientHello, transport: str = "t") -> str:
     return f"{a}_{c}_{e}"
 
 
-# ---- the session ----------------------------------------------------------------------------
+# ---- the sessions ---------------------------------------------------------------------------
+
+
+@dataclass
+class Handshakes:
+    """What tls_kernel.handshakes read of a list of streams, by name (see there)."""
+
+    head: np.ndarray
+    at: np.ndarray
+    ciphers: np.ndarray
+    extensions: np.ndarray
+    sig_algs: np.ndarray
+    versions: np.ndarray
+    server_extensions: np.ndarray
+    sni: np.ndarray
+    next_protocol: np.ndarray
+    alpn: np.ndarray
+    alpn_ends: np.ndarray
+    ja3_keys: np.ndarray
+    ja3_key_ends: np.ndarray
+    ja4_keys: np.ndarray
+    ja4_key_ends: np.ndarray
+    ja3s_keys: np.ndarray
+    ja3s_key_ends: np.ndarray
+    der: np.ndarray                # the distinct certificates
+    der_ends: np.ndarray
+    cert_group: np.ndarray         # per certificate seen: its distinct number
+    cert_ts: np.ndarray
+    cert_by_client: np.ndarray
+
+    @functools.cached_property
+    def distinct_certificates(self) -> list[bytes]:
+        """The DER of each distinct certificate (cert_group numbers them): the same certificates
+        come back in session after session (a site's chain, a CA), and each is looked at once."""
+        ends = self.der_ends.tolist()
+        der = self.der
+        return [der[ends[k]:ends[k + 1]].tobytes() for k in range(len(ends) - 1)]
+
+    def cert_sessions(self) -> np.ndarray:
+        """The position in the streams read of each certificate's session."""
+        return np.repeat(np.arange(len(self.head)), np.diff(self.at[AT_CERTS]))
+
+
+# The streams last read (weakly: their bytes are the stage's to free) and what was read of them.
+_read_last: tuple[list[weakref.ref], Handshakes] | None = None
+
+
+def read_handshakes(streams: list[Stream]) -> Handshakes:
+    """The handshakes of `streams`, read by one kernel call. The last list read is kept: x509
+    reads the same streams right after tls (the stage calls it with another list of them)."""
+    global _read_last
+    last = _read_last
+    if last is not None and len(last[0]) == len(streams) and all(r() is s for r, s in zip(last[0], streams)):
+        return last[1]
+    _read_last = None
+    h = _read(streams)
+    _read_last = ([weakref.ref(s) for s in streams], h)
+    return h
+
+
+def _joined(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """int64 arrays end to end, and where each begins (one more: the end)."""
+    at = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(list(map(len, arrays)), out=at[1:])
+    # joined as bytes: half the time of np.concatenate on many small arrays
+    try:
+        joined = b"".join(arrays)
+        if len(joined) == 8 * at[-1]:
+            return np.frombuffer(joined, dtype=np.int64), at
+    except (BufferError, TypeError):  # an array not contiguous
+        pass
+    return np.concatenate(arrays).astype(np.int64), at  # or not all int64
+
+
+def _read(streams: list[Stream]) -> Handshakes:
+    """handshakes on the streams: their directions (client, server, session by session) end to
+    end, each one's bytes, first gap and packet times."""
+    sides = [d for s in streams for d in (s.orig, s.resp)]
+    datas = [d.data for d in sides]
+    data_at = np.zeros(len(sides) + 1, dtype=np.int64)
+    np.cumsum(list(map(len, datas)), out=data_at[1:])
+    limits = np.diff(data_at)
+    for j, gaps in enumerate([d.gaps for d in sides]):
+        if gaps:
+            limits[j] = sides[j].contiguous_end()
+    offsets, offsets_at = _joined([d.ts_offsets for d in sides])
+    times, times_at = _joined([d.ts for d in sides])
+    data = np.frombuffer(b"".join(datas), dtype=np.uint8)
+    return Handshakes(*handshakes(data, data_at, limits, offsets, offsets_at, times, times_at))
+
+
+def _validity(valid: np.ndarray) -> tuple[pa.Buffer | None, int]:
+    """An Arrow validity bitmap and null count for `valid` (no bitmap when all are)."""
+    if valid.all():
+        return None, 0
+    return pa.py_buffer(np.packbits(valid, bitorder="little")), len(valid) - int(np.count_nonzero(valid))
+
+
+def _row_offsets(at: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Offsets of the rows' values from per-session offsets (sessions without a row have none)."""
+    return np.append(at[rows], at[-1])
+
+
+# The columns are made as specs that become an Arrow array (arrow(), for a batch's table) or give
+# one row's value (value(k), for parse_stream's dict: a batch of one, made without Arrow).
+
+
+class _Values:
+    """Row k: values[k] (numbers or booleans), null where not valid."""
+
+    def __init__(self, values: np.ndarray, valid: np.ndarray | None = None, type: pa.DataType | None = None):
+        self.values, self.valid, self.type = values, valid, type
+
+    def arrow(self) -> pa.Array:
+        return pa.array(self.values, self.type, mask=None if self.valid is None else ~self.valid)
+
+    def value(self, k: int):
+        return None if self.valid is not None and not self.valid[k] else self.values[k].item()
+
+
+class _Taken:
+    """Row k: items[index[k]] (strings), null where not valid; `array`: items as Arrow, if made."""
+
+    def __init__(self, items: list, index: np.ndarray, valid: np.ndarray | None = None,
+                 array: pa.Array | None = None):
+        self.items, self.index, self.valid, self.array = items, index, valid, array
+
+    def arrow(self) -> pa.Array:
+        if self.valid is not None and not self.valid.any():
+            return pa.nulls(len(self.index), pa.string())
+        items = self.array if self.array is not None else pa.array(self.items, pa.string())
+        return items.take(pa.array(self.index, mask=None if self.valid is None else ~self.valid))
+
+    def value(self, k: int):
+        return None if self.valid is not None and not self.valid[k] else self.items[self.index[k]]
+
+
+class _Texts:
+    """Row k: text[offsets[k]:offsets[k + 1]] decoded as UTF-8 with invalid bytes as \\xNN
+    escapes (as bytes.decode(..., "backslashreplace")), null where not `valid`. Bytes that are
+    all ASCII (ascii_only) are their own text in Arrow; others are decoded in Python."""
+
+    def __init__(self, text: np.ndarray, offsets: np.ndarray, valid: np.ndarray, ascii_only: bool):
+        self.text, self.offsets, self.valid, self.ascii_only = text, offsets, valid, ascii_only
+
+    def arrow(self) -> pa.Array:
+        n = len(self.valid)
+        bitmap, nulls = _validity(self.valid)
+        buffers = [bitmap, pa.py_buffer(self.offsets.astype(np.int32)), pa.py_buffer(self.text)]
+        if self.ascii_only:
+            return pa.Array.from_buffers(pa.string(), n, buffers, null_count=nulls)
+        raw = pa.Array.from_buffers(pa.binary(), n, buffers, null_count=nulls).to_pylist()
+        return pa.array([None if b is None else b.decode("utf-8", "backslashreplace") for b in raw], pa.string())
+
+    def value(self, k: int):
+        if not self.valid[k]:
+            return None
+        return self.text[self.offsets[k]:self.offsets[k + 1]].tobytes().decode("utf-8", "backslashreplace")
+
+
+class _Lists:
+    """Row k: the items offsets[k] to offsets[k + 1] of `items` (a numpy array of numbers, or a
+    column), null where not valid."""
+
+    def __init__(self, items, offsets: np.ndarray, valid: np.ndarray):
+        self.items, self.offsets, self.valid = items, offsets, valid
+
+    def arrow(self) -> pa.Array:
+        items = pa.array(self.items) if isinstance(self.items, np.ndarray) else self.items.arrow()
+        bitmap, nulls = _validity(self.valid)
+        return pa.Array.from_buffers(pa.list_(items.type), len(self.valid),
+                                     [bitmap, pa.py_buffer(self.offsets.astype(np.int32))], null_count=nulls,
+                                     children=[items])
+
+    def value(self, k: int):
+        if not self.valid[k]:
+            return None
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        if isinstance(self.items, np.ndarray):
+            return self.items[a:b].tolist()
+        return [self.items.value(j) for j in range(a, b)]
+
+
+class _Names:
+    """The names of 16-bit protocol numbers (versions, ciphers, groups, alerts), each made once
+    by name_of and kept, as an Arrow array the rows take from."""
+
+    def __init__(self, name_of):
+        self.name_of = name_of
+        self.index = np.full(1 << 16, -1, dtype=np.int64)
+        self.names: list[str] = []
+        self.array = pa.array([], pa.string())
+
+    def column(self, values: np.ndarray, valid: np.ndarray) -> _Taken:
+        """name_of(v) for each valid value (all in 0..65535), null elsewhere."""
+        numbers = values[valid]
+        index = self.index[numbers]
+        if (index < 0).any():
+            for v in np.unique(numbers[index < 0]).tolist():
+                self.index[v] = len(self.names)
+                self.names.append(self.name_of(v))
+            self.array = pa.array(self.names, pa.string())
+            index = self.index[numbers]
+        at = np.zeros(len(values), dtype=np.int64)
+        at[valid] = index
+        return _Taken(self.names, at, valid, self.array)
+
+
+_VERSION_NAMES = _Names(_version_name)
+_CIPHER_NAMES = _Names(lambda c: CIPHERS.get(c, "unknown-%d" % c))
+_GROUP_NAMES = _Names(lambda g: GROUPS.get(g, "unknown-%d" % g))
+_ALERT_NAMES = _Names(lambda a: ALERTS.get(a, "unknown-%d" % a))
+# The ECDH cipher suites: after one of them the ServerKeyExchange names the curve.
+_ECDH = np.zeros(1 << 16, dtype=bool)
+_ECDH[[c for c, name in CIPHERS.items() if "ECDH" in name]] = True
+
+
+def _fingerprints(keys: np.ndarray, ends: np.ndarray, which: np.ndarray, of) -> _Taken:
+    """Per row, the fingerprint `of` makes of the distinct key numbered which[k] (null where it
+    is -1). Each distinct key is fingerprinted once, and kept (by its bytes) for later batches:
+    the same client software sends the same hello over and over."""
+    ends = ends.tolist()
+    raw = keys.tobytes()
+    prints = []
+    for a, b in zip(ends, ends[1:]):
+        prints.append(_cached((of, raw[8 * a:8 * b]), lambda: of(keys[a:b].tolist())))
+    has = which >= 0
+    return _Taken(prints, np.where(has, which, 0), has)
+
+
+def _lists_of(key: list, counts: list) -> list[list]:
+    """The lists that follow the header of a fingerprint key, by their counts."""
+    out, p = [], len(key) - sum(counts)
+    for c in counts:
+        out.append(key[p:p + c])
+        p += c
+    return out
+
+
+def _ja3_of_key(key: list) -> str:
+    ciphers, extensions, groups, point_formats = _lists_of(key[:5 + sum(key[1:5])], key[1:5])
+    return ja3(ClientHello(version=key[0], ciphers=ciphers, extensions=extensions, groups=groups,
+                           point_formats=point_formats))
+
+
+def _ja4_of_key(key: list) -> str:
+    counts, first_alpn = key[1:5], key[5]
+    versions, ciphers, extensions, sig_algs = _lists_of(key[:6 + sum(counts)], counts)
+    alpn = [bytes(key[6 + sum(counts):])] if first_alpn >= 0 else []
+    return ja4(ClientHello(version=key[0], supported_versions=versions, ciphers=ciphers, extensions=extensions,
+                           sig_algs=sig_algs, alpn=alpn), "t")
+
+
+def _ja3s_of_key(key: list) -> str:
+    return ja3s(ServerHello(version=key[0], cipher=key[1] if key[1] >= 0 else None, extensions=key[2:]))
+
+
+def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> _Values:
+    """The packet Suricata logs each row's handshake on (its tls event's pcap_cnt): the one that
+    acknowledged the bytes completing both sides' handshakes, as its TLS parser counts them:
+    the server's certificate completes both; else the server is done at its first application
+    data record (counted only after a hello), the client at its ChangeCipherSpec or first
+    application data record. Null when not both (Suricata logs it at the flow's end, on no
+    packet of the capture)."""
+    cert_end, app_end, done_end = head[:, SERVER_CERT_END], head[:, SERVER_APP_END], head[:, CLIENT_DONE_END]
+    by_cert = cert_end >= 0
+    by_data = ~by_cert & (head[:, H_HELLO] > 0) & (app_end >= 0) & (done_end >= 0)
+    server_q = np.flatnonzero(by_cert | by_data)
+    client_q = np.flatnonzero(by_data)
+    sides = [streams[i].resp for i in rows[server_q].tolist()] + [streams[i].orig for i in rows[client_q].tolist()]
+    ends = np.concatenate([np.where(by_cert, cert_end, app_end)[server_q], done_end[client_q]])
+    acked = acked_by_many(sides, ends)
+    packet = np.zeros(len(rows), dtype=np.int64)
+    packet[server_q] = acked[:len(server_q)]
+    server, client = packet[client_q], acked[len(server_q):]
+    packet[client_q] = np.where((server > 0) & (client > 0), np.maximum(server, client), 0)
+    return _Values(packet, packet > 0)
+
+
+def acked_by_many(sides: list[Direction], ends: np.ndarray) -> np.ndarray:
+    """Direction.acked_by(end) of each (direction, end) pair, in one kernel call."""
+    sides, ends = list(sides), np.array(ends, dtype=np.int64)
+    origins = [d._ack_origin for d in sides]
+    if any(origins):
+        for q, origin in enumerate(origins):
+            while origin is not None:  # a part of another direction (Direction.after)
+                sides[q], offset = origin
+                ends[q] += offset
+                origin = sides[q]._ack_origin
+    acks = [d.acks for d in sides]
+    gaps = [d.gaps for d in sides]
+    if any(gaps):  # in sequence numbers: the bytes of the gaps before `end` count too
+        for q, side_gaps in enumerate(gaps):
+            if side_gaps:
+                end = ends[q]
+                ends[q] = end + sum(n for o, n in side_gaps if o < end)
+    reach = [r for a in acks for r, _ in a]
+    if not reach:
+        return np.zeros(len(sides), dtype=np.int64)
+    packets = [p for a in acks for _, p in a]
+    # where each query's ACKs begin: their arrays' first element
+    arrays_at = np.zeros(len(acks) + 1, dtype=np.int64)
+    np.cumsum(list(map(len, acks)), out=arrays_at[1:])
+    reach, reach_at = _joined(reach)
+    packets, _ = _joined(packets)
+    got = acked_packets(reach, packets, reach_at[arrays_at], ends)
+    got[ends <= 0] = 0
+    return got
+
+
+def _certificate_columns(h: Handshakes, rows: np.ndarray, head: np.ndarray) -> dict:
+    """cert_chain_fps, subject, issuer and their client_ twins (certificates are read before
+    TLS 1.3 only: null after it, as without a Certificate message)."""
+    ders = h.distinct_certificates
+    names = [leaf_names(d) for d in ders]
+    fps = [_parse_cached(d)["fingerprint"] for d in ders]
+    subjects, issuers = [s for s, _ in names], [i for _, i in names]
+    by_client = h.cert_by_client.astype(bool)
+    out = {}
+    for count_at, prefix, side in ((SERVER_CERTS, "", ~by_client), (CLIENT_CERTS, "client_", by_client)):
+        count = head[:, count_at]
+        chain = h.cert_group[side]  # the side's certificates, row by row
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(np.maximum(count, 0), out=offsets[1:])
+        out[prefix + "cert_chain_fps"] = _Lists(_Taken(fps, chain), offsets, count >= 0)
+        # the leaf: the chain's first certificate
+        has = count > 0
+        leaf = np.zeros(len(rows), dtype=np.int64)
+        leaf[has] = chain[offsets[:-1][has]]
+        out[prefix + "subject"] = _Taken(subjects, leaf, has)
+        out[prefix + "issuer"] = _Taken(issuers, leaf, has)
+    return out
+
+
+# The columns parse_streams makes (the session's are the stage's; validation_status is null).
+_COLUMNS = pa.schema([f for f in SCHEMA if f.name not in ("uid", "orig_h", "orig_p", "resp_h", "resp_p",
+                                                            "validation_status")])
+
+
+def _tls_columns(h: Handshakes, streams: list[Stream]) -> tuple[dict, np.ndarray]:
+    """The `tls` columns (but the session's) of the handshakes read of `streams`, and the
+    position in `streams` of each row's session."""
+    rows = np.flatnonzero(h.head[:, LOGGED] != 0)
+    head = h.head[rows]
+    at = h.at
+    has_client = head[:, H_CLIENT_HELLO] != 0
+    has_hello = head[:, H_HELLO] > 0
+    not_ascii = int(np.bitwise_or.reduce(head[:, H_NOT_ASCII])) if len(rows) else 0
+    cipher = head[:, H_HELLO_CIPHER]
+    has_cipher = has_hello & (cipher >= 0)
+    # the curve: the ServerHello's key share group, or (before TLS 1.3, an ECDH cipher) the
+    # ServerKeyExchange's named curve
+    ske = head[:, SKE_GROUP]
+    from_ske = (head[:, TLS13] == 0) & (ske >= 0) & has_cipher & _ECDH[np.where(has_cipher, cipher, 0)]
+    group = np.where(from_ske, ske, head[:, H_KEY_SHARE_GROUP])
+    alert = head[:, ALERT]
+    alpn = _Texts(h.alpn, h.alpn_ends, np.ones(len(h.alpn_ends) - 1, dtype=bool), not not_ascii & NOT_ASCII_ALPN)
+    cols = {
+        "ts": _Values(head[:, TS], None, pa.timestamp("ns")),
+        "version": _VERSION_NAMES.column(head[:, VERSION], has_hello),
+        "cipher": _CIPHER_NAMES.column(cipher, has_cipher),
+        "curve": _GROUP_NAMES.column(group, group >= 0),
+        "server_name": _Texts(h.sni, _row_offsets(at[AT_SNI], rows), head[:, H_SNI] != 0,
+                              not not_ascii & NOT_ASCII_SNI),
+        "resumed": _Values(head[:, H_RESUMED] != 0),
+        "last_alert": _ALERT_NAMES.column(alert, alert >= 0),
+        "next_protocol": _Texts(h.next_protocol, _row_offsets(at[AT_NEXT_PROTOCOL], rows),
+                                head[:, H_NEXT_PROTOCOL] != 0, not not_ascii & NOT_ASCII_NEXT_PROTOCOL),
+        "established": _Values(head[:, ESTABLISHED] != 0),
+        "alpn": _Lists(alpn, _row_offsets(at[AT_ALPN], rows), head[:, H_N_ALPN] > 0),
+        "client_version": _VERSION_NAMES.column(head[:, H_CLIENT_VERSION], has_client),
+        "server_version": _VERSION_NAMES.column(head[:, H_HELLO_VERSION], has_hello),
+        "ja3": _fingerprints(h.ja3_keys, h.ja3_key_ends, head[:, H_JA3], _ja3_of_key),
+        "ja3s": _fingerprints(h.ja3s_keys, h.ja3s_key_ends, head[:, H_JA3S], _ja3s_of_key),
+        "ja4": _fingerprints(h.ja4_keys, h.ja4_key_ends, head[:, H_JA4], _ja4_of_key),
+        "malformed": _Values(head[:, MALFORMED] != 0),
+        "packet": _packets(streams, rows, head),
+    }
+    for name, values, offsets, valid in (
+            ("client_ciphers", h.ciphers, AT_CIPHERS, has_client),
+            ("ssl_client_exts", h.extensions, AT_EXTENSIONS, has_client),
+            ("client_sig_algs", h.sig_algs, AT_SIG_ALGS, has_client),
+            ("client_supported_versions", h.versions, AT_VERSIONS, has_client),
+            ("ssl_server_exts", h.server_extensions, AT_SERVER_EXTENSIONS, has_hello)):
+        cols[name] = _Lists(values, _row_offsets(at[offsets], rows), valid)
+    cols.update(_certificate_columns(h, rows, head))
+    return cols, rows
+
+
+def parse_streams(streams: list[Stream]) -> Records:
+    """The `tls` rows of many sessions (one per session whose streams carry TLS), as columns."""
+    cols, rows = _tls_columns(read_handshakes(streams), streams)
+    return Records(pa.Table.from_arrays([cols[f.name].arrow() for f in _COLUMNS], schema=_COLUMNS), rows)
+
+
+def dicts(table: pa.Table) -> list[dict]:
+    """A table's rows as dicts, times as integer nanoseconds (as rows are made)."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_timestamp(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.int64()))
+    return table.to_pylist()
 
 
 @dataclass
 class Analysis:
     row: dict | None
     certs: list[tuple[int, bytes, bool]]   # (ts, der, sent by the client)
-    client_hello: ClientHello | None = None
-    server_hello: ServerHello | None = None
+    stream: Stream | None = field(default=None, repr=False)
+
+    @functools.cached_property
+    def _hellos(self) -> tuple[ClientHello | None, ServerHello | None]:
+        s = self.stream
+        if s is None:
+            return None, None
+        orig, resp = s.orig, s.resp
+        result, handshake_bytes = handshake(
+            np.frombuffer(orig.data, dtype=np.uint8), orig.contiguous_end(), orig.ts_offsets, orig.ts,
+            np.frombuffer(resp.data, dtype=np.uint8), resp.contiguous_end(), resp.ts_offsets, resp.ts)
+        f = result.tolist()
+        b = handshake_bytes.tobytes()
+        at = f[CLIENT_HELLO]
+        ch = _client_hello_of(f[at:f[CLIENT_HELLO + 1]], b) if at >= 0 else None
+        at = f[SERVER_HELLO]
+        sh = _server_hello_of(f[at:f[SERVER_HELLO + 1]], b) if at >= 0 else None
+        return ch, sh
+
+    @property
+    def client_hello(self) -> ClientHello | None:
+        return self._hellos[0]
+
+    @property
+    def server_hello(self) -> ServerHello | None:
+        """The ServerHello (not a HelloRetryRequest before it)."""
+        return self._hellos[1]
 
 
 _last: tuple[object, Analysis] | None = None
 
 
 def analyze(s: Stream) -> Analysis:
-    """Parse the TLS handshake of `s` (cached for the stream object last analysed)."""
+    """The TLS handshake of one session: its row, certificates and hellos, as parse_streams
+    reads them (cached for the stream object last analysed)."""
     global _last
     if _last is not None and _last[0] is s:
         return _last[1]
     try:
-        a = _analyze(s)
+        h = read_handshakes([s])
+        cols, rows = _tls_columns(h, [s])
+        if len(rows):
+            row = _base_row(s, 0) | {name: column.value(0) for name, column in cols.items()}
+            ders = h.distinct_certificates
+            certs = [(t, ders[g], c) for t, g, c in zip(h.cert_ts.tolist(), h.cert_group.tolist(),
+                                                         h.cert_by_client.astype(bool).tolist())]
+            a = Analysis(row, certs, s)
+        else:  # no TLS, or records but no handshake seen: not logged (as Zeek)
+            a = Analysis(None, [])
     except Exception:  # a parser bug must cost one row, not the session
         a = Analysis(_base_row(s, 0) | {"malformed": True}, [])
     _last = (s, a)
@@ -493,104 +933,6 @@ def analyze(s: Stream) -> Analysis:
 def _base_row(s: Stream, ts: int) -> dict:
     return {"ts": ts, "uid": s.uid, "orig_h": s.orig_h, "orig_p": s.orig_p, "resp_h": s.resp_h,
             "resp_p": s.resp_p, "validation_status": None}
-
-
-def _analyze(s: Stream) -> Analysis:
-    orig, resp = s.orig, s.resp
-    result, handshake_bytes = handshake(
-        np.frombuffer(orig.data, dtype=np.uint8), orig.contiguous_end(), orig.ts_offsets, orig.ts,
-        np.frombuffer(resp.data, dtype=np.uint8), resp.contiguous_end(), resp.ts_offsets, resp.ts)
-    f = result.tolist()
-    if not f[LOGGED]:
-        return Analysis(None, [])  # no TLS, or records but no handshake seen: not logged (as Zeek)
-    b = handshake_bytes.tobytes()
-    at = f[CLIENT_HELLO]
-    ch = _client_hello_of(f[at:f[CLIENT_HELLO + 1]], b) if at >= 0 else None
-    at = f[SERVER_HELLO]
-    sh = _server_hello_of(f[at:f[SERVER_HELLO + 1]], b) if at >= 0 else None
-    at = f[RETRY_REQUEST]
-    hrr = _server_hello_of(f[at:f[RETRY_REQUEST + 1]], b) if at >= 0 else None
-    tls13 = f[TLS13] != 0
-    row = _base_row(s, f[TS])
-
-    if ch is not None:
-        row["server_name"] = ch.sni
-        row["alpn"] = [a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None
-        row["client_version"] = _version_name(ch.version)
-        row["ja3"] = ja3(ch)
-        row["ja4"] = ja4(ch, "t")
-        row["client_ciphers"] = ch.ciphers[:MAX_HELLO_LIST]
-        row["ssl_client_exts"] = ch.extensions[:MAX_HELLO_LIST]
-        row["client_sig_algs"] = ch.sig_algs[:MAX_HELLO_LIST]
-        row["client_supported_versions"] = ch.supported_versions[:MAX_HELLO_LIST]
-    hello = sh or hrr
-    row["resumed"] = False
-    if hello is not None:
-        row["version"] = _version_name(f[VERSION])
-        row["server_version"] = _version_name(hello.version)
-        row["cipher"] = CIPHERS.get(hello.cipher, "unknown-%d" % hello.cipher) if hello.cipher is not None else None
-        row["ssl_server_exts"] = hello.extensions[:MAX_HELLO_LIST]
-        if sh is not None:
-            row["ja3s"] = ja3s(sh)
-            if sh.alpn is not None:
-                row["next_protocol"] = sh.alpn.decode("utf-8", "backslashreplace")
-            if sh.key_share_group is not None:
-                row["curve"] = GROUPS.get(sh.key_share_group, "unknown-%d" % sh.key_share_group)
-            if tls13:
-                row["resumed"] = sh.psk
-            elif ch is not None and ch.session_id and sh.session_id == ch.session_id:
-                row["resumed"] = True
-
-    # certificates (plaintext only: TLS 1.2 and earlier) and the ServerKeyExchange curve
-    certs: list[tuple[int, bytes, bool]] = []
-    if not tls13:
-        p = CERTS
-        for count_at, by_client, key in ((SERVER_CERTS, False, "cert_chain_fps"),
-                                         (CLIENT_CERTS, True, "client_cert_chain_fps")):
-            count = f[count_at]
-            if count < 0:
-                continue  # no Certificate message
-            chain = [b[f[i]:f[i + 1]] for i in range(p, p + 2 * count, 2)]
-            p += 2 * count
-            row[key] = [sha256(c).hexdigest() for c in chain]
-            t = f[count_at + 1]  # the message's time
-            certs.extend((t, c, by_client) for c in chain)
-            if chain:
-                subject, issuer = leaf_names(chain[0])
-                if by_client:
-                    row["client_subject"], row["client_issuer"] = subject, issuer
-                else:
-                    row["subject"], row["issuer"] = subject, issuer
-        if f[SKE_GROUP] >= 0 and row.get("cipher") and "ECDH" in row["cipher"]:
-            row["curve"] = GROUPS.get(f[SKE_GROUP], "unknown-%d" % f[SKE_GROUP])
-
-    # alerts (plaintext only: an alert after its side's CCS is encrypted, not logged, as Zeek),
-    # the server's last one if it sent any
-    if f[ALERT] >= 0:
-        row["last_alert"] = ALERTS.get(f[ALERT], "unknown-%d" % f[ALERT])
-    row["established"] = f[ESTABLISHED] != 0
-    row["malformed"] = f[MALFORMED] != 0
-    row["packet"] = _log_packet(s, f, hello is not None)
-    return Analysis(row, certs, ch, sh)
-
-
-def _log_packet(s: Stream, f: list[int], had_hello: bool) -> int | None:
-    """The packet Suricata logs the handshake on (its tls event's pcap_cnt): the one that
-    acknowledged the bytes completing both sides' handshakes, as its TLS parser counts them:
-    the server's certificate completes both; else the server is done at its first application
-    data record, the client at its ChangeCipherSpec or first application data record. None
-    when not both (Suricata logs it at the flow's end, on no packet of the capture)."""
-    if f[SERVER_CERT_END] >= 0:
-        return s.resp.acked_by(f[SERVER_CERT_END]) or None
-    if not had_hello or f[SERVER_APP_END] < 0:
-        return None  # the server's application data counts only after a hello
-    if f[CLIENT_DONE_END] < 0:
-        return None
-    server = s.resp.acked_by(f[SERVER_APP_END])
-    if not server:
-        return None
-    client = s.orig.acked_by(f[CLIENT_DONE_END])
-    return max(server, client) if client else None
 
 
 def parse_stream(s: Stream) -> list[dict]:

@@ -4,9 +4,11 @@
 start of TLS, walks the record layer up to the first gap, joins the handshake records'
 bodies and frames the messages in them; it parses the ClientHello, the ServerHello and
 HelloRetryRequest, the Certificate lists and the ServerKeyExchange curve, and notes what
-`established`, the row's time and its log packet depend on. app/tls.py makes the row from
-what it returns. `client_hello` and `server_hello` parse one hello body: `handshake` calls
-them, and app/tls.py calls them for hellos found elsewhere (QUIC's CRYPTO frames).
+`established`, the row's time and its log packet depend on. `handshakes` runs it on many
+sessions and returns what app/tls.py makes the rows of as columns (the hellos' lists and
+texts, fingerprint keys and certificates numbered by content). `client_hello` and
+`server_hello` parse one hello body: `handshake` calls them, and app/tls.py calls them for
+hellos found elsewhere (QUIC's CRYPTO frames).
 
 Results are int64 arrays: a fixed header (the offsets below) then variable-length lists.
 Byte strings (session ids, SNI, ALPN values, certificates) are (start, end) positions in the
@@ -60,6 +62,29 @@ SH_VALUES = 12
 CLIENT_HELLO, SERVER_HELLO, RETRY_REQUEST = 15, 17, 19
 CERTS = 21
 
+# A hello's list longer than this (a real one has a few dozen values; a forged one can carry
+# thousands) is stored cut, to keep rows small.
+MAX_HELLO_LIST = 1024
+
+# handshakes' header per session: handshake's result up to CLIENT_HELLO, then what the rows take
+# from the hellos. H_CLIENT_HELLO: a ClientHello was read (H_CLIENT_VERSION: its version).
+# H_HELLO: 1 a ServerHello, 2 only a HelloRetryRequest, 0 neither; H_HELLO_VERSION and
+# H_HELLO_CIPHER are that hello's (-1: none). H_KEY_SHARE_GROUP: the ServerHello's (-1: none).
+# H_RESUMED: as the `resumed` column. H_SNI, H_NEXT_PROTOCOL: present; H_N_ALPN: the client's
+# ALPN values. H_JA3, H_JA4, H_JA3S: the number of the session's distinct fingerprint key (see
+# handshakes; -1: no such hello). H_NOT_ASCII: bits NOT_ASCII_* set where a text has a byte
+# above 0x7f.
+(H_CLIENT_HELLO, H_CLIENT_VERSION, H_HELLO, H_HELLO_VERSION, H_HELLO_CIPHER, H_KEY_SHARE_GROUP, H_RESUMED, H_SNI,
+ H_NEXT_PROTOCOL, H_N_ALPN, H_JA3, H_JA4, H_JA3S, H_NOT_ASCII) = range(CLIENT_HELLO, CLIENT_HELLO + 14)
+N_HEAD = CLIENT_HELLO + 14
+NOT_ASCII_SNI, NOT_ASCII_NEXT_PROTOCOL, NOT_ASCII_ALPN = 1, 2, 4
+
+# handshakes' offsets: per row, where each session's values begin (n + 1 columns). The hello
+# lists (as stored: at most MAX_HELLO_LIST values), the SNI and next-protocol bytes, the
+# ALPN values (a count: their bytes are where the ALPN offsets say) and the certificates.
+(AT_CIPHERS, AT_EXTENSIONS, AT_SIG_ALGS, AT_VERSIONS, AT_SERVER_EXTENSIONS, AT_SNI, AT_NEXT_PROTOCOL, AT_ALPN,
+ AT_CERTS) = range(9)
+
 
 @kernel(inline=True)
 def _vec(b, p, end, width):
@@ -78,7 +103,8 @@ def _vec(b, p, end, width):
 def client_hello(b, start, end):
     """A ClientHello body b[start:end] (after the 4-byte handshake header): see CH_*."""
     n = end - start
-    out = np.zeros(CH_VALUES + 2 * n + 2, dtype=np.int64)
+    out = np.empty(CH_VALUES + 2 * n + 2, dtype=np.int64)  # the values are written in order
+    out[:CH_VALUES] = 0
     out[CH_SNI] = -1
     out[CH_SNI + 1] = -1
     if n < 2:
@@ -525,7 +551,8 @@ def handshake(c_data, c_limit, c_offsets, c_ts, s_data, s_limit, s_offsets, s_ts
         s_cert_a, s_cert_e = _find_message(buf, s_base, s_end, 11)
         c_cert_a, c_cert_e = _find_message(buf, 0, c_end, 11)
     cert_room = 2 * (max(s_cert_e - s_cert_a, 0) // 3 + max(c_cert_e - c_cert_a, 0) // 3)
-    out = np.full(CERTS + cert_room + ch.shape[0] + sh.shape[0] + hrr.shape[0], -1, dtype=np.int64)
+    out = np.empty(CERTS + cert_room + ch.shape[0] + sh.shape[0] + hrr.shape[0], dtype=np.int64)
+    out[:CERTS] = -1  # what follows is written in order
     w = CERTS
     if s_cert_e >= 0:
         count, w, bad = _cert_list(buf, s_cert_a, s_cert_e, out, w)
@@ -587,3 +614,446 @@ def handshake(c_data, c_limit, c_offsets, c_ts, s_data, s_limit, s_offsets, s_ts
     out[SERVER_APP_END] = s_app_end
     out[CLIENT_DONE_END] = c_ccs_end if c_ccs >= 0 and (c_app < 0 or c_ccs < c_app) else c_app_end
     return out[:w], buf
+
+
+@kernel(inline=True)
+def _grown(a, used, need):
+    """A copy of a's first `used` values with room for `need` more (twice as large at least)."""
+    bigger = np.empty(max(2 * a.shape[0], used + need), dtype=a.dtype)
+    bigger[:used] = a[:used]
+    return bigger
+
+
+# Outputs grow where they are written: `if w + k > a.shape[0]: a = _grown(a, w, k)`, so that
+# the common case assigns no array (numba counts references on every array assignment, and
+# that counting was a quarter of this kernel's time).
+
+
+@kernel(inline=True)
+def _copy(dst, w, src, a, k):
+    """dst[w:w + k] = src[a:a + k], without the views a slice makes."""
+    for j in range(k):
+        dst[w + j] = src[a + j]
+
+
+@kernel(inline=True)
+def _high_bytes(b, a, e):
+    """Whether b[a:e] has a byte above 0x7f."""
+    high = 0
+    for j in range(a, e):
+        high |= b[j]
+    return high > 0x7F
+
+
+@kernel(inline=True)
+def _is_grease(v):
+    return (v & 0x0F0F) == 0x0A0A and (v >> 8) == (v & 0xFF)
+
+
+@kernel(inline=True)
+def _copy_non_grease(dst, w, src, a, k):
+    """The values of src[a:a + k] that are not GREASE, appended to dst at w: their count."""
+    n = 0
+    for j in range(a, a + k):
+        if not _is_grease(src[j]):
+            dst[w + n] = src[j]
+            n += 1
+    return n
+
+
+@kernel(inline=True)
+def _sort(a, start, stop):
+    """Sort a[start:stop] in place (insertion sort: the lists are short and mostly sorted)."""
+    for j in range(start + 1, stop):
+        v = a[j]
+        k = j - 1
+        while k >= start and a[k] > v:
+            a[k + 1] = a[k]
+            k -= 1
+        a[k + 1] = v
+
+
+_FNV_OFFSET = 0xCBF29CE484222325
+_FNV_PRIME = 0x100000001B3
+
+
+@kernel(inline=True)
+def _hash(values, a, e):
+    """A hash of values[a:e]: its length and at most 64 values at each end."""
+    prime = np.uint64(_FNV_PRIME)
+    h = (np.uint64(_FNV_OFFSET) ^ np.uint64(e - a)) * prime
+    for j in range(a, min(e, a + 64)):
+        h = (h ^ np.uint64(values[j])) * prime
+    for j in range(max(a + 64, e - 64), e):
+        h = (h ^ np.uint64(values[j])) * prime
+    return h
+
+
+@kernel(inline=True)
+def _slot(h, size):
+    return np.int64((h ^ (h >> np.uint64(32))) & np.uint64(size - 1))
+
+
+@kernel(inline=True)
+def _same(x, y):
+    """x == y, arrays of one length: compared whole, not stopping early, which numba vectorises
+    (equal is the common outcome: most certificates are seen many times)."""
+    diff = 0
+    for j in range(x.shape[0]):
+        diff |= x[j] ^ y[j]
+    return diff == 0
+
+
+@kernel(inline=True)
+def _find(values, a, e, h, store, ends, hashes, slots):
+    """(the number of the stored sequence equal to values[a:e], or -1; the slot where it is or
+    would go). Sequence k is store[ends[k]:ends[k + 1]], hashes[k] its hash; slots: an open
+    addressing table of their numbers by hash (-1: free), never full."""
+    size = slots.shape[0]
+    slot = _slot(h, size)
+    while slots[slot] >= 0:
+        k = slots[slot]
+        if hashes[k] == h and ends[k + 1] - ends[k] == e - a and _same(store[ends[k]:ends[k + 1]], values[a:e]):
+            return k, slot
+        slot = (slot + 1) & (size - 1)
+    return -1, slot
+
+
+@kernel(inline=True)
+def _rehashed(hashes, n, size):
+    """A slots table of `size` for the first n hashes."""
+    slots = np.full(size, -1, dtype=np.int64)
+    for k in range(n):
+        slot = _slot(hashes[k], size)
+        while slots[slot] >= 0:
+            slot = (slot + 1) & (size - 1)
+        slots[slot] = k
+    return slots
+
+
+@kernel(inline=True)
+def _distinct(values, ends):
+    """Number the sequences values[ends[k]:ends[k + 1]] by content: (each one's number, in order
+    of first appearance; the first sequence of each number). Hashed on their length and at
+    most 64 values at each end, compared whole where hashes meet."""
+    m = ends.shape[0] - 1
+    size = 16
+    while size < 2 * m:
+        size *= 2
+    slots = np.full(size, -1, dtype=np.int64)
+    hashes = np.empty(m, dtype=np.uint64)
+    number = np.empty(m, dtype=np.int64)
+    first = np.empty(m, dtype=np.int64)
+    count = 0
+    for i in range(m):
+        a, e = ends[i], ends[i + 1]
+        h = _hash(values, a, e)
+        slot = _slot(h, size)
+        k = -1
+        while slots[slot] >= 0:
+            f = first[slots[slot]]
+            if hashes[slots[slot]] == h and ends[f + 1] - ends[f] == e - a \
+                    and _same(values[ends[f]:ends[f + 1]], values[a:e]):
+                k = slots[slot]
+                break
+            slot = (slot + 1) & (size - 1)
+        if k < 0:
+            k = count
+            slots[slot] = k
+            hashes[k] = h
+            first[k] = i
+            count += 1
+        number[i] = k
+    return number, first[:count]
+
+
+@kernel(inline=True)
+def _gather(values, ends, which):
+    """The sequences values[ends[k]:ends[k + 1]] for k in `which`, end to end: (values, ends)."""
+    out_ends = np.zeros(which.shape[0] + 1, dtype=np.int64)
+    for j in range(which.shape[0]):
+        out_ends[j + 1] = out_ends[j] + ends[which[j] + 1] - ends[which[j]]
+    out = np.empty(out_ends[-1], dtype=values.dtype)
+    for j in range(which.shape[0]):
+        _copy(out, out_ends[j], values, ends[which[j]], out_ends[j + 1] - out_ends[j])
+    return out, out_ends
+
+
+@kernel
+def handshakes(data, data_at, limits, offsets, offsets_at, times, times_at):
+    """handshake for many sessions in one call, and what their rows take from its results, as
+    columns. Direction j (2i: session i's client, 2i + 1: its server) is data[data_at[j]:
+    data_at[j + 1]], contiguous up to limits[j], its packet times offsets[offsets_at[j]:
+    offsets_at[j + 1]] and times[times_at[j]:times_at[j + 1]] (Direction.ts_offsets, .ts).
+
+    Returns (head: the H_* header per session, at: the AT_* offsets, the values of the client's
+    ciphers, extensions, signature algorithms and supported versions and of the server's
+    extensions, the SNI, next-protocol and ALPN bytes, the ALPN values' ends (a leading 0), the
+    distinct JA3, JA4 and JA3S keys and the distinct certificates, each as (values, ends (a
+    leading 0)), and per certificate its distinct number, its time and whether the client sent
+    it). Certificates come per session, the server's first, as handshake's.
+
+    A fingerprint key holds what the fingerprint is made of (GREASE values left out, JA4's
+    sorted lists sorted), so that a hello rebuilt from the key has the session's fingerprint,
+    and each distinct key is fingerprinted once: JA3: version, the counts then the values of
+    ciphers, extensions, groups and point formats; JA4: version, the counts of supported
+    versions, ciphers, extensions and signature algorithms, the first ALPN value's length (-1:
+    none), the values (the first three lists sorted), that value's bytes; JA3S: version, cipher
+    (-1: none), extensions."""
+    n = (data_at.shape[0] - 1) // 2
+    head = np.full((n, N_HEAD), -1, dtype=np.int64)
+    at = np.zeros((AT_CERTS + 1, n + 1), dtype=np.int64)
+    ciphers = np.empty(1024, dtype=np.uint16)
+    extensions = np.empty(1024, dtype=np.uint16)
+    sig_algs = np.empty(256, dtype=np.uint16)
+    versions = np.empty(256, dtype=np.uint16)
+    server_extensions = np.empty(256, dtype=np.uint16)
+    w_ciphers = w_extensions = w_sig_algs = w_versions = w_server_extensions = 0
+    sni = np.empty(1024, dtype=np.uint8)
+    next_protocol = np.empty(256, dtype=np.uint8)
+    alpn = np.empty(256, dtype=np.uint8)
+    alpn_ends = np.zeros(64, dtype=np.int64)
+    w_sni = w_next_protocol = w_alpn = n_alpn = 0
+    # the fingerprint keys of every session, end to end (numbered by content after the loop)
+    keys = np.empty(4096, dtype=np.int64)
+    key_ends = np.zeros(64, dtype=np.int64)
+    n_keys = 0
+    # the distinct certificates, numbered as they are met
+    der = np.empty(1 << 16, dtype=np.uint8)
+    der_ends = np.zeros(64, dtype=np.int64)
+    der_hashes = np.empty(64, dtype=np.uint64)
+    der_slots = np.full(128, -1, dtype=np.int64)
+    n_der = 0
+    cert_group = np.empty(64, dtype=np.int64)
+    cert_ts = np.empty(64, dtype=np.int64)
+    cert_by_client = np.empty(64, dtype=np.int64)
+    n_certs = 0
+    for i in range(n):
+        c, s = 2 * i, 2 * i + 1
+        out, buf = handshake(data[data_at[c]:data_at[c + 1]], limits[c], offsets[offsets_at[c]:offsets_at[c + 1]],
+                             times[times_at[c]:times_at[c + 1]], data[data_at[s]:data_at[s + 1]], limits[s],
+                             offsets[offsets_at[s]:offsets_at[s + 1]], times[times_at[s]:times_at[s + 1]])
+        for j in range(CLIENT_HELLO):
+            head[i, j] = out[j]
+        head[i, H_CLIENT_HELLO] = head[i, H_HELLO] = head[i, H_RESUMED] = head[i, H_SNI] = 0
+        head[i, H_NEXT_PROTOCOL] = head[i, H_N_ALPN] = head[i, H_NOT_ASCII] = 0
+        if out[LOGGED]:
+            ch, sh = out[CLIENT_HELLO], out[SERVER_HELLO]  # where they are in out, -1: not read
+            hello = sh if sh >= 0 else out[RETRY_REQUEST]
+            if n_keys + 3 + 1 > key_ends.shape[0]:
+                key_ends = _grown(key_ends, n_keys + 1, 3)
+            if ch >= 0:
+                head[i, H_CLIENT_HELLO] = 1
+                head[i, H_CLIENT_VERSION] = out[ch + CH_VERSION]
+                n_ciphers, n_extensions, n_groups = out[ch + CH_N_CIPHERS], out[ch + CH_N_EXTENSIONS], out[ch + CH_N_GROUPS]
+                n_formats, n_sig_algs = out[ch + CH_N_POINT_FORMATS], out[ch + CH_N_SIG_ALGS]
+                n_versions, n_values = out[ch + CH_N_VERSIONS], out[ch + CH_N_ALPN]
+                p_ciphers = ch + CH_VALUES
+                p_extensions = p_ciphers + n_ciphers
+                p_groups = p_extensions + n_extensions
+                p_formats = p_groups + n_groups
+                p_sig_algs = p_formats + n_formats
+                p_versions = p_sig_algs + n_sig_algs
+                p_alpn = p_versions + n_versions
+                k = min(n_ciphers, MAX_HELLO_LIST)
+                if w_ciphers + k > ciphers.shape[0]:
+                    ciphers = _grown(ciphers, w_ciphers, k)
+                _copy(ciphers, w_ciphers, out, p_ciphers, k)
+                w_ciphers += k
+                k = min(n_extensions, MAX_HELLO_LIST)
+                if w_extensions + k > extensions.shape[0]:
+                    extensions = _grown(extensions, w_extensions, k)
+                _copy(extensions, w_extensions, out, p_extensions, k)
+                w_extensions += k
+                k = min(n_sig_algs, MAX_HELLO_LIST)
+                if w_sig_algs + k > sig_algs.shape[0]:
+                    sig_algs = _grown(sig_algs, w_sig_algs, k)
+                _copy(sig_algs, w_sig_algs, out, p_sig_algs, k)
+                w_sig_algs += k
+                k = min(n_versions, MAX_HELLO_LIST)
+                if w_versions + k > versions.shape[0]:
+                    versions = _grown(versions, w_versions, k)
+                _copy(versions, w_versions, out, p_versions, k)
+                w_versions += k
+                a, e = out[ch + CH_SNI], out[ch + CH_SNI + 1]
+                if a >= 0:
+                    head[i, H_SNI] = 1
+                    if w_sni + e - a > sni.shape[0]:
+                        sni = _grown(sni, w_sni, e - a)
+                    _copy(sni, w_sni, buf, a, e - a)
+                    w_sni += e - a
+                    if _high_bytes(buf, a, e):
+                        head[i, H_NOT_ASCII] |= NOT_ASCII_SNI
+                head[i, H_N_ALPN] = n_values
+                if n_alpn + n_values + 1 > alpn_ends.shape[0]:
+                    alpn_ends = _grown(alpn_ends, n_alpn + 1, n_values)
+                for j in range(n_values):
+                    a, e = out[p_alpn + 2 * j], out[p_alpn + 2 * j + 1]
+                    if w_alpn + e - a > alpn.shape[0]:
+                        alpn = _grown(alpn, w_alpn, e - a)
+                    _copy(alpn, w_alpn, buf, a, e - a)
+                    w_alpn += e - a
+                    n_alpn += 1
+                    alpn_ends[n_alpn] = w_alpn
+                    if _high_bytes(buf, a, e):
+                        head[i, H_NOT_ASCII] |= NOT_ASCII_ALPN
+                first_alpn = out[p_alpn + 1] - out[p_alpn] if n_values else 0
+                w = key_ends[n_keys]
+                need = 2 * (6 + p_alpn - p_ciphers) + first_alpn
+                if w + need > keys.shape[0]:
+                    keys = _grown(keys, w, need)
+                # JA3's key
+                keys[w] = out[ch + CH_VERSION]
+                p = w + 5
+                for q, k, count_at in ((p_ciphers, n_ciphers, 1), (p_extensions, n_extensions, 2),
+                                       (p_groups, n_groups, 3)):
+                    keys[w + count_at] = _copy_non_grease(keys, p, out, q, k)
+                    p += keys[w + count_at]
+                keys[w + 4] = n_formats
+                _copy(keys, p, out, p_formats, n_formats)
+                head[i, H_JA3] = n_keys
+                n_keys += 1
+                key_ends[n_keys] = w = p + n_formats
+                # JA4's
+                keys[w] = out[ch + CH_VERSION]
+                p = w + 6
+                for q, k, count_at in ((p_versions, n_versions, 1), (p_ciphers, n_ciphers, 2),
+                                       (p_extensions, n_extensions, 3), (p_sig_algs, n_sig_algs, 4)):
+                    keys[w + count_at] = _copy_non_grease(keys, p, out, q, k)
+                    if count_at < 4:
+                        _sort(keys, p, p + keys[w + count_at])
+                    p += keys[w + count_at]
+                keys[w + 5] = -1
+                if n_values:
+                    keys[w + 5] = first_alpn
+                    _copy(keys, p, buf, out[p_alpn], first_alpn)
+                head[i, H_JA4] = n_keys
+                n_keys += 1
+                key_ends[n_keys] = p + first_alpn
+            if hello >= 0:
+                head[i, H_HELLO] = 1 if sh >= 0 else 2
+                head[i, H_HELLO_VERSION] = out[hello + SH_VERSION]
+                head[i, H_HELLO_CIPHER] = out[hello + SH_CIPHER]
+                k = min(out[hello + SH_N_EXTENSIONS], MAX_HELLO_LIST)
+                if w_server_extensions + k > server_extensions.shape[0]:
+                    server_extensions = _grown(server_extensions, w_server_extensions, k)
+                _copy(server_extensions, w_server_extensions, out, hello + SH_VALUES, k)
+                w_server_extensions += k
+            if sh >= 0:
+                head[i, H_KEY_SHARE_GROUP] = out[sh + SH_KEY_SHARE_GROUP]
+                a, e = out[sh + SH_ALPN], out[sh + SH_ALPN + 1]
+                if a >= 0:
+                    head[i, H_NEXT_PROTOCOL] = 1
+                    if w_next_protocol + e - a > next_protocol.shape[0]:
+                        next_protocol = _grown(next_protocol, w_next_protocol, e - a)
+                    _copy(next_protocol, w_next_protocol, buf, a, e - a)
+                    w_next_protocol += e - a
+                    if _high_bytes(buf, a, e):
+                        head[i, H_NOT_ASCII] |= NOT_ASCII_NEXT_PROTOCOL
+                if out[TLS13]:
+                    head[i, H_RESUMED] = out[sh + SH_PSK] != 0
+                elif ch >= 0:  # the session id the client offered, taken back
+                    a, e = out[ch + CH_SESSION_ID], out[ch + CH_SESSION_ID + 1]
+                    b = out[sh + SH_SESSION_ID]
+                    same = e > a and e - a == out[sh + SH_SESSION_ID + 1] - b
+                    for j in range(e - a if same else 0):
+                        if buf[a + j] != buf[b + j]:
+                            same = False
+                            break
+                    head[i, H_RESUMED] = same
+                # JA3S's key
+                w = key_ends[n_keys]
+                k = out[sh + SH_N_EXTENSIONS]
+                if w + 2 + k > keys.shape[0]:
+                    keys = _grown(keys, w, 2 + k)
+                keys[w] = out[sh + SH_VERSION]
+                keys[w + 1] = out[sh + SH_CIPHER]
+                head[i, H_JA3S] = n_keys
+                n_keys += 1
+                key_ends[n_keys] = w + 2 + _copy_non_grease(keys, w + 2, out, sh + SH_VALUES, k)
+            p = CERTS
+            for count_at in (SERVER_CERTS, CLIENT_CERTS):
+                for _ in range(max(out[count_at], 0)):
+                    a, e = out[p], out[p + 1]
+                    p += 2
+                    h = _hash(buf, a, e)
+                    k, slot = _find(buf, a, e, h, der, der_ends, der_hashes, der_slots)
+                    if k < 0:  # a certificate not met before
+                        k = n_der
+                        w = der_ends[k]
+                        if w + e - a > der.shape[0]:
+                            der = _grown(der, w, e - a)
+                        if k + 2 > der_ends.shape[0]:
+                            der_ends = _grown(der_ends, k + 1, 1)
+                            der_hashes = _grown(der_hashes, k, 1)
+                        _copy(der, w, buf, a, e - a)
+                        der_ends[k + 1] = w + e - a
+                        der_hashes[k] = h
+                        der_slots[slot] = k
+                        n_der += 1
+                        if 2 * n_der > der_slots.shape[0]:  # kept at most half full
+                            der_slots = _rehashed(der_hashes, n_der, 2 * der_slots.shape[0])
+                    if n_certs + 1 > cert_group.shape[0]:
+                        cert_group = _grown(cert_group, n_certs, 1)
+                        cert_ts = _grown(cert_ts, n_certs, 1)
+                        cert_by_client = _grown(cert_by_client, n_certs, 1)
+                    cert_group[n_certs] = k
+                    cert_ts[n_certs] = out[count_at + 1]
+                    cert_by_client[n_certs] = count_at == CLIENT_CERTS
+                    n_certs += 1
+        at[AT_CIPHERS, i + 1] = w_ciphers
+        at[AT_EXTENSIONS, i + 1] = w_extensions
+        at[AT_SIG_ALGS, i + 1] = w_sig_algs
+        at[AT_VERSIONS, i + 1] = w_versions
+        at[AT_SERVER_EXTENSIONS, i + 1] = w_server_extensions
+        at[AT_SNI, i + 1] = w_sni
+        at[AT_NEXT_PROTOCOL, i + 1] = w_next_protocol
+        at[AT_ALPN, i + 1] = n_alpn
+        at[AT_CERTS, i + 1] = n_certs
+    # the keys numbered by content, each kind on its own (JA3, JA4 and JA3S keys differ in shape)
+    keys, key_ends = keys[:key_ends[n_keys]], key_ends[:n_keys + 1]
+    number, first = _distinct(keys, key_ends)
+    ja3, ja4, ja3s = head[:, H_JA3], head[:, H_JA4], head[:, H_JA3S]
+    ja3_first, ja4_first, ja3s_first = _renumber(ja3, number, first), _renumber(ja4, number, first), \
+        _renumber(ja3s, number, first)
+    ja3_keys, ja3_ends = _gather(keys, key_ends, ja3_first)
+    ja4_keys, ja4_ends = _gather(keys, key_ends, ja4_first)
+    ja3s_keys, ja3s_ends = _gather(keys, key_ends, ja3s_first)
+    return (head, at, ciphers[:w_ciphers], extensions[:w_extensions], sig_algs[:w_sig_algs], versions[:w_versions],
+            server_extensions[:w_server_extensions], sni[:w_sni], next_protocol[:w_next_protocol], alpn[:w_alpn],
+            alpn_ends[:n_alpn + 1], ja3_keys, ja3_ends, ja4_keys, ja4_ends, ja3s_keys, ja3s_ends, der[:der_ends[n_der]],
+            der_ends[:n_der + 1], cert_group[:n_certs], cert_ts[:n_certs], cert_by_client[:n_certs])
+
+
+@kernel(inline=True)
+def _renumber(column, number, first):
+    """column's key numbers (-1: none) made those of its distinct keys, in place: the keys (by
+    number in the joined keys) that are first of their content, in the order now numbered."""
+    mine = np.full(first.shape[0], -1, dtype=np.int64)  # a content's number in this column
+    order = np.empty(first.shape[0], dtype=np.int64)
+    count = 0
+    for i in range(column.shape[0]):
+        k = column[i]
+        if k < 0:
+            continue
+        g = number[k]
+        if mine[g] < 0:
+            mine[g] = count
+            order[count] = k
+            count += 1
+        column[i] = mine[g]
+    return order[:count]
+
+
+@kernel
+def acked_packets(reach, packets, ends, seq_ends):
+    """Direction.acked_by for many queries: query q's ACKs (relative, in packet order) are
+    reach[ends[q]:ends[q + 1]], and its answer the packet of the first of them at or past
+    seq_ends[q] (the first to take the running maximum there), 0 if none."""
+    out = np.zeros(seq_ends.shape[0], dtype=np.int64)
+    for q in range(seq_ends.shape[0]):
+        for j in range(ends[q], ends[q + 1]):
+            if reach[j] >= seq_ends[q]:
+                out[q] = packets[j]
+                break
+    return out

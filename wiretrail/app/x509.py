@@ -6,8 +6,8 @@ attribute names such as `emailAddress`, `street`, `postalCode`, RFC 2253 escapes
 above 0x7f as `\\XX`). Fingerprints are SHA-256 (Zeek 6's default `fingerprint`), with
 SHA-1 alongside.
 
-The rows come from the certificates the TLS parser found in a session (`app.tls`):
-`parse_stream` reuses that parse when it is called on the stream `app.tls` just saw.
+The rows come from the certificates the TLS parser found in the sessions (`app.tls`):
+`parse_streams` reuses that parse when it is called on the streams `app.tls` just read.
 A certificate that `cryptography` cannot read still yields a row (fingerprints,
 `malformed` set); nothing here raises.
 """
@@ -21,7 +21,7 @@ from datetime import timezone
 
 import pyarrow as pa
 
-from wiretrail.app.base import Stream
+from wiretrail.app.base import Records, Stream
 
 TABLE = "x509"
 SCHEMA = pa.schema([
@@ -337,24 +337,40 @@ def leaf_names(der: bytes) -> tuple[str | None, str | None]:
     return row.get("subject"), row.get("issuer")
 
 
-def rows_for(uid: str, certs: list[tuple[int, bytes, bool]]) -> list[dict]:
-    """x509 rows for (ts, der, sent_by_client) certificates of one session."""
-    rows = []
-    for ts, der, by_client in certs:
-        r = parse_certificate(der)
-        r["ts"] = ts
-        r["uid"] = uid
-        r["host_cert"] = not by_client
-        r["client_cert"] = bool(by_client)
-        rows.append(r)
-    return rows
+def parse_streams(streams: list[Stream]) -> Records:
+    """x509 rows for the certificates in the TLS handshakes of many sessions (see app.tls), as
+    columns: each distinct certificate parsed once."""
+    from wiretrail.app import tls
+
+    h = tls.read_handshakes(streams)
+    parsed = [_parse_cached(der) for der in h.distinct_certificates]
+    distinct = pa.Table.from_batches([pa.RecordBatch.from_struct_array(pa.array(parsed, type=_CERTIFICATE))])
+    table = distinct.take(pa.array(h.cert_group, pa.int64()))
+    for name, values in _sightings(h).items():
+        table = table.append_column(SCHEMA.field(name), pa.array(values, SCHEMA.field(name).type))
+    return Records(table, h.cert_sessions())
+
+
+def _sightings(h) -> dict:
+    """The columns of each certificate's sighting (ts, host_cert, client_cert), as numpy arrays."""
+    by_client = h.cert_by_client.astype(bool)
+    return {"ts": h.cert_ts, "host_cert": ~by_client, "client_cert": by_client}
+
+
+# The columns of a certificate itself (what _parse_certificate makes).
+_CERTIFICATE = pa.struct([f for f in SCHEMA if f.name not in ("ts", "uid", "host_cert", "client_cert")])
 
 
 def parse_stream(s: Stream) -> list[dict]:
-    """x509 rows for the certificates in the TLS handshake of `s` (see app.tls)."""
+    """x509 rows for the certificates in the TLS handshake of `s` (see app.tls): those of
+    parse_streams([s]), made without Arrow."""
+    from wiretrail.app import tls
+
     try:
-        from wiretrail.app import tls
-        info = tls.analyze(s)
-        return rows_for(s.uid, info.certs)
+        h = tls.read_handshakes([s])
+        parsed = [_parse_cached(der) for der in h.distinct_certificates]
+        sightings = {name: values.tolist() for name, values in _sightings(h).items()}
+        return [dict(parsed[g], uid=s.uid, **{name: values[i] for name, values in sightings.items()})
+                for i, g in enumerate(h.cert_group.tolist())]
     except Exception:
         return []
