@@ -374,7 +374,7 @@ def test_state_is_bounded_and_decided_sessions_are_skipped():
             total += len(batch)
         sessions = table.flush()
         assert fed < total  # the TLS session is decided in its first packets
-        assert len(state.live) == 0 and len(state.results) == len(sessions)
+        assert state.live_count == 0 and state.decided_count == len(sessions)
         apps, cats, nonstd = state.finish_many(sessions["sid"].to_numpy())
         assert apps == ["TLS.Github"] and cats == ["Collaborative"] and nonstd == [False]
         assert len(state) == 0

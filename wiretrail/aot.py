@@ -65,6 +65,15 @@ def _exercise(work: Path) -> None:
             reasm.drop(-s)
         reasm.add(batch, cols, rows, sid, is_orig, 1)
         list(reasm.take_many(np.unique(sid[rows])))
+    # the session rows' table growing, and rows given back
+    from wiretrail.app.session_rows import SessionRows
+
+    session_rows = SessionRows(capacity=16)
+    session_rows.add_column("x", np.int8, 0)
+    many = np.arange(100, dtype=np.int64) * 7919
+    session_rows.map(many)
+    session_rows.release(many[::2])
+    session_rows.find(many)
     # the sample has no TLS session: the TLS kernels are called as app.tls and app.x509 call
     # them, on a made-up handshake that reaches them all (the hello parsers also on their own,
     # as for QUIC: a kernel that only another kernel calls gets no variant of its own when numba

@@ -43,6 +43,7 @@ KERNEL_MODULES = (
     "wiretrail.store.pcapfile",
     "wiretrail.store.index",
     "wiretrail.app.reassembly",
+    "wiretrail.app.session_rows",
     "wiretrail.app.ndpi_kernel",
     "wiretrail.app.tls_kernel",
     "wiretrail.app.dns_kernel",

@@ -28,6 +28,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from wiretrail.app.session_rows import SessionRows
 from wiretrail.errors import WiretrailError
 
 __all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG", "PIPELINE_CONFIG"]
@@ -477,6 +478,11 @@ class _Slab:
 
     def labels(self, slots: np.ndarray) -> list[Label]:
         """The Label of each slot's last result, worked out once per distinct one."""
+        table, inverse = self.label_table(slots)
+        return [table[i] for i in inverse.tolist()]
+
+    def label_table(self, slots: np.ndarray) -> tuple[list[Label], np.ndarray]:
+        """The distinct Labels of the slots' last results, and which one each slot has."""
         ident = self.ident
         ret = self.ret[slots]
         om, oa, oc = ident._ret_offsets
@@ -494,7 +500,7 @@ class _Slab:
         uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         table = [ident.label_of(int(master[i]), int(app_id[i]), int(cat[i]), bool(mismatch[i]))
                  for i in first.tolist()]
-        return [table[i] for i in inverse.tolist()]
+        return table, inverse.ravel()
 
     def results(self, slots: np.ndarray) -> list[NdpiResult]:
         """Identifier.result of each slot (NdpiState's `detail`: host, JA4...), one by one."""
@@ -509,77 +515,131 @@ class _Slab:
 
 class NdpiState:
     """Per-session identification state for the pipeline: nDPI flows of undecided sessions,
-    and the results of decided sessions until they close (`finish`). Where the numba loop
-    runs (x86-64) the flows live in a _Slab and `live` maps a session to its slot; elsewhere
-    `live` holds one handle (_Flow) per session."""
+    and the labels of decided sessions until they close (`finish_ids`), in two columns of a
+    SessionRows (the stage's, shared with its own columns, or one of its own): `ndpi_flow` the
+    session's nDPI flow (a slot of the _Slab where the numba loop runs (x86-64), else a key of
+    `handles`), -1 for none; `ndpi_label` its label, an index into `labels` (0: Unknown), -1
+    while undecided. With `detail` the whole NdpiResult of each decided session is kept
+    instead (`details`, by row; the label column then says 0: decided)."""
 
-    def __init__(self, identifier: Identifier, max_live: int = 1 << 18, detail: bool = False):
+    def __init__(self, identifier: Identifier, max_live: int = 1 << 18, detail: bool = False,
+                 rows: SessionRows | None = None):
         self.identifier = identifier
-        self.live: dict[int, _Flow | int] = {}      # sid -> nDPI flow or slot (undecided)
-        # sid -> result (decided, not closed yet): a Label, or the whole NdpiResult with `detail`
-        self.results: dict[int, Label | NdpiResult] = {}
         self.detail = detail
-        self._result = identifier.result if detail else identifier.label
         self.unknown = UNKNOWN if detail else UNKNOWN_LABEL
+        self.rows = SessionRows() if rows is None else rows
+        self._own_rows = rows is None  # else its owner releases the rows of closed sessions
+        self.rows.add_column("ndpi_flow", np.int64, -1)
+        self.rows.add_column("ndpi_label", np.int32, -1)
+        self.labels: list[Label] = [UNKNOWN_LABEL]
+        self._label_ids: dict[Label, int] = {UNKNOWN_LABEL: 0}
+        self.details: dict[int, NdpiResult] = {}
+        self.handles: dict[int, _Flow] = {}          # row -> nDPI flow (feeding from Python)
         self.slab = _Slab(identifier) if identifier.kernel is not None else None
+        self.slot_row = np.zeros(0, dtype=np.int64)  # slab slot -> its session's row
         # A flood or scan opens sessions faster than nDPI can decide them: past this many
         # undecided sessions (about 1.2 KB of nDPI state each) new ones stay unidentified.
         self.max_live = max_live
-        self.skipped = 0                            # sessions left unidentified for that reason
+        self.live_count = 0                          # sessions with an nDPI flow
+        self.skipped = 0                             # sessions left unidentified for that reason
 
     def __len__(self) -> int:
-        return len(self.live) + len(self.results)
+        """Sessions with state: undecided ones with a flow, and decided ones not closed yet."""
+        c = self.rows.col
+        return int(((c["ndpi_flow"] >= 0) | (c["ndpi_label"] >= 0)).sum())
 
-    def _decide(self, sid: int, h: _Flow) -> None:
-        self.results[sid] = self._result(h)
-        self.identifier.free(h)
-        self.live.pop(sid, None)
+    @property
+    def decided_count(self) -> int:
+        return int((self.rows.col["ndpi_label"] >= 0).sum())
 
-    def _slot_results(self, slots: np.ndarray) -> list:
-        """Results of slots whose nDPI work is over (given up where it had not concluded);
-        the slots are given back."""
+    def _ids(self, labels: list[Label]) -> np.ndarray:
+        ids = self._label_ids
+        for label in labels:
+            if label not in ids:
+                ids[label] = len(self.labels)
+                self.labels.append(label)
+        return np.array([ids[label] for label in labels], dtype=np.int32)
+
+    def _slot_ids(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Label ids of slots whose nDPI work is over (given up where it had not concluded;
+        Unknown where nDPI never saw a packet); their rows' details kept with `detail`; the
+        slots are given back."""
         slab = self.slab
         pending = slots[slab.done[slots] != 1]
         slab.giveup(pending[slab.count[pending] > 0])
-        out = slab.results(slots) if self.detail else slab.labels(slots)
-        unseen = slab.count[slots] == 0
-        if unseen.any():
-            out = [self.unknown if u else r for r, u in zip(out, unseen.tolist())]
+        if self.detail:
+            for r, result, seen in zip(rows.tolist(), slab.results(slots), (slab.count[slots] > 0).tolist()):
+                self.details[r] = result if seen else UNKNOWN
+            ids = np.zeros(len(slots), dtype=np.int32)
+        else:
+            table, inverse = slab.label_table(slots)
+            ids = self._ids(table)[inverse]
+            ids[slab.count[slots] == 0] = 0
         slab.give_back(slots)
-        return out
+        self.live_count -= len(slots)
+        return ids
 
-    def decide_slots(self, sids: list[int], slots: np.ndarray) -> None:
-        for s, r in zip(sids, self._slot_results(slots)):
-            self.results[s] = r
-            del self.live[s]
+    def _handle_id(self, row: int, h: _Flow) -> int:
+        """Label id of a flow fed from Python (given up if not concluded); the flow is freed."""
+        result = self.identifier.result(h) if self.detail else self.identifier.label(h)
+        self.identifier.free(h)
+        del self.handles[row]
+        self.live_count -= 1
+        if self.detail:
+            self.details[row] = result
+            return 0
+        return int(self._ids([result])[0])
+
+    def take_slots(self, rows: np.ndarray) -> None:
+        """nDPI flows (slab slots) for sessions `rows` (distinct, none yet)."""
+        slots = self.slab.take(len(rows))
+        if len(self.slot_row) < len(self.slab.addr):
+            self.slot_row = np.concatenate([self.slot_row, np.full(len(self.slab.addr) - len(self.slot_row), -1,
+                                                                   dtype=np.int64)])
+        self.slot_row[slots] = rows
+        self.rows.col["ndpi_flow"][rows] = slots
+        self.live_count += len(rows)
+
+    def decide_slots(self, slots: np.ndarray) -> None:
+        """Sessions whose slots are done: their labels set, their slots given back."""
+        rows = self.slot_row[slots]
+        self.rows.col["ndpi_label"][rows] = self._slot_ids(slots, rows)
+        self.rows.col["ndpi_flow"][rows] = -1
+
+    def finish_ids(self, sids) -> np.ndarray:
+        """Label ids (into `labels`) of closed sessions (e.g. the `sid` column of
+        FlowTable.expire()/flush()); their nDPI state is dropped."""
+        sids = np.asarray(sids, dtype=np.int64)
+        rows = self.rows.find(sids)
+        ids = np.zeros(len(sids), dtype=np.int32)  # no row: no IP packet of it was ever seen
+        have = np.flatnonzero(rows >= 0)
+        r = rows[have]
+        label, flow = self.rows.col["ndpi_label"][r], self.rows.col["ndpi_flow"][r]
+        ids[have] = np.maximum(label, 0)
+        pending = np.flatnonzero((label < 0) & (flow >= 0))
+        if len(pending):
+            if self.slab is not None:
+                ids[have[pending]] = self._slot_ids(flow[pending], r[pending])
+            else:
+                for k, row in zip(have[pending].tolist(), r[pending].tolist()):
+                    ids[k] = self._handle_id(row, self.handles[row])
+        self.rows.col["ndpi_label"][r] = -1
+        self.rows.col["ndpi_flow"][r] = -1
+        if self._own_rows:
+            self.rows.release(sids)
+        return ids
+
+    def finish_results(self, sids) -> list[Label | NdpiResult]:
+        """The Label (NdpiResult with `detail`) of each closed session; its state is dropped."""
+        sids = np.asarray(sids, dtype=np.int64)
+        rows = self.rows.find(sids) if self.detail else None
+        ids = self.finish_ids(sids)
+        if not self.detail:
+            return [self.labels[i] for i in ids.tolist()]
+        return [self.details.pop(r, UNKNOWN) for r in rows.tolist()]
 
     def finish_result(self, sid: int) -> Label | NdpiResult:
-        """The result of a closed session (NdpiResult with `detail`, else a Label); its state
-        is dropped."""
-        return self._finish([int(sid)])[0]
-
-    def _finish(self, sids: list[int]) -> list:
-        out: list = [None] * len(sids)
-        pop_result, pop_live = self.results.pop, self.live.pop
-        at, slots = [], []
-        for k, s in enumerate(sids):
-            r = pop_result(s, None)
-            if r is not None:
-                out[k] = r
-                continue
-            h = pop_live(s, None)
-            if h is None:
-                out[k] = self.unknown  # no IP packet of it was ever seen
-            elif self.slab is None:
-                out[k] = self._result(h)
-                self.identifier.free(h)
-            else:
-                at.append(k)
-                slots.append(h)
-        if slots:
-            for k, r in zip(at, self._slot_results(np.array(slots, dtype=np.int64))):
-                out[k] = r
-        return out
+        return self.finish_results([int(sid)])[0]
 
     def finish(self, sid: int) -> tuple[str, str]:
         """(app, category) of a closed session; its state is dropped."""
@@ -587,19 +647,22 @@ class NdpiState:
         return r.app, r.category
 
     def finish_many(self, sids) -> tuple[list[str], list[str], list[bool]]:
-        """apps, categories and 'known protocol on a non-standard port' flags of closed sessions
-        (e.g. the `sid` column of FlowTable.expire()/flush())."""
-        done = self._finish(np.asarray(sids).tolist())
+        """apps, categories and 'known protocol on a non-standard port' flags of closed sessions."""
+        done = self.finish_results(sids)
         return [r.app for r in done], [r.category for r in done], [r.port_mismatch for r in done]
 
     def close(self) -> None:
         if self.slab is not None:
-            self.slab.give_back(np.array(list(self.live.values()), dtype=np.int64))
+            flows = self.rows.col["ndpi_flow"]
+            self.slab.give_back(flows[flows >= 0])
         else:
-            for h in self.live.values():
+            for h in self.handles.values():
                 self.identifier.free(h)
-        self.live.clear()
-        self.results.clear()
+            self.handles.clear()
+        self.rows.col["ndpi_flow"][:] = -1
+        self.rows.col["ndpi_label"][:] = -1
+        self.details.clear()
+        self.live_count = 0
 
 
 def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, sid: np.ndarray,
@@ -608,8 +671,8 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
 
     `sid`, `is_orig` (and optionally `seq`, the packet's number within its session) come from
     FlowTable.update. Rows are chosen with numpy: a session id, an IP header, fewer than
-    `identifier.max_packets` packets into the session, and the session not decided; Python
-    then runs once per chosen packet. Returns the number of packets given to nDPI.
+    `identifier.max_packets` packets into the session, and the session not decided. Returns
+    the number of packets given to nDPI.
     """
     n = len(sid)
     if n == 0:
@@ -621,16 +684,12 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     rows = np.flatnonzero(ok)
     if len(rows) == 0:
         return 0
-    srows = sid[rows]
-    results, live = state.results, state.live
-    if identifier.kernel is None and results:  # (the numba path drops decided sessions itself)
-        uniq = np.unique(srows)
-        decided = [s for s in uniq.tolist() if s in results]  # once per session, not per packet
-        if decided:
-            keep = ~np.isin(srows, np.asarray(decided, dtype=srows.dtype))
-            rows, srows = rows[keep], srows[keep]
-            if len(rows) == 0:
-                return 0
+    srow = state.rows.map(sid[rows])
+    undecided = state.rows.col["ndpi_label"][srow] < 0
+    if not undecided.all():
+        rows, srow = rows[undecided], srow[undecided]
+        if len(rows) == 0:
+            return 0
     offset = batch.offset[rows].astype(np.int64)
     l3r = l3[rows].astype(np.int64)
     room = batch.caplen[rows].astype(np.int64) - l3r
@@ -639,78 +698,70 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     length = np.minimum(length, 65535)
     good = length > 0
     if not good.all():
-        rows, srows, offset, l3r, length = rows[good], srows[good], offset[good], l3r[good], length[good]
+        rows, srow, offset, l3r, length = rows[good], srow[good], offset[good], l3r[good], length[good]
     start = offset + l3r
     ts_ms = batch.ts[rows] // 1_000_000
-    orig = is_orig[rows]
 
     ident = identifier
     if ident.kernel is not None:
-        return _feed_in_kernel(ident, state, batch, srows, start, length, ts_ms)
+        return _feed_in_kernel(ident, state, batch, srow, start, length, ts_ms)
+    label_col = state.rows.col["ndpi_label"]
     ffi = ident._ffi
     base = ffi.from_buffer("unsigned char[]", batch.data)
-    feed, new_flow = ident._feed, ident.new_flow
+    feed, new_flow, handles = ident._feed, ident.new_flow, state.handles
     fed = 0
-    for s, st, ln, t, o in zip(srows.tolist(), start.tolist(), length.tolist(), ts_ms.tolist(), orig.tolist()):
-        h = live.get(s)
+    for r, st, ln, t, o in zip(srow.tolist(), start.tolist(), length.tolist(), ts_ms.tolist(),
+                               is_orig[rows].tolist()):
+        h = handles.get(r)
         if h is None:
-            if s in results:
+            if label_col[r] >= 0:
                 continue  # decided earlier in this batch
-            if len(live) >= state.max_live:
+            if state.live_count >= state.max_live:
                 state.skipped += 1
-                results[s] = state.unknown
+                label_col[r] = 0
                 continue
-            h = live[s] = new_flow(s)
+            h = handles[r] = new_flow(r)
+            state.live_count += 1
         fed += 1
         try:
             done = feed(h, base + st, ln, t, o)
         except Exception:  # never let one packet stop the batch
             done = True
         if done:
-            state._decide(s, h)
+            label_col[r] = state._handle_id(r, h)
     return fed
 
 
-def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srows, start, length, ts_ms) -> int:
-    """classify_batch's loop in numba (app.ndpi_kernel) over the state's slab: Python once per
-    session of the batch (its slot), not per packet."""
+def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srow, start, length, ts_ms) -> int:
+    """classify_batch's loop in numba (app.ndpi_kernel) over the state's slab: per session,
+    only array operations on its row and slot."""
     from wiretrail.app.ndpi_kernel import feed_kernel
 
-    live, slab, results = state.live, state.slab, state.results
-    sessions, which = np.unique(srows, return_inverse=True)
-    session_list = sessions.tolist()
-    slots = np.array([live.get(s, -1) for s in session_list], dtype=np.int64)
-    # sessions decided earlier get no more packets; new ones past NdpiState.max_live stay
-    # unidentified
-    drop = np.array([slot < 0 and s in results for s, slot in zip(session_list, slots.tolist())], dtype=bool)
-    new = np.flatnonzero((slots < 0) & ~drop)
-    room = max(0, state.max_live - len(live))
-    if len(new) > room:
-        for u in new[room:].tolist():
-            results[session_list[u]] = state.unknown
-        state.skipped += len(new) - room
-        drop[new[room:]] = True
-        new = new[:room]
-    if drop.any():
-        keep = ~drop
-        mask = keep[which]
-        start, length, ts_ms = start[mask], length[mask], ts_ms[mask]
-        which = np.cumsum(keep)[which[mask]] - 1  # renumber the sessions kept
-        slots, sessions = slots[keep], sessions[keep]
-        session_list = sessions.tolist()
-        new = np.flatnonzero(slots < 0)
-    if len(new):
-        taken = slab.take(len(new))
-        slots[new] = taken
-        for u, slot in zip(new.tolist(), taken.tolist()):
-            live[session_list[u]] = slot
+    slab, flow_col = state.slab, state.rows.col["ndpi_flow"]
+    slot = flow_col[srow]
+    new = slot < 0
+    if new.any():
+        # the new sessions in the order they first come; past NdpiState.max_live they stay unidentified
+        new_rows, first = np.unique(srow[new], return_index=True)
+        new_rows = new_rows[np.argsort(first)]
+        room = max(0, state.max_live - state.live_count)
+        if len(new_rows) > room:
+            state.rows.col["ndpi_label"][new_rows[room:]] = 0
+            state.skipped += len(new_rows) - room
+            new_rows = new_rows[:room]
+            keep = state.rows.col["ndpi_label"][srow] < 0
+            srow, start, length, ts_ms = srow[keep], start[keep], length[keep], ts_ms[keep]
+        if len(new_rows):
+            state.take_slots(new_rows)
+        slot = flow_col[srow]
     data = np.ascontiguousarray(batch.data)
-    calls = feed_kernel(ident.kernel, ident.module_addr, np.uint64(slab.ret.ctypes.data), ident.proto_size,
-                        slab.addr, slab.count, slab.done, ident.state_offset, ident.max_packets,
-                        STATE_CLASSIFIED, STATE_MONITORING, np.uint64(data.ctypes.data), start.astype(np.uint64),
-                        length.astype(np.uint16), ts_ms.astype(np.uint64), slots[which])
-    ident.calls += int(calls)
-    decided = np.flatnonzero(slab.done[slots] != 0)
-    if len(decided):
-        state.decide_slots([session_list[u] for u in decided.tolist()], slots[decided])
-    return int(calls)
+    finished = np.empty(len(slot), dtype=np.int64)
+    got = int(feed_kernel(ident.kernel, ident.module_addr, np.uint64(slab.ret.ctypes.data), ident.proto_size,
+                          slab.addr, slab.count, slab.done, ident.state_offset, ident.max_packets,
+                          STATE_CLASSIFIED, STATE_MONITORING, np.uint64(data.ctypes.data), start.astype(np.uint64),
+                          length.astype(np.uint16), ts_ms.astype(np.uint64), slot, finished))
+    calls, n_finished = got >> 32, got & 0xFFFFFFFF
+    ident.calls += calls
+    if n_finished:
+        state.decide_slots(finished[:n_finished])
+    return calls

@@ -86,10 +86,13 @@ def _define_intrinsics() -> None:
 
 @kernel
 def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, state_off, max_packets,
-                classified, monitoring, data_base, start, length, ts_ms, which):
+                classified, monitoring, data_base, start, length, ts_ms, which, finished):
     """Give nDPI packet k of the batch (its flow is which[k]) unless that flow is done.
-    done[u]: 1 concluded, 2 at the packet cap (the caller gives up on it). Returns calls made."""
+    done[u]: 1 concluded, 2 at the packet cap (the caller gives up on it). The flows done by
+    this call are listed in `finished` (as long as the batch) in the order they finished.
+    Returns calls made * 2**32 + flows finished."""
     calls = 0
+    n_finished = 0
     for k in range(len(start)):
         u = which[k]
         if done[u]:
@@ -103,7 +106,10 @@ def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, stat
             done[u] = 1
         elif count[u] >= max_packets:
             done[u] = 2
-    return calls
+        if done[u]:
+            finished[n_finished] = u
+            n_finished += 1
+    return (calls << 32) + n_finished
 
 
 @kernel

@@ -766,6 +766,15 @@ class Reassembler:
         """Forget session `sid`'s streams."""
         self._ops += (sid, _DROP)
 
+    def limit_many(self, sids: np.ndarray, depths: np.ndarray) -> None:
+        """limit() for each session of `sids`."""
+        depths = np.minimum(np.asarray(depths, dtype=np.int64), self.depth)
+        self._ops += np.column_stack([sids, np.where(depths >= 0, depths, -1)]).ravel().tolist()
+
+    def drop_many(self, sids: np.ndarray) -> None:
+        """drop() for each session of `sids`."""
+        self._ops += np.column_stack([sids, np.full(len(sids), _DROP, dtype=np.int64)]).ravel().tolist()
+
     def take(self, sid: int, from_orig: bool) -> Direction:
         """Rebuild one direction of a session and forget it."""
         keys = _side_keys(np.array([sid], dtype=np.int64), np.array([from_orig]))

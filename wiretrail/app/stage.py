@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream
 from wiretrail.app.reassembly import Reassembler
+from wiretrail.app.session_rows import SessionRows
 from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
@@ -93,7 +94,13 @@ class AppStage:
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.held: list[tuple[_Module, Records]] = []          # finished rows as columns, by sid
         self.streamed: set[int] = set()                         # sids with reassembly state
-        self._stream_choice: dict[int, int] = {}                # sid -> _WANTED, _UNWANTED or _BY_PORT
+        # per live session, a row of columns (nDPI's flow and label, app.ndpi; `stream_code`:
+        # what _streams does with its TCP packets once nDPI has decided it, _WANTED, _UNWANTED or
+        # _BY_PORT); released when the session closes
+        self.session_rows = SessionRows()
+        self.session_rows.add_column("stream_code", np.int8, _UNDECIDED)
+        self._label_codes: dict[int, tuple[int, int]] = {}      # nDPI label id -> (code, depth)
+        self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_by_label: dict[str, list] = {}
         self._parsers_by_port: dict[int, list] = {}
@@ -108,7 +115,7 @@ class AppStage:
                 from wiretrail.app.ndpi import PIPELINE_CONFIG, Identifier, NdpiState
 
                 self.ndpi = Identifier(config=PIPELINE_CONFIG)
-                self.ndpi_state = NdpiState(self.ndpi)
+                self.ndpi_state = NdpiState(self.ndpi, rows=self.session_rows)
             except Exception as err:  # no nDPI here: records still come, from ports
                 self.identify_error = f"protocol identification off: {str(err).splitlines()[0]}"
 
@@ -289,18 +296,17 @@ class AppStage:
         cand = np.flatnonzero(tcp)
         want = np.isin(cols["sport"][cand], self.stream_ports) | np.isin(cols["dport"][cand], self.stream_ports)
         if self.ndpi_state is not None:
-            # judged once per session of the batch (hundreds), not per packet (tens of thousands);
-            # a session is judged on nDPI's label the first time it sends TCP after being decided
-            results, choice, judge = self.ndpi_state.results, self._stream_choice, self._judge
-            sessions, which = np.unique(sid[cand], return_inverse=True)
-            codes = []
-            for s in sessions.tolist():
-                code = choice.get(s)
-                if code is None:
-                    label = results.get(s)
-                    code = _UNDECIDED if label is None else judge(s, label.app)
-                codes.append(code)
-            code = np.array(codes, dtype=np.int8)[which]
+            # judged once per session, the first time it sends TCP after nDPI has decided it (by
+            # its label: a judgement per distinct label), not per packet
+            srow = self.session_rows.map(sid[cand])
+            code_col = self.session_rows.col["stream_code"]
+            code = code_col[srow]
+            label = self.session_rows.col["ndpi_label"][srow]
+            newly = (code == _UNDECIDED) & (label >= 0)
+            if newly.any():
+                rows, first = np.unique(srow[newly], return_index=True)
+                self._judge(sid[cand[newly][first]], rows, label[newly][first])
+                code = code_col[srow]
             # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
             want = (code == _WANTED) | ((code != _UNWANTED) & (want | (code == _UNDECIDED)))
         rows = cand[want]
@@ -310,25 +316,52 @@ class AppStage:
             carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
             self.streamed.update(np.unique(sid[carries]).tolist())
 
-    def _judge(self, s: int, app: str) -> int:
-        """Whether session s's streams are kept, now that nDPI has named it `app`: wanted by a
-        parser (capped at the depth its protocols read), not wanted (named as something no
-        module parses: what was kept is dropped), or left to its port (nDPI could not name it)."""
-        parsers = self._stream_parsers(app)
-        if parsers:
-            code = _WANTED
-            # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
-            depth = max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers)
-            if depth < self.reasm.depth:
-                self.reasm.limit(s, depth)
-        elif app not in ("", "Unknown"):
-            code = _UNWANTED
-            self.reasm.drop(s)
-            self.streamed.discard(s)
-        else:
-            code = _BY_PORT
-        self._stream_choice[s] = code
-        return code
+    def _judge(self, sids: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
+        """Whether sessions' streams are kept, now that nDPI has labelled them: wanted by a
+        parser (capped at the depth its protocols read), not wanted (labelled as something no
+        module parses: what was kept is dropped), or left to their port (nDPI could not name
+        them)."""
+        distinct, which = np.unique(labels, return_inverse=True)
+        judged = [self._label_code(int(label)) for label in distinct.tolist()]
+        code = np.array([c for c, _ in judged], dtype=np.int8)[which]
+        depth = np.array([d for _, d in judged], dtype=np.int64)[which]
+        self.session_rows.col["stream_code"][rows] = code
+        limited = (code == _WANTED) & (depth < self.reasm.depth)
+        if limited.any():
+            self.reasm.limit_many(sids[limited], depth[limited])
+        dropped = sids[code == _UNWANTED]
+        if len(dropped):
+            self.reasm.drop_many(dropped)
+            self.streamed.difference_update(dropped.tolist())
+
+    def _label_code(self, label: int) -> tuple[int, int]:
+        """(_WANTED, _UNWANTED or _BY_PORT; the stream depth its parsers read) for nDPI label id `label`."""
+        got = self._label_codes.get(label)
+        if got is None:
+            app = self.ndpi_state.labels[label].app
+            parsers = self._stream_parsers(app)
+            if parsers:
+                # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
+                got = (_WANTED, max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers))
+            elif app not in ("", "Unknown"):
+                got = (_UNWANTED, 0)
+            else:
+                got = (_BY_PORT, 0)
+            self._label_codes[label] = got
+        return got
+
+    def _label_columns(self) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
+        """app, category, port_mismatch and Zeek service of every nDPI label id so far."""
+        labels = self.ndpi_state.labels
+        made, columns = self._label_columns_of
+        if made != len(labels):
+            columns = (pa.array([x.app for x in labels], pa.string()),
+                       pa.array([x.category for x in labels], pa.string()),
+                       pa.array([x.port_mismatch for x in labels], pa.bool_()),
+                       pa.array([ZEEK_SERVICE.get(x.app.split(".")[0]) if x.app else None for x in labels],
+                                pa.string()))
+            self._label_columns_of = (len(labels), columns)
+        return columns
 
     def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
         """The stream modules for a session: by nDPI's label, else by the server port
@@ -364,17 +397,14 @@ class AppStage:
         sids = sessions.column("sid").to_numpy()
         apps = None
         if self.ndpi_state is not None:
-            apps, cats, nonstd = self.ndpi_state.finish_many(sids)
-            sessions = _set(sessions, "app", pa.array(apps, pa.string()))
-            sessions = _set(sessions, "category", pa.array(cats, pa.string()))
-            sessions = _set(sessions, "port_mismatch", pa.array(nonstd, pa.bool_()))
-            service_of = {a: ZEEK_SERVICE.get(a.split(".")[0]) if a else None for a in set(apps)}  # few labels
-            services = [service_of[a] for a in apps]
-            sessions = _set(sessions, "service", pa.array(services, pa.string()))
+            ids = self.ndpi_state.finish_ids(sids)
+            at = pa.array(ids)
+            for name, column in zip(("app", "category", "port_mismatch", "service"), self._label_columns()):
+                sessions = _set(sessions, name, column.take(at))
+            labels = self.ndpi_state.labels
+            apps = [labels[i].app for i in ids.tolist()]
+        self.session_rows.release(sids)
         sid_list = sids.tolist()
-        forget = self._stream_choice.pop
-        for s in sid_list:
-            forget(s, None)
         out = _Out()
         if self.held:  # column rows of the closing sessions; the others wait for theirs
             waiting = []
