@@ -549,8 +549,9 @@ class AppStage:
                 self.parser_errors += table.num_rows
                 continue
             try:
+                have = set(table.column_names)  # (a property that builds its list at every use)
                 for field in schema:  # columns a module leaves out are null (the session's: filled)
-                    if field.name not in table.column_names:
+                    if field.name not in have:
                         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
                 table = _session_columns(table.select(schema.names).cast(schema), sessions, ks)
             except Exception:  # a module's columns not as its schema says: a bug, its rows lost
