@@ -1570,27 +1570,38 @@ class DnsBook:
         sids = np.sort(sids)
         done = _among(self.done[:, D_SID], sids)
         closing = _among(self.e_sid, sids)
+        try:
+            return self._rows(done, closing)
+        finally:  # the sessions are forgotten even when making their rows failed (a bug): no leak
+            self._forget(sids, done, closing)
+
+    def _rows(self, done: np.ndarray, closing: np.ndarray) -> Records | list:
+        """close's rows: the finished transactions `done`, then the waiting entries `closing`."""
         at = np.flatnonzero(closing)
         keyseq = np.where(self.e_table == K.T_PENDING, 0, self.e_keyseq)
         at = at[np.lexsort((self.e_seq[at], keyseq[at], self.e_table[at], self.e_sid[at]))]
         msg, table = self.e_msg[at], self.e_table[at]
         rows = np.concatenate([self.done[done], np.stack([self.e_sid[at], np.where(table != K.T_REPLIES, msg, -1),
                                                           np.where(table == K.T_REPLIES, msg, -1), msg], axis=1)])
-        out: Records | list = []
-        if len(rows):
-            num = self.num[:self.n]
-            first = rows[:, D_FIRST]
-            cols = _transactions(num, self.sources, rows[:, D_Q], rows[:, D_R], first)
-            flipped = num[first, N_FLIPPED] == 1
-            if flipped.any():  # a flipped session's roles, in its rows made after the flip (the others: the stage's)
-                which, at = np.unique(rows[flipped, D_SID], return_inverse=True)
-                where = np.zeros(len(rows), dtype=np.int64)
-                where[flipped] = at.reshape(-1)
-                tuples = list(zip(*(self.flipped[s] for s in which.tolist())))
-                for k, (name, type) in enumerate((("orig_h", pa.string()), ("orig_p", pa.uint16()),
-                                                  ("resp_h", pa.string()), ("resp_p", pa.uint16()))):
-                    cols[name] = _take(pa.array(tuples[k], type), where, flipped)
-            out = Records(pa.table(cols), rows[:, D_SID].copy())
+        if not len(rows):
+            return []
+        num = self.num[:self.n]
+        first = rows[:, D_FIRST]
+        cols = _transactions(num, self.sources, rows[:, D_Q], rows[:, D_R], first)
+        flipped = num[first, N_FLIPPED] == 1
+        if flipped.any():  # a flipped session's roles, in its rows made after the flip (the others: the stage's)
+            which, at = np.unique(rows[flipped, D_SID], return_inverse=True)
+            where = np.zeros(len(rows), dtype=np.int64)
+            where[flipped] = at.reshape(-1)
+            tuples = list(zip(*(self.flipped[s] for s in which.tolist())))
+            for k, (name, type) in enumerate((("orig_h", pa.string()), ("orig_p", pa.uint16()),
+                                              ("resp_h", pa.string()), ("resp_p", pa.uint16()))):
+                cols[name] = _take(pa.array(tuples[k], type), where, flipped)
+        return Records(pa.table(cols), rows[:, D_SID].copy())
+
+    def _forget(self, sids: np.ndarray, done: np.ndarray, closing: np.ndarray) -> None:
+        """Drop closed sessions `sids`: their finished transactions `done`, waiting entries
+        `closing`, their state; their messages are dead (compacted away when many)."""
         self.done = self.done[~done]
         keep = np.flatnonzero(~closing)
         self.e_sid, self.e_table, self.e_keyseq, self.e_seq, self.e_msg = (
@@ -1603,7 +1614,6 @@ class DnsBook:
             self.sids, self.state = self.sids[~gone], self.state[~gone]
         if self.dead > max(self.n - self.dead, COMPACT_AFTER):
             self.compact()
-        return out
 
     def compact(self) -> None:
         """The messages of closed sessions dropped, those left with their texts in one source
