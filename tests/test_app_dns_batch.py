@@ -644,30 +644,39 @@ def test_corpus_batch_path_gives_the_same_tables(tmp_path, monkeypatch):
     assert counts["dns"] > 1000 and counts["icmp"] > 1000
 
 
-def test_failed_close_forgets_its_sessions(monkeypatch):
-    """A bug while making a close's rows (here: _transactions raising) costs those sessions
+def _book_is_empty(mod, book) -> bool:
+    if mod is dns:
+        return len(book.sids) == len(book.e_sid) == len(book.done) == 0
+    return not book.hosts and not book.messages and not book.pending and len(book.done) == 0
+
+
+@pytest.mark.parametrize("mod", [dns, icmp], ids=["dns", "icmp"])
+def test_failed_close_forgets_its_sessions(monkeypatch, mod):
+    """A bug while making a close's rows (here: the row builder raising) costs those sessions
     their rows, not memory: the book forgets them all the same, and later sessions are
     unaffected."""
-    datagrams = [dgram(d.payload, ts=i, uid=u, from_orig=d.from_orig) for u in ("C1", "C2")
-                 for i, d in enumerate(conversation())]
+    talk = conversation() if mod is dns else icmp_conversation()
+    first = talk[0].uid
+    datagrams = [dgram(d.payload, ts=i, uid=u, from_orig=d.from_orig, orig=(d.orig_h, d.orig_p),
+                       resp=(d.resp_h, d.resp_p)) for u in ("C1", "C2") for i, d in enumerate(talk) if d.uid == first]
     sids = {"C1": 101, "C2": 102}
     states = {}
     b = batch_of(datagrams)
     b.sid = np.array([sids[d.uid] for d in datagrams])
     b.tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in datagrams}
-    out, errors = dns.add_datagrams(states, b)
+    _, errors = mod.add_datagrams(states, b)
     assert errors == 0 and set(states) == {101, 102}
     book = states[101]
 
     def broken(*args):
         raise RuntimeError("a parser bug")
 
-    real = dns._transactions
-    monkeypatch.setattr(dns, "_transactions", broken)
+    owner, name = (dns, "_transactions") if mod is dns else (icmp.IcmpBook, "_rows")
+    real = getattr(owner, name)
+    monkeypatch.setattr(owner, name, broken)
     with pytest.raises(RuntimeError):
-        dns.close_sessions(states, np.array([101], dtype=np.int64))
-    assert 101 not in book.sids.tolist() and 101 not in book.e_sid.tolist() and 101 not in book.done[:, dns.D_SID]
-    monkeypatch.setattr(dns, "_transactions", real)
-    got = dns.close_sessions(states, np.array([102], dtype=np.int64))
+        mod.close_sessions(states, np.array([101], dtype=np.int64))
+    monkeypatch.setattr(owner, name, real)
+    got = mod.close_sessions(states, np.array([102], dtype=np.int64))
     assert got.table.num_rows > 0 and set(got.index.tolist()) == {102}
-    assert len(book.sids) == 0 and len(book.e_sid) == 0 and len(book.done) == 0 and not states
+    assert not states and _book_is_empty(mod, book)

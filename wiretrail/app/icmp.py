@@ -427,13 +427,14 @@ class IcmpBook:
                 rows.append(np.array([[s, m, DK_REQUEST, 0, 0, 0] for m, _ in pending.values()], dtype=np.int64))
         rows = np.concatenate(rows)
         self.done = self.done[~done]
-        out = self._rows(rows) if len(rows) else []
-        for s in sid_list:
-            self.hosts.pop(s, None)
-            self.dead += self.messages.pop(s, 0)
-        if self.dead > max(self.n - self.dead, COMPACT_AFTER):
-            self.compact()
-        return out
+        try:
+            return self._rows(rows) if len(rows) else []
+        finally:  # the sessions are forgotten even when making their rows failed (a bug): no leak
+            for s in sid_list:
+                self.hosts.pop(s, None)
+                self.dead += self.messages.pop(s, 0)
+            if self.dead > max(self.n - self.dead, COMPACT_AFTER):
+                self.compact()
 
     def compact(self) -> None:
         """The messages of closed sessions dropped, the others renumbered."""
