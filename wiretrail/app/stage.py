@@ -93,12 +93,15 @@ class AppStage:
         self.dgram_state: dict[_Module, dict[int, object]] = {m: {} for m in self.datagram_modules}  # module -> sid -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.held: list[tuple[_Module, Records]] = []          # finished rows as columns, by sid
-        self.streamed: set[int] = set()                         # sids with reassembly state
         # per live session, a row of columns (nDPI's flow and label, app.ndpi; `stream_code`:
         # what _streams does with its TCP packets once nDPI has decided it, _WANTED, _UNWANTED or
-        # _BY_PORT); released when the session closes
+        # _BY_PORT; `has`: what the stage holds of it, _HAS_* bits); released when it closes
         self.session_rows = SessionRows()
         self.session_rows.add_column("stream_code", np.int8, _UNDECIDED)
+        self.session_rows.add_column("has", np.int32, 0)
+        # a bit of `has` per module whose datagram state closes in one call (close_sessions)
+        self._batch_bits = {m: _HAS_BATCH << i for i, m in
+                            enumerate(m for m in self.datagram_modules if hasattr(m.mod, "close_sessions"))}
         self._label_codes: dict[int, tuple[int, int]] = {}      # nDPI label id -> (code, depth)
         self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
@@ -167,17 +170,27 @@ class AppStage:
             table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
         return table
 
-    def _make_tuples(self, cols, sid, is_orig, rows: np.ndarray) -> None:
+    def _flag(self, sids: np.ndarray, bits: int) -> np.ndarray:
+        """Mark what the stage now holds of sessions `sids` (_HAS_* bits); returns their rows."""
+        at = self.session_rows.map(sids)
+        self.session_rows.col["has"][at] |= bits
+        return at
+
+    def _make_tuples(self, cols, sid, is_orig, rows: np.ndarray, bits: int) -> None:
         """(uid, orig_h, orig_p, resp_h, resp_p) of every session of `rows` that has none yet,
-        made for all of them at once, from each one's first row here."""
-        sessions, first = np.unique(sid[rows], return_index=True)
-        tuples = self.tuples
-        new = np.fromiter((s not in tuples for s in sessions.tolist()), dtype=bool, count=len(sessions))
+        made for all of them at once, from each one's first row here; and `bits` marked on them
+        all (what the caller is about to keep of them)."""
+        at = self.session_rows.map(sid[rows])
+        has = self.session_rows.col["has"]
+        new = (has[at] & _HAS_TUPLE) == 0
+        has[at] |= bits | _HAS_TUPLE
         if not new.any():
             return
         from wiretrail.sessions.flowtable import addr_texts, uids_of
 
-        r = rows[first[new]]
+        sessions, first = np.unique(sid[rows[new]], return_index=True)
+        r = rows[new][first]
+        tuples = self.tuples
         orig = is_orig[r]
         src_hi, src_lo = cols["src_hi"][r].astype(np.uint64), cols["src_lo"][r].astype(np.uint64)
         dst_hi, dst_lo = cols["dst_hi"][r].astype(np.uint64), cols["dst_lo"][r].astype(np.uint64)
@@ -189,7 +202,7 @@ class AppStage:
         def texts(hi, lo):  # IPv4 (as the flow table keeps it: ::ffff:a.b.c.d) as a dotted quad
             return addr_texts(hi, lo, (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))).to_pylist()
 
-        for s, uid, oh, op, rh, rp in zip(sessions[new].tolist(), uids_of(sessions[new]).to_pylist(),
+        for s, uid, oh, op, rh, rp in zip(sessions.tolist(), uids_of(sessions).to_pylist(),
                                           texts(o_hi, o_lo), o_p, texts(r_hi, r_lo), r_p):
             tuples[s] = (uid, oh, op, rh, rp)
 
@@ -222,9 +235,12 @@ class AppStage:
                 rows, start, end, want = rows[keep], start[keep], end[keep], want[keep]
                 if not len(rows):
                     return
-        self._make_tuples(cols, sid, is_orig, rows)
         tracker = self.trackers.get(m.name)
         per_session = hasattr(m.mod, "new_session")
+        batch_bit = self._batch_bits.get(m, 0)
+        # what the stage will hold of these sessions (trackers' rows carry their own uids)
+        self._make_tuples(cols, sid, is_orig, rows, 0 if tracker is not None else
+                          batch_bit if batch_bit and per_session else _HAS_STATE if per_session else _HAS_ROWS)
         if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
             self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
             return
@@ -284,6 +300,8 @@ class AppStage:
             if held is None:
                 held = rows_of[s] = []
             held.append((m, row))
+        if out:
+            self._flag(np.fromiter((s for s, _ in out), dtype=np.int64, count=len(out)), _HAS_ROWS)
 
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
@@ -314,7 +332,7 @@ class AppStage:
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
             # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
             carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
-            self.streamed.update(np.unique(sid[carries]).tolist())
+            self._flag(sid[carries], _HAS_STREAM)
 
     def _judge(self, sids: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
         """Whether sessions' streams are kept, now that nDPI has labelled them: wanted by a
@@ -329,10 +347,10 @@ class AppStage:
         limited = (code == _WANTED) & (depth < self.reasm.depth)
         if limited.any():
             self.reasm.limit_many(sids[limited], depth[limited])
-        dropped = sids[code == _UNWANTED]
-        if len(dropped):
-            self.reasm.drop_many(dropped)
-            self.streamed.difference_update(dropped.tolist())
+        dropped = code == _UNWANTED
+        if dropped.any():
+            self.reasm.drop_many(sids[dropped])
+            self.session_rows.col["has"][rows[dropped]] &= ~_HAS_STREAM
 
     def _label_code(self, label: int) -> tuple[int, int]:
         """(_WANTED, _UNWANTED or _BY_PORT; the stream depth its parsers read) for nDPI label id `label`."""
@@ -403,8 +421,12 @@ class AppStage:
                 sessions = _set(sessions, name, column.take(at))
             labels = self.ndpi_state.labels
             apps = [labels[i].app for i in ids.tolist()]
+        at = self.session_rows.find(sids)
+        has = np.where(at >= 0, self.session_rows.col["has"][at], 0)
         self.session_rows.release(sids)
         sid_list = sids.tolist()
+        for s in sids[(has & _HAS_TUPLE) != 0].tolist():
+            self.tuples.pop(s, None)
         out = _Out()
         if self.held:  # column rows of the closing sessions; the others wait for theirs
             waiting = []
@@ -416,12 +438,9 @@ class AppStage:
                     waiting.append((m, Records(rec.table.filter(~closing), rec.index[~closing], rec.name)))
             self.held = waiting
         # datagram states that modules finish in one call per close
-        batch_closed = {m for m in self.datagram_modules if hasattr(m.mod, "close_sessions")}
-        for m in batch_closed:
+        for m, bit in self._batch_bits.items():
             states = self.dgram_state[m]
-            if not states:
-                continue
-            have = np.flatnonzero(np.fromiter((s in states for s in sid_list), dtype=bool, count=len(sid_list)))
+            have = np.flatnonzero(has & bit)
             if len(have):
                 try:
                     self._add_by_sid(out, m, m.mod.close_sessions(states, sids[have]), sids)
@@ -429,10 +448,8 @@ class AppStage:
                     self.parser_errors += 1
                     for s in sids[have].tolist():
                         states.pop(s, None)
-        # Only sessions with rows, streams or datagram state have anything to finish (a session
-        # with datagram state has its tuple made, so `tuples` covers it).
-        needed = [k for k, s in enumerate(sid_list)
-                  if s in self.rows or s in self.streamed or s in self.tuples]
+        # Only sessions with rows, streams or per-session datagram state have anything to finish
+        needed = np.flatnonzero(has & (_HAS_ROWS | _HAS_STREAM | _HAS_STATE)).tolist()
         # the 5-tuple as Python values, only for the sessions that have records
         picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
@@ -440,26 +457,25 @@ class AppStage:
         # both directions of every closing session with a stream, rebuilt as the loop reaches them
         # (only for the sessions some parser reads: the others are just forgotten)
         with_streams = {}
+        streamed = (has & _HAS_STREAM) != 0
         for k in needed:
-            if sid_list[k] in self.streamed:
+            if streamed[k]:
                 with_streams.setdefault(sid_list[k], k)
         read = [bool(self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])) for k in with_streams.values()]
         directions = self.reasm.take_many(list(with_streams), read)
+        one_by_one = [(m, states) for m, states in self.dgram_state.items() if m not in self._batch_bits]
         for k in needed:
             s = sid_list[k]
             rows = self.rows.pop(s, [])
-            for m, states in self.dgram_state.items():  # in module order, as the rows always came
-                if m in batch_closed:
-                    continue
-                state = states.pop(s, None)
-                if state is not None:
-                    try:
-                        rows.extend((m, row) for row in state.close())
-                    except Exception:
-                        self.parser_errors += 1
-            self.tuples.pop(s, None)
-            if s in self.streamed:
-                self.streamed.discard(s)
+            if has[k] & _HAS_STATE:
+                for m, states in one_by_one:  # in module order, as the rows always came
+                    state = states.pop(s, None)
+                    if state is not None:
+                        try:
+                            rows.extend((m, row) for row in state.close())
+                        except Exception:
+                            self.parser_errors += 1
+            if streamed[k]:
                 rows.extend(self._parse_stream(next(directions), k, tuples, apps[k] if apps else "", batched))
             if not rows:
                 continue
@@ -648,6 +664,12 @@ def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
 
 # What _streams does with a TCP session's packets, once nDPI has decided it (_judge).
 _UNDECIDED, _WANTED, _UNWANTED, _BY_PORT = 0, 1, 2, 3
+
+# What the stage holds of a live session (bits of its `has` column): its uid and 5-tuple in
+# `tuples`, dict rows in `rows`, reassembly state (a payload or a SYN kept), the state of a
+# datagram parser closed one session at a time (`dgram_state`); from _HAS_BATCH up, one bit
+# per module whose states close in one call.
+_HAS_TUPLE, _HAS_ROWS, _HAS_STREAM, _HAS_STATE, _HAS_BATCH = 1, 2, 4, 8, 16
 
 _LAST = 1 << 62  # the session position of rows that belong to no closing session (trackers')
 
