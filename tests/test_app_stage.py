@@ -93,9 +93,11 @@ def test_identification_state_is_bounded(sample, tmp_path):
     assert 0 < peak <= 3 and pipe.app.ndpi_state.live_count == 0
 
 
-def _fake_modules(batch: bool):
+def _fake_modules(batch):
     """A stream and a datagram module that count bytes, written row by row or, with `batch`,
-    with the stage's batch calls (parse_streams, add_datagrams, close_sessions) as Records."""
+    with the stage's batch calls (parse_streams, add_datagrams, close_sessions) as Records;
+    "joined": parse_streams reads JoinedStreams; "broken": it raises (the stage falls back
+    to parse_stream session by session)."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -112,6 +114,18 @@ def _fake_modules(batch: bool):
                  "resp_p": s.resp_p, "orig_bytes": len(s.orig.data), "resp_bytes": len(s.resp.data)}]
 
     def parse_streams(streams):
+        if batch == "broken":
+            raise RuntimeError("a parser bug")
+        if batch == "joined":
+            j = streams
+            size, at = np.diff(j.data_at), j.ts_at
+            has_ts = at[:-1] < at[1:]
+            first_ts = np.zeros(len(size), dtype=np.int64)  # (Direction.time_at(0): 0 for no packet)
+            first_ts[has_ts] = j.ts[at[:-1][has_ts]]
+            rows = np.flatnonzero((size[0::2] + size[1::2]) > 0)  # (no row for a session with no bytes)
+            table = pa.table({"ts": pa.array(first_ts[0::2][rows], pa.timestamp("ns")),
+                              "orig_bytes": size[0::2][rows], "resp_bytes": size[1::2][rows]})
+            return Records(table, rows)
         table = pa.table({"ts": pa.array([s.orig.time_at(0) for s in streams], pa.timestamp("ns")),
                           "orig_bytes": [len(s.orig.data) for s in streams],
                           "resp_bytes": [len(s.resp.data) for s in streams]})
@@ -146,6 +160,8 @@ def _fake_modules(batch: bool):
     dgram = SimpleNamespace(SCHEMA=dgram_schema, new_session=Counter)
     if batch:
         stream.parse_streams, dgram.add_datagrams, dgram.close_sessions = parse_streams, add_datagrams, close_sessions
+    if batch in ("joined", "broken"):
+        stream.JOINED = True
     return [_Module("bytes", "bytes", stream_schema, np.array([80]), frozenset(), stream, False, True),
             _Module("counts", "counts", dgram_schema, np.array([53]), frozenset(), dgram, True, False)]
 
@@ -159,7 +175,7 @@ def test_batch_calls_give_the_rows_of_row_by_row_calls(sample, tmp_path):
 
     _, pcap, _ = sample
     got = {}
-    for batch in (False, True):
+    for batch in (False, True, "joined", "broken"):
         store = tmp_path / str(batch)
         pipe = Pipeline(IngestOptions(store=store, batch_bytes=1 << 14))
         pipe.app = AppStage(identify=False, modules=_fake_modules(batch))
@@ -175,4 +191,4 @@ def test_batch_calls_give_the_rows_of_row_by_row_calls(sample, tmp_path):
     assert len(got[False]["bytes"]) > 100 and len(got[False]["counts"]) > 100
     assert all(r["own"] and r["resp_p"] == 80 for r in got[True]["bytes"])
     assert all(r["own"] for r in got[True]["counts"])
-    assert got[True] == got[False]
+    assert got[True] == got[False] == got["joined"] == got["broken"]

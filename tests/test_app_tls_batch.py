@@ -14,7 +14,7 @@ import pytest
 
 from _tls_harness import load
 from wiretrail.app import tls, x509
-from wiretrail.app.base import Direction, Stream
+from wiretrail.app.base import Direction, JoinedStreams, Stream
 
 CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 ZEEK = CORPUS / "zeek"
@@ -181,3 +181,43 @@ def test_batch_rows_of_broken_handshakes_are_those_one_by_one():
     malformed = sum(1 for _, row in _single_rows(tls, streams) if row["malformed"])
     print(f"\nbroken handshakes: {len(streams)} mutated streams, {malformed} malformed rows, batch equal")
     assert malformed > 300
+
+
+def _joined_of(streams: list[Stream]) -> JoinedStreams:
+    """The streams end to end, as the reassembler's take_joined gives them."""
+    sides = [d for s in streams for d in (s.orig, s.resp)]
+
+    def at(lengths):
+        out = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=out[1:])
+        return out
+
+    def cat(arrays):
+        return np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if arrays else np.zeros(0, np.int64)
+
+    acks = [(cat([r for r, _ in d.acks]), cat([p for _, p in d.acks])) for d in sides]
+    return JoinedStreams(
+        data=np.frombuffer(b"".join(d.data for d in sides), dtype=np.uint8).copy(),
+        data_at=at([len(d.data) for d in sides]),
+        ts_offsets=cat([d.ts_offsets for d in sides]), ts=cat([d.ts for d in sides]),
+        ts_at=at([len(d.ts) for d in sides]),
+        gap_off=cat([[o for o, _ in d.gaps] for d in sides]), gap_len=cat([[n for _, n in d.gaps] for d in sides]),
+        gap_at=at([len(d.gaps) for d in sides]),
+        ack_rel=cat([r for r, _ in acks]), ack_pkt=cat([p for _, p in acks]), ack_at=at([len(r) for r, _ in acks]),
+        truncated=np.array([d.truncated for d in sides], dtype=bool))
+
+
+def test_joined_streams_give_the_rows_of_the_streams():
+    """parse_streams on JoinedStreams (what the stage hands tls and x509 from the reassembler)
+    gives the rows it gives on the same sessions' Stream objects."""
+    streams = [s for per in _corpus_streams() for s in per
+               if s.orig._ack_origin is None and s.resp._ack_origin is None]  # (no proxied parts)
+    joined = _joined_of(streams)
+    for module in (tls, x509):
+        tls._read_last = None
+        want = module.parse_streams(streams)
+        tls._read_last = None
+        got = module.parse_streams(joined)
+        assert got.index.tolist() == want.index.tolist() and got.table.equals(want.table)
+    print(f"\njoined streams: {len(streams)} sessions, {want.table.num_rows} x509 rows as from Stream objects")
+    assert want.table.num_rows > 50

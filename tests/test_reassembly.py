@@ -383,3 +383,52 @@ def test_same_directions_as_the_reference_reassembler():
             compared += 2
         assert new.held == old.held == 0 and new.conflicts == old.conflicts and _consistent(new), case
     assert compared > 1000 and shed > 20
+
+
+# ---- JoinedStreams: the same directions, many sessions end to end -----------------------------
+
+ZEEK_TRACES = PPP.parent / "zeek" / "traces"
+
+
+@pytest.mark.skipif(not (ZEEK_TRACES / "smtp.pcap").exists(), reason="corpus not found")
+def test_take_joined_gives_the_directions_of_take_many():
+    """take_joined (in pieces: a small budget) and take_many on the same reassembler state:
+    every side's bytes, gaps, times, ACKs and truncation equal, and JoinedStreams' contiguous
+    ends and gap-counted ends those of the Directions."""
+    batch = one_batch(ZEEK_TRACES / "smtp.pcap")
+    cols = decode(batch)
+    sid, is_orig, _, _ = FlowTable().update(cols, batch.ts, batch.wirelen)
+    rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
+    # every other segment left out of some sessions: gaps to count
+    keep = np.ones(len(rows), dtype=bool)
+    some = np.unique(sid[rows])[::2]
+    keep[np.isin(sid[rows], some) & (np.arange(len(rows)) % 5 == 2) & (cols["pl_len"][rows] > 0)] = False
+    pair = [Reassembler(depth=4000), Reassembler(depth=4000)]
+    for r in pair:
+        r.add(batch, cols, rows[keep], sid, is_orig, first_packet=1)
+    sids = np.unique(sid[rows])
+    want = [d for o_r in pair[0].take_many(sids) for d in o_r]
+    got, pieces, rng = [], 0, np.random.default_rng(3)
+    pair[1]._out = np.empty(1024, dtype=np.uint8)  # (its first size, 1 MB, would hold them all)
+    for first, piece in pair[1].take_joined(sids, budget=1 << 12):
+        assert first == len(got) // 2
+        pieces += 1
+        sides = np.arange(2 * len(piece))
+        ends = rng.integers(0, 5000, len(sides))
+        want_here = want[len(got):len(got) + len(sides)]
+        assert piece.contiguous_ends().tolist() == [d.contiguous_end() for d in want_here]
+        assert piece.seq_ends(sides, ends).tolist() == [
+            e + sum(n for o, n in d.gaps if o < e) for d, e in zip(want_here, ends.tolist())]
+        got += [piece.direction(j) for j in sides.tolist()]
+    assert len(got) == len(want) == 2 * len(sids) and pieces > 1
+    gaps = acks = 0
+    for a, b in zip(got, want):
+        assert (a.data, a.gaps, a.truncated) == (b.data, b.gaps, b.truncated)
+        assert a.ts_offsets.tolist() == b.ts_offsets.tolist() and a.ts.tolist() == b.ts.tolist()
+        assert [(r.tolist(), p.tolist()) for r, p in a.acks] == [(r.tolist(), p.tolist()) for r, p in b.acks]
+        for end in (1, len(a.data) // 2, len(a.data)):
+            assert a.acked_by(end) == b.acked_by(end)
+        gaps += len(a.gaps)
+        acks += bool(a.acks)
+    print(f"\ntake_joined: {len(sids)} sessions in {pieces} pieces as take_many ({gaps} gaps, {acks} sides with ACKs)")
+    assert gaps > 0 and acks > 0

@@ -26,6 +26,10 @@ and one or more of
                                                           #   stage prefers it; parse_stream stays the
                                                           #   fallback) -> Records or a list of them,
                                                           #   indexed by position in `streams`
+    JOINED = True                                         # optional: parse_streams also takes a
+                                                          #   JoinedStreams (the reassembler's output as
+                                                          #   it is: no Direction per side; sessions
+                                                          #   with no bytes included: no row for them)
 
 Rows are plain dicts keyed by SCHEMA's names (missing keys are null), or, from the batch
 calls, `Records`: a table of SCHEMA's columns and, per row, the item it belongs to; the
@@ -181,6 +185,61 @@ class Direction:
         offsets, ts = times
         i = bisect_right(offsets, offset) - 1  # as np.searchsorted(ts_offsets, offset, side="right")
         return int(ts[max(i, 0)])
+
+
+@dataclass
+class JoinedStreams:
+    """Both directions of many sessions end to end, as the reassembler rebuilt them: what a
+    batch parser reads without a Direction (and a bytes copy) per side. Side j is session
+    j // 2's originator (j even) or responder (j odd); its bytes are data[data_at[j]:
+    data_at[j + 1]], its packet times ts_offsets and ts[ts_at[j]:ts_at[j + 1]], its gaps
+    (gap_off, gap_len)[gap_at[j]:gap_at[j + 1]] and the other side's ACKs (ack_rel,
+    ack_pkt)[ack_at[j]:ack_at[j + 1]], each as in Direction (offsets relative to the side)."""
+
+    data: np.ndarray        # uint8
+    data_at: np.ndarray     # int64, one more than the sides
+    ts_offsets: np.ndarray
+    ts: np.ndarray
+    ts_at: np.ndarray
+    gap_off: np.ndarray
+    gap_len: np.ndarray
+    gap_at: np.ndarray
+    ack_rel: np.ndarray
+    ack_pkt: np.ndarray
+    ack_at: np.ndarray
+    truncated: np.ndarray   # bool per side
+
+    def __len__(self) -> int:
+        return (len(self.data_at) - 1) // 2
+
+    def contiguous_ends(self) -> np.ndarray:
+        """Direction.contiguous_end of every side: its length, or its first gap's offset."""
+        ends = np.diff(self.data_at)
+        has = np.flatnonzero(np.diff(self.gap_at) > 0)
+        if len(has):
+            first = np.minimum.reduceat(self.gap_off, self.gap_at[:-1][has]) if len(self.gap_off) else 0
+            ends[has] = np.maximum(0, np.minimum(ends[has], first))
+        return ends
+
+    def seq_ends(self, sides: np.ndarray, ends: np.ndarray) -> np.ndarray:
+        """`ends` (offsets in sides' data) in sequence numbers: the bytes of the gaps before count too."""
+        ends = np.array(ends, dtype=np.int64)
+        for q in np.flatnonzero(np.diff(self.gap_at)[sides] > 0).tolist():
+            j = sides[q]
+            a, b = self.gap_at[j], self.gap_at[j + 1]
+            off, n = self.gap_off[a:b], self.gap_len[a:b]
+            ends[q] += int(n[off < ends[q]].sum())
+        return ends
+
+    def direction(self, j: int) -> Direction:
+        """Side j as a Direction (for the parsers that read one session at a time)."""
+        a, b = self.ts_at[j], self.ts_at[j + 1]
+        g0, g1 = self.gap_at[j], self.gap_at[j + 1]
+        k0, k1 = self.ack_at[j], self.ack_at[j + 1]
+        return Direction(self.data[self.data_at[j]:self.data_at[j + 1]].tobytes(),
+                         list(zip(self.gap_off[g0:g1].tolist(), self.gap_len[g0:g1].tolist())),
+                         self.ts_offsets[a:b], self.ts[a:b], bool(self.truncated[j]),
+                         [(self.ack_rel[k0:k1], self.ack_pkt[k0:k1])] if k1 > k0 else [])
 
 
 @dataclass

@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 from wiretrail.jit import kernel, numba_hook
 
-from wiretrail.app.base import Direction
+from wiretrail.app.base import Direction, JoinedStreams
 from wiretrail.batch import TCP_ACK, TCP_SYN
 
 # ---- per-side fields (_S columns) ------------------------------------------------------------
@@ -798,6 +798,45 @@ class Reassembler:
             start = done
             for orig, resp in zip(made[0::2], made[1::2]):
                 yield None if orig is None else (orig, resp)
+
+    def take_joined(self, sids, budget: int = 16 << 20):
+        """Rebuild both directions of each session of `sids` and forget them, as JoinedStreams:
+        yields (first session's position in `sids`, JoinedStreams of the sessions from there),
+        about `budget` bytes at a time (a batch parser is called once per piece, and its cost
+        per call should not matter: the buffers grow to the budget first)."""
+        sids = np.asarray(sids, dtype=np.int64)
+        keys = np.empty(2 * len(sids), dtype=np.int64)
+        keys[0::2] = _side_keys(sids, np.ones(len(sids), dtype=bool))
+        keys[1::2] = _side_keys(sids, np.zeros(len(sids), dtype=bool))
+        self._take_room(budget, budget >> 8, budget >> 8)
+        start = 0
+        while start < len(keys):
+            self._apply()
+            meta = np.empty((len(keys) - start, N_M), dtype=np.int64)
+            while True:
+                done = _take_kernel(keys, start, 2, self._T, self._S, self._G, self._A, self._arena, self._st,
+                                    self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len,
+                                    self._ack_rel, self._ack_pkt, self._order, meta)
+                if done > start:
+                    break
+                st = self._st
+                self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))
+            yield start // 2, self._joined(meta[:done - start])
+            start = done
+
+    def _joined(self, meta: np.ndarray) -> JoinedStreams:
+        """What one _take_kernel call rebuilt, copied out of its buffers as JoinedStreams."""
+        def starts(ends):
+            at = np.zeros(len(ends) + 1, dtype=np.int64)
+            at[1:] = ends
+            return at
+
+        data_at, ts_at, gap_at, ack_at = (starts(meta[:, c]) for c in (M_DATA_END, M_TS_END, M_GAP_END, M_ACK_END))
+        nt, ng, na = ts_at[-1], gap_at[-1], ack_at[-1]
+        return JoinedStreams(self._out[:data_at[-1]].copy(), data_at, self._ts_off[:nt].copy(),
+                             self._ts_val[:nt].copy(), ts_at, self._gap_off[:ng].copy(), self._gap_len[:ng].copy(),
+                             gap_at, self._ack_rel[:na].copy(), self._ack_pkt[:na].copy(), ack_at,
+                             meta[:, M_TRUNC] == 1)
 
     def _take_chunk(self, keys: np.ndarray, start: int, per: int, want: list | None) -> tuple[list, int]:
         """Directions of keys[start:], `per` at a time, as many as the output buffers hold

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream
+from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
 from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
@@ -455,14 +455,21 @@ class AppStage:
         tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
         batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
         # both directions of every closing session with a stream, rebuilt as the loop reaches them
-        # (only for the sessions some parser reads: the others are just forgotten)
-        with_streams = {}
+        # (only for the sessions some parser reads: the others are just forgotten); those whose
+        # parsers all read JoinedStreams are taken after the loop, many at a time, as such
+        one_at_a_time, read = [], []
+        joined: dict[tuple[_Module, ...], list[int]] = {}  # their parsers -> their positions
         streamed = (has & _HAS_STREAM) != 0
         for k in needed:
             if streamed[k]:
-                with_streams.setdefault(sid_list[k], k)
-        read = [bool(self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])) for k in with_streams.values()]
-        directions = self.reasm.take_many(list(with_streams), read)
+                parsers = self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])
+                if parsers and all(getattr(m.mod, "JOINED", False) for m in parsers):
+                    joined.setdefault(tuple(parsers), []).append(k)
+                    streamed[k] = False
+                else:
+                    one_at_a_time.append(sid_list[k])
+                    read.append(bool(parsers))
+        directions = self.reasm.take_many(one_at_a_time, read)
         one_by_one = [(m, states) for m, states in self.dgram_state.items() if m not in self._batch_bits]
         for k in needed:
             s = sid_list[k]
@@ -477,15 +484,14 @@ class AppStage:
                             self.parser_errors += 1
             if streamed[k]:
                 rows.extend(self._parse_stream(next(directions), k, tuples, apps[k] if apps else "", batched))
-            if not rows:
-                continue
-            fill = {name: tuples[name][k] for name in tuples}
-            for m, row in rows:
-                for name, value in fill.items():
-                    row.setdefault(name, value)
-                out.row(m, k, row)
+            if rows:
+                self._add_rows(out, k, rows, tuples)
         for m, (ks, streams) in batched.items():
             self._run_batch(out, m, ks, streams)
+        for parsers, ks in joined.items():
+            for first, piece in self.reasm.take_joined([sid_list[k] for k in ks]):
+                for m in parsers:
+                    self._run_joined(out, m, ks[first:first + len(piece)], piece, tuples)
         for m, row in self.tracker_rows:
             out.row(m, _LAST, row)
         self.tracker_rows.clear()
@@ -519,6 +525,29 @@ class AppStage:
                 for k, (_, row) in zip(ks, piece):
                     out.row(m, k, row)
 
+    @staticmethod
+    def _add_rows(out: _Out, k: int, rows: list, tuples: dict) -> None:
+        """Dict rows of the session at position k, their session columns filled from `tuples`."""
+        fill = {name: tuples[name][k] for name in tuples}
+        for m, row in rows:
+            for name, value in fill.items():
+                row.setdefault(name, value)
+            out.row(m, k, row)
+
+    def _run_joined(self, out: _Out, m: _Module, ks: list[int], piece: JoinedStreams, tuples: dict) -> None:
+        """Module m's parse_streams over JoinedStreams of the sessions at positions `ks`; per
+        session with parse_stream if the batch call fails (as _run_batch)."""
+        try:
+            got = m.mod.parse_streams(piece)
+        except Exception:
+            for i, k in enumerate(ks):
+                stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
+                                resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k],
+                                orig=piece.direction(2 * i), resp=piece.direction(2 * i + 1))
+                self._add_rows(out, k, self._run_parsers([m], stream, None), tuples)
+            return
+        out.records_at(m, got, ks)
+
     def _run_batch(self, out: _Out, m: _Module, ks: list[int], streams: list[Stream]) -> None:
         """Module m's parse_streams over the streams of one close; per stream with parse_stream
         if the batch call fails (a parser bug costs the rows of one session, not of the batch)."""
@@ -529,9 +558,7 @@ class AppStage:
                 for _, row in self._run_parsers([m], stream, None):
                     out.row(m, k, row)
             return
-        at = np.asarray(ks, dtype=np.int64)
-        for piece in got if isinstance(got, list) else [got]:
-            out.records(m, piece.name, piece.table, at[np.asarray(piece.index, dtype=np.int64)])
+        out.records_at(m, got, ks)
 
     def _tables(self, out: _Out, sessions: pa.Table | None) -> dict[str, pa.Table]:
         """Rows to tables: a row with `_table` goes to that shared table (credentials); keys
@@ -692,6 +719,12 @@ class _Out:
     def records(self, m: _Module, name: str | None, table: pa.Table, ks: np.ndarray) -> None:
         if table.num_rows:
             self.tables.append((name or m.table, table, ks))
+
+    def records_at(self, m: _Module, got: Records | list[Records], ks: list[int]) -> None:
+        """A batch call's Records (indexed by item), the items being the sessions at positions ks."""
+        at = np.asarray(ks, dtype=np.int64)
+        for part in got if isinstance(got, list) else [got]:
+            self.records(m, part.name, part.table, at[np.asarray(part.index, dtype=np.int64)])
 
 
 def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray) -> pa.Table:

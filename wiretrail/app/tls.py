@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from wiretrail.app.base import SESSION_COLUMNS, Direction, Records, Stream
+from wiretrail.app.base import SESSION_COLUMNS, Direction, JoinedStreams, Records, Stream
 from wiretrail.app.tls_kernel import (ALERT, AT_ALPN, AT_CERTS, AT_CIPHERS, AT_EXTENSIONS, AT_NEXT_PROTOCOL,
                                       AT_SERVER_EXTENSIONS, AT_SIG_ALGS, AT_SNI, AT_VERSIONS, CH_MALFORMED,
                                       CH_N_ALPN, CH_N_CIPHERS, CH_N_EXTENSIONS, CH_N_GROUPS, CH_N_POINT_FORMATS,
@@ -94,6 +94,7 @@ NDPI = {"TLS", "DTLS"}
 # The handshake, certificates and the first encrypted records fit well within this: the
 # rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
 STREAM_DEPTH = 64 << 10
+JOINED = True  # parse_streams also reads JoinedStreams (app.base)
 
 # ---- registries ------------------------------------------------------------------------------
 
@@ -515,16 +516,18 @@ class Handshakes:
 _read_last: tuple[list[weakref.ref], Handshakes] | None = None
 
 
-def read_handshakes(streams: list[Stream]) -> Handshakes:
-    """The handshakes of `streams`, read by one kernel call. The last list read is kept: x509
-    reads the same streams right after tls (the stage calls it with another list of them)."""
+def read_handshakes(streams: list[Stream] | JoinedStreams) -> Handshakes:
+    """The handshakes of `streams`, read by one kernel call. The last ones read are kept: x509
+    reads the same streams right after tls (the stage calls it with another list of them, or
+    the same JoinedStreams)."""
     global _read_last
+    items = [streams] if isinstance(streams, JoinedStreams) else streams
     last = _read_last
-    if last is not None and len(last[0]) == len(streams) and all(r() is s for r, s in zip(last[0], streams)):
+    if last is not None and len(last[0]) == len(items) and all(r() is s for r, s in zip(last[0], items)):
         return last[1]
     _read_last = None
     h = _read(streams)
-    _read_last = ([weakref.ref(s) for s in streams], h)
+    _read_last = ([weakref.ref(s) for s in items], h)
     return h
 
 
@@ -542,9 +545,12 @@ def _joined(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(arrays).astype(np.int64), at  # or not all int64
 
 
-def _read(streams: list[Stream]) -> Handshakes:
+def _read(streams: list[Stream] | JoinedStreams) -> Handshakes:
     """handshakes on the streams: their directions (client, server, session by session) end to
     end, each one's bytes, first gap and packet times."""
+    if isinstance(streams, JoinedStreams):  # already end to end
+        j = streams
+        return Handshakes(*handshakes(j.data, j.data_at, j.contiguous_ends(), j.ts_offsets, j.ts_at, j.ts, j.ts_at))
     sides = [d for s in streams for d in (s.orig, s.resp)]
     datas = [d.data for d in sides]
     data_at = np.zeros(len(sides) + 1, dtype=np.int64)
@@ -737,9 +743,13 @@ def _packets(streams: list[Stream], rows: np.ndarray, head: np.ndarray) -> _Valu
     by_data = ~by_cert & (head[:, H_HELLO] > 0) & (app_end >= 0) & (done_end >= 0)
     server_q = np.flatnonzero(by_cert | by_data)
     client_q = np.flatnonzero(by_data)
-    sides = [streams[i].resp for i in rows[server_q].tolist()] + [streams[i].orig for i in rows[client_q].tolist()]
     ends = np.concatenate([np.where(by_cert, cert_end, app_end)[server_q], done_end[client_q]])
-    acked = acked_by_many(sides, ends)
+    if isinstance(streams, JoinedStreams):  # sides by number: 2i the originator's, 2i + 1 the responder's
+        acked = _acked_joined(streams, np.concatenate([2 * rows[server_q] + 1, 2 * rows[client_q]]), ends)
+    else:
+        sides = ([streams[i].resp for i in rows[server_q].tolist()]
+                 + [streams[i].orig for i in rows[client_q].tolist()])
+        acked = acked_by_many(sides, ends)
     packet = np.zeros(len(rows), dtype=np.int64)
     packet[server_q] = acked[:len(server_q)]
     server, client = packet[client_q], acked[len(server_q):]
@@ -775,6 +785,18 @@ def acked_by_many(sides: list[Direction], ends: np.ndarray) -> np.ndarray:
     packets, _ = _joined(packets)
     got = acked_packets(reach, packets, reach_at[arrays_at], ends)
     got[ends <= 0] = 0
+    return got
+
+
+def _acked_joined(j: JoinedStreams, sides: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """acked_by_many for sides of JoinedStreams (by number)."""
+    seq_ends = j.seq_ends(sides, ends)
+    first, count = j.ack_at[sides], j.ack_at[sides + 1] - j.ack_at[sides]
+    bounds = np.zeros(len(sides) + 1, dtype=np.int64)
+    np.cumsum(count, out=bounds[1:])
+    picked = np.repeat(first - bounds[:-1], count) + np.arange(bounds[-1], dtype=np.int64)
+    got = acked_packets(j.ack_rel[picked], j.ack_pkt[picked], bounds, seq_ends)
+    got[np.asarray(ends) <= 0] = 0
     return got
 
 

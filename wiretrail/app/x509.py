@@ -21,7 +21,7 @@ from datetime import timezone
 
 import pyarrow as pa
 
-from wiretrail.app.base import Records, Stream
+from wiretrail.app.base import JoinedStreams, Records, Stream
 
 TABLE = "x509"
 SCHEMA = pa.schema([
@@ -59,6 +59,7 @@ NDPI = {"TLS"}
 # The handshake, certificates and the first encrypted records fit well within this: the
 # rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
 STREAM_DEPTH = 64 << 10
+JOINED = True  # parse_streams also reads JoinedStreams (app.base)
 
 # OpenSSL short names of name attributes (what X509_NAME_print_ex prints).
 _ATTR = {
@@ -337,7 +338,7 @@ def leaf_names(der: bytes) -> tuple[str | None, str | None]:
     return row.get("subject"), row.get("issuer")
 
 
-def parse_streams(streams: list[Stream]) -> Records:
+def parse_streams(streams: list[Stream] | JoinedStreams) -> Records:
     """x509 rows for the certificates in the TLS handshakes of many sessions (see app.tls), as
     columns: each distinct certificate parsed once."""
     from wiretrail.app import tls
