@@ -26,6 +26,12 @@ def test_session_rows_agree_with_a_dict():
                 assert rows.col["flag"][r] == 3  # a new row starts at the fill value
                 model[s] = r
         rows.col["flag"][got[:-1]] = 1
+        seen, order = set(), []
+        for r in got[:-1].tolist():
+            if r not in seen:
+                seen.add(r)
+                order.append(r)
+        assert rows.distinct(got[:-1]).tolist() == order  # distinct rows in first-come order
         assert len(set(model.values())) == len(model) == len(rows)  # one row per live session
         gone = rng.choice(np.array(list(model), dtype=np.int64), size=min(len(model), 25), replace=False)
         rows.release(np.concatenate([gone, [12345678901]]))  # an id never seen: ignored

@@ -742,8 +742,7 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srow, start, len
     new = slot < 0
     if new.any():
         # the new sessions in the order they first come; past NdpiState.max_live they stay unidentified
-        new_rows, first = np.unique(srow[new], return_index=True)
-        new_rows = new_rows[np.argsort(first)]
+        new_rows = state.rows.distinct(srow[new])
         room = max(0, state.max_live - state.live_count)
         if len(new_rows) > room:
             state.rows.col["ndpi_label"][new_rows[room:]] = 0

@@ -144,6 +144,7 @@ class SessionRows:
         self.capacity = capacity
         self.col: dict[str, np.ndarray] = {}
         self._fill: dict[str, object] = {}
+        self.add_column("_scratch", np.int64, 0)  # for distinct()
 
     def __len__(self) -> int:
         return int(self._st[ST_KEYS])
@@ -169,6 +170,15 @@ class SessionRows:
             for name, column in self.col.items():
                 column[fresh] = self._fill[name]
         return out
+
+    def distinct(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct rows among `rows` (rows map() gave, none negative), in the order each
+        first comes: np.unique's sort replaced by one scatter into a scratch column (where an
+        index repeats, numpy keeps the last value written: written in reverse, the first)."""
+        at = np.arange(len(rows), dtype=np.int64)
+        scratch = self.col["_scratch"]
+        scratch[rows[::-1]] = at[::-1]
+        return rows[scratch[rows] == at]
 
     def find(self, sids: np.ndarray) -> np.ndarray:
         """The row of every session of `sids`, -1 where it has none (none is made)."""

@@ -733,15 +733,17 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
     those of a session whose roles Zeek flips)."""
     if sessions is None:
         return table
-    at = pa.array(ks)
-    for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p"):
+    names = [name for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p") if table.schema.get_field_index(name) >= 0]
+    if not names:
+        return table
+    picked = sessions.select(names).take(pa.array(ks))  # one take for all of them
+    for name in names:
         i = table.schema.get_field_index(name)
-        if i >= 0:
-            field = table.schema.field(i)
-            column = pc.cast(sessions.column(name).take(at), field.type)
-            if table.column(i).null_count < table.num_rows:
-                column = pc.coalesce(table.column(i), column)
-            table = table.set_column(i, field, column)
+        field = table.schema.field(i)
+        column = pc.cast(picked.column(name), field.type)
+        if table.column(i).null_count < table.num_rows:
+            column = pc.coalesce(table.column(i), column)
+        table = table.set_column(i, field, column)
     return table
 
 
