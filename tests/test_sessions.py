@@ -703,3 +703,24 @@ def test_text_columns_from_codes():
     for codes in (rng.integers(0, 6, 5000), np.full(5, 2), np.zeros(0, dtype=np.int64), np.array([3, 3]),
                   np.array([5, 1, 5])):
         assert text_from_codes(codes, names).to_pylist() == [names[c] for c in codes]
+
+
+def test_the_same_traffic_twice_gives_distinct_session_ids():
+    """A capture holding the same packets twice (time going back to the start: seen in the
+    corpus) makes sessions with the same key and first packet time: their ids still differ,
+    in one batch and across batches, and stay in the hour of their first packet."""
+    from wiretrail.batch import HOUR_NS, sid_hour
+
+    once = handshake_session()
+    got, _, _ = run(once + once)  # one batch: the replay's SYN after the FINs starts a new session
+    assert len(got) == 2 and got[0]["ts"] == got[1]["ts"]
+    table = FlowTable()
+    c, ts, wl, link = columns(once)
+    closed = []
+    for k in range(3):  # batch after batch, each session closed before the next batch comes
+        table.update(c, ts, wl, link)
+        closed += rows_of(table.expire(int(ts.max()) + (k + 1) * HOUR_NS))
+    every = [r["sid"] for r in got + closed]
+    assert len(closed) == 3 and len(set(every)) == len(every) == 5
+    assert len({r["uid"] for r in got + closed}) == 5
+    assert {sid_hour(s) for s in every} == {T0 // HOUR_NS}

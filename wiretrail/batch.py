@@ -46,7 +46,8 @@ DECODABLE_LINKTYPES = frozenset({
 ASSIGNED_LINKTYPES = frozenset(range(300))
 
 # Session ids: the top bits are the hour the session started (hours since the epoch), the
-# low SID_HOUR_SHIFT bits a hash of its key and first timestamp. A uid thus says which hour
+# low SID_HOUR_SHIFT bits the run's session number, permuted (sessions.flowtable: unique within
+# a run, from a random start per run). A uid thus says which hour
 # partitions of the store hold its session and packets (Arkime's session ids carry the date
 # for the same reason), and a lookup never scans the whole store.
 SID_HOUR_SHIFT = 43

@@ -64,8 +64,8 @@ T_INACTIVE, T_SYN_SENT, T_SYN_ACK_SENT, T_PARTIAL, T_ESTABLISHED, T_CLOSED, T_RE
 # history "seen" bits (responder: << 16)
 H_SYN, H_FIN, H_RST, H_ACK, H_DATA, H_MULTI, H_FINRST = 1, 2, 4, 8, 16, 32, 64
 
-# counters in ctr[]
-C_LIVE, C_USED, C_NFREE, C_NRET, C_MAXUSED = range(5)
+# counters in ctr[]; C_SIDS: sessions made so far, C_SID_BASE: this run's first session number
+C_LIVE, C_USED, C_NFREE, C_NRET, C_MAXUSED, C_SIDS, C_SID_BASE = range(7)
 
 UNSET = np.int64(-(1 << 62))
 
@@ -106,6 +106,22 @@ def _mix(z):
     z = (z ^ (z >> _S30)) * _M1
     z = (z ^ (z >> _S27)) * _M2
     return z ^ (z >> _S31)
+
+
+_SID_ODD1 = np.uint64(0x5DEECE66D)  # odd: multiplying by it permutes the 43-bit numbers
+_SID_ODD2 = np.uint64(0x2545F4914F6CDD1D)
+_SID_MASK = np.uint64(SID_HASH_MASK)
+_S21, _S19 = np.uint64(21), np.uint64(19)
+
+
+@kernel(inline=True)
+def _sid_bits(n):
+    """A bijection of the 43-bit numbers (odd multiplications and xor-shifts, each invertible
+    modulo 2**43): distinct session numbers give distinct, random-looking session id bits."""
+    x = (n * _SID_ODD1) & _SID_MASK
+    x ^= x >> _S21
+    x = (x * _SID_ODD2) & _SID_MASK
+    return x ^ (x >> _S19)
 
 
 @kernel(inline=True)
@@ -189,7 +205,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
                    vlan, inner_vlan, tunnel, anomaly, src_mac, dst_mac, ts, wirelen, link,
                    tab, K64, I64, I32, hist, free, retired, ctr, idle_to, active_to, close_delay,
-                   attempt_delay, dns_to, server_ports, cp4, cp6, link_salt, out_sid, out_orig, out_seq, out_cum):
+                   attempt_delay, dns_to, server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum):
     mask = np.uint64(tab.shape[0] - 1)
     for i in range(start, n):
         # room for one new session and one retired session?
@@ -318,9 +334,12 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
             if p == 17 and (sp == 53 or dp == 53 or sp == 137 or dp == 137 or sp == 5353 or dp == 5353
                             or sp == 5355 or dp == 5355):
                 I64[s, IDLE] = dns_to  # Zeek's dns_session_timeout
-            # hour of the first packet in the top bits (see batch.SID_HOUR_SHIFT)
+            # hour of the first packet in the top bits (see batch.SID_HOUR_SHIFT), below them
+            # this run's session number, permuted: unique within a run, even for two sessions
+            # with the same key and first packet time (a capture holding the same traffic twice)
             sid = np.int64(((t // HOUR_NS) << SID_HOUR_SHIFT)
-                           | np.int64(_mix(h ^ np.uint64(t) ^ link_salt[link[i]]) & np.uint64(SID_HASH_MASK)))
+                           | np.int64(_sid_bits(np.uint64(ctr[C_SID_BASE] + ctr[C_SIDS]))))
+            ctr[C_SIDS] += 1
             I64[s, SID] = sid
             I32[s, PROTO] = p
             I32[s, IPVER] = ip_ver[i]
@@ -1002,17 +1021,17 @@ class FlowTable:
         self.hist = np.zeros((cap, HMAX), dtype=np.uint8)
         self.free = np.arange(cap - 1, -1, -1, dtype=np.int32)
         self.retired = np.zeros(1024, dtype=np.int32)
-        self.ctr = np.zeros(5, dtype=np.int64)
+        self.ctr = np.zeros(7, dtype=np.int64)
         self.ctr[C_NFREE] = cap
         self.ctr[C_MAXUSED] = len(self.tab) // 2
+        # Session ids must differ between runs writing the same store (the same capture may be
+        # ingested twice): each run numbers its sessions from a random point of the 43-bit
+        # range, so two runs collide only if their ranges overlap (about 2 in 10**6 for two
+        # runs of ten million sessions).
+        self.ctr[C_SID_BASE] = int.from_bytes(os.urandom(8), "little") & SID_HASH_MASK
         self._last_scan = None
         self.sessions_closed = 0
         self._closing = "timeout"  # close_reason of the sessions being built
-        # Session ids must differ between links and between runs writing the same store (link
-        # ids are numbered per run; the same capture may be ingested twice): a random salt
-        # per run, mixed with the link's name.
-        self._run_salt = os.urandom(8)
-        self._salts = np.zeros(0, dtype=np.uint64)
 
     # ---- capacity ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -1052,15 +1071,6 @@ class FlowTable:
         self.ctr[C_USED] = len(live)
         self.ctr[C_MAXUSED] = size // 2
 
-    def _link_salts(self, max_link: int) -> np.ndarray:
-        if len(self._salts) <= max_link or len(self._salts) < len(self.link_names):
-            n = max(max_link + 1, len(self.link_names))
-            names = [self.link_names[k] if k < len(self.link_names) else str(k) for k in range(n)]
-            self._salts = np.array([int.from_bytes(hashlib.blake2b(name.encode(), key=self._run_salt,
-                                                                    digest_size=8).digest(), "little")
-                                    for name in names], dtype=np.uint64)
-        return self._salts
-
     # ---- packets ----------------------------------------------------------------------------
     def update(self, cols: dict, ts: np.ndarray, wirelen: np.ndarray, link: np.ndarray | None = None):
         """Assign sessions to a batch of decoded packets.
@@ -1092,7 +1102,7 @@ class FlowTable:
                                self.tab, self.K64, self.I64, self.I32, self.hist, self.free, self.retired,
                                self.ctr, self.idle_to, self.active_to, self.close_delay,
                                self.attempt_delay, self.dns_timeout, SERVER_PORTS, _CP4, _CP6,
-                               self._link_salts(int(link.max())), out_sid, out_orig, out_seq, out_cum)
+                               out_sid, out_orig, out_seq, out_cum)
             if i >= n:
                 break
             self._grow()
