@@ -32,6 +32,15 @@ def _slot_of(sid, mask):
     return np.int64(z & np.uint64(mask))
 
 
+@kernel(inline=True)
+def _probe(keys, s, mask):
+    """Where session id s is in the table, or the empty slot where it would go."""
+    h = _slot_of(s, mask)
+    while keys[h] != s and keys[h] != _EMPTY:
+        h = (h + 1) & mask
+    return h
+
+
 @kernel
 def _map_kernel(start, keys, vals, free, st, sids, out, made):
     """Row of each sids[k] (k from `start`), made from the free list where new (made[k] set);
@@ -44,24 +53,19 @@ def _map_kernel(start, keys, vals, free, st, sids, out, made):
         if s < 0:
             out[k] = -1
             continue
-        h = _slot_of(s, mask)
-        while True:
-            key = keys[h]
-            if key == s:
-                out[k] = vals[h]
-                break
-            if key == _EMPTY:
-                if st[ST_FREE] == 0 or 2 * (st[ST_KEYS] + 1) > len(keys):
-                    return k
-                st[ST_FREE] -= 1
-                row = free[st[ST_FREE]]
-                keys[h] = s
-                vals[h] = row
-                st[ST_KEYS] += 1
-                out[k] = row
-                made[k] = True
-                break
-            h = (h + 1) & mask
+        h = _probe(keys, s, mask)
+        if keys[h] == s:
+            out[k] = vals[h]
+            continue
+        if st[ST_FREE] == 0 or 2 * (st[ST_KEYS] + 1) > len(keys):
+            return k
+        st[ST_FREE] -= 1
+        row = free[st[ST_FREE]]
+        keys[h] = s
+        vals[h] = row
+        st[ST_KEYS] += 1
+        out[k] = row
+        made[k] = True
     return len(sids)
 
 
@@ -72,17 +76,10 @@ def _find_kernel(keys, vals, sids, out):
     for k in range(len(sids)):
         s = sids[k]
         out[k] = -1
-        if s < 0:
-            continue
-        h = _slot_of(s, mask)
-        while True:
-            key = keys[h]
-            if key == s:
+        if s >= 0:
+            h = _probe(keys, s, mask)
+            if keys[h] == s:
                 out[k] = vals[h]
-                break
-            if key == _EMPTY:
-                break
-            h = (h + 1) & mask
 
 
 @kernel
@@ -95,9 +92,7 @@ def _release_kernel(keys, vals, free, st, sids):
         s = sids[k]
         if s < 0:
             continue
-        h = _slot_of(s, mask)
-        while keys[h] != s and keys[h] != _EMPTY:
-            h = (h + 1) & mask
+        h = _probe(keys, s, mask)
         if keys[h] == _EMPTY:
             continue
         free[st[ST_FREE]] = vals[h]
