@@ -454,9 +454,11 @@ class _Slab:
             self._grow()
         slots = np.array(self.free[len(self.free) - k:], dtype=np.int64)
         del self.free[len(self.free) - k:]
+        from wiretrail.app.ndpi_kernel import zero_rows
+
         chunk_of, row = np.divmod(slots, self.CHUNK)
         for c in np.unique(chunk_of).tolist():
-            self.chunks[c][row[chunk_of == c]] = 0
+            zero_rows(self.chunks[c], row[chunk_of == c])
         self.count[slots] = 0
         self.done[slots] = 0
         return slots

@@ -113,6 +113,14 @@ def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, stat
 
 
 @kernel
+def zero_rows(chunk, rows):
+    """Zero the rows `rows` of a 2-D byte array: flow structs taken from the slab (a memset
+    each, where numpy's fancy assignment went element by element)."""
+    for k in range(len(rows)):
+        chunk[rows[k], :] = 0
+
+
+@kernel
 def giveup_kernel(giveup, module, ret_base, ret_size, flow_ptr, slots):
     """ndpi_detection_giveup for the flows in `slots`; its result lands at ret_base + slot * ret_size."""
     for k in range(len(slots)):

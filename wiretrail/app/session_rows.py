@@ -166,14 +166,18 @@ class SessionRows:
                 column[fresh] = self._fill[name]
         return out
 
-    def distinct(self, rows: np.ndarray) -> np.ndarray:
-        """The distinct rows among `rows` (rows map() gave, none negative), in the order each
-        first comes: np.unique's sort replaced by one scatter into a scratch column (where an
-        index repeats, numpy keeps the last value written: written in reverse, the first)."""
+    def firsts(self, rows: np.ndarray) -> np.ndarray:
+        """Where in `rows` (rows map() gave, none negative) each distinct one first comes:
+        np.unique's sort replaced by one scatter into a scratch column (where an index repeats,
+        numpy keeps the last value written: written in reverse, the first)."""
         at = np.arange(len(rows), dtype=np.int64)
         scratch = self.col["_scratch"]
         scratch[rows[::-1]] = at[::-1]
-        return rows[scratch[rows] == at]
+        return np.flatnonzero(scratch[rows] == at)
+
+    def distinct(self, rows: np.ndarray) -> np.ndarray:
+        """The distinct rows among `rows`, in the order each first comes."""
+        return rows[self.firsts(rows)]
 
     def find(self, sids: np.ndarray) -> np.ndarray:
         """The row of every session of `sids`, -1 where it has none (none is made)."""

@@ -103,6 +103,7 @@ class AppStage:
         self._batch_bits = {m: _HAS_BATCH << i for i, m in
                             enumerate(m for m in self.datagram_modules if hasattr(m.mod, "close_sessions"))}
         self._label_codes: dict[int, tuple[int, int]] = {}      # nDPI label id -> (code, depth)
+        self._parsers_by_label_id: dict[int, tuple] = {}        # nDPI label id -> its stream parsers
         self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_by_label: dict[str, list] = {}
@@ -188,8 +189,9 @@ class AppStage:
             return
         from wiretrail.sessions.flowtable import addr_texts, uids_of
 
-        sessions, first = np.unique(sid[rows[new]], return_index=True)
-        r = rows[new][first]
+        picked = np.flatnonzero(new)
+        r = rows[picked[self.session_rows.firsts(at[picked])]]
+        sessions = sid[r]
         tuples = self.tuples
         orig = is_orig[r]
         src_hi, src_lo = cols["src_hi"][r].astype(np.uint64), cols["src_lo"][r].astype(np.uint64)
@@ -322,8 +324,9 @@ class AppStage:
             label = self.session_rows.col["ndpi_label"][srow]
             newly = (code == _UNDECIDED) & (label >= 0)
             if newly.any():
-                rows, first = np.unique(srow[newly], return_index=True)
-                self._judge(sid[cand[newly][first]], rows, label[newly][first])
+                at = np.flatnonzero(newly)
+                first = at[self.session_rows.firsts(srow[at])]
+                self._judge(sid[cand[first]], srow[first], label[first])
                 code = code_col[srow]
             # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
             want = (code == _WANTED) | ((code != _UNWANTED) & (want | (code == _UNDECIDED)))
@@ -366,6 +369,13 @@ class AppStage:
             else:
                 got = (_BY_PORT, 0)
             self._label_codes[label] = got
+        return got
+
+    def _label_parsers(self, label: int) -> tuple[_Module, ...]:
+        """The stream parsers nDPI label id `label` names (none: the port decides)."""
+        got = self._parsers_by_label_id.get(label)
+        if got is None:
+            got = self._parsers_by_label_id[label] = tuple(self._stream_parsers(self.ndpi_state.labels[label].app))
         return got
 
     def _label_columns(self) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
@@ -413,7 +423,7 @@ class AppStage:
         if sessions.num_rows == 0:
             return sessions, {}
         sids = sessions.column("sid").to_numpy()
-        apps = None
+        apps = ids = None
         if self.ndpi_state is not None:
             ids = self.ndpi_state.finish_ids(sids)
             at = pa.array(ids)
@@ -448,28 +458,48 @@ class AppStage:
                     self.parser_errors += 1
                     for s in sids[have].tolist():
                         states.pop(s, None)
-        # Only sessions with rows, streams or per-session datagram state have anything to finish
-        needed = np.flatnonzero(has & (_HAS_ROWS | _HAS_STREAM | _HAS_STATE)).tolist()
-        # the 5-tuple as Python values, only for the sessions that have records
-        picked = sessions.take(pa.array(needed, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).to_pydict()
-        tuples = {name: dict(zip(needed, values)) for name, values in picked.items()}
-        batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
-        # both directions of every closing session with a stream, rebuilt as the loop reaches them
-        # (only for the sessions some parser reads: the others are just forgotten); those whose
-        # parsers all read JoinedStreams are taken after the loop, many at a time, as such
-        one_at_a_time, read = [], []
-        joined: dict[tuple[_Module, ...], list[int]] = {}  # their parsers -> their positions
+        # Each closing session's stream parsers are worked out per distinct nDPI label, or per
+        # server port where the label names none, with no Python per session: a stream no parser
+        # reads is dropped; those whose parsers all read JoinedStreams (TLS and x509) are taken
+        # after the loop below, many at a time; the others are rebuilt one by one in the loop.
         streamed = (has & _HAS_STREAM) != 0
-        for k in needed:
-            if streamed[k]:
-                parsers = self._stream_parsers(apps[k] if apps else "", tuples["resp_p"][k])
-                if parsers and all(getattr(m.mod, "JOINED", False) for m in parsers):
-                    joined.setdefault(tuple(parsers), []).append(k)
-                    streamed[k] = False
+        joined: dict[tuple[_Module, ...], list[np.ndarray]] = {}  # their parsers -> their positions
+        if streamed.any():
+            at_stream = np.flatnonzero(streamed)
+            by_port = np.ones(len(at_stream), dtype=bool)
+            groups = []  # (parsers, positions)
+            if ids is not None:
+                distinct, which = np.unique(ids[at_stream], return_inverse=True)
+                for j, label in enumerate(distinct.tolist()):
+                    parsers = self._label_parsers(label)
+                    if parsers:
+                        on = which == j
+                        by_port[on] = False
+                        groups.append((parsers, at_stream[on]))
+            if by_port.any():
+                left = at_stream[by_port]
+                ports = _column(sessions, "resp_p")[left].astype(np.int64)
+                distinct, which = np.unique(ports, return_inverse=True)
+                for j, port in enumerate(distinct.tolist()):
+                    groups.append((tuple(self._stream_parsers("", port)), left[which == j]))
+            dropped = []
+            for parsers, ks in groups:
+                if not parsers:
+                    dropped.append(ks)
+                elif all(getattr(m.mod, "JOINED", False) for m in parsers):
+                    joined.setdefault(parsers, []).append(ks)
                 else:
-                    one_at_a_time.append(sid_list[k])
-                    read.append(bool(parsers))
-        directions = self.reasm.take_many(one_at_a_time, read)
+                    continue
+                streamed[ks] = False
+            if dropped:  # no parser reads them: forgotten
+                self.reasm.drop_many(sids[np.concatenate(dropped)])
+        # The others with rows, a stream or per-session datagram state, one at a time
+        needed = np.flatnonzero(((has & (_HAS_ROWS | _HAS_STATE)) != 0) | streamed).tolist()
+        tuples = _tuples_at(sessions, needed)
+        batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
+        # both directions of each of their streams, rebuilt as the loop reaches them
+        one_at_a_time = [sid_list[k] for k in needed if streamed[k]]
+        directions = self.reasm.take_many(one_at_a_time)
         one_by_one = [(m, states) for m, states in self.dgram_state.items() if m not in self._batch_bits]
         for k in needed:
             s = sid_list[k]
@@ -488,10 +518,11 @@ class AppStage:
                 self._add_rows(out, k, rows, tuples)
         for m, (ks, streams) in batched.items():
             self._run_batch(out, m, ks, streams)
-        for parsers, ks in joined.items():
-            for first, piece in self.reasm.take_joined([sid_list[k] for k in ks]):
+        for parsers, pieces in joined.items():
+            ks = np.sort(np.concatenate(pieces))
+            for first, piece in self.reasm.take_joined(sids[ks]):
                 for m in parsers:
-                    self._run_joined(out, m, ks[first:first + len(piece)], piece, tuples)
+                    self._run_joined(out, m, ks[first:first + len(piece)], piece, sessions)
         for m, row in self.tracker_rows:
             out.row(m, _LAST, row)
         self.tracker_rows.clear()
@@ -534,12 +565,14 @@ class AppStage:
                 row.setdefault(name, value)
             out.row(m, k, row)
 
-    def _run_joined(self, out: _Out, m: _Module, ks: list[int], piece: JoinedStreams, tuples: dict) -> None:
+    def _run_joined(self, out: _Out, m: _Module, ks: np.ndarray, piece: JoinedStreams, sessions: pa.Table) -> None:
         """Module m's parse_streams over JoinedStreams of the sessions at positions `ks`; per
         session with parse_stream if the batch call fails (as _run_batch)."""
         try:
             got = m.mod.parse_streams(piece)
         except Exception:
+            ks = ks.tolist()
+            tuples = _tuples_at(sessions, ks)
             for i, k in enumerate(ks):
                 stream = Stream(uid=tuples["uid"][k], orig_h=tuples["orig_h"][k], orig_p=tuples["orig_p"][k],
                                 resp_h=tuples["resp_h"][k], resp_p=tuples["resp_p"][k],
@@ -596,7 +629,10 @@ class AppStage:
                 for field in schema:  # columns a module leaves out are null (the session's: filled)
                     if field.name not in have:
                         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
-                table = _session_columns(table.select(schema.names).cast(schema), sessions, ks)
+                table = table.select(schema.names)
+                if not table.schema.equals(schema):  # (a cast of equal types is no free copy)
+                    table = table.cast(schema)
+                table = _session_columns(table, sessions, ks)
             except Exception:  # a module's columns not as its schema says: a bug, its rows lost
                 self.parser_errors += 1
                 continue
@@ -725,6 +761,20 @@ class _Out:
         at = np.asarray(ks, dtype=np.int64)
         for part in got if isinstance(got, list) else [got]:
             self.records(m, part.name, part.table, at[np.asarray(part.index, dtype=np.int64)])
+
+
+def _column(table: pa.Table, name: str, null=0) -> np.ndarray:
+    """A column of numbers as numpy, nulls as `null`."""
+    column = table.column(name)
+    if column.null_count:
+        column = column.fill_null(null)
+    return column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
+
+
+def _tuples_at(sessions: pa.Table, ks: list[int]) -> dict[str, dict[int, object]]:
+    """uid and 5-tuple of the sessions at positions `ks`, as Python values: column -> k -> value."""
+    picked = sessions.take(pa.array(ks, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"])
+    return {name: dict(zip(ks, values)) for name, values in picked.to_pydict().items()}
 
 
 def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray) -> pa.Table:
