@@ -790,7 +790,9 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
     for name in names:
         i = table.schema.get_field_index(name)
         field = table.schema.field(i)
-        column = pc.cast(picked.column(name), field.type)
+        column = picked.column(name)
+        if column.type != field.type:
+            column = pc.cast(column, field.type)
         if table.column(i).null_count < table.num_rows:
             column = pc.coalesce(table.column(i), column)
         table = table.set_column(i, field, column)
@@ -801,4 +803,5 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     i = table.schema.get_field_index(name)
     if i < 0:
         return table.append_column(name, values)
-    return table.set_column(i, table.schema.field(i), pc.cast(values, table.schema.field(i).type))
+    field = table.schema.field(i)
+    return table.set_column(i, field, values if values.type == field.type else pc.cast(values, field.type))

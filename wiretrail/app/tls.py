@@ -293,7 +293,7 @@ def is_grease(v: int) -> bool:
 
 
 # The 16 GREASE values (RFC 8701), for set lookups in the fingerprint loops.
-GREASE = frozenset(v for v in range(0x10000) if is_grease(v))
+GREASE = frozenset(0x0A0A + 0x1010 * i for i in range(16))  # 0x0A0A, 0x1A1A, ... 0xFAFA: is_grease's
 
 
 # ---- ClientHello / ServerHello ----------------------------------------------------------------

@@ -94,7 +94,6 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     faster."""
     global _part_seq
     _part_seq += 1
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"part-{time.time_ns()}-{os.getpid()}-{_part_seq}.parquet"
     tmp = directory / (name + ".tmp")
     options = {"compression": _compression(table.schema), "row_group_size": 1 << 17,
@@ -102,10 +101,15 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
                "write_statistics": _statistics_columns(table.schema), **parquet_options}
     # built in memory and written with one call: a path given to pyarrow costs a filesystem
     # lookup and an output stream per part (0.3 of the 1.0 ms a one-row part took)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **options)
     try:
-        with open(tmp, "wb") as f:
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **options)
+        try:
+            f = open(tmp, "wb")
+        except FileNotFoundError:  # the partition's first part (a mkdir per part cost more than a small part)
+            directory.mkdir(parents=True, exist_ok=True)
+            f = open(tmp, "wb")
+        with f:
             f.write(sink.getvalue())
         os.replace(tmp, directory / name)
     except OSError as err:
