@@ -53,7 +53,7 @@ STAGES = [
     (0, "wiretrail.store.packets:PacketWriter.close"),
 ]
 # every protocol module's entry points, under AppStage.close or .process
-PROTOCOL_ENTRIES = ("parse_stream", "parse_streams", "parse_datagram", "parse_datagrams", "close_sessions")
+PROTOCOL_ENTRIES = ("parse_stream", "parse_streams", "parse_datagram", "add_datagrams", "new_session", "close_sessions")
 
 
 def resolve(spec: str):

@@ -107,6 +107,12 @@ def _use_jemalloc() -> None:
         pass
 
 
+# Closed sessions go through the application stage and into the store in runs of at most this
+# many, or after at most this long (what a kill -9 can lose grows by as much).
+CLOSE_ROWS = 16384
+CLOSE_SECONDS = 0.5
+
+
 class Pipeline:
     """Holds the state that spans batches and files: flow table, fragments, writers."""
 
@@ -145,6 +151,9 @@ class Pipeline:
         self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, link)
         self._next_tag = 0
         self.file_packets = 0        # packets of the current file so far (records' packet numbers)
+        self._closed: list = []      # closed sessions not yet through the application stage (_close)
+        self._closed_rows = 0
+        self._closed_since = 0.0
 
     # --- store policy -------------------------------------------------------------------
     def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
@@ -252,9 +261,27 @@ class Pipeline:
             arr = np.array(pos, dtype=np.int64)
             self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32), arr[:, 1])
 
-    def _close(self, sessions) -> None:
-        if sessions is None or not sessions.num_rows:
+    def _close(self, sessions, final: bool = False) -> None:
+        """Closed sessions to the application stage and the store, gathered first into runs of
+        up to CLOSE_ROWS sessions or CLOSE_SECONDS: each close of the stage has a cost of its
+        own (a few dozen array and table operations per protocol table), which a close per
+        batch paid 29 times on mix.pcap. Session ids are never reused, so a session waiting
+        here shares no state with a new one of the same 5-tuple."""
+        if sessions is not None and sessions.num_rows:
+            if not self._closed:
+                self._closed_since = time.monotonic()
+            self._closed.append(sessions)
+            self._closed_rows += sessions.num_rows
+        if not self._closed or (not final and self._closed_rows < CLOSE_ROWS
+                                and time.monotonic() - self._closed_since < CLOSE_SECONDS):
             return
+        if len(self._closed) == 1:
+            sessions = self._closed[0]
+        else:
+            import pyarrow as pa
+
+            sessions = pa.concat_tables(self._closed)
+        self._closed, self._closed_rows = [], 0
         records = {}
         if self.app is not None:
             sessions, records = self.app.close(sessions)
@@ -270,7 +297,7 @@ class Pipeline:
     def finish(self) -> None:
         for p in self.fragments.expire(None):
             self._index_fragments(-1, p)
-        self._close(self.flows.flush())
+        self._close(self.flows.flush(), final=True)
         if self.app is not None:
             self._records(self.app.finish())
             if self.app.parser_errors:  # a parser raised (a bug): those sessions lost their records

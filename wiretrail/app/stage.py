@@ -87,8 +87,11 @@ class AppStage:
         self.trackers = {m.name: m.mod.new_tracker() for m in self.datagram_modules if hasattr(m.mod, "new_tracker")}
         self.tracker_rows: list[tuple[_Module, dict]] = []  # rows of cross-session trackers
         self.stream_modules = [m for m in self.modules if m.stream]
-        self.stream_ports = np.unique(np.concatenate([m.ports for m in self.stream_modules] or
-                                                     [np.zeros(0, dtype=np.int64)]))
+        # 65536 booleans, True at a stream module's port: looked up by indexing (np.isin made a
+        # pass over a batch's packets per port)
+        self.stream_port_table = np.zeros(1 << 16, dtype=bool)
+        for m in self.stream_modules:
+            self.stream_port_table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
         self.reasm = Reassembler(depth=depth, memcap=memcap)
         self.dgram_state: dict[_Module, dict[int, object]] = {m: {} for m in self.datagram_modules}  # module -> sid -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
@@ -314,7 +317,8 @@ class AppStage:
         if not tcp.any():
             return
         cand = np.flatnonzero(tcp)
-        want = np.isin(cols["sport"][cand], self.stream_ports) | np.isin(cols["dport"][cand], self.stream_ports)
+        on_port = self.stream_port_table
+        want = on_port[cols["sport"][cand]] | on_port[cols["dport"][cand]]
         if self.ndpi_state is not None:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by
             # its label: a judgement per distinct label), not per packet
