@@ -108,9 +108,10 @@ def _use_jemalloc() -> None:
 
 
 # Closed sessions go through the application stage and into the store in runs of at most this
-# many, or after at most this long (what a kill -9 can lose grows by as much).
+# many sessions, or of the sessions closed over this many batches (16 MB of capture each; what
+# a kill -9 can lose grows by as much).
 CLOSE_ROWS = 16384
-CLOSE_SECONDS = 0.5
+CLOSE_BATCHES = 4
 
 
 class Pipeline:
@@ -153,7 +154,7 @@ class Pipeline:
         self.file_packets = 0        # packets of the current file so far (records' packet numbers)
         self._closed: list = []      # closed sessions not yet through the application stage (_close)
         self._closed_rows = 0
-        self._closed_since = 0.0
+        self._closed_batches = 0     # batches since the first of them closed
 
     # --- store policy -------------------------------------------------------------------
     def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
@@ -262,18 +263,20 @@ class Pipeline:
             self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32), arr[:, 1])
 
     def _close(self, sessions, final: bool = False) -> None:
-        """Closed sessions to the application stage and the store, gathered first into runs of
-        up to CLOSE_ROWS sessions or CLOSE_SECONDS: each close of the stage has a cost of its
-        own (a few dozen array and table operations per protocol table), which a close per
-        batch paid 29 times on mix.pcap. Session ids are never reused, so a session waiting
-        here shares no state with a new one of the same 5-tuple."""
+        """Closed sessions to the application stage and the store, gathered first (one call per
+        batch) into runs of up to CLOSE_ROWS sessions or CLOSE_BATCHES batches: each close of
+        the stage has a cost of its own (a few dozen array and table operations per protocol
+        table), which a close per batch paid 29 times on mix.pcap. Counted in sessions and
+        batches, not seconds, so that the same capture gives the same store (when nDPI gives
+        up on a flow can change another's label). Session ids are never reused: a session
+        waiting here shares no state with a new one of the same 5-tuple."""
         if sessions is not None and sessions.num_rows:
-            if not self._closed:
-                self._closed_since = time.monotonic()
             self._closed.append(sessions)
             self._closed_rows += sessions.num_rows
-        if not self._closed or (not final and self._closed_rows < CLOSE_ROWS
-                                and time.monotonic() - self._closed_since < CLOSE_SECONDS):
+        if not self._closed:
+            return
+        self._closed_batches += 1
+        if not final and self._closed_rows < CLOSE_ROWS and self._closed_batches < CLOSE_BATCHES:
             return
         if len(self._closed) == 1:
             sessions = self._closed[0]
@@ -281,7 +284,7 @@ class Pipeline:
             import pyarrow as pa
 
             sessions = pa.concat_tables(self._closed)
-        self._closed, self._closed_rows = [], 0
+        self._closed, self._closed_rows, self._closed_batches = [], 0, 0
         records = {}
         if self.app is not None:
             sessions, records = self.app.close(sessions)

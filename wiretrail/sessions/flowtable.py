@@ -1156,7 +1156,11 @@ class FlowTable:
     def _close(self, idx: np.ndarray) -> pa.Table:
         if len(idx) == 0:
             return SESSIONS_SCHEMA.empty_table()
+        # in order of first packet: the store writes a Parquet part per hour, and rows of one
+        # hour that come together are copied together (in slot order, the sessions of a close
+        # made over a thousand runs of hours on mix.pcap)
         idx = np.sort(idx)
+        idx = idx[np.argsort(self.I64[idx, FIRST_TS], kind="stable")]
         table = self._build(idx)
         self.I32[idx, LIVE] = L_FREE
         nf = int(self.ctr[C_NFREE])
