@@ -107,11 +107,9 @@ def _use_jemalloc() -> None:
         pass
 
 
-# Closed sessions go through the application stage and into the store in runs of at most this
-# many sessions, or of the sessions closed over this many batches (16 MB of capture each; what
-# a kill -9 can lose grows by as much).
-CLOSE_ROWS = 16384
-CLOSE_BATCHES = 4
+# Idle and finished sessions are looked for every this many batches (16 MB of capture each):
+# what a kill -9 can lose grows by as much.
+EXPIRE_BATCHES = 4
 
 
 class Pipeline:
@@ -152,9 +150,8 @@ class Pipeline:
         self._frag_pos: dict[int, tuple[int, int, int]] = {}  # tag -> (file_id, offset, link)
         self._next_tag = 0
         self.file_packets = 0        # packets of the current file so far (records' packet numbers)
-        self._closed: list = []      # closed sessions not yet through the application stage (_close)
-        self._closed_rows = 0
-        self._closed_batches = 0     # batches since the first of them closed
+        self._batches_since_expire = 0
+        self._last_ts = 0            # the last batch's latest packet time (expiry's now)
 
     # --- store policy -------------------------------------------------------------------
     def _filter_mask(self, batch: FrameBatch) -> np.ndarray | None:
@@ -215,7 +212,16 @@ class Pipeline:
 
         self.report.packets += n
         self.report.bytes += int(batch.caplen.sum())
-        self._close(self.flows.expire(int(batch.ts.max())))
+        # Sessions are closed every EXPIRE_BATCHES batches, not after each: a close has a cost of
+        # its own (building the sessions table; in the application stage a few dozen array and
+        # table operations per protocol table), which a close per batch paid 29 times on
+        # mix.pcap. When does not change what: update() splits a session on the same timeouts
+        # when its next packet comes, and session ids are never reused.
+        self._last_ts = int(batch.ts.max())
+        self._batches_since_expire += 1
+        if self._batches_since_expire >= EXPIRE_BATCHES:
+            self._batches_since_expire = 0
+            self._close(self.flows.expire(self._last_ts))
         self.index.maybe_flush()
         self.tables.maybe_flush()
 
@@ -262,29 +268,9 @@ class Pipeline:
             arr = np.array(pos, dtype=np.int64)
             self.index.append(np.full(len(arr), sid, dtype=np.int64), arr[:, 0].astype(np.int32), arr[:, 1])
 
-    def _close(self, sessions, final: bool = False) -> None:
-        """Closed sessions to the application stage and the store, gathered first (one call per
-        batch) into runs of up to CLOSE_ROWS sessions or CLOSE_BATCHES batches: each close of
-        the stage has a cost of its own (a few dozen array and table operations per protocol
-        table), which a close per batch paid 29 times on mix.pcap. Counted in sessions and
-        batches, not seconds, so that the same capture gives the same store (when nDPI gives
-        up on a flow can change another's label). Session ids are never reused: a session
-        waiting here shares no state with a new one of the same 5-tuple."""
-        if sessions is not None and sessions.num_rows:
-            self._closed.append(sessions)
-            self._closed_rows += sessions.num_rows
-        if not self._closed:
+    def _close(self, sessions) -> None:
+        if sessions is None or not sessions.num_rows:
             return
-        self._closed_batches += 1
-        if not final and self._closed_rows < CLOSE_ROWS and self._closed_batches < CLOSE_BATCHES:
-            return
-        if len(self._closed) == 1:
-            sessions = self._closed[0]
-        else:
-            import pyarrow as pa
-
-            sessions = pa.concat_tables(self._closed)
-        self._closed, self._closed_rows, self._closed_batches = [], 0, 0
         records = {}
         if self.app is not None:
             sessions, records = self.app.close(sessions)
@@ -300,7 +286,10 @@ class Pipeline:
     def finish(self) -> None:
         for p in self.fragments.expire(None):
             self._index_fragments(-1, p)
-        self._close(self.flows.flush(), final=True)
+        # those past their timeouts at the last packet close as timed out (as they would have
+        # at the next expiry), the others as still open at the end of input
+        self._close(self.flows.expire(self._last_ts, scan=True))
+        self._close(self.flows.flush())
         if self.app is not None:
             self._records(self.app.finish())
             if self.app.parser_errors:  # a parser raised (a bug): those sessions lost their records

@@ -1115,12 +1115,13 @@ class FlowTable:
         self.ctr[C_NRET] = 0
         return idx
 
-    def expire(self, now_ns: int) -> pa.Table:
+    def expire(self, now_ns: int, scan: bool = False) -> pa.Table:
         """Close sessions idle past their timeout, past the active timeout, or finished
-        (FIN/FIN or RST) more than close_delay ago; plus sessions split inside update()."""
+        (FIN/FIN or RST) more than close_delay ago (looked for at most every scan_interval of
+        packet time, or now with `scan`); plus sessions split inside update()."""
         now = int(now_ns)
         parts = [self._take_retired()]
-        if self._last_scan is None or now - self._last_scan >= self.scan_interval or now < self._last_scan:
+        if scan or self._last_scan is None or now - self._last_scan >= self.scan_interval or now < self._last_scan:
             self._last_scan = now
             live = self.I32[:, LIVE] == L_TABLE
             last = self.I64[:, LAST_TS]

@@ -1,5 +1,5 @@
-"""Closed sessions go through the application stage in runs (ingest.CLOSE_ROWS, CLOSE_BATCHES):
-the store must not depend on how they are gathered, only the number of closes does."""
+"""Sessions are expired every few batches (ingest.EXPIRE_BATCHES), not after each: the store must
+not depend on how often, only the number of closes does."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _tables(store: Path) -> dict[str, list[str]]:
     return out
 
 
-def test_gathering_closes_changes_no_table(tmp_path, monkeypatch):
+def test_how_often_sessions_expire_changes_no_table(tmp_path, monkeypatch):
     frames, _ = generate(sessions=1500, seed=11)  # two hours of traffic: sessions time out all along
     pcap = tmp_path / "s.pcap"
     write_pcap(pcap, frames)
@@ -33,27 +33,27 @@ def test_gathering_closes_changes_no_table(tmp_path, monkeypatch):
     real_close = stage.AppStage.close
 
     def counted(self, sessions):
-        closes[-1] += 1
+        if sessions.num_rows:
+            closes[-1] += 1
         return real_close(self, sessions)
 
     monkeypatch.setattr(stage.AppStage, "close", counted)
     stores, sessions = {}, []
-    for label, rows, batches in (("per batch", 1, 1), ("as shipped", ingest_module.CLOSE_ROWS,
-                                                       ingest_module.CLOSE_BATCHES), ("by rows", 200, 1000)):
-        monkeypatch.setattr(ingest_module, "CLOSE_ROWS", rows)
-        monkeypatch.setattr(ingest_module, "CLOSE_BATCHES", batches)
+    every = (1, ingest_module.EXPIRE_BATCHES, 13)
+    for n in every:
+        monkeypatch.setattr(ingest_module, "EXPIRE_BATCHES", n)
         closes.append(0)
-        store = tmp_path / label.replace(" ", "_")
+        store = tmp_path / f"every_{n}"
         report = ingest([pcap], IngestOptions(store=store, batch_bytes=1 << 15))  # about 40 batches
         assert not report.errors
         sessions.append(report.sessions)
-        stores[label] = _tables(store)
-    per_batch, shipped, by_rows = closes
-    print(f"\nclose batching: {per_batch} closes per batch, {shipped} as shipped, {by_rows} by 200 rows")
-    assert per_batch > shipped > 1 and per_batch > by_rows > 1
+        stores[n] = _tables(store)
+    print(f"\nexpiry every {every} batches: {closes} closes, {sessions} sessions")
+    assert closes[0] > closes[1] > closes[2] > 1
     assert sessions[0] == sessions[1] == sessions[2] > 1000
-    assert set(stores["per batch"]) >= {"sessions", "dns", "http"}
-    for label in ("as shipped", "by rows"):
-        assert stores[label].keys() == stores["per batch"].keys()
-        for name, rows in stores["per batch"].items():
-            assert stores[label][name] == rows, f"{label}: table {name} differs"
+    first = stores[every[0]]
+    assert set(first) >= {"sessions", "dns", "http"}
+    for n in every[1:]:
+        assert stores[n].keys() == first.keys()
+        for name, rows in first.items():
+            assert stores[n][name] == rows, f"expiry every {n} batches: table {name} differs"
