@@ -87,6 +87,8 @@ class LinkMapper:
             return ids[inverse]
         ids = np.array([self._id(self._iface_name(batch, i)) for i in range(len(batch.interfaces))] or [0],
                        dtype=np.int16)
+        if len(ids) == 1:  # one interface: a fill, not a gather
+            return np.full(len(batch), ids[0], dtype=np.int16)
         return ids[batch.iface]
 
     def _iface_name(self, batch: FrameBatch, i: int) -> str:

@@ -184,35 +184,42 @@ class PacketWriter:
         self.link_names = link_names
         file_id = np.full(n, -1, dtype=np.int32)
         file_off = np.full(n, -1, dtype=np.int64)
-        rows = np.arange(n, dtype=np.int64) if keep is None else np.nonzero(keep)[0]
-        if len(rows) == 0:
+        # The rows are a slice when every frame is kept (the usual case): the columns are then
+        # read as views, not gathered whole for each batch.
+        rows = slice(0, n) if keep is None or keep.all() else np.flatnonzero(keep)
+        group = link[rows].astype(np.int64) << 16 | batch.linktype[rows].astype(np.int64)
+        if len(group) == 0:
             return file_id, file_off
         snap = (1 << 30) if snaplen is None else int(snaplen)
-        group = link[rows].astype(np.int64) << 16 | batch.linktype[rows].astype(np.int64)
         # almost always one link and one link type: skip np.unique's hashing then
-        groups = group[:1] if group.min() == group.max() else np.unique(group)
-        for g in groups:
-            grows = rows if len(groups) == 1 else rows[group == g]
-            self._write_group(batch, int(g) >> 16, int(g) & 0xFFFF, grows, snap, file_id, file_off)
+        if group.min() == group.max():
+            self._write_group(batch, int(group[0]) >> 16, int(group[0]) & 0xFFFF, rows, snap, file_id, file_off)
+            return file_id, file_off
+        at = np.arange(n, dtype=np.int64)[rows]
+        for g in np.unique(group).tolist():
+            self._write_group(batch, g >> 16, g & 0xFFFF, at[group == g], snap, file_id, file_off)
         return file_id, file_off
 
     def _write_group(self, batch, link, linktype, rows, snap, file_id, file_off) -> None:
+        """Write frames `rows` (a slice or an index array, in batch order) of one link and link
+        type."""
         # A file holds one hour: cut the rows where the (never decreasing) hour moves on.
         hours = np.maximum.accumulate(batch.ts[rows] // HOUR_NS)
-        cuts = np.flatnonzero(np.diff(hours)) + 1
+        cuts = [0, *(np.flatnonzero(np.diff(hours)) + 1).tolist(), len(hours)]
         # Frames read from a little-endian pcap keep that file's timestamp resolution, so
         # runs of whole records can be written as they lie in the read buffer.
         nanosecond = batch.pcap_record_frac_ns != 1000
-        for seg in np.split(np.arange(len(rows)), cuts):
-            seg_rows = rows[seg]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            seg_rows = slice(rows.start + lo, rows.start + hi) if isinstance(rows, slice) else rows[lo:hi]
             records, rec_off = self._as_is(batch, seg_rows, snap)
             if records is None:
-                need = int(np.minimum(batch.caplen[seg_rows], snap).sum()) + 16 * len(seg_rows)
+                at = np.arange(seg_rows.start, seg_rows.stop) if isinstance(seg_rows, slice) else seg_rows
+                need = int(np.minimum(batch.caplen[at], snap).sum()) + 16 * len(at)
                 if len(self._out) < need:
                     self._out = np.empty(need + need // 4, dtype=np.uint8)
                 records, rec_off = pcap_records(batch.data, batch.offset, batch.caplen, batch.wirelen, batch.ts,
-                                                seg_rows, snap, nanosecond=nanosecond, out=self._out)
-            f = self._file(link, linktype, nanosecond, int(hours[seg[0]]))
+                                                at, snap, nanosecond=nanosecond, out=self._out)
+            f = self._file(link, linktype, nanosecond, int(hours[lo]))
             try:
                 start = f.append(records)
             except OSError as err:
@@ -221,7 +228,7 @@ class PacketWriter:
             file_off[seg_rows] = start + rec_off
 
     @staticmethod
-    def _as_is(batch: FrameBatch, rows: np.ndarray, snap: int):
+    def _as_is(batch: FrameBatch, rows, snap: int):
         """(records, offsets) when `rows` are whole, adjacent pcap records in the batch's buffer
         (see FrameBatch.pcap_record_frac_ns); (None, None) when they must be laid out anew."""
         if not batch.pcap_record_frac_ns:
