@@ -54,13 +54,17 @@ _SIGNATURES: list[tuple[int, str, re.Pattern]] = [
 ]
 
 
+# Strongest first (a stable sort: among equal strengths the list's order), so the first match
+# is the strongest and the other checks are not run.
+_BY_STRENGTH = sorted(_SIGNATURES, key=lambda sig: -sig[0])
+
+
 def sniff(head: bytes | None) -> str | None:
     """The type of a file starting with `head` (its first bytes), or None."""
     if not head:
         return None
     head = head[:HEAD_BYTES]
-    best, found = None, None
-    for strength, name, pattern in _SIGNATURES:
-        if (best is None or strength > best) and pattern.match(head):
-            best, found = strength, name
-    return found
+    for _strength, name, pattern in _BY_STRENGTH:
+        if pattern.match(head):
+            return name
+    return None
