@@ -803,7 +803,8 @@ class Reassembler:
         """Rebuild both directions of each session of `sids` and forget them, as JoinedStreams:
         yields (first session's position in `sids`, JoinedStreams of the sessions from there),
         about `budget` bytes at a time (a batch parser is called once per piece, and its cost
-        per call should not matter: the buffers grow to the budget first)."""
+        per call should not matter: the buffers grow to the budget first). A piece's bytes are
+        overwritten by the next take: read each piece before asking for the next."""
         sids = np.asarray(sids, dtype=np.int64)
         keys = np.empty(2 * len(sids), dtype=np.int64)
         keys[0::2] = _side_keys(sids, np.ones(len(sids), dtype=bool))
@@ -825,7 +826,10 @@ class Reassembler:
             start = done
 
     def _joined(self, meta: np.ndarray) -> JoinedStreams:
-        """What one _take_kernel call rebuilt, copied out of its buffers as JoinedStreams."""
+        """What one _take_kernel call rebuilt, as JoinedStreams. Its bytes are a view of the
+        output buffer, not a copy (they are most of what a take moves: a TLS close copied
+        tens of MB): valid until the next take, which take_joined's caller only asks for once
+        done with the piece. The other arrays are small and copied."""
         def starts(ends):
             at = np.zeros(len(ends) + 1, dtype=np.int64)
             at[1:] = ends
@@ -833,7 +837,7 @@ class Reassembler:
 
         data_at, ts_at, gap_at, ack_at = (starts(meta[:, c]) for c in (M_DATA_END, M_TS_END, M_GAP_END, M_ACK_END))
         nt, ng, na = ts_at[-1], gap_at[-1], ack_at[-1]
-        return JoinedStreams(self._out[:data_at[-1]].copy(), data_at, self._ts_off[:nt].copy(),
+        return JoinedStreams(self._out[:data_at[-1]], data_at, self._ts_off[:nt].copy(),
                              self._ts_val[:nt].copy(), ts_at, self._gap_off[:ng].copy(), self._gap_len[:ng].copy(),
                              gap_at, self._ack_rel[:na].copy(), self._ack_pkt[:na].copy(), ack_at,
                              meta[:, M_TRUNC] == 1)
