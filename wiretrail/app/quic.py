@@ -186,48 +186,72 @@ def _assemble(chunks: dict[int, bytes]) -> bytes:
 
 def parse_initials(payloads: list[bytes]) -> dict | None:
     """ClientHello facts from the client's first datagrams; None if none decrypts."""
-    try:
-        return _parse_initials(payloads)
-    except Exception:
-        return None
-
-
-def _parse_initials(payloads: list[bytes]) -> dict | None:
-    chunks: dict[int, bytes] = {}
-    first = None
-    keys_cache: dict[tuple, tuple] = {}
+    reader = _Initials()
     for payload in payloads:
-        payload = bytes(payload)
+        reader.add(payload)
+    return reader.result()
+
+
+class _Initials:
+    """The client's Initial packets of one session, read one datagram at a time: each is
+    decrypted once, when it comes (parse_datagram used to decrypt every datagram kept so far
+    again at each new one)."""
+
+    def __init__(self):
+        self.chunks: dict[int, bytes] = {}  # CRYPTO frames' bytes by offset
+        self.first: tuple[int, bytes] | None = None  # (version, DCID) of the first Initial read
+        self.keys: dict[tuple[int, bytes], tuple] = {}
+        self.failed = False  # a datagram could not be read at all: no answer, as for all of them
+
+    def add(self, payload: bytes) -> None:
+        if self.failed:
+            return
+        try:
+            self._add(bytes(payload))
+        except Exception:
+            self.failed = True
+
+    def _add(self, payload: bytes) -> None:
+        first = self.first
         for version, dcid, start, pn_off, end in _packets(payload):
             tried = [first[1]] if first and first[0] == version else []
             if dcid not in tried:
                 tried.append(dcid)
             for cand in tried:
-                k = keys_cache.get((version, cand))
+                k = self.keys.get((version, cand))
                 if k is None:
-                    k = keys_cache[(version, cand)] = initial_keys(cand, version)
+                    k = self.keys[(version, cand)] = initial_keys(cand, version)
                 plain = _decrypt(payload, start, pn_off, end, k)
                 if plain is not None:
                     if first is None:
-                        first = (version, cand)
+                        first = self.first = (version, cand)
                     try:
-                        _crypto_frames(plain, chunks)
+                        _crypto_frames(plain, self.chunks)
                     except ValueError:
                         pass
                     break
-    if first is None:
-        return None
-    data = _assemble(chunks)
-    out = {"version": {V1: "1", V2: "2"}.get(first[0], "%08x" % first[0]), "dcid": first[1].hex(),
-           "complete": False}
-    if len(data) >= 4 and data[0] == 1:
-        ln = int.from_bytes(data[1:4], "big")
-        if len(data) >= 4 + ln:
-            ch = tls.parse_client_hello(data[4:4 + ln])
-            out.update(complete=True, server_name=ch.sni,
-                       alpn=[a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None,
-                       ja4=tls.ja4(ch, "q"), ja3=tls.ja3(ch), malformed=ch.malformed, client_hello=ch)
-    return out
+
+    def result(self) -> dict | None:
+        if self.failed or self.first is None:
+            return None
+        try:
+            return self._result()
+        except Exception:
+            return None
+
+    def _result(self) -> dict:
+        first = self.first
+        data = _assemble(self.chunks)
+        out = {"version": {V1: "1", V2: "2"}.get(first[0], "%08x" % first[0]), "dcid": first[1].hex(),
+               "complete": False}
+        if len(data) >= 4 and data[0] == 1:
+            ln = int.from_bytes(data[1:4], "big")
+            if len(data) >= 4 + ln:
+                ch = tls.parse_client_hello(data[4:4 + ln])
+                out.update(complete=True, server_name=ch.sni,
+                           alpn=[a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None,
+                           ja4=tls.ja4(ch, "q"), ja3=tls.ja3(ch), malformed=ch.malformed, client_hello=ch)
+        return out
 
 
 def parse_server_initials(payloads: list[bytes], dcid: bytes, version: int = V1) -> dict | None:
@@ -306,14 +330,17 @@ def parse_datagram(d: Datagram) -> list[dict]:
     try:
         if not d.from_orig or d.uid in _done or not d.payload or not d.payload[0] & 0x80:
             return []
-        buf = _pending.setdefault(d.uid, [d.ts])
+        pending = _pending.get(d.uid)
+        if pending is None:
+            pending = _pending[d.uid] = [d.ts, _Initials(), 0]  # first time, reader, datagrams read
         _pending.move_to_end(d.uid)
-        buf.append(d.payload)
+        pending[1].add(d.payload)
+        pending[2] += 1
         while len(_pending) > _MAX_SESSIONS:
             _pending.popitem(last=False)
-        info = parse_initials(buf[1:])
+        info = pending[1].result()
         if info is None or not info["complete"]:
-            if len(buf) - 1 >= _MAX_DATAGRAMS:
+            if pending[2] >= _MAX_DATAGRAMS:
                 _pending.pop(d.uid, None)
                 _done[d.uid] = True
             return []
@@ -321,7 +348,7 @@ def parse_datagram(d: Datagram) -> list[dict]:
         _done[d.uid] = True
         while len(_done) > _MAX_SESSIONS:
             _done.popitem(last=False)
-        return [{"ts": buf[0], "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
+        return [{"ts": pending[0], "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
                  "resp_p": d.resp_p, "version": info["version"], "client_initial_dcid": info["dcid"],
                  "server_name": info.get("server_name"), "alpn": info.get("alpn"), "ja4": info.get("ja4"),
                  "malformed": bool(info.get("malformed"))}]
