@@ -214,6 +214,10 @@ def arkime_comparison():
                     continue
                 if f == "user" and "basic" not in b["http"].get("authType", []):
                     continue  # digest/NTLM users: http.log's username is basic auth only
+                if f == "uri" and any(" " in u for u in o.get(f, ())) and \
+                        {u.split(" ", 1)[0] for u in o[f]} == a[f]:
+                    continue  # a space in the request target: Zeek's rule (ours) reads the URI up
+                    # to " HTTP/", Arkime's stops at the space
                 if f == "host":
                     ok = o.get(f, set()) <= a[f] and bool(o.get(f)) == bool(a[f])
                 else:
@@ -232,9 +236,9 @@ def test_arkime_http_fields():
     print(f"\narkime http: {matched}/{total} sessions matched; {figures}")
     for mm in misses:
         print("  differs:", mm)
-    # unmatched: 7 sessions are HTTP inside SOCKS (the stream starts with the SOCKS handshake),
-    # 1 is 802.11/radiotap and 1 GRE/ERSPAN/VXLAN, which the decoder does not open
-    assert matched >= total - 9
+    # unmatched: 7 sessions are HTTP inside SOCKS (the stream starts with the SOCKS handshake;
+    # this test runs the http module alone, the stage hands it what follows the handshake)
+    assert matched >= total - 7
     for f in ARKIME_FIELDS:
         assert agree[f] == compared[f], f
 

@@ -623,9 +623,10 @@ def test_icmp_against_tshark():
         total, same, inner_total, inner_same = total + t, same + s, inner_total + ti, inner_same + si
     print(f"\nicmp vs tshark: {same}/{total} messages (sender, type, code, echo id, seq) equal; "
           f"quoted TCP/UDP 5-tuples {inner_same}/{inner_total}")
-    # not delivered to the module: icmp-frame-relay's 10 (a link type the decoder does not read)
-    # and 4 echo requests of arkime_synthetic; everything delivered agrees
-    assert total >= 2450 and same >= total - 14 and inner_same == inner_total
+    # not delivered to the module: one echo request of arkime_synthetic, inside IP-in-IP behind
+    # an IPsec AH header, which the decoder does not go through (so the session is the outer
+    # AH one, as Arkime files it); everything delivered agrees
+    assert total >= 2450 and same >= total - 1 and inner_same == inner_total
 
 
 def test_icmp_errors_point_at_sessions_and_entropy():

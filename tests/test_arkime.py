@@ -154,10 +154,14 @@ def test_sessions_against_arkime(tmp_path):
     assert got["extracted identical"] == got["extracted"] > 100
 
 
-# measured: 715/723 found, packets equal 652/715, community id 704/706, dns names 75/83
-FOUND, PACKETS, CID, DNS = 0.98, 0.90, 0.99, 0.89
-# measured: mac 656/676. The rest: all-zero addresses (loopback written as Ethernet; 0 is "none"
+# measured: 721/723 found, packets equal 657/721, community id 710/712, dns names 75/83. Not
+# found: arkime_synthetic.pcap's zero-length UDP datagram (Arkime makes a "corrupt-ip" session
+# with ports 0 of it) and vxlan.pcap's ARP inside VXLAN (Arkime files it under the outer
+# addresses with ports 0; here each VXLAN datagram is its own UDP session, as in Zeek)
+FOUND, PACKETS, CID, DNS = 0.99, 0.90, 0.99, 0.89
+# measured: mac 659/680. The rest: all-zero addresses (loopback written as Ethernet; 0 is "none"
 # to the decoder, Arkime prints 00:00:00:00:00:00), sessions inside VXLAN/GENEVE/ERSPAN (Arkime
-# lists the inner Ethernet header's addresses, we keep the outer ones), and a session whose
-# first packet came from the responder (Arkime files the packet's source under source.mac)
-MAC = 0.97
+# lists the inner Ethernet header's addresses, we keep the outer ones: each tunnel opened adds
+# one such session), and a session whose first packet came from the responder (Arkime files
+# the packet's source under source.mac)
+MAC = 0.965

@@ -42,6 +42,12 @@ def v4(s):
     return 0xFFFF_0000_0000 | int.from_bytes(bytes(map(int, s.split("."))), "big")
 
 
+def _nsh(next_proto: int, inner: bytes, context: bytes = b"\0" * 16) -> bytes:
+    """An NSH header (RFC 8300, MD type 1): base and service path headers, then `context`."""
+    words = (8 + len(context)) // 4
+    return bytes([0x0F, 0xC0 | words, 0x01, next_proto]) + b"\0\0\x45\x1c" + context + inner
+
+
 def assert_tcp_ab(r, l3_off):
     assert r["ip_ver"] == 4 and r["ethertype"] == 0x0800
     assert (r["src_hi"], r["src_lo"], r["dst_lo"]) == (0, v4(A), v4(B))
@@ -74,6 +80,9 @@ LINK_FRAMES = {
     "ppp_addr": (9, b"\xff\x03\x00\x21" + TCP_AB, 4),
     "ppp_hdlc": (50, b"\xff\x03\x00\x21" + TCP_AB, 4),
     "c_hdlc": (104, b"\x0f\x00\x08\x00" + TCP_AB, 4),
+    "frelay_cisco": (107, b"\x18\x61\x08\x00" + TCP_AB, 4),
+    "frelay_ietf": (107, b"\x18\x61\x03\xcc" + TCP_AB, 4),
+    "frelay_snap": (107, b"\x18\x61\x03\x00\x80\x00\x00\x00\x08\x00" + TCP_AB, 10),
     "pppoe_eth": (1, eth(0x8864, struct.pack("!BBHH", 0x11, 0, 1, len(TCP_AB) + 2) + b"\x00\x21" + TCP_AB), 22),
     "snap": (1, b"\0" * 12 + struct.pack("!H", 8 + len(TCP_AB)) + b"\xaa\xaa\x03\0\0\0\x08\x00" + TCP_AB, 22),
 }
@@ -88,7 +97,8 @@ def test_link_types(name):
 
 
 @pytest.mark.parametrize("lt,hdr", [(101, b""), (229, b""), (0, struct.pack("<I", 30)), (0, struct.pack("<I", 24)),
-                                    (108, struct.pack(">I", 28)), (9, b"\x00\x57"), (113, struct.pack("!HHH8sH", 0, 1, 6, b"\0" * 8, 0x86DD))])
+                                    (108, struct.pack(">I", 28)), (9, b"\x00\x57"), (113, struct.pack("!HHH8sH", 0, 1, 6, b"\0" * 8, 0x86DD)),
+                                    (107, b"\x18\x61\x03\x8e")])
 def test_ipv6_link_types(lt, hdr):
     r = one(hdr + ip6(A6, B6, 17, udp(53, 5353, b"abc")), lt)
     assert (r["ip_ver"], r["proto"], r["sport"], r["dport"], r["pl_len"], r["ip_len"]) == (6, 17, 53, 5353, 3, 51)
@@ -195,6 +205,47 @@ def test_vxlan_geneve_teredo():
     assert (r["sport"], r["dport"], r["tunnel"]) == (5555, 4789, 0)
 
 
+def test_vxlan_gpe_nsh_erspan_and_cisco_metadata():
+    outer = lambda payload: eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(5555, 4790, payload)))
+    # VXLAN-GPE: the next protocol says what follows (read whatever the P flag says, as
+    # Wireshark, tcpdump and Arkime read it)
+    for flags, nxt, inner, l3 in ((0x0C, 3, eth(0x0800, TCP_AB), 14 + 28 + 8 + 14),
+                                  (0x08, 1, TCP_AB, 14 + 28 + 8),
+                                  (0x0C, 4, _nsh(1, TCP_AB), 14 + 28 + 8 + 24)):
+        r = one(outer(bytes([flags, 0, 0, nxt]) + b"\0\0\x01\0" + inner))
+        assert_tcp_ab(r, l3)
+        assert r["tunnel"] == TUNNEL_VXLAN
+    r = one(outer(b"\x0c\0\0\x02\0\0\x01\0" + ip6(A6, B6, 17, udp(1, 2, b"x"))))
+    assert (r["ip_ver"], r["sport"], r["tunnel"]) == (6, 1, TUNNEL_VXLAN)
+    # an unknown next protocol or version: the datagram itself, no tunnel
+    for header in (b"\x0c\0\0\x7f\0\0\x01\0", b"\x3c\0\0\x01\0\0\x01\0"):
+        r = one(outer(header + TCP_AB))
+        assert (r["proto"], r["sport"], r["dport"], r["tunnel"]) == (17, 5555, 4790, 0)
+    # NSH straight after Ethernet, with IPv4 or Ethernet inside; an IPv4 packet cut off after
+    # it is one cut off after Ethernet; a length past the frame, a next protocol nobody knows
+    # or a header cut short stop at the NSH header
+    assert_tcp_ab(one(eth(0x894F, _nsh(1, TCP_AB))), 14 + 24)
+    assert_tcp_ab(one(eth(0x894F, _nsh(3, eth(0x0800, TCP_AB), context=b""))), 14 + 8 + 14)
+    r = one(eth(0x894F, _nsh(1, b"", context=b"")))
+    assert (r["ip_ver"], r["l3_off"], r["anomaly"]) == (0, -1, one(eth(0x0800, b""))["anomaly"])
+    for bad in (bytes([0x0F, 0xFF, 1, 1]) + b"\0" * 20 + TCP_AB,  # 63 words: past the end
+                _nsh(0x7F, TCP_AB)):
+        r = one(eth(0x894F, bad))
+        assert (r["ip_ver"], r["ethertype"], r["anomaly"]) == (0, 0x894F, 0)
+    r = one(eth(0x894F, b"\x0f\xc2\x01"))
+    assert r["anomaly"] & ANOM_TRUNCATED_L2 and r["ip_ver"] == 0
+    # ERSPAN type II and III straight on Ethernet, no GRE around them
+    inner = eth(0x0800, TCP_AB)
+    assert_tcp_ab(one(eth(0x88BE, b"\x10" + b"\0" * 7 + inner)), 14 + 8 + 14)
+    assert_tcp_ab(one(eth(0x22EB, b"\x20" + b"\0" * 11 + inner)), 14 + 12 + 14)
+    assert_tcp_ab(one(eth(0x22EB, b"\x20" + b"\0" * 10 + b"\x01" + b"\0" * 8 + inner)), 14 + 20 + 14)
+    assert one(eth(0x88BE, b"\x10\0"))["anomaly"] & ANOM_TRUNCATED_L2
+    # Cisco MetaData (TrustSec SGT) before the ethertype it tags
+    assert_tcp_ab(one(eth(0x8909, b"\x01\x01\x00\x01\x00\x10\x08\x00" + TCP_AB)), 14 + 8)
+    r = one(eth(0x8909, b"\x01\x01\x00"))
+    assert r["anomaly"] & ANOM_TRUNCATED_L2 and r["ip_ver"] == 0
+
+
 def test_ipip_6in4_and_depth():
     r = one(eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 4, TCP_AB)))
     assert_tcp_ab(r, 34)
@@ -284,6 +335,9 @@ TRUNC_FRAMES = [
     (0, struct.pack("<I", 2) + TCP_AB),
     (9, b"\xff\x03\x00\x21" + TCP_AB),
     (104, b"\x0f\x00\x08\x00" + TCP_AB),
+    (107, b"\x18\x61\x03\x00\x80\x00\x00\x00\x08\x00" + TCP_AB),
+    (1, eth(0x0800, ip4("1.1.1.1", "2.2.2.2", 17, udp(1, 4790, b"\x0c\0\0\x04\0\0\x01\0" + _nsh(1, TCP_AB))))),
+    (1, eth(0x22EB, b"\x20" + b"\0" * 10 + b"\x01" + b"\0" * 8 + eth(0x8909, b"\x01\x01\x00\x01\x00\x10\x08\x00" + TCP_AB))),
     (239, b"\x02\0\0\0" + struct.pack("<HH", 8, 1) + b"\0" * 4 + struct.pack("<HH", 4 + len(TCP_AB), 9) + TCP_AB),
 ]
 

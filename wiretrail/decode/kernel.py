@@ -32,6 +32,7 @@ from wiretrail.jit import kernel
 MAX_TUNNEL_DEPTH = 4
 
 VXLAN_PORT = 4789
+VXLAN_GPE_PORT = 4790  # VXLAN Generic Protocol Extension: a next-protocol byte, IP or NSH inside
 GENEVE_PORT = 6081
 TEREDO_PORT = 3544
 GRE_UDP_PORT = 4754   # GRE-in-UDP, RFC 8086
@@ -68,6 +69,23 @@ KNOWN_ETHERTYPE[list(_KNOWN_NON_IP_ETHERTYPES)] = 1
 @kernel(inline=True)
 def _u64(d, p):
     return (np.uint64(be32(d, p)) << np.uint64(32)) | np.uint64(be32(d, p + 4))
+
+
+@kernel(inline=True)
+def _gpe_next(v):
+    """VXLAN-GPE's and NSH's next protocol (one registry: 1 IPv4, 2 IPv6, 3 Ethernet, 4 NSH,
+    5 MPLS) as the ethertype to go on with; 1: an Ethernet header; 0: not followed."""
+    if v == 1:
+        return 0x0800
+    if v == 2:
+        return 0x86DD
+    if v == 3:
+        return 1
+    if v == 4:
+        return 0x894F
+    if v == 5:
+        return 0x8847
+    return 0
 
 
 @kernel(inline=True)
@@ -202,6 +220,26 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 tun = TUNNEL_PPPOE
                 depth = 1
                 state = _S_PPP
+        elif lt == 107:
+            # Frame Relay: a 2-byte Q.922 address, then RFC 2427's UI control (03) and NLPID (CC
+            # IPv4, 8E IPv6; 00 80 and a SNAP header with an ethertype), or Cisco's ethertype
+            if end - pos < 4:
+                anom |= ANOM_TRUNCATED_L2
+            elif data[pos + 2] != 0x03:
+                et = be16(data, pos + 2)
+                pos += 4
+                state = _S_ET
+            elif data[pos + 3] == 0xCC or data[pos + 3] == 0x8E:
+                et = 0x0800 if data[pos + 3] == 0xCC else 0x86DD
+                pos += 4
+                state = _S_ET
+            elif end - pos >= 10 and data[pos + 3] == 0 and data[pos + 4] == 0x80 and data[pos + 5] == 0 \
+                    and data[pos + 6] == 0 and data[pos + 7] == 0:
+                et = be16(data, pos + 8)
+                pos += 10
+                state = _S_ET
+            else:
+                anom |= ANOM_UNKNOWN_ETHERTYPE
         elif lt == 104:  # Cisco HDLC: address, control, ethertype
             if end - pos < 4:
                 anom |= ANOM_TRUNCATED_L2
@@ -343,6 +381,52 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         tun = TUNNEL_PPPOE
                     pos += 6
                     state = _S_PPP
+                elif et == 0x894F:
+                    # NSH (RFC 8300, service function chaining): its length (4-byte words, base
+                    # header included) is skipped; its next protocol is IPv4, IPv6, Ethernet, NSH
+                    # or MPLS, as VXLAN-GPE numbers them
+                    if end - pos < 8:
+                        anom |= ANOM_TRUNCATED_L2
+                        break
+                    nsh_len = np.int64(data[pos + 1] & 0x3F) * 4
+                    nxt = _gpe_next(np.int64(data[pos + 3]))
+                    if (data[pos] >> 6) != 0 or nsh_len < 8 or end - pos < nsh_len or nxt == 0:
+                        if not committed_ip:
+                            ethertype[i] = et
+                        break
+                    if depth >= MAX_TUNNEL_DEPTH:
+                        anom |= ANOM_TUNNEL_DEPTH
+                        break
+                    depth += 1
+                    pos += nsh_len
+                    if nxt == 1:
+                        state = _S_ETH
+                    else:
+                        et = nxt
+                elif et == 0x88BE or et == 0x22EB:
+                    # ERSPAN with no GRE around it (Wireshark and Arkime read it on these
+                    # ethertypes too): type II's 8-byte header, type III's 12 (+ 8 with the
+                    # optional sub-header), then the mirrored Ethernet frame
+                    hl = 8 if et == 0x88BE else 12
+                    if end - pos < hl:
+                        anom |= ANOM_TRUNCATED_L2
+                        break
+                    if et == 0x22EB:
+                        hl += 8 * (data[pos + 11] & 1)
+                    if depth >= MAX_TUNNEL_DEPTH:
+                        anom |= ANOM_TUNNEL_DEPTH
+                        break
+                    depth += 1
+                    pos += hl
+                    state = _S_ETH
+                elif et == 0x8909:
+                    # Cisco MetaData (TrustSec SGT tag): version, length, option type/length, the
+                    # 16-bit group tag, then the ethertype it tags
+                    if end - pos < 8:
+                        anom |= ANOM_TRUNCATED_L2
+                        break
+                    et = be16(data, pos + 6)
+                    pos += 8
                 elif et == 0x88E7:  # 802.1ah PBB: I-TAG, then the customer Ethernet header
                     if end - pos < 4:
                         anom |= ANOM_TRUNCATED_L2
@@ -658,6 +742,25 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         pos = q + 8
                         state = _S_ETH
                         continue
+                    if dp == VXLAN_GPE_PORT and lim - q >= 8 and (data[q] & 0x30) == 0:
+                        # flags (version 0), reserved, next protocol, VNI: IPv4, IPv6, Ethernet, NSH
+                        # or MPLS inside. The next protocol is read whatever the P flag says, as
+                        # Wireshark, tcpdump and Arkime read it
+                        nxt = _gpe_next(np.int64(data[q + 3]))
+                        if nxt != 0:
+                            if depth >= MAX_TUNNEL_DEPTH:
+                                anom |= ANOM_TUNNEL_DEPTH
+                                break
+                            depth += 1
+                            if tun == 0:
+                                tun = TUNNEL_VXLAN
+                            pos = q + 8
+                            if nxt == 1:
+                                state = _S_ETH
+                            else:
+                                et = nxt
+                                state = _S_ET
+                            continue
                     if dp == GENEVE_PORT and lim - q >= 8:
                         optlen = (np.int64(data[q]) & 0x3F) * 4
                         gp = be16(data, q + 2)
