@@ -197,13 +197,16 @@ class _Initials:
     decrypted once, when it comes (parse_datagram used to decrypt every datagram kept so far
     again at each new one)."""
 
-    def __init__(self):
+    def __init__(self, ts: int = 0):
+        self.ts = ts          # the time of the session's first Initial datagram
+        self.datagrams = 0    # datagrams added
         self.chunks: dict[int, bytes] = {}  # CRYPTO frames' bytes by offset
         self.first: tuple[int, bytes] | None = None  # (version, DCID) of the first Initial read
         self.keys: dict[tuple[int, bytes], tuple] = {}
         self.failed = False  # a datagram could not be read at all: no answer, as for all of them
 
     def add(self, payload: bytes) -> None:
+        self.datagrams += 1
         if self.failed:
             return
         try:
@@ -312,7 +315,7 @@ def parse_initial(payload: bytes) -> dict | None:
 
 
 # ---- protocol-module entry point: per-datagram, with a small bounded per-session buffer ----
-_pending: OrderedDict[str, list] = OrderedDict()
+_pending: OrderedDict[str, _Initials] = OrderedDict()
 _done: OrderedDict[str, bool] = OrderedDict()
 _MAX_SESSIONS = 4096
 _MAX_DATAGRAMS = 8
@@ -330,17 +333,16 @@ def parse_datagram(d: Datagram) -> list[dict]:
     try:
         if not d.from_orig or d.uid in _done or not d.payload or not d.payload[0] & 0x80:
             return []
-        pending = _pending.get(d.uid)
-        if pending is None:
-            pending = _pending[d.uid] = [d.ts, _Initials(), 0]  # first time, reader, datagrams read
+        reader = _pending.get(d.uid)
+        if reader is None:
+            reader = _pending[d.uid] = _Initials(d.ts)
         _pending.move_to_end(d.uid)
-        pending[1].add(d.payload)
-        pending[2] += 1
+        reader.add(d.payload)
         while len(_pending) > _MAX_SESSIONS:
             _pending.popitem(last=False)
-        info = pending[1].result()
+        info = reader.result()
         if info is None or not info["complete"]:
-            if pending[2] >= _MAX_DATAGRAMS:
+            if reader.datagrams >= _MAX_DATAGRAMS:
                 _pending.pop(d.uid, None)
                 _done[d.uid] = True
             return []
@@ -348,7 +350,7 @@ def parse_datagram(d: Datagram) -> list[dict]:
         _done[d.uid] = True
         while len(_done) > _MAX_SESSIONS:
             _done.popitem(last=False)
-        return [{"ts": pending[0], "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
+        return [{"ts": reader.ts, "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
                  "resp_p": d.resp_p, "version": info["version"], "client_initial_dcid": info["dcid"],
                  "server_name": info.get("server_name"), "alpn": info.get("alpn"), "ja4": info.get("ja4"),
                  "malformed": bool(info.get("malformed"))}]

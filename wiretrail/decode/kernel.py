@@ -89,6 +89,13 @@ def _gpe_next(v):
 
 
 @kernel(inline=True)
+def _erspan3_len(d, p):
+    """Length of the ERSPAN type III header at p (12 bytes known to be there): 12, + 8 when
+    its last bit says the optional platform sub-header follows."""
+    return 12 + 8 * (np.int64(d[p + 11]) & 1)
+
+
+@kernel(inline=True)
 def _mac(d, p):
     """The 48-bit MAC address at p, as an integer (first byte most significant)."""
     q = np.uint64(p)  # an unsigned index: no negative-index wraparound check per byte
@@ -220,12 +227,13 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 tun = TUNNEL_PPPOE
                 depth = 1
                 state = _S_PPP
-        elif lt == 107:
-            # Frame Relay: a 2-byte Q.922 address, then RFC 2427's UI control (03) and NLPID (CC
-            # IPv4, 8E IPv6; 00 80 and a SNAP header with an ethertype), or Cisco's ethertype
+        elif lt == 104 or lt == 107:
+            # Cisco HDLC, and Frame Relay as Cisco encapsulates it: 2 bytes of address, then an
+            # ethertype; Frame Relay as RFC 2427 does: the UI control (03), then an NLPID (CC
+            # IPv4, 8E IPv6; 00 80 and a SNAP header with an ethertype)
             if end - pos < 4:
                 anom |= ANOM_TRUNCATED_L2
-            elif data[pos + 2] != 0x03:
+            elif lt == 104 or data[pos + 2] != 0x03:
                 et = be16(data, pos + 2)
                 pos += 4
                 state = _S_ET
@@ -240,13 +248,6 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 state = _S_ET
             else:
                 anom |= ANOM_UNKNOWN_ETHERTYPE
-        elif lt == 104:  # Cisco HDLC: address, control, ethertype
-            if end - pos < 4:
-                anom |= ANOM_TRUNCATED_L2
-            else:
-                et = be16(data, pos + 2)
-                pos += 4
-                state = _S_ET
         elif lt == 239:  # NFLOG: family, version, resource id, then TLVs; type 9 = payload
             if end - pos < 4:
                 anom |= ANOM_TRUNCATED_L2
@@ -412,7 +413,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         anom |= ANOM_TRUNCATED_L2
                         break
                     if et == 0x22EB:
-                        hl += 8 * (data[pos + 11] & 1)
+                        hl = _erspan3_len(data, pos)
                     if depth >= MAX_TUNNEL_DEPTH:
                         anom |= ANOM_TUNNEL_DEPTH
                         break
@@ -732,7 +733,15 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         break
                     udp_mark = ip_commits
                     udp_prev_tun = tun
+                    # VXLAN: 8 bytes (the I flag set), then Ethernet. VXLAN-GPE: flags (version 0),
+                    # reserved, next protocol (IPv4, IPv6, Ethernet, NSH or MPLS: read whatever
+                    # the P flag says, as Wireshark, tcpdump and Arkime read it), VNI.
+                    nxt = 0
                     if dp == VXLAN_PORT and lim - q >= 8 + 14 and (data[q] & 0x08) != 0:
+                        nxt = 1
+                    elif dp == VXLAN_GPE_PORT and lim - q >= 8 and (data[q] & 0x30) == 0:
+                        nxt = _gpe_next(np.int64(data[q + 3]))
+                    if nxt != 0:
                         if depth >= MAX_TUNNEL_DEPTH:
                             anom |= ANOM_TUNNEL_DEPTH
                             break
@@ -740,27 +749,12 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                         if tun == 0:
                             tun = TUNNEL_VXLAN
                         pos = q + 8
-                        state = _S_ETH
+                        if nxt == 1:
+                            state = _S_ETH
+                        else:
+                            et = nxt
+                            state = _S_ET
                         continue
-                    if dp == VXLAN_GPE_PORT and lim - q >= 8 and (data[q] & 0x30) == 0:
-                        # flags (version 0), reserved, next protocol, VNI: IPv4, IPv6, Ethernet, NSH
-                        # or MPLS inside. The next protocol is read whatever the P flag says, as
-                        # Wireshark, tcpdump and Arkime read it
-                        nxt = _gpe_next(np.int64(data[q + 3]))
-                        if nxt != 0:
-                            if depth >= MAX_TUNNEL_DEPTH:
-                                anom |= ANOM_TUNNEL_DEPTH
-                                break
-                            depth += 1
-                            if tun == 0:
-                                tun = TUNNEL_VXLAN
-                            pos = q + 8
-                            if nxt == 1:
-                                state = _S_ETH
-                            else:
-                                et = nxt
-                                state = _S_ET
-                            continue
                     if dp == GENEVE_PORT and lim - q >= 8:
                         optlen = (np.int64(data[q]) & 0x3F) * 4
                         gp = be16(data, q + 2)
@@ -941,8 +935,7 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                     # ERSPAN type III: 12 bytes, + 8 when the optional sub-header flag is set
                     if lim - q < 12:
                         break
-                    o = data[q + 11] & 1
-                    q += 12 + 8 * o
+                    q += _erspan3_len(data, q)
                     nstate = _S_ETH
                 if nstate == _S_DONE:
                     break
