@@ -121,13 +121,14 @@ class ReferenceReassembler:
             return
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         sides = self.sides
-        # SYNs fix the base of their direction even without payload
+        # SYNs fix the base of their direction even without payload; a later one moves it while
+        # the direction holds no bytes yet (SYN-ACKs with different ISNs: the last one counts)
         syn = rows[(cols["tcp_flags"][rows] & TCP_SYN) != 0]
         for s, o, q in zip(sid[syn].tolist(), is_orig[syn].tolist(), cols["tcp_seq"][syn].tolist()):
             side = sides.get((s, o))
             if side is None:
                 side = sides[(s, o)] = _Side()
-            if side.base < 0:
+            if side.base < 0 or (not side.blocks and side.kept == 0 and not side.truncated):
                 side.base = (q + 1) & 0xFFFFFFFF
         data_rows = rows[cols["pl_len"][rows] > 0]
         if len(data_rows):

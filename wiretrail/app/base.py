@@ -231,6 +231,27 @@ class JoinedStreams:
             ends[q] += int(n[off < ends[q]].sum())
         return ends
 
+    def swapped(self, sessions: np.ndarray) -> "JoinedStreams":
+        """A copy with the two sides of `sessions` (by number) exchanged: for a session whose
+        responder speaks first as a client would (its SYN missed, the SYN-ACK's sender taken
+        for the originator, as Zeek does on ports it does not know)."""
+        perm = np.arange(len(self.data_at) - 1, dtype=np.int64)
+        perm[2 * sessions], perm[2 * sessions + 1] = 2 * sessions + 1, 2 * sessions
+
+        def gather(at, *arrays):
+            lens = np.diff(at)[perm]
+            new_at = np.zeros(len(perm) + 1, dtype=np.int64)
+            np.cumsum(lens, out=new_at[1:])
+            idx = np.repeat(at[:-1][perm] - new_at[:-1], lens) + np.arange(new_at[-1], dtype=np.int64)
+            return (new_at, *(a[idx] for a in arrays))
+
+        data_at, data = gather(self.data_at, self.data)
+        ts_at, ts_offsets, ts = gather(self.ts_at, self.ts_offsets, self.ts)
+        gap_at, gap_off, gap_len = gather(self.gap_at, self.gap_off, self.gap_len)
+        ack_at, ack_rel, ack_pkt = gather(self.ack_at, self.ack_rel, self.ack_pkt)
+        return JoinedStreams(data, data_at, ts_offsets, ts, ts_at, gap_off, gap_len, gap_at, ack_rel, ack_pkt,
+                             ack_at, self.truncated[perm])
+
     def direction(self, j: int) -> Direction:
         """Side j as a Direction (for the parsers that read one session at a time)."""
         a, b = self.ts_at[j], self.ts_at[j + 1]

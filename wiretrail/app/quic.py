@@ -29,11 +29,12 @@ from wiretrail.app.base import SESSION_COLUMNS, Datagram
 TABLE = "quic"
 SCHEMA = pa.schema([
     *SESSION_COLUMNS,
-    ("version", pa.string()),       # QUIC version: "1", "2", or hex
+    ("version", pa.string()),       # QUIC version: "1", "2", Google's ("Q046", "T051"), or hex
     ("client_initial_dcid", pa.string()),
     ("server_name", pa.string()),
     ("alpn", pa.list_(pa.string())),
     ("ja4", pa.string()),
+    ("user_agent", pa.string()),    # Google QUIC's CHLO only (its UAID tag)
     ("malformed", pa.bool_()),
 ])
 PORTS = {443, 80, 8443}
@@ -41,13 +42,35 @@ NDPI = {"QUIC"}
 
 V1 = 0x00000001
 V2 = 0x6B3343CF
-_SALTS = {
-    V1: bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"),
-    V2: bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"),
-    0xFF00001D: bytes.fromhex("afbfec289993d24c9e9786f19c6111e04390a899"),  # draft-29
-}
+Q050, T050, T051 = 0x51303530, 0x54303530, 0x54303531  # Google's QUIC over Initial packets
+_SALT_V1 = bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a")
+_SALT_V2 = bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9")
+_SALT_GOOGLE = {Q050: bytes.fromhex("504574efd066fe2f9d945cfcdbd3a7f0d3b56b45"),
+                T050: bytes.fromhex("7ff579e5acd072915580304c43a2367c60488310"),
+                T051: bytes.fromhex("7a4edef4e7ccee5fa4506c19124fc8ccda6e033d")}
+# the drafts' salts, by the last draft that used each (RFC 9001's history; Wireshark, nDPI)
+_SALT_DRAFTS = ((22, bytes.fromhex("7fbcdb0e7c66bbe9193a96cd21519ebd7a02644a")),
+                (28, bytes.fromhex("c3eef712c72ebb5a11a7d2432bb46365bef9f502")),
+                (32, bytes.fromhex("afbfec289993d24c9e9786f19c6111e04390a899")),
+                (34, _SALT_V1))
+_MVFST_DRAFT = {0xFACEB001: 22, 0xFACEB002: 27, 0xFACEB00E: 27}  # Facebook's mvfst versions
 _LABELS = {V2: ("quicv2 key", "quicv2 iv", "quicv2 hp")}
 _INITIAL_TYPE = {V2: 1}  # long-header packet type of Initial (0 in v1 and drafts)
+
+
+def _salt(version: int) -> bytes:
+    """The Initial salt of a QUIC version (v1's for a version not known: a guess that costs
+    only a failed decryption)."""
+    if version == V2:
+        return _SALT_V2
+    if version in _SALT_GOOGLE:
+        return _SALT_GOOGLE[version]
+    draft = version & 0xFF if version >> 8 == 0xFF0000 else _MVFST_DRAFT.get(version)
+    if draft:
+        for last, salt in _SALT_DRAFTS:
+            if draft <= last:
+                return salt
+    return _SALT_V1
 
 
 def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
@@ -67,7 +90,7 @@ def _hkdf_expand_label(secret: bytes, label: str, length: int) -> bytes:
 
 def initial_keys(dcid: bytes, version: int = V1, side: str = "client") -> tuple[bytes, bytes, bytes]:
     """(key, iv, hp) of the client's (or, side="server", the server's) Initial packets."""
-    secret = _hkdf_expand_label(_hkdf_extract(_SALTS.get(version, _SALTS[V1]), dcid), f"{side} in", 32)
+    secret = _hkdf_expand_label(_hkdf_extract(_salt(version), dcid), f"{side} in", 32)
     lk, li, lh = _LABELS.get(version, ("quic key", "quic iv", "quic hp"))
     return (_hkdf_expand_label(secret, lk, 16), _hkdf_expand_label(secret, li, 12),
             _hkdf_expand_label(secret, lh, 16))
@@ -141,6 +164,54 @@ def _decrypt(payload: bytes, start: int, pn_off: int, end: int, keys) -> bytes |
         return None
 
 
+def _google_version(payload: bytes) -> str | None:
+    """The version of a Google QUIC client packet whose handshake travels in clear ("Q043"
+    and older: the public header with its version flag; "Q046": a long header), else None."""
+    if len(payload) < 5:
+        return None
+    b0 = payload[0]
+    if b0 & 0x80:
+        at = 1
+    elif b0 & 0x41 == 0x01:  # the version flag; 0x40 is set in IETF short headers, never here
+        at = 9 if b0 & 0x08 else 1  # an 8-byte connection id first
+    else:
+        return None
+    v = payload[at:at + 4]
+    if len(v) == 4 and v[:1] == b"Q" and v[1:].isdigit() and int(v[1:]) <= 46:
+        return v.decode()
+    return None
+
+
+def _chlo_tags(data: bytes) -> dict[bytes, bytes] | None:
+    """The tag/value map of the first Google QUIC client hello ("CHLO") in `data`: after the
+    message tag, a little-endian entry count and two bytes of padding, then per entry its
+    4-byte tag and the end offset of its value (the values follow the entries). Values that
+    run past the data (a hello cut short) are left out; None when no CHLO is there."""
+    at = data.find(b"CHLO")
+    if at < 0 or at + 8 > len(data):
+        return None
+    count = int.from_bytes(data[at + 4:at + 6], "little")
+    values = at + 8 + 8 * count
+    if count > 256 or values > len(data):
+        return None
+    tags, start = {}, 0
+    for k in range(count):
+        e = at + 8 + 8 * k
+        end = int.from_bytes(data[e + 4:e + 8], "little")
+        if end < start or values + end > len(data):
+            break
+        tags[data[e:e + 4]] = data[values + start:values + end]
+        start = end
+    return tags
+
+
+def _chlo_row(tags: dict[bytes, bytes]) -> dict:
+    def text(tag):
+        v = tags.get(tag)
+        return v.decode("utf-8", "backslashreplace") if v else None
+    return {"complete": True, "server_name": text(b"SNI\x00"), "user_agent": text(b"UAID")}
+
+
 def _crypto_frames(plain: bytes, out: dict[int, bytes]) -> None:
     p = 0
     n = len(plain)
@@ -204,6 +275,7 @@ class _Initials:
         self.first: tuple[int, bytes] | None = None  # (version, DCID) of the first Initial read
         self.keys: dict[tuple[int, bytes], tuple] = {}
         self.failed = False  # a datagram could not be read at all: no answer, as for all of them
+        self.chlo: tuple[str, dict] | None = None  # Google QUIC's clear CHLO: (version, tags)
 
     def add(self, payload: bytes) -> None:
         self.datagrams += 1
@@ -215,6 +287,13 @@ class _Initials:
             self.failed = True
 
     def _add(self, payload: bytes) -> None:
+        google = _google_version(payload)
+        if google is not None:
+            if self.chlo is None:
+                tags = _chlo_tags(payload)
+                if tags is not None:
+                    self.chlo = (google, tags)
+            return
         first = self.first
         for version, dcid, start, pn_off, end in _packets(payload):
             tried = [first[1]] if first and first[0] == version else []
@@ -235,6 +314,8 @@ class _Initials:
                     break
 
     def result(self) -> dict | None:
+        if self.chlo is not None:
+            return {"version": self.chlo[0], "dcid": None, **_chlo_row(self.chlo[1])}
         if self.failed or self.first is None:
             return None
         try:
@@ -245,8 +326,13 @@ class _Initials:
     def _result(self) -> dict:
         first = self.first
         data = _assemble(self.chunks)
-        out = {"version": {V1: "1", V2: "2"}.get(first[0], "%08x" % first[0]), "dcid": first[1].hex(),
+        out = {"version": _version_name(first[0]), "dcid": first[1].hex(),
                "complete": False}
+        if first[0] == Q050:  # Google's handshake, not TLS, inside the Initial packets
+            tags = _chlo_tags(data[:4096])
+            if tags is not None:
+                out.update(_chlo_row(tags))
+            return out
         if len(data) >= 4 and data[0] == 1:
             ln = int.from_bytes(data[1:4], "big")
             if len(data) >= 4 + ln:
@@ -255,6 +341,23 @@ class _Initials:
                            alpn=[a.decode("utf-8", "backslashreplace") for a in ch.alpn] or None,
                            ja4=tls.ja4(ch, "q"), ja3=tls.ja3(ch), malformed=ch.malformed, client_hello=ch)
         return out
+
+
+def _version_name(version: int) -> str:
+    """"1", "2", Google's as they read ("T051"), others in hex ("ff00001d": draft-29)."""
+    if version in (V1, V2):
+        return "1" if version == V1 else "2"
+    raw = version.to_bytes(4, "big")
+    if raw[:1] in (b"Q", b"T") and raw[1:].isdigit():
+        return raw.decode()
+    return "%08x" % version
+
+
+def _version_number(name: str) -> int:
+    """_version_name's inverse."""
+    if name in ("1", "2"):
+        return V1 if name == "1" else V2
+    return int.from_bytes(name.encode(), "big") if name[:1] in "QT" else int(name, 16)
 
 
 def parse_server_initials(payloads: list[bytes], dcid: bytes, version: int = V1) -> dict | None:
@@ -300,8 +403,9 @@ def session_summary(client: list[bytes], server: list[bytes]) -> dict | None:
         return None
     out = {k: c.get(k) for k in ("server_name", "alpn", "ja4", "ja3")}
     out["quic_version"] = c["version"]
-    ver = {"1": V1, "2": V2}.get(c["version"], int(c["version"], 16) if len(c["version"]) == 8 else V1)
-    srv = parse_server_initials(server, bytes.fromhex(c["dcid"]), ver) if server else None
+    srv = None
+    if server and c["dcid"] is not None:  # not Google's clear CHLO: the server's Initials have keys
+        srv = parse_server_initials(server, bytes.fromhex(c["dcid"]), _version_number(c["version"]))
     if srv:
         out.update({k: v for k, v in srv.items() if k != "server_hello"})
     return out
@@ -323,15 +427,16 @@ _MAX_DATAGRAMS = 8
 
 def datagram_filter(first_byte: np.ndarray, from_orig: np.ndarray) -> np.ndarray:
     """The datagrams parse_datagram reads, for the stage to pick before making them objects:
-    the client's long-header packets (the first byte's top bit; -1: no payload). Most of a
-    QUIC session is short-header packets, which carry nothing this module reads."""
-    return from_orig & (first_byte >= 0) & ((first_byte & 0x80) != 0)
+    the client's long-header packets (the first byte's top bit; -1: no payload), and Google
+    QUIC's public headers that carry a version (the CHLO's packets). Most of a QUIC session
+    is short-header packets, which carry nothing this module reads."""
+    return from_orig & (first_byte >= 0) & (((first_byte & 0x80) != 0) | ((first_byte & 0x41) == 0x01))
 
 
 def parse_datagram(d: Datagram) -> list[dict]:
     """One `quic` row per session, when the client's ClientHello has been read."""
     try:
-        if not d.from_orig or d.uid in _done or not d.payload or not d.payload[0] & 0x80:
+        if not d.from_orig or d.uid in _done or not d.payload or not (d.payload[0] & 0x80 or d.payload[0] & 0x41 == 0x01):
             return []
         reader = _pending.get(d.uid)
         if reader is None:
@@ -353,6 +458,6 @@ def parse_datagram(d: Datagram) -> list[dict]:
         return [{"ts": reader.ts, "uid": d.uid, "orig_h": d.orig_h, "orig_p": d.orig_p, "resp_h": d.resp_h,
                  "resp_p": d.resp_p, "version": info["version"], "client_initial_dcid": info["dcid"],
                  "server_name": info.get("server_name"), "alpn": info.get("alpn"), "ja4": info.get("ja4"),
-                 "malformed": bool(info.get("malformed"))}]
+                 "user_agent": info.get("user_agent"), "malformed": bool(info.get("malformed"))}]
     except Exception:
         return []

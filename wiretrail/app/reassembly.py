@@ -251,8 +251,10 @@ def _free_side(T, S, G, st, key):
 @kernel
 def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
     """SYNs fix the base of their direction, even without payload (and before the batch's
-    payloads, whatever their order). Returns the row it stopped at: len(rows) when done, else
-    the table needs to grow."""
+    payloads, whatever their order); a later SYN with another sequence number moves it while
+    the direction has no bytes yet (several SYN-ACKs with different ISNs: the data follows
+    the last one, which the client acknowledged). Returns the row it stopped at: len(rows)
+    when done, else the table needs to grow."""
     for k in range(start, len(rows)):
         i = rows[k]
         if tcp_flags[i] & TCP_SYN:
@@ -262,7 +264,7 @@ def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
                 if _table_full(T, st):
                     return k
                 s = _new_side(T, S, st, key)
-            if S[s, BASE] < 0:
+            if S[s, BASE] < 0 or (S[s, NSEG] == 0 and S[s, KEPT] == 0 and S[s, TRUNC] == 0):
                 S[s, BASE] = (np.int64(tcp_seq[i]) + 1) & _SEQ_MASK
     return len(rows)
 

@@ -28,6 +28,7 @@ Nothing raises: a broken record or message sets `malformed` and keeps what was r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import weakref
@@ -514,13 +515,54 @@ class Handshakes:
 
 # The streams last read (weakly: their bytes are the stage's to free) and what was read of them.
 _read_last: tuple[list[weakref.ref], Handshakes] | None = None
+# The streams last put client first, and how.
+_client_first_last: tuple[list[weakref.ref], list[Stream] | JoinedStreams | None] | None = None
+
+
+def _starts_client_hello(data: np.ndarray, at: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Whether each side (bytes data[at[j]:ends[j]]) begins with a TLS record of a ClientHello."""
+    ok = ends - at >= 6
+    head = np.zeros((len(at), 6), dtype=np.uint8)
+    if ok.any():
+        head[ok] = data[at[ok, None] + np.arange(6)]
+    return ok & (head[:, 0] == 0x16) & (head[:, 1] == 3) & (head[:, 5] == 1)
+
+
+def client_first(streams: list[Stream] | JoinedStreams) -> list[Stream] | JoinedStreams:
+    """`streams` with the sides exchanged of each session whose responder sent the ClientHello
+    (the SYN missed: the SYN-ACK's sender was taken for the originator, as Zeek does on ports
+    it does not know), so that the client's side is read as the client's. The rows keep the
+    session's own originator and responder. The same object when no session needs it (the
+    last answer is kept: tls and x509 ask for the same streams one after the other)."""
+    global _client_first_last
+    items = [streams] if isinstance(streams, JoinedStreams) else streams
+    last = _client_first_last
+    if last is not None and len(last[0]) == len(items) and all(r() is s for r, s in zip(last[0], items)):
+        return streams if last[1] is None else last[1]
+    if isinstance(streams, JoinedStreams):
+        j = streams
+        sides = _starts_client_hello(j.data, j.data_at[:-1], j.data_at[1:])
+        flip = np.flatnonzero(sides[1::2] & ~sides[0::2])
+        out = j.swapped(flip) if len(flip) else j
+    else:
+        out = streams
+        for k, s in enumerate(streams):
+            o, r = s.orig.data[:6], s.resp.data[:6]
+            if r[:2] == b"\x16\x03" and r[5:6] == b"\x01" and not (o[:2] == b"\x16\x03" and o[5:6] == b"\x01"):
+                if out is streams:
+                    out = list(streams)
+                out[k] = dataclasses.replace(s, orig=s.resp, resp=s.orig)
+    # the input itself is not held (its bytes are the stage's to free): None stands for it
+    _client_first_last = ([weakref.ref(s) for s in items], None if out is streams else out)
+    return out
 
 
 def read_handshakes(streams: list[Stream] | JoinedStreams) -> Handshakes:
-    """The handshakes of `streams`, read by one kernel call. The last ones read are kept: x509
-    reads the same streams right after tls (the stage calls it with another list of them, or
-    the same JoinedStreams)."""
+    """The handshakes of `streams` (client first: client_first), read by one kernel call. The
+    last ones read are kept: x509 reads the same streams right after tls (the stage calls it
+    with another list of them, or the same JoinedStreams)."""
     global _read_last
+    streams = client_first(streams)
     items = [streams] if isinstance(streams, JoinedStreams) else streams
     last = _read_last
     if last is not None and len(last[0]) == len(items) and all(r() is s for r, s in zip(last[0], items)):
@@ -881,7 +923,7 @@ def _tls_columns(h: Handshakes, streams: list[Stream]) -> tuple[dict, np.ndarray
 
 def parse_streams(streams: list[Stream]) -> Records:
     """The `tls` rows of many sessions (one per session whose streams carry TLS), as columns."""
-    cols, rows = _tls_columns(read_handshakes(streams), streams)
+    cols, rows = _tls_columns(read_handshakes(streams), client_first(streams))
     return Records(pa.Table.from_arrays([cols[f.name].arrow() for f in _COLUMNS], schema=_COLUMNS), rows)
 
 
@@ -936,14 +978,15 @@ def analyze(s: Stream) -> Analysis:
     if _last is not None and _last[0] is s:
         return _last[1]
     try:
-        h = read_handshakes([s])
-        cols, rows = _tls_columns(h, [s])
+        client = client_first([s])[0]
+        h = read_handshakes([client])
+        cols, rows = _tls_columns(h, [client])
         if len(rows):
             row = _base_row(s, 0) | {name: column.value(0) for name, column in cols.items()}
             ders = h.distinct_certificates
             certs = [(t, ders[g], c) for t, g, c in zip(h.cert_ts.tolist(), h.cert_group.tolist(),
                                                          h.cert_by_client.astype(bool).tolist())]
-            a = Analysis(row, certs, s)
+            a = Analysis(row, certs, client)
         else:  # no TLS, or records but no handshake seen: not logged (as Zeek)
             a = Analysis(None, [])
     except Exception:  # a parser bug must cost one row, not the session
