@@ -114,7 +114,8 @@ def test_missing_library_is_one_line_error(monkeypatch):
 
 _FLOW = re.compile(r"^\s*\d+\s+(\S+)\s+(\S+)\s+(<->|->)\s+(\S+)\s+(\[.*)$")
 _PROTO = re.compile(r"\[proto: (?:[A-Za-z0-9_]+:)?[\d.]+/([^\]]+)\]")
-_FIELD = {"ja4": re.compile(r"\[JA4: ([^\]]+)\]"), "host": re.compile(r"\[Hostname/SNI: ([^\]]*)\]")}
+_FIELD = {"ja4": re.compile(r"\[JA4: ([^\]]+)\]"), "host": re.compile(r"\[Hostname/SNI: ([^\]]*)\]"),
+          "ja3": re.compile(r"\[JA3C: ([0-9a-f]{32})"), "ja3s": re.compile(r"\[JA3S: ([0-9a-f]{32})")}
 
 
 def _endpoint(s: str):
@@ -264,6 +265,9 @@ def compare_with_ndpi(verbose: bool = False, witness: dict | None = None, **iden
                 want = _master(exp["app"])
                 w = _master(wit.get(repr(key))) if wit is not None else None
                 c["witness_master"] += w == want
+                known = exp["app"] != "Unknown"  # a flow the reference's nDPI identified
+                c["known"] += known
+                c["witness_known_master"] += known and w == want
                 got = ours.get(key)
                 if got is None:
                     c["unmatched"] += 1
@@ -274,6 +278,7 @@ def compare_with_ndpi(verbose: bool = False, witness: dict | None = None, **iden
                 c["matched"] += 1
                 if _master(got.app) == want:
                     c["master"] += 1
+                    c["known_master"] += known
                     ns = got.extra.get("non_std_port", False)
                     c["nonstd_ref"] += exp["non_std_port"]
                     c["nonstd_both"] += exp["non_std_port"] and ns
@@ -332,6 +337,10 @@ def test_ndpi_identification_agreement():
               f"({100 * c['witness_master'] / y:.1f}%); leaving out the {c['version']} flows where it gives "
               f"our answer and the reference another (nDPI version): {c['master']}/{y_w} "
               f"({100 * c['master'] / y_w:.1f}%)")
+    print(f"  on the {c['known']} flows the reference identifies (not Unknown): {c['known_master']}/{c['known']} "
+          f"({100 * c['known_master'] / c['known']:.1f}%) on the master protocol"
+          + (f"; NFStream 6.6.0 {c['witness_known_master']}/{c['known']} "
+             f"({100 * c['witness_known_master'] / c['known']:.1f}%)" if witness is not None else ""))
     print(f"  'Known Proto on Non Std Port': {c['nonstd_both']}/{c['nonstd_ref']} flows of the reference "
           f"flagged, {c['nonstd_ours_only']} flagged only by us; JA4 {c['ja4_agree']}/{c['ja4_compared']}, "
           f"SNI/host {c['host_agree']}/{c['host_compared']}; {c['calls']} nDPI calls")
@@ -351,6 +360,108 @@ def test_ndpi_identification_agreement():
     if witness is not None:  # every disagreement on a flow we found is one NFStream's nDPI 5 shares
         assert sum(n for (cause, _, _), n in misses.items() if cause == "ours") <= 0.002 * y
     assert c["nonstd_ours_only"] == 0 and c["nonstd_both"] >= 0.55 * c["nonstd_ref"]
+
+
+# Which record carries what nDPI prints as Hostname/SNI, by nDPI master protocol, and the
+# fingerprints nDPI prints for TLS and QUIC: (table, hostname column, fingerprint columns).
+_RECORD_FIELDS = {"TLS": ("tls", "server_name", ("ja3", "ja3s", "ja4")), "QUIC": ("quic", "server_name", ("ja4",)),
+                  "HTTP": ("http", "host", ()), "DNS": ("dns", "query", ())}
+
+
+def _host_fold(name: str) -> str:
+    """A host name as nDPI prints it: lower case, the HTTP Host header's port left out (current
+    Zeek keeps it in http.log's host, and so do our records)."""
+    name = name.lower()
+    head, colon, port = name.rpartition(":")
+    return head if colon and port.isdigit() and (":" not in head or head.endswith("]")) else name
+
+
+def _first_records(store: Path) -> dict:
+    """(table, flow key) -> the first row of that table for the flow (its earliest session's)."""
+    import duckdb
+
+    from wiretrail.query import open_store
+
+    out = {}
+    with open_store(store) as db:
+        for table, host, prints in _RECORD_FIELDS.values():
+            cols = ", ".join((f"t.{host}",) + tuple(f"t.{c}" for c in prints))
+            try:
+                rows = db.execute(f"SELECT s.ip_proto, t.orig_h, t.orig_p, t.resp_h, t.resp_p, {cols} FROM {table} t "
+                                  f"JOIN sessions s USING (uid) ORDER BY t.ts").fetchall()
+            except duckdb.Error:  # the capture made no record of that table
+                continue
+            names = (host,) + prints
+            for r in rows:
+                key = _key(_L4.get(r[0], str(r[0])), (r[1], r[2]), (r[3], r[4]))
+                out.setdefault((table, key), dict(zip(names, r[5:])))
+    return out
+
+
+@pytest.mark.skipif(not (NDPI_DIR / "benign.txt").exists(), reason="corpus not found")
+def test_records_against_ndpi_fields(tmp_path):
+    """Our records against what the reference's ndpiReader prints per flow: JA3C/JA3S/JA4
+    against the tls (and quic) table's, Hostname/SNI against the TLS/QUIC server name, the
+    HTTP Host and the DNS query. A value that differs is put down to the nDPI version when
+    nDPI 5 (the library that identifies our sessions, reading the same capture) gives ours."""
+    from wiretrail.ingest import IngestOptions, ingest
+
+    names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
+    c = Counter()
+    differ = []
+    for i, name in enumerate(names):
+        res = NDPI_DIR / "result" / (Path(name).name + ".out")
+        if not res.exists():
+            continue
+        wanted = {}
+        for key, exp in read_expected(res).items():
+            master = _master(exp["app"])
+            if master in _RECORD_FIELDS and any(f in exp for f in ("host", "ja3", "ja3s", "ja4")):
+                wanted[key] = (master, exp)
+        if not wanted:
+            continue
+        store = tmp_path / f"s{i}"
+        ingest([NDPI_DIR / name], IngestOptions(store=store))
+        ours = _first_records(store)
+        ident = _identifier()
+        try:
+            now = identify_capture(NDPI_DIR / name, ident)  # nDPI 5's own fields
+        finally:
+            ident.close()
+        for key, (master, exp) in wanted.items():
+            table, host, prints = _RECORD_FIELDS[master]
+            row = ours.get((table, key))
+            for field, column in [("host", host)] + [(f, f) for f in prints]:
+                if field not in exp:
+                    continue
+                label = f"{table}.{column}"
+                c[label, "listed"] += 1
+                if row is None:
+                    c[label, "no record"] += 1
+                    differ.append(f"{name} {key}: no {table} record, nDPI {field} {exp[field]!r}")
+                    continue
+                got = row[column]
+                fold = _host_fold if field == "host" else str
+                if got is not None and fold(got) == fold(exp[field]):
+                    c[label, "equal"] += 1
+                    continue
+                v5 = now[key].extra.get(field) if key in now else None
+                if got is not None and v5 is not None and fold(got) == fold(v5):
+                    c[label, "nDPI 5 gives ours"] += 1
+                else:
+                    c[label, "other"] += 1
+                    differ.append(f"{name} {key}: {label} {got!r}, nDPI {exp[field]!r}, nDPI 5 {v5!r}")
+    labels = sorted({label for label, _ in c})
+    print("\nrecords against the per-flow fields of nDPI's expected results (nDPI 4.11-dev):")
+    for label in labels:
+        print(f"  {label:18s} {c[label, 'equal']}/{c[label, 'listed']} equal; of the rest, nDPI 5 gives ours on "
+              f"{c[label, 'nDPI 5 gives ours']}, {c[label, 'other']} other, {c[label, 'no record']} without a record")
+    for line in differ:
+        print("   ", line)
+    for label in labels:
+        listed = c[label, "listed"]
+        assert c[label, "no record"] <= max(1, 0.01 * listed), label
+        assert c[label, "other"] <= max(3, 0.03 * listed), label
 
 
 # ---- classify_batch / NdpiState ----------------------------------------------------------------
