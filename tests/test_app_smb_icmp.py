@@ -804,3 +804,38 @@ def test_negotiate_guids_and_native_os_against_tshark():
             print(f"  {trace.name}: tshark only {dict(theirs - ours)}, ours only {dict(ours - theirs)}")
     print(f"\nsmb GUIDs and native OS/LAN manager vs tshark: {same}/{total} equal")
     assert total >= 20 and same == total
+
+
+def test_dcerpc_calls_on_named_pipes():
+    """DCE/RPC on SMB2 named pipes: one row per call (a WRITE or FSCTL_PIPE_TRANSCEIVE IOCTL),
+    its answer joined to it by call id; Suricata's counts for `net user` over samr (smb2-06:
+    5 BINDs, 46 REQUESTs) and the interfaces a BIND_ACK accepts or rejects as tshark reads them."""
+    trace = SV / "tests" / "smb2-06" / "20171220_smb_net_user.pcap"
+    if not trace.exists():
+        pytest.skip("suricata-verify smb2-06 not present")
+    calls = [r for r in smb_rows(trace) if r.get("dcerpc_request")]
+    kinds = Counter(r["dcerpc_request"] for r in calls)
+    answered = Counter((r["dcerpc_request"], r.get("dcerpc_response")) for r in calls)
+    print(f"\nsmb2-06 DCE/RPC calls: {dict(kinds)}, answers {dict(answered)}")
+    assert kinds == {"BIND": 5, "REQUEST": 46}
+    assert answered[("BIND", "BINDACK")] == 5 and answered[("REQUEST", "RESPONSE")] == 46
+    assert all(r["name"] in ("samr", "lsarpc") and r["share_type"] in ("PIPE", None) for r in calls)
+    bind = next(r for r in calls if r["dcerpc_request"] == "BIND" and r["name"] == "samr")
+    samr = "12345778-1234-abcd-ef00-0123456789ac"  # the SAMR interface, version 1.0
+    assert [i["uuid"] for i in bind["dcerpc_interfaces"]] == [samr] * 3
+    # tshark: Provider rejection (2, reason 2), Acceptance (0), Negotiate ACK (3, features 0x0003)
+    assert [(i["ack_result"], i["ack_reason"]) for i in bind["dcerpc_interfaces"]] == [(2, 2), (0, 0), (3, 3)]
+    assert all(r.get("dcerpc_opnum") is not None for r in calls if r["dcerpc_request"] == "REQUEST")
+
+
+def test_dcerpc_pdu_never_raises():
+    rng = random.Random(7)
+    base = bytes.fromhex("05000b0310000000740000000200000000000000") + bytes(100)
+    for _ in range(3000):
+        b = bytearray(base[:rng.randrange(0, len(base))])
+        for _ in range(rng.randrange(0, 6)):
+            if b:
+                b[rng.randrange(len(b))] = rng.randrange(256)
+        got = smb.dcerpc_pdu(bytes(b))
+        assert got is None or got["type"] < len(smb.DCERPC_TYPES)
+    assert smb.dcerpc_pdu(b"") is None and smb.dcerpc_pdu(b"\x04" + bytes(30)) is None

@@ -21,7 +21,11 @@ CREATE, CLOSE, IOCTL, QUERY_DIRECTORY, QUERY_INFO, SET_INFO (rename, delete, att
 end of file), LOCK, FLUSH, CHANGE_NOTIFY, SMB1 DELETE/RENAME/TRANS/TRANS2/NT_TRANSACT; READ
 and WRITE are folded to one row per file and command until the file is closed (`messages`
 exchanges, `bytes` moved), so a 1 GB copy is one row, not 16,000. ECHO, CANCEL and
-OPLOCK_BREAK give no row. SMB 3 transform (encrypted) messages give one row per session
+OPLOCK_BREAK give no row. DCE/RPC on a named pipe (SMB2: WRITE/READ, or an IOCTL
+FSCTL_PIPE_TRANSCEIVE) gives one row per call instead: the client's PDU (BIND with its
+interfaces, REQUEST with its opnum, ...) and, joined by call id, the server's answer (BIND_ACK
+results, RESPONSE, FAULT), as Suricata's smb dcerpc transactions; on a share never seen
+connected, a file is taken for a pipe when a WRITE's data is one whole PDU. SMB 3 transform (encrypted) messages give one row per session
 (`command` "TRANSFORM", `encrypted` true, `messages` how many, the first one's time) and are
 otherwise skipped: SMB 3 encrypts per session or per share, so plain messages of other trees
 can follow and are still read (compression transforms likewise give a "COMPRESSED" row).
@@ -91,6 +95,13 @@ SCHEMA = pa.schema([
     ("ntlm_version", pa.string()),
     ("server_nb_computer_name", pa.string()),
     ("server_dns_computer_name", pa.string()),
+    # DCE/RPC on a named pipe (SMB2 WRITE/READ, IOCTL FSCTL_PIPE_TRANSCEIVE): one row per call
+    ("dcerpc_request", pa.string()),   # BIND, REQUEST, ALTER_CONTEXT, AUTH3 (Suricata's names)
+    ("dcerpc_response", pa.string()),  # BINDACK, RESPONSE, FAULT, ...
+    ("dcerpc_call_id", pa.uint32()),
+    ("dcerpc_opnum", pa.uint16()),     # REQUEST: the operation number within the interface
+    ("dcerpc_interfaces", pa.list_(pa.struct([("uuid", pa.string()), ("version", pa.string()),
+                                              ("ack_result", pa.uint16()), ("ack_reason", pa.uint16())]))),
     ("encrypted", pa.bool_()),
     ("malformed", pa.bool_()),
 ])
@@ -217,6 +228,51 @@ def guid_text(b: bytes) -> str | None:
     if len(b) != 16:
         return None
     return "%08x-%04x-%04x-%s-%s" % (*struct.unpack_from("<IHH", b), b[8:10].hex(), b[10:16].hex())
+
+
+# DCE/RPC connection-oriented PDU types (C706 12.6.4.1; the names Suricata logs)
+DCERPC_TYPES = ["REQUEST", "PING", "RESPONSE", "FAULT", "WORKING", "NOCALL", "REJECT", "ACK", "CL_CANCEL", "FACK",
+                "CANCEL_ACK", "BIND", "BINDACK", "BINDNAK", "ALTER_CONTEXT", "ALTER_CONTEXT_RESP", "AUTH3",
+                "SHUTDOWN", "CO_CANCEL", "ORPHANED", "RTS"]
+_DCERPC_CALLS = {0, 11, 14, 16}  # what a client sends: REQUEST, BIND, ALTER_CONTEXT, AUTH3
+
+
+def dcerpc_pdu(data: bytes) -> dict | None:
+    """The header of a DCE/RPC PDU at the start of `data` (version 5) and what a log wants of
+    its body: a BIND's interfaces (uuid, "major.minor"), a BIND_ACK's results, a REQUEST's
+    opnum. None when `data` does not start with a PDU (a later piece of a long one). Never raises."""
+    if len(data) < 16 or data[0] != 5 or data[1] > 1 or data[2] >= len(DCERPC_TYPES):
+        return None
+    e = "<" if data[4] & 0x10 else ">"  # the data representation's integer byte order
+    ptype = data[2]
+    pdu = {"type": ptype, "first": bool(data[3] & 1), "frag_length": struct.unpack_from(e + "H", data, 8)[0],
+           "call_id": struct.unpack_from(e + "I", data, 12)[0]}
+    try:
+        if ptype in (11, 14) and len(data) >= 28:  # BIND, ALTER_CONTEXT: the presentation contexts
+            n, at, ifaces = data[24], 28, []
+            for _ in range(n):
+                if at + 24 > len(data):
+                    break
+                n_ts = data[at + 2]
+                uuid = data[at + 4:at + 20]
+                if e == ">":  # the text form reads the first three fields little-endian
+                    uuid = uuid[3::-1] + uuid[5:3:-1] + uuid[7:5:-1] + uuid[8:]
+                major, minor = struct.unpack_from(e + "HH", data, at + 20)
+                ifaces.append({"uuid": guid_text(uuid), "version": f"{major}.{minor}"})
+                at += 24 + 20 * n_ts
+            pdu["interfaces"] = ifaces
+        elif ptype in (12, 15) and len(data) >= 26:  # BIND_ACK, ALTER_CONTEXT_RESP: one result per context
+            at = 26 + struct.unpack_from(e + "H", data, 24)[0]
+            at += -at % 4
+            if at + 4 <= len(data):
+                n = data[at]
+                pdu["results"] = [struct.unpack_from(e + "HH", data, at + 4 + 24 * k)
+                                  for k in range(n) if at + 8 + 24 * k <= len(data)]
+        elif ptype == 0 and len(data) >= 24:  # REQUEST
+            pdu["opnum"] = struct.unpack_from(e + "H", data, 22)[0]
+    except struct.error:
+        pass
+    return pdu
 
 
 def _cstr(b: bytes, at: int, unicode: bool) -> tuple[str, int]:
@@ -383,6 +439,8 @@ class _Session:
         self.last_fid = None           # compound: the FileId of the previous CREATE
         self.pending_tree: dict = {}   # SMB1: tid unknown until the response: mid -> path
         self.smb1_dialects: list[str] = []
+        self.dce_calls: dict = {}      # (fid, DCE/RPC call id) -> the row of that call
+        self.dce_last: dict = {}       # fid -> the row of its last call (later pieces of a PDU join it)
 
     # -- helpers
     def row(self, m: _Msg, r: _Msg | None, command: str, **kw) -> dict:
@@ -448,6 +506,72 @@ class _Session:
                 row["server_dns_computer_name"] = msg.get("server_dns_computer_name")
             if msg.get("version") and not row.get("ntlm_version"):
                 row["ntlm_version"] = msg["version"]
+
+    # -- DCE/RPC on named pipes
+    def dce_request(self, fid, pdu: dict, row: dict) -> None:
+        """A client PDU becomes the call of `row`."""
+        row["dcerpc_request"] = DCERPC_TYPES[pdu["type"]]
+        row["dcerpc_call_id"] = pdu["call_id"]
+        if "opnum" in pdu:
+            row["dcerpc_opnum"] = pdu["opnum"]
+        if "interfaces" in pdu:
+            row["dcerpc_interfaces"] = [dict(i, ack_result=None, ack_reason=None) for i in pdu["interfaces"]]
+        if len(self.dce_calls) > 4096:
+            self.dce_calls.clear()
+        self.dce_calls[(fid, pdu["call_id"])] = self.dce_last[fid] = row
+
+    def dce_response(self, fid, pdu: dict) -> bool:
+        """A server PDU joins its call's row; False when no call of that id was seen."""
+        row = self.dce_calls.get((fid, pdu["call_id"]))  # kept: a long answer comes in fragments
+        if row is None:
+            return False
+        row["dcerpc_response"] = DCERPC_TYPES[pdu["type"]]
+        for iface, (result, reason) in zip(row.get("dcerpc_interfaces") or (), pdu.get("results", ())):
+            iface["ack_result"], iface["ack_reason"] = result, reason
+        return True
+
+    def pipe_io(self, cmd: str, fid, f: _File, m: _Msg, r: _Msg | None, b: bytes, rb: bytes, n: int | None,
+                probe: bool = False) -> bool:
+        """A READ or WRITE on a named pipe that carries DCE/RPC: a WRITE that starts a call is
+        that call's row, the READ that brings its answer (or a later piece of either) adds to
+        it and makes no row of its own. False: not DCE/RPC, folded as any file's I/O.
+        `probe`: the share's type is not known; only a file that DCE/RPC was found on is taken,
+        by PDUs whose length field is the data's."""
+        def data_of(msg, buf, off_fmt, off_at, len_at):
+            off, ln = struct.unpack_from(off_fmt, buf, off_at)[0], struct.unpack_from("<I", buf, len_at)[0]
+            return msg.raw[off:off + ln]
+        try:
+            raw = data_of(m, b, "<H", 2, 4) if cmd == "WRITE" else (data_of(r, rb, "<B", 2, 4) if r is not None else b"")
+        except struct.error:
+            return False
+        pdu = dcerpc_pdu(raw)
+        if probe and fid not in self.dce_last and (pdu is None or pdu["frag_length"] != len(raw)):
+            return False
+        if pdu is None or (pdu["type"] in _DCERPC_CALLS) != (cmd == "WRITE"):
+            last = self.dce_last.get(fid)
+            if last is None or pdu is not None:
+                return False
+            last["messages"] = (last.get("messages") or 0) + 1  # a later piece of the call's PDUs
+            last["bytes"] = (last.get("bytes") or 0) + (n or 0)
+            return True
+        if cmd == "READ":
+            last = self.dce_calls.get((fid, pdu["call_id"]))
+            if last is None or not self.dce_response(fid, pdu):
+                return False
+            last["messages"] += 1
+            last["bytes"] += n or 0
+            return True
+        if not pdu["first"] and (fid, pdu["call_id"]) in self.dce_calls:  # a later fragment of a call
+            row = self.dce_calls[(fid, pdu["call_id"])]
+            row["messages"] += 1
+            row["bytes"] += n or 0
+            return True
+        kw = self.file_fields(f, m)
+        kw["action"] = self.action("PIPE", cmd)
+        row = self.row(m, r, cmd, offset=struct.unpack_from("<Q", b, 8)[0] if len(b) >= 16 else None, bytes=n or 0,
+                       messages=1, **kw)
+        self.dce_request(fid, pdu, row)
+        return True
 
     # -- SMB2
     def smb2(self, m: _Msg, r: _Msg | None) -> None:
@@ -546,6 +670,11 @@ class _Session:
                 n = u(rb, "<I", 4) if ok else 0
                 if r is None:
                     n = u(b, "<I", 4)
+            # a pipe, or a share not seen connected (a capture that starts mid-session): DCE/RPC
+            # is looked for in its data
+            st = (f.tree or self.trees.get(m.tid) or (None, None))[1]
+            if st in ("PIPE", None) and self.pipe_io(cmd, fid, f, m, r, b, rb, n, probe=st is None):
+                return
             key = (fid, cmd)
             row = self.open_io.get(key)
             if row is None:
@@ -569,6 +698,7 @@ class _Session:
                 kw["action"] = self.action((f.tree or self.trees.get(m.tid) or (None, None))[1], "CLOSE")
                 self.open_io.pop((fid, "READ"), None)
                 self.open_io.pop((fid, "WRITE"), None)
+                self.dce_last.pop(fid, None)
             self.row(m, r, cmd, **kw)
             if fid is not None and ok and fid in self.files:
                 f = self.files.pop(fid)
@@ -627,6 +757,17 @@ class _Session:
             elif cmd == "IOCTL":
                 code = u(b, "<I", 4)
                 kw["info_class"] = IOCTLS.get(code, "0x%08x" % code) if code is not None else None
+                if code == 0x0011C017 and fid is not None:  # FSCTL_PIPE_TRANSCEIVE: a call and its answer
+                    call = self.row(m, r, cmd, **kw)
+                    off, ln = u(b, "<I", 24), u(b, "<I", 28)
+                    pdu = dcerpc_pdu(m.raw[off:off + ln]) if off is not None and ln is not None else None
+                    if pdu is not None and pdu["type"] in _DCERPC_CALLS:
+                        self.dce_request(fid, pdu, call)
+                        off, ln = u(rb, "<I", 32), u(rb, "<I", 36)
+                        answer = dcerpc_pdu(r.raw[off:off + ln]) if r is not None and off and ln else None
+                        if answer is not None:
+                            self.dce_response(fid, answer)
+                    return
             self.row(m, r, cmd, **kw)
         else:  # LOGOFF, unknown commands
             self.row(m, r, cmd, malformed=cmd.startswith("0x"))
