@@ -459,6 +459,34 @@ def test_synthetic_gap_stops_cleanly_and_starttls():
     assert row["version"] == "TLSv13" and not row["malformed"]
 
 
+def test_client_hello_from_the_responder_is_read_client_first():
+    """A session whose SYN was missed, its SYN-ACK's sender taken for the originator (as Zeek
+    does on ports it does not know): the ClientHello comes from the responder. Read one by one
+    and in a batch (JoinedStreams), the client's fields are the responder's side's; the row
+    keeps the session's originator."""
+    from wiretrail.app.base import JoinedStreams
+
+    client = _record(22, _client_hello()) + _record(20, b"\x01") + _record(22, bytes(40))
+    server = _record(22, _server_hello() + _hs(14, b"")) + _record(20, b"\x01") + _record(22, bytes(40))
+    normal, flipped = _stream(client, server), _stream(server, client)
+    [want] = tls.parse_stream(normal)
+    [got] = tls.parse_stream(flipped)
+    assert got["server_name"] == want["server_name"] == "example.com"
+    assert (got["ja3"], got["ja4"], got["version"], got["established"]) == \
+        (want["ja3"], want["ja4"], want["version"], want["established"])
+    assert got["orig_p"] == flipped.orig_p
+    pieces = [normal.orig.data, normal.resp.data, flipped.orig.data, flipped.resp.data]
+    at = np.cumsum([0] + [len(p) for p in pieces])
+    zeros = np.zeros(5, dtype=np.int64)
+    joined = JoinedStreams(np.frombuffer(b"".join(pieces), dtype=np.uint8), at, np.zeros(4, np.int64),
+                           np.zeros(4, np.int64), np.arange(5, dtype=np.int64), np.zeros(0, np.int64),
+                           np.zeros(0, np.int64), zeros, np.zeros(0, np.int64), np.zeros(0, np.int64), zeros,
+                           np.zeros(4, dtype=bool))
+    h = tls.read_handshakes(joined)
+    rows = tls._tls_columns(h, tls.client_first(joined))[0]["server_name"].arrow().to_pylist()
+    assert rows == ["example.com", "example.com"]
+
+
 def test_hello_alone_and_in_a_stream_agree():
     ch = _client_hello()
     sh = _server_hello(exts=_ext(16, b"\x00\x03\x02h2") + _ext(43, b"\x03\x04"))

@@ -25,8 +25,8 @@ OPLOCK_BREAK give no row. DCE/RPC on a named pipe (SMB2: WRITE/READ, or an IOCTL
 FSCTL_PIPE_TRANSCEIVE) gives one row per call instead: the client's PDU (BIND with its
 interfaces, REQUEST with its opnum, ...) and, joined by call id, the server's answer (BIND_ACK
 results, RESPONSE, FAULT), as Suricata's smb dcerpc transactions; on a share never seen
-connected, a file is taken for a pipe when a WRITE's data is one whole PDU. SMB 3 transform (encrypted) messages give one row per session
-(`command` "TRANSFORM", `encrypted` true, `messages` how many, the first one's time) and are
+connected, a file is taken for a pipe when a WRITE's data is one whole PDU. SMB 3 transform
+(encrypted) messages give one row per session (`command` "TRANSFORM", `encrypted` true, `messages` how many, the first one's time) and are
 otherwise skipped: SMB 3 encrypts per session or per share, so plain messages of other trees
 can follow and are still read (compression transforms likewise give a "COMPRESSED" row).
 
@@ -544,28 +544,22 @@ class _Session:
             raw = data_of(m, b, "<H", 2, 4) if cmd == "WRITE" else (data_of(r, rb, "<B", 2, 4) if r is not None else b"")
         except struct.error:
             return False
+        def joined(row):  # the exchange counted on the call's row, which it belongs to
+            row["messages"] = (row.get("messages") or 0) + 1
+            row["bytes"] = (row.get("bytes") or 0) + (n or 0)
+            return True
+
         pdu = dcerpc_pdu(raw)
         if probe and fid not in self.dce_last and (pdu is None or pdu["frag_length"] != len(raw)):
             return False
         if pdu is None or (pdu["type"] in _DCERPC_CALLS) != (cmd == "WRITE"):
-            last = self.dce_last.get(fid)
-            if last is None or pdu is not None:
-                return False
-            last["messages"] = (last.get("messages") or 0) + 1  # a later piece of the call's PDUs
-            last["bytes"] = (last.get("bytes") or 0) + (n or 0)
-            return True
+            last = self.dce_last.get(fid)  # a later piece of the last call's PDUs
+            return last is not None and pdu is None and joined(last)
+        call = self.dce_calls.get((fid, pdu["call_id"]))
         if cmd == "READ":
-            last = self.dce_calls.get((fid, pdu["call_id"]))
-            if last is None or not self.dce_response(fid, pdu):
-                return False
-            last["messages"] += 1
-            last["bytes"] += n or 0
-            return True
-        if not pdu["first"] and (fid, pdu["call_id"]) in self.dce_calls:  # a later fragment of a call
-            row = self.dce_calls[(fid, pdu["call_id"])]
-            row["messages"] += 1
-            row["bytes"] += n or 0
-            return True
+            return call is not None and self.dce_response(fid, pdu) and joined(call)
+        if not pdu["first"] and call is not None:  # a later fragment of a call
+            return joined(call)
         kw = self.file_fields(f, m)
         kw["action"] = self.action("PIPE", cmd)
         row = self.row(m, r, cmd, offset=struct.unpack_from("<Q", b, 8)[0] if len(b) >= 16 else None, bytes=n or 0,

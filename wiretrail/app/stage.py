@@ -791,10 +791,11 @@ class _Out:
 
 def _ack_padding(batch, cols: dict, rows: np.ndarray) -> np.ndarray | None:
     """The rows of `rows` that are bare ACKs (no SYN, FIN, RST or PSH) whose "payload" is 2 to
-    7 zero bytes: padding of a short frame that a device also counted in the IP length
-    (nDPI's heuristic_tcp_ack_payload.pcap holds a capture of it). Taken as data, those zeros would stand in the stream where
-    the sender's real bytes go next (the first copy of a byte wins). nDPI's "TCP ACK payload"
-    heuristic skips the same packets; one zero byte is a keep-alive and stays. None: no such row."""
+    7 zero bytes: padding of a short frame that a device also counted in the IP length (nDPI's
+    heuristic_tcp_ack_payload.pcap holds a capture of it). Taken as data, those zeros would
+    stand in the stream where the sender's real bytes go next (the first copy of a byte wins).
+    nDPI's "TCP ACK payload" heuristic skips the same packets; one zero byte is a keep-alive
+    and stays. None: no such row."""
     pl_len = cols["pl_len"][rows]
     flags = cols["tcp_flags"][rows]
     cand = np.flatnonzero((pl_len >= 2) & (pl_len < 8) & ((flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_PSH)) == 0)

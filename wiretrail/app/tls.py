@@ -519,8 +519,13 @@ _read_last: tuple[list[weakref.ref], Handshakes] | None = None
 _client_first_last: tuple[list[weakref.ref], list[Stream] | JoinedStreams | None] | None = None
 
 
+def _is_client_hello(head: bytes) -> bool:
+    """Whether bytes begin with a TLS handshake record whose first message is a ClientHello."""
+    return len(head) >= 6 and head[0] == 0x16 and head[1] == 3 and head[5] == 1
+
+
 def _starts_client_hello(data: np.ndarray, at: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Whether each side (bytes data[at[j]:ends[j]]) begins with a TLS record of a ClientHello."""
+    """_is_client_hello of many sides at once (bytes data[at[j]:ends[j]])."""
     ok = ends - at >= 6
     head = np.zeros((len(at), 6), dtype=np.uint8)
     if ok.any():
@@ -547,8 +552,7 @@ def client_first(streams: list[Stream] | JoinedStreams) -> list[Stream] | Joined
     else:
         out = streams
         for k, s in enumerate(streams):
-            o, r = s.orig.data[:6], s.resp.data[:6]
-            if r[:2] == b"\x16\x03" and r[5:6] == b"\x01" and not (o[:2] == b"\x16\x03" and o[5:6] == b"\x01"):
+            if _is_client_hello(s.resp.data[:6]) and not _is_client_hello(s.orig.data[:6]):
                 if out is streams:
                     out = list(streams)
                 out[k] = dataclasses.replace(s, orig=s.resp, resp=s.orig)
