@@ -939,6 +939,17 @@ def handshakes(data, data_at, limits, offsets, offsets_at, times, times_at):
                     server_extensions = _grown(server_extensions, w_server_extensions, k)
                 _copy(server_extensions, w_server_extensions, out, hello + SH_VALUES, k)
                 w_server_extensions += k
+                # JA3S's key: the ServerHello's, or a HelloRetryRequest's when no ServerHello came
+                # (a ServerHello in form, which JA3S's tools, Zeek's ja3 script and nDPI read too)
+                w = key_ends[n_keys]
+                k = out[hello + SH_N_EXTENSIONS]
+                if w + 2 + k > keys.shape[0]:
+                    keys = _grown(keys, w, 2 + k)
+                keys[w] = out[hello + SH_VERSION]
+                keys[w + 1] = out[hello + SH_CIPHER]
+                head[i, H_JA3S] = n_keys
+                n_keys += 1
+                key_ends[n_keys] = w + 2 + _copy_non_grease(keys, w + 2, out, hello + SH_VALUES, k)
             if sh >= 0:
                 head[i, H_KEY_SHARE_GROUP] = out[sh + SH_KEY_SHARE_GROUP]
                 a, e = out[sh + SH_ALPN], out[sh + SH_ALPN + 1]
@@ -961,16 +972,6 @@ def handshakes(data, data_at, limits, offsets, offsets_at, times, times_at):
                             same = False
                             break
                     head[i, H_RESUMED] = same
-                # JA3S's key
-                w = key_ends[n_keys]
-                k = out[sh + SH_N_EXTENSIONS]
-                if w + 2 + k > keys.shape[0]:
-                    keys = _grown(keys, w, 2 + k)
-                keys[w] = out[sh + SH_VERSION]
-                keys[w + 1] = out[sh + SH_CIPHER]
-                head[i, H_JA3S] = n_keys
-                n_keys += 1
-                key_ends[n_keys] = w + 2 + _copy_non_grease(keys, w + 2, out, sh + SH_VALUES, k)
             p = CERTS
             for count_at in (SERVER_CERTS, CLIENT_CERTS):
                 for _ in range(max(out[count_at], 0)):
