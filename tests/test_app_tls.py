@@ -643,3 +643,38 @@ def test_quic_datagram_filter_keeps_what_parse_datagram_reads():
     quic._pending.clear()
     everything = [r for d in dgrams for r in quic.parse_datagram(d)]
     assert filtered and filtered == everything
+
+
+def test_google_quic_chlo_and_draft_salts():
+    """Google QUIC's clear CHLO (tag count, padding, then tag/end-offset pairs and the values),
+    whole and cut short; and the Initial salt of each version range."""
+    from wiretrail.app import quic
+
+    tags = [(b"PAD\x00", b"\x00" * 10), (b"SNI\x00", b"www.example.com"), (b"UAID", b"Chrome/49 Linux")]
+    ends, values, at = b"", b"", 0
+    for tag, value in tags:
+        at += len(value)
+        ends += tag + at.to_bytes(4, "little")
+        values += value
+    chlo = b"CHLO" + len(tags).to_bytes(2, "little") + b"\x00\x00" + ends + values
+    packet = b"\x0d" + bytes(8) + b"Q025" + b"\x01" + bytes(12) + b"\x80\x01\x00\x00" + chlo  # public header, flags 0x0d
+    assert quic._google_version(packet) == "Q025" and quic._google_version(b"\x41" + packet[1:]) is None
+    reader = quic._Initials()
+    reader.add(packet)
+    got = reader.result()
+    assert (got["version"], got["server_name"], got["user_agent"]) == ("Q025", "www.example.com", "Chrome/49 Linux")
+    cut = quic._chlo_tags(chlo[:-5])  # the last value runs past the data: left out
+    assert cut[b"SNI\x00"] == b"www.example.com" and b"UAID" not in cut
+    assert quic._chlo_tags(b"no hello here") is None and quic._chlo_tags(b"CHLO\xff\xff\x00\x00") is None
+    # salts: draft-22, draft-23..28, draft-29..32, v1 (and drafts 33-34), v2, mvfst's draft-27
+    assert quic._salt(0xFF000016).hex().startswith("7fbcdb0e")
+    assert quic._salt(0xFF00001C).hex().startswith("c3eef712")
+    assert quic._salt(0xFF00001D).hex().startswith("afbfec28") and quic._salt(0xFF000020).hex().startswith("afbfec28")
+    assert quic._salt(quic.V1) == quic._salt(0xFF000022) and quic._salt(quic.V1).hex().startswith("38762cf7")
+    assert quic._salt(quic.V2).hex().startswith("0dede3de") and quic._salt(0xFACEB002).hex().startswith("c3eef712")
+    assert quic._version_number(quic._version_name(quic.T051)) == quic.T051
+    assert quic._version_name(0xFF00001D) == "ff00001d" and quic._version_number("ff00001d") == 0xFF00001D
+    # the stage's filter and the parser's own check agree on every first byte
+    first = np.arange(256, dtype=np.int16)
+    kept = quic.datagram_filter(first, np.ones(256, dtype=bool))
+    assert kept.tolist() == [quic._may_carry_hello(b) for b in range(256)]

@@ -8,6 +8,11 @@ the payload AES-128-GCM. CRYPTO frames are put back in offset order, so a Client
 spread over several Initial packets or datagrams (large post-quantum key shares) is read
 once it is whole.
 
+Versions: v1, v2 and the drafts (each draft range's salt), mvfst's; Google QUIC up to Q046
+sends its client hello (CHLO, tag/value pairs: SNI, UAID...) in clear, read as it is; Google's
+T050/T051 (TLS) and Q050 (CHLO) use Initial packets with salts of their own (those are in,
+but no capture at hand exercises them).
+
 `parse_initial(payload)` reads one UDP payload (coalesced packets included);
 `parse_initials(payloads)` reads the first client datagrams of a session together.
 `parse_datagram` is the protocol-module entry point (table `quic`, one row per session
@@ -425,6 +430,11 @@ _MAX_SESSIONS = 4096
 _MAX_DATAGRAMS = 8
 
 
+def _may_carry_hello(b0: int) -> bool:
+    """A client datagram's first byte as datagram_filter judges it, for one datagram."""
+    return bool(b0 & 0x80 or b0 & 0x41 == 0x01)
+
+
 def datagram_filter(first_byte: np.ndarray, from_orig: np.ndarray) -> np.ndarray:
     """The datagrams parse_datagram reads, for the stage to pick before making them objects:
     the client's long-header packets (the first byte's top bit; -1: no payload), and Google
@@ -436,7 +446,7 @@ def datagram_filter(first_byte: np.ndarray, from_orig: np.ndarray) -> np.ndarray
 def parse_datagram(d: Datagram) -> list[dict]:
     """One `quic` row per session, when the client's ClientHello has been read."""
     try:
-        if not d.from_orig or d.uid in _done or not d.payload or not (d.payload[0] & 0x80 or d.payload[0] & 0x41 == 0x01):
+        if not d.from_orig or d.uid in _done or not d.payload or not _may_carry_hello(d.payload[0]):
             return []
         reader = _pending.get(d.uid)
         if reader is None:
