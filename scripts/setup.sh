@@ -24,7 +24,7 @@ fi
 # first use: 0.13 s and 30 MB more for every command, for nothing.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps nfstream==6.6.0
 # Compile the numba kernels ahead of time (wiretrail.jit): numba's start-up, 0.45 CPU s per
-# command, is then paid here once. About a minute; a no-op when they are up to date.
+# command, is then paid here once. Three to four minutes here; a no-op when they are up to date.
 .venv/bin/python -m wiretrail.aot
 # Bytecode written now: where PYTHONDONTWRITEBYTECODE is set, every command would otherwise
 # compile Wiretrail's modules again (0.04 s each time).
