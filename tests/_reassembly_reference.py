@@ -33,6 +33,7 @@ from operator import itemgetter
 import numpy as np
 
 from wiretrail.app.base import Direction
+from wiretrail.app.reassembly import _ack_padding
 from wiretrail.batch import TCP_ACK, TCP_SYN
 
 
@@ -128,8 +129,12 @@ class ReferenceReassembler:
             side = sides.get((s, o))
             if side is None:
                 side = sides[(s, o)] = _Side()
-            if side.base < 0 or (not side.blocks and side.kept == 0 and not side.truncated):
+            if side.base < 0 or (not side.blocks and not side.truncated):
                 side.base = (q + 1) & 0xFFFFFFFF
+        padded = _ack_padding(batch, cols, rows)  # an input rule, not bookkeeping: the module's own
+        if padded is not None:
+            cols = {**cols, "pl_len": cols["pl_len"].copy()}
+            cols["pl_len"][padded] = 0
         data_rows = rows[cols["pl_len"][rows] > 0]
         if len(data_rows):
             self._data(batch, cols, data_rows, sid, is_orig)

@@ -187,6 +187,15 @@ class Direction:
         return int(ts[max(i, 0)])
 
 
+def ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """start[i], start[i] + 1, ..., start[i] + count[i] - 1, for every i in turn."""
+    total = int(count.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    ends = np.cumsum(count)
+    return np.repeat(start - (ends - count), count) + np.arange(total)
+
+
 @dataclass
 class JoinedStreams:
     """Both directions of many sessions end to end, as the reassembler rebuilt them: what a
@@ -238,11 +247,11 @@ class JoinedStreams:
         perm = np.arange(len(self.data_at) - 1, dtype=np.int64)
         perm[2 * sessions], perm[2 * sessions + 1] = 2 * sessions + 1, 2 * sessions
 
-        def gather(at, *arrays):
+        def gather(at, *arrays):  # each side's piece of `arrays`, in the new side order
             lens = np.diff(at)[perm]
             new_at = np.zeros(len(perm) + 1, dtype=np.int64)
             np.cumsum(lens, out=new_at[1:])
-            idx = np.repeat(at[:-1][perm] - new_at[:-1], lens) + np.arange(new_at[-1], dtype=np.int64)
+            idx = ranges(at[:-1][perm], lens)
             return (new_at, *(a[idx] for a in arrays))
 
         data_at, data = gather(self.data_at, self.data)

@@ -42,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from wiretrail.app import dns_kernel as K
-from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream
+from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream, ranges
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -1220,15 +1220,6 @@ def _among(values: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
     return sorted_ids[np.minimum(np.searchsorted(sorted_ids, values), len(sorted_ids) - 1)] == values
 
 
-def _ranges(start: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """start[i], start[i] + 1, ..., start[i] + count[i] - 1, for every i in turn."""
-    total = int(count.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    ends = np.cumsum(count)
-    return np.repeat(start - (ends - count), count) + np.arange(total)
-
-
 def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
     """The IPv6 addresses at data[at[i]:at[i] + 16] as `_ip6` writes them."""
     from wiretrail.sessions.flowtable import addr_texts
@@ -1353,9 +1344,9 @@ def _python_messages(left: np.ndarray, data: np.ndarray, starts: np.ndarray, end
 def _own_texts(source: _Source, num: np.ndarray) -> tuple[np.ndarray, _Source]:
     """The messages `num` of `source` with a source of their own texts only (renumbered)."""
     num = num.copy()
-    entries = source.entries[np.concatenate([_ranges(num[:, N_AREC0], num[:, N_NAREC]),
-                                             _ranges(num[:, N_AUTH0], num[:, N_NAUTH])])]
-    answers = source.answers[_ranges(num[:, N_ANS0], num[:, N_NANS])]
+    entries = source.entries[np.concatenate([ranges(num[:, N_AREC0], num[:, N_NAREC]),
+                                             ranges(num[:, N_AUTH0], num[:, N_NAUTH])])]
+    answers = source.answers[ranges(num[:, N_ANS0], num[:, N_NANS])]
     strings = np.unique(np.concatenate([num[:, f] for f in N_TEXTS] + [answers[:, A_TEXT]] +
                                        [entries[:, f] for f in E_STRINGS]))
     strings = strings[strings >= 0]
@@ -1404,7 +1395,7 @@ def _record_lists(source: _Source, num: np.ndarray, valid: np.ndarray) -> list[p
     done = 0
     for first, count in ((N_AREC0, N_NAREC), (N_AUTH0, N_NAUTH)):
         n = np.where(valid, num[:, count], 0)
-        runs.append(_ranges(num[:, first], n))
+        runs.append(ranges(num[:, first], n))
         lists.append((n, done))
         done += int(n.sum())
     e = source.entries[np.concatenate(runs)]
@@ -1451,7 +1442,7 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
     query = np.where(question, Q[:, N_QUERY], np.where(replied, R[:, N_OWNER], -1))
     original = np.where(question & (Q[:, N_CAPITALS] == 1), Q[:, N_Q0], np.where(hr, R[:, N_Q0], -1))
     count = np.where(hr, R[:, N_NANS], 0)
-    answers = texts.answers[_ranges(R[:, N_ANS0], count)]
+    answers = texts.answers[ranges(R[:, N_ANS0], count)]
     offsets, none = _offsets(count), pa.array(count == 0)
     answer_records, authority_records = _record_lists(texts, R, hr)
     bools = lambda v: pa.array(v, pa.bool_())  # noqa: E731

@@ -27,6 +27,8 @@ A direction is rebuilt when its session closes (or asked for earlier):
   differ from the first copy are counted in `conflicts`: an evasion attempt or corruption
   (only checked against the bytes of the last part rebuilt, the usual case).
 - Bytes never seen are gaps: recorded as (offset, length) and left out of the data.
+- A bare ACK whose payload is 2 to 7 zero bytes is frame padding counted in the IP length
+  (`_ack_padding`), not stream bytes.
 - Acknowledgements: the packets of one direction that acknowledge new bytes of the other
   are kept as (bytes acknowledged, packet number), so that a record can name the packet
   that made it complete: Suricata (IDS mode) hands a direction's bytes to its parser when
@@ -49,7 +51,7 @@ import numpy as np
 from wiretrail.jit import kernel, numba_hook
 
 from wiretrail.app.base import Direction, JoinedStreams
-from wiretrail.batch import TCP_ACK, TCP_SYN
+from wiretrail.batch import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
 
 # ---- per-side fields (_S columns) ------------------------------------------------------------
 BASE = 0        # absolute sequence number of stream offset 0, -1: not known yet
@@ -264,7 +266,7 @@ def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
                 if _table_full(T, st):
                     return k
                 s = _new_side(T, S, st, key)
-            if S[s, BASE] < 0 or (S[s, NSEG] == 0 and S[s, KEPT] == 0 and S[s, TRUNC] == 0):
+            if S[s, BASE] < 0 or (S[s, NSEG] == 0 and S[s, TRUNC] == 0):  # (no segment: nothing kept)
                 S[s, BASE] = (np.int64(tcp_seq[i]) + 1) & _SEQ_MASK
     return len(rows)
 
@@ -634,6 +636,29 @@ def _empty_table(cap: int) -> np.ndarray:
     return table
 
 
+def _ack_padding(batch, cols: dict, rows: np.ndarray) -> np.ndarray | None:
+    """The rows of `rows` that are bare ACKs (no SYN, FIN, RST or PSH) whose "payload" is 2 to
+    7 zero bytes: padding of a short frame that a device also counted in the IP length (nDPI's
+    heuristic_tcp_ack_payload.pcap holds a capture of it). Taken as data, those zeros would
+    stand in the stream where the sender's real bytes go next (the first copy of a byte wins).
+    nDPI's "TCP ACK payload" heuristic skips the same packets; one zero byte is a keep-alive
+    and stays. None: no such row."""
+    pl_len = cols["pl_len"][rows]
+    flags = cols["tcp_flags"][rows]
+    cand = np.flatnonzero((pl_len >= 2) & (pl_len < 8) & ((flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_PSH)) == 0)
+                          & ((flags & TCP_ACK) != 0))
+    if not len(cand):
+        return None
+    r = rows[cand]
+    start = batch.offset[r].astype(np.int64) + cols["pl_off"][r].astype(np.int64)
+    k = np.arange(7, dtype=np.int64)
+    inside = k[None, :] < pl_len[cand][:, None].astype(np.int64)
+    data = batch.data
+    byte = data[np.minimum(start[:, None] + k[None, :], len(data) - 1)]
+    zero = ((byte == 0) | ~inside).all(axis=1)
+    return r[zero] if zero.any() else None
+
+
 class Reassembler:
     def __init__(self, depth: int = 1 << 20, memcap: int = 256 << 20):
         self.depth = depth
@@ -743,6 +768,10 @@ class Reassembler:
                 break
             self._grow_table()
         pl_len, pl_off = cols["pl_len"], cols["pl_off"]
+        padded = _ack_padding(batch, cols, rows)
+        if padded is not None:  # taken as the ACKs they are, not as bytes of the stream
+            pl_len = pl_len.copy()
+            pl_len[padded] = 0
         data, offset, ts = batch.data, batch.offset, batch.ts
         row_side = np.empty(n, dtype=np.int64)
         at = 0

@@ -530,20 +530,17 @@ class _Session:
             iface["ack_result"], iface["ack_reason"] = result, reason
         return True
 
-    def pipe_io(self, cmd: str, fid, f: _File, m: _Msg, r: _Msg | None, b: bytes, rb: bytes, n: int | None,
-                probe: bool = False) -> bool:
-        """A READ or WRITE on a named pipe that carries DCE/RPC: a WRITE that starts a call is
-        that call's row, the READ that brings its answer (or a later piece of either) adds to
-        it and makes no row of its own. False: not DCE/RPC, folded as any file's I/O.
-        `probe`: the share's type is not known; only a file that DCE/RPC was found on is taken,
-        by PDUs whose length field is the data's."""
-        def data_of(msg, buf, off_fmt, off_at, len_at):
-            off, ln = struct.unpack_from(off_fmt, buf, off_at)[0], struct.unpack_from("<I", buf, len_at)[0]
-            return msg.raw[off:off + ln]
-        try:
-            raw = data_of(m, b, "<H", 2, 4) if cmd == "WRITE" else (data_of(r, rb, "<B", 2, 4) if r is not None else b"")
-        except struct.error:
+    def pipe_io(self, cmd: str, fid, f: _File, m: _Msg, r: _Msg | None, raw: bytes | None, offset: int | None,
+                n: int | None, probe: bool = False) -> bool:
+        """A READ or WRITE on a named pipe that carries DCE/RPC (`raw`: the data written or
+        read, None when the message is too short to say): a WRITE that starts a call is that
+        call's row, the READ that brings its answer (or a later piece of either) adds to it and
+        makes no row of its own. False: not DCE/RPC, folded as any file's I/O. `probe`: the
+        share's type is not known; only a file that DCE/RPC was found on is taken, by PDUs
+        whose length field is the data's."""
+        if raw is None:
             return False
+
         def joined(row):  # the exchange counted on the call's row, which it belongs to
             row["messages"] = (row.get("messages") or 0) + 1
             row["bytes"] = (row.get("bytes") or 0) + (n or 0)
@@ -562,8 +559,7 @@ class _Session:
             return joined(call)
         kw = self.file_fields(f, m)
         kw["action"] = self.action("PIPE", cmd)
-        row = self.row(m, r, cmd, offset=struct.unpack_from("<Q", b, 8)[0] if len(b) >= 16 else None, bytes=n or 0,
-                       messages=1, **kw)
+        row = self.row(m, r, cmd, offset=offset, bytes=n or 0, messages=1, **kw)
         self.dce_request(fid, pdu, row)
         return True
 
@@ -578,6 +574,10 @@ class _Session:
 
         def u(buf, fmt, at):
             return struct.unpack_from(fmt, buf, at)[0] if at + struct.calcsize(fmt) <= len(buf) else None
+
+        def data(msg, buf, off_fmt, off_at, len_at):  # the bytes a body points at (offset from the header)
+            off, ln = u(buf, off_fmt, off_at), u(buf, "<I", len_at)
+            return None if off is None or ln is None else msg.raw[off:off + ln]
 
         def fid_at(buf, at):
             fid = buf[at:at + 16]
@@ -667,13 +667,15 @@ class _Session:
             # a pipe, or a share not seen connected (a capture that starts mid-session): DCE/RPC
             # is looked for in its data
             st = (f.tree or self.trees.get(m.tid) or (None, None))[1]
-            if st in ("PIPE", None) and self.pipe_io(cmd, fid, f, m, r, b, rb, n, probe=st is None):
-                return
+            if st in ("PIPE", None):
+                raw = data(m, b, "<H", 2, 4) if cmd == "WRITE" else (data(r, rb, "<B", 2, 4) if r is not None else b"")
+                if self.pipe_io(cmd, fid, f, m, r, raw, u(b, "<Q", 8), n, probe=st is None):
+                    return
             key = (fid, cmd)
             row = self.open_io.get(key)
             if row is None:
                 kw = self.file_fields(f, m)
-                kw["action"] = self.action((f.tree or self.trees.get(m.tid) or (None, None))[1], cmd)
+                kw["action"] = self.action(st, cmd)
                 row = self.open_io[key] = self.row(m, r, cmd, offset=u(b, "<Q", 8), bytes=0, messages=0, **kw)
             row["messages"] += 1
             row["bytes"] += n or 0
@@ -753,12 +755,10 @@ class _Session:
                 kw["info_class"] = IOCTLS.get(code, "0x%08x" % code) if code is not None else None
                 if code == 0x0011C017 and fid is not None:  # FSCTL_PIPE_TRANSCEIVE: a call and its answer
                     call = self.row(m, r, cmd, **kw)
-                    off, ln = u(b, "<I", 24), u(b, "<I", 28)
-                    pdu = dcerpc_pdu(m.raw[off:off + ln]) if off is not None and ln is not None else None
+                    pdu = dcerpc_pdu(data(m, b, "<I", 24, 28) or b"")  # the input buffer: the call
                     if pdu is not None and pdu["type"] in _DCERPC_CALLS:
                         self.dce_request(fid, pdu, call)
-                        off, ln = u(rb, "<I", 32), u(rb, "<I", 36)
-                        answer = dcerpc_pdu(r.raw[off:off + ln]) if r is not None and off and ln else None
+                        answer = dcerpc_pdu(data(r, rb, "<I", 32, 36) or b"") if r is not None else None  # output
                         if answer is not None:
                             self.dce_response(fid, answer)
                     return

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
-from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
@@ -157,7 +157,8 @@ class AppStage:
         # each datagram's nDPI label (-1: not decided): a module reads its protocol on any port
         label = None
         if self.ndpi_state is not None and len(udp):
-            label = self.session_rows.col["ndpi_label"][self.session_rows.map(sid[udp])]
+            at = self.session_rows.find(sid[udp])  # no row: nDPI never saw the session
+            label = np.where(at >= 0, self.session_rows.col["ndpi_label"][at], -1)
         for m in self.datagram_modules:
             ip_protos = getattr(m.mod, "IP_PROTOS", None)
             if ip_protos:  # a whole IP protocol (ICMP): the L4 message from its header on
@@ -353,11 +354,6 @@ class AppStage:
             want = (code == _WANTED) | ((code != _UNWANTED) & (want | (code == _UNDECIDED)))
         rows = cand[want]
         if len(rows):
-            padded = _ack_padding(batch, cols, rows)
-            if padded is not None:  # kept as the ACKs they are, not as stream bytes
-                pl_len = cols["pl_len"].copy()
-                pl_len[padded] = 0
-                cols = {**cols, "pl_len": pl_len}
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
             # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
             carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
@@ -787,29 +783,6 @@ class _Out:
         at = np.asarray(ks, dtype=np.int64)
         for part in got if isinstance(got, list) else [got]:
             self.records(m, part.name, part.table, at[np.asarray(part.index, dtype=np.int64)])
-
-
-def _ack_padding(batch, cols: dict, rows: np.ndarray) -> np.ndarray | None:
-    """The rows of `rows` that are bare ACKs (no SYN, FIN, RST or PSH) whose "payload" is 2 to
-    7 zero bytes: padding of a short frame that a device also counted in the IP length (nDPI's
-    heuristic_tcp_ack_payload.pcap holds a capture of it). Taken as data, those zeros would
-    stand in the stream where the sender's real bytes go next (the first copy of a byte wins).
-    nDPI's "TCP ACK payload" heuristic skips the same packets; one zero byte is a keep-alive
-    and stays. None: no such row."""
-    pl_len = cols["pl_len"][rows]
-    flags = cols["tcp_flags"][rows]
-    cand = np.flatnonzero((pl_len >= 2) & (pl_len < 8) & ((flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_PSH)) == 0)
-                          & ((flags & TCP_ACK) != 0))
-    if not len(cand):
-        return None
-    r = rows[cand]
-    start = batch.offset[r].astype(np.int64) + cols["pl_off"][r].astype(np.int64)
-    k = np.arange(7, dtype=np.int64)
-    inside = k[None, :] < pl_len[cand][:, None].astype(np.int64)
-    data = batch.data
-    byte = data[np.minimum(start[:, None] + k[None, :], len(data) - 1)]
-    zero = ((byte == 0) | ~inside).all(axis=1)
-    return r[zero] if zero.any() else None
 
 
 def _column(table: pa.Table, name: str, null=0) -> np.ndarray:

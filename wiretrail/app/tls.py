@@ -519,6 +519,17 @@ _read_last: tuple[list[weakref.ref], Handshakes] | None = None
 _client_first_last: tuple[list[weakref.ref], list[Stream] | JoinedStreams | None] | None = None
 
 
+def _refs(streams: list[Stream] | JoinedStreams) -> list[weakref.ref]:
+    """Weak references to what a call was given, to know the same streams again."""
+    return [weakref.ref(s) for s in ([streams] if isinstance(streams, JoinedStreams) else streams)]
+
+
+def _same(refs: list[weakref.ref] | None, streams: list[Stream] | JoinedStreams) -> bool:
+    """Whether `streams` are what `refs` (_refs) were taken of."""
+    items = [streams] if isinstance(streams, JoinedStreams) else streams
+    return refs is not None and len(refs) == len(items) and all(r() is s for r, s in zip(refs, items))
+
+
 def _is_client_hello(head: bytes) -> bool:
     """Whether bytes begin with a TLS handshake record whose first message is a ClientHello."""
     return len(head) >= 6 and head[0] == 0x16 and head[1] == 3 and head[5] == 1
@@ -540,9 +551,8 @@ def client_first(streams: list[Stream] | JoinedStreams) -> list[Stream] | Joined
     session's own originator and responder. The same object when no session needs it (the
     last answer is kept: tls and x509 ask for the same streams one after the other)."""
     global _client_first_last
-    items = [streams] if isinstance(streams, JoinedStreams) else streams
     last = _client_first_last
-    if last is not None and len(last[0]) == len(items) and all(r() is s for r, s in zip(last[0], items)):
+    if last is not None and _same(last[0], streams):
         return streams if last[1] is None else last[1]
     if isinstance(streams, JoinedStreams):
         j = streams
@@ -557,7 +567,7 @@ def client_first(streams: list[Stream] | JoinedStreams) -> list[Stream] | Joined
                     out = list(streams)
                 out[k] = dataclasses.replace(s, orig=s.resp, resp=s.orig)
     # the input itself is not held (its bytes are the stage's to free): None stands for it
-    _client_first_last = ([weakref.ref(s) for s in items], None if out is streams else out)
+    _client_first_last = (_refs(streams), None if out is streams else out)
     return out
 
 
@@ -567,13 +577,12 @@ def read_handshakes(streams: list[Stream] | JoinedStreams) -> Handshakes:
     with another list of them, or the same JoinedStreams)."""
     global _read_last
     streams = client_first(streams)
-    items = [streams] if isinstance(streams, JoinedStreams) else streams
     last = _read_last
-    if last is not None and len(last[0]) == len(items) and all(r() is s for r, s in zip(last[0], items)):
+    if last is not None and _same(last[0], streams):
         return last[1]
     _read_last = None
     h = _read(streams)
-    _read_last = ([weakref.ref(s) for s in items], h)
+    _read_last = (_refs(streams), h)
     return h
 
 
@@ -982,8 +991,8 @@ def analyze(s: Stream) -> Analysis:
     if _last is not None and _last[0] is s:
         return _last[1]
     try:
-        client = client_first([s])[0]
-        h = read_handshakes([client])
+        h = read_handshakes([s])
+        client = client_first([s])[0]  # what read_handshakes read (its answer kept)
         cols, rows = _tls_columns(h, [client])
         if len(rows):
             row = _base_row(s, 0) | {name: column.value(0) for name, column in cols.items()}

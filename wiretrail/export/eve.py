@@ -695,8 +695,7 @@ def _smb(r: dict) -> list[dict]:
             smb["response"] = {"native_os": r.get("server_native_os") or "",
                                "native_lm": r.get("server_native_lm") or ""}
     if r.get("dcerpc_request") or r.get("dcerpc_response"):
-        interfaces = [_present({"uuid": i["uuid"], "version": i["version"], "ack_result": i.get("ack_result"),
-                                "ack_reason": i.get("ack_reason")}) for i in r.get("dcerpc_interfaces") or ()]
+        interfaces = [_present(i) for i in r.get("dcerpc_interfaces") or ()]
         smb["dcerpc"] = _present({"request": r.get("dcerpc_request"), "response": r.get("dcerpc_response"),
                                   "opnum": r.get("dcerpc_opnum"), "interfaces": interfaces or None,
                                   "call_id": r.get("dcerpc_call_id")})
