@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tls_harness import load
+from _tls_harness import _client_hello, _ext, _hs, _record, load
 from _zeek_logs import read_zeek_log
 from wiretrail.app import tls, x509
 from wiretrail.app.base import Direction, Stream
@@ -380,35 +380,6 @@ def test_hello_lists_against_tshark():
 
 # ---------------------------------------------------------------------------------------------
 # Synthetic streams: records split and joined, gaps, STARTTLS
-
-
-def _record(ct: int, body: bytes, ver: bytes = b"\x03\x03") -> bytes:
-    return bytes([ct]) + ver + len(body).to_bytes(2, "big") + body
-
-
-def _hs(mt: int, body: bytes) -> bytes:
-    return bytes([mt]) + len(body).to_bytes(3, "big") + body
-
-
-def _ext(t: int, body: bytes) -> bytes:
-    return t.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
-
-
-def _client_hello(sni=b"example.com", alpn=(b"h2", b"http/1.1")) -> bytes:
-    exts = b""
-    exts += _ext(0x0A0A, b"")  # GREASE
-    sn = b"\x00" + len(sni).to_bytes(2, "big") + sni
-    exts += _ext(0, len(sn).to_bytes(2, "big") + sn)
-    exts += _ext(10, b"\x00\x06\x00\x1d\x00\x17\x00\x18")
-    exts += _ext(11, b"\x01\x00")
-    exts += _ext(13, b"\x00\x04\x04\x03\x08\x04")
-    al = b"".join(bytes([len(a)]) + a for a in alpn)
-    exts += _ext(16, len(al).to_bytes(2, "big") + al)
-    exts += _ext(43, b"\x04\x03\x04\x03\x03")
-    ciphers = b"\x1a\x1a\x13\x01\x13\x02\xc0\x2f"
-    body = (b"\x03\x03" + bytes(32) + b"\x20" + bytes(range(32)) + len(ciphers).to_bytes(2, "big") + ciphers
-            + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
-    return _hs(1, body)
 
 
 def _server_hello(cipher=0xC02F, sid=bytes(range(32)), exts=b"") -> bytes:

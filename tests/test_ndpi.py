@@ -45,6 +45,12 @@ def _ipv4_udp(src, dst, sport, dport, payload: bytes) -> bytes:
                        ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + udp
 
 
+def _ipv4_tcp(src, dst, sport, dport, seq, ack, flags, payload: bytes = b"") -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0,
+                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + tcp
+
+
 _DNS_QUERY = bytes.fromhex("1234010000010000000000000377777706676f6f676c6503636f6d0000010001")
 
 
@@ -62,6 +68,32 @@ def test_dns_query_identified():
         ident.free(h)
     finally:
         ident.close()
+
+
+def test_labels_only_concludes_tls_at_a_subclassifying_sni():
+    """labels_only: a TLS flow whose SNI sub-classified it is done at its ClientHello (the
+    certificate can no longer change the label); with nDPI's defaults it waits for the server's
+    handshake. Fed one packet at a time (the Python path; the batched one is compared on nDPI's
+    captures by test_pipeline_config_gives_the_same_labels)."""
+    from _tls_harness import _client_hello, _record
+
+    cli, srv = "10.0.0.1", "10.0.0.2"
+    hello = _record(22, _client_hello(sni=b"www.youtube.com"), b"\x03\x01")
+    flow = [(_ipv4_tcp(cli, srv, 40000, 443, 100, 0, 0x02), True),                 # SYN
+            (_ipv4_tcp(srv, cli, 443, 40000, 500, 101, 0x12), False),              # SYN-ACK
+            (_ipv4_tcp(cli, srv, 40000, 443, 101, 501, 0x10), True),               # ACK
+            (_ipv4_tcp(cli, srv, 40000, 443, 101, 501, 0x18, hello), True)]        # ClientHello
+    done = {}
+    for labels_only in (False, True):
+        ident = _identifier(labels_only=labels_only)
+        try:
+            h = ident.new_flow()
+            done[labels_only] = [ident.add_packet(h, ip, 1000 + i, o) for i, (ip, o) in enumerate(flow)]
+            assert ident.result(h).app == "TLS.YouTube"
+            ident.free(h)
+        finally:
+            ident.close()
+    assert done == {False: [False] * 4, True: [False, False, False, True]}
 
 
 def test_known_protocol_on_non_standard_port():
@@ -552,8 +584,8 @@ def test_pipeline_config_gives_the_same_labels():
     differ = []
     for name in names:
         got = {}
-        for which, config in (("default", ndpi.DEFAULT_CONFIG), ("pipeline", ndpi.PIPELINE_CONFIG)):
-            ident = _identifier(config=config)
+        for which, labels_only in (("default", False), ("pipeline", True)):
+            ident = _identifier(labels_only=labels_only)
             try:
                 got[which] = identify_capture(NDPI_DIR / name, ident)
                 calls[which] = calls.get(which, 0) + ident.calls

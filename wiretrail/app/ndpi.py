@@ -31,7 +31,7 @@ import numpy as np
 from wiretrail.app.session_rows import SessionRows
 from wiretrail.errors import WiretrailError
 
-__all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG", "PIPELINE_CONFIG"]
+__all__ = ["Identifier", "NdpiResult", "NdpiState", "classify_batch", "DEFAULT_CONFIG", "LABELS_ONLY"]
 
 # nDPI's own enums (values from ndpi_typedefs.h of the bundled 5.0 build; checked at load).
 STATE_CLASSIFIED = 3        # NDPI_STATE_CLASSIFIED: nothing more to extract
@@ -49,11 +49,14 @@ DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
     ("ookla", "dpi.aggressiveness", "0x1"),
 )
 
-# What the ingest pipeline adds: nDPI stops computing metadata that only its own reports show
-# and Wiretrail takes from its own parsers (JA3S/JA4 and the other fingerprints, certificate
-# details, payload entropy). Labels (Master.App, category, risks) are the same with and
-# without (tests/test_ndpi.py compares them on every flow of nDPI's test captures); nDPI's
-# time per packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap, same 288,610 calls).
+# What Identifier(labels_only=True), the ingest pipeline's, adds: nDPI stops computing
+# metadata that only its own reports show and Wiretrail takes from its own parsers (JA3S/JA4
+# and the other fingerprints, certificate details, payload entropy, DNS answers, STUN
+# addresses). Labels (Master.App, category, the port flag) are the same with and without
+# (tests/test_ndpi.py compares them on every flow of nDPI's test captures); nDPI's time per
+# packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap for the fingerprints and
+# certificates), and a DNS flow is done at its query (5,600 of 288,610 calls on mix.pcap).
+# HTTP's process_response stays on: a response's Content-Type sub-classifies (HTTP.OCSP).
 LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     (None, "dpi.compute_entropy", "0"),
     (None, "metadata.tcp_fingerprint", "disable"),
@@ -66,8 +69,12 @@ LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     ("tls", "metadata.versions_supported", "disable"),
     ("tls", "metadata.cipher", "disable"),
     ("tls", "metadata.alpn_negotiated", "disable"),
+    ("dns", "process_response", "disable"),
+    ("stun", "metadata.attribute.mapped_address", "disable"),
+    ("stun", "metadata.attribute.response_origin", "disable"),
+    ("stun", "metadata.attribute.other_address", "disable"),
+    ("stun", "metadata.attribute.relayed_address", "disable"),
 )
-PIPELINE_CONFIG = DEFAULT_CONFIG + LABELS_ONLY
 
 # Protocols whose flows carry nDPI's `protos.tls_quic` union member (JA4, JA3S).
 _TLS_FAMILY = ("TLS", "QUIC", "DTLS", "SMTPS", "IMAPS", "POPS", "FTPS")
@@ -96,6 +103,27 @@ _SIGS = {
 }
 
 
+def _bit_of(ffi, *fields: tuple[str, ...]) -> tuple[int, int]:
+    """(byte offset, mask) of one-bit fields of the flow struct that share a byte: bitfields
+    have no offsetof, so each is set in a zeroed struct and found among its bytes."""
+    where, mask = set(), 0
+    for path in fields:
+        flow = ffi.new("struct ndpi_flow_struct *")
+        obj = flow
+        for name in path[:-1]:
+            obj = getattr(obj, name)
+        setattr(obj, path[-1], 1)
+        raw = ffi.buffer(flow)[:]
+        at = [i for i, b in enumerate(raw) if b]
+        if len(at) != 1 or raw[at[0]] & (raw[at[0]] - 1):
+            raise ValueError(f"{'.'.join(path)} is not one bit")
+        where.add(at[0])
+        mask |= raw[at[0]]
+    if len(where) != 1:
+        raise ValueError(f"{', '.join('.'.join(p) for p in fields)} are not in one byte")
+    return where.pop(), mask
+
+
 class _Lib:
     """The bundled nDPI: the extension's ffi and typed pointers to its ndpi_* functions."""
 
@@ -120,6 +148,8 @@ class _Lib:
             want = ffi.sizeof("struct ndpi_flow_struct")
             enums = ffi.typeof("enum ndpi_classification_state").relements
             risks = ffi.typeof("ndpi_risk_enum").relements
+            tls_hello = _bit_of(ffi, ("protos", "tls_quic", "client_hello_processed"),
+                                ("protos", "tls_quic", "subprotocol_detected"))
         except Exception as err:
             raise WiretrailError(f"nDPI unavailable: unexpected _lib_engine build: {err}".splitlines()[0]) from None
         if flow_size != want:
@@ -131,6 +161,7 @@ class _Lib:
             raise WiretrailError("nDPI unavailable: unexpected enum values in the bundled nDPI")
         self.ffi = ffi
         self.flow_size = flow_size
+        self.tls_hello = tls_hello
         self.version = ffi.string(self.revision()).decode()
         self.max_risk = int(risks.get("NDPI_MAX_RISK", 64))
 
@@ -192,12 +223,21 @@ class Identifier:
     still undecided at the cap or when its session ends is given up here. ndpiReader's extra
     UDP cap (24 packets) changes no flow of nDPI's test captures, so one cap serves both.
     `config`: (protocol or None, parameter, value) triples for ndpi_set_config.
+    `labels_only`: the caller keeps labels only (Master.App, category, the port flag), as the
+        ingest pipeline does: LABELS_ONLY is added to `config`, and a TLS flow is concluded
+        once its ClientHello is processed and its SNI sub-classified it (TLS.YouTube): nDPI
+        then reads the certificate for metadata and risks only, its names being matched only
+        when the SNI did not sub-classify (processCertificateElements), which saves the
+        server's handshake packets of most TLS flows.
     `use_direction`: tell nDPI each packet's direction (client->server or back) instead of
     letting it infer directions from addresses and ports, as ndpiReader does by default.
     """
 
-    def __init__(self, max_packets: int = 32, config=DEFAULT_CONFIG, *, use_direction: bool = False):
+    def __init__(self, max_packets: int = 32, config=DEFAULT_CONFIG, *, use_direction: bool = False,
+                 labels_only: bool = False):
         lib = _Lib.get()
+        if labels_only:
+            config = tuple(config) + LABELS_ONLY
         self._lib = lib
         self._ffi = ffi = lib.ffi
         self.max_packets = int(max_packets)
@@ -223,6 +263,8 @@ class Identifier:
         self._risk_names: dict[int, list[str]] = {}
         self._namebuf = ffi.new("char[128]")
         self._tls_ids = {i for i in (int(lib.get_proto_by_name(mod, n.encode())) for n in _TLS_FAMILY) if i}
+        self.tls_master = int(lib.get_proto_by_name(mod, b"TLS"))
+        self.hello_off, self.hello_mask = lib.tls_hello if labels_only else (0, 0)
         self.use_direction = use_direction
         self._dir = {True: ffi.new("struct ndpi_flow_input_info *"), False: ffi.new("struct ndpi_flow_input_info *")}
         self._dir[True].in_pkt_dir = IN_PKT_DIR_C_TO_S
@@ -310,6 +352,9 @@ class Identifier:
         st = h.ptr.state
         if st == STATE_CLASSIFIED or st == STATE_MONITORING:
             h.done = True
+        elif (self.hello_mask and int(h.proto.proto.master_protocol) == self.tls_master
+              and self._ffi.cast("uint8_t *", h.ptr)[self.hello_off] & self.hello_mask == self.hello_mask):
+            h.done = True  # labels_only: the label cannot change any more
         elif h.n >= self.max_packets:
             self._giveup(h)
             h.done = True
@@ -759,7 +804,8 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srow, start, len
     finished = np.empty(len(slot), dtype=np.int64)
     got = int(feed_kernel(ident.kernel, ident.module_addr, np.uint64(slab.ret.ctypes.data), ident.proto_size,
                           slab.addr, slab.count, slab.done, ident.state_offset, ident.max_packets,
-                          STATE_CLASSIFIED, STATE_MONITORING, np.uint64(data.ctypes.data), start.astype(np.uint64),
+                          STATE_CLASSIFIED, STATE_MONITORING, ident.tls_master, np.uint64(ident._ret_offsets[0]),
+                          np.uint64(ident.hello_off), ident.hello_mask, np.uint64(data.ctypes.data), start.astype(np.uint64),
                           length.astype(np.uint16), ts_ms.astype(np.uint64), slot, finished))
     calls, n_finished = got >> 32, got & 0xFFFFFFFF
     ident.calls += calls

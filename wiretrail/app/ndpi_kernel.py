@@ -86,23 +86,31 @@ def _define_intrinsics() -> None:
 
 @kernel
 def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, state_off, max_packets,
-                classified, monitoring, data_base, start, length, ts_ms, which, finished):
+                classified, monitoring, tls_master, master_off, hello_off, hello_mask,
+                data_base, start, length, ts_ms, which, finished):
     """Give nDPI packet k of the batch (its flow is which[k]) unless that flow is done.
-    done[u]: 1 concluded, 2 at the packet cap (the caller gives up on it). The flows done by
-    this call are listed in `finished` (as long as the batch) in the order they finished.
-    Returns calls made * 2**32 + flows finished."""
+    done[u]: 1 concluded, 2 at the packet cap (the caller gives up on it). With a
+    `hello_mask`, a flow whose master protocol is `tls_master` is concluded as soon as the
+    flag bits `hello_mask` of its byte `hello_off` are all set (Identifier's labels_only).
+    The flows done by this call are listed in `finished` (as long as the batch) in the order
+    they finished. Returns calls made * 2**32 + flows finished."""
     calls = 0
     n_finished = 0
     for k in range(len(start)):
         u = which[k]
         if done[u]:
             continue
-        _process_packet(process, ret_base + np.uint64(u * ret_size), module, flow_ptr[u], data_base + start[k],
-                        length[k], ts_ms[k])
+        ret = ret_base + np.uint64(u * ret_size)
+        _process_packet(process, ret, module, flow_ptr[u], data_base + start[k], length[k], ts_ms[k])
         calls += 1
         count[u] += 1
         st = _load_u8(np.uint64(flow_ptr[u] + state_off))
         if st == classified or st == monitoring:
+            done[u] = 1
+        elif (hello_mask != 0
+              and (_load_u8(flow_ptr[u] + hello_off) & hello_mask) == hello_mask
+              and _load_u8(ret + master_off) + (np.uint16(_load_u8(ret + master_off + np.uint64(1))) << 8)
+              == tls_master):
             done[u] = 1
         elif count[u] >= max_packets:
             done[u] = 2

@@ -120,9 +120,9 @@ class AppStage:
         self.identify_error: str | None = None
         if identify:
             try:
-                from wiretrail.app.ndpi import PIPELINE_CONFIG, Identifier, NdpiState
+                from wiretrail.app.ndpi import Identifier, NdpiState
 
-                self.ndpi = Identifier(config=PIPELINE_CONFIG)
+                self.ndpi = Identifier(labels_only=True)
                 self.ndpi_state = NdpiState(self.ndpi, rows=self.session_rows)
             except Exception as err:  # no nDPI here: records still come, from ports
                 self.identify_error = f"protocol identification off: {str(err).splitlines()[0]}"
