@@ -52,11 +52,13 @@ DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
 # What Identifier(labels_only=True), the ingest pipeline's, adds: nDPI stops computing
 # metadata that only its own reports show and Wiretrail takes from its own parsers (JA3S/JA4
 # and the other fingerprints, certificate details, payload entropy, DNS answers, STUN
-# addresses). Labels (Master.App, category, the port flag) are the same with and without
-# (tests/test_ndpi.py compares them on every flow of nDPI's test captures); nDPI's time per
-# packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap for the fingerprints and
-# certificates), and a DNS flow is done at its query (5,600 of 288,610 calls on mix.pcap).
-# HTTP's process_response stays on: a response's Content-Type sub-classifies (HTTP.OCSP).
+# addresses), and risks the pipeline does not keep (the IP lists of anonymous subscribers and
+# crawlers, the fully-encrypted heuristic). Labels (Master.App, category, the port flag) are
+# the same with and without (tests/test_ndpi.py compares them on every flow of nDPI's test
+# captures); nDPI's time per packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap for
+# the fingerprints and certificates), and a DNS flow is done at its query (5,600 of 288,610
+# calls on mix.pcap). HTTP's process_response stays on: a response's Content-Type
+# sub-classifies (HTTP.OCSP).
 LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     (None, "dpi.compute_entropy", "0"),
     (None, "metadata.tcp_fingerprint", "disable"),
@@ -69,6 +71,8 @@ LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     ("tls", "metadata.versions_supported", "disable"),
     ("tls", "metadata.cipher", "disable"),
     ("tls", "metadata.alpn_negotiated", "disable"),
+    (None, "flow_risk_lists.load", "0"),
+    (None, "fully_encrypted_heuristic", "disable"),
     ("dns", "process_response", "disable"),
     ("stun", "metadata.attribute.mapped_address", "disable"),
     ("stun", "metadata.attribute.response_origin", "disable"),

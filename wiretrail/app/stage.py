@@ -795,7 +795,7 @@ def _column(table: pa.Table, name: str, null=0) -> np.ndarray:
 
 def _tuples_at(sessions: pa.Table, ks: list[int]) -> dict[str, dict[int, object]]:
     """uid and 5-tuple of the sessions at positions `ks`, as Python values: column -> k -> value."""
-    picked = sessions.take(pa.array(ks, pa.int64())).select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"])
+    picked = sessions.select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).take(pa.array(ks, pa.int64()))
     return {name: dict(zip(ks, values)) for name, values in picked.to_pydict().items()}
 
 
