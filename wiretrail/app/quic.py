@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections import OrderedDict
 
 import numpy as np
@@ -217,13 +218,22 @@ def _chlo_row(tags: dict[bytes, bytes]) -> dict:
     return {"complete": True, "server_name": text(b"SNI\x00"), "user_agent": text(b"UAID")}
 
 
+_NOT_PADDING = re.compile(rb"[^\x00]")
+
+
 def _crypto_frames(plain: bytes, out: dict[int, bytes]) -> None:
     p = 0
     n = len(plain)
     while p < n:
         ft = plain[p]
         p += 1
-        if ft == 0x00 or ft == 0x01:          # PADDING, PING
+        if ft == 0x00:                        # PADDING: a run of them, to 1200 bytes, skipped at once
+            more = _NOT_PADDING.search(plain, p)
+            if more is None:
+                return
+            p = more.start()
+            continue
+        if ft == 0x01:                        # PING
             continue
         if ft in (0x02, 0x03):                # ACK
             _, p = _varint(plain, p)
