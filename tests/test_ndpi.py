@@ -575,9 +575,10 @@ if __name__ == "__main__":
 
 @pytest.mark.skipif(not (NDPI_DIR / "benign.txt").exists(), reason="corpus not found")
 def test_pipeline_config_gives_the_same_labels():
-    """The ingest pipeline turns off metadata nDPI computes for its own reports (LABELS_ONLY):
-    every flow of nDPI's benign test captures keeps its Master.App, category and non-standard
-    port flag."""
+    """The ingest pipeline's Identifier(labels_only=True) turns off metadata nDPI computes for
+    its own reports (LABELS_ONLY) and stops TLS flows at a sub-classifying SNI: every flow of
+    nDPI's benign test captures keeps its Master.App, category and non-standard port flag, for
+    fewer calls (the batched path: the slab and its numba loop)."""
     names = [ln.strip() for ln in (NDPI_DIR / "benign.txt").read_text().splitlines() if ln.strip()]
     flows = same = 0
     calls = {}
