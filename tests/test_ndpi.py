@@ -114,6 +114,26 @@ def test_known_protocol_on_non_standard_port():
     assert flagged and flagged == {k for k, e in ref.items() if e["non_std_port"]}
 
 
+def test_pipeline_labels_and_port_flags(tmp_path):
+    """The pipeline's labels (its own path: label keys read from the slab, not NdpiResults):
+    gnutella.pcap's sessions flagged "known protocol on a non-standard port" are the flows
+    nDPI's expected results flag, and their Master.App is nDPI's."""
+    from wiretrail.ingest import IngestOptions, ingest
+    from wiretrail.store.metadata import open_db
+
+    trace = NDPI_DIR / "pcap" / "gnutella.pcap"
+    if not trace.exists():
+        pytest.skip("corpus not found")
+    ingest([trace], IngestOptions(store=tmp_path / "store"))
+    rows = open_db(tmp_path / "store").sql(
+        "SELECT proto, orig_h, orig_p, resp_h, resp_p, app, port_mismatch FROM sessions").to_arrow_table().to_pylist()
+    ours = {_key(r["proto"].upper(), (r["orig_h"], r["orig_p"]), (r["resp_h"], r["resp_p"])): r for r in rows}
+    ref = read_expected(NDPI_DIR / "result" / "gnutella.pcap.out")
+    flagged = {k for k, r in ours.items() if r["port_mismatch"]}
+    assert flagged and flagged == {k for k, e in ref.items() if e["non_std_port"]}
+    assert all(ours[k]["app"] == ref[k]["app"] for k in flagged)
+
+
 def test_bad_packets_never_raise():
     ident = _identifier(max_packets=4)
     try:

@@ -534,23 +534,18 @@ class _Slab:
 
     def label_table(self, slots: np.ndarray) -> tuple[list[Label], np.ndarray]:
         """The distinct Labels of the slots' last results, and which one each slot has."""
+        from wiretrail.app.ndpi_kernel import label_keys
+
         ident = self.ident
-        ret = self.ret[slots]
         om, oa, oc = ident._ret_offsets
-        master = ret[:, om:om + 2].copy().view("<u2").ravel().astype(np.int64)
-        app_id = ret[:, oa:oa + 2].copy().view("<u2").ravel().astype(np.int64)
-        cat = ret[:, oc:oc + 4].copy().view("<i4").ravel().astype(np.int64)
-        risk = np.zeros(len(slots), dtype=np.uint64)
-        chunk_of, row = np.divmod(slots, self.CHUNK)
-        ro = ident.risk_offset
-        for c in np.unique(chunk_of).tolist():
-            pick = chunk_of == c
-            risk[pick] = self.chunks[c][row[pick], ro:ro + 8].copy().view("<u8").ravel()
-        mismatch = ((risk >> np.uint64(RISK_KNOWN_PROTO_NON_STD_PORT)) & np.uint64(1)).astype(np.int64)
-        key = (master << 40) | (app_id << 24) | ((cat & 0x7FFFFF) << 1) | mismatch
-        uniq, first, inverse = np.unique(key, return_index=True, return_inverse=True)
-        table = [ident.label_of(int(master[i]), int(app_id[i]), int(cat[i]), bool(mismatch[i]))
-                 for i in first.tolist()]
+        keys = np.empty(len(slots), dtype=np.int64)
+        # the port-mismatch risk's bit, in the first byte of the flow's little-endian u64 risk
+        label_keys(self.ret, np.ascontiguousarray(slots, dtype=np.int64), om, oa, oc, self.addr,
+                   np.uint64(ident.risk_offset + RISK_KNOWN_PROTO_NON_STD_PORT // 8),
+                   1 << (RISK_KNOWN_PROTO_NON_STD_PORT % 8), keys)
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        table = [ident.label_of(k >> 40, (k >> 24) & 0xFFFF, (k >> 1) & 0x7FFFFF, bool(k & 1))
+                 for k in distinct.tolist()]
         return table, inverse.ravel()
 
     def results(self, slots: np.ndarray) -> list[NdpiResult]:

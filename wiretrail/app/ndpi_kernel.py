@@ -121,6 +121,21 @@ def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, stat
 
 
 @kernel
+def label_keys(ret, slots, master_off, app_off, cat_off, flow_ptr, flag_off, flag_mask, out):
+    """Per slot, its label as one number: master << 40 | app << 24 | category << 1 | flag, from
+    the slot's last ndpi_protocol (ret's row: little-endian u16 ids, a 32-bit category) and one
+    flag bit of its flow (the port-mismatch risk)."""
+    for k in range(len(slots)):
+        u = slots[k]
+        master = np.int64(ret[u, master_off]) | (np.int64(ret[u, master_off + 1]) << 8)
+        app = np.int64(ret[u, app_off]) | (np.int64(ret[u, app_off + 1]) << 8)
+        cat = (np.int64(ret[u, cat_off]) | (np.int64(ret[u, cat_off + 1]) << 8)
+               | (np.int64(ret[u, cat_off + 2]) << 16))
+        flag = 1 if _load_u8(flow_ptr[u] + flag_off) & flag_mask else 0
+        out[k] = (master << 40) | (app << 24) | ((cat & 0x7FFFFF) << 1) | flag
+
+
+@kernel
 def zero_rows(chunk, rows):
     """Zero the rows `rows` of a 2-D byte array: flow structs taken from the slab (a memset
     each, where numpy's fancy assignment went element by element)."""
