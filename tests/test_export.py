@@ -290,3 +290,29 @@ def test_eve_http_dump_all_headers():
     request_only = eve._http(row, http_config("request"))[0]["http"]
     assert "request_headers" in request_only and "response_headers" not in request_only
     assert (http_config("response").http_request_headers, http_config("response").http_response_headers) == (False, True)
+
+
+def test_eve_smb_pipe_io_only_with_dcerpc(tmp_path):
+    """Suricata makes no transaction of a READ or WRITE on a named pipe whose data is not DCE/RPC
+    (rust/src/smb/smb2.rs: "non-DCERPC pipe: skip"): psexec's own pipe traffic is in the smb
+    table and not in EVE, while the DCE/RPC writes to svcctl are in both."""
+    from pathlib import Path
+
+    pcap = (Path(__file__).resolve().parents[2] / "shared" / "corpus" / "suricata-verify" / "tests" / "smb2-07"
+            / "20171220_smb_psexec_add_user.pcap")
+    if not pcap.exists():
+        pytest.skip("corpus not found")
+    store = str(tmp_path / "store")
+    assert main(["ingest", "--no-progress", "--store", store, str(pcap)]) == 0
+    from wiretrail.store.metadata import open_db
+
+    db = open_db(tmp_path / "store")
+    pipe_io = "FROM smb WHERE command IN ('READ', 'WRITE') AND share_type = 'PIPE'"
+    plain = {n for (n,) in db.execute(f"SELECT DISTINCT name {pipe_io} AND dcerpc_request IS NULL").fetchall()}
+    rpc = db.execute(f"SELECT count(*) {pipe_io} AND dcerpc_request IS NOT NULL").fetchone()[0]
+    assert plain and rpc  # both kinds are stored
+    assert main(["export", "--store", store, "--format", "eve", "--out", str(tmp_path / "e")]) == 0
+    io = [e["smb"] for e in lines(tmp_path / "e" / "eve.json") if e["event_type"] == "smb"
+          and e["smb"]["command"] in ("SMB2_COMMAND_READ", "SMB2_COMMAND_WRITE")]
+    assert sum("dcerpc" in x for x in io) == rpc
+    assert not [x for x in io if x.get("filename") in plain and "dcerpc" not in x]

@@ -740,12 +740,14 @@ def _fuid(file_id: str | None) -> str | None:
 
 # Records Suricata makes no transaction of (so logs nothing for, and does not count): SMB 2/3
 # QUERY_INFO, SET_INFO other than a rename or a delete disposition (its smb2_create_new_tx),
-# and a READ answered only with END_OF_FILE (a read's file transaction is made by a response
-# carrying data; READ and WRITE are file transactions, one per file as our rows are).
+# a READ answered only with END_OF_FILE (a read's file transaction is made by a response
+# carrying data; READ and WRITE are file transactions, one per file as our rows are), and a
+# READ or WRITE on a named pipe that carries no DCE/RPC (smb2.rs: "non-DCERPC pipe: skip").
 _WHERE = {"smb": "WHERE NOT (coalesce(t.dialect, '') <> 'SMB1' AND (t.command = 'QUERY_INFO' OR "
                  "(t.command = 'SET_INFO' AND coalesce(t.info_class, '') NOT IN "
                  "('FileRenameInformation', 'FileDispositionInformation')) OR "
-                 "(t.command = 'READ' AND t.status = 'STATUS_END_OF_FILE' AND coalesce(t.bytes, 0) = 0))) "}
+                 "(t.command = 'READ' AND t.status = 'STATUS_END_OF_FILE' AND coalesce(t.bytes, 0) = 0) OR "
+                 "(t.command IN ('READ', 'WRITE') AND coalesce(t.share_type, '') = 'PIPE' AND t.dcerpc_request IS NULL))) "}
 
 # Rows after which Suricata starts counting a flow's transactions again: HTTP after a granted
 # CONNECT (the tunnelled requests are a new HTTP state, tx_id 0 on).
