@@ -480,13 +480,20 @@ class _Session:
                "size": f.size, "prev_name": f.prev_name}
         if f.times:
             out.update(f.times)
-        tree = f.tree or self.trees.get(m.tid)
+        tree = self.tree_of(f, m)
         if tree:
             out["tree"], out["share_type"] = tree
         return out
 
-    def action(self, f_or_type, verb: str) -> str:
-        st = f_or_type
+    def tree_of(self, f: _File, m: _Msg) -> tuple[str, str] | None:
+        """(path, share type) of the tree a file was opened on, else of the message's tree id."""
+        return f.tree or self.trees.get(m.tid)
+
+    def share_type(self, f: _File, m: _Msg) -> str | None:
+        """DISK, PIPE or PRINT: the type of tree_of's share; None when no tree is known."""
+        return (self.tree_of(f, m) or (None, None))[1]
+
+    def action(self, st: str | None, verb: str) -> str:
         if st == "PIPE":
             return "PIPE_" + verb
         if st == "PRINT":
@@ -666,7 +673,7 @@ class _Session:
                     n = u(b, "<I", 4)
             # a pipe, or a share not seen connected (a capture that starts mid-session): DCE/RPC
             # is looked for in its data
-            st = (f.tree or self.trees.get(m.tid) or (None, None))[1]
+            st = self.share_type(f, m)
             if st in ("PIPE", None):
                 raw = data(m, b, "<H", 2, 4) if cmd == "WRITE" else (data(r, rb, "<B", 2, 4) if r is not None else b"")
                 if self.pipe_io(cmd, fid, f, m, r, raw, u(b, "<Q", 8), n, probe=st is None):
@@ -691,7 +698,7 @@ class _Session:
             if fid is not None:
                 f = self.files.get(fid) or self.file(fid)
                 kw = self.file_fields(f, m)
-                kw["action"] = self.action((f.tree or self.trees.get(m.tid) or (None, None))[1], "CLOSE")
+                kw["action"] = self.action(self.share_type(f, m), "CLOSE")
                 self.open_io.pop((fid, "READ"), None)
                 self.open_io.pop((fid, "WRITE"), None)
                 self.dce_last.pop(fid, None)
@@ -709,7 +716,7 @@ class _Session:
             buf = m.raw[boff:boff + blen] if boff is not None and blen is not None else b""
             if fid is not None:
                 f = self.file(fid)
-                st = (f.tree or self.trees.get(m.tid) or (None, None))[1]
+                st = self.share_type(f, m)
                 if itype == 1 and cls in (10, 65) and len(buf) >= 20:
                     nl = struct.unpack_from("<I", buf, 16)[0]
                     new = _utf16(buf[20:20 + nl])
@@ -944,7 +951,7 @@ class _Session:
             row = self.open_io.get(key)
             if row is None:
                 kw = self.file_fields(f, m)
-                kw["action"] = self.action((f.tree or self.trees.get(m.tid) or (None, None))[1], verb)
+                kw["action"] = self.action(self.share_type(f, m), verb)
                 row = self.open_io[key] = self.row(m, r, verb, offset=w(words, "<I", 6), bytes=0, messages=0,
                                                    **kw)
             row["messages"] += 1
@@ -955,7 +962,7 @@ class _Session:
             if fid is not None:
                 f = self.file(fid)
                 kw = self.file_fields(f, m)
-                kw["action"] = self.action((f.tree or self.trees.get(m.tid) or (None, None))[1], "CLOSE")
+                kw["action"] = self.action(self.share_type(f, m), "CLOSE")
                 self.open_io.pop((fid, "READ"), None)
                 self.open_io.pop((fid, "WRITE"), None)
             self.row(m, r, cmd, **kw)
