@@ -56,8 +56,14 @@ def packet_count(path: Path) -> int:
 
 
 def nfstream_python(data: Path) -> str | None:
-    """A venv of its own for NFStream (it brings pandas, which Wiretrail keeps out of its own)."""
+    """A venv of its own for NFStream (it brings pandas, which Wiretrail keeps out of its own),
+    made from the interpreter Wiretrail's venv comes from, so that both run on the same Python
+    (made again if an earlier one came from another)."""
     venv = data / "nfstream-venv"
+    cfg = venv / "pyvenv.cfg"
+    home = f"home = {Path(sys.base_prefix) / 'bin'}"
+    if cfg.exists() and home not in cfg.read_text().splitlines():
+        shutil.rmtree(venv)
     if not (venv / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "nfstream==6.6.0"], capture_output=True)
