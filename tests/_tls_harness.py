@@ -144,32 +144,32 @@ def load(path) -> tuple[list[Stream], dict[str, list[Datagram]]]:
     return streams, {uid_of(s): d for s, d in udp.items()}
 
 
-# ---- TLS messages, built by hand ------------------------------------------------------------
+# ---- TLS messages, built by hand (shared by the TLS and nDPI tests) -----------------------
 
-def _record(ct: int, body: bytes, ver: bytes = b"\x03\x03") -> bytes:
+def tls_record(ct: int, body: bytes, ver: bytes = b"\x03\x03") -> bytes:
     return bytes([ct]) + ver + len(body).to_bytes(2, "big") + body
 
 
-def _hs(mt: int, body: bytes) -> bytes:
+def handshake_msg(mt: int, body: bytes) -> bytes:
     return bytes([mt]) + len(body).to_bytes(3, "big") + body
 
 
-def _ext(t: int, body: bytes) -> bytes:
+def extension(t: int, body: bytes) -> bytes:
     return t.to_bytes(2, "big") + len(body).to_bytes(2, "big") + body
 
 
-def _client_hello(sni=b"example.com", alpn=(b"h2", b"http/1.1")) -> bytes:
+def client_hello(sni=b"example.com", alpn=(b"h2", b"http/1.1")) -> bytes:
     exts = b""
-    exts += _ext(0x0A0A, b"")  # GREASE
+    exts += extension(0x0A0A, b"")  # GREASE
     sn = b"\x00" + len(sni).to_bytes(2, "big") + sni
-    exts += _ext(0, len(sn).to_bytes(2, "big") + sn)
-    exts += _ext(10, b"\x00\x06\x00\x1d\x00\x17\x00\x18")
-    exts += _ext(11, b"\x01\x00")
-    exts += _ext(13, b"\x00\x04\x04\x03\x08\x04")
+    exts += extension(0, len(sn).to_bytes(2, "big") + sn)
+    exts += extension(10, b"\x00\x06\x00\x1d\x00\x17\x00\x18")
+    exts += extension(11, b"\x01\x00")
+    exts += extension(13, b"\x00\x04\x04\x03\x08\x04")
     al = b"".join(bytes([len(a)]) + a for a in alpn)
-    exts += _ext(16, len(al).to_bytes(2, "big") + al)
-    exts += _ext(43, b"\x04\x03\x04\x03\x03")
+    exts += extension(16, len(al).to_bytes(2, "big") + al)
+    exts += extension(43, b"\x04\x03\x04\x03\x03")
     ciphers = b"\x1a\x1a\x13\x01\x13\x02\xc0\x2f"
     body = (b"\x03\x03" + bytes(32) + b"\x20" + bytes(range(32)) + len(ciphers).to_bytes(2, "big") + ciphers
             + b"\x01\x00" + len(exts).to_bytes(2, "big") + exts)
-    return _hs(1, body)
+    return handshake_msg(1, body)

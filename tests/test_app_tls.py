@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tls_harness import _client_hello, _ext, _hs, _record, load
+from _tls_harness import client_hello, extension, handshake_msg, load, tls_record
 from _zeek_logs import read_zeek_log
 from wiretrail.app import tls, x509
 from wiretrail.app.base import Direction, Stream
@@ -386,7 +386,7 @@ def _server_hello(cipher=0xC02F, sid=bytes(range(32)), exts=b"") -> bytes:
     body = b"\x03\x03" + bytes(range(1, 33)) + bytes([len(sid)]) + sid + cipher.to_bytes(2, "big") + b"\x00"
     if exts:
         body += len(exts).to_bytes(2, "big") + exts
-    return _hs(2, body)
+    return handshake_msg(2, body)
 
 
 def _stream(orig: bytes, resp: bytes, ogaps=(), rgaps=()) -> Stream:
@@ -398,13 +398,13 @@ def _stream(orig: bytes, resp: bytes, ogaps=(), rgaps=()) -> Stream:
 
 
 def test_synthetic_split_messages_and_records():
-    ch = _client_hello()
+    ch = client_hello()
     # the ClientHello split over three records
-    orig = _record(22, ch[:10], b"\x03\x01") + _record(22, ch[10:50]) + _record(22, ch[50:])
-    orig += _record(20, b"\x01") + _record(22, bytes(40)) + _record(23, bytes(30))
+    orig = tls_record(22, ch[:10], b"\x03\x01") + tls_record(22, ch[10:50]) + tls_record(22, ch[50:])
+    orig += tls_record(20, b"\x01") + tls_record(22, bytes(40)) + tls_record(23, bytes(30))
     # ServerHello and ServerHelloDone in one record, then CCS, Finished, data
-    resp = _record(22, _server_hello() + _hs(14, b"")) + _record(20, b"\x01") + _record(22, bytes(40))
-    resp += _record(23, bytes(30))
+    resp = tls_record(22, _server_hello() + handshake_msg(14, b"")) + tls_record(20, b"\x01") + tls_record(22, bytes(40))
+    resp += tls_record(23, bytes(30))
     [row] = tls.parse_stream(_stream(orig, resp))
     assert row["server_name"] == "example.com"
     assert row["alpn"] == ["h2", "http/1.1"]
@@ -416,11 +416,11 @@ def test_synthetic_split_messages_and_records():
 
 
 def test_synthetic_gap_stops_cleanly_and_starttls():
-    ch = _client_hello()
-    orig = b"EHLO x\r\nSTARTTLS\r\n" + _record(22, ch)
-    resp = b"220 ready\r\n" + _record(22, _server_hello(exts=_ext(43, b"\x03\x04") + _ext(51, b"\x00\x1d\x00\x00")))
-    resp += _record(20, b"\x01") + _record(23, bytes(50))
-    orig2 = orig + _record(20, b"\x01") + _record(23, bytes(20))
+    ch = client_hello()
+    orig = b"EHLO x\r\nSTARTTLS\r\n" + tls_record(22, ch)
+    resp = b"220 ready\r\n" + tls_record(22, _server_hello(exts=extension(43, b"\x03\x04") + extension(51, b"\x00\x1d\x00\x00")))
+    resp += tls_record(20, b"\x01") + tls_record(23, bytes(50))
+    orig2 = orig + tls_record(20, b"\x01") + tls_record(23, bytes(20))
     [row] = tls.parse_stream(_stream(orig2, resp))
     assert row["version"] == "TLSv13" and row["curve"] == "x25519" and row["established"] is True
     # a gap inside the ClientHello: no client fields, no exception, no malformed flag
@@ -437,8 +437,8 @@ def test_client_hello_from_the_responder_is_read_client_first():
     keeps the session's originator."""
     from wiretrail.app.base import JoinedStreams
 
-    client = _record(22, _client_hello()) + _record(20, b"\x01") + _record(22, bytes(40))
-    server = _record(22, _server_hello() + _hs(14, b"")) + _record(20, b"\x01") + _record(22, bytes(40))
+    client = tls_record(22, client_hello()) + tls_record(20, b"\x01") + tls_record(22, bytes(40))
+    server = tls_record(22, _server_hello() + handshake_msg(14, b"")) + tls_record(20, b"\x01") + tls_record(22, bytes(40))
     normal, flipped = _stream(client, server), _stream(server, client)
     [want] = tls.parse_stream(normal)
     [got] = tls.parse_stream(flipped)
@@ -459,9 +459,9 @@ def test_client_hello_from_the_responder_is_read_client_first():
 
 
 def test_hello_alone_and_in_a_stream_agree():
-    ch = _client_hello()
-    sh = _server_hello(exts=_ext(16, b"\x00\x03\x02h2") + _ext(43, b"\x03\x04"))
-    a = tls.analyze(_stream(_record(22, ch[:7]) + _record(22, ch[7:60]) + _record(22, ch[60:]), _record(22, sh)))
+    ch = client_hello()
+    sh = _server_hello(exts=extension(16, b"\x00\x03\x02h2") + extension(43, b"\x03\x04"))
+    a = tls.analyze(_stream(tls_record(22, ch[:7]) + tls_record(22, ch[7:60]) + tls_record(22, ch[60:]), tls_record(22, sh)))
     assert a.client_hello == tls.parse_client_hello(ch[4:])
     assert a.server_hello == tls.parse_server_hello(sh[4:])
     assert a.server_hello.alpn == b"h2" and a.server_hello.selected_version == 0x0304
@@ -469,10 +469,10 @@ def test_hello_alone_and_in_a_stream_agree():
 
 def test_retry_request_then_server_hello():
     from wiretrail.app.tls_kernel import HRR_RANDOM
-    retry = _hs(2, b"\x03\x03" + HRR_RANDOM + b"\x00\x13\x01\x00" + (6).to_bytes(2, "big") + _ext(51, b"\x00\x17"))
-    hello = _server_hello(cipher=0x1302, exts=_ext(43, b"\x03\x04") + _ext(51, b"\x00\x1d\x00\x00"))
-    resp = _record(22, retry) + _record(20, b"\x01") + _record(22, hello)
-    a = tls.analyze(_stream(_record(22, _client_hello()), resp))
+    retry = handshake_msg(2, b"\x03\x03" + HRR_RANDOM + b"\x00\x13\x01\x00" + (6).to_bytes(2, "big") + extension(51, b"\x00\x17"))
+    hello = _server_hello(cipher=0x1302, exts=extension(43, b"\x03\x04") + extension(51, b"\x00\x1d\x00\x00"))
+    resp = tls_record(22, retry) + tls_record(20, b"\x01") + tls_record(22, hello)
+    a = tls.analyze(_stream(tls_record(22, client_hello()), resp))
     assert a.server_hello.hrr is False and a.server_hello.cipher == 0x1302
     assert a.row["version"] == "TLSv13" and a.row["curve"] == "x25519" and not a.row["malformed"]
 
@@ -480,11 +480,11 @@ def test_retry_request_then_server_hello():
 def test_times_and_certificates_of_a_handshake_split_over_packets():
     der = [bytes(range(40)), bytes(range(10, 90))]
     entries = b"".join(len(c).to_bytes(3, "big") + c for c in der)
-    cert = _hs(11, len(entries).to_bytes(3, "big") + entries)
+    cert = handshake_msg(11, len(entries).to_bytes(3, "big") + entries)
     t0 = 1_700_000_000_000_000_000
-    orig = _record(22, _client_hello()) + _record(20, b"\x01") + _record(22, bytes(40))
-    first = _record(22, _server_hello() + cert[:30])
-    resp = first + _record(22, cert[30:] + _hs(14, b"")) + _record(20, b"\x01") + _record(22, bytes(40))
+    orig = tls_record(22, client_hello()) + tls_record(20, b"\x01") + tls_record(22, bytes(40))
+    first = tls_record(22, _server_hello() + cert[:30])
+    resp = first + tls_record(22, cert[30:] + handshake_msg(14, b"")) + tls_record(20, b"\x01") + tls_record(22, bytes(40))
     s = Stream(uid="Ctest", orig_h="10.0.0.1", orig_p=1234, resp_h="10.0.0.2", resp_p=443,
                orig=Direction(data=orig, ts_offsets=np.array([0], dtype=np.int64), ts=np.array([t0 + 5])),
                resp=Direction(data=resp, ts_offsets=np.array([0, len(first)], dtype=np.int64),
@@ -497,7 +497,7 @@ def test_times_and_certificates_of_a_handshake_split_over_packets():
 
 def test_not_tls_gives_no_row_and_garbage_is_flagged():
     assert tls.parse_stream(_stream(b"GET / HTTP/1.1\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n")) == []
-    bad = _record(22, _client_hello()) + b"\x99\x99\x99\x99\x99\x99"
+    bad = tls_record(22, client_hello()) + b"\x99\x99\x99\x99\x99\x99"
     [row] = tls.parse_stream(_stream(bad, b""))
     assert row["malformed"] is True and row["server_name"] == "example.com"
 
@@ -514,7 +514,7 @@ def _seed_inputs() -> list[tuple[bytes, bytes]]:
         if p.exists():
             for s in streams_of(p)[0]:
                 seeds.append((s.orig.data[:6000], s.resp.data[:6000]))
-    seeds.append((_record(22, _client_hello()), _record(22, _server_hello())))
+    seeds.append((tls_record(22, client_hello()), tls_record(22, _server_hello())))
     return seeds
 
 

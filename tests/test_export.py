@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from wiretrail.cli import main
 from wiretrail.sample import generate, write_pcap
 from wiretrail.sessions.flowtable import uid_of
+from wiretrail.store.metadata import open_db
+
+CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpus"
 
 
 @pytest.fixture(scope="module")
@@ -296,16 +300,11 @@ def test_eve_smb_pipe_io_only_with_dcerpc(tmp_path):
     """Suricata makes no transaction of a READ or WRITE on a named pipe whose data is not DCE/RPC
     (rust/src/smb/smb2.rs: "non-DCERPC pipe: skip"): psexec's own pipe traffic is in the smb
     table and not in EVE, while the DCE/RPC writes to svcctl are in both."""
-    from pathlib import Path
-
-    pcap = (Path(__file__).resolve().parents[2] / "shared" / "corpus" / "suricata-verify" / "tests" / "smb2-07"
-            / "20171220_smb_psexec_add_user.pcap")
+    pcap = CORPUS / "suricata-verify" / "tests" / "smb2-07" / "20171220_smb_psexec_add_user.pcap"
     if not pcap.exists():
         pytest.skip("corpus not found")
     store = str(tmp_path / "store")
     assert main(["ingest", "--no-progress", "--store", store, str(pcap)]) == 0
-    from wiretrail.store.metadata import open_db
-
     db = open_db(tmp_path / "store")
     pipe_io = "FROM smb WHERE command IN ('READ', 'WRITE') AND share_type = 'PIPE'"
     plain = {n for (n,) in db.execute(f"SELECT DISTINCT name {pipe_io} AND dcerpc_request IS NULL").fetchall()}

@@ -39,16 +39,17 @@ def _identifier(**kw):
 
 # ---- synthetic packets ------------------------------------------------------------------------
 
+def _ipv4(src, dst, proto: int, l4: bytes) -> bytes:
+    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(l4), 1, 0, 64, proto, 0,
+                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + l4
+
+
 def _ipv4_udp(src, dst, sport, dport, payload: bytes) -> bytes:
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, 17, 0,
-                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + udp
+    return _ipv4(src, dst, 17, struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload)
 
 
 def _ipv4_tcp(src, dst, sport, dport, seq, ack, flags, payload: bytes = b"") -> bytes:
-    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload
-    return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 1, 0, 64, 6, 0,
-                       ipaddress.ip_address(src).packed, ipaddress.ip_address(dst).packed) + tcp
+    return _ipv4(src, dst, 6, struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, 65535, 0, 0) + payload)
 
 
 _DNS_QUERY = bytes.fromhex("1234010000010000000000000377777706676f6f676c6503636f6d0000010001")
@@ -75,10 +76,10 @@ def test_labels_only_concludes_tls_at_a_subclassifying_sni():
     certificate can no longer change the label); with nDPI's defaults it waits for the server's
     handshake. Fed one packet at a time (the Python path; the batched one is compared on nDPI's
     captures by test_pipeline_config_gives_the_same_labels)."""
-    from _tls_harness import _client_hello, _record
+    from _tls_harness import client_hello, tls_record
 
     cli, srv = "10.0.0.1", "10.0.0.2"
-    hello = _record(22, _client_hello(sni=b"www.youtube.com"), b"\x03\x01")
+    hello = tls_record(22, client_hello(sni=b"www.youtube.com"), b"\x03\x01")
     flow = [(_ipv4_tcp(cli, srv, 40000, 443, 100, 0, 0x02), True),                 # SYN
             (_ipv4_tcp(srv, cli, 443, 40000, 500, 101, 0x12), False),              # SYN-ACK
             (_ipv4_tcp(cli, srv, 40000, 443, 101, 501, 0x10), True),               # ACK
