@@ -39,8 +39,8 @@ from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from wiretrail import arrow_compute as ac
 from wiretrail.app import dns_kernel as K
 from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream, ranges
 
@@ -1185,10 +1185,10 @@ _OPCODE_NAMES = _Names(lambda n: opcode_name(n & 0xF, n >= 16), 32)
 def _take(values, at: np.ndarray, valid: np.ndarray | None = None):
     """values[at] (an Arrow array), null where not `valid`."""
     if valid is None:
-        return values.take(pa.array(at, pa.int64()))
+        return ac.take(values, pa.array(at, pa.int64()))
     if len(values) == 0 or not valid.any():
         return pa.nulls(len(at), values.type)
-    return values.take(pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
+    return ac.take(values, pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
 
 
 _NUMPY_TYPES = {pa.uint8(): np.uint8, pa.uint16(): np.uint16, pa.int64(): np.int64}
@@ -1229,7 +1229,7 @@ def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
     mapped = (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))
     texts = addr_texts(hi, lo, mapped)  # a mapped address's IPv4 part as a dotted quad
     if mapped.any():
-        texts = pc.if_else(pa.array(mapped), pc.binary_join_element_wise("::ffff:", texts, ""), texts)
+        texts = ac.if_else(pa.array(mapped), ac.binary_join_element_wise("::ffff:", texts, ""), texts)
     return texts
 
 
@@ -1250,7 +1250,7 @@ def _kernel_messages(data: np.ndarray, starts: np.ndarray, parsed: tuple, netbio
     # the pool: the strings as sent, the same lower-cased (Zeek's reading: the text is ASCII,
     # other bytes escaped in lower case already), "", the texts of records message_texts
     # leaves to this (IPv6 addresses, "<unknown type=N>"), the types' names, decoded NetBIOS names
-    pool = [strings, pc.ascii_lower(strings), pa.array([""], pa.string())]
+    pool = [strings, ac.ascii_lower(strings), pa.array([""], pa.string())]
     end = 2 * n_str + 1
     own = np.full(n_rec + 1, 2 * n_str, dtype=np.int64)  # record r's text, at own[r]; "" at own[n_rec]
     kind = records[:, K.R_KIND]
@@ -1275,7 +1275,7 @@ def _kernel_messages(data: np.ndarray, starts: np.ndarray, parsed: tuple, netbio
         end += len(_QTYPE_NAMES.array)
     nb = np.flatnonzero((num[:, N_QUERY] >= 0) & netbios_names)
     if len(nb):  # NetBIOS names: decoded, once per distinct name
-        names = pc.dictionary_encode(pool[1].take(pa.array(num[nb, N_QUERY] - n_str)))
+        names = ac.dictionary_encode(ac.take(pool[1], pa.array(num[nb, N_QUERY] - n_str)))
         pool.append(pa.array([decode_netbios_name(n) or n for n in names.dictionary.to_pylist()], pa.string()))
         num[nb, N_QUERY] = end + names.indices.to_numpy()
         num[nb, N_NBSTAT] = num[nb, N_QTYPE] == 33
@@ -1359,7 +1359,7 @@ def _own_texts(source: _Source, num: np.ndarray) -> tuple[np.ndarray, _Source]:
     num[:, N_ANS0] = np.cumsum(num[:, N_NANS]) - num[:, N_NANS]
     num[:, N_AREC0] = np.cumsum(num[:, N_NAREC]) - num[:, N_NAREC]
     num[:, N_AUTH0] = np.cumsum(num[:, N_NAUTH]) - num[:, N_NAUTH] + int(num[:, N_NAREC].sum())
-    return num, _Source(source.pool.take(pa.array(strings, pa.int64())), entries, answers)
+    return num, _Source(ac.take(source.pool, pa.array(strings, pa.int64())), entries, answers)
 
 
 def _texts(sources: dict, num: np.ndarray) -> tuple[np.ndarray, _Source]:
@@ -1408,7 +1408,7 @@ def _record_lists(source: _Source, num: np.ndarray, valid: np.ndarray) -> list[p
     def fields(type: pa.DataType, which: np.ndarray, children) -> pa.Array:  # (mostly none: not made then)
         if not which.any():
             return pa.nulls(len(which), type)
-        return pa.StructArray.from_arrays(children(), fields=list(type), mask=pa.array(~which))
+        return ac.with_nulls(pa.StructArray.from_arrays(children(), fields=list(type)), ~which)
 
     items = pa.StructArray.from_arrays([
         _take(pool, e[:, E_RRNAME]), _take(pool, e[:, E_RRTYPE]), pa.array(e[:, E_TTL]),
@@ -1417,8 +1417,7 @@ def _record_lists(source: _Source, num: np.ndarray, valid: np.ndarray) -> list[p
         fields(_SRV, srv, lambda: v[:3] + [_take(pool, t1, srv)]),
         fields(_SSHFP, sshfp, lambda: v[:2] + [_take(pool, t1, sshfp)]),
     ], fields=list(_RECORDS.value_type))
-    mask = pa.array(~valid)
-    return [pa.ListArray.from_arrays(_offsets(n, start), items, type=_RECORDS, mask=mask) for n, start in lists]
+    return [ac.list_array(_offsets(n, start), items, ~valid, _RECORDS) for n, start in lists]
 
 
 def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
@@ -1443,7 +1442,7 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
     original = np.where(question & (Q[:, N_CAPITALS] == 1), Q[:, N_Q0], np.where(hr, R[:, N_Q0], -1))
     count = np.where(hr, R[:, N_NANS], 0)
     answers = texts.answers[ranges(R[:, N_ANS0], count)]
-    offsets, none = _offsets(count), pa.array(count == 0)
+    offsets, none = _offsets(count), count == 0
     answer_records, authority_records = _record_lists(texts, R, hr)
     bools = lambda v: pa.array(v, pa.bool_())  # noqa: E731
     return {
@@ -1463,8 +1462,8 @@ def _transactions(num: np.ndarray, sources: dict, q: np.ndarray, r: np.ndarray,
         "RD": bools(question & ((Q[:, N_FLAGS] & 0x0100) != 0)),
         "RA": bools(replied & ((R[:, N_FLAGS] & 0x0080) != 0)),
         "Z": pa.array(np.where(question, (Q[:, N_FLAGS] >> 4) & 0x7, 0).astype(np.uint8)),
-        "answers": pa.ListArray.from_arrays(offsets, _take(texts.pool, answers[:, A_TEXT]), mask=none),
-        "TTLs": pa.ListArray.from_arrays(offsets, pa.array(answers[:, A_TTL].astype(np.float64)), mask=none),
+        "answers": ac.list_array(offsets, _take(texts.pool, answers[:, A_TEXT]), none),
+        "TTLs": ac.list_array(offsets, pa.array(answers[:, A_TTL].astype(np.float64)), none),
         "rejected": bools(hr & (((rcode != 0) & (R[:, N_QD] == 0)) | (
             (R[:, N_Q0] >= 0) & (R[:, N_AN] == 0) & (R[:, N_NS] == 0) & (R[:, N_AR] == 0)))),
         "opcode": _numbers(opcode, header, pa.uint8()),

@@ -33,8 +33,8 @@ import struct
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from wiretrail import arrow_compute as ac
 from wiretrail.app import icmp_kernel as K
 from wiretrail.app.base import Datagram, Records
 from wiretrail.app.icmp_kernel import (I_ECHO_ID, I_ECHO_SEQ, I_ENTROPY, I_FROM_ORIG, I_GATEWAY,
@@ -358,7 +358,7 @@ class _Names:
             at = self.index[codes]
         if not valid.any():
             return pa.nulls(len(codes), pa.string())
-        return self.array.take(pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
+        return ac.take(self.array, pa.array(np.where(valid, at, 0), pa.int64(), mask=~valid))
 
 
 _TYPE_NAMES = _Names(_type_name, 1 << 9)
@@ -381,7 +381,7 @@ def _addresses(hi: np.ndarray, lo: np.ndarray, v4: np.ndarray, valid: np.ndarray
     texts = addr_texts(hi[at].view(np.uint64), lo[at].view(np.uint64), v4[at])
     where = np.full(len(hi), 0, dtype=np.int64)
     where[at] = np.arange(len(at))
-    return texts.take(pa.array(where, mask=~valid))
+    return ac.take(texts, pa.array(where, mask=~valid))
 
 
 COMPACT_AFTER = 4096  # messages of closed sessions the book keeps at most (unless as many live ones)
@@ -458,8 +458,8 @@ class IcmpBook:
         # the sender and receiver: the session's hosts (per session), the message's way round
         sessions, at = np.unique(rows[:, D_SID], return_inverse=True)
         hosts = [self.hosts[s] for s in sessions.tolist()]
-        orig = pa.array([h[0] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
-        resp = pa.array([h[1] for h in hosts], pa.string()).take(pa.array(at.reshape(-1)))
+        orig = ac.take(pa.array([h[0] for h in hosts], pa.string()), pa.array(at.reshape(-1)))
+        resp = ac.take(pa.array([h[1] for h in hosts], pa.string()), pa.array(at.reshape(-1)))
         sent_by_orig = pa.array(from_orig)
         v6 = msg[:, I_V6] == 1
         typ, code = msg[:, I_TYPE], msg[:, I_CODE]
@@ -476,8 +476,8 @@ class IcmpBook:
         entropy = msg[:, I_ENTROPY].view(np.float64).astype(np.float32)
         cols = {
             "ts": pa.array(msg[:, I_TS]).view(pa.timestamp("ns")),
-            "src_h": pc.if_else(sent_by_orig, orig, resp),
-            "dst_h": pc.if_else(sent_by_orig, resp, orig),
+            "src_h": ac.if_else(sent_by_orig, orig, resp),
+            "dst_h": ac.if_else(sent_by_orig, resp, orig),
             "version": pa.array(np.where(v6, 6, 4).astype(np.int8)),
             "itype": _numbers(typ, typ >= 0, pa.int16()),
             "icode": _numbers(code, code >= 0, pa.int16()),

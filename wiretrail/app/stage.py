@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from wiretrail import arrow_compute as ac
 from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
@@ -450,7 +450,7 @@ class AppStage:
             ids = self.ndpi_state.finish_ids(sids)
             at = pa.array(ids)
             for name, column in zip(("app", "category", "port_mismatch", "service"), self._label_columns()):
-                sessions = _set(sessions, name, column.take(at))
+                sessions = _set(sessions, name, ac.take(column, at))
             labels = self.ndpi_state.labels
             apps = [labels[i].app for i in ids.tolist()]
         at = self.session_rows.find(sids)
@@ -465,9 +465,9 @@ class AppStage:
             for m, rec in self.held:
                 closing = np.isin(rec.index, sids)
                 if closing.any():
-                    self._add_by_sid(out, m, Records(rec.table.filter(closing), rec.index[closing], rec.name), sids)
+                    self._add_by_sid(out, m, Records(ac.filter(rec.table, closing), rec.index[closing], rec.name), sids)
                 if not closing.all():
-                    waiting.append((m, Records(rec.table.filter(~closing), rec.index[~closing], rec.name)))
+                    waiting.append((m, Records(ac.filter(rec.table, ~closing), rec.index[~closing], rec.name)))
             self.held = waiting
         # datagram states that modules finish in one call per close
         for m, bit in self._batch_bits.items():
@@ -653,7 +653,7 @@ class AppStage:
                         table = table.append_column(field, pa.nulls(table.num_rows, field.type))
                 table = table.select(schema.names)
                 if not table.schema.equals(schema):  # (a cast of equal types is no free copy)
-                    table = table.cast(schema)
+                    table = ac.cast_table(table, schema)
                 table = _session_columns(table, sessions, ks)
             except Exception:  # a module's columns not as its schema says: a bug, its rows lost
                 self.parser_errors += 1
@@ -667,7 +667,7 @@ class AppStage:
             table = pa.concat_tables([t for t, _ in parts])
             ks = np.concatenate([k for _, k in parts])
             if (np.diff(ks) < 0).any():
-                table = table.take(pa.array(np.argsort(ks, kind="stable")))
+                table = ac.take(table, pa.array(np.argsort(ks, kind="stable")))
             tables[name] = table
         return tables
 
@@ -789,13 +789,13 @@ def _column(table: pa.Table, name: str, null=0) -> np.ndarray:
     """A column of numbers as numpy, nulls as `null`."""
     column = table.column(name)
     if column.null_count:
-        column = column.fill_null(null)
+        column = ac.fill_null(column, null)
     return column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
 
 
 def _tuples_at(sessions: pa.Table, ks: list[int]) -> dict[str, dict[int, object]]:
     """uid and 5-tuple of the sessions at positions `ks`, as Python values: column -> k -> value."""
-    picked = sessions.select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]).take(pa.array(ks, pa.int64()))
+    picked = ac.take(sessions.select(["uid", "orig_h", "orig_p", "resp_h", "resp_p"]), pa.array(ks, pa.int64()))
     return {name: dict(zip(ks, values)) for name, values in picked.to_pydict().items()}
 
 
@@ -808,15 +808,15 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
     names = [name for name in ("uid", "orig_h", "orig_p", "resp_h", "resp_p") if table.schema.get_field_index(name) >= 0]
     if not names:
         return table
-    picked = sessions.select(names).take(pa.array(ks))  # one take for all of them
+    picked = ac.take(sessions.select(names), pa.array(ks))  # one take for all of them
     for name in names:
         i = table.schema.get_field_index(name)
         field = table.schema.field(i)
         column = picked.column(name)
         if column.type != field.type:
-            column = pc.cast(column, field.type)
+            column = ac.cast(column, field.type)
         if table.column(i).null_count < table.num_rows:
-            column = pc.coalesce(table.column(i), column)
+            column = ac.coalesce(table.column(i), column)
         table = table.set_column(i, field, column)
     return table
 
@@ -826,4 +826,4 @@ def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
     if i < 0:
         return table.append_column(name, values)
     field = table.schema.field(i)
-    return table.set_column(i, field, values if values.type == field.type else pc.cast(values, field.type))
+    return table.set_column(i, field, values if values.type == field.type else ac.cast(values, field.type))

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from wiretrail import arrow_compute as ac
 from wiretrail.app.base import SESSION_COLUMNS, Direction, JoinedStreams, Records, Stream
 from wiretrail.app.tls_kernel import (ALERT, AT_ALPN, AT_CERTS, AT_CIPHERS, AT_EXTENSIONS, AT_NEXT_PROTOCOL,
                                       AT_SERVER_EXTENSIONS, AT_SIG_ALGS, AT_SNI, AT_VERSIONS, CH_MALFORMED,
@@ -660,7 +661,7 @@ class _Taken:
         if self.valid is not None and not self.valid.any():
             return pa.nulls(len(self.index), pa.string())
         items = self.array if self.array is not None else pa.array(self.items, pa.string())
-        return items.take(pa.array(self.index, mask=None if self.valid is None else ~self.valid))
+        return ac.take(items, pa.array(self.index, mask=None if self.valid is None else ~self.valid))
 
     def value(self, k: int):
         return None if self.valid is not None and not self.valid[k] else self.items[self.index[k]]
@@ -944,7 +945,7 @@ def dicts(table: pa.Table) -> list[dict]:
     """A table's rows as dicts, times as integer nanoseconds (as rows are made)."""
     for i, f in enumerate(table.schema):
         if pa.types.is_timestamp(f.type):
-            table = table.set_column(i, f.name, table.column(i).cast(pa.int64()))
+            table = table.set_column(i, f.name, ac.cast(table.column(i), pa.int64()))
     return table.to_pylist()
 
 

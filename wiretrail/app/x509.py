@@ -21,6 +21,7 @@ from datetime import timezone
 
 import pyarrow as pa
 
+from wiretrail import arrow_compute as ac
 from wiretrail.app.base import JoinedStreams, Records, Stream
 
 TABLE = "x509"
@@ -346,7 +347,7 @@ def parse_streams(streams: list[Stream] | JoinedStreams) -> Records:
     h = tls.read_handshakes(streams)
     parsed = [_parse_cached(der) for der in h.distinct_certificates]
     distinct = pa.Table.from_batches([pa.RecordBatch.from_struct_array(pa.array(parsed, type=_CERTIFICATE))])
-    table = distinct.take(pa.array(h.cert_group, pa.int64()))
+    table = ac.take(distinct, pa.array(h.cert_group, pa.int64()))
     for name, values in _sightings(h).items():
         table = table.append_column(SCHEMA.field(name), pa.array(values, SCHEMA.field(name).type))
     return Records(table, h.cert_sessions())

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wiretrail import arrow_compute as ac
 from wiretrail.batch import SID_HOUR_SHIFT
 from wiretrail.jit import kernel
 from wiretrail.store.metadata import INDEX_DIR, INDEX_SCHEMA, compact, partition_dir, runs_of, write_part
@@ -141,4 +142,4 @@ def lookup(root: Path, sid: int) -> pa.Table:
         return INDEX_SCHEMA.empty_table()
     tables = [pq.read_table(p, filters=[("sid", "=", int(sid))], schema=INDEX_SCHEMA) for p in parts]
     table = pa.concat_tables(tables)
-    return table.sort_by([("file_id", "ascending"), ("offset", "ascending")])
+    return ac.sort_by(table, [("file_id", "ascending"), ("offset", "ascending")])

@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from wiretrail import arrow_compute as ac
 from wiretrail.batch import HOUR_NS
 from wiretrail.errors import WiretrailError
 
@@ -202,7 +203,7 @@ def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None, **p
         return
     table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
     if sort_by:
-        table = table.sort_by(sort_by)
+        table = ac.sort_by(table, sort_by)
     write_part(directory, table, **parquet_options)
     for p in parts:
         p.unlink(missing_ok=True)
