@@ -52,6 +52,7 @@ from wiretrail.jit import kernel, numba_hook
 
 from wiretrail.app.base import Direction, JoinedStreams
 from wiretrail.batch import TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN
+from wiretrail.bytes_kernels import memmove_intrinsic
 
 # ---- per-side fields (_S columns) ------------------------------------------------------------
 BASE = 0        # absolute sequence number of stream offset 0, -1: not known yet
@@ -98,25 +99,10 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 @numba_hook
 def _define_intrinsics() -> None:
     """The intrinsics the kernels call; numba builds them when it compiles a kernel (the
-    compiled extension has them built in)."""
+    compiled extension has them built in). Every byte kept is copied three times (batch ->
+    arena -> take's buffer -> bytes): as memmoves."""
     global _copy
-    from numba import types
-    from numba.core import cgutils
-    from numba.extending import intrinsic
-
-    @intrinsic
-    def _copy(typingctx, dst, dst_at, src, src_at, n):
-        """dst[dst_at:dst_at + n] = src[src_at:src_at + n] (uint8 arrays, no bounds checked) as
-        one memmove: numba's slice assignment copies byte by byte, at about 1 GB/s, and every
-        byte kept is copied three times (batch -> arena -> take's buffer -> bytes)."""
-        sig = types.void(dst, types.int64, src, types.int64, types.int64)
-
-        def codegen(context, builder, signature, args):
-            d = context.make_array(signature.args[0])(context, builder, args[0])
-            s = context.make_array(signature.args[2])(context, builder, args[2])
-            cgutils.raw_memmove(builder, builder.gep(d.data, [args[1]]), builder.gep(s.data, [args[3]]), args[4], 1)
-            return context.get_dummy_value()
-        return sig, codegen
+    _copy = memmove_intrinsic()
 
 
 # ---- hash table: T[h] = (side key, side row), row -1: empty ------------------------------------

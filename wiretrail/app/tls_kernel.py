@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from wiretrail.bytes_kernels import be16, be24
-from wiretrail.jit import kernel
+from wiretrail.bytes_kernels import be16, be24, memmove_intrinsic
+from wiretrail.jit import kernel, numba_hook
 
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA, CT_HEARTBEAT = 20, 21, 22, 23, 24
 MAX_RECORD = (1 << 14) + 2048
@@ -84,6 +84,12 @@ NOT_ASCII_SNI, NOT_ASCII_NEXT_PROTOCOL, NOT_ASCII_ALPN = 1, 2, 4
 # ALPN values (a count: their bytes are where the ALPN offsets say) and the certificates.
 (AT_CIPHERS, AT_EXTENSIONS, AT_SIG_ALGS, AT_VERSIONS, AT_SERVER_EXTENSIONS, AT_SNI, AT_NEXT_PROTOCOL, AT_ALPN,
  AT_CERTS) = range(9)
+
+
+@numba_hook
+def _define_intrinsics() -> None:
+    global _memmove
+    _memmove = memmove_intrinsic()
 
 
 @kernel(inline=True)
@@ -398,9 +404,10 @@ def _handshake_bytes(d, handshakes, n_hs, n_before_ccs):
 
 @kernel(inline=True)
 def _join(buf, base, d, handshakes, at, n):
-    """Copy the bodies of the first n handshake records of d to buf[base:]."""
+    """Copy the bodies of the first n handshake records of d to buf[base:] (certificate chains
+    are most of the bytes: memmoves, not numba's byte-by-byte slice copy)."""
     for i in range(n):
-        buf[base + at[i]:base + at[i + 1]] = d[handshakes[i] + 5:handshakes[i] + 5 + at[i + 1] - at[i]]
+        _memmove(buf, base + at[i], d, handshakes[i] + 5, at[i + 1] - at[i])
 
 
 @kernel(inline=True)
