@@ -85,5 +85,7 @@ def with_nulls(struct: pa.StructArray, null: np.ndarray) -> pa.Array:
 
 def list_array(offsets: pa.Array, values: pa.Array, null: np.ndarray, type: pa.DataType | None = None) -> pa.Array:
     """Lists of `values` cut at int32 `offsets`, null where `null` (ListArray.from_arrays with a mask)."""
+    if offsets.offset or offsets.null_count:  # its buffer is used as it is
+        raise ValueError("list offsets must be a whole int32 array without nulls")
     return pa.Array.from_buffers(type or pa.list_(values.type), len(offsets) - 1,
                                  [_validity(null), offsets.buffers()[1]], children=[values])
