@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from wiretrail.batch import FrameBatch, empty_columns
+from wiretrail.batch import FrameBatch, unset_columns
 from wiretrail.decode.kernel import KNOWN_ETHERTYPE, decode_kernel
 
 __all__ = ["decode"]
@@ -19,7 +19,7 @@ def decode(batch: FrameBatch, udp_tunnels: bool = True) -> dict[str, np.ndarray]
     `udp_tunnels=False` leaves VXLAN, GENEVE, Teredo, AYIYA, GTP and GRE-in-UDP closed: the
     outer UDP datagram is the packet (the tunnel's own session)."""
     n = len(batch)
-    c = empty_columns(n)
+    c = unset_columns(n)
     if n == 0:
         return c
     data = np.ascontiguousarray(batch.data, dtype=np.uint8)

@@ -127,7 +127,36 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
             end = base = 0
         elif end > dlen:
             end = dlen
+        # every field of the row first holds its "absent" value (batch.empty_columns'): the
+        # columns come uninitialised, and what the headers below set overwrites these
+        ethertype[i] = 0
+        vlan[i] = VLAN_NONE
+        inner_vlan[i] = VLAN_NONE
+        ip_ver[i] = 0
+        proto[i] = 0
+        src_hi[i] = 0
+        src_lo[i] = 0
+        dst_hi[i] = 0
+        dst_lo[i] = 0
+        sport[i] = 0
+        dport[i] = 0
+        tcp_flags[i] = 0
+        tcp_seq[i] = 0
+        tcp_ack[i] = 0
+        tcp_win[i] = 0
         tcp_wscale[i] = -1
+        tcp_mss[i] = 0
+        ttl[i] = 0
+        l3_off[i] = -1
+        l4_off[i] = -1
+        pl_off[i] = -1
+        pl_len[i] = 0
+        ip_len[i] = 0
+        frag[i] = 0
+        frag_id[i] = 0
+        frag_off[i] = 0
+        src_mac[i] = 0
+        dst_mac[i] = 0
         gre_end = end
         pos = base
         et = np.int64(0)
