@@ -491,19 +491,15 @@ class AppStage:
             by_port = np.ones(len(at_stream), dtype=bool)
             groups = []  # (parsers, positions)
             if ids is not None:
-                distinct, which = np.unique(ids[at_stream], return_inverse=True)
-                for j, label in enumerate(distinct.tolist()):
+                for label, on in zip(*_grouped(ids[at_stream])):
                     parsers = self._label_parsers(label)
                     if parsers:
-                        on = which == j
                         by_port[on] = False
                         groups.append((parsers, at_stream[on]))
             if by_port.any():
                 left = at_stream[by_port]
-                ports = _column(sessions, "resp_p")[left].astype(np.int64)
-                distinct, which = np.unique(ports, return_inverse=True)
-                for j, port in enumerate(distinct.tolist()):
-                    groups.append((tuple(self._stream_parsers("", port)), left[which == j]))
+                for port, on in zip(*_grouped(_column(sessions, "resp_p")[left].astype(np.int64))):
+                    groups.append((tuple(self._stream_parsers("", port)), left[on]))
             dropped = []
             for parsers, ks in groups:
                 if not parsers:
@@ -783,6 +779,17 @@ class _Out:
         at = np.asarray(ks, dtype=np.int64)
         for part in got if isinstance(got, list) else [got]:
             self.records(m, part.name, part.table, at[np.asarray(part.index, dtype=np.int64)])
+
+
+def _grouped(values: np.ndarray) -> tuple[list, list[np.ndarray]]:
+    """The distinct values (ascending) and, for each, the positions where it occurs, in order:
+    one sort, where a mask per distinct value cost a pass over all of them each (a close of
+    mix.pcap meets 2,077 server ports of port scans among 3,595 sessions)."""
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    cuts = np.flatnonzero(ordered[1:] != ordered[:-1]) + 1
+    firsts = np.concatenate([[0], cuts]) if len(values) else cuts
+    return ordered[firsts].tolist(), np.split(order, cuts)
 
 
 def _column(table: pa.Table, name: str, null=0) -> np.ndarray:
