@@ -337,6 +337,7 @@ class AppStage:
         cand = np.flatnonzero(tcp)
         on_port = self.stream_port_table
         want = on_port[cols["sport"][cand]] | on_port[cols["dport"][cand]]
+        srow = None
         if self.ndpi_state is not None:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by
             # its label: a judgement per distinct label), not per packet
@@ -356,8 +357,11 @@ class AppStage:
         if len(rows):
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
             # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
-            carries = rows[(cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)]
-            self._flag(sid[carries], _HAS_STREAM)
+            carries = (cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)
+            if srow is None:
+                self._flag(sid[rows[carries]], _HAS_STREAM)
+            else:  # their rows are known already
+                self.session_rows.col["has"][srow[want][carries]] |= _HAS_STREAM
 
     def _judge(self, sids: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
         """Whether sessions' streams are kept, now that nDPI has labelled them: wanted by a
