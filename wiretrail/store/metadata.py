@@ -248,9 +248,11 @@ def open_db(root: Path) -> duckdb.DuckDBPyConnection:
     return db
 
 
-# The packet index: where each stored packet of a session is (see store.index).
+# The packet index: where each stored packet of a session is (see store.index). Never null,
+# and declared so: Parquet then writes no definition levels (a third of the time writing the
+# index took, 1.7 M rows for mix.pcap); parts written before, with nullable columns, read the same.
 INDEX_SCHEMA = pa.schema([
-    ("sid", pa.int64()),
-    ("file_id", pa.int32()),
-    ("offset", pa.int64()),
+    pa.field("sid", pa.int64(), nullable=False),
+    pa.field("file_id", pa.int32(), nullable=False),
+    pa.field("offset", pa.int64(), nullable=False),
 ])
