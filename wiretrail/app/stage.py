@@ -464,12 +464,13 @@ class AppStage:
         for s in sids[(has & _HAS_TUPLE) != 0].tolist():
             self.tuples.pop(s, None)
         out = _Out()
+        position = _positions(sids)
         if self.held:  # column rows of the closing sessions; the others wait for theirs
             waiting = []
             for m, rec in self.held:
                 closing = np.isin(rec.index, sids)
                 if closing.any():
-                    self._add_by_sid(out, m, Records(ac.filter(rec.table, closing), rec.index[closing], rec.name), sids)
+                    self._add_by_sid(out, m, Records(ac.filter(rec.table, closing), rec.index[closing], rec.name), position)
                 if not closing.all():
                     waiting.append((m, Records(ac.filter(rec.table, ~closing), rec.index[~closing], rec.name)))
             self.held = waiting
@@ -479,7 +480,7 @@ class AppStage:
             have = np.flatnonzero(has & bit)
             if len(have):
                 try:
-                    self._add_by_sid(out, m, m.mod.close_sessions(states, sids[have]), sids)
+                    self._add_by_sid(out, m, m.mod.close_sessions(states, sids[have]), position)
                 except Exception:
                     self.parser_errors += 1
                     for s in sids[have].tolist():
@@ -562,14 +563,9 @@ class AppStage:
                 self.parser_errors += 1
         return self._tables(out, None)
 
-    def _add_by_sid(self, out: _Out, m: _Module, got, sids: np.ndarray) -> None:
+    def _add_by_sid(self, out: _Out, m: _Module, got, position) -> None:
         """Rows of closing sessions keyed by session id ([(sid, row)] or Records) into `out`, by
-        each session's position in `sids` (the closed sessions, in the sessions table's order)."""
-        order = np.argsort(sids, kind="stable")
-
-        def position(of: np.ndarray) -> np.ndarray:
-            return order[np.searchsorted(sids, of, sorter=order)]
-
+        each session's position among the closed sessions (`position`: _positions')."""
         for piece in got if isinstance(got, list) and got and isinstance(got[0], Records) else [got]:
             if isinstance(piece, Records):
                 out.records(m, piece.name, piece.table, position(np.asarray(piece.index, dtype=np.int64)))
@@ -783,6 +779,19 @@ class _Out:
         at = np.asarray(ks, dtype=np.int64)
         for part in got if isinstance(got, list) else [got]:
             self.records(m, part.name, part.table, at[np.asarray(part.index, dtype=np.int64)])
+
+
+def _positions(sids: np.ndarray):
+    """A function from session ids to their positions in `sids` (the closed sessions, in the
+    sessions table's order), sorting `sids` once, when first called."""
+    order = None
+
+    def position(of: np.ndarray) -> np.ndarray:
+        nonlocal order
+        if order is None:
+            order = np.argsort(sids, kind="stable")
+        return order[np.searchsorted(sids, of, sorter=order)]
+    return position
 
 
 def _grouped(values: np.ndarray) -> tuple[list, list[np.ndarray]]:
