@@ -449,14 +449,13 @@ class AppStage:
         if sessions.num_rows == 0:
             return sessions, {}
         sids = sessions.column("sid").to_numpy()
-        apps = ids = None
+        labels = ids = None
         if self.ndpi_state is not None:
             ids = self.ndpi_state.finish_ids(sids)
             at = pa.array(ids)
             for name, column in zip(("app", "category", "port_mismatch", "service"), self._label_columns()):
                 sessions = _set(sessions, name, ac.take(column, at))
-            labels = self.ndpi_state.labels
-            apps = [labels[i].app for i in ids.tolist()]
+            labels = self.ndpi_state.labels  # a session's app: labels[ids[k]].app, for those parsed below
         at = self.session_rows.find(sids)
         has = np.where(at >= 0, self.session_rows.col["has"][at], 0)
         self.session_rows.release(sids)
@@ -536,7 +535,8 @@ class AppStage:
                         except Exception:
                             self.parser_errors += 1
             if streamed[k]:
-                rows.extend(self._parse_stream(next(directions), k, tuples, apps[k] if apps else "", batched))
+                app = labels[ids[k]].app if labels is not None else ""
+                rows.extend(self._parse_stream(next(directions), k, tuples, app, batched))
             if rows:
                 self._add_rows(out, k, rows, tuples)
         for m, (ks, streams) in batched.items():
