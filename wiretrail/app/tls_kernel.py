@@ -88,6 +88,7 @@ NOT_ASCII_SNI, NOT_ASCII_NEXT_PROTOCOL, NOT_ASCII_ALPN = 1, 2, 4
 
 @numba_hook
 def _define_intrinsics() -> None:
+    """The memmove the kernels call (bytes_kernels.memmove_intrinsic), bound when numba compiles."""
     global _memmove
     _memmove = memmove_intrinsic()
 
