@@ -206,3 +206,19 @@ def test_index_rows_are_stably_sorted_by_session():
         order = np.argsort(keys, kind="stable")
         for got, col in zip(sort_by_session(*cols), cols):
             assert got.dtype == col.dtype and np.array_equal(got, col[order])
+
+
+def test_a_not_null_column_holding_a_null_is_written_nullable_not_lost(tmp_path):
+    """Schemas declare not null the columns every row has (no definition levels to write); a
+    null there all the same must not cost the part (Parquet refuses to write it as declared)."""
+    import pyarrow.parquet as pq
+
+    from wiretrail.store.metadata import write_part
+
+    schema = pa.schema([pa.field("a", pa.int64(), nullable=False), pa.field("b", pa.string(), nullable=False)])
+    bad = pa.Table.from_arrays([pa.array([1, None, 3]), pa.array(["x", "y", "z"])], schema=schema)
+    back = pq.read_table(write_part(tmp_path / "bad", bad))
+    assert back.column("a").to_pylist() == [1, None, 3] and back.schema.field("a").nullable
+    assert not back.schema.field("b").nullable  # the other declarations stand
+    good = pa.Table.from_arrays([pa.array([1, 2, 3]), pa.array(["x", "y", "z"])], schema=schema)
+    assert pq.read_schema(write_part(tmp_path / "good", good)).equals(schema)

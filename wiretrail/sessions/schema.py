@@ -8,48 +8,54 @@ from wiretrail.batch import (
     TUNNEL_AYIYA, TUNNEL_CAPWAP, TUNNEL_GENEVE, TUNNEL_GTP, TUNNEL_NAMES, TUNNEL_TEREDO, TUNNEL_VXLAN,
 )
 
+def _always(name: str, type: pa.DataType) -> pa.Field:
+    """A column every session has a value in, declared not null: Parquet then writes no
+    definition levels for it (15% of writing the sessions parts of mix.pcap)."""
+    return pa.field(name, type, nullable=False)
+
+
 SESSIONS_SCHEMA = pa.schema([
-    ("uid", pa.string()),
-    ("sid", pa.int64()),
-    ("ts", pa.timestamp("ns")),
-    ("last_ts", pa.timestamp("ns")),
-    ("duration", pa.int64()),          # ns
-    ("link", pa.string()),
+    _always("uid", pa.string()),
+    _always("sid", pa.int64()),
+    _always("ts", pa.timestamp("ns")),
+    _always("last_ts", pa.timestamp("ns")),
+    _always("duration", pa.int64()),          # ns
+    _always("link", pa.string()),
     ("vlan", pa.int32()),              # null if untagged
     ("inner_vlan", pa.int32()),        # null if none
     ("tunnel", pa.string()),           # outermost tunnel removed by the decoder, null if none
-    ("orig_h", pa.string()),
-    ("orig_p", pa.int32()),
-    ("resp_h", pa.string()),
-    ("resp_p", pa.int32()),
-    ("proto", pa.string()),            # tcp, udp, icmp (v4 and v6, as Zeek), unknown_transport
-    ("ip_proto", pa.int32()),
+    _always("orig_h", pa.string()),
+    _always("orig_p", pa.int32()),
+    _always("resp_h", pa.string()),
+    _always("resp_p", pa.int32()),
+    _always("proto", pa.string()),            # tcp, udp, icmp (v4 and v6, as Zeek), unknown_transport
+    _always("ip_proto", pa.int32()),
     ("service", pa.string()),          # filled by a later stage
-    ("orig_bytes", pa.int64()),
-    ("resp_bytes", pa.int64()),
-    ("missed_bytes", pa.int64()),
-    ("orig_pkts", pa.int64()),
-    ("orig_ip_bytes", pa.int64()),
-    ("resp_pkts", pa.int64()),
-    ("resp_ip_bytes", pa.int64()),
-    ("conn_state", pa.string()),
+    _always("orig_bytes", pa.int64()),
+    _always("resp_bytes", pa.int64()),
+    _always("missed_bytes", pa.int64()),
+    _always("orig_pkts", pa.int64()),
+    _always("orig_ip_bytes", pa.int64()),
+    _always("resp_pkts", pa.int64()),
+    _always("resp_ip_bytes", pa.int64()),
+    _always("conn_state", pa.string()),
     ("history", pa.string()),
     ("community_id", pa.string()),
     ("icmp_type", pa.int32()),         # null unless ICMP
     ("icmp_code", pa.int32()),
     ("rtt", pa.int64()),               # TCP handshake SYN -> ACK, ns; null if not seen
-    ("retrans_orig", pa.int32()),
-    ("retrans_resp", pa.int32()),
-    ("ooo_orig", pa.int32()),
-    ("ooo_resp", pa.int32()),
-    ("zero_win_orig", pa.int32()),
-    ("zero_win_resp", pa.int32()),
-    ("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
+    _always("retrans_orig", pa.int32()),
+    _always("retrans_resp", pa.int32()),
+    _always("ooo_orig", pa.int32()),
+    _always("ooo_resp", pa.int32()),
+    _always("zero_win_orig", pa.int32()),
+    _always("zero_win_resp", pa.int32()),
+    _always("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
     ("orig_tcp_flags", pa.uint8()),    # OR of the TCP flags each side sent (null unless TCP)
     ("resp_tcp_flags", pa.uint8()),
-    ("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
-    ("resp_wire_bytes", pa.int64()),
-    ("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
+    _always("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
+    _always("resp_wire_bytes", pa.int64()),
+    _always("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
     ("orig_l2_addr", pa.string()),     # link-layer (MAC) address of each side, "aa:bb:cc:dd:ee:ff", from the
     ("resp_l2_addr", pa.string()),     # first packet that had one (Zeek's mac-logging); null if unknown
     # filled by the application stage (null without it)

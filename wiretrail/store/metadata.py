@@ -85,6 +85,17 @@ def _compression(schema: pa.Schema) -> str | dict[str, str]:
     return {name: "none" if name in _UNIQUE_COLUMNS else "lz4" for name in schema.names}
 
 
+def _writable(table: pa.Table) -> pa.Table:
+    """`table` as Parquet will write it: a column declared not null (schemas declare the ones
+    every row has, which spares Parquet their definition levels) that holds a null after all is
+    written nullable, rather than the part failing (Parquet refuses it) and its rows lost."""
+    schema = original = table.schema
+    for i, field in enumerate(original):
+        if not field.nullable and table.column(i).null_count:
+            schema = schema.set(i, field.with_nullable(True))
+    return table if schema is original else pa.Table.from_arrays(table.columns, schema=schema)
+
+
 def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     """Write one Parquet part atomically (temporary name, then rename).
 
@@ -100,6 +111,7 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     options = {"compression": _compression(table.schema), "row_group_size": 1 << 17,
                "use_dictionary": _dictionary_columns(table.schema),
                "write_statistics": _statistics_columns(table.schema), **parquet_options}
+    table = _writable(table)
     # built in memory and written with one call: a path given to pyarrow costs a filesystem
     # lookup and an output stream per part (0.3 of the 1.0 ms a one-row part took)
     try:
