@@ -1,8 +1,8 @@
 """The few pyarrow compute functions the ingest path uses, called by name.
 
 `import pyarrow.compute` builds a Python wrapper and a docstring (through pydoc and numpydoc's
-scraper) for each of pyarrow's ~290 compute functions: about 30 ms of CPU in every process
-that touches it, 1% of a full ingest of mix.pcap. pyarrow's own `Table.take`, `.filter`,
+scraper) for each of pyarrow's ~290 compute functions: 36 ms in every process that touches
+it (`python -X importtime`), 1% of a full ingest of mix.pcap. pyarrow's own `Table.take`, `.filter`,
 `.cast`, `.sort_by`, `ChunkedArray.fill_null` and the `mask=` of `StructArray.from_arrays` and
 `ListArray.from_arrays` (which inverts it) import it on first use. These call the same functions
 through `pyarrow._compute.call_function`, the entry point those wrappers end in

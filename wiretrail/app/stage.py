@@ -337,11 +337,10 @@ class AppStage:
         cand = np.flatnonzero(tcp)
         on_port = self.stream_port_table
         want = on_port[cols["sport"][cand]] | on_port[cols["dport"][cand]]
-        srow = None
+        srow = self.session_rows.map(sid[cand])
         if self.ndpi_state is not None:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by
             # its label: a judgement per distinct label), not per packet
-            srow = self.session_rows.map(sid[cand])
             code_col = self.session_rows.col["stream_code"]
             code = code_col[srow]
             label = self.session_rows.col["ndpi_label"][srow]
@@ -358,10 +357,7 @@ class AppStage:
             self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
             # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
             carries = (cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)
-            if srow is None:
-                self._flag(sid[rows[carries]], _HAS_STREAM)
-            else:  # their rows are known already
-                self.session_rows.col["has"][srow[want][carries]] |= _HAS_STREAM
+            self.session_rows.col["has"][srow[want][carries]] |= _HAS_STREAM
 
     def _judge(self, sids: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
         """Whether sessions' streams are kept, now that nDPI has labelled them: wanted by a
@@ -469,7 +465,8 @@ class AppStage:
             for m, rec in self.held:
                 closing = np.isin(rec.index, sids)
                 if closing.any():
-                    self._add_by_sid(out, m, Records(ac.filter(rec.table, closing), rec.index[closing], rec.name), position)
+                    closed = Records(ac.filter(rec.table, closing), rec.index[closing], rec.name)
+                    self._add_by_sid(out, m, closed, position)
                 if not closing.all():
                     waiting.append((m, Records(ac.filter(rec.table, ~closing), rec.index[~closing], rec.name)))
             self.held = waiting
@@ -783,15 +780,9 @@ class _Out:
 
 def _positions(sids: np.ndarray):
     """A function from session ids to their positions in `sids` (the closed sessions, in the
-    sessions table's order), sorting `sids` once, when first called."""
-    order = None
-
-    def position(of: np.ndarray) -> np.ndarray:
-        nonlocal order
-        if order is None:
-            order = np.argsort(sids, kind="stable")
-        return order[np.searchsorted(sids, of, sorter=order)]
-    return position
+    sessions table's order): `sids` sorted once for all the modules' rows of a close."""
+    order = np.argsort(sids, kind="stable")
+    return lambda of: order[np.searchsorted(sids, of, sorter=order)]
 
 
 def _grouped(values: np.ndarray) -> tuple[list, list[np.ndarray]]:

@@ -105,6 +105,27 @@ def _mac(d, p):
     return v
 
 
+@kernel(inline=True)
+def _clear_l4(i, sport, dport, tcp_flags, tcp_seq, tcp_ack, tcp_win, tcp_mss, tcp_wscale, l4_off, pl_off, pl_len,
+              frag, frag_id, frag_off):
+    """Row i's transport fields and its IP fragment fields as absent: at the row's start (the
+    columns come uninitialised) and when an inner IP header replaces an outer one."""
+    sport[i] = 0
+    dport[i] = 0
+    tcp_flags[i] = 0
+    tcp_seq[i] = 0
+    tcp_ack[i] = 0
+    tcp_win[i] = 0
+    tcp_mss[i] = 0
+    tcp_wscale[i] = -1
+    l4_off[i] = -1
+    pl_off[i] = -1
+    pl_len[i] = 0
+    frag[i] = 0
+    frag_id[i] = 0
+    frag_off[i] = 0
+
+
 @kernel
 def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                   ethertype, vlan, inner_vlan, tunnel, ip_ver, proto,
@@ -138,23 +159,11 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
         src_lo[i] = 0
         dst_hi[i] = 0
         dst_lo[i] = 0
-        sport[i] = 0
-        dport[i] = 0
-        tcp_flags[i] = 0
-        tcp_seq[i] = 0
-        tcp_ack[i] = 0
-        tcp_win[i] = 0
-        tcp_wscale[i] = -1
-        tcp_mss[i] = 0
         ttl[i] = 0
         l3_off[i] = -1
-        l4_off[i] = -1
-        pl_off[i] = -1
-        pl_len[i] = 0
         ip_len[i] = 0
-        frag[i] = 0
-        frag_id[i] = 0
-        frag_off[i] = 0
+        _clear_l4(i, sport, dport, tcp_flags, tcp_seq, tcp_ack, tcp_win, tcp_mss, tcp_wscale, l4_off, pl_off,
+                  pl_len, frag, frag_id, frag_off)
         src_mac[i] = 0
         dst_mac[i] = 0
         gre_end = end
@@ -613,20 +622,8 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
                 ttl[i] = hop
                 l3_off[i] = pos - base
                 ip_len[i] = tot
-                sport[i] = 0
-                dport[i] = 0
-                tcp_flags[i] = 0
-                tcp_seq[i] = 0
-                tcp_ack[i] = 0
-                tcp_win[i] = 0
-                tcp_mss[i] = 0
-                tcp_wscale[i] = -1
-                l4_off[i] = -1
-                pl_off[i] = -1
-                pl_len[i] = 0
-                frag[i] = 0
-                frag_id[i] = 0
-                frag_off[i] = 0
+                _clear_l4(i, sport, dport, tcp_flags, tcp_seq, tcp_ack, tcp_win, tcp_mss, tcp_wscale, l4_off, pl_off,
+                          pl_len, frag, frag_id, frag_off)
                 if ipend > end:
                     anom |= ANOM_IP_LEN_GT_FRAME
                     ipend = end

@@ -21,16 +21,16 @@ SESSIONS_SCHEMA = pa.schema([
     _always("last_ts", pa.timestamp("ns")),
     _always("duration", pa.int64()),          # ns
     _always("link", pa.string()),
-    ("vlan", pa.int32()),              # null if untagged
-    ("inner_vlan", pa.int32()),        # null if none
-    ("tunnel", pa.string()),           # outermost tunnel removed by the decoder, null if none
+    ("vlan", pa.int32()),                     # null if untagged
+    ("inner_vlan", pa.int32()),               # null if none
+    ("tunnel", pa.string()),                  # outermost tunnel removed by the decoder, null if none
     _always("orig_h", pa.string()),
     _always("orig_p", pa.int32()),
     _always("resp_h", pa.string()),
     _always("resp_p", pa.int32()),
     _always("proto", pa.string()),            # tcp, udp, icmp (v4 and v6, as Zeek), unknown_transport
     _always("ip_proto", pa.int32()),
-    ("service", pa.string()),          # filled by a later stage
+    ("service", pa.string()),                 # filled by a later stage
     _always("orig_bytes", pa.int64()),
     _always("resp_bytes", pa.int64()),
     _always("missed_bytes", pa.int64()),
@@ -41,9 +41,9 @@ SESSIONS_SCHEMA = pa.schema([
     _always("conn_state", pa.string()),
     ("history", pa.string()),
     ("community_id", pa.string()),
-    ("icmp_type", pa.int32()),         # null unless ICMP
+    ("icmp_type", pa.int32()),                # null unless ICMP
     ("icmp_code", pa.int32()),
-    ("rtt", pa.int64()),               # TCP handshake SYN -> ACK, ns; null if not seen
+    ("rtt", pa.int64()),                      # TCP handshake SYN -> ACK, ns; null if not seen
     _always("retrans_orig", pa.int32()),
     _always("retrans_resp", pa.int32()),
     _always("ooo_orig", pa.int32()),
@@ -51,17 +51,17 @@ SESSIONS_SCHEMA = pa.schema([
     _always("zero_win_orig", pa.int32()),
     _always("zero_win_resp", pa.int32()),
     _always("anomalies", pa.uint32()),        # OR of the packets' ANOM_* bits
-    ("orig_tcp_flags", pa.uint8()),    # OR of the TCP flags each side sent (null unless TCP)
+    ("orig_tcp_flags", pa.uint8()),           # OR of the TCP flags each side sent (null unless TCP)
     ("resp_tcp_flags", pa.uint8()),
     _always("orig_wire_bytes", pa.int64()),   # frame bytes as captured on the wire, link layer included
     _always("resp_wire_bytes", pa.int64()),
     _always("close_reason", pa.string()),     # timeout (idle, active, finished, attempt) or shutdown (end of input)
-    ("orig_l2_addr", pa.string()),     # link-layer (MAC) address of each side, "aa:bb:cc:dd:ee:ff", from the
-    ("resp_l2_addr", pa.string()),     # first packet that had one (Zeek's mac-logging); null if unknown
+    ("orig_l2_addr", pa.string()),            # link-layer (MAC) address of each side, "aa:bb:cc:dd:ee:ff", from the
+    ("resp_l2_addr", pa.string()),            # first packet that had one (Zeek's mac-logging); null if unknown
     # filled by the application stage (null without it)
-    ("app", pa.string()),              # nDPI's Master.App, e.g. TLS.YouTube, DNS, Unknown
-    ("category", pa.string()),         # nDPI's category, e.g. Web, Network, Media
-    ("port_mismatch", pa.bool_()),     # a well-known protocol on a port it does not belong to
+    ("app", pa.string()),                     # nDPI's Master.App, e.g. TLS.YouTube, DNS, Unknown
+    ("category", pa.string()),                # nDPI's category, e.g. Web, Network, Media
+    ("port_mismatch", pa.bool_()),            # a well-known protocol on a port it does not belong to
 ])
 
 
