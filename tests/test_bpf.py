@@ -140,7 +140,7 @@ def test_hand_written_programs():
         """The program's return value (bpf_match only keeps whether it is non-zero)."""
         prog = np.array(insns, dtype=np.uint32)
         data = np.frombuffer(frame, dtype=np.uint8)
-        value = int(_run(prog, data, 0, len(frame), len(frame)))
+        value = int(_run(prog, data, 0, len(frame), len(frame), np.zeros(16, dtype=np.int64)))
         matched = bpf_match(prog, data, np.array([0], np.int64), np.array([len(frame)], np.int32),
                             np.array([len(frame)], np.int32))[0]
         assert matched == (value != 0)

@@ -257,32 +257,90 @@ def _add_syns(start, rows, tcp_flags, tcp_seq, sid, is_orig, T, S, st):
     return len(rows)
 
 
+@kernel(inline=True)
+def _segment_before(G, x, y):
+    """Segment row x goes before y: lower relative sequence number, then earlier come (rows
+    are made in arrival order, and compaction keeps their order)."""
+    if G[x, G_REL] != G[y, G_REL]:
+        return G[x, G_REL] < G[y, G_REL]
+    if G[x, G_TS] != G[y, G_TS]:
+        return G[x, G_TS] < G[y, G_TS]
+    return x < y
+
+
+@kernel(inline=True)
+def _sort_segments(segs, n, G):
+    """Sort segment rows segs[:n] in place by _segment_before (a heapsort: no allocation, and
+    no quadratic case for a stream sent backwards)."""
+    for top in range(n // 2 - 1, -1, -1):
+        _sift_segments(segs, top, n, G)
+    for end in range(n - 1, 0, -1):
+        segs[0], segs[end] = segs[end], segs[0]
+        _sift_segments(segs, 0, end, G)
+
+
+@kernel(inline=True)
+def _sift_segments(segs, i, n, G):
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            return
+        if child + 1 < n and _segment_before(G, segs[child], segs[child + 1]):
+            child += 1
+        if not _segment_before(G, segs[i], segs[child]):
+            return
+        segs[i], segs[child] = segs[child], segs[i]
+        i = child
+
+
+@kernel(inline=True)
+def _heapsort(a, n):
+    """Sort a[:n] in place (a kernel that allocates nothing cannot call np.sort)."""
+    for top in range(n // 2 - 1, -1, -1):
+        _sift_down(a, top, n)
+    for end in range(n - 1, 0, -1):
+        a[0], a[end] = a[end], a[0]
+        _sift_down(a, 0, end)
+
+
+@kernel(inline=True)
+def _sift_down(a, i, n):
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            return
+        if child + 1 < n and a[child + 1] > a[child]:
+            child += 1
+        if a[i] >= a[child]:
+            return
+        a[i], a[child] = a[child], a[i]
+        i = child
+
+
 @kernel
 def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_orig, T, S, G, arena, st,
-              row_side):
+              row_side, missing):
     """The payloads of `rows` (those with one) from row `start` on into their sides' segments.
     Returns len(rows) when done; _TABLE_FULL if the table must grow first (then call again from
     0); else the row it stopped at, whose payload needs st[ST_NEED_DATA] more bytes free in
     the arena (the row's side may have been made and its base set: doing it again is
-    harmless). Past the memcap at the end of a batch that had payloads, sheds. row_side[k]:
-    the side row of rows[k], found by the call from 0 (-1: made after it looked)."""
+    harmless). row_side[k]: the side row of rows[k], found by the call from 0 (-1: made after
+    it looked); `missing`: room for len(rows) keys. Allocates nothing, so that it is compiled
+    without reference counting (see wiretrail.aot); the caller sheds (_shed) past the memcap."""
     n = len(rows)
-    payloads = start > 0  # a call that resumes stopped at a payload
     if start == 0:
         # sides first met here are made in key order (as the reference grouped them)
-        missing = np.empty(n, dtype=np.uint64)  # (unsigned: in the reference's order)
-        m = 0
+        m = 0  # (keys unsigned: in the reference's order)
         for k in range(n):
             i = rows[k]
             if pl_len[i] > 0:
-                payloads = True
                 key = _side_key(sid[i], is_orig[i])
                 row_side[k] = _find(T, key)
                 if row_side[k] < 0:
                     missing[m] = np.uint64(key)
                     m += 1
         if m:
-            missing = np.sort(missing[:m])
+            _heapsort(missing, m)
             for k in range(m):
                 if k == 0 or missing[k] != missing[k - 1]:
                     if _table_full(T, st):
@@ -333,12 +391,10 @@ def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_or
         S[s, NSEG] += 1
         S[s, KEPT] += keep
         st[ST_HELD] += keep
-    if payloads and st[ST_HELD] > st[ST_MEMCAP]:
-        _shed(S, G, st)
     return n
 
 
-@kernel(inline=True)
+@kernel
 def _shed(S, G, st):
     """Past the memcap: the sides holding most (the older first among equals), until what is
     held is down to 3/4 of the memcap, are each cut to their segments first in sequence (the
@@ -510,15 +566,14 @@ def _compact_rows(S, G, A, st, new_G, new_A):
 # ---- taking directions -----------------------------------------------------------------------
 @kernel
 def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, gap_off, gap_len,
-                 ack_rel, ack_pkt, order, meta):
+                 ack_rel, ack_pkt, order, meta, group):
     """Rebuild and forget the sides keys[start:], `per` at a time (a session's two directions),
     as many groups as the output buffers hold in full; meta[j - start] says where direction
     j's parts end. Returns the index of the first key not taken (len(keys) when done); if even
     the first group did not fit, st[ST_NEED_*] say what it needs. gap_off, gap_len and `order`
     (room for one side's segment numbers) are as long as ts_off: a side has at most one gap
-    per segment."""
+    per segment. `group`: room for `per` side rows."""
     nd = nt = ng = na = 0
-    group = np.empty(per, dtype=np.int64)  # the side rows of the group's keys
     for j in range(start, len(keys)):
         m = j - start
         if m % per == 0:  # a group's first side: does the whole group fit?
@@ -555,8 +610,7 @@ def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, g
                 ordered = False
             g = G[g, G_NEXT]
         if not ordered:
-            segs = segs[np.argsort(G[segs, G_TS], kind="mergesort")]
-            segs = segs[np.argsort(G[segs, G_REL], kind="mergesort")]
+            _sort_segments(segs, nseg, G)
         d0 = nd
         end = 0         # relative seq covered so far
         last_at = 0     # where the last part written starts in `out`, and its length
@@ -664,6 +718,7 @@ class Reassembler:
         self._gap_off = np.empty(4096, dtype=np.int64)
         self._gap_len = np.empty(4096, dtype=np.int64)
         self._order = np.empty(4096, dtype=np.int64)
+        self._group = np.empty(2, dtype=np.int64)  # _take_kernel's side rows of a session
         self._ack_rel = np.empty(4096, dtype=np.int64)
         self._ack_pkt = np.empty(4096, dtype=np.int64)
         # limit and drop, queued as (sid, depth or _DROP) pairs: the stage asks for them one
@@ -759,11 +814,11 @@ class Reassembler:
             pl_len = pl_len.copy()
             pl_len[padded] = 0
         data, offset, ts = batch.data, batch.offset, batch.ts
-        row_side = np.empty(n, dtype=np.int64)
+        row_side, missing = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.uint64)
         at = 0
         while True:
             at = _add_data(at, rows, seq, pl_len, pl_off, data, offset, ts, sid, is_orig, self._T, self._S, self._G,
-                           self._arena, st, row_side)
+                           self._arena, st, row_side, missing)
             if at == n:
                 break
             if at == _TABLE_FULL:
@@ -771,6 +826,8 @@ class Reassembler:
                 at = 0
             else:
                 self._arena_room(int(st[ST_NEED_DATA]))
+        if st[ST_HELD] > st[ST_MEMCAP] and (pl_len[rows] > 0).any():  # past the memcap after payloads
+            _shed(self._S, self._G, st)
         if first_packet:  # after the data: a side the batch's data made (no SYN seen) has its base
             _add_acks(rows, flags, cols["tcp_ack"], sid, is_orig, first_packet, self._T, self._S, self._A, st)
 
@@ -834,7 +891,7 @@ class Reassembler:
             while True:
                 done = _take_kernel(keys, start, 2, self._T, self._S, self._G, self._A, self._arena, self._st,
                                     self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len,
-                                    self._ack_rel, self._ack_pkt, self._order, meta)
+                                    self._ack_rel, self._ack_pkt, self._order, meta, self._group)
                 if done > start:
                     break
                 st = self._st
@@ -869,7 +926,7 @@ class Reassembler:
         while True:
             done = _take_kernel(keys, start, per, self._T, self._S, self._G, self._A, self._arena, st,
                                 self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len, self._ack_rel,
-                                self._ack_pkt, self._order, meta)
+                                self._ack_pkt, self._order, meta, np.empty(per, dtype=np.int64))
             if done > start:
                 return self._directions(meta[:done - start], None if want is None else want[start:done]), done
             self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))

@@ -130,12 +130,14 @@ def _load(data, start, caplen, k, size):
     return True, np.int64(data[p])
 
 
-@kernel
-def _run(prog, data, start, caplen, wirelen):
+@kernel(inline=True)
+def _run(prog, data, start, caplen, wirelen, mem):
     """Return value of the program for one frame (0 = reject). A, X are kept in int64
-    and masked to 32 bits after each arithmetic step."""
+    and masked to 32 bits after each arithmetic step. `mem`: the 16 scratch words, the
+    caller's (a kernel that allocates nothing is compiled without reference counting)."""
     n_insns = prog.shape[0]
-    mem = np.zeros(16, dtype=np.int64)
+    for k in range(16):
+        mem[k] = 0
     a = np.int64(0)
     x = np.int64(0)
     pc = 0
@@ -240,9 +242,9 @@ def _run(prog, data, start, caplen, wirelen):
 
 
 @kernel
-def _match_all(prog, data, offset, caplen, wirelen, out):
+def _match_all(prog, data, offset, caplen, wirelen, out, mem):
     for i in range(offset.shape[0]):
-        out[i] = _run(prog, data, offset[i], np.int64(caplen[i]), wirelen[i]) != 0
+        out[i] = _run(prog, data, offset[i], np.int64(caplen[i]), wirelen[i], mem) != 0
 
 
 def bpf_match(prog: np.ndarray, data: np.ndarray, offset: np.ndarray, caplen: np.ndarray,
@@ -252,5 +254,5 @@ def bpf_match(prog: np.ndarray, data: np.ndarray, offset: np.ndarray, caplen: np
     if len(offset):
         _match_all(np.ascontiguousarray(prog, dtype=np.uint32), data,
                    np.asarray(offset, dtype=np.int64), np.asarray(caplen, dtype=np.int32),
-                   np.asarray(wirelen, dtype=np.int32), out)
+                   np.asarray(wirelen, dtype=np.int32), out, np.empty(16, dtype=np.int64))
     return out

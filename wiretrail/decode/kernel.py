@@ -24,8 +24,8 @@ from wiretrail.batch import (
     TUNNEL_CAPWAP, TUNNEL_GRE, TUNNEL_GTP, TUNNEL_IPIP, TUNNEL_MPLS, TUNNEL_PPPOE, TUNNEL_TEREDO, TUNNEL_VXLAN,
     VLAN_NONE,
 )
-from wiretrail.bytes_kernels import be16, be32
-from wiretrail.jit import kernel
+from wiretrail.bytes_kernels import be16, be32, prefetch_intrinsic
+from wiretrail.jit import kernel, numba_hook
 
 # Encapsulations removed before the packet is given up with ANOM_TUNNEL_DEPTH (MPLS and
 # PPPoE count as one each, like GRE, VXLAN, GENEVE, IP-in-IP and Teredo).
@@ -53,6 +53,20 @@ _S_GRE = 8
 _S_WLAN = 9     # IEEE 802.11 MAC header at pos
 
 IPV4_MAPPED = np.uint64(0x0000FFFF00000000)
+
+# Frames are this many rows ahead when their first two cache lines are prefetched: a batch is
+# larger than the caches, and a frame's first read otherwise waits on memory (a third of the
+# kernel's time went to that one load).
+PREFETCH_ROWS = 16
+
+_prefetch = None
+
+
+@numba_hook
+def _define_intrinsics() -> None:
+    global _prefetch
+    _prefetch = prefetch_intrinsic()
+
 
 # Ethernet II types that are known not to carry IP: no ANOM_UNKNOWN_ETHERTYPE for them.
 _KNOWN_NON_IP_ETHERTYPES = (
@@ -136,6 +150,10 @@ def decode_kernel(data, offset, caplen, wirelen, linktype, known_et,
     n = offset.shape[0]
     dlen = np.int64(data.shape[0])
     for i in range(n):
+        if i + PREFETCH_ROWS < n:
+            ahead = np.int64(offset[i + PREFETCH_ROWS])
+            _prefetch(data, ahead)
+            _prefetch(data, ahead + 64)
         base = np.int64(offset[i])
         cap = np.int64(caplen[i])
         anom = np.int64(0)

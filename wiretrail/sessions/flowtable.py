@@ -175,7 +175,7 @@ def _scaled(hist, I32, s, d, code, count):
         _hadd(hist, I32, s, code + (32 if d == 1 else 0))
 
 
-@kernel
+@kernel(inline=True)
 def _flip(I64, I32, hist, s):
     """Swap originator and responder of session s (Zeek's FlipRoles), adding '^'."""
     I32[s, ORIG_IS_A] = 1 - I32[s, ORIG_IS_A]
@@ -789,7 +789,8 @@ def community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed: int = 0) -> p
                    np.ascontiguousarray(r_hi, dtype=np.uint64), np.ascontiguousarray(r_lo, dtype=np.uint64),
                    np.ascontiguousarray(v4, dtype=np.bool_), np.ascontiguousarray(proto, dtype=np.int32),
                    np.ascontiguousarray(sp, dtype=np.int64), np.ascontiguousarray(dp, dtype=np.int64),
-                   int(seed) & 0xFFFF, _CP4, _CP6, out)
+                   int(seed) & 0xFFFF, _CP4, _CP6, out, np.empty(80, dtype=np.uint32), np.empty(64, dtype=np.uint8),
+                   np.empty(21, dtype=np.uint8))
     offsets = np.arange(0, 30 * m + 1, 30, dtype=np.int32)
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out.tobytes()))
 
@@ -811,15 +812,14 @@ def _put_be(block, pos, v, width):
 
 
 @kernel
-def _community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed, cp4, cp6, out):
+def _community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed, cp4, cp6, out, w, block, digest):
     """'1:' + base64(SHA-1(hash input)) of each session into out[r, :30], the hash input made
     here as the spec says (seed, addresses and ports in order, the ICMP type's pair as the
     other port). The input is under 56 bytes: one SHA-1 block. Made in one pass: hashlib per
     session cost more than the rest of closing a session, and building the inputs with numpy
-    as much as the hashing."""
-    w = np.empty(80, dtype=np.uint32)
-    block = np.empty(64, dtype=np.uint8)
-    digest = np.empty(21, dtype=np.uint8)
+    as much as the hashing. w (80 uint32), block (64 bytes) and digest (21 bytes) are the
+    caller's scratch: a kernel that allocates nothing is compiled without reference counting
+    (see wiretrail.aot)."""
     for r in range(len(proto)):
         p = proto[r]
         s_port, d_port = sp[r], dp[r]
@@ -908,12 +908,11 @@ def _put_hex(out, pos, v):
 
 
 @kernel
-def _addr_text(hi, lo, v4, out, offsets):
+def _addr_text(hi, lo, v4, out, offsets, groups):
     """Addresses as text into `out` (row j is out[offsets[j]:offsets[j + 1]]): dotted quads, or
     IPv6 as Python's ipaddress writes it (RFC 5952: lowercase, the first longest run of two
-    or more zero groups as '::')."""
+    or more zero groups as '::'). `groups`: scratch for eight int64."""
     pos = 0
-    groups = np.empty(8, dtype=np.int64)
     for j in range(len(hi)):
         offsets[j] = pos
         if v4[j]:
@@ -963,7 +962,7 @@ def addr_texts(hi: np.ndarray, lo: np.ndarray, v4: np.ndarray) -> pa.Array:
     out = np.empty(39 * m, dtype=np.uint8)
     offsets = np.empty(m + 1, dtype=np.int32)
     used = _addr_text(np.ascontiguousarray(hi, dtype=np.uint64), np.ascontiguousarray(lo, dtype=np.uint64),
-                      np.ascontiguousarray(v4, dtype=np.bool_), out, offsets)
+                      np.ascontiguousarray(v4, dtype=np.bool_), out, offsets, np.empty(8, dtype=np.int64))
     return pa.StringArray.from_buffers(m, pa.py_buffer(offsets), pa.py_buffer(out[:used]))
 
 
