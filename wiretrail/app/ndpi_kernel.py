@@ -22,7 +22,7 @@ AVAILABLE = platform.machine() in ("x86_64", "AMD64")
 def _define_intrinsics() -> None:
     """The intrinsics the kernels call; numba builds them when it compiles a kernel (the
     compiled extension has them built in)."""
-    global _process_packet, _giveup, _call_with_pointer, _load_u8
+    global _process_packet, _giveup, _call_with_pointer, _load_u8, _prefetch_at
     from numba import types
     from numba.extending import intrinsic
 
@@ -74,6 +74,23 @@ def _define_intrinsics() -> None:
         return sig, codegen
 
     @intrinsic
+    def _prefetch_at(typingctx, address):
+        """Prefetch, for reading, the cache line at an absolute address (never faults)."""
+        sig = types.void(types.uint64)
+
+        def codegen(context, builder, signature, args):
+            from llvmlite import ir
+            from numba.core import cgutils
+
+            ptr = builder.inttoptr(args[0], cgutils.voidptr_t)
+            i32 = ir.IntType(32)
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
     def _load_u8(typingctx, address):
         """The byte at an absolute address (a field of an nDPI flow)."""
         sig = types.uint8(types.uint64)
@@ -97,6 +114,15 @@ def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, stat
     calls = 0
     n_finished = 0
     for k in range(len(start)):
+        # the frame two ahead and the first lines of its flow struct are fetched while nDPI
+        # works on this one: nDPI is given a session's first frames only, so both are cold
+        if k + 2 < len(start):
+            ahead = data_base + start[k + 2]
+            _prefetch_at(ahead)
+            _prefetch_at(ahead + np.uint64(64))
+            flow = flow_ptr[which[k + 2]]
+            for line in range(4):
+                _prefetch_at(flow + np.uint64(64 * line))
         u = which[k]
         if done[u]:
             continue
