@@ -139,8 +139,8 @@ def _writable(t):
 
 
 def _compile(CC, extension: str, exports: list, py_func, nrt: bool) -> bool:
-    """One kernel's variants into extension module `extension`; False if numba cannot compile
-    it that way (without reference counting, a kernel that allocates an array)."""
+    """One kernel's variants into extension module `extension`; False if, built without
+    reference counting, the extension does not load."""
     from numba.core.errors import NumbaError
 
     cc = CC(extension)
@@ -153,10 +153,12 @@ def _compile(CC, extension: str, exports: list, py_func, nrt: bool) -> bool:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cc.compile()
-    except NumbaError:
+    except NumbaError as err:
         if nrt:
             raise
-        return False
+        # (not tried and caught: a failed compile leaves numba's state such that the same
+        # kernel then fails with reference counting too)
+        raise RuntimeError(f"{extension}: the kernel makes an array; declare it @kernel(allocates=True)") from err
     if not nrt:
         # A kernel that calls another, not inlined, links in that one as numba compiled it,
         # with reference counting: the extension would then not load (a missing NRT symbol),
@@ -224,10 +226,12 @@ def build(force: bool = False) -> int:
             if not variants:
                 skipped.append(f"{name}.{attr}")
                 continue
-            # Without numba's reference counting where the kernel allows it (it allocates no
-            # array): with it, every array a helper inlined into a loop takes is counted up
-            # and down on each call, atomically (a frame took 95 ns to decode against 74).
-            counts = not _compile(CC, extension, exports, fn.py_func, nrt=False)
+            # Without numba's reference counting unless the kernel allocates arrays: with it,
+            # every array a helper inlined into a loop takes is counted up and down on each
+            # call, atomically (a frame took 95 ns to decode against 74).
+            counts = f"{name}.{attr}" in jit.ALLOCATING
+            if not counts and not _compile(CC, extension, exports, fn.py_func, nrt=False):
+                counts = True
             if counts:
                 _compile(CC, extension, exports, fn.py_func, nrt=True)
                 counted.append(f"{name}.{attr}")

@@ -6,7 +6,10 @@ the kernels then come from numba's on-disk cache or not: a third of ingesting 1.
 So `python -m wiretrail.aot` (run by scripts/setup.sh) compiles the kernels, with numba's
 ahead-of-time compiler, into extension modules under `wiretrail/_aot/` (one per kernel: pycc
 mistypes a kernel compiled after another one in the same module), beside a manifest of
-what they hold and the hash of the sources they were built from.
+what they hold and the hash of the sources they were built from. A kernel that allocates no
+array is compiled without numba's reference counting, which otherwise counts every array an
+inlined helper takes up and down, atomically, on each call; so the per-packet kernels take
+their scratch arrays from the caller, and those that allocate say so (`allocates=True`).
 
 The compiled code is for this machine's CPU: the manifest records which, and a tree moved to
 another kind of machine goes back to numba.
@@ -51,6 +54,7 @@ KERNEL_MODULES = (
 )
 
 _kernels: list["Kernel"] = []     # every @kernel, in definition order
+ALLOCATING: set[str] = set()      # the kernels declared @kernel(allocates=True), by qualified name
 _hooks: list = []                 # definitions only numba can make (intrinsics), run once it is in use
 _numba_in_use = False
 _compiled = None                  # the manifest's kernels once looked up; False: not usable
@@ -181,12 +185,16 @@ def _use_numba(wanted: Kernel):
     return wanted.dispatcher
 
 
-def kernel(py_func=None, *, inline: bool = False):
-    """`@kernel` or `@kernel(inline=True)` (a helper inlined into the kernels that call it)."""
+def kernel(py_func=None, *, inline: bool = False, allocates: bool = False):
+    """`@kernel` or `@kernel(inline=True)` (a helper inlined into the kernels that call it).
+    `allocates=True`: the kernel makes arrays (np.empty and the like), so its compiled form
+    keeps numba's reference counting; the others are built without it (see wiretrail.aot)."""
     def decorate(fn):
         module = fn.__module__
         if module not in KERNEL_MODULES and module != "__main__":
             raise RuntimeError(f"{module} defines kernels: list it in wiretrail.jit.KERNEL_MODULES")
+        if allocates:
+            ALLOCATING.add(f"{module}.{fn.__name__}")
         if not _extension() or _numba_in_use:
             return _njit(fn, inline)
         k = Kernel(fn, inline, _compiled_variants(f"{module}.{fn.__name__}"))

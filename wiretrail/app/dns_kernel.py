@@ -134,7 +134,7 @@ def _room(text, tw, need):
     return bigger
 
 
-@kernel
+@kernel(allocates=True)
 def parse_messages(data, starts, ends, netbios, resp_nb):
     """The messages data[starts[j]:ends[j]]; netbios[j]: its session is NetBIOS name service
     (either port 137), resp_nb[j]: its server port is 137 (SRV records are then NBSTAT, not read).
@@ -534,7 +534,7 @@ def _append(head, tail, nxt, prv, s, e):
     tail[s] = e
 
 
-@kernel
+@kernel(allocates=True)
 def pair_messages(sess, kind, tid, multicast, e_sess, e_table, e_keyseq, e_seq, e_tid, clock):
     """Pair a batch's messages (in capture order) into transactions.
 
@@ -755,7 +755,7 @@ EK_PLAIN, EK_SOA, EK_SRV, EK_SSHFP = range(4)
 A_TEXT, A_TTL = range(2)
 
 
-@kernel
+@kernel(allocates=True)
 def message_texts(msgs, questions, records, text_offsets):
     """What each message read by parse_messages gives its row (see above): returns (fields
     (MT_*), answers (A_*), entries (E_*)), texts as numbers in the pool laid out above."""

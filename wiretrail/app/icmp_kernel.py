@@ -86,7 +86,7 @@ def _quoted(b, q, qlen, row):
         row[I_IR_P] = b[q + l4 + 1]
 
 
-@kernel
+@kernel(allocates=True)
 def parse_icmp(data, start, end, v6):
     """parse_message(data[start[j]:end[j]], v6[j]) for every j, as rows of numbers (I_V6 ..
     I_IR_P; the other columns are the caller's)."""
@@ -162,7 +162,7 @@ def parse_icmp(data, start, end, v6):
     return num
 
 
-@kernel
+@kernel(allocates=True)
 def byte_frequencies(data, start, length):
     """For each payload data[start[i]:start[i] + length[i]] (length >= 1), the frequencies of
     the byte values it has, in byte order (count / length: the float64s numpy's division of the
@@ -221,7 +221,7 @@ def _half(n):
     return h - h % 8
 
 
-@kernel
+@kernel(allocates=True)
 def sum_terms(terms, first, count):
     """out[i] = terms[first[i]:first[i] + count[i]].sum() as numpy (2.x) computes it: its add
     reduction starts from 0.0 and adds the pairwise sum of the terms (blocks of 128, halved

@@ -394,7 +394,7 @@ def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_or
     return n
 
 
-@kernel
+@kernel(allocates=True)
 def _shed(S, G, st):
     """Past the memcap: the sides holding most (the older first among equals), until what is
     held is down to 3/4 of the memcap, are each cut to their segments first in sequence (the
@@ -525,7 +525,7 @@ def _pack(G, st, src, dst, in_place):
     st[ST_ARENA_USED] = pos
 
 
-@kernel
+@kernel(allocates=True)
 def _compact_rows(S, G, A, st, new_G, new_A):
     """The live segment rows copied to the start of new_G in their order (the arena's), and the
     live ACK rows to the start of new_A side by side; the links follow."""

@@ -106,7 +106,7 @@ def _vec(b, p, end, width):
     return p, p + ln
 
 
-@kernel
+@kernel(allocates=True)
 def client_hello(b, start, end):
     """A ClientHello body b[start:end] (after the 4-byte handshake header): see CH_*."""
     n = end - start
@@ -219,7 +219,7 @@ def client_hello(b, start, end):
     return out[:w]
 
 
-@kernel
+@kernel(allocates=True)
 def server_hello(b, start, end):
     """A ServerHello (or HelloRetryRequest) body b[start:end]: see SH_*."""
     n = end - start
@@ -499,7 +499,7 @@ def _append_fields(out, w, field, fields):
     return w
 
 
-@kernel
+@kernel(allocates=True)
 def handshake(c_data, c_limit, c_offsets, c_ts, s_data, s_limit, s_offsets, s_ts):
     """Both directions of a session: the client's (c_) and the server's (s_) bytes, how far
     they go before their first gap, and their packet times (Direction.ts_offsets, .ts).
@@ -787,7 +787,7 @@ def _gather(values, ends, which):
     return out, out_ends
 
 
-@kernel
+@kernel(allocates=True)
 def handshakes(data, data_at, limits, offsets, offsets_at, times, times_at):
     """handshake for many sessions in one call, and what their rows take from its results, as
     columns. Direction j (2i: session i's client, 2i + 1: its server) is data[data_at[j]:
@@ -1054,7 +1054,7 @@ def _renumber(column, number, first):
     return order[:count]
 
 
-@kernel
+@kernel(allocates=True)
 def acked_packets(reach, packets, ends, seq_ends):
     """Direction.acked_by for many queries: query q's ACKs (relative, in packet order) are
     reach[ends[q]:ends[q + 1]], and its answer the packet of the first of them at or past

@@ -48,7 +48,7 @@ ERROR_VALUE = 3
 _MAX_BINARY_SHIFT = 30
 
 
-@kernel
+@kernel(allocates=True)
 def parse_pcapng_blocks(buf, pos, end, big_endian, if_global, if_snaplen, if_ts_mul, if_ts_div,
                         if_ts_shift, if_ts_offset, if_accept, state,
                         data, fill, offset, caplen, wirelen, ts, iface, n, batch_bytes):

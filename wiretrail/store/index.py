@@ -33,7 +33,7 @@ PARQUET_OPTIONS = {"use_dictionary": False, "write_statistics": ["sid"], "compre
                    "column_encoding": {"offset": "DELTA_BINARY_PACKED"}}
 
 
-@kernel
+@kernel(allocates=True)
 def _sorted_by_session(sid, file_id, offset, table, group_key, group_start, row_group,
                        out_sid, out_file_id, out_offset):
     """The index rows sorted by session, stably (each session's rows stay in capture order),

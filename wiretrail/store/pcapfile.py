@@ -48,7 +48,7 @@ def _put_u32(out, pos, v):
     out[pos + 3] = (v >> 24) & 0xFF
 
 
-@kernel
+@kernel(allocates=True)
 def _records_kernel(data, offset, caplen, wirelen, ts, rows, snaplen, divisor, out, rec_off):
     """Lay out pcap records (16-byte header + frame) for `rows` into `out`; returns the length.
     `divisor` is 1 for nanosecond files, 1000 for microsecond ones."""
