@@ -124,14 +124,16 @@ def _sid_bits(n):
     return x ^ (x >> _S19)
 
 
+_K1, _K2, _K3 = np.uint64(0xA0761D6478BD642F), np.uint64(0xE7037ED1A0B428DB), np.uint64(0x8EBC6AF09C88C6E3)
+_K4, _K5, _K6 = np.uint64(0x589965CC75374CC3), np.uint64(0x1D8E4E27C47D124F), np.uint64(0xD6E8FEB86659FD93)
+
+
 @kernel(inline=True)
 def _key_hash(a_hi, a_lo, b_hi, b_lo, meta, ports):
-    h = _mix(meta ^ _GOLD)
-    h = _mix(h ^ a_hi)
-    h = _mix(h ^ a_lo)
-    h = _mix(h ^ b_hi)
-    h = _mix(h ^ b_lo)
-    return _mix(h ^ ports)
+    """Each key word times its own odd constant, the products xor-ed, then one full mix: the
+    six multiplications run side by side, where six chained mixes (each waiting on the one
+    before) were a sixth of the flow table kernel's time."""
+    return _mix((a_hi * _K1) ^ (a_lo * _K2) ^ (b_hi * _K3) ^ (b_lo * _K4) ^ (meta * _K5) ^ (ports * _K6) ^ _GOLD)
 
 
 @kernel(inline=True)
