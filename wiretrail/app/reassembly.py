@@ -269,49 +269,31 @@ def _segment_before(G, x, y):
 
 
 @kernel(inline=True)
-def _sort_segments(segs, n, G):
-    """Sort segment rows segs[:n] in place by _segment_before (a heapsort: no allocation, and
-    no quadratic case for a stream sent backwards)."""
-    for top in range(n // 2 - 1, -1, -1):
-        _sift_segments(segs, top, n, G)
-    for end in range(n - 1, 0, -1):
-        segs[0], segs[end] = segs[end], segs[0]
-        _sift_segments(segs, 0, end, G)
+def _before(a, x, y, G, segments):
+    """x goes before y: segment rows by _segment_before (segments True), else values."""
+    return _segment_before(G, a[x], a[y]) if segments else a[x] < a[y]
 
 
 @kernel(inline=True)
-def _sift_segments(segs, i, n, G):
-    while True:
-        child = 2 * i + 1
-        if child >= n:
-            return
-        if child + 1 < n and _segment_before(G, segs[child], segs[child + 1]):
-            child += 1
-        if not _segment_before(G, segs[i], segs[child]):
-            return
-        segs[i], segs[child] = segs[child], segs[i]
-        i = child
-
-
-@kernel(inline=True)
-def _heapsort(a, n):
-    """Sort a[:n] in place (a kernel that allocates nothing cannot call np.sort)."""
+def _heapsort(a, n, G, segments):
+    """Sort a[:n] in place, as _before says: a kernel that allocates nothing cannot call
+    np.sort, and a heapsort has no quadratic case (a stream sent backwards)."""
     for top in range(n // 2 - 1, -1, -1):
-        _sift_down(a, top, n)
+        _sift_down(a, top, n, G, segments)
     for end in range(n - 1, 0, -1):
         a[0], a[end] = a[end], a[0]
-        _sift_down(a, 0, end)
+        _sift_down(a, 0, end, G, segments)
 
 
 @kernel(inline=True)
-def _sift_down(a, i, n):
+def _sift_down(a, i, n, G, segments):
     while True:
         child = 2 * i + 1
         if child >= n:
             return
-        if child + 1 < n and a[child + 1] > a[child]:
+        if child + 1 < n and _before(a, child, child + 1, G, segments):
             child += 1
-        if a[i] >= a[child]:
+        if not _before(a, i, child, G, segments):
             return
         a[i], a[child] = a[child], a[i]
         i = child
@@ -340,7 +322,7 @@ def _add_data(start, rows, tcp_seq, pl_len, pl_off, data, offset, ts, sid, is_or
                     missing[m] = np.uint64(key)
                     m += 1
         if m:
-            _heapsort(missing, m)
+            _heapsort(missing, m, G, False)
             for k in range(m):
                 if k == 0 or missing[k] != missing[k - 1]:
                     if _table_full(T, st):
@@ -610,7 +592,7 @@ def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, g
                 ordered = False
             g = G[g, G_NEXT]
         if not ordered:
-            _sort_segments(segs, nseg, G)
+            _heapsort(segs, nseg, G, True)
         d0 = nd
         end = 0         # relative seq covered so far
         last_at = 0     # where the last part written starts in `out`, and its length
