@@ -49,7 +49,6 @@ def prefetch_intrinsic():
     compiles, as memmove_intrinsic is."""
     global _prefetch
     if _prefetch is None:
-        from llvmlite import ir
         from numba import types
         from numba.core import cgutils
         from numba.extending import intrinsic
@@ -60,16 +59,23 @@ def prefetch_intrinsic():
 
             def codegen(context, builder, signature, args):
                 arr = context.make_array(signature.args[0])(context, builder, args[0])
-                ptr = builder.bitcast(builder.gep(arr.data, [args[1]]), cgutils.voidptr_t)
-                i32 = ir.IntType(32)
-                fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-                fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-                # read (0), keep in all cache levels (locality 3), data cache (1)
-                builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+                emit_prefetch(builder, builder.bitcast(builder.gep(arr.data, [args[1]]), cgutils.voidptr_t))
                 return context.get_dummy_value()
             return sig, codegen
         _prefetch = prefetch
     return _prefetch
+
+
+def emit_prefetch(builder, ptr) -> None:
+    """The llvm.prefetch of byte pointer `ptr`, for an intrinsic's code: for reading (0),
+    kept in all cache levels (locality 3), data cache (1)."""
+    from llvmlite import ir
+    from numba.core import cgutils
+
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+    builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
 
 
 @kernel(inline=True)

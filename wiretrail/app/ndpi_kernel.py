@@ -79,14 +79,11 @@ def _define_intrinsics() -> None:
         sig = types.void(types.uint64)
 
         def codegen(context, builder, signature, args):
-            from llvmlite import ir
             from numba.core import cgutils
 
-            ptr = builder.inttoptr(args[0], cgutils.voidptr_t)
-            i32 = ir.IntType(32)
-            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-            builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+            from wiretrail.bytes_kernels import emit_prefetch
+
+            emit_prefetch(builder, builder.inttoptr(args[0], cgutils.voidptr_t))
             return context.get_dummy_value()
         return sig, codegen
 
