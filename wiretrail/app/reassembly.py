@@ -700,7 +700,7 @@ class Reassembler:
         self._gap_off = np.empty(4096, dtype=np.int64)
         self._gap_len = np.empty(4096, dtype=np.int64)
         self._order = np.empty(4096, dtype=np.int64)
-        self._group = np.empty(2, dtype=np.int64)  # _take_kernel's side rows of a session
+        self._group = np.empty(2, dtype=np.int64)  # _take_kernel's side rows of a group (per <= 2)
         self._ack_rel = np.empty(4096, dtype=np.int64)
         self._ack_pkt = np.empty(4096, dtype=np.int64)
         # limit and drop, queued as (sid, depth or _DROP) pairs: the stage asks for them one
@@ -908,7 +908,7 @@ class Reassembler:
         while True:
             done = _take_kernel(keys, start, per, self._T, self._S, self._G, self._A, self._arena, st,
                                 self._out, self._ts_off, self._ts_val, self._gap_off, self._gap_len, self._ack_rel,
-                                self._ack_pkt, self._order, meta, np.empty(per, dtype=np.int64))
+                                self._ack_pkt, self._order, meta, self._group)
             if done > start:
                 return self._directions(meta[:done - start], None if want is None else want[start:done]), done
             self._take_room(int(st[ST_NEED_DATA]), int(st[ST_NEED_SEG]), int(st[ST_NEED_ACK]))
