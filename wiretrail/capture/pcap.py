@@ -8,12 +8,13 @@ import struct
 from collections.abc import Iterator
 
 import numpy as np
-from wiretrail.jit import kernel
 
 from wiretrail.batch import FrameBatch, Interface
+from wiretrail.bytes_kernels import prefetch_intrinsic
 from wiretrail.capture.frames import BATCH_FULL, CORRUPT, NEED_INPUT
 from wiretrail.capture.source import MAX_RECORD_BYTES, ChunkReader
 from wiretrail.errors import CaptureError
+from wiretrail.jit import kernel, numba_hook
 
 PCAP_USEC_MAGIC = 0xA1B2C3D4
 PCAP_NSEC_MAGIC = 0xA1B23C4D
@@ -22,6 +23,20 @@ RECORD_HEADER_BYTES = 16
 # libpcap's own ceiling for a record (MAXIMUM_SNAPLEN): a caplen beyond both it and the
 # file's snaplen means the record header is garbage, not a big packet.
 LIBPCAP_MAX_SNAPLEN = 262144
+
+# How far ahead of the record being read the indexer has the file's cache lines fetched. Each
+# record header's place depends on the one before (its caplen), so without it every header
+# waited on memory in turn: 0.10 -> 0.04 CPU s to index mix.pcap's 1.7 M records (bytes
+# 256-2048 ahead all measured alike).
+PREFETCH_BYTES = 1024
+
+_prefetch = None
+
+
+@numba_hook
+def _define_intrinsics() -> None:
+    global _prefetch
+    _prefetch = prefetch_intrinsic()
 
 
 @kernel(inline=True)
@@ -56,11 +71,15 @@ def index_pcap_records(buf, pos, end, big_endian, frac_to_ns, max_caplen,
     rows = offset.shape[0]
     start_pos = pos
     n = 0
+    fetched = pos  # the cache lines before this are fetched (a prefetch never faults: no bound)
     while True:
         if n >= rows or pos - start_pos >= batch_bytes:
             return pos, n, BATCH_FULL
         if end - pos < 16:
             return pos, n, NEED_INPUT
+        while fetched < pos + PREFETCH_BYTES:
+            _prefetch(buf, fetched)
+            fetched += 64
         sec = np.int64(read_u32(buf, pos, big_endian))
         frac = np.int64(read_u32(buf, pos + 4, big_endian))
         incl = np.int64(read_u32(buf, pos + 8, big_endian))
