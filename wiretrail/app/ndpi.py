@@ -484,7 +484,8 @@ class _Slab:
         self.count = np.zeros(0, dtype=np.int64)      # packets given to nDPI per slot
         self.done = np.zeros(0, dtype=np.uint8)       # 1 concluded, 2 at the packet cap
         self.ret = np.zeros((0, self.proto_size), dtype=np.uint8)  # last ndpi_protocol per slot
-        self.free: list[int] = []
+        self.free = np.zeros(0, dtype=np.int64)       # a stack of the free slots: free[:n_free]
+        self.n_free = 0
 
     def _grow(self) -> None:
         chunk = np.zeros((self.CHUNK, self.flow_size), dtype=np.uint8)
@@ -495,21 +496,22 @@ class _Slab:
         self.count = np.concatenate([self.count, np.zeros(self.CHUNK, dtype=np.int64)])
         self.done = np.concatenate([self.done, np.zeros(self.CHUNK, dtype=np.uint8)])
         self.ret = np.concatenate([self.ret, np.zeros((self.CHUNK, self.proto_size), dtype=np.uint8)])
-        self.free.extend(range(first + self.CHUNK - 1, first - 1, -1))
+        # room on the stack for every slot; the new ones go on top, the lowest first
+        free = np.empty(len(self.addr), dtype=np.int64)
+        free[:self.n_free] = self.free[:self.n_free]
+        free[self.n_free:self.n_free + self.CHUNK] = np.arange(first + self.CHUNK - 1, first - 1, -1)
+        self.free = free
+        self.n_free += self.CHUNK
 
     def take(self, k: int) -> np.ndarray:
         """k slots with zeroed flow structs."""
-        while len(self.free) < k:
+        while self.n_free < k:
             self._grow()
-        slots = np.array(self.free[len(self.free) - k:], dtype=np.int64)
-        del self.free[len(self.free) - k:]
-        from wiretrail.app.ndpi_kernel import zero_rows
+        self.n_free -= k
+        slots = self.free[self.n_free:self.n_free + k].copy()
+        from wiretrail.app.ndpi_kernel import take_slots_kernel
 
-        chunk_of, row = np.divmod(slots, self.CHUNK)
-        for c in np.unique(chunk_of).tolist():
-            zero_rows(self.chunks[c], row[chunk_of == c])
-        self.count[slots] = 0
-        self.done[slots] = 0
+        take_slots_kernel(self.addr, slots, self.flow_size, self.count, self.done)
         return slots
 
     def give_back(self, slots: np.ndarray) -> None:
@@ -517,7 +519,8 @@ class _Slab:
 
         if len(slots):
             free_kernel(np.uint64(self.ident._lib.free_flow_data_addr), self.addr, slots)
-            self.free.extend(slots.tolist())
+            self.free[self.n_free:self.n_free + len(slots)] = slots
+            self.n_free += len(slots)
 
     def giveup(self, slots: np.ndarray) -> None:
         from wiretrail.app.ndpi_kernel import giveup_kernel

@@ -22,7 +22,7 @@ AVAILABLE = platform.machine() in ("x86_64", "AMD64")
 def _define_intrinsics() -> None:
     """The intrinsics the kernels call; numba builds them when it compiles a kernel (the
     compiled extension has them built in)."""
-    global _process_packet, _giveup, _call_with_pointer, _load_u8, _prefetch_at
+    global _process_packet, _giveup, _call_with_pointer, _load_u8, _prefetch_at, _zero_at
     from numba import types
     from numba.extending import intrinsic
 
@@ -84,6 +84,18 @@ def _define_intrinsics() -> None:
             from wiretrail.bytes_kernels import emit_prefetch
 
             emit_prefetch(builder, builder.inttoptr(args[0], cgutils.voidptr_t))
+            return context.get_dummy_value()
+        return sig, codegen
+
+    @intrinsic
+    def _zero_at(typingctx, address, size):
+        """Zero `size` bytes at an absolute address (a memset: a flow struct made ready for nDPI)."""
+        sig = types.void(types.uint64, types.int64)
+
+        def codegen(context, builder, signature, args):
+            from numba.core import cgutils
+
+            cgutils.memset(builder, builder.inttoptr(args[0], cgutils.voidptr_t), args[1], 0)
             return context.get_dummy_value()
         return sig, codegen
 
@@ -159,11 +171,14 @@ def label_keys(ret, slots, master_off, app_off, cat_off, flow_ptr, flag_off, fla
 
 
 @kernel
-def zero_rows(chunk, rows):
-    """Zero the rows `rows` of a 2-D byte array: flow structs taken from the slab (a memset
-    each, where numpy's fancy assignment went element by element)."""
-    for k in range(len(rows)):
-        chunk[rows[k], :] = 0
+def take_slots_kernel(flow_ptr, slots, flow_size, count, done):
+    """The flows of `slots` made ready for nDPI: their structs zeroed (a memset each), their
+    packet counts and done flags reset."""
+    for k in range(len(slots)):
+        u = slots[k]
+        _zero_at(flow_ptr[u], flow_size)
+        count[u] = 0
+        done[u] = 0
 
 
 @kernel
