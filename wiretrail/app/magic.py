@@ -55,16 +55,25 @@ _SIGNATURES: list[tuple[int, str, re.Pattern]] = [
 
 
 # Strongest first (a stable sort: among equal strengths the list's order), so the first match
-# is the strongest and the other checks are not run.
+# is the strongest. All the checks as one pattern, an alternative each in that order, each
+# with its own flags: a match tries them in turn, as a loop over the patterns did, in one
+# call instead of up to 26 (a quarter of HTTP's parse time went to that loop).
 _BY_STRENGTH = sorted(_SIGNATURES, key=lambda sig: -sig[0])
+
+
+def _scoped(pattern: re.Pattern) -> bytes:
+    """The pattern as a group carrying its own flags (S and I are the only ones used)."""
+    flags = ("s" if pattern.flags & re.S else "") + ("i" if pattern.flags & re.I else "")
+    return (b"(?" + flags.encode() + b":" if flags else b"(?:") + pattern.pattern + b")"
+
+
+_ANY = re.compile(b"|".join(b"(?P<g%d>%s)" % (i, _scoped(p)) for i, (_, _, p) in enumerate(_BY_STRENGTH)))
+_NAMES = {f"g{i}": name for i, (_, name, _) in enumerate(_BY_STRENGTH)}
 
 
 def sniff(head: bytes | None) -> str | None:
     """The type of a file starting with `head` (its first bytes), or None."""
     if not head:
         return None
-    head = head[:HEAD_BYTES]
-    for _strength, name, pattern in _BY_STRENGTH:
-        if pattern.match(head):
-            return name
-    return None
+    m = _ANY.match(head[:HEAD_BYTES])
+    return _NAMES[m.lastgroup] if m else None
