@@ -65,6 +65,11 @@ def _exercise(work: Path) -> None:
             reasm.drop(-s)
         reasm.add(batch, cols, rows, sid, is_orig, 1)
         list(reasm.take_many(np.unique(sid[rows])))
+    # its arena squeezed in place (the arena grows without a copy: the sample never fills it
+    # with dead bytes), as _arena_room does
+    from wiretrail.app.reassembly import _pack
+
+    _pack(reasm._G, reasm._st, reasm._arena, reasm._arena, True)
     # the session rows' table growing, and rows given back
     from wiretrail.app.session_rows import SessionRows
 

@@ -681,6 +681,20 @@ def _ack_padding(batch, cols: dict, rows: np.ndarray) -> np.ndarray | None:
     return r[zero] if zero.any() else None
 
 
+def _reserve(size: int) -> np.ndarray:
+    """`size` bytes of address space, private, with no memory behind a page until it is written
+    (MAP_NORESERVE: not counted against the memory that can be committed); a plain array of 64
+    KB where that cannot be had."""
+    import mmap
+    import sys
+
+    noreserve = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform == "linux" else 0)  # (Python 3.13 names it)
+    try:
+        return np.frombuffer(mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | noreserve), dtype=np.uint8)
+    except (OSError, ValueError, OverflowError):
+        return np.empty(1 << 16, dtype=np.uint8)
+
+
 class Reassembler:
     def __init__(self, depth: int = 1 << 20, memcap: int = 256 << 20):
         self.depth = depth
@@ -691,7 +705,12 @@ class Reassembler:
         self._S = np.empty((256, N_S), dtype=np.int64)
         self._G = np.empty((1024, N_G), dtype=np.int64)
         self._A = np.empty((1024, N_A), dtype=np.int64)
-        self._arena = np.empty(1 << 16, dtype=np.uint8)
+        # The arena is the start of a reservation of address space, pages given only when first
+        # written: it grows by taking more of it, nothing copied, instead of into a new array
+        # twice as large each time (the copy, and as many fresh pages again, each a page fault:
+        # 16,500 of them per ingest of mix.pcap against 8,300).
+        self._reserved = _reserve(4 * memcap + 4 * depth)
+        self._arena = self._reserved[:1 << 16]
         # take_many's output buffers (the directions' bytes are copied out of `_out`), and room
         # for one side's segment numbers
         self._out = np.empty(1 << 20, dtype=np.uint8)
@@ -749,10 +768,14 @@ class Reassembler:
             return
         if held + need <= cap // 2:
             _pack(self._G, st, self._arena, self._arena, True)
-        else:
-            bigger = np.empty(max(2 * cap, 2 * (held + need)), dtype=np.uint8)
-            _pack(self._G, st, self._arena, bigger, False)
-            self._arena = bigger
+            return
+        size = max(2 * cap, 2 * (held + need))
+        if size <= len(self._reserved):  # dead bytes stay until a later squeeze: there is room
+            self._arena = self._reserved[:size]
+            return
+        bigger = np.empty(size, dtype=np.uint8)
+        _pack(self._G, st, self._arena, bigger, False)
+        self._arena = bigger
 
     def _apply(self) -> None:
         """The queued limits and drops."""
