@@ -81,16 +81,36 @@ def _sorted_by_session(sid, file_id, offset, table, group_key, group_start, row_
         out_offset[k] = offset[i]
 
 
-def sort_by_session(sid: np.ndarray, file_id: np.ndarray, offset: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(sid int64, file_id int32, offset int64) sorted by sid, stably."""
-    n = len(sid)
+class _SortSpace:
+    """sort_by_session's table, work columns and output, kept from one flush to the next: made
+    anew for each, they were fresh pages every time (a page fault each)."""
+
+    def __init__(self):
+        self.rows = 0
+        self.arrays: tuple[np.ndarray, ...] = ()
+
+    def take(self, n: int, room: int = 0) -> tuple[np.ndarray, ...]:
+        """(table, group_key, group_start, row_group, out_sid, out_file_id, out_offset) for n rows
+        (made for `room` rows if they must be made anew)."""
+        if n > self.rows:
+            self.rows = max(n, room, 2 * self.rows)
+            types = (np.int64, np.int64, np.int32, np.int64, np.int32, np.int64)
+            self.arrays = (np.empty(1 << max(4, self.rows.bit_length()), dtype=np.int32),
+                           *(np.empty(self.rows, dtype=t) for t in types))
+        table = self.arrays[0][:1 << max(4, n.bit_length())]
+        table.fill(-1)
+        return (table, *(a[:n] for a in self.arrays[1:]))
+
+
+def sort_by_session(sid: np.ndarray, file_id: np.ndarray, offset: np.ndarray,
+                    space: _SortSpace | None = None, room: int = 0) -> tuple[np.ndarray, ...]:
+    """(sid int64, file_id int32, offset int64) sorted by sid, stably; in `space`'s arrays (valid
+    until its next use; made for `room` rows if it has too few) if given."""
     # int32 slots, one more than the rows at least: never full, and small enough to stay in cache
-    table = np.full(1 << max(4, n.bit_length()), -1, dtype=np.int32)
-    out = (np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int32), np.empty(n, dtype=np.int64))
+    table, group_key, group_start, row_group, *out = (space or _SortSpace()).take(len(sid), room)
     _sorted_by_session(np.ascontiguousarray(sid, dtype=np.int64), np.ascontiguousarray(file_id, dtype=np.int32),
-                       np.ascontiguousarray(offset, dtype=np.int64), table, np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int32),
-                       *out)
-    return out
+                       np.ascontiguousarray(offset, dtype=np.int64), table, group_key, group_start, row_group, *out)
+    return tuple(out)
 
 
 class IndexWriter:
@@ -98,33 +118,46 @@ class IndexWriter:
         self.base = Path(root) / INDEX_DIR
         self.flush_seconds = flush_seconds
         self.flush_rows = flush_rows
-        self.pending: list[tuple[np.ndarray, ...]] = []
+        # the rows waiting for a flush: pending[k][:rows], columns kept from one flush to the next
+        self.pending = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int32), np.empty(0, dtype=np.int64))
         self.rows = 0
         self.last_flush = time.monotonic()
         self.touched: set[int] = set()
+        self._space = _SortSpace()
 
     def append(self, sid: np.ndarray, file_id: np.ndarray, offset: np.ndarray) -> None:
-        if len(sid):
-            self.pending.append((sid.astype(np.int64, copy=False), file_id.astype(np.int32, copy=False),
-                                 offset.astype(np.int64, copy=False)))
-            self.rows += len(sid)
+        n = len(sid)
+        if not n:
+            return
+        end = self.rows + n
+        if end > len(self.pending[0]):
+            # a flush's worth at once (flushes come after a batch past flush_rows): no copies
+            # while the first one fills up
+            room = max(end, 2 * len(self.pending[0]), self.flush_rows + (self.flush_rows >> 2))
+            grown = tuple(np.empty(room, dtype=c.dtype) for c in self.pending)
+            for old, new in zip(self.pending, grown):
+                new[:self.rows] = old[:self.rows]
+            self.pending = grown
+        for column, values in zip(self.pending, (sid, file_id, offset)):
+            column[self.rows:end] = values
+        self.rows = end
 
     def maybe_flush(self) -> None:
         if self.rows >= self.flush_rows or time.monotonic() - self.last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
+        if self.rows:
             # sorted by session; a session id starts with its hour, so the sort also lays the
             # hours out one after another
-            cols = sort_by_session(*(np.concatenate(c) for c in zip(*self.pending)))
+            cols = sort_by_session(*(c[:self.rows] for c in self.pending), space=self._space,
+                                   room=len(self.pending[0]))
             hours = cols[0] >> SID_HOUR_SHIFT
             for lo, hi in runs_of(hours):
                 part = pa.Table.from_arrays([pa.array(c[lo:hi]) for c in cols], schema=INDEX_SCHEMA)
                 hour = int(hours[lo])
                 write_part(partition_dir(self.base, hour), part, **PARQUET_OPTIONS)
                 self.touched.add(hour)
-        self.pending.clear()
         self.rows = 0
         self.last_flush = time.monotonic()
 

@@ -80,7 +80,8 @@ class _OpenFile:
     a file left by a killed writer may end in up to one block of zeros.
     """
 
-    def __init__(self, file_id: int, path: Path, hour: int, linktype: int, nanosecond: bool):
+    def __init__(self, file_id: int, path: Path, hour: int, linktype: int, nanosecond: bool,
+                 stage: np.ndarray | None = None):
         self.file_id = file_id
         self.path = path
         self.hour = hour
@@ -93,7 +94,9 @@ class _OpenFile:
             if err.errno != errno.EINVAL:  # tmpfs and a few others refuse O_DIRECT
                 raise
             self.fd = os.open(path, flags)
-        self.stage = np.frombuffer(mmap.mmap(-1, _STAGE_BYTES), dtype=np.uint8)  # page-aligned
+        # page-aligned; a closed file's, when the file replaces one (its pages already in memory)
+        self.stage = stage if stage is not None else np.frombuffer(
+            mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
         self.pending = 0      # bytes in stage, starting at file offset block_pos
         self.block_pos = 0
         self.size = 0
@@ -167,7 +170,7 @@ class PacketWriter:
         name = self.link_names[link] if link < len(self.link_names) else f"link{link}"
         path = self.root / PACKETS_DIR / link_dir_name(name) / hour_dir(hour) / f"{self.next_id:010d}.pcap"
         try:
-            new = _OpenFile(self.next_id, path, hour, linktype, nanosecond)
+            new = _OpenFile(self.next_id, path, hour, linktype, nanosecond, cur.stage if cur is not None else None)
         except OSError as err:
             raise WiretrailError(f"cannot write the packet store: {err.strerror}: {path}") from None
         self.next_id += 1
