@@ -92,7 +92,7 @@ class _SortSpace:
     def take(self, n: int, room: int = 0) -> tuple[np.ndarray, ...]:
         """(table, group_key, group_start, row_group, out_sid, out_file_id, out_offset) for n rows
         (made for `room` rows if they must be made anew)."""
-        if n > self.rows:
+        if n > self.rows or not self.arrays:
             self.rows = max(n, room, 2 * self.rows)
             types = (np.int64, np.int64, np.int32, np.int64, np.int32, np.int64)
             self.arrays = (np.empty(1 << max(4, self.rows.bit_length()), dtype=np.int32),
