@@ -320,15 +320,16 @@ def _consistent(r: Reassembler) -> bool:
             and st[m.ST_S_USED] - len(live) == st[m.ST_S_NFREE] and (r._T[:, 1] >= 0).sum() == len(live))
 
 
-def _tiny(r: Reassembler) -> Reassembler:
+def _tiny(r: Reassembler, reserved: bool) -> Reassembler:
     """`r` (new) with arrays so small that every way of making room is taken: the table
-    rehashed, rows grown and squeezed, the arena squeezed in place and moved, take's buffers
+    rehashed, rows grown and squeezed, the arena squeezed in place and grown (within its
+    reservation of address space if `reserved`, else moved to a larger array), take's buffers
     grown."""
     from wiretrail.app import reassembly as m
 
     r._T = m._empty_table(2)
     r._S, r._G, r._A = np.empty((1, m.N_S), np.int64), np.empty((1, m.N_G), np.int64), np.empty((1, m.N_A), np.int64)
-    r._arena, r._out = np.empty(16, np.uint8), np.empty(16, np.uint8)
+    r._arena, r._out = (r._reserved[:16] if reserved else np.empty(16, np.uint8)), np.empty(16, np.uint8)
     for name in ("_ts_off", "_ts_val", "_gap_off", "_gap_len", "_order", "_ack_rel", "_ack_pkt"):
         setattr(r, name, np.empty(1, np.int64))
     return r
@@ -348,7 +349,7 @@ def test_same_directions_as_the_reference_reassembler():
         memcap = int(rng.choice([256 << 20, 1000, 4000, 12000]))
         new, old = Reassembler(depth=depth, memcap=memcap), ReferenceReassembler(depth=depth, memcap=memcap)
         if case % 2:
-            new = _tiny(new)
+            new = _tiny(new, reserved=case % 4 == 1)
         packets = _random_capture(rng)
         sids = sorted({p[0] for p in packets})
         cuts = sorted(rng.choice(len(packets) + 1, size=min(len(packets) + 1, int(rng.integers(1, 8))), replace=False).tolist())

@@ -770,8 +770,8 @@ class Reassembler:
             _pack(self._G, st, self._arena, self._arena, True)
             return
         size = max(2 * cap, 2 * (held + need))
-        if size <= len(self._reserved):  # dead bytes stay until a later squeeze: there is room
-            self._arena = self._reserved[:size]
+        if size <= len(self._reserved) and self._arena.ctypes.data == self._reserved.ctypes.data:
+            self._arena = self._reserved[:size]  # dead bytes stay until a later squeeze: there is room
             return
         bigger = np.empty(size, dtype=np.uint8)
         _pack(self._G, st, self._arena, bigger, False)
