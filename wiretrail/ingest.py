@@ -348,7 +348,6 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
 
     paths = [Path(p) for p in paths]
     started = time.monotonic()
-    _malloc_keeps_freed(True)
     pipe = Pipeline(opts)
     bar = _progress(opts, paths)
     failure: WiretrailError | None = None
@@ -357,6 +356,7 @@ def ingest(paths: list[Path], opts: IngestOptions) -> IngestReport:
     # records over and over. Put back afterwards: the caller may be a longer-lived program.
     thresholds = gc.get_threshold()
     gc.set_threshold(50_000, 20, 20)
+    _malloc_keeps_freed(True)
     try:
         for path in paths:
             if not path.is_file():
