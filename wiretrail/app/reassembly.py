@@ -587,8 +587,7 @@ def _take_kernel(keys, start, per, T, S, G, A, arena, st, out, ts_off, ts_val, g
         ordered = True
         for i in range(nseg):
             segs[i] = g
-            if i and (G[g, G_REL] < G[segs[i - 1], G_REL] or
-                      (G[g, G_REL] == G[segs[i - 1], G_REL] and G[g, G_TS] < G[segs[i - 1], G_TS])):
+            if i and _segment_before(G, g, segs[i - 1]):
                 ordered = False
             g = G[g, G_NEXT]
         if not ordered:
