@@ -87,11 +87,17 @@ class AppStage:
         self.trackers = {m.name: m.mod.new_tracker() for m in self.datagram_modules if hasattr(m.mod, "new_tracker")}
         self.tracker_rows: list[tuple[_Module, dict]] = []  # rows of cross-session trackers
         self.stream_modules = [m for m in self.modules if m.stream]
-        # 65536 booleans, True at a stream module's port: looked up by indexing (np.isin made a
-        # pass over a batch's packets per port)
-        self.stream_port_table = np.zeros(1 << 16, dtype=bool)
-        for m in self.stream_modules:
-            self.stream_port_table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
+        # Per port, a bit per stream module (in stream_modules' order) that reads it: a closing
+        # session's parsers by port are looked up by indexing, and sessions are grouped by the
+        # set, a few groups per close where grouping by port met thousands (port scans).
+        # Nonzero where some module reads the port: stream_port_table.
+        if len(self.stream_modules) > 62:
+            raise ValueError("more stream modules than the port masks have bits")
+        self.stream_port_masks = np.zeros(1 << 16, dtype=np.int64)
+        for i, m in enumerate(self.stream_modules):
+            self.stream_port_masks[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] |= 1 << i
+        self.stream_port_table = self.stream_port_masks != 0
+        self._parsers_by_mask: dict[int, tuple[_Module, ...]] = {}
         self.reasm = Reassembler(depth=depth, memcap=memcap)
         self.dgram_state: dict[_Module, dict[int, object]] = {m: {} for m in self.datagram_modules}  # module -> sid -> parser session
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
@@ -109,8 +115,7 @@ class AppStage:
         self._parsers_by_label_id: dict[int, tuple] = {}        # nDPI label id -> its stream parsers
         self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
-        self._parsers_by_label: dict[str, list] = {}
-        self._parsers_by_port: dict[int, list] = {}
+        self._parsers_by_label: dict[str, tuple] = {}
         self._port_tables: dict[_Module, np.ndarray] = {}
         self._label_names_module: dict[_Module, np.ndarray] = {}
         self.parser_errors = 0
@@ -397,7 +402,7 @@ class AppStage:
         """The stream parsers nDPI label id `label` names (none: the port decides)."""
         got = self._parsers_by_label_id.get(label)
         if got is None:
-            got = self._parsers_by_label_id[label] = tuple(self._stream_parsers(self.ndpi_state.labels[label].app))
+            got = self._parsers_by_label_id[label] = self._stream_parsers(self.ndpi_state.labels[label].app)
         return got
 
     def _label_columns(self) -> tuple[pa.Array, pa.Array, pa.Array, pa.Array]:
@@ -413,24 +418,26 @@ class AppStage:
             self._label_columns_of = (len(labels), columns)
         return columns
 
-    def _stream_parsers(self, app: str, resp_p: int = -1) -> list[_Module]:
+    def _stream_parsers(self, app: str, resp_p: int = -1) -> tuple[_Module, ...]:
         """The stream modules for a session: by nDPI's label, else by the server port
-        (several: x509 reads the same TLS stream as tls). Memoised by label, and by port only
-        for labels no module reads (the port of a labelled session does not matter)."""
+        (several: x509 reads the same TLS stream as tls). Memoised by label; by port, the
+        port's module set is (the port of a labelled session does not matter)."""
         parsers = self._parsers_by_label.get(app)
         if parsers is None:
             names = set(app.split(".")) if app else set()
-            parsers = self._with_upgrades([m for m in self.stream_modules if names & m.ndpi])
+            parsers = tuple(self._with_upgrades([m for m in self.stream_modules if names & m.ndpi]))
             if len(self._parsers_by_label) < 65536:
                 self._parsers_by_label[app] = parsers
         if parsers:
             return parsers
-        parsers = self._parsers_by_port.get(resp_p)
+        return self._parsers_of_mask(int(self.stream_port_masks[resp_p]) if 0 <= resp_p < 1 << 16 else 0)
+
+    def _parsers_of_mask(self, bits: int) -> tuple[_Module, ...]:
+        """The stream modules of a stream_port_masks value, with the ones they upgrade to."""
+        parsers = self._parsers_by_mask.get(bits)
         if parsers is None:
-            # by the port tables: `port in m.ports` (a numpy array) costs microseconds per module,
-            # and unlabelled sessions bring thousands of distinct server ports
-            on_port = [m for m in self.stream_modules if 0 <= resp_p < 1 << 16 and self._port_table(m)[resp_p]]
-            parsers = self._parsers_by_port[resp_p] = self._with_upgrades(on_port)
+            on = [m for i, m in enumerate(self.stream_modules) if bits >> i & 1]
+            parsers = self._parsers_by_mask[bits] = tuple(self._with_upgrades(on))
         return parsers
 
     def _with_upgrades(self, parsers: list[_Module]) -> list[_Module]:
@@ -499,8 +506,10 @@ class AppStage:
                         groups.append((parsers, at_stream[on]))
             if by_port.any():
                 left = at_stream[by_port]
-                for port, on in zip(*_grouped(_column(sessions, "resp_p")[left].astype(np.int64))):
-                    groups.append((tuple(self._stream_parsers("", port)), left[on]))
+                port = _column(sessions, "resp_p")[left].astype(np.int64)
+                mask = np.where((port >= 0) & (port < 1 << 16), self.stream_port_masks[port & 0xFFFF], 0)
+                for bits, on in zip(*_grouped(mask)):
+                    groups.append((self._parsers_of_mask(bits), left[on]))
             dropped = []
             for parsers, ks in groups:
                 if not parsers:
@@ -707,7 +716,7 @@ class AppStage:
                 out.extend(inner)
         return out
 
-    def _run_parsers(self, parsers: list[_Module], stream: Stream, batch: tuple[int, dict] | None) -> list:
+    def _run_parsers(self, parsers: tuple[_Module, ...] | list[_Module], stream: Stream, batch: tuple[int, dict] | None) -> list:
         """The rows of `parsers` on `stream`; with `batch` (session position, work lists), a
         module with parse_streams is queued for one call per close instead."""
         out = []
