@@ -176,6 +176,7 @@ def _cmd_ingest(args) -> int:
         community_id_seed=args.community_id_seed,
         timeouts=_timeouts(args),
         progress=not args.no_progress and sys.stderr.isatty(),
+        release_memory=False,  # the process ends after the command
     )
     report = ingest(args.pcap, opts)
     for line in report.notes:

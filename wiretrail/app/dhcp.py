@@ -238,6 +238,9 @@ class DhcpTracker:
     def __init__(self, *, emit_on_reply: bool = False):
         self.emit_on_reply = emit_on_reply
         self.live: dict[int, _Exchange] = {}   # insertion ordered: oldest first
+        # no exchange is checked before this time (at most the earliest next_check): expire()
+        # called for every datagram walks the exchanges only when one may be due
+        self.next_due = 0
 
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram; returns the rows it completes (call `expire(d.ts)` first)."""
@@ -253,6 +256,7 @@ class DhcpTracker:
                 old = next(iter(self.live))
                 out.append(self.live.pop(old).finish())
             ex = self.live[m.xid] = _Exchange(d.ts, d.uid, m.xid)
+            self.next_due = min(self.next_due, ex.next_check) if len(self.live) > 1 else ex.next_check
         _apply(ex, m, d)
         r = ex.row
         if (len(r["uids"]) >= MAX_UIDS or len(r["msg_types"]) >= MAX_MSG_TYPES
@@ -262,6 +266,8 @@ class DhcpTracker:
 
     def expire(self, now: int) -> list[dict]:
         """Rows of the exchanges over by `now` (Zeek's join_data expiration)."""
+        if now < self.next_due:
+            return []
         out = []
         for xid in list(self.live):
             ex = self.live[xid]
@@ -271,6 +277,7 @@ class DhcpTracker:
                     out.append(self.live.pop(xid).finish())
                     break
                 ex.next_check += RECHECK
+        self.next_due = min((ex.next_check for ex in self.live.values()), default=now + 1)
         return out
 
     def close(self) -> list[dict]:
