@@ -674,6 +674,18 @@ def test_community_ids_vectorised_match_scalar():
         assert got[j] == want, j
 
 
+def test_uids_vectorised_match_scalar_and_read_back():
+    from wiretrail.sessions.flowtable import sid_of_uid, uids_of
+
+    rng = np.random.default_rng(11)
+    sids = np.concatenate([np.array([0, 1, 61, 62, 62**2 - 1, 62**10, 2**63 - 1], dtype=np.int64),
+                           rng.integers(0, 2**63, 2000, dtype=np.int64)])
+    got = uids_of(sids).to_pylist()
+    assert got == [uid_of(int(s)) for s in sids.tolist()]
+    assert [sid_of_uid(u) for u in got] == sids.tolist()
+    assert uids_of(sids[:0]).to_pylist() == []
+
+
 def test_address_text_as_ipaddress_writes_it():
     from wiretrail.sessions.flowtable import addr_texts
 
