@@ -175,14 +175,17 @@ def test_retention_by_age_and_quota_removes_packets_and_metadata_together(tmp_pa
     assert retention.store_hours(tmp_path) == {}
 
 
-def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path):
-    from wiretrail.store.packets import _STAGE_BYTES, _OpenFile
+@pytest.mark.parametrize("stage", ["large", "small"])
+def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path, stage):
+    from wiretrail.store.packets import _SMALL_STAGE_BYTES, _STAGE_BYTES, _OpenFile
 
-    f = _OpenFile(0, tmp_path / "x" / "0.pcap", 0, 1, True)
+    stage_bytes = _STAGE_BYTES if stage == "large" else _SMALL_STAGE_BYTES
+    f = _OpenFile(0, tmp_path / "x" / "0.pcap", 0, 1, True, stage_bytes)
+    assert len(f.stage) == stage_bytes
     rng = np.random.default_rng(0)
     written = bytearray(f.stage[:24].tobytes())
     # pieces smaller than a block, across blocks, and larger than the staging buffer
-    for size in [1, 100, 4095, 4097, 5000, _STAGE_BYTES + 12345, 7, 3 * _STAGE_BYTES]:
+    for size in [1, 100, 4095, 4097, 5000, stage_bytes + 12345, 7, 3 * stage_bytes]:
         piece = rng.integers(0, 256, size, dtype=np.uint8)
         assert f.append(piece) == len(written)
         written += piece.tobytes()
@@ -192,6 +195,16 @@ def test_capture_file_appends_are_visible_at_once_and_exact_after_close(tmp_path
         assert not any(on_disk[len(written):])
     f.close()
     assert (tmp_path / "x" / "0.pcap").read_bytes() == bytes(written)
+
+
+def test_packet_writer_stages_bounded_by_open_files(tmp_path):
+    from wiretrail.store.packets import _SMALL_STAGE_BYTES, _STAGE_BYTES, _STAGE_FILES, PacketWriter
+
+    w = PacketWriter(tmp_path)
+    w.link_names = [f"vlan{k}" for k in range(_STAGE_FILES + 3)]
+    files = [w._file(k, 1, False, 0) for k in range(_STAGE_FILES + 3)]
+    assert [len(f.stage) for f in files] == [_STAGE_BYTES] * _STAGE_FILES + [_SMALL_STAGE_BYTES] * 3
+    w.close()
 
 
 def test_index_rows_are_stably_sorted_by_session():

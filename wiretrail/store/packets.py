@@ -65,7 +65,11 @@ def file_paths(root: Path) -> dict[int, Path]:
 
 
 _BLOCK = 4096                # O_DIRECT alignment (file offsets, lengths, buffer addresses)
-_STAGE_BYTES = 1 << 20       # per open file: bounded however many links are open
+# The staging buffer of an open file, written out with one pwrite when full. Fewer, larger
+# O_DIRECT writes cost less system time (440 MB written here: 0.046 CPU s in 1 MB writes,
+# 0.028 s in 4 MB ones), so the first few files open at once get 4 MB; past them each gets
+# 1 MB, which bounds the memory however many links (VLANs) are open.
+_STAGE_BYTES, _STAGE_FILES, _SMALL_STAGE_BYTES = 4 << 20, 4, 1 << 20
 
 
 class _OpenFile:
@@ -81,7 +85,7 @@ class _OpenFile:
     """
 
     def __init__(self, file_id: int, path: Path, hour: int, linktype: int, nanosecond: bool,
-                 stage: np.ndarray | None = None):
+                 stage: np.ndarray | int = _STAGE_BYTES):
         self.file_id = file_id
         self.path = path
         self.hour = hour
@@ -94,9 +98,10 @@ class _OpenFile:
             if err.errno != errno.EINVAL:  # tmpfs and a few others refuse O_DIRECT
                 raise
             self.fd = os.open(path, flags)
-        # page-aligned; a closed file's, when the file replaces one (its pages already in memory)
-        self.stage = stage if stage is not None else np.frombuffer(
-            mmap.mmap(-1, _STAGE_BYTES, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
+        # page-aligned: a new one of `stage` bytes, or a closed file's when the file replaces
+        # one (its pages already in memory)
+        self.stage = stage if isinstance(stage, np.ndarray) else np.frombuffer(
+            mmap.mmap(-1, stage, flags=mmap.MAP_PRIVATE), dtype=np.uint8)
         self.pending = 0      # bytes in stage, starting at file offset block_pos
         self.block_pos = 0
         self.size = 0
@@ -107,7 +112,7 @@ class _OpenFile:
         start = self.size
         done, n = 0, len(records)
         while done < n:
-            take = min(n - done, _STAGE_BYTES - self.pending)
+            take = min(n - done, len(self.stage) - self.pending)
             self.stage[self.pending:self.pending + take] = records[done:done + take]
             self.pending += take
             done += take
@@ -170,7 +175,9 @@ class PacketWriter:
         name = self.link_names[link] if link < len(self.link_names) else f"link{link}"
         path = self.root / PACKETS_DIR / link_dir_name(name) / hour_dir(hour) / f"{self.next_id:010d}.pcap"
         try:
-            new = _OpenFile(self.next_id, path, hour, linktype, nanosecond, cur.stage if cur is not None else None)
+            stage = cur.stage if cur is not None else (
+                _STAGE_BYTES if len(self.open) < _STAGE_FILES else _SMALL_STAGE_BYTES)
+            new = _OpenFile(self.next_id, path, hour, linktype, nanosecond, stage)
         except OSError as err:
             raise WiretrailError(f"cannot write the packet store: {err.strerror}: {path}") from None
         self.next_id += 1
