@@ -156,6 +156,7 @@ MAX_PENDING_MSGS = 50       # DNS::max_pending_msgs (per transaction id)
 MAX_PENDING_IDS = 50        # DNS::max_pending_query_ids
 
 TRACKED_OPCODES = (0, 4, 5)
+_TRACKED_OPCODE = np.isin(np.arange(16), TRACKED_OPCODES)  # by opcode (4 bits): a lookup per batch
 NETBIOS_PORT = 137
 
 # answer-section kinds (Zeek's DNS_ANS, DNS_PREREQUISITES, DNS_UPDATES)
@@ -1656,7 +1657,7 @@ def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list, int]:
         flags[~short] = (data[s0 + 2].astype(np.int64) << 8) | data[s0 + 3]
     opcode = (flags >> 11) & 0xF
     response = (flags & 0x8000) != 0
-    kind = np.where(short | ~np.isin(opcode, TRACKED_OPCODES), K.KIND_OWN,
+    kind = np.where(short | ~_TRACKED_OPCODE[opcode], K.KIND_OWN,
                     np.where(response, K.KIND_RESPONSE, K.KIND_QUERY))
     # A session whose first message (with a header) is a response sent by its originator has its
     # roles the wrong way round: DnsSession flips them there (the message itself was parsed before).

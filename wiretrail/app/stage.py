@@ -167,8 +167,10 @@ class AppStage:
         for m in self.datagram_modules:
             ip_protos = getattr(m.mod, "IP_PROTOS", None)
             if ip_protos:  # a whole IP protocol (ICMP): the L4 message from its header on
-                rows = np.flatnonzero(np.isin(cols["proto"], list(ip_protos)) & (sid >= 0) & (cols["l4_off"] >= 0)
-                                      & (cols["frag"] == FRAG_NONE))
+                # (a comparison per protocol: np.isin cost 25 times as much on a batch's column)
+                ours = (sid >= 0) & (cols["l4_off"] >= 0) & (cols["frag"] == FRAG_NONE)
+                ours &= np.logical_or.reduce([cols["proto"] == p for p in ip_protos])
+                rows = np.flatnonzero(ours)
                 self._datagram_rows(m, batch, cols, sid, is_orig, rows, whole_l4=True)
                 continue
             if not len(udp):
