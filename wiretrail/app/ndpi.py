@@ -417,6 +417,10 @@ class Identifier:
         mismatch = bool((int(h.ptr.risk) >> RISK_KNOWN_PROTO_NON_STD_PORT) & 1)
         return self.label_of(master, app_id, cat_id, mismatch)
 
+    def label_of_key(self, key: int) -> Label:
+        """The Label of a label key (ndpi_kernel.label_keys' number)."""
+        return self.label_of(key >> 40, (key >> 24) & 0xFFFF, (key >> 1) & 0x7FFFFF, bool(key & 1))
+
     def label_of(self, master: int, app_id: int, cat_id: int, mismatch: bool) -> Label:
         key = (master, app_id, cat_id, mismatch)
         label = self._labels.get(key)
@@ -530,13 +534,9 @@ class _Slab:
             giveup_kernel(np.uint64(ident._lib.giveup_addr), ident.module_addr, np.uint64(self.ret.ctypes.data),
                           self.proto_size, self.addr, slots)
 
-    def labels(self, slots: np.ndarray) -> list[Label]:
-        """The Label of each slot's last result, worked out once per distinct one."""
-        table, inverse = self.label_table(slots)
-        return [table[i] for i in inverse.tolist()]
-
-    def label_table(self, slots: np.ndarray) -> tuple[list[Label], np.ndarray]:
-        """The distinct Labels of the slots' last results, and which one each slot has."""
+    def label_keys(self, slots: np.ndarray) -> np.ndarray:
+        """Each slot's label as one number (ndpi_kernel.label_keys: master, app, category and
+        the port-mismatch flag of its last result; decoded by Identifier.label_of_key)."""
         from wiretrail.app.ndpi_kernel import label_keys
 
         ident = self.ident
@@ -546,10 +546,7 @@ class _Slab:
         label_keys(self.ret, np.ascontiguousarray(slots, dtype=np.int64), om, oa, oc, self.addr,
                    np.uint64(ident.risk_offset + RISK_KNOWN_PROTO_NON_STD_PORT // 8),
                    1 << (RISK_KNOWN_PROTO_NON_STD_PORT % 8), keys)
-        distinct, inverse = np.unique(keys, return_inverse=True)
-        table = [ident.label_of(k >> 40, (k >> 24) & 0xFFFF, (k >> 1) & 0x7FFFFF, bool(k & 1))
-                 for k in distinct.tolist()]
-        return table, inverse.ravel()
+        return keys
 
     def results(self, slots: np.ndarray) -> list[NdpiResult]:
         """Identifier.result of each slot (NdpiState's `detail`: host, JA4...), one by one."""
@@ -582,6 +579,8 @@ class NdpiState:
         self.rows.add_column("ndpi_label", np.int32, -1)
         self.labels: list[Label] = [UNKNOWN_LABEL]
         self._label_ids: dict[Label, int] = {UNKNOWN_LABEL: 0}
+        # the label keys (_Slab.label_keys) met so far, sorted, and their label ids
+        self._known_keys = (np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int32))
         self.details: dict[int, NdpiResult] = {}
         self.handles: dict[int, _Flow] = {}          # row -> nDPI flow (feeding from Python)
         self.slab = _Slab(identifier) if identifier.kernel is not None else None
@@ -609,6 +608,25 @@ class NdpiState:
                 self.labels.append(label)
         return np.array([ids[label] for label in labels], dtype=np.int32)
 
+    def _key_ids(self, keys: np.ndarray) -> np.ndarray:
+        """Label ids of label keys (_Slab.label_keys), found in the sorted keys met so far: a
+        few hundred labels among thousands of slots per call, where decoding each distinct
+        key to a Label and looking that up cost 0.5-1 ms per call."""
+        known, known_ids = self._known_keys
+        at = np.searchsorted(known, keys)
+        found = at < len(known)
+        found[found] = known[at[found]] == keys[found]
+        if not found.all():
+            new = np.unique(keys[~found])
+            label_of = self.identifier.label_of_key
+            new_ids = self._ids([label_of(k) for k in new.tolist()])
+            merged = np.concatenate([known, new])
+            order = np.argsort(merged, kind="stable")
+            known, known_ids = merged[order], np.concatenate([known_ids, new_ids])[order]
+            self._known_keys = (known, known_ids)
+            at = np.searchsorted(known, keys)
+        return known_ids[at]
+
     def _slot_ids(self, slots: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Label ids of slots whose nDPI work is over (given up where it had not concluded;
         Unknown where nDPI never saw a packet); their rows' details kept with `detail`; the
@@ -621,8 +639,7 @@ class NdpiState:
                 self.details[r] = result if seen else UNKNOWN
             ids = np.zeros(len(slots), dtype=np.int32)
         else:
-            table, inverse = slab.label_table(slots)
-            ids = self._ids(table)[inverse]
+            ids = self._key_ids(slab.label_keys(slots))
             ids[slab.count[slots] == 0] = 0
         slab.give_back(slots)
         self.live_count -= len(slots)
