@@ -177,6 +177,14 @@ def main() -> None:
         lo, hi = spread[name]
         print(f"{name:<34} {cpu:7.2f} {f'({lo:.2f}-{hi:.2f})':>13} {rate / 1e6:10.2f} M {rss / 1024:8.0f} MB "
               f"{spine / rate:10.2f}x {full / rate:9.2f}x")
+    # Each round runs every tool once, in turn: a ratio within a round compares runs that saw
+    # the machine's load of the same minute (the medians above may come from different rounds).
+    full_cpu = [c for c, _ in runs["wiretrail ingest (nDPI, records)"]]
+    for peer in ("ndpiReader -i", "NFStream 6.6.0 (n_meters=1)"):
+        if peer in runs:
+            ratios = sorted(p / f for (p, _), f in zip(runs[peer], full_cpu))
+            print(f"full ingest against {peer}, round by round: median {statistics.median(ratios):.2f}x "
+                  f"({ratios[0]:.2f}-{ratios[-1]:.2f})")
     diff = (sessions - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
     print(f"sessions: wiretrail {sessions}, ndpiReader unique flows {ndpi_flows} ({diff:+.2f}%)")
     diff = (flow_keys - ndpi_flows) / ndpi_flows * 100 if ndpi_flows > 0 else float("nan")
