@@ -718,7 +718,8 @@ class AppStage:
                 out.extend(inner)
         return out
 
-    def _run_parsers(self, parsers: tuple[_Module, ...] | list[_Module], stream: Stream, batch: tuple[int, dict] | None) -> list:
+    def _run_parsers(self, parsers: tuple[_Module, ...] | list[_Module], stream: Stream,
+                     batch: tuple[int, dict] | None) -> list:
         """The rows of `parsers` on `stream`; with `batch` (session position, work lists), a
         module with parse_streams is queued for one call per close instead."""
         out = []
