@@ -72,6 +72,7 @@ MAX_WATCH = 30 * NS        # DHCP::max_txid_watch_time
 MAX_UIDS = 10              # DHCP::max_uids_per_log_entry
 MAX_MSG_TYPES = 50         # DHCP::max_msg_types_per_log_entry
 MAX_TRACKED = 100_000      # DHCP::max_tracked_transactions
+_NEVER = 1 << 63           # past any packet time (ns)
 
 _BLANK = dict.fromkeys(SCHEMA.names)
 _PRINTABLE = [chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in range(256)]
@@ -240,7 +241,7 @@ class DhcpTracker:
         self.live: dict[int, _Exchange] = {}   # insertion ordered: oldest first
         # no exchange is checked before this time (at most the earliest next_check): expire()
         # called for every datagram walks the exchanges only when one may be due
-        self.next_due = 0
+        self.next_due = _NEVER
 
     def add(self, d: Datagram) -> list[dict]:
         """Feed one datagram; returns the rows it completes (call `expire(d.ts)` first)."""
@@ -256,7 +257,7 @@ class DhcpTracker:
                 old = next(iter(self.live))
                 out.append(self.live.pop(old).finish())
             ex = self.live[m.xid] = _Exchange(d.ts, d.uid, m.xid)
-            self.next_due = min(self.next_due, ex.next_check) if len(self.live) > 1 else ex.next_check
+            self.next_due = min(self.next_due, ex.next_check)
         _apply(ex, m, d)
         r = ex.row
         if (len(r["uids"]) >= MAX_UIDS or len(r["msg_types"]) >= MAX_MSG_TYPES
@@ -277,7 +278,7 @@ class DhcpTracker:
                     out.append(self.live.pop(xid).finish())
                     break
                 ex.next_check += RECHECK
-        self.next_due = min((ex.next_check for ex in self.live.values()), default=now + 1)
+        self.next_due = min((ex.next_check for ex in self.live.values()), default=_NEVER)
         return out
 
     def close(self) -> list[dict]:

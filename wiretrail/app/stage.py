@@ -93,9 +93,10 @@ class AppStage:
         # Nonzero where some module reads the port: stream_port_table.
         if len(self.stream_modules) > 62:
             raise ValueError("more stream modules than the port masks have bits")
+        self._port_tables: dict[_Module, np.ndarray] = {}
         self.stream_port_masks = np.zeros(1 << 16, dtype=np.int64)
         for i, m in enumerate(self.stream_modules):
-            self.stream_port_masks[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] |= 1 << i
+            self.stream_port_masks[self._port_table(m)] |= 1 << i
         self.stream_port_table = self.stream_port_masks != 0
         self._parsers_by_mask: dict[int, tuple[_Module, ...]] = {}
         self.reasm = Reassembler(depth=depth, memcap=memcap)
@@ -116,7 +117,6 @@ class AppStage:
         self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
         self._parsers_by_label: dict[str, tuple] = {}
-        self._port_tables: dict[_Module, np.ndarray] = {}
         self._label_names_module: dict[_Module, np.ndarray] = {}
         self.parser_errors = 0
         self.bad_rows: dict[str, int] = {}  # rows dropped per table: a value that did not fit its column
