@@ -31,7 +31,7 @@ def test_disk_full_mid_ingest(tmp_path, monkeypatch, capsys, where):
     capsys.readouterr()
     before = _count(store)
 
-    import pyarrow.parquet as pq
+    from wiretrail.store import metadata
 
     real_pwrite = os.pwrite
     calls = {"n": 0}
@@ -42,13 +42,13 @@ def test_disk_full_mid_ingest(tmp_path, monkeypatch, capsys, where):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_pwrite(fd, data, offset)
 
-    def failing_write_table(*a, **kw):
+    def failing_write_parquet(*a, **kw):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "packets":
         monkeypatch.setattr(os, "pwrite", failing_pwrite)
     else:
-        monkeypatch.setattr(pq, "write_table", failing_write_table)
+        monkeypatch.setattr(metadata, "_write_parquet", failing_write_parquet)
     rc = main(["ingest", "--no-progress", "--store", str(store), "--link", "second", str(pcap)])
     err = capsys.readouterr().err.strip().splitlines()
     monkeypatch.undo()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,37 @@ def test_a_not_null_column_holding_a_null_is_written_nullable_not_lost(tmp_path)
     assert not back.schema.field("b").nullable  # the other declarations stand
     good = pa.Table.from_arrays([pa.array([1, 2, 3]), pa.array(["x", "y", "z"])], schema=schema)
     assert pq.read_schema(write_part(tmp_path / "good", good)).equals(schema)
+
+
+def test_parts_are_what_pyarrow_parquet_writes_and_ingest_does_not_import_it(tmp_path):
+    """Parts are written with pyarrow's Parquet writer class directly (metadata._write_parquet):
+    the bytes are those pyarrow.parquet.write_table makes with the same options, and an ingest
+    leaves pyarrow.parquet (with pyarrow.fs and its cloud bindings), pyarrow.compute and DuckDB
+    unimported."""
+    import pyarrow.parquet as pq
+
+    from wiretrail.app.dns import SCHEMA as DNS_SCHEMA
+    from wiretrail.store import metadata
+    from wiretrail.store.metadata import write_part
+
+    sessions = pa.table({"ts": pa.array([1, 2], pa.timestamp("ns")), "uid": ["CA", "CB"],
+                         "answers": [["a", "b"], None], "n": pa.array([1, None], pa.int32())})
+    for table in (sessions, DNS_SCHEMA.empty_table()):
+        options = {"compression": metadata._compression(table.schema), "row_group_size": 1 << 17,
+                   "use_dictionary": metadata._dictionary_columns(table.schema),
+                   "write_statistics": metadata._statistics_columns(table.schema)}
+        ours, theirs = pa.BufferOutputStream(), pa.BufferOutputStream()
+        metadata._write_parquet(table, ours, **options)
+        pq.write_table(table, theirs, **options)
+        assert ours.getvalue().to_pybytes() == theirs.getvalue().to_pybytes()
+        assert pq.read_table(write_part(tmp_path / "t", table)).equals(table)
+
+    capture = tmp_path / "s.pcap"
+    from wiretrail.sample import write_sample
+
+    write_sample(capture, sessions=200)
+    probe = ("import sys; from pathlib import Path; from wiretrail.ingest import ingest, IngestOptions; "
+             f"ingest([Path({str(capture)!r})], IngestOptions(store=Path({str(tmp_path / 'store')!r}), progress=False)); "
+             "print(sorted(m for m in ('pyarrow.parquet', 'pyarrow.fs', 'pyarrow.compute', 'duckdb') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split("\n")[-2] == "[]"

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from wiretrail import arrow_compute as ac
 from wiretrail.batch import SID_HOUR_SHIFT
@@ -173,6 +172,8 @@ def lookup(root: Path, sid: int) -> pa.Table:
     parts = sorted(directory.glob("*.parquet"))
     if not parts:
         return INDEX_SCHEMA.empty_table()
+    import pyarrow.parquet as pq  # here: ingest only writes (see metadata._write_parquet)
+
     tables = [pq.read_table(p, filters=[("sid", "=", int(sid))], schema=INDEX_SCHEMA) for p in parts]
     table = pa.concat_tables(tables)
     return ac.sort_by(table, [("file_id", "ascending"), ("offset", "ascending")])

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
+from pyarrow._parquet import ParquetWriter
 
 from wiretrail import arrow_compute as ac
 from wiretrail.batch import HOUR_NS
@@ -116,7 +116,7 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
     # lookup and an output stream per part (0.3 of the 1.0 ms a one-row part took)
     try:
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, **options)
+        _write_parquet(table, sink, **options)
         try:
             f = open(tmp, "wb")
         except FileNotFoundError:  # the partition's first part (a mkdir per part cost more than a small part)
@@ -129,6 +129,24 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
         tmp.unlink(missing_ok=True)
         raise WiretrailError(f"cannot write the metadata store: {err.strerror}: {directory}") from None
     return directory / name
+
+
+# What pyarrow.parquet.write_table passes to the writer beside the caller's options. The writer
+# is pyarrow's own (pyarrow._parquet, which pyarrow.parquet wraps): `import pyarrow.parquet`
+# also imports pyarrow.fs and with it the S3, GCS, Azure and HDFS bindings and ssl, 10 ms of
+# every ingest for a sink that is a buffer in memory. pyarrow is pinned; tests/test_store.py
+# reads the parts back with pyarrow.parquet and DuckDB.
+_WRITER_DEFAULTS = {"version": "2.6", "writer_engine_version": "V2", "data_page_version": "1.0",
+                    "use_deprecated_int96_timestamps": False, "use_compliant_nested_type": True,
+                    "store_schema": True}
+
+
+def _write_parquet(table: pa.Table, sink, row_group_size: int | None = None, **options) -> None:
+    writer = ParquetWriter(sink, table.schema, **{**_WRITER_DEFAULTS, **options})
+    try:
+        writer.write_table(table, row_group_size=row_group_size)
+    finally:
+        writer.close()
 
 
 def runs_of(values: np.ndarray) -> list[tuple[int, int]]:
@@ -214,6 +232,8 @@ def compact(directory: Path, min_parts: int = 8, sort_by: str | None = None, **p
     parts = sorted(directory.glob("part-*.parquet"))
     if len(parts) < min_parts:
         return
+    import pyarrow.parquet as pq  # (see _write_parquet)
+
     table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
     if sort_by:
         table = ac.sort_by(table, sort_by)
