@@ -53,7 +53,7 @@ DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
 # metadata that only its own reports show and Wiretrail takes from its own parsers (JA3S/JA4
 # and the other fingerprints, certificate details, payload entropy, DNS answers, STUN
 # addresses), and risks the pipeline does not keep (the IP lists of anonymous subscribers and
-# crawlers, the fully-encrypted heuristic). Labels (Master.App, category, the port flag) are
+# crawlers, the fully-encrypted heuristic, every other flow risk). Labels (Master.App, category, the port flag) are
 # the same with and without (tests/test_ndpi.py compares them on every flow of nDPI's test
 # captures); nDPI's time per packet is about 40% lower (0.70 -> 0.40 CPU s on mix.pcap for
 # the fingerprints and certificates), and a DNS flow is done at its query (5,600 of 288,610
@@ -78,6 +78,11 @@ LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     ("stun", "metadata.attribute.response_origin", "disable"),
     ("stun", "metadata.attribute.other_address", "disable"),
     ("stun", "metadata.attribute.relayed_address", "disable"),
+    # every flow risk but the one the sessions keep (the port flag), and no risk's text: nDPI
+    # then neither checks the others nor copies their strings, which it frees with the flow
+    (None, "flow_risk.all", "disable"),
+    (None, f"flow_risk.{RISK_KNOWN_PROTO_NON_STD_PORT}", "enable"),
+    (None, "flow_risk.all.info", "disable"),
 )
 
 # Protocols whose flows carry nDPI's `protos.tls_quic` union member (JA4, JA3S).
