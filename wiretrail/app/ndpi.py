@@ -741,10 +741,12 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     """Feed nDPI the packets of `batch` that belong to sessions not decided yet.
 
     `sid`, `is_orig` (and optionally `seq`, the packet's number within its session) come from
-    FlowTable.update. Rows are chosen with numpy: a session id, an IP header, fewer than
-    `identifier.max_packets` packets into the session, and the session not decided. Returns
-    the number of packets given to nDPI.
+    FlowTable.update. Rows are chosen with numpy (a session id, an IP header, fewer than
+    `identifier.max_packets` packets into the session), then by ndpi_kernel.feed_rows (the
+    session not decided, IP bytes captured). Returns the number of packets given to nDPI.
     """
+    from wiretrail.app.ndpi_kernel import feed_rows
+
     n = len(sid)
     if n == 0:
         return 0
@@ -756,22 +758,14 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     if len(rows) == 0:
         return 0
     srow = state.rows.map(sid[rows])
-    undecided = state.rows.col["ndpi_label"][srow] < 0
-    if not undecided.all():
-        rows, srow = rows[undecided], srow[undecided]
-        if len(rows) == 0:
-            return 0
-    offset = batch.offset[rows].astype(np.int64)
-    l3r = l3[rows].astype(np.int64)
-    room = batch.caplen[rows].astype(np.int64) - l3r
-    iplen = cols["ip_len"][rows].astype(np.int64)
-    length = np.where(iplen > 0, np.minimum(iplen, room), room)
-    length = np.minimum(length, 65535)
-    good = length > 0
-    if not good.all():
-        rows, srow, offset, l3r, length = rows[good], srow[good], offset[good], l3r[good], length[good]
-    start = offset + l3r
-    ts_ms = batch.ts[rows] // 1_000_000
+    m = len(rows)
+    picked, srow_out = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
+    start, length, ts_ms = np.empty(m, dtype=np.uint64), np.empty(m, dtype=np.uint16), np.empty(m, dtype=np.uint64)
+    k = feed_rows(rows, srow, state.rows.col["ndpi_label"], batch.offset, l3, batch.caplen, cols["ip_len"], batch.ts,
+                  picked, srow_out, start, length, ts_ms)
+    if k == 0:
+        return 0
+    rows, srow, start, length, ts_ms = picked[:k], srow_out[:k], start[:k], length[:k], ts_ms[:k]
 
     ident = identifier
     if ident.kernel is not None:
@@ -829,8 +823,8 @@ def _feed_in_kernel(ident: Identifier, state: NdpiState, batch, srow, start, len
     got = int(feed_kernel(ident.kernel, ident.module_addr, np.uint64(slab.ret.ctypes.data), ident.proto_size,
                           slab.addr, slab.count, slab.done, ident.state_offset, ident.max_packets,
                           STATE_CLASSIFIED, STATE_MONITORING, ident.tls_master, np.uint64(ident._ret_offsets[0]),
-                          np.uint64(ident.hello_off), ident.hello_mask, np.uint64(data.ctypes.data), start.astype(np.uint64),
-                          length.astype(np.uint16), ts_ms.astype(np.uint64), slot, finished))
+                          np.uint64(ident.hello_off), ident.hello_mask, np.uint64(data.ctypes.data), start, length,
+                          ts_ms, slot, finished))
     calls, n_finished = got >> 32, got & 0xFFFFFFFF
     ident.calls += calls
     if n_finished:

@@ -111,6 +111,36 @@ def _define_intrinsics() -> None:
 
 
 @kernel
+def feed_rows(rows, srow, label, offset, l3_off, caplen, ip_len, ts, out_rows, out_srow, out_start, out_length,
+              out_ts_ms):
+    """Of the batch's packets `rows` (their sessions' rows srow), those nDPI is to be given: their
+    session not decided yet (label < 0) and some IP bytes captured; each one's IP packet as
+    where it starts in the batch's buffer and its length (the IP header's, cut at what was
+    captured and at 65535), and its time in ms. Written at the start of the out_ arrays, in
+    order; returns how many. (One pass where numpy made a dozen arrays per batch.)"""
+    n = 0
+    for k in range(len(rows)):
+        s = srow[k]
+        if label[s] >= 0:
+            continue
+        r = rows[k]
+        l3 = np.int64(l3_off[r])
+        room = np.int64(caplen[r]) - l3
+        length = np.int64(ip_len[r])
+        length = min(length, room) if length > 0 else room
+        length = min(length, 65535)
+        if length <= 0:
+            continue
+        out_rows[n] = r
+        out_srow[n] = s
+        out_start[n] = np.uint64(offset[r] + l3)
+        out_length[n] = np.uint16(length)
+        out_ts_ms[n] = np.uint64(ts[r] // 1_000_000)
+        n += 1
+    return n
+
+
+@kernel
 def feed_kernel(process, module, ret_base, ret_size, flow_ptr, count, done, state_off, max_packets,
                 classified, monitoring, tls_master, master_off, hello_off, hello_mask,
                 data_base, start, length, ts_ms, which, finished):
