@@ -51,6 +51,7 @@ KERNEL_MODULES = (
     "wiretrail.app.tls_kernel",
     "wiretrail.app.dns_kernel",
     "wiretrail.app.icmp_kernel",
+    "wiretrail.app.stage_kernel",
 )
 
 _kernels: list["Kernel"] = []     # every @kernel, in definition order

@@ -23,7 +23,7 @@ from wiretrail import arrow_compute as ac
 from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
-from wiretrail.batch import FRAG_NONE, TCP_ACK, TCP_SYN
+from wiretrail.batch import FRAG_NONE
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
 PROTOCOLS = ("dns", "dhcp", "tls", "x509", "quic", "http", "ssh", "ftp", "smtp", "pop3", "imap", "smb", "icmp",
@@ -336,35 +336,36 @@ class AppStage:
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
             return
+        from wiretrail.app.stage_kernel import tcp_candidates, wanted_streams
+
         # payloads, SYNs (a direction's base) and ACKs (what the other side has received: where
-        # Suricata logs what those bytes complete)
-        tcp = (cols["proto"] == 6) & (sid >= 0) & ((cols["pl_len"] > 0) | ((cols["tcp_flags"] & (TCP_SYN | TCP_ACK)) != 0))
-        if not tcp.any():
+        # Suricata logs what those bytes complete), and whether a module reads their ports
+        n = len(sid)
+        cand, on_port = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.bool_)
+        m = tcp_candidates(cols["proto"], sid, cols["pl_len"], cols["tcp_flags"], cols["sport"], cols["dport"],
+                           self.stream_port_table, cand, on_port)
+        if m == 0:
             return
-        cand = np.flatnonzero(tcp)
-        on_port = self.stream_port_table
-        want = on_port[cols["sport"][cand]] | on_port[cols["dport"][cand]]
+        cand, on_port = cand[:m], on_port[:m]
         srow = self.session_rows.map(sid[cand])
+        code_col = self.session_rows.col["stream_code"]
         if self.ndpi_state is not None:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by
             # its label: a judgement per distinct label), not per packet
-            code_col = self.session_rows.col["stream_code"]
-            code = code_col[srow]
             label = self.session_rows.col["ndpi_label"][srow]
-            newly = (code == _UNDECIDED) & (label >= 0)
+            newly = (code_col[srow] == _UNDECIDED) & (label >= 0)
             if newly.any():
                 at = np.flatnonzero(newly)
                 first = at[self.session_rows.firsts(srow[at])]
                 self._judge(sid[cand[first]], srow[first], label[first])
-                code = code_col[srow]
-            # wanted by nDPI's label; else by port or for lack of a label, unless the label says no
-            want = (code == _WANTED) | ((code != _UNWANTED) & (want | (code == _UNDECIDED)))
-        rows = cand[want]
-        if len(rows):
-            self.reasm.add(batch, cols, rows, sid, is_orig, self._first_packet)
-            # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
-            carries = (cols["pl_len"][rows] > 0) | ((cols["tcp_flags"][rows] & TCP_SYN) != 0)
-            self.session_rows.col["has"][srow[want][carries]] |= _HAS_STREAM
+        # wanted by nDPI's label; else by port or for lack of a label, unless the label says no;
+        # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
+        rows = np.empty(m, dtype=np.int64)
+        k = wanted_streams(cand, on_port, srow, code_col, self.ndpi_state is not None, _WANTED, _UNWANTED,
+                           _UNDECIDED, cols["pl_len"], cols["tcp_flags"], self.session_rows.col["has"], _HAS_STREAM,
+                           rows)
+        if k:
+            self.reasm.add(batch, cols, rows[:k], sid, is_orig, self._first_packet)
 
     def _judge(self, sids: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> None:
         """Whether sessions' streams are kept, now that nDPI has labelled them: wanted by a
