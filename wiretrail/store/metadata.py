@@ -134,8 +134,8 @@ def write_part(directory: Path, table: pa.Table, **parquet_options) -> Path:
 # What pyarrow.parquet.write_table passes to the writer beside the caller's options. The writer
 # is pyarrow's own (pyarrow._parquet, which pyarrow.parquet wraps): `import pyarrow.parquet`
 # also imports pyarrow.fs and with it the S3, GCS, Azure and HDFS bindings and ssl, 10 ms of
-# every ingest for a sink that is a buffer in memory. pyarrow is pinned; tests/test_store.py
-# reads the parts back with pyarrow.parquet and DuckDB.
+# every ingest for a sink that is a buffer in memory. pyarrow is pinned, and tests/test_store.py
+# checks the bytes against pyarrow.parquet.write_table's.
 _WRITER_DEFAULTS = {"version": "2.6", "writer_engine_version": "V2", "data_page_version": "1.0",
                     "use_deprecated_int96_timestamps": False, "use_compliant_nested_type": True,
                     "store_schema": True}
