@@ -252,9 +252,7 @@ def test_parts_are_what_pyarrow_parquet_writes_and_ingest_does_not_import_it(tmp
     sessions = pa.table({"ts": pa.array([1, 2], pa.timestamp("ns")), "uid": ["CA", "CB"],
                          "answers": [["a", "b"], None], "n": pa.array([1, None], pa.int32())})
     for table in (sessions, DNS_SCHEMA.empty_table()):
-        options = {"compression": metadata._compression(table.schema), "row_group_size": 1 << 17,
-                   "use_dictionary": metadata._dictionary_columns(table.schema),
-                   "write_statistics": metadata._statistics_columns(table.schema)}
+        options = metadata.part_options(table.schema)
         ours, theirs = pa.BufferOutputStream(), pa.BufferOutputStream()
         metadata._write_parquet(table, ours, **options)
         pq.write_table(table, theirs, **options)

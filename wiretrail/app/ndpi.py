@@ -57,8 +57,8 @@ DEFAULT_CONFIG: tuple[tuple[str | None, str, str], ...] = (
 # category, the port flag) are the same with and without (tests/test_ndpi.py compares them on
 # every flow of nDPI's test captures); nDPI's time per packet is about 40% lower (0.70 -> 0.40
 # CPU s on mix.pcap for the fingerprints and certificates), and a DNS flow is done at its
-# query (5,600 of 288,610 calls on mix.pcap). HTTP's process_response stays on: a response's Content-Type
-# sub-classifies (HTTP.OCSP).
+# query (5,600 of 288,610 calls on mix.pcap). HTTP's process_response stays on: a response's
+# Content-Type sub-classifies (HTTP.OCSP).
 LABELS_ONLY: tuple[tuple[str | None, str, str], ...] = (
     (None, "dpi.compute_entropy", "0"),
     (None, "metadata.tcp_fingerprint", "disable"),

@@ -23,6 +23,7 @@ from wiretrail import arrow_compute as ac
 from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
+from wiretrail.app.stage_kernel import BY_PORT, UNDECIDED, UNWANTED, WANTED, tcp_candidates, wanted_streams
 from wiretrail.batch import FRAG_NONE
 
 # The protocol modules, by name under wiretrail/app/: adding a protocol is one line here.
@@ -104,10 +105,10 @@ class AppStage:
         self.rows: dict[int, list[tuple[_Module, dict]]] = {}   # sid -> finished rows
         self.held: list[tuple[_Module, Records]] = []          # finished rows as columns, by sid
         # per live session, a row of columns (nDPI's flow and label, app.ndpi; `stream_code`:
-        # what _streams does with its TCP packets once nDPI has decided it, _WANTED, _UNWANTED or
-        # _BY_PORT; `has`: what the stage holds of it, _HAS_* bits); released when it closes
+        # what _streams does with its TCP packets once nDPI has decided it, WANTED, UNWANTED or
+        # BY_PORT; `has`: what the stage holds of it, _HAS_* bits); released when it closes
         self.session_rows = SessionRows()
-        self.session_rows.add_column("stream_code", np.int8, _UNDECIDED)
+        self.session_rows.add_column("stream_code", np.int8, UNDECIDED)
         self.session_rows.add_column("has", np.int32, 0)
         # a bit of `has` per module whose datagram state closes in one call (close_sessions)
         self._batch_bits = {m: _HAS_BATCH << i for i, m in
@@ -336,8 +337,6 @@ class AppStage:
     def _streams(self, batch, cols, sid, is_orig) -> None:
         if not self.stream_modules:
             return
-        from wiretrail.app.stage_kernel import tcp_candidates, wanted_streams
-
         # payloads, SYNs (a direction's base) and ACKs (what the other side has received: where
         # Suricata logs what those bytes complete), and whether a module reads their ports
         n = len(sid)
@@ -353,7 +352,7 @@ class AppStage:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by
             # its label: a judgement per distinct label), not per packet
             label = self.session_rows.col["ndpi_label"][srow]
-            newly = (code_col[srow] == _UNDECIDED) & (label >= 0)
+            newly = (code_col[srow] == UNDECIDED) & (label >= 0)
             if newly.any():
                 at = np.flatnonzero(newly)
                 first = at[self.session_rows.firsts(srow[at])]
@@ -361,9 +360,8 @@ class AppStage:
         # wanted by nDPI's label; else by port or for lack of a label, unless the label says no;
         # a session has a stream once it sent a payload or a SYN (ACKs alone keep nothing)
         rows = np.empty(m, dtype=np.int64)
-        k = wanted_streams(cand, on_port, srow, code_col, self.ndpi_state is not None, _WANTED, _UNWANTED,
-                           _UNDECIDED, cols["pl_len"], cols["tcp_flags"], self.session_rows.col["has"], _HAS_STREAM,
-                           rows)
+        k = wanted_streams(cand, on_port, srow, code_col, self.ndpi_state is not None, cols["pl_len"],
+                           cols["tcp_flags"], self.session_rows.col["has"], _HAS_STREAM, rows)
         if k:
             self.reasm.add(batch, cols, rows[:k], sid, is_orig, self._first_packet)
 
@@ -377,27 +375,27 @@ class AppStage:
         code = np.array([c for c, _ in judged], dtype=np.int8)[which]
         depth = np.array([d for _, d in judged], dtype=np.int64)[which]
         self.session_rows.col["stream_code"][rows] = code
-        limited = (code == _WANTED) & (depth < self.reasm.depth)
+        limited = (code == WANTED) & (depth < self.reasm.depth)
         if limited.any():
             self.reasm.limit_many(sids[limited], depth[limited])
-        dropped = code == _UNWANTED
+        dropped = code == UNWANTED
         if dropped.any():
             self.reasm.drop_many(sids[dropped])
             self.session_rows.col["has"][rows[dropped]] &= ~_HAS_STREAM
 
     def _label_code(self, label: int) -> tuple[int, int]:
-        """(_WANTED, _UNWANTED or _BY_PORT; the stream depth its parsers read) for nDPI label id `label`."""
+        """(WANTED, UNWANTED or BY_PORT; the stream depth its parsers read) for nDPI label id `label`."""
         got = self._label_codes.get(label)
         if got is None:
             app = self.ndpi_state.labels[label].app
             parsers = self._stream_parsers(app)
             if parsers:
                 # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
-                got = (_WANTED, max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers))
+                got = (WANTED, max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers))
             elif app not in ("", "Unknown"):
-                got = (_UNWANTED, 0)
+                got = (UNWANTED, 0)
             else:
-                got = (_BY_PORT, 0)
+                got = (BY_PORT, 0)
             self._label_codes[label] = got
         return got
 
@@ -752,9 +750,6 @@ def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     struct = pa.array(rows, type=pa.struct(schema))
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(struct)], schema=schema)
 
-
-# What _streams does with a TCP session's packets, once nDPI has decided it (_judge).
-_UNDECIDED, _WANTED, _UNWANTED, _BY_PORT = 0, 1, 2, 3
 
 # What the stage holds of a live session (bits of its `has` column): its uid and 5-tuple in
 # `tuples`, dict rows in `rows`, reassembly state (a payload or a SYN kept), the state of a

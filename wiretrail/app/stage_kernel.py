@@ -10,6 +10,10 @@ from wiretrail.jit import kernel
 
 _SYN_OR_ACK = TCP_SYN | TCP_ACK
 
+# What the stage does with a TCP session's packets once nDPI has decided it (its
+# `stream_code`, set by AppStage._judge): not judged yet, kept, dropped, left to the port.
+UNDECIDED, WANTED, UNWANTED, BY_PORT = 0, 1, 2, 3
+
 
 @kernel
 def tcp_candidates(proto, sid, pl_len, tcp_flags, sport, dport, port_table, out_rows, out_on_port):
@@ -30,11 +34,10 @@ def tcp_candidates(proto, sid, pl_len, tcp_flags, sport, dport, port_table, out_
 
 
 @kernel
-def wanted_streams(cand, on_port, srow, code, by_code, wanted, unwanted, undecided, pl_len, tcp_flags, has,
-                   has_stream, out_rows):
+def wanted_streams(cand, on_port, srow, code, by_code, pl_len, tcp_flags, has, has_stream, out_rows):
     """Of the candidates `cand` (their sessions' rows srow), the packets whose stream is kept:
-    with `by_code`, wanted by their session's code (app.stage's _WANTED), or not unwanted and
-    on a stream module's port or not judged yet; without, on a stream module's port. A session
+    with `by_code`, WANTED by their session's code, or not UNWANTED and on a stream module's
+    port or not judged yet; without, on a stream module's port. A session
     that keeps a payload or a SYN is marked `has_stream` in `has`. Returns how many rows were
     written at the start of out_rows, in order."""
     n = 0
@@ -42,7 +45,7 @@ def wanted_streams(cand, on_port, srow, code, by_code, wanted, unwanted, undecid
         s = srow[k]
         if by_code:
             c = code[s]
-            keep = c == wanted or (c != unwanted and (on_port[k] or c == undecided))
+            keep = c == WANTED or (c != UNWANTED and (on_port[k] or c == UNDECIDED))
         else:
             keep = on_port[k]
         if not keep:
