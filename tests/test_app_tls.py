@@ -649,3 +649,52 @@ def test_google_quic_chlo_and_draft_salts():
     first = np.arange(256, dtype=np.int16)
     kept = quic.datagram_filter(first, np.ones(256, dtype=bool))
     assert kept.tolist() == [quic._may_carry_hello(b) for b in range(256)]
+
+
+def _table_rows(store: Path, name: str) -> Counter:
+    """A store table's rows (session ids and uids left out: the runs number sessions alike, but
+    the comparison need not rely on it), as a multiset."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    table = ds.dataset(store / "tables" / name, format="parquet", partitioning="hive").to_table()
+    table = table.drop_columns([c for c in ("uid", "sid", "day", "hour") if c in table.column_names])
+    for i, field in enumerate(table.schema):  # (nanosecond times are no Python datetimes)
+        if pa.types.is_timestamp(field.type) or pa.types.is_duration(field.type):
+            table = table.set_column(i, field.name, table.column(i).cast(pa.int64()))
+    return Counter(repr(sorted(r.items())) for r in table.to_pylist())
+
+
+def test_cut_after_handshake_changes_no_record(tmp_path, monkeypatch):
+    """The TLS captures of Zeek's, JA4's, nDPI's and Arkime's suites and the TLS attack scenario
+    ingested twice, with the reassembler keeping
+    nothing of TLS sessions past their handshake's reading (the pipeline's way) and keeping it
+    all: the same tls and x509 rows, and the first run held fewer stream bytes."""
+    from wiretrail.app.reassembly import Reassembler
+    from wiretrail.ingest import IngestOptions, ingest
+
+    ndpi = CORPUS / "ndpi"
+    traces = sorted({str(pcap) for _, pcap, _ in _ssl_sources() if pcap.exists()}
+                    | {str(ndpi / "pcap" / out.name.removesuffix(".out")) for out in (ndpi / "result").glob("*.out")
+                       if "TLS" in out.read_text(errors="replace") and (ndpi / "pcap" / out.name.removesuffix(".out")).exists()}
+                    | {str(p) for p in (CORPUS / "scenarios" / "malware_c2_tls").glob("*.pcap")}
+                    | {str(p) for p in ARKIME.glob("*tls*.pcap")})
+    held = {}
+    original_add = Reassembler.add
+    for run in ("cut", "whole"):
+        held[run] = 0
+
+        def add(self, *args, _run=run, **kwargs):
+            original_add(self, *args, **kwargs)
+            held[_run] = max(held[_run], self.held)
+
+        monkeypatch.setattr(Reassembler, "add", add)
+        if run == "whole":
+            monkeypatch.setattr(Reassembler, "cut_after_handshake", lambda self, sids: None)
+        ingest([Path(t) for t in traces], IngestOptions(store=tmp_path / run))
+    tables = {name: [_table_rows(tmp_path / run, name) for run in ("cut", "whole")] for name in ("tls", "x509")}
+    print(f"\n{len(traces)} captures: tls {sum(tables['tls'][0].values())} rows, x509 "
+          f"{sum(tables['x509'][0].values())}; most stream bytes held {held['cut']} cut, {held['whole']} whole")
+    assert sum(tables["tls"][0].values()) > 100 and sum(tables["x509"][0].values()) > 100
+    assert all(cut == whole for cut, whole in tables.values())
+    assert held["cut"] < held["whole"]

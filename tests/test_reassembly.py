@@ -235,19 +235,23 @@ def test_acked_by_names_the_first_packet_acknowledging_the_bytes():
 
 # ---- the reassembler against the one it replaced, on random segment streams ------------------
 
-def _random_capture(rng: np.random.Generator):
+def _random_capture(rng: np.random.Generator, make_stream=None, lossy: float = 1.0, shuffled: bool = True):
     """Packets of a few sessions, as (sid, from_orig, flags, seq, ack, payload, ts) in capture
     order: streams cut into segments, reordered, retransmitted (some with other bytes or other
     boundaries), some lost, SYNs seen or missed, sequence numbers that wrap, stray segments
     before the base, ACKs repeated and out of range. In some captures every segment has 100
-    bytes and streams a few of them: sides then often hold as much as others (the memcap's ties)."""
+    bytes and streams a few of them: sides then often hold as much as others (the memcap's ties).
+    `make_stream(rng)`, if given, makes each direction's bytes; `lossy` scales how often a
+    segment is lost or sent again; not `shuffled`: the packets come session by session, each
+    direction's in order."""
     packets = []
-    even = rng.random() < 0.3
+    even = make_stream is None and rng.random() < 0.3
     sids = rng.choice([1, 7, 12345, (1 << 62) + 3, (1 << 63) - 5], size=int(rng.integers(1, 5)), replace=False)
     for sid in sids.tolist():
         isn = {d: int(rng.choice([rng.integers(0, 1 << 32), (1 << 32) - int(rng.integers(1, 400))])) for d in (True, False)}
-        streams = {d: rng.integers(0, 256, size=100 * int(rng.integers(0, 4)) if even else int(rng.integers(0, 2500)),
-                                   dtype=np.uint8).tobytes() for d in (True, False)}
+        streams = {d: make_stream(rng) if make_stream else
+                   rng.integers(0, 256, size=100 * int(rng.integers(0, 4)) if even else int(rng.integers(0, 2500)),
+                                dtype=np.uint8).tobytes() for d in (True, False)}
         t = int(rng.integers(0, 1000))
         for d in (True, False):
             if rng.random() < 0.7:
@@ -256,14 +260,14 @@ def _random_capture(rng: np.random.Generator):
             while pos < len(data):
                 n = 100 if even else int(rng.integers(1, 300))
                 piece = data[pos:pos + n]
-                for copy in range(1 + (rng.random() < 0.2)):
+                for copy in range(1 + (rng.random() < 0.2 * lossy)):
                     if copy and rng.random() < 0.5:  # a retransmission with other bytes
                         piece = bytes(rng.integers(0, 256, size=len(piece), dtype=np.uint8))
                     start = pos
                     if copy and rng.random() < 0.3:  # ... or other boundaries
                         start = max(0, pos - int(rng.integers(0, 50)))
                         piece = data[start:pos + n + int(rng.integers(0, 50))]
-                    if rng.random() < 0.08:  # lost
+                    if rng.random() < 0.08 * lossy:  # lost
                         continue
                     ack = (isn[not d] + 1 + int(rng.integers(0, len(streams[not d]) + 40))) & 0xFFFFFFFF
                     packets.append([sid, d, 0x10 if rng.random() < 0.9 else 0, (isn[d] + 1 + start) & 0xFFFFFFFF,
@@ -275,6 +279,8 @@ def _random_capture(rng: np.random.Generator):
                 ack = (isn[not d] + 1 + int(rng.integers(-5, len(streams[not d]) + 5))) & 0xFFFFFFFF
                 for _ in range(int(rng.integers(1, 3))):
                     packets.append([sid, d, 0x10, (isn[d] + 1) & 0xFFFFFFFF, ack, b"", t + int(rng.integers(0, 40))])
+    if not shuffled:
+        return packets
     order = np.argsort(rng.random(len(packets)) + np.array([p[6] for p in packets]) / 400)  # mostly in time order
     return [packets[k] for k in order]
 
@@ -384,6 +390,74 @@ def test_same_directions_as_the_reference_reassembler():
             compared += 2
         assert new.held == old.held == 0 and new.conflicts == old.conflicts and _consistent(new), case
     assert compared > 1000 and shed > 20
+
+
+# ---- TLS: nothing kept past the handshake's reading -----------------------------------------
+
+def _tls_bytes(rng: np.random.Generator) -> bytes:
+    """A direction as a TLS peer sends it: handshake, ChangeCipherSpec, alert and application-data
+    records of random sizes (a few up to the largest a record may be), now and then a broken
+    header, or something else than TLS first."""
+    out = bytearray()
+    if rng.random() < 0.1:
+        out += rng.integers(0, 256, size=int(rng.integers(1, 40)), dtype=np.uint8).tobytes()
+    for _ in range(int(rng.integers(0, 14))):
+        kind = int(rng.choice([22, 22, 20, 21, 23, 23, 23, 23]))
+        n = int(rng.integers(0, 1500)) if rng.random() < 0.85 else int(rng.integers(1500, (1 << 14) + 2048))
+        if kind == 21 and rng.random() < 0.7:
+            n = 2
+        major = 3 if rng.random() > 0.02 else 9  # a broken header
+        out += bytes([kind, major, int(rng.integers(0, 5)), n >> 8, n & 0xFF])
+        out += rng.integers(0, 256, size=n, dtype=np.uint8).tobytes()
+    return bytes(out)
+
+
+def _acks(d) -> list:
+    return [(r.tolist(), p.tolist()) for r, p in d.acks]
+
+
+def test_cut_after_handshake_keeps_what_the_tls_parser_reads():
+    """Random TLS-framed streams (records of all types and sizes, broken headers, other bytes
+    first), segmented, reordered, retransmitted and lost as in the test above, fed in batches to
+    a reassembler told to cut them after the handshake and to one that is not: every session's
+    `tls` row (handshake, hellos, certificates, the packet the ACKs name) is the same from both,
+    the cut directions are beginnings of the whole ones, and bytes were cut."""
+    from wiretrail.app import tls
+    from wiretrail.app.base import Stream
+
+    rng = np.random.default_rng(20261204)
+    kept = whole = sessions = shorter = 0
+    for case in range(150):
+        lossy = float(rng.choice([0.0, 0.3, 1.0]))
+        packets = _random_capture(rng, _tls_bytes, lossy, shuffled=rng.random() < 0.3)
+        sids = sorted({p[0] for p in packets})
+        cut, full = Reassembler(depth=1 << 20), Reassembler(depth=1 << 20)
+        cut.cut_after_handshake(np.array(sids, dtype=np.int64))
+        cuts = sorted(rng.choice(len(packets) + 1, size=min(len(packets) + 1, int(rng.integers(1, 6))), replace=False).tolist())
+        first = 0
+        for lo, hi in zip([0] + cuts, cuts + [len(packets)]):
+            if hi <= lo:
+                continue
+            batch, cols, sid, is_orig = _fake_batch(packets[lo:hi])
+            rows = np.arange(hi - lo)
+            for r in (cut, full):
+                r.add(batch, cols, rows, sid, is_orig, first + 1)
+            first += hi - lo
+        pairs = {}
+        for name, r in (("cut", cut), ("full", full)):
+            pairs[name] = [Stream(uid=str(s), orig_h="10.0.0.1", orig_p=1000, resp_h="10.0.0.2", resp_p=443,
+                                  orig=o, resp=p) for s, (o, p) in zip(sids, r.take_many(sids))]
+        for a, b in zip(pairs["cut"], pairs["full"]):
+            for x, y in ((a.orig, b.orig), (a.resp, b.resp)):
+                assert y.data.startswith(x.data) and _acks(x) == _acks(y), case
+                kept += len(x.data)
+                whole += len(y.data)
+                shorter += len(x.data) < len(y.data)
+        got = [tls.parse_streams(pairs[name]) for name in ("cut", "full")]
+        assert got[0].table.equals(got[1].table) and list(got[0].index) == list(got[1].index), case
+        sessions += len(sids)
+    print(f"\n{sessions} sessions: {shorter} directions cut after the handshake, {kept} of {whole} bytes kept")
+    assert sessions > 200 and shorter > 50
 
 
 # ---- JoinedStreams: the same directions, many sessions end to end -----------------------------

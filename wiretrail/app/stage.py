@@ -113,7 +113,7 @@ class AppStage:
         # a bit of `has` per module whose datagram state closes in one call (close_sessions)
         self._batch_bits = {m: _HAS_BATCH << i for i, m in
                             enumerate(m for m in self.datagram_modules if hasattr(m.mod, "close_sessions"))}
-        self._label_codes: dict[int, tuple[int, int]] = {}      # nDPI label id -> (code, depth)
+        self._label_codes: dict[int, tuple[int, int, bool]] = {}  # nDPI label id -> (code, depth, cut)
         self._parsers_by_label_id: dict[int, tuple] = {}        # nDPI label id -> its stream parsers
         self._label_columns_of: tuple[int, tuple] = (0, ())
         self.tuples: dict[int, tuple] = {}                      # sid -> uid and 5-tuple (datagram sessions)
@@ -372,30 +372,35 @@ class AppStage:
         them)."""
         distinct, which = np.unique(labels, return_inverse=True)
         judged = [self._label_code(int(label)) for label in distinct.tolist()]
-        code = np.array([c for c, _ in judged], dtype=np.int8)[which]
-        depth = np.array([d for _, d in judged], dtype=np.int64)[which]
+        code = np.array([c for c, _, _ in judged], dtype=np.int8)[which]
+        depth = np.array([d for _, d, _ in judged], dtype=np.int64)[which]
         self.session_rows.col["stream_code"][rows] = code
         limited = (code == WANTED) & (depth < self.reasm.depth)
         if limited.any():
             self.reasm.limit_many(sids[limited], depth[limited])
+        cut = np.array([c for _, _, c in judged], dtype=np.bool_)[which]
+        if cut.any():
+            self.reasm.cut_after_handshake(sids[cut])
         dropped = code == UNWANTED
         if dropped.any():
             self.reasm.drop_many(sids[dropped])
             self.session_rows.col["has"][rows[dropped]] &= ~_HAS_STREAM
 
-    def _label_code(self, label: int) -> tuple[int, int]:
-        """(WANTED, UNWANTED or BY_PORT; the stream depth its parsers read) for nDPI label id `label`."""
+    def _label_code(self, label: int) -> tuple[int, int, bool]:
+        """(WANTED, UNWANTED or BY_PORT; the stream depth its parsers read; whether they all read
+        only a TLS handshake) for nDPI label id `label`."""
         got = self._label_codes.get(label)
         if got is None:
             app = self.ndpi_state.labels[label].app
             parsers = self._stream_parsers(app)
             if parsers:
                 # a protocol that reads only a stream's start (TLS: the handshake) caps its depth
-                got = (WANTED, max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers))
+                got = (WANTED, max(getattr(m.mod, "STREAM_DEPTH", self.reasm.depth) for m in parsers),
+                       all(getattr(m.mod, "HANDSHAKE_ONLY", False) for m in parsers))
             elif app not in ("", "Unknown"):
-                got = (UNWANTED, 0)
+                got = (UNWANTED, 0, False)
             else:
-                got = (BY_PORT, 0)
+                got = (BY_PORT, 0, False)
             self._label_codes[label] = got
         return got
 

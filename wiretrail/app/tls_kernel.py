@@ -28,6 +28,7 @@ from wiretrail.jit import kernel, numba_hook
 CT_CCS, CT_ALERT, CT_HANDSHAKE, CT_APPDATA, CT_HEARTBEAT = 20, 21, 22, 23, 24
 MAX_RECORD = (1 << 14) + 2048
 SCAN_LIMIT = 1 << 16       # how far into a stream to look for the start of TLS (STARTTLS)
+APP_RECORDS_READ = 4       # a direction's record layer is walked up to its 4th application-data record
 MAX_HANDSHAKE = 1 << 20    # handshake bytes kept per direction
 
 # SHA-256("HelloRetryRequest"): the ServerHello random of a HelloRetryRequest (RFC 8446 4.1.3).
@@ -364,7 +365,7 @@ def _walk(d, limit, hs_type):
                     app = p
                     app_end = e
                 encrypted += 1
-                if encrypted >= 4:
+                if encrypted >= APP_RECORDS_READ:
                     break  # the handshake is over; the rest is ciphertext
             elif ct == CT_CCS:
                 if ccs < 0:
@@ -379,6 +380,83 @@ def _walk(d, limit, hs_type):
         n_before_ccs = n_hs
     return (found, malformed, first, ccs, ccs_end, app, app_end, post_ccs, alert, handshakes, n_hs,
             n_before_ccs)
+
+
+# The record watcher: the reassembler (app/reassembly.py) runs it on each direction's bytes as
+# they come in order, to learn where `_walk` will stop reading (the end of the 4th
+# application-data record) before the rest arrives: a session whose parsers read only the
+# handshake then keeps no more (Suricata, likewise, stops reassembling a TLS session once it
+# is encrypted). Its state is N_WATCH int64 columns of the caller's side row, from column w:
+# W_AT the stream offset of the next byte (-1: stopped: a gap, something that is not TLS at
+# offset 0 or after, or the end found), W_HEADER the bytes of a record header read so far
+# and W_HEADER_LEN their count, W_BODY the bytes left of the current record's body, W_TYPE its
+# content type, W_APP the application-data records passed, W_END where `_walk` stops (-1: not
+# known). It accepts what `_walk` accepts, record for record: where they would differ (no
+# valid record at offset 0, where `_find_start` scans on) it stops and no end is known.
+W_AT, W_HEADER, W_HEADER_LEN, W_BODY, W_TYPE, W_APP, W_END = range(7)
+N_WATCH = 7
+
+
+@kernel(inline=True)
+def watch_reset(S, s, w):
+    S[s, w + W_AT] = 0
+    S[s, w + W_HEADER] = 0
+    S[s, w + W_HEADER_LEN] = 0
+    S[s, w + W_BODY] = 0
+    S[s, w + W_TYPE] = 0
+    S[s, w + W_APP] = 0
+    S[s, w + W_END] = -1
+
+
+@kernel(inline=True)
+def watch_records(S, s, w, data, p, rel, n):
+    """Advance the watcher of side row s over data[p:p + n], the bytes at stream offset rel
+    kept for it (first copies: bytes before W_AT were seen already)."""
+    at = S[s, w + W_AT]
+    if at < 0:
+        return
+    if rel > at:  # a gap: what follows it is not walked
+        S[s, w + W_AT] = -1
+        return
+    q = p + (at - rel)
+    end = p + n
+    if q >= end:  # a retransmission
+        return
+    header, header_len, body = S[s, w + W_HEADER], S[s, w + W_HEADER_LEN], S[s, w + W_BODY]
+    record_type, app = S[s, w + W_TYPE], S[s, w + W_APP]
+    while q < end:
+        complete = False
+        if body > 0:
+            take = min(body, end - q)
+            body -= take
+            q += take
+            complete = body == 0
+        else:
+            header |= np.int64(data[q]) << (8 * header_len)
+            header_len += 1
+            q += 1
+            if header_len == 5:
+                record_type = header & 0xFF
+                length = ((header >> 24) & 0xFF) << 8 | ((header >> 32) & 0xFF)
+                if not (CT_CCS <= record_type <= CT_HEARTBEAT and (header >> 8) & 0xFF == 3
+                        and (header >> 16) & 0xFF <= 4 and length <= MAX_RECORD):
+                    S[s, w + W_AT] = -1
+                    return
+                header = header_len = 0
+                body = length
+                complete = body == 0
+        if complete and record_type == CT_APPDATA:
+            app += 1
+            if app >= APP_RECORDS_READ:
+                S[s, w + W_END] = rel + (q - p)
+                S[s, w + W_AT] = -1
+                return
+    S[s, w + W_AT] = rel + n
+    S[s, w + W_HEADER] = header
+    S[s, w + W_HEADER_LEN] = header_len
+    S[s, w + W_BODY] = body
+    S[s, w + W_TYPE] = record_type
+    S[s, w + W_APP] = app
 
 
 @kernel(inline=True)

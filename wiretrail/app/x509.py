@@ -60,6 +60,9 @@ NDPI = {"TLS"}
 # The handshake, certificates and the first encrypted records fit well within this: the
 # rest of a TLS stream is ciphertext no parser reads, so the stage keeps no more of it.
 STREAM_DEPTH = 64 << 10
+# Nothing past where tls_kernel's record walk stops (the fourth application-data record each
+# way) is read: the reassembler, told so, keeps no more of a session only TLS parsers read.
+HANDSHAKE_ONLY = True
 JOINED = True  # parse_streams also reads JoinedStreams (app.base)
 
 # OpenSSL short names of name attributes (what X509_NAME_print_ex prints).
