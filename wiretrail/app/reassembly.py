@@ -43,9 +43,9 @@ A direction is rebuilt when its session closes (or asked for earlier):
   watcher (tls_kernel.watch_records: a stream that does not begin with a TLS record stops
   it at once), which finds where the TLS parser will stop reading: the end of the fourth
   application-data record. For a session whose parsers read only that
-  (`cut_after_handshake`), nothing after it is kept: most of a TLS session's bytes are
-  ciphertext (58% of those kept on mix.pcap before), which Suricata, likewise, stops
-  reassembling once a session is encrypted.
+  (`cut_after_handshake`), nothing after it is kept: the rest is ciphertext, which Suricata,
+  likewise, stops reassembling once a session is encrypted (on mix.pcap the TLS bytes kept
+  go from 149 to 105 MB; most of the rest is directions that reach their 64 KB depth first).
 
 Within a batch, SYNs fix their side's base first, then the payloads are kept (a side first
 met in a batch's payloads is made in key order: the order `_shed` breaks ties in), then the
@@ -745,9 +745,9 @@ class Reassembler:
         self._group = np.empty(2, dtype=np.int64)  # _take_kernel's side rows of a group (per <= 2)
         self._ack_rel = np.empty(4096, dtype=np.int64)
         self._ack_pkt = np.empty(4096, dtype=np.int64)
-        # limit, cut and drop, queued as (sid, depth, _CUT or _DROP) pairs: the stage asks for them one
-        # session at a time, tens of thousands of them, applied by one kernel call when the
-        # state is next used
+        # limit, cut and drop, queued as (sid, depth or _CUT or _DROP) pairs: the stage asks for
+        # them one session at a time, tens of thousands of them, applied by one kernel call when
+        # the state is next used
         self._ops: list[int] = []
 
     @property
