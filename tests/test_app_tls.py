@@ -581,6 +581,19 @@ def test_x509_selects_the_tls_sessions():
     assert x509.PORTS == tls.PORTS and x509.NDPI <= tls.NDPI
 
 
+def test_quic_initial_keys_rfc_vectors():
+    """The Initial keys of RFC 9001's and RFC 9369's worked examples (appendix A.1 of each)."""
+    from wiretrail.app import quic
+
+    dcid = bytes.fromhex("8394c8f03e515708")
+    assert [k.hex() for k in quic.initial_keys(dcid)] == [
+        "1f369613dd76d5467730efcbe3b1a22d", "fa044b2f42a3fd3b46fb255c", "9f50449e04a0e810283a1e9933adedd2"]
+    assert [k.hex() for k in quic.initial_keys(dcid, side="server")] == [
+        "cf3a5331653c364c88f0f379b6067e37", "0ac1493ca1905853b0bba03e", "c206b8d9b9f0f37644430b490eeaa314"]
+    assert [k.hex() for k in quic.initial_keys(dcid, version=quic.V2)] == [
+        "8b1a0bc121284290a29e0971b5cd045d", "91f73e2351d8fa91660e909f", "45b95e15235d6f45a6b19cbcb0294ba9"]
+
+
 def test_quic_parse_datagram_one_row_per_session():
     from wiretrail.app import quic
     _, udp = streams_of(JA4 / "pcap" / "chrome-cloudflare-quic-with-secrets.pcapng")
