@@ -78,8 +78,8 @@ def _salt(version: int) -> bytes:
     return _SALT_V1
 
 
-# hmac.digest: OpenSSL's one-shot HMAC, a fifth of the time of an hmac.new object (seven per
-# session's keys)
+# hmac.digest: OpenSSL's one-shot HMAC, a fifth of the time of an hmac.new object (a session's
+# Initial keys take seven HMACs)
 def _hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
     return hmac.digest(salt, ikm, "sha256")
 
