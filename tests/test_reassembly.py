@@ -285,6 +285,12 @@ def _random_capture(rng: np.random.Generator, make_stream=None, lossy: float = 1
     return [packets[k] for k in order]
 
 
+def _random_batches(rng: np.random.Generator, n: int, most: int) -> list[tuple[int, int]]:
+    """n packets cut at fewer than `most` random places: the (start, end) of each non-empty batch."""
+    cuts = sorted(rng.choice(n + 1, size=min(n + 1, int(rng.integers(1, most))), replace=False).tolist())
+    return [(lo, hi) for lo, hi in zip([0] + cuts, cuts + [n]) if hi > lo]
+
+
 def _fake_batch(packets):
     """A batch and its decoded columns from (sid, from_orig, flags, seq, ack, payload, ts)."""
     payloads = [p[5] for p in packets]
@@ -358,11 +364,8 @@ def test_same_directions_as_the_reference_reassembler():
             new = _tiny(new, reserved=case % 4 == 1)
         packets = _random_capture(rng)
         sids = sorted({p[0] for p in packets})
-        cuts = sorted(rng.choice(len(packets) + 1, size=min(len(packets) + 1, int(rng.integers(1, 8))), replace=False).tolist())
         first = 0
-        for lo, hi in zip([0] + cuts, cuts + [len(packets)]):
-            if hi <= lo:
-                continue
+        for lo, hi in _random_batches(rng, len(packets), 8):
             batch, cols, sid, is_orig = _fake_batch(packets[lo:hi])
             rows = np.flatnonzero(rng.random(hi - lo) < 0.95)  # a few rows not selected
             first_packet = 0 if rng.random() < 0.2 else first + 1
@@ -433,11 +436,8 @@ def test_cut_after_handshake_keeps_what_the_tls_parser_reads():
         sids = sorted({p[0] for p in packets})
         cut, full = Reassembler(depth=1 << 20), Reassembler(depth=1 << 20)
         cut.cut_after_handshake(np.array(sids, dtype=np.int64))
-        cuts = sorted(rng.choice(len(packets) + 1, size=min(len(packets) + 1, int(rng.integers(1, 6))), replace=False).tolist())
         first = 0
-        for lo, hi in zip([0] + cuts, cuts + [len(packets)]):
-            if hi <= lo:
-                continue
+        for lo, hi in _random_batches(rng, len(packets), 6):
             batch, cols, sid, is_orig = _fake_batch(packets[lo:hi])
             rows = np.arange(hi - lo)
             for r in (cut, full):

@@ -371,14 +371,12 @@ class AppStage:
         module parses: what was kept is dropped), or left to their port (nDPI could not name
         them)."""
         distinct, which = np.unique(labels, return_inverse=True)
-        judged = [self._label_code(int(label)) for label in distinct.tolist()]
-        code = np.array([c for c, _, _ in judged], dtype=np.int8)[which]
-        depth = np.array([d for _, d, _ in judged], dtype=np.int64)[which]
+        judged = np.array([self._label_code(int(label)) for label in distinct.tolist()], dtype=np.int64)[which]
+        code, depth, cut = judged[:, 0].astype(np.int8), judged[:, 1], judged[:, 2] != 0
         self.session_rows.col["stream_code"][rows] = code
         limited = (code == WANTED) & (depth < self.reasm.depth)
         if limited.any():
             self.reasm.limit_many(sids[limited], depth[limited])
-        cut = np.array([c for _, _, c in judged], dtype=np.bool_)[which]
         if cut.any():
             self.reasm.cut_after_handshake(sids[cut])
         dropped = code == UNWANTED

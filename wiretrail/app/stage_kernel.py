@@ -37,9 +37,9 @@ def tcp_candidates(proto, sid, pl_len, tcp_flags, sport, dport, port_table, out_
 def wanted_streams(cand, on_port, srow, code, by_code, pl_len, tcp_flags, has, has_stream, out_rows):
     """Of the candidates `cand` (their sessions' rows srow), the packets whose stream is kept:
     with `by_code`, WANTED by their session's code, or not UNWANTED and on a stream module's
-    port or not judged yet; without, on a stream module's port. A session
-    that keeps a payload or a SYN is marked `has_stream` in `has`. Returns how many rows were
-    written at the start of out_rows, in order."""
+    port or not judged yet; without, on a stream module's port. A session that keeps a payload
+    or a SYN is marked `has_stream` in `has`. Returns how many rows were written at the start
+    of out_rows, in order."""
     n = 0
     for k in range(len(cand)):
         s = srow[k]

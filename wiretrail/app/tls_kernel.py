@@ -302,9 +302,15 @@ def server_hello(b, start, end):
 
 
 @kernel(inline=True)
+def _valid_record(content_type, major, minor, length):
+    """A record header TLS accepts (one rule for `_walk` and the record watcher, which must
+    agree record for record)."""
+    return CT_CCS <= content_type <= CT_HEARTBEAT and major == 3 and minor <= 4 and length <= MAX_RECORD
+
+
+@kernel(inline=True)
 def _valid_header(d, p):
-    return (p + 5 <= d.shape[0] and CT_CCS <= d[p] <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4
-            and be16(d, p + 3) <= MAX_RECORD)
+    return p + 5 <= d.shape[0] and _valid_record(d[p], d[p + 1], d[p + 2], be16(d, p + 3))
 
 
 @kernel(inline=True)
@@ -340,7 +346,7 @@ def _walk(d, limit, hs_type):
         while p + 5 <= limit:
             ct = d[p]
             ln = be16(d, p + 3)
-            if not (CT_CCS <= ct <= CT_HEARTBEAT and d[p + 1] == 3 and d[p + 2] <= 4 and ln <= MAX_RECORD):
+            if not _valid_record(ct, d[p + 1], d[p + 2], ln):
                 # After ChangeCipherSpec the framing is the peers' business (GridFTP, for one,
                 # drops TLS after the handshake); before it, a bad header is malformed TLS.
                 if ccs < 0:
@@ -438,8 +444,7 @@ def watch_records(S, s, w, data, p, rel, n):
             if header_len == 5:
                 record_type = header & 0xFF
                 length = ((header >> 24) & 0xFF) << 8 | ((header >> 32) & 0xFF)
-                if not (CT_CCS <= record_type <= CT_HEARTBEAT and (header >> 8) & 0xFF == 3
-                        and (header >> 16) & 0xFF <= 4 and length <= MAX_RECORD):
+                if not _valid_record(record_type, (header >> 8) & 0xFF, (header >> 16) & 0xFF, length):
                     S[s, w + W_AT] = -1
                     return
                 header = header_len = 0
