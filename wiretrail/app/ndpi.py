@@ -478,8 +478,9 @@ class _Slab:
     Per session the Python side only maps its id to a slot: allocation, zeroing, feeding,
     giving up, reading results and freeing go over arrays of slots (ndpi_kernel), where
     malloc, a cffi object and a result per session cost 1.4 of the 2.1 CPU s nDPI took on
-    mix.pcap. Chunks never move (nDPI may keep pointers into a flow); a slot is zeroed when
-    it is taken and ndpi_free_flow_data frees what nDPI allocated for it when it is given back.
+    mix.pcap. Chunks never move (nDPI may keep pointers into a flow); chunks start zeroed, and
+    when a slot is given back ndpi_free_flow_data frees what nDPI allocated for it and its
+    struct is zeroed: a free slot is always ready for nDPI.
     """
 
     CHUNK = 4096
@@ -520,14 +521,14 @@ class _Slab:
         slots = self.free[self.n_free:self.n_free + k].copy()
         from wiretrail.app.ndpi_kernel import take_slots_kernel
 
-        take_slots_kernel(self.addr, slots, self.flow_size, self.count, self.done)
+        take_slots_kernel(slots, self.count, self.done)
         return slots
 
     def give_back(self, slots: np.ndarray) -> None:
         from wiretrail.app.ndpi_kernel import free_kernel
 
         if len(slots):
-            free_kernel(np.uint64(self.ident._lib.free_flow_data_addr), self.addr, slots)
+            free_kernel(np.uint64(self.ident._lib.free_flow_data_addr), self.addr, slots, self.flow_size)
             self.free[self.n_free:self.n_free + len(slots)] = slots
             self.n_free += len(slots)
 

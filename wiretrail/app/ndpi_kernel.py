@@ -201,12 +201,11 @@ def label_keys(ret, slots, master_off, app_off, cat_off, flow_ptr, flag_off, fla
 
 
 @kernel
-def take_slots_kernel(flow_ptr, slots, flow_size, count, done):
-    """The flows of `slots` made ready for nDPI: their structs zeroed (a memset each), their
-    packet counts and done flags reset."""
+def take_slots_kernel(slots, count, done):
+    """The flows of `slots` made ready for nDPI: their packet counts and done flags reset (a free
+    slot's struct is zero already: free_kernel zeroes it)."""
     for k in range(len(slots)):
         u = slots[k]
-        _zero_at(flow_ptr[u], flow_size)
         count[u] = 0
         done[u] = 0
 
@@ -220,8 +219,12 @@ def giveup_kernel(giveup, module, ret_base, ret_size, flow_ptr, slots):
 
 
 @kernel
-def free_kernel(free_flow_data, flow_ptr, slots):
-    """ndpi_free_flow_data for the flows in `slots`: what nDPI allocated for them (the flow
-    structs themselves are the caller's memory)."""
+def free_kernel(free_flow_data, flow_ptr, slots, flow_size):
+    """ndpi_free_flow_data for the flows in `slots` (what nDPI allocated for them: the flow
+    structs themselves are the caller's memory), then each struct zeroed, ready to be taken
+    again. Zeroed here rather than when taken: nDPI has just read and written it, so it is
+    still in cache, where a slot taken later is usually cold."""
     for k in range(len(slots)):
-        _call_with_pointer(free_flow_data, flow_ptr[slots[k]])
+        flow = flow_ptr[slots[k]]
+        _call_with_pointer(free_flow_data, flow)
+        _zero_at(flow, flow_size)
