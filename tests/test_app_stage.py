@@ -192,3 +192,26 @@ def test_batch_calls_give_the_rows_of_row_by_row_calls(sample, tmp_path):
     assert all(r["own"] and r["resp_p"] == 80 for r in got[True]["bytes"])
     assert all(r["own"] for r in got[True]["counts"])
     assert got[True] == got[False] == got["joined"] == got["broken"]
+
+
+def test_reordered_gives_the_rows_a_take_gives():
+    """Merging a protocol table's pieces back into session order (AppStage._tables): by slices
+    when the order is a few runs, by a take when it is many; the same rows in the same order."""
+    import numpy as np
+    import pyarrow as pa
+
+    from wiretrail.app.stage import _reordered
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        n = int(rng.integers(1, 400))
+        table = pa.table({"k": pa.array(np.arange(n)),
+                          "l": pa.array([[int(i)] * int(i % 3) for i in range(n)], pa.list_(pa.int64()))})
+        if trial % 2:  # pieces each in order, merged: a few runs
+            ks = np.concatenate([np.sort(rng.choice(10 * n, size=m, replace=False))
+                                 for m in np.diff([0, *sorted(rng.integers(0, n, size=2).tolist()), n])])
+        else:  # any order: many runs
+            ks = rng.permutation(n)
+        order = np.argsort(ks, kind="stable")
+        got = _reordered(table, order)
+        assert got.to_pydict() == table.take(pa.array(order)).to_pydict()

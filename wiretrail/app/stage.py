@@ -673,7 +673,7 @@ class AppStage:
             table = pa.concat_tables([t for t, _ in parts])
             ks = np.concatenate([k for _, k in parts])
             if (np.diff(ks) < 0).any():
-                table = ac.take(table, pa.array(np.argsort(ks, kind="stable")))
+                table = _reordered(table, np.argsort(ks, kind="stable"))
             tables[name] = table
         return tables
 
@@ -841,6 +841,20 @@ def _session_columns(table: pa.Table, sessions: pa.Table | None, ks: np.ndarray)
             column = ac.coalesce(table.column(i), column)
         table = table.set_column(i, field, column)
     return table
+
+
+def _reordered(table: pa.Table, order: np.ndarray) -> pa.Table:
+    """`table`'s rows in `order`. The pieces of a protocol table come each in session order (a
+    few dict rows, and a module's columns), so the merged order is mostly runs of rows already
+    in place: those are sliced, which copies nothing (the store copies each hour's rows once
+    anyway when it writes them), where a take gathered every column, the TLS table's lists
+    included (1.4 ms a close on mix.pcap). Many short runs: one take."""
+    cuts = np.flatnonzero(np.diff(order) != 1) + 1
+    if len(cuts) > 64:
+        return ac.take(table, pa.array(order))
+    starts = [0, *cuts.tolist()]
+    stops = [*cuts.tolist(), len(order)]
+    return pa.concat_tables([table.slice(int(order[a]), b - a) for a, b in zip(starts, stops)])
 
 
 def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
