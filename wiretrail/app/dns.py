@@ -1567,10 +1567,14 @@ class DnsBook:
             self._forget(sids, done, closing)
 
     def _rows(self, done: np.ndarray, closing: np.ndarray) -> Records | list:
-        """close's rows: the finished transactions `done`, then the waiting entries `closing`."""
+        """close's rows: the finished transactions `done` (in the order they finished), then the
+        waiting entries `closing`, each session's together, the sessions in the order of their
+        first message, as sessions closed one by one give them. (Not in session id order: ids
+        are random from one run to the next, and the same capture gave its rows in another
+        order each time.)"""
         at = np.flatnonzero(closing)
         keyseq = np.where(self.e_table == K.T_PENDING, 0, self.e_keyseq)
-        at = at[np.lexsort((self.e_seq[at], keyseq[at], self.e_table[at], self.e_sid[at]))]
+        at = at[np.lexsort((self.e_seq[at], keyseq[at], self.e_table[at], self._first_messages(self.e_sid[at])))]
         msg, table = self.e_msg[at], self.e_table[at]
         rows = np.concatenate([self.done[done], np.stack([self.e_sid[at], np.where(table != K.T_REPLIES, msg, -1),
                                                           np.where(table == K.T_REPLIES, msg, -1), msg], axis=1)])
@@ -1589,6 +1593,15 @@ class DnsBook:
                                               ("resp_h", pa.string()), ("resp_p", pa.uint16()))):
                 cols[name] = _take(pa.array(tuples[k], type), where, flipped)
         return Records(pa.table(cols), rows[:, D_SID].copy())
+
+    def _first_messages(self, sids: np.ndarray) -> np.ndarray:
+        """For each of `sids` (sessions with messages), the number of its first message: a
+        session's messages are kept until it closes, and numbered in the order they came."""
+        of = self.num[:self.n, N_SID]
+        distinct = np.unique(sids)
+        mine = np.flatnonzero(_among(of, distinct))
+        _, first = np.unique(of[mine], return_index=True)  # (ascending: the first is the least)
+        return mine[first][np.searchsorted(distinct, sids)]
 
     def _forget(self, sids: np.ndarray, done: np.ndarray, closing: np.ndarray) -> None:
         """Drop closed sessions `sids`: their finished transactions `done`, waiting entries
