@@ -849,6 +849,8 @@ def _reordered(table: pa.Table, order: np.ndarray) -> pa.Table:
     in place: those are sliced, which copies nothing (the store copies each hour's rows once
     anyway when it writes them), where a take gathered every column, the TLS table's lists
     included (1.4 ms a close on mix.pcap). Many short runs: one take."""
+    if len(order) == 0:
+        return table
     cuts = np.flatnonzero(np.diff(order) != 1) + 1
     if len(cuts) > 64:
         return ac.take(table, pa.array(order))
