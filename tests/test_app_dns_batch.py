@@ -606,13 +606,19 @@ def _corpus_captures() -> list[Path]:
     return sorted(p for p in out if p.exists())
 
 
-def _table_rows(store: Path, table: str) -> list[str]:
+def _stored_rows(store: Path, table: str) -> list[str]:
+    """A table's rows in the order they are stored (parts in name order), uids aside."""
     rows = []
     for f in sorted(store.glob(f"tables/{table}/**/*.parquet")):
         for r in pylist(pq.read_table(f)):
             r.pop("uid")
             rows.append(repr(sorted(r.items())))
-    return sorted(rows)
+    return rows
+
+
+def _table_rows(store: Path, table: str) -> list[str]:
+    """A table's rows, uids aside, sorted (as a multiset)."""
+    return sorted(_stored_rows(store, table))
 
 
 def test_corpus_batch_path_gives_the_same_tables(tmp_path, monkeypatch):
@@ -642,16 +648,6 @@ def test_corpus_batch_path_gives_the_same_tables(tmp_path, monkeypatch):
     print(f"\nbatch vs one datagram at a time on {len(captures)} corpus captures: dns {counts['dns']} rows, "
           f"icmp {counts['icmp']} rows compared, all equal")
     assert counts["dns"] > 1000 and counts["icmp"] > 1000
-
-
-def _stored_rows(store: Path, table: str) -> list[str]:
-    """A table's rows in the order they are stored (parts in name order), uids aside."""
-    rows = []
-    for f in sorted(store.glob(f"tables/{table}/**/*.parquet")):
-        for r in pylist(pq.read_table(f)):
-            r.pop("uid")
-            rows.append(repr(sorted(r.items())))
-    return rows
 
 
 def test_same_capture_same_row_order(tmp_path):
