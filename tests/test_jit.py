@@ -99,7 +99,7 @@ def test_manifest_describes_every_compiled_variant():
     # an array allocated inside one of them would bring back a count per inlined helper call)
     for per_packet in ("wiretrail.capture.pcap.index_pcap_records", "wiretrail.decode.kernel.decode_kernel",
                        "wiretrail.sessions.flowtable._update_kernel", "wiretrail.app.ndpi_kernel.feed_kernel",
-                       "wiretrail.app.session_rows._map_kernel", "wiretrail.app.reassembly._add_acks"):
+                       "wiretrail.app.session_rows._attach_kernel", "wiretrail.app.reassembly._add_acks"):
         assert not any(v["refcounts"] for v in manifest["kernels"][per_packet]), per_packet
     # every kernel has variants but those only other kernels call: one the build's sample never
     # reached brings numba in for all of them the first time it is called (as _pack once did)

@@ -227,8 +227,8 @@ def identify_capture(path: Path, ident, idle_ns: int = 10**7 * NS):
             if len(batch) == 0:
                 continue
             cols = decode(batch)
-            sid, is_orig, seq, _ = table.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
-            ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq)
+            sid, is_orig, seq, _, row = table.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
+            ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq, row)
             # a UDP tunnel's own session (Teredo...) is identified too, as the pipeline does
             tunnel_sessions(table, batch, cols, np.zeros(len(batch), dtype=np.int16),
                             lambda *a: ndpi.classify_batch(ident, state, *a))
@@ -533,8 +533,8 @@ def test_state_is_bounded_and_decided_sessions_are_skipped():
         fed = total = 0
         for batch in iter_batches(str(trace)):
             cols = decode(batch)
-            sid, is_orig, seq, _ = table.update(cols, batch.ts, batch.wirelen)
-            fed += ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq)
+            sid, is_orig, seq, _, row = table.update(cols, batch.ts, batch.wirelen)
+            fed += ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq, row)
             total += len(batch)
         sessions = table.flush()
         assert fed < total  # the TLS session is decided in its first packets
@@ -563,9 +563,9 @@ def test_identification_cost_on_mix_small():
         apps = Counter()
         for batch in iter_batches(str(MIX_SMALL)):
             cols = decode(batch)
-            sid, is_orig, seq, _ = table.update(cols, batch.ts, batch.wirelen)
+            sid, is_orig, seq, _, row = table.update(cols, batch.ts, batch.wirelen)
             t0 = time.perf_counter()
-            fed += ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq)
+            fed += ndpi.classify_batch(ident, state, batch, cols, sid, is_orig, seq, row)
             closed = table.expire(int(batch.ts.max()))
             if len(closed):
                 apps.update(state.finish_many(closed["sid"].to_numpy())[0])

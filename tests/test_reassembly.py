@@ -45,7 +45,7 @@ def streams(batch: FrameBatch, depth: int = 1 << 20, batch_packets: int = 0, mem
     for lo in range(0, len(batch), step):
         part = reorder(batch, list(range(lo, min(lo + step, len(batch)))))
         cols = decode(part)
-        sid, is_orig, _, _ = table.update(cols, part.ts, part.wirelen)
+        sid, is_orig, *_ = table.update(cols, part.ts, part.wirelen)
         rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
         r.add(part, cols, rows, sid, is_orig)
         seen.update(sid[rows].tolist())
@@ -216,7 +216,7 @@ def test_acked_by_names_the_first_packet_acknowledging_the_bytes():
     direction's bytes up to `end` (where Suricata hands them to its parser: pcap_cnt)."""
     batch = one_batch(PPP / "tcp_reassembly" / "one_tcp_stream.pcap")
     cols = decode(batch)
-    sid, is_orig, _, _ = FlowTable().update(cols, batch.ts, batch.wirelen)
+    sid, is_orig, *_ = FlowTable().update(cols, batch.ts, batch.wirelen)
     r = Reassembler()
     rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
     r.add(batch, cols, rows, sid, is_orig, first_packet=1)
@@ -472,7 +472,7 @@ def test_take_joined_gives_the_directions_of_take_many():
     ends and gap-counted ends those of the Directions."""
     batch = one_batch(ZEEK_TRACES / "smtp.pcap")
     cols = decode(batch)
-    sid, is_orig, _, _ = FlowTable().update(cols, batch.ts, batch.wirelen)
+    sid, is_orig, *_ = FlowTable().update(cols, batch.ts, batch.wirelen)
     rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
     # every other segment left out of some sessions: gaps to count
     keep = np.ones(len(rows), dtype=bool)

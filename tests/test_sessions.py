@@ -72,7 +72,7 @@ def columns(pkts: list[dict]):
 def run(pkts, table=None, **kw):
     table = table or FlowTable(**kw)
     c, ts, wl, link = columns(pkts)
-    sid, is_orig, seq, cum = table.update(c, ts, wl, link)
+    sid, is_orig, seq, cum, _ = table.update(c, ts, wl, link)
     out = table.flush()
     assert out.schema == SESSIONS_SCHEMA
     return rows_of(out), sid, is_orig
@@ -291,7 +291,7 @@ def test_non_ip_and_fragments_have_no_session():
     c, ts, wl, link = columns(pk + [tcp(C, 1, SV, 2, S, frag=2)])
     c["ip_ver"][1] = 0  # e.g. ARP
     t = FlowTable()
-    sid, is_orig, seq, cum = t.update(c, ts, wl, link)
+    sid, is_orig, seq, cum, _ = t.update(c, ts, wl, link)
     assert sid[0] >= 0 and sid[1] == -1 and sid[2] == -1
     assert seq[0] == 0 and cum[0] == wl[0]
     assert t.flush().num_rows == 1
@@ -354,10 +354,10 @@ def test_growth_past_initial_size():
     t = FlowTable(initial_capacity=16)
     c, ts, wl, link = columns(pk)
     half = n // 2
-    sid1, _, _, _ = t.update({k: v[:half] for k, v in c.items()}, ts[:half], wl[:half], link[:half])
-    sid2, _, _, _ = t.update({k: v[half:] for k, v in c.items()}, ts[half:], wl[half:], link[half:])
+    sid1, *_ = t.update({k: v[:half] for k, v in c.items()}, ts[:half], wl[:half], link[:half])
+    sid2, *_ = t.update({k: v[half:] for k, v in c.items()}, ts[half:], wl[half:], link[half:])
     # the same packets again hit the same sessions
-    sid3, _, _, _ = t.update(c, ts + 1000, wl, link)
+    sid3, *_ = t.update(c, ts + 1000, wl, link)
     assert len(t) == n and t.capacity >= 2 * n
     assert (np.concatenate([sid1, sid2]) == sid3).all()
     assert len(np.unique(sid3)) == n

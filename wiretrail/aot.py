@@ -57,7 +57,7 @@ def _exercise(work: Path) -> None:
     reasm, flows = Reassembler(memcap=1 << 14), FlowTable()
     for batch in iter_batches(capture):
         cols = decode(batch)
-        sid, is_orig, _, _ = flows.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
+        sid, is_orig, *_ = flows.update(cols, batch.ts, batch.wirelen, np.zeros(len(batch), dtype=np.int16))
         rows = np.flatnonzero((cols["proto"] == 6) & (sid >= 0))
         for s in range(1, 2000):  # sides enough for the table to grow
             reasm.limit(-s, 100)
@@ -70,15 +70,16 @@ def _exercise(work: Path) -> None:
     from wiretrail.app.reassembly import _pack
 
     _pack(reasm._G, reasm._st, reasm._arena, reasm._arena, True)
-    # the session rows' table growing, and rows given back
+    # the session rows' id table growing, rows given back and taken by other sessions
     from wiretrail.app.session_rows import SessionRows
 
     session_rows = SessionRows(capacity=16)
     session_rows.add_column("x", np.int8, 0)
     many = np.arange(100, dtype=np.int64) * 7919
-    session_rows.map(many)
+    session_rows.attach(many, np.arange(100, dtype=np.int64))
     session_rows.release(many[::2])
     session_rows.find(many)
+    session_rows.attach(many + 1, np.arange(100, dtype=np.int64))
     # the sample has no TLS session: the TLS kernels are called as app.tls and app.x509 call
     # them, on a made-up handshake that reaches them all (the hello parsers also on their own,
     # as for QUIC: a kernel that only another kernel calls gets no variant of its own when numba

@@ -194,9 +194,9 @@ class Pipeline:
             return
         cols = decode(batch)
         link = self.links.map(batch, cols)
-        sid, is_orig, seq, cum_bytes = self.flows.update(cols, batch.ts, batch.wirelen, link)
+        sid, is_orig, seq, cum_bytes, row = self.flows.update(cols, batch.ts, batch.wirelen, link)
         if self.app is not None:
-            self.app.process(batch, cols, sid, is_orig, seq, first_packet=self.file_packets + 1)
+            self.app.process(batch, cols, sid, is_orig, seq, row, first_packet=self.file_packets + 1)
         self.file_packets += n
 
         keep = self._filter_mask(batch)
@@ -256,9 +256,9 @@ class Pipeline:
 
             wcols = decode(whole)
             wlink = np.array([self._frag_pos[int(p[0])][2] for p in parts], dtype=np.int16)
-            wsid, wis_orig, wseq, _ = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
+            wsid, wis_orig, wseq, _, wrow = self.flows.update(wcols, whole.ts, whole.wirelen, wlink)
             if self.app is not None:
-                self.app.process(whole, wcols, wsid, wis_orig, wseq)
+                self.app.process(whole, wcols, wsid, wis_orig, wseq, wrow)
             for s, p in zip(wsid.tolist(), parts):
                 self._index_fragments(s, p)
         for p in self.fragments.expire(int(batch.ts.max())):

@@ -738,11 +738,11 @@ class NdpiState:
 
 
 def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, sid: np.ndarray,
-                   is_orig: np.ndarray, seq: np.ndarray | None = None) -> int:
+                   is_orig: np.ndarray, seq: np.ndarray | None, row: np.ndarray) -> int:
     """Feed nDPI the packets of `batch` that belong to sessions not decided yet.
 
-    `sid`, `is_orig` (and optionally `seq`, the packet's number within its session) come from
-    FlowTable.update. Rows are chosen with numpy (a session id, an IP header, fewer than
+    `sid`, `is_orig`, `seq` (the packet's number within its session; None: not known) and
+    `row` (the session's row) come from FlowTable.update. Rows are chosen with numpy (a session id, an IP header, fewer than
     `identifier.max_packets` packets into the session), then by ndpi_kernel.feed_rows (the
     session not decided, IP bytes captured). Returns the number of packets given to nDPI.
     """
@@ -758,7 +758,7 @@ def classify_batch(identifier: Identifier, state: NdpiState, batch, cols: dict, 
     rows = np.flatnonzero(ok)
     if len(rows) == 0:
         return 0
-    srow = state.rows.map(sid[rows])
+    srow = state.rows.attach(sid[rows], row[rows])
     m = len(rows)
     picked, srow_out = np.empty(m, dtype=np.int64), np.empty(m, dtype=np.int64)
     start, length, ts_ms = np.empty(m, dtype=np.uint64), np.empty(m, dtype=np.uint16), np.empty(m, dtype=np.uint64)

@@ -1,13 +1,16 @@
-"""A row per live session for the application stage's per-session state, found by session id
-in one kernel call per batch.
+"""A row of columns per live session for the application stage's per-session state, at the
+session's own row in the flow table.
 
 The stage and nDPI keep a few values per session (its nDPI flow, its label, whether its TCP
-streams are wanted...). Kept in Python dicts keyed by session id, every batch paid a
-np.unique and a dict lookup per session it touched, several times over. Here the values are
-numpy columns indexed by a row that `map` finds (or makes) for every packet's session at once
-(an open-addressing hash table from session id to row, linear probing, in numpy arrays), so
-that per-session decisions are array operations. A row is made with every column at its
-fill value, and given back by `release` when its session closes.
+streams are wanted...) as numpy columns indexed by a row, so that per-session decisions are
+array operations. The row is the one FlowTable.update gives every packet's session (a session
+keeps it until it closes, and no two live sessions share one): finding a packet's row is
+then no lookup at all. A session id was hashed to a row of this table's own for every packet
+before (1.9 M lookups on mix.pcap, 31 ms; now a gather and a compare). Each row records
+which session it holds (`sid`): a row taken by a new session starts with every column at its
+fill value. An open-addressing hash table (linear probing) from session id to row is kept
+beside, filled once per session, for callers that know a session only by its id: closing it
+(`find`, `release`) and the rows a module reports by session id.
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 from wiretrail.jit import kernel
 
 _EMPTY = -1
-# st (the table's scalars): free rows left in `free`, keys in the table
-ST_FREE, ST_KEYS = 0, 1
+# st (the table's scalars): keys in the table, sessions evicted (see attach)
+ST_KEYS, ST_EVICTED = 0, 1
 
 
 @kernel
@@ -41,31 +44,59 @@ def _probe(keys, s, mask):
     return h
 
 
+@kernel(inline=True)
+def _delete(keys, vals, st, s, mask):
+    """Forget session id s if present. Deletion by backward shift (no tombstones: probes stay
+    as short as the load factor says)."""
+    h = _probe(keys, s, mask)
+    if keys[h] == _EMPTY:
+        return
+    st[ST_KEYS] -= 1
+    # close the hole: move back each later key of the run whose home is not in (hole, j]
+    hole = h
+    j = (h + 1) & mask
+    while keys[j] != _EMPTY:
+        home = _slot_of(keys[j], mask)
+        if (j > hole and (home <= hole or home > j)) or (j < hole and home <= hole and home > j):
+            keys[hole] = keys[j]
+            vals[hole] = vals[j]
+            hole = j
+        j = (j + 1) & mask
+    keys[hole] = _EMPTY
+
+
 @kernel
-def _map_kernel(start, keys, vals, free, st, sids, out, made):
-    """Row of each sids[k] (k from `start`), made from the free list where new (made[k] set);
-    -1 for a negative id. Stops at the first k that needs room (the table half full or no free
-    row) and returns it; len(sids) when done."""
+def _attach_kernel(start, keys, vals, st, row_sid, sids, rows, out, fresh):
+    """Row of each sids[k] (k from `start`): rows[k], -1 where the id or the row is negative.
+    A row that holds another session (or none) is given to sids[k] (fresh[k] set) and the id
+    entered in the table. Stops at the first k that needs room in the table (half full) and
+    returns it; len(sids) when done."""
     mask = len(keys) - 1
     for k in range(start, len(sids)):
         s = sids[k]
-        made[k] = False
-        if s < 0:
+        r = rows[k]
+        fresh[k] = False
+        if s < 0 or r < 0:
             out[k] = -1
             continue
-        h = _probe(keys, s, mask)
-        if keys[h] == s:
-            out[k] = vals[h]
+        out[k] = r
+        if row_sid[r] == s:
             continue
-        if st[ST_FREE] == 0 or 2 * (st[ST_KEYS] + 1) > len(keys):
+        if 2 * (st[ST_KEYS] + 1) > len(keys):
             return k
-        st[ST_FREE] -= 1
-        row = free[st[ST_FREE]]
+        old = row_sid[r]
+        if old >= 0:  # never released: the flow table gave the row to a new session since
+            _delete(keys, vals, st, old, mask)
+            st[ST_EVICTED] += 1
+        h = _probe(keys, s, mask)
+        if keys[h] == _EMPTY:
+            st[ST_KEYS] += 1
+        else:  # the id moved to another row (never, from one flow table): the old row is freed
+            row_sid[vals[h]] = _EMPTY
         keys[h] = s
-        vals[h] = row
-        st[ST_KEYS] += 1
-        out[k] = row
-        made[k] = True
+        vals[h] = r
+        row_sid[r] = s
+        fresh[k] = True
     return len(sids)
 
 
@@ -83,11 +114,9 @@ def _find_kernel(keys, vals, sids, out):
 
 
 @kernel
-def _release_kernel(keys, vals, free, st, sids):
-    """Forget sids (those present): their rows go back to the free list. Deletion by backward
-    shift (no tombstones: probes stay as short as the load factor says). Returns rows freed."""
+def _release_kernel(keys, vals, st, row_sid, sids):
+    """Forget sids (those present): out of the table, their rows marked as holding none."""
     mask = len(keys) - 1
-    freed = 0
     for k in range(len(sids)):
         s = sids[k]
         if s < 0:
@@ -95,22 +124,8 @@ def _release_kernel(keys, vals, free, st, sids):
         h = _probe(keys, s, mask)
         if keys[h] == _EMPTY:
             continue
-        free[st[ST_FREE]] = vals[h]
-        st[ST_FREE] += 1
-        st[ST_KEYS] -= 1
-        freed += 1
-        # close the hole: move back each later key of the run whose home is not in (hole, j]
-        hole = h
-        j = (h + 1) & mask
-        while keys[j] != _EMPTY:
-            home = _slot_of(keys[j], mask)
-            if (j > hole and (home <= hole or home > j)) or (j < hole and home <= hole and home > j):
-                keys[hole] = keys[j]
-                vals[hole] = vals[j]
-                hole = j
-            j = (j + 1) & mask
-        keys[hole] = _EMPTY
-    return freed
+        row_sid[vals[h]] = _EMPTY
+        _delete(keys, vals, st, s, mask)
 
 
 @kernel
@@ -128,46 +143,59 @@ def _rehash_kernel(keys, vals, new_keys, new_vals):
 
 
 class SessionRows:
-    """Session id -> row, and the columns kept per row (`add_column`, then `col[name]`)."""
+    """The columns kept per session (`add_column`, then `col[name]`), at the sessions' rows in
+    the flow table, and the session id -> row table."""
 
     def __init__(self, capacity: int = 1 << 12):
         capacity = 1 << max(4, int(capacity - 1).bit_length())
         self._keys = np.full(2 * capacity, _EMPTY, dtype=np.int64)
         self._vals = np.zeros(2 * capacity, dtype=np.int64)
-        self._free = np.arange(capacity - 1, -1, -1, dtype=np.int64)  # popped from the end: row 0 first
-        self._st = np.array([capacity, 0], dtype=np.int64)
+        self._st = np.zeros(2, dtype=np.int64)
         self.capacity = capacity
         self.col: dict[str, np.ndarray] = {}
         self._fill: dict[str, object] = {}
+        self.add_column("sid", np.int64, _EMPTY)   # the session each row holds
         self.add_column("_scratch", np.int64, 0)  # for distinct()
 
     def __len__(self) -> int:
         return int(self._st[ST_KEYS])
 
+    @property
+    def evicted(self) -> int:
+        """Sessions whose row went to another session before they were released: their state
+        was lost. None when the owner releases every session the flow table closes."""
+        return int(self._st[ST_EVICTED])
+
     def add_column(self, name: str, dtype, fill) -> None:
         self.col[name] = np.full(self.capacity, fill, dtype=dtype)
         self._fill[name] = fill
 
-    def map(self, sids: np.ndarray) -> np.ndarray:
-        """The row of every session of `sids` (per packet, say), made where the session has none
-        (its columns at their fill values); -1 for a negative id."""
+    def attach(self, sids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """The row of every session of `sids` (per packet, say): `rows`, their rows in the flow
+        table (FlowTable.update's), where each comes with every column at its fill value if it
+        held another session or none; -1 where the id or the row is negative."""
         sids = np.ascontiguousarray(sids, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        top = int(rows.max(initial=-1))
+        if top >= self.capacity:
+            self._grow_rows(top + 1)
         out = np.empty(len(sids), dtype=np.int64)
-        made = np.empty(len(sids), dtype=np.bool_)
+        fresh = np.empty(len(sids), dtype=np.bool_)
         at = 0
         while True:
-            at = _map_kernel(at, self._keys, self._vals, self._free, self._st, sids, out, made)
+            at = _attach_kernel(at, self._keys, self._vals, self._st, self.col["sid"], sids, rows, out, fresh)
             if at == len(sids):
                 break
-            self._grow()
-        if made.any():
-            fresh = out[made]
+            self._grow_table()
+        if fresh.any():
+            made = out[fresh]
             for name, column in self.col.items():
-                column[fresh] = self._fill[name]
+                if name != "sid":
+                    column[made] = self._fill[name]
         return out
 
     def firsts(self, rows: np.ndarray) -> np.ndarray:
-        """Where in `rows` (rows map() gave, none negative) each distinct one first comes:
+        """Where in `rows` (rows attach() gave, none negative) each distinct one first comes:
         np.unique's sort replaced by one scatter into a scratch column (where an index repeats,
         numpy keeps the last value written: written in reverse, the first)."""
         at = np.arange(len(rows), dtype=np.int64)
@@ -179,31 +207,38 @@ class SessionRows:
         """The distinct rows among `rows`, in the order each first comes."""
         return rows[self.firsts(rows)]
 
+    def holding(self, sids: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """`rows` where each holds its session of `sids`, else -1 (attach not called for it yet,
+        or a negative id or row): a session's row from the flow table, with no lookup."""
+        rows = np.asarray(rows, dtype=np.int64)
+        inside = (rows >= 0) & (rows < self.capacity)
+        ok = inside & (self.col["sid"][np.where(inside, rows, 0)] == sids) & (np.asarray(sids) >= 0)
+        return np.where(ok, rows, -1)
+
     def find(self, sids: np.ndarray) -> np.ndarray:
-        """The row of every session of `sids`, -1 where it has none (none is made)."""
+        """The row of every session of `sids`, -1 where it has none: by id, for callers that
+        have no flow-table row (closing sessions)."""
         sids = np.ascontiguousarray(sids, dtype=np.int64)
         out = np.empty(len(sids), dtype=np.int64)
         _find_kernel(self._keys, self._vals, sids, out)
         return out
 
     def release(self, sids: np.ndarray) -> None:
-        """Forget sessions (closed): their rows are free for others."""
+        """Forget sessions (closed): their rows hold none until attach gives them to another."""
         if len(sids):
-            _release_kernel(self._keys, self._vals, self._free, self._st, np.ascontiguousarray(sids, dtype=np.int64))
+            _release_kernel(self._keys, self._vals, self._st, self.col["sid"], np.ascontiguousarray(sids, dtype=np.int64))
 
-    def _grow(self) -> None:
-        """Twice the rows (new ones on the free list) and twice the table."""
-        old, new = self.capacity, 2 * self.capacity
-        keys = np.full(2 * new, _EMPTY, dtype=np.int64)
-        vals = np.zeros(2 * new, dtype=np.int64)
+    def _grow_table(self) -> None:
+        keys = np.full(2 * len(self._keys), _EMPTY, dtype=np.int64)
+        vals = np.zeros(2 * len(self._keys), dtype=np.int64)
         _rehash_kernel(self._keys, self._vals, keys, vals)
         self._keys, self._vals = keys, vals
-        free = self._free[:self._st[ST_FREE]]
-        self._free = np.empty(new, dtype=np.int64)
-        added = np.arange(new - 1, old - 1, -1, dtype=np.int64)
-        self._free[:len(added)] = added  # the old free rows stay on top: taken first
-        self._free[len(added):len(added) + len(free)] = free
-        self._st[ST_FREE] = len(added) + len(free)
+
+    def _grow_rows(self, need: int) -> None:
+        """Rows enough for row `need - 1` (the flow table grew): doubled until they are."""
+        new = self.capacity
+        while new < need:
+            new *= 2
         for name, column in self.col.items():
-            self.col[name] = np.concatenate([column, np.full(new - old, self._fill[name], dtype=column.dtype)])
+            self.col[name] = np.concatenate([column, np.full(new - self.capacity, self._fill[name], dtype=column.dtype)])
         self.capacity = new

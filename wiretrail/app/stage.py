@@ -135,27 +135,30 @@ class AppStage:
 
     # ---- per batch ----------------------------------------------------------------------------
     def process(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray,
-                first_packet: int = 0) -> None:
-        """`first_packet`: the capture-file packet number of the batch's first frame (1-based), 0 if
-        the frames are not the file's own (reassembled datagrams)."""
+                row: np.ndarray, first_packet: int = 0) -> None:
+        """`sid`, `is_orig`, `seq` and `row` are FlowTable.update's (the stage keeps its state per
+        session at the session's row there). `first_packet`: the capture-file packet number of
+        the batch's first frame (1-based), 0 if the frames are not the file's own (reassembled
+        datagrams)."""
         if len(sid) == 0:
             return
         self._first_packet = first_packet
         if self.ndpi is not None:
             from wiretrail.app.ndpi import classify_batch
 
-            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq)
-        self._datagrams(batch, cols, sid, is_orig)
-        self._streams(batch, cols, sid, is_orig)
+            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq, row)
+        self._datagrams(batch, cols, sid, is_orig, row)
+        self._streams(batch, cols, sid, is_orig, row)
 
-    def identify(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray) -> None:
+    def identify(self, batch, cols: dict, sid: np.ndarray, is_orig: np.ndarray, seq: np.ndarray,
+                 row: np.ndarray) -> None:
         """nDPI only (no protocol records): the outer packets of a UDP tunnel's own session."""
         if self.ndpi is not None and len(sid):
             from wiretrail.app.ndpi import classify_batch
 
-            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq)
+            classify_batch(self.ndpi, self.ndpi_state, batch, cols, sid, is_orig, seq, row)
 
-    def _datagrams(self, batch, cols, sid, is_orig) -> None:
+    def _datagrams(self, batch, cols, sid, is_orig, row) -> None:
         if not self.datagram_modules:
             return
         udp = np.flatnonzero((cols["proto"] == 17) & (sid >= 0) & (cols["pl_off"] >= 0))
@@ -163,7 +166,7 @@ class AppStage:
         # each datagram's nDPI label (-1: not decided): a module reads its protocol on any port
         label = None
         if self.ndpi_state is not None and len(udp):
-            at = self.session_rows.find(sid[udp])  # no row: nDPI never saw the session
+            at = self.session_rows.holding(sid[udp], row[udp])  # none: nDPI never saw the session
             label = np.where(at >= 0, self.session_rows.col["ndpi_label"][at], -1)
         for m in self.datagram_modules:
             ip_protos = getattr(m.mod, "IP_PROTOS", None)
@@ -172,7 +175,7 @@ class AppStage:
                 ours = (sid >= 0) & (cols["l4_off"] >= 0) & (cols["frag"] == FRAG_NONE)
                 ours &= np.logical_or.reduce([cols["proto"] == p for p in ip_protos])
                 rows = np.flatnonzero(ours)
-                self._datagram_rows(m, batch, cols, sid, is_orig, rows, whole_l4=True)
+                self._datagram_rows(m, batch, cols, sid, is_orig, row, rows, whole_l4=True)
                 continue
             if not len(udp):
                 continue
@@ -181,7 +184,7 @@ class AppStage:
             if label is not None:
                 named = self._labels_naming(m)
                 wanted |= named[np.maximum(label, 0)] & (label >= 0)
-            self._datagram_rows(m, batch, cols, sid, is_orig, udp[wanted])
+            self._datagram_rows(m, batch, cols, sid, is_orig, row, udp[wanted])
 
     def _labels_naming(self, m: _Module) -> np.ndarray:
         """A boolean per nDPI label id so far: the label names a protocol module m reads."""
@@ -200,17 +203,17 @@ class AppStage:
             table[m.ports[(m.ports >= 0) & (m.ports < 1 << 16)]] = True
         return table
 
-    def _flag(self, sids: np.ndarray, bits: int) -> np.ndarray:
-        """Mark what the stage now holds of sessions `sids` (_HAS_* bits); returns their rows."""
-        at = self.session_rows.map(sids)
-        self.session_rows.col["has"][at] |= bits
-        return at
+    def _flag(self, sids: np.ndarray, bits: int) -> None:
+        """Mark what the stage now holds of sessions `sids` (_HAS_* bits), rows already attached
+        (a module's rows come by session id)."""
+        at = self.session_rows.find(sids)
+        self.session_rows.col["has"][at[at >= 0]] |= bits
 
-    def _make_tuples(self, cols, sid, is_orig, rows: np.ndarray, bits: int) -> None:
+    def _make_tuples(self, cols, sid, is_orig, row, rows: np.ndarray, bits: int) -> None:
         """(uid, orig_h, orig_p, resp_h, resp_p) of every session of `rows` that has none yet,
         made for all of them at once, from each one's first row here; and `bits` marked on them
         all (what the caller is about to keep of them)."""
-        at = self.session_rows.map(sid[rows])
+        at = self.session_rows.attach(sid[rows], row[rows])
         has = self.session_rows.col["has"]
         new = (has[at] & _HAS_TUPLE) == 0
         has[at] |= bits | _HAS_TUPLE
@@ -237,7 +240,8 @@ class AppStage:
                                           texts(o_hi, o_lo), o_p, texts(r_hi, r_lo), r_p):
             tuples[s] = (uid, oh, op, rh, rp)
 
-    def _datagram_rows(self, m: _Module, batch, cols, sid, is_orig, rows: np.ndarray, whole_l4: bool = False) -> None:
+    def _datagram_rows(self, m: _Module, batch, cols, sid, is_orig, row, rows: np.ndarray,
+                       whole_l4: bool = False) -> None:
         """Feed the datagrams `rows` of a batch to module m: where each payload lies is worked out
         for all rows at once with numpy; Python runs once per datagram only to call the parser."""
         if len(rows) == 0:
@@ -270,7 +274,7 @@ class AppStage:
         per_session = hasattr(m.mod, "new_session")
         batch_bit = self._batch_bits.get(m, 0)
         # what the stage will hold of these sessions (trackers' rows carry their own uids)
-        self._make_tuples(cols, sid, is_orig, rows, 0 if tracker is not None else
+        self._make_tuples(cols, sid, is_orig, row, rows, 0 if tracker is not None else
                           batch_bit if batch_bit and per_session else _HAS_STATE if per_session else _HAS_ROWS)
         if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
             self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
@@ -334,7 +338,7 @@ class AppStage:
         if out:
             self._flag(np.fromiter((s for s, _ in out), dtype=np.int64, count=len(out)), _HAS_ROWS)
 
-    def _streams(self, batch, cols, sid, is_orig) -> None:
+    def _streams(self, batch, cols, sid, is_orig, row) -> None:
         if not self.stream_modules:
             return
         # payloads, SYNs (a direction's base) and ACKs (what the other side has received: where
@@ -346,7 +350,7 @@ class AppStage:
         if m == 0:
             return
         cand, on_port = cand[:m], on_port[:m]
-        srow = self.session_rows.map(sid[cand])
+        srow = self.session_rows.attach(sid[cand], row[cand])
         code_col = self.session_rows.col["stream_code"]
         if self.ndpi_state is not None:
             # judged once per session, the first time it sends TCP after nDPI has decided it (by

@@ -207,7 +207,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
                    tcp_flags, tcp_seq, tcp_ack, tcp_win, pl_len, ip_len, l3_off, l4_off, pl_off,
                    vlan, inner_vlan, tunnel, anomaly, src_mac, dst_mac, ts, wirelen, link,
                    tab, K64, I64, I32, hist, free, retired, ctr, idle_to, active_to, close_delay,
-                   attempt_delay, dns_to, server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum):
+                   attempt_delay, dns_to, server_ports, cp4, cp6, out_sid, out_orig, out_seq, out_cum, out_row):
     mask = np.uint64(tab.shape[0] - 1)
     for i in range(start, n):
         # room for one new session and one retired session?
@@ -217,6 +217,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
         out_orig[i] = False
         out_seq[i] = -1
         out_cum[i] = 0
+        out_row[i] = -1
         if ip_ver[i] == 0 or frag[i] != 0:
             continue  # not IP, or a fragment: the reassembled datagram comes separately
         p = np.int64(proto[i])
@@ -402,6 +403,7 @@ def _update_kernel(start, n, ip_ver, frag, proto, src_hi, src_lo, dst_hi, dst_lo
         out_orig[i] = d == 0
         out_seq[i] = npk
         out_cum[i] = I64[s, WIRE]
+        out_row[i] = s
 
         # L4 payload length from the IP length (not the captured length), as Zeek does
         plen = np.int64(pl_len[i])
@@ -1092,15 +1094,19 @@ class FlowTable:
 
         Returns (sid int64[n] (-1: no session), is_orig bool[n], seq int64[n] (the packet's
         number within its session, from 0), cum_bytes int64[n] (the session's wire bytes up to
-        and including the packet)).
+        and including the packet), row int64[n] (the session's row here, -1 with no session)).
+        A session keeps its row from its first packet until it closes (expire/flush), a session
+        split by a timeout included, and no two sessions have the same row meanwhile: later
+        stages key their own per-session state by it (app.session_rows) instead of hashing ids.
         """
         n = len(ts)
         out_sid = np.empty(n, dtype=np.int64)
         out_orig = np.zeros(n, dtype=np.bool_)
         out_seq = np.empty(n, dtype=np.int64)
         out_cum = np.empty(n, dtype=np.int64)
+        out_row = np.empty(n, dtype=np.int64)
         if n == 0:
-            return out_sid, out_orig, out_seq, out_cum
+            return out_sid, out_orig, out_seq, out_cum, out_row
         if link is None:
             link = np.zeros(n, dtype=np.int16)
         c = cols
@@ -1117,11 +1123,11 @@ class FlowTable:
                                self.tab, self.K64, self.I64, self.I32, self.hist, self.free, self.retired,
                                self.ctr, self.idle_to, self.active_to, self.close_delay,
                                self.attempt_delay, self.dns_timeout, SERVER_PORTS, _CP4, _CP6,
-                               out_sid, out_orig, out_seq, out_cum)
+                               out_sid, out_orig, out_seq, out_cum, out_row)
             if i >= n:
                 break
             self._grow()
-        return out_sid, out_orig, out_seq, out_cum
+        return out_sid, out_orig, out_seq, out_cum, out_row
 
     # ---- closing ----------------------------------------------------------------------------
     def _take_retired(self) -> np.ndarray:

@@ -18,7 +18,7 @@ from wiretrail.decode import decode
 def tunnel_sessions(flows, batch: FrameBatch, cols: dict, link: np.ndarray,
                     identify=None) -> tuple[np.ndarray, np.ndarray]:
     """Count the tunneled packets of `batch` in their tunnels' sessions of `flows` (a FlowTable).
-    `identify(batch, cols, sid, is_orig, seq)`, when given, sees those outer UDP packets (e.g.
+    `identify(batch, cols, sid, is_orig, seq, row)`, when given, sees those outer UDP packets (e.g.
     AppStage.identify: nDPI names the tunnel's own session: Teredo, VXLAN, GTP...).
 
     Returns (rows of the batch, their tunnel session ids)."""
@@ -33,9 +33,9 @@ def tunnel_sessions(flows, batch: FrameBatch, cols: dict, link: np.ndarray,
         return rows[:0], np.zeros(0, dtype=np.int64)
     outer = {k: v[udp] for k, v in outer.items()}
     rows = rows[udp]
-    sid, is_orig, seq, _ = flows.update(outer, batch.ts[rows], batch.wirelen[rows], link[rows])
+    sid, is_orig, seq, _, row = flows.update(outer, batch.ts[rows], batch.wirelen[rows], link[rows])
     if identify is not None:
         identify(replace(sub, offset=sub.offset[udp], caplen=sub.caplen[udp], wirelen=sub.wirelen[udp],
                          ts=sub.ts[udp], iface=sub.iface[udp], linktype=sub.linktype[udp]),
-                 outer, sid, is_orig, seq)
+                 outer, sid, is_orig, seq, row)
     return rows, sid
