@@ -10,6 +10,7 @@ batch entry points and without them.
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import struct
 from pathlib import Path
@@ -21,7 +22,7 @@ import pytest
 
 from test_app_dns_dhcp import PTR_Q, dgram, msg, qname, question, rr
 from wiretrail.app import dns, icmp
-from wiretrail.app.base import Datagram, DatagramBatch
+from wiretrail.app.base import Datagram, DatagramBatch, Endpoints
 
 
 def kernel_and_python(payloads, netbios=False, resp_nb=False):
@@ -186,14 +187,28 @@ def test_kernel_fuzz_agrees_with_python():
 
 # ---- the batch entry point against DnsSession.add ----------------------------------------------
 
+def _as_kept(h: str) -> tuple[int, int]:
+    """An address text as the flow table keeps it (IPv4 as ::ffff:a.b.c.d): (high, low) 64 bits."""
+    a = ipaddress.ip_address(h)
+    n = int(a) | (0xFFFF << 32) if a.version == 4 else int(a)
+    return n >> 64, n & ((1 << 64) - 1)
+
+
+def ends_of(datagrams: list[Datagram]) -> Endpoints:
+    """Each datagram's session ends as the stage gives them (from its 5-tuple)."""
+    o = np.array([_as_kept(d.orig_h) for d in datagrams], dtype=np.uint64).reshape(-1, 2)
+    r = np.array([_as_kept(d.resp_h) for d in datagrams], dtype=np.uint64).reshape(-1, 2)
+    return Endpoints(orig_hi=o[:, 0], orig_lo=o[:, 1], resp_hi=r[:, 0], resp_lo=r[:, 1],
+                     orig_p=np.array([d.orig_p for d in datagrams], dtype=np.int64),
+                     resp_p=np.array([d.resp_p for d in datagrams], dtype=np.int64))
+
+
 def batch_of(datagrams: list[Datagram]) -> DatagramBatch:
     """Datagrams as the stage hands them over: columns over one buffer, sessions by uid."""
     sid_of: dict[str, int] = {}
-    tuples = {}
     for d in datagrams:
         if d.uid not in sid_of:
-            sid_of[d.uid] = s = len(sid_of) + 100
-            tuples[s] = (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p)
+            sid_of[d.uid] = len(sid_of) + 100
     pad = b"\xee" * 3  # bytes between payloads: a parse must not read past its own
     data = np.frombuffer(pad + b"".join(d.payload + pad for d in datagrams), dtype=np.uint8)
     lens = np.array([len(d.payload) for d in datagrams], dtype=np.int64)
@@ -203,7 +218,7 @@ def batch_of(datagrams: list[Datagram]) -> DatagramBatch:
                          from_orig=np.array([d.from_orig for d in datagrams]),
                          ts=np.array([d.ts for d in datagrams], dtype=np.int64),
                          packet=np.array([d.packet for d in datagrams], dtype=np.int64),
-                         truncated=np.array([d.truncated for d in datagrams]), tuples=tuples)
+                         truncated=np.array([d.truncated for d in datagrams]), ends=ends_of(datagrams))
 
 
 def rows_one_by_one(datagrams: list[Datagram], mod=dns) -> list[dict]:
@@ -261,7 +276,6 @@ def batch_rows(datagrams: list[Datagram], sizes: list[int], mod=dns, closing: di
             b = batch_of(chunk)
             # one numbering of sessions over all batches
             b.sid = np.array([sids[d.uid] for d in chunk])
-            b.tuples = {sids[d.uid]: tuples[sids[d.uid]] for d in chunk}
             out, errors = mod.add_datagrams(states, b)
             assert errors == 0
             rows += records_rows(out, tuples, mod)
@@ -691,7 +705,6 @@ def test_failed_close_forgets_its_sessions(monkeypatch, mod):
     states = {}
     b = batch_of(datagrams)
     b.sid = np.array([sids[d.uid] for d in datagrams])
-    b.tuples = {sids[d.uid]: (d.uid, d.orig_h, d.orig_p, d.resp_h, d.resp_p) for d in datagrams}
     _, errors = mod.add_datagrams(states, b)
     assert errors == 0 and set(states) == {101, 102}
     book = states[101]
@@ -708,3 +721,29 @@ def test_failed_close_forgets_its_sessions(monkeypatch, mod):
     got = mod.close_sessions(states, np.array([102], dtype=np.int64))
     assert got.table.num_rows > 0 and set(got.index.tolist()) == {102}
     assert not states and _book_is_empty(mod, book)
+
+
+def test_endpoints_multicast_and_texts_as_ipaddress_reads_them():
+    """DNS's multicast flag from the numbers the flow table keeps, against ipaddress on the
+    texts; and the texts as the sessions table writes them."""
+    rng = random.Random(5)
+    texts = []
+    for _ in range(3000):
+        kind = rng.randrange(4)
+        if kind == 0:
+            texts.append(str(ipaddress.IPv4Address(rng.getrandbits(32))))
+        elif kind == 1:  # around the multicast range's edges
+            texts.append(str(ipaddress.IPv4Address(rng.choice([0xDF, 0xE0, 0xEF, 0xF0]) << 24 | rng.getrandbits(24))))
+        elif kind == 2:
+            texts.append(str(ipaddress.IPv6Address(rng.getrandbits(128))))
+        else:
+            texts.append(str(ipaddress.IPv6Address(rng.choice([0xFE, 0xFF, 0x00]) << 120 | rng.getrandbits(120))))
+    kept = np.array([_as_kept(t) for t in texts], dtype=np.uint64).reshape(-1, 2)
+    zeros = np.zeros(len(texts), dtype=np.int64)
+    ends = Endpoints(orig_hi=kept[:, 0], orig_lo=kept[:, 1], resp_hi=kept[:, 0], resp_lo=kept[:, 1],
+                     orig_p=zeros, resp_p=zeros)
+    every = np.arange(len(texts))
+    want = [ipaddress.ip_address(t).is_multicast for t in texts]
+    assert ends.resp_multicast(every).tolist() == want
+    assert ends.texts(every)[1] == [str(ipaddress.ip_address(t)) for t in texts]
+    print(f"\nendpoints: {len(texts)} addresses, {sum(want)} multicast, flags and texts as ipaddress has them")

@@ -73,6 +73,48 @@ class Datagram:
     packet: int = 0          # its packet number in the capture file (1-based; 0 if not known)
 
 
+def address_texts(hi: np.ndarray, lo: np.ndarray) -> list[str]:
+    """Addresses as the flow table keeps them (128 bits in two uint64; IPv4 as ::ffff:a.b.c.d)
+    as the sessions table writes them: IPv4 as a dotted quad."""
+    from wiretrail.sessions.flowtable import addr_texts
+
+    hi, lo = np.asarray(hi, dtype=np.uint64), np.asarray(lo, dtype=np.uint64)
+    return addr_texts(hi, lo, _ipv4(hi, lo)).to_pylist()
+
+
+def _ipv4(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    return (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))
+
+
+@dataclass(slots=True)
+class Endpoints:
+    """The two ends of each datagram's session, as columns: the originator's and the
+    responder's address (as the flow table keeps them: address_texts) and port (for a whole IP
+    protocol, the type and code that keyed the session). Address texts are made only for the
+    datagrams a module asks about (`texts`): DNS needs them only for the rare session whose
+    roles it flips, where texts for every session cost a Python tuple each (11,700 on
+    mix.pcap)."""
+
+    orig_hi: np.ndarray     # uint64
+    orig_lo: np.ndarray
+    resp_hi: np.ndarray
+    resp_lo: np.ndarray
+    orig_p: np.ndarray      # int64
+    resp_p: np.ndarray
+
+    def texts(self, at: np.ndarray) -> tuple[list[str], list[str]]:
+        """(orig_h, resp_h) texts of the datagrams `at`."""
+        return (address_texts(self.orig_hi[at], self.orig_lo[at]),
+                address_texts(self.resp_hi[at], self.resp_lo[at]))
+
+    def resp_multicast(self, at: np.ndarray) -> np.ndarray:
+        """Whether the responder's address of the datagrams `at` is multicast (IPv4 224/4,
+        IPv6 ff00::/8)."""
+        hi, lo = self.resp_hi[at], self.resp_lo[at]
+        return np.where(_ipv4(hi, lo), (lo >> np.uint64(28)) & np.uint64(0xF) == np.uint64(0xE),
+                        (hi >> np.uint64(56)) == np.uint64(0xFF))
+
+
 @dataclass(slots=True)
 class DatagramBatch:
     """The datagrams of one batch for one module, as columns (row j is one datagram, in
@@ -80,7 +122,7 @@ class DatagramBatch:
 
     For a module of a whole IP protocol (IP_PROTOS: ICMP) a "datagram" is the L4 message from
     its header on, as its Datagram's payload would be: its own type and code (what the stage
-    gives a Datagram as orig_p/resp_p) are its first two bytes, and `tuples` has the session's
+    gives a Datagram as orig_p/resp_p) are its first two bytes, and `ends` has the session's
     (the type and code that keyed it)."""
 
     data: np.ndarray        # uint8: the batch's bytes; payload j is data[start[j]:end[j]]
@@ -91,7 +133,7 @@ class DatagramBatch:
     ts: np.ndarray          # int64 ns
     packet: np.ndarray      # int64 packet numbers in the capture file (1-based; 0 if not known)
     truncated: np.ndarray   # bool: the payload is shorter than the UDP (IP) length said
-    tuples: dict            # sid -> (uid, orig_h, orig_p, resp_h, resp_p), for every sid above
+    ends: Endpoints         # each datagram's session's addresses and ports
 
 
 @dataclass(slots=True)

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from wiretrail import arrow_compute as ac
 from wiretrail.app import dns_kernel as K
-from wiretrail.app.base import Datagram, DatagramBatch, Records, Stream, ranges
+from wiretrail.app.base import Datagram, DatagramBatch, Endpoints, Records, Stream, ranges
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -821,10 +821,6 @@ def _is_multicast(h: str) -> bool:
         return False
 
 
-# how the text of every multicast address starts (IPv4 224-239, IPv6 ff00::/8 in either case):
-# the others need no parsing
-_MULTICAST_STARTS = tuple(f"{n}." for n in range(224, 240)) + ("ff", "fF", "Ff", "FF")
-
 _BLANK = dict.fromkeys(SCHEMA.names)
 
 
@@ -1533,19 +1529,19 @@ class DnsBook:
         self.n += len(num)
         return self.n - len(num)
 
-    def sessions(self, sids: np.ndarray, tuples: dict, states: dict) -> np.ndarray:
+    def sessions(self, sids: np.ndarray, first: np.ndarray, ends: Endpoints, states: dict) -> np.ndarray:
         """Where the sessions `sids` (sorted, distinct) are in `state`, new ones added (and put
-        in `states`)."""
+        in `states`) with their ports and multicast flag from `ends` at their datagram `first`."""
         at = np.searchsorted(self.sids, sids)
         known = at < len(self.sids)
         known[known] = self.sids[at[known]] == sids[known]
         if not known.all():
             new = sids[~known].tolist()
             rows = np.zeros((len(new), B_FIELDS), dtype=np.int64)
-            ports = [tuples[s] for s in new]
-            rows[:, B_MULTICAST] = [t[3].startswith(_MULTICAST_STARTS) and _is_multicast(t[3]) for t in ports]
-            rows[:, B_ORIG_P] = [t[2] for t in ports]
-            rows[:, B_RESP_P] = [t[4] for t in ports]
+            j = first[~known]
+            rows[:, B_MULTICAST] = ends.resp_multicast(j)
+            rows[:, B_ORIG_P] = ends.orig_p[j]
+            rows[:, B_RESP_P] = ends.resp_p[j]
             rows[:, B_NETBIOS] = (rows[:, B_ORIG_P] == NETBIOS_PORT) | (rows[:, B_RESP_P] == NETBIOS_PORT)
             all_sids = np.concatenate([self.sids, sids[~known]])
             order = np.argsort(all_sids, kind="stable")
@@ -1654,9 +1650,9 @@ def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list, int]:
     if m == 0:
         return [], 0
     book = _book_of(states)
-    sessions, sess = np.unique(b.sid, return_inverse=True)
+    sessions, first, sess = np.unique(b.sid, return_index=True, return_inverse=True)
     sess = sess.reshape(-1)
-    rows_of = book.sessions(sessions, b.tuples, states)
+    rows_of = book.sessions(sessions, first, b.ends, states)
     info = book.state[rows_of]  # (a copy: the sessions as they were before this batch)
     data = b.data
     starts = np.ascontiguousarray(b.start, dtype=np.int64)
@@ -1685,9 +1681,12 @@ def add_datagrams(states: dict, b: DatagramBatch) -> tuple[list, int]:
         rows = rows_of[seen]
         book.state[rows, B_SEEN] = 1
         book.state[rows[flips], B_FLIPPED] = 1
-        for s in sessions[seen[flips]].tolist():
-            _, orig_h, orig_p, resp_h, resp_p = b.tuples[s]
-            book.flipped[s] = (resp_h, resp_p, orig_h, orig_p)
+        if flips.any():
+            at = j[flips]
+            orig_h, resp_h = b.ends.texts(at)
+            for s, oh, op, rh, rp in zip(sessions[seen[flips]].tolist(), orig_h, b.ends.orig_p[at].tolist(),
+                                         resp_h, b.ends.resp_p[at].tolist()):
+                book.flipped[s] = (rh, rp, oh, op)
     j = np.arange(m)
     was = info[sess, B_FLIPPED] == 1
     flipped = was | (j >= flip_at[sess])

@@ -522,13 +522,14 @@ def add_datagrams(states: dict, b) -> tuple[list, int]:
         return [], 0
     book = _book_of(states)
     sid_list = b.sid.tolist()
-    sessions, sess = np.unique(b.sid, return_inverse=True)
+    sessions, first, sess = np.unique(b.sid, return_index=True, return_inverse=True)
     session_list = sessions.tolist()
-    new = [s for s in session_list if s not in book.hosts]
-    for s in new:
-        _, orig_h, _, resp_h, _ = b.tuples[s]
-        book.hosts[s] = (orig_h, resp_h)
-    states.update(dict.fromkeys(new, book))
+    hosts = book.hosts
+    is_new = np.array([s not in hosts for s in session_list], dtype=bool)
+    if is_new.any():
+        new = sessions[is_new].tolist()
+        hosts.update(zip(new, zip(*b.ends.texts(first[is_new]))))
+        states.update(dict.fromkeys(new, book))
     for s, n in zip(session_list, np.bincount(sess.reshape(-1)).tolist()):
         book.messages[s] = book.messages.get(s, 0) + n
     # a session's messages are ICMPv6 if its originator's address is IPv6 (IcmpSession.v6)

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 
 from wiretrail import arrow_compute as ac
-from wiretrail.app.base import Datagram, DatagramBatch, JoinedStreams, Records, Stream
+from wiretrail.app.base import (Datagram, DatagramBatch, Endpoints, JoinedStreams, Records, Stream,
+                                address_texts)
 from wiretrail.app.reassembly import Reassembler
 from wiretrail.app.session_rows import SessionRows
 from wiretrail.app.stage_kernel import BY_PORT, UNDECIDED, UNWANTED, WANTED, tcp_candidates, wanted_streams
@@ -219,25 +220,16 @@ class AppStage:
         has[at] |= bits | _HAS_TUPLE
         if not new.any():
             return
-        from wiretrail.sessions.flowtable import addr_texts, uids_of
+        from wiretrail.sessions.flowtable import uids_of
 
         picked = np.flatnonzero(new)
         r = rows[picked[self.session_rows.firsts(at[picked])]]
         sessions = sid[r]
+        ends = _endpoints(cols, is_orig, r)
         tuples = self.tuples
-        orig = is_orig[r]
-        src_hi, src_lo = cols["src_hi"][r].astype(np.uint64), cols["src_lo"][r].astype(np.uint64)
-        dst_hi, dst_lo = cols["dst_hi"][r].astype(np.uint64), cols["dst_lo"][r].astype(np.uint64)
-        o_hi, o_lo = np.where(orig, src_hi, dst_hi), np.where(orig, src_lo, dst_lo)
-        r_hi, r_lo = np.where(orig, dst_hi, src_hi), np.where(orig, dst_lo, src_lo)
-        sport, dport = cols["sport"][r], cols["dport"][r]
-        o_p, r_p = np.where(orig, sport, dport).tolist(), np.where(orig, dport, sport).tolist()
-
-        def texts(hi, lo):  # IPv4 (as the flow table keeps it: ::ffff:a.b.c.d) as a dotted quad
-            return addr_texts(hi, lo, (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))).to_pylist()
-
         for s, uid, oh, op, rh, rp in zip(sessions.tolist(), uids_of(sessions).to_pylist(),
-                                          texts(o_hi, o_lo), o_p, texts(r_hi, r_lo), r_p):
+                                          address_texts(ends.orig_hi, ends.orig_lo), ends.orig_p.tolist(),
+                                          address_texts(ends.resp_hi, ends.resp_lo), ends.resp_p.tolist()):
             tuples[s] = (uid, oh, op, rh, rp)
 
     def _datagram_rows(self, m: _Module, batch, cols, sid, is_orig, row, rows: np.ndarray,
@@ -273,12 +265,15 @@ class AppStage:
         tracker = self.trackers.get(m.name)
         per_session = hasattr(m.mod, "new_session")
         batch_bit = self._batch_bits.get(m, 0)
+        if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
+            # columns in, columns out: the sessions' ends as numbers (DatagramBatch.ends), no tuples
+            at = self.session_rows.attach(sid[rows], row[rows])
+            self.session_rows.col["has"][at] |= batch_bit or _HAS_STATE
+            self._datagram_batch(m, batch, cols, sid, is_orig, rows, start, end, want)
+            return
         # what the stage will hold of these sessions (trackers' rows carry their own uids)
         self._make_tuples(cols, sid, is_orig, row, rows, 0 if tracker is not None else
                           batch_bit if batch_bit and per_session else _HAS_STATE if per_session else _HAS_ROWS)
-        if per_session and tracker is None and hasattr(m.mod, "add_datagrams"):
-            self._datagram_batch(m, batch, sid, is_orig, rows, start, end, want)
-            return
         data = memoryview(batch.data)
         ports = (zip(cols["sport"][rows].tolist(), cols["dport"][rows].tolist()) if whole_l4
                  else [None] * len(rows))
@@ -312,13 +307,13 @@ class AppStage:
             if out:
                 self.rows.setdefault(s, []).extend((m, row) for row in out)
 
-    def _datagram_batch(self, m: _Module, batch, sid, is_orig, rows, start, end, want) -> None:
+    def _datagram_batch(self, m: _Module, batch, cols, sid, is_orig, rows, start, end, want) -> None:
         """Module m's datagrams `rows` in one call (its `add_datagrams`), as columns."""
         first_packet = self._first_packet
         sids = sid[rows]
         b = DatagramBatch(data=batch.data, start=start, end=end, sid=sids, from_orig=is_orig[rows],
                           ts=batch.ts[rows], packet=(first_packet + rows) if first_packet else np.zeros(len(rows), np.int64),
-                          truncated=want > end - start, tuples=self.tuples)
+                          truncated=want > end - start, ends=_endpoints(cols, is_orig, rows))
         try:
             out, errors = m.mod.add_datagrams(self.dgram_state[m], b)
         except Exception:
@@ -748,6 +743,18 @@ class AppStage:
         from wiretrail.app import credentials
 
         return {credentials.TABLE: credentials.SCHEMA, **{m.table: m.schema for m in self.modules}}
+
+
+def _endpoints(cols: dict, is_orig: np.ndarray, rows: np.ndarray) -> Endpoints:
+    """The session ends of packets `rows` (the decoder's source and destination, the way round
+    is_orig says)."""
+    orig = is_orig[rows]
+    src_hi, src_lo = cols["src_hi"][rows].astype(np.uint64), cols["src_lo"][rows].astype(np.uint64)
+    dst_hi, dst_lo = cols["dst_hi"][rows].astype(np.uint64), cols["dst_lo"][rows].astype(np.uint64)
+    sport, dport = cols["sport"][rows].astype(np.int64), cols["dport"][rows].astype(np.int64)
+    return Endpoints(orig_hi=np.where(orig, src_hi, dst_hi), orig_lo=np.where(orig, src_lo, dst_lo),
+                     resp_hi=np.where(orig, dst_hi, src_hi), resp_lo=np.where(orig, dst_lo, src_lo),
+                     orig_p=np.where(orig, sport, dport), resp_p=np.where(orig, dport, sport))
 
 
 def _table_of_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
