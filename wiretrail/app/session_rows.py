@@ -129,6 +129,21 @@ def _release_kernel(keys, vals, st, row_sid, sids):
 
 
 @kernel
+def _firsts_kernel(rows, mark, stamp, out):
+    """Where in `rows` each distinct row first comes, written to `out` in order; returns how
+    many. A row is marked with this call's `stamp` when first met: one pass, where numpy took
+    a scatter, a gather, a compare and a flatnonzero."""
+    n = 0
+    for k in range(len(rows)):
+        r = rows[k]
+        if mark[r] != stamp:
+            mark[r] = stamp
+            out[n] = k
+            n += 1
+    return n
+
+
+@kernel
 def _rehash_kernel(keys, vals, new_keys, new_vals):
     mask = len(new_keys) - 1
     for i in range(len(keys)):
@@ -155,7 +170,8 @@ class SessionRows:
         self.col: dict[str, np.ndarray] = {}
         self._fill: dict[str, object] = {}
         self.add_column("sid", np.int64, _EMPTY)   # the session each row holds
-        self.add_column("_scratch", np.int64, 0)  # for distinct()
+        self.add_column("_scratch", np.int64, 0)  # for firsts(): the stamp of the call that last met the row
+        self._stamp = 0
 
     def __len__(self) -> int:
         return int(self._st[ST_KEYS])
@@ -195,13 +211,12 @@ class SessionRows:
         return out
 
     def firsts(self, rows: np.ndarray) -> np.ndarray:
-        """Where in `rows` (rows attach() gave, none negative) each distinct one first comes:
-        np.unique's sort replaced by one scatter into a scratch column (where an index repeats,
-        numpy keeps the last value written: written in reverse, the first)."""
-        at = np.arange(len(rows), dtype=np.int64)
-        scratch = self.col["_scratch"]
-        scratch[rows[::-1]] = at[::-1]
-        return np.flatnonzero(scratch[rows] == at)
+        """Where in `rows` (rows attach() gave, none negative) each distinct one first comes, in
+        order (np.unique's sort replaced by a mark per row in a scratch column)."""
+        self._stamp += 1
+        out = np.empty(len(rows), dtype=np.int64)
+        n = _firsts_kernel(np.ascontiguousarray(rows, dtype=np.int64), self.col["_scratch"], self._stamp, out)
+        return out[:n]
 
     def distinct(self, rows: np.ndarray) -> np.ndarray:
         """The distinct rows among `rows`, in the order each first comes."""
