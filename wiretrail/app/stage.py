@@ -528,7 +528,6 @@ class AppStage:
         needed = np.flatnonzero(((has & (_HAS_ROWS | _HAS_STATE)) != 0) | streamed).tolist()
         tuples = _tuples_at(sessions, needed)
         batched: dict[_Module, tuple[list[int], list[Stream]]] = {}  # parse_streams' work, run below
-        carried: list[_Carried] = []  # connections inside proxies, the parsers of their port queued
         # both directions of each of their streams, rebuilt as the loop reaches them
         one_at_a_time = [sid_list[k] for k in needed if streamed[k]]
         directions = self.reasm.take_many(one_at_a_time)
@@ -546,15 +545,11 @@ class AppStage:
                             self.parser_errors += 1
             if streamed[k]:
                 app = labels[ids[k]].app if labels is not None else ""
-                rows.extend(self._parse_stream(next(directions), k, tuples, app, batched, carried))
+                rows.extend(self._parse_stream(next(directions), k, tuples, app, batched))
             if rows:
                 self._add_rows(out, k, rows, tuples)
-        read = {m: self._run_batch(out, m, ks, streams) for m, (ks, streams) in batched.items()}
-        for c in carried:  # not what its port says (HTTP inside CONNECT to :443): the parsers that
-            # recognise their protocol by content try (others accept any text)
-            if not c.read and not any(at in read[m] for m, at in c.queued):
-                sniffers = [m for m in self.stream_modules if m.name in SELF_DETECTING and m not in c.by_port]
-                self._add_rows(out, c.k, self._run_parsers(sniffers, c.stream, None), tuples)
+        for m, (ks, streams) in batched.items():
+            self._run_batch(out, m, ks, streams)
         for parsers, pieces in joined.items():
             ks = np.sort(np.concatenate(pieces))
             for first, piece in self.reasm.take_joined(sids[ks]):
@@ -613,21 +608,17 @@ class AppStage:
             return
         out.records_at(m, got, ks)
 
-    def _run_batch(self, out: _Out, m: _Module, ks: list[int], streams: list[Stream]) -> set[int]:
+    def _run_batch(self, out: _Out, m: _Module, ks: list[int], streams: list[Stream]) -> None:
         """Module m's parse_streams over the streams of one close; per stream with parse_stream
-        if the batch call fails (a parser bug costs the rows of one session, not of the batch).
-        Returns the positions in `streams` that gave rows."""
+        if the batch call fails (a parser bug costs the rows of one session, not of the batch)."""
         try:
             got = m.mod.parse_streams(streams)
         except Exception:
-            read = set()
-            for i, (k, stream) in enumerate(zip(ks, streams)):
+            for k, stream in zip(ks, streams):
                 for _, row in self._run_parsers([m], stream, None):
                     out.row(m, k, row)
-                    read.add(i)
-            return read
+            return
         out.records_at(m, got, ks)
-        return {i for part in (got if isinstance(got, list) else [got]) for i in np.unique(part.index).tolist()}
 
     def _tables(self, out: _Out, sessions: pa.Table | None) -> dict[str, pa.Table]:
         """Rows to tables: a row with `_table` goes to that shared table (credentials); keys
@@ -675,9 +666,12 @@ class AppStage:
             pieces.setdefault(name, []).append((table, ks))
         tables = {}
         for name, parts in pieces.items():
-            table = parts[0][0] if len(parts) == 1 else pa.concat_tables([t for t, _ in parts])
-            ks = parts[0][1] if len(parts) == 1 else np.concatenate([k for _, k in parts])
-            if (np.diff(ks) < 0).any():  # (rows a proxy's connection gave after the batch calls)
+            if len(parts) == 1:
+                tables[name] = parts[0][0]
+                continue
+            table = pa.concat_tables([t for t, _ in parts])
+            ks = np.concatenate([k for _, k in parts])
+            if (np.diff(ks) < 0).any():
                 table = _reordered(table, np.argsort(ks, kind="stable"))
             tables[name] = table
         return tables
@@ -699,8 +693,7 @@ class AppStage:
                 return None, None
             return pa.concat_tables(good), np.asarray(kept, dtype=np.int64)
 
-    def _parse_stream(self, directions: tuple | None, k: int, tuples: dict, app: str, batched: dict,
-                      carried: list) -> list:
+    def _parse_stream(self, directions: tuple | None, k: int, tuples: dict, app: str, batched: dict) -> list:
         if directions is None:  # no parser reads it
             return []
         orig, resp = directions
@@ -715,16 +708,15 @@ class AppStage:
             inner = row.get("_inner")
             if inner:
                 orig_off, resp_off, port = inner
-                inner_stream = Stream(uid=stream.uid, orig_h=stream.orig_h, orig_p=stream.orig_p, resp_h=stream.resp_h,
-                                      resp_p=stream.resp_p, orig=orig.after(orig_off), resp=resp.after(resp_off))
+                carried = Stream(uid=stream.uid, orig_h=stream.orig_h, orig_p=stream.orig_p, resp_h=stream.resp_h,
+                                 resp_p=stream.resp_p, orig=orig.after(orig_off), resp=resp.after(resp_off))
                 by_port = self._stream_parsers("", port)
-                # with the close's other streams (TLS inside SOCKS: one parse_streams call, not
-                # one each); whether the port's parsers read it is known once they have run
-                queued = [(m, len(batched[m][1]) if m in batched else 0) for m in by_port
-                          if hasattr(m.mod, "parse_streams")]
-                inner_rows = self._run_parsers(by_port, inner_stream, (k, batched))
-                carried.append(_Carried(k, inner_stream, by_port, queued, bool(inner_rows)))
-                out.extend(inner_rows)
+                inner = self._run_parsers(by_port, carried, None)
+                if not inner:  # not what its port says (HTTP inside CONNECT to :443): the parsers
+                    # that recognise their protocol by content try (others accept any text)
+                    sniffers = [m for m in self.stream_modules if m.name in SELF_DETECTING and m not in by_port]
+                    inner = self._run_parsers(sniffers, carried, None)
+                out.extend(inner)
         return out
 
     def _run_parsers(self, parsers: tuple[_Module, ...] | list[_Module], stream: Stream,
@@ -751,18 +743,6 @@ class AppStage:
         from wiretrail.app import credentials
 
         return {credentials.TABLE: credentials.SCHEMA, **{m.table: m.schema for m in self.modules}}
-
-
-@dataclass(slots=True)
-class _Carried:
-    """A connection a proxy session carries (its stream from where the proxy says it begins):
-    parsed by its port's parsers, those with parse_streams queued at `queued` (module,
-    position in its work list); `read`: the others gave rows."""
-    k: int
-    stream: Stream
-    by_port: tuple
-    queued: list
-    read: bool
 
 
 def _endpoints(cols: dict, is_orig: np.ndarray, rows: np.ndarray) -> Endpoints:
