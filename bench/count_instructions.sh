@@ -11,6 +11,9 @@
 # cache warmed by an ingest of the same capture first, so that no compiling counts (a kernel
 # compiled under valgrind costs billions of instructions). About 4 minutes on mix.pcap; the
 # stores go to a temporary directory.
+# Time-based flushes are off (--flush-seconds 1e9): under valgrind an ingest takes minutes,
+# and a flush every 5 s of that made the number of Parquet parts, and the count, depend on how
+# fast the run went (two counts of one tree differed by 7-8 M with them on).
 set -eu
 here=$(cd "$(dirname "$0")/.." && pwd)
 tree=$(cd "${1:-$here}" && pwd)
@@ -22,10 +25,10 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$tree"
 "$python" -m compileall -q wiretrail >/dev/null
-run() { "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '$1', '--store', '$2']; main()"; }
+run() { "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '--flush-seconds', '1e9', '$1', '--store', '$2']; main()"; }
 run "$capture" "$work/warm" >/dev/null 2>&1
 valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$work/cg.out" \
-    "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '$capture', '--store', '$work/store']; main()" \
+    "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '--flush-seconds', '1e9', '$capture', '--store', '$work/store']; main()" \
     >"$work/log" 2>&1 || { tail -n 20 "$work/log" >&2; exit 1; }
 refs=$(sed -n 's/.*I *refs: *//p' "$work/log")
 echo "$tree: $refs instructions (full ingest of $(basename "$capture"))"
