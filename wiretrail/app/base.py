@@ -79,10 +79,12 @@ def address_texts(hi: np.ndarray, lo: np.ndarray) -> list[str]:
     from wiretrail.sessions.flowtable import addr_texts
 
     hi, lo = np.asarray(hi, dtype=np.uint64), np.asarray(lo, dtype=np.uint64)
-    return addr_texts(hi, lo, _ipv4(hi, lo)).to_pylist()
+    return addr_texts(hi, lo, ipv4_mapped(hi, lo)).to_pylist()
 
 
-def _ipv4(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+def ipv4_mapped(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Whether 128-bit addresses (two uint64) are IPv4-mapped (::ffff:a.b.c.d): how the flow
+    table keeps IPv4, and how an IPv6 field may carry it."""
     return (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))
 
 
@@ -111,7 +113,7 @@ class Endpoints:
         """Whether the responder's address of the datagrams `at` is multicast (IPv4 224/4,
         IPv6 ff00::/8)."""
         hi, lo = self.resp_hi[at], self.resp_lo[at]
-        return np.where(_ipv4(hi, lo), (lo >> np.uint64(28)) & np.uint64(0xF) == np.uint64(0xE),
+        return np.where(ipv4_mapped(hi, lo), (lo >> np.uint64(28)) & np.uint64(0xF) == np.uint64(0xE),
                         (hi >> np.uint64(56)) == np.uint64(0xFF))
 
 

@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from wiretrail import arrow_compute as ac
 from wiretrail.app import dns_kernel as K
-from wiretrail.app.base import Datagram, DatagramBatch, Endpoints, Records, Stream, ranges
+from wiretrail.app.base import Datagram, DatagramBatch, Endpoints, Records, Stream, ipv4_mapped, ranges
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -1223,7 +1223,7 @@ def _ip6_texts(data: np.ndarray, at: np.ndarray) -> pa.Array:
 
     halves = np.ascontiguousarray(data[at[:, None] + np.arange(16)]).view(">u8").astype(np.uint64)
     hi, lo = halves[:, 0], halves[:, 1]
-    mapped = (hi == 0) & ((lo >> np.uint64(32)) == np.uint64(0xFFFF))
+    mapped = ipv4_mapped(hi, lo)
     texts = addr_texts(hi, lo, mapped)  # a mapped address's IPv4 part as a dotted quad
     if mapped.any():
         texts = ac.if_else(pa.array(mapped), ac.binary_join_element_wise("::ffff:", texts, ""), texts)

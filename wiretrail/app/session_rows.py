@@ -8,9 +8,9 @@ keeps it until it closes, and no two live sessions share one): finding a packet'
 then no lookup at all, only a check. (A session id was hashed to a row of this table's own
 for every packet before: the 1.9 M rows asked for on mix.pcap took 31 ms, 20 ms now.) Each
 row records which session it holds (`sid`): a row taken by a new session starts with every
-column at its fill value. An open-addressing hash table (linear probing) from session id to row is kept
-beside, filled once per session, for callers that know a session only by its id: closing it
-(`find`, `release`) and the rows a module reports by session id.
+column at its fill value. An open-addressing hash table (linear probing) from session id to
+row is kept beside, filled once per session, for callers that know a session only by its
+id: closing it (`find`, `release`) and the rows a module reports by session id.
 """
 
 from __future__ import annotations
@@ -241,7 +241,8 @@ class SessionRows:
     def release(self, sids: np.ndarray) -> None:
         """Forget sessions (closed): their rows hold none until attach gives them to another."""
         if len(sids):
-            _release_kernel(self._keys, self._vals, self._st, self.col["sid"], np.ascontiguousarray(sids, dtype=np.int64))
+            _release_kernel(self._keys, self._vals, self._st, self.col["sid"],
+                            np.ascontiguousarray(sids, dtype=np.int64))
 
     def _grow_table(self) -> None:
         keys = np.full(2 * len(self._keys), _EMPTY, dtype=np.int64)
@@ -255,5 +256,6 @@ class SessionRows:
         while new < need:
             new *= 2
         for name, column in self.col.items():
-            self.col[name] = np.concatenate([column, np.full(new - self.capacity, self._fill[name], dtype=column.dtype)])
+            grown = np.full(new - self.capacity, self._fill[name], dtype=column.dtype)
+            self.col[name] = np.concatenate([column, grown])
         self.capacity = new
