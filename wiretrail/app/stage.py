@@ -189,11 +189,12 @@ class AppStage:
 
     def _labels_naming(self, m: _Module) -> np.ndarray:
         """A boolean per nDPI label id so far: the label names a protocol module m reads."""
-        labels = self.ndpi_state.labels
+        labels = self.ndpi_state.labels  # only ever appended to (a label's id is its index)
         got = self._label_names_module.get(m)
-        if got is None or len(got) != len(labels):
-            got = self._label_names_module[m] = np.array(
-                [bool(set(x.app.split(".")) & m.ndpi) for x in labels] or [False], dtype=bool)
+        have = 0 if got is None else len(got)
+        if have < len(labels):  # the labels met since: theirs added to the ones already known
+            new = np.array([bool(set(x.app.split(".")) & m.ndpi) for x in labels[have:]], dtype=bool)
+            got = self._label_names_module[m] = new if got is None else np.concatenate([got, new])
         return got
 
     def _port_table(self, m: _Module) -> np.ndarray:
