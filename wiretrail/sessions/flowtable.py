@@ -881,7 +881,7 @@ def _community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed, cp4, cp6, ou
             w[t] = _rotl(w[t - 3] ^ w[t - 8] ^ w[t - 14] ^ w[t - 16], 1)
         a, b, c, d, e = (np.uint32(0x67452301), np.uint32(0xEFCDAB89), np.uint32(0x98BADCFE),
                          np.uint32(0x10325476), np.uint32(0xC3D2E1F0))
-        # the rounds in their four kinds, one loop each: no branch per round (a third faster)
+        # the rounds in their four kinds, one loop each: no test of the round number per round
         for t in range(20):
             tmp = _rotl(a, 5) + ((b & c) | (~b & d)) + e + np.uint32(0x5A827999) + w[t]
             e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
