@@ -25,10 +25,13 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$tree"
 "$python" -m compileall -q wiretrail >/dev/null
-run() { "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '--flush-seconds', '1e9', '$1', '--store', '$2']; main()"; }
-run "$capture" "$work/warm" >/dev/null 2>&1
-valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$work/cg.out" \
-    "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '--flush-seconds', '1e9', '$capture', '--store', '$work/store']; main()" \
+# ingest STORE [COMMAND...]: the capture into STORE, run under COMMAND if one is given
+ingest() {
+    store=$1; shift
+    "$@" "$python" -c "import sys; from wiretrail.cli import main; sys.argv = ['wiretrail', 'ingest', '--no-progress', '--flush-seconds', '1e9', '$capture', '--store', '$store']; main()"
+}
+ingest "$work/warm" >/dev/null 2>&1
+ingest "$work/store" valgrind --tool=cachegrind --cache-sim=no --cachegrind-out-file="$work/cg.out" \
     >"$work/log" 2>&1 || { tail -n 20 "$work/log" >&2; exit 1; }
 refs=$(sed -n 's/.*I *refs: *//p' "$work/log")
 echo "$tree: $refs instructions (full ingest of $(basename "$capture"))"

@@ -73,6 +73,18 @@ class Datagram:
     packet: int = 0          # its packet number in the capture file (1-based; 0 if not known)
 
 
+_ESCAPES = [chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in range(256)]
+
+
+def escaped_text(b: bytes) -> str:
+    """Bytes as log text: printable ASCII as is, any other byte as \\xNN (Zeek's escaping)."""
+    if b.isascii():
+        s = b.decode("ascii")
+        if s.isprintable():
+            return s
+    return "".join(_ESCAPES[c] for c in b)
+
+
 def address_texts(hi: np.ndarray, lo: np.ndarray) -> list[str]:
     """Addresses as the flow table keeps them (128 bits in two uint64; IPv4 as ::ffff:a.b.c.d)
     as the sessions table writes them: IPv4 as a dotted quad."""

@@ -27,7 +27,7 @@ import struct
 
 import pyarrow as pa
 
-from wiretrail.app.base import Datagram
+from wiretrail.app.base import Datagram, escaped_text
 
 TABLE = "dhcp"
 PORTS = {67, 68, 4011}
@@ -75,18 +75,6 @@ MAX_TRACKED = 100_000      # DHCP::max_tracked_transactions
 _NEVER = 1 << 63           # past any packet time (ns)
 
 _BLANK = dict.fromkeys(SCHEMA.names)
-_PRINTABLE = [chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in range(256)]
-
-
-def _text(b: bytes) -> str:
-    # printable ASCII (nearly every option) stays as it is; other bytes are escaped
-    if b.isascii():
-        s = b.decode("ascii")
-        if s.isprintable():
-            return s
-    return "".join(_PRINTABLE[c] for c in b)
-
-
 def message_type_name(n: int) -> str:
     return MESSAGE_TYPES.get(n, f"unknown-message-type-{n}")
 
@@ -191,7 +179,7 @@ class _Exchange:
 
 def _opt_text(m: DhcpMessage, code: int) -> str | None:
     v = m.options.get(code)
-    return None if v is None else _text(v)
+    return None if v is None else escaped_text(v)
 
 
 def _apply(ex: _Exchange, m: DhcpMessage, d: Datagram) -> None:
@@ -212,9 +200,9 @@ def _apply(ex: _Exchange, m: DhcpMessage, d: Datagram) -> None:
         if d.orig_h not in ("0.0.0.0", "255.255.255.255"):
             r["client_addr"] = d.orig_h
         if 12 in o:
-            r["host_name"] = _text(o[12])
+            r["host_name"] = escaped_text(o[12])
         if 81 in o and len(o[81]) >= 3:
-            r["client_fqdn"] = _text(o[81][3:])
+            r["client_fqdn"] = escaped_text(o[81][3:])
         cid = o.get(61)
         if cid and cid[0] == 1:
             r["mac"] = fmt_mac(cid[1:])
@@ -223,7 +211,7 @@ def _apply(ex: _Exchange, m: DhcpMessage, d: Datagram) -> None:
         if 50 in o and len(o[50]) == 4:
             r["requested_addr"] = _ip4(o[50])
         if 60 in o:
-            r["vendor_class"] = _text(o[60])
+            r["vendor_class"] = escaped_text(o[60])
         if 55 in o:
             r["requested_options"] = list(o[55])
     else:
@@ -235,7 +223,7 @@ def _apply(ex: _Exchange, m: DhcpMessage, d: Datagram) -> None:
         if r.get("client_addr") is None and r.get("assigned_addr") is not None:
             r["client_addr"] = r["assigned_addr"]
         if 15 in o:
-            r["domain"] = _text(o[15])
+            r["domain"] = escaped_text(o[15])
         if 51 in o and len(o[51]) == 4:
             r["lease_time"] = float(struct.unpack(">I", o[51])[0])
 

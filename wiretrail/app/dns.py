@@ -42,7 +42,8 @@ import pyarrow as pa
 
 from wiretrail import arrow_compute as ac
 from wiretrail.app import dns_kernel as K
-from wiretrail.app.base import Datagram, DatagramBatch, Endpoints, Records, Stream, ipv4_mapped, ranges
+from wiretrail.app.base import (Datagram, DatagramBatch, Endpoints, Records, Stream, escaped_text, ipv4_mapped,
+                                 ranges)
 
 TABLE = "dns"
 PORTS = {53, 137, 5353, 5355}
@@ -161,20 +162,6 @@ NETBIOS_PORT = 137
 
 # answer-section kinds (Zeek's DNS_ANS, DNS_PREREQUISITES, DNS_UPDATES)
 ANS, PREREQ, UPDATE = 1, 5, 6
-
-_PRINTABLE = [chr(b) if 0x20 <= b < 0x7F else f"\\x{b:02x}" for b in range(256)]
-
-
-def _text(b: bytes) -> str:
-    """Bytes as log text: printable ASCII as is, anything else as \\xNN (Zeek's escaping)."""
-    try:
-        s = b.decode("ascii")
-        if s.isprintable():
-            return s
-    except UnicodeDecodeError:
-        pass
-    return "".join(_PRINTABLE[c] for c in b)
-
 
 def _lossy(b: bytes) -> str:
     """Bytes as Suricata's string_from_bytes writes them: valid UTF-8 as is, each byte of an
@@ -381,9 +368,9 @@ class _Parser:
             if not self.lowered and not text.islower() and text.lower() != text:
                 self.lowered = True
         else:
-            # _text writes ASCII letters as they are and its escapes in lower case: the
+            # escaped_text writes ASCII letters as they are and its escapes in lower case: the
             # lower-cased text lower-cases exactly the name's ASCII capitals
-            text = _text(joined)
+            text = escaped_text(joined)
             if not self.lowered and text.lower() != text:
                 self.lowered = True
         if not cut:
@@ -448,8 +435,8 @@ class _Parser:
         if rtype in (16, 99):  # TXT, SPF
             strs, ok = self.char_strings(pos, end)
             tag = "TXT" if rtype == 16 else "SPF"
-            s = " ".join(f"{tag} {len(x)} {_text(x)}" for x in strs)
-            self.txt = [_text(x) for x in strs]
+            s = " ".join(f"{tag} {len(x)} {escaped_text(x)}" for x in strs)
+            self.txt = [escaped_text(x) for x in strs]
             if not ok:
                 self.after_reply = s
                 raise _Bad("TXT string past rdata")
@@ -467,11 +454,11 @@ class _Parser:
                 p += 1 + buf[p]
             repl, _ = self.name(p)
             order, pref = struct.unpack_from(">HH", buf, pos)
-            tail = " ".join(x for x in (_text(strs[2]), repl) if x)
+            tail = " ".join(x for x in (escaped_text(strs[2]), repl) if x)
             if self.lowered:
-                ltail = " ".join(x for x in (_text(strs[2]), repl.lower()) if x)
-                self.lreply = f"NAPTR {order} {pref} {_text(strs[0])} {_text(strs[1])} {ltail}"
-            return f"NAPTR {order} {pref} {_text(strs[0])} {_text(strs[1])} {tail}"
+                ltail = " ".join(x for x in (escaped_text(strs[2]), repl.lower()) if x)
+                self.lreply = f"NAPTR {order} {pref} {escaped_text(strs[0])} {escaped_text(strs[1])} {ltail}"
+            return f"NAPTR {order} {pref} {escaped_text(strs[0])} {escaped_text(strs[1])} {tail}"
         if rtype == 46:  # RRSIG
             if rdlen < 18:
                 raise _Bad("RRSIG too short")
@@ -810,7 +797,7 @@ def decode_netbios_name(name: str) -> str:
         buf = buf[:15]
     while buf and buf[-1] in (0x20, 0):
         buf.pop()
-    return _text(bytes(buf))
+    return escaped_text(bytes(buf))
 
 
 @functools.lru_cache(maxsize=4096)  # per session, and sessions share their servers

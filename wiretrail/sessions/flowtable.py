@@ -822,6 +822,12 @@ def _rotl(x, n):
 
 
 @kernel(inline=True)
+def _sha1_round(a, b, c, d, e, f, k, w):
+    """One SHA-1 round, given its function's value f and its constant k: the new (a, b, c, d, e)."""
+    return np.uint32(_rotl(a, 5) + f + e + np.uint32(k) + w), a, _rotl(b, 30), c, d
+
+
+@kernel(inline=True)
 def _put_be(block, pos, v, width):
     """The low `width` bytes of v, big-endian, at block[pos:]; the position after them."""
     for k in range(width):
@@ -883,17 +889,13 @@ def _community_ids(o_hi, o_lo, r_hi, r_lo, v4, proto, sp, dp, seed, cp4, cp6, ou
                          np.uint32(0x10325476), np.uint32(0xC3D2E1F0))
         # the rounds in their four kinds, one loop each: no test of the round number per round
         for t in range(20):
-            tmp = _rotl(a, 5) + ((b & c) | (~b & d)) + e + np.uint32(0x5A827999) + w[t]
-            e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
+            a, b, c, d, e = _sha1_round(a, b, c, d, e, (b & c) | (~b & d), 0x5A827999, w[t])
         for t in range(20, 40):
-            tmp = _rotl(a, 5) + (b ^ c ^ d) + e + np.uint32(0x6ED9EBA1) + w[t]
-            e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
+            a, b, c, d, e = _sha1_round(a, b, c, d, e, b ^ c ^ d, 0x6ED9EBA1, w[t])
         for t in range(40, 60):
-            tmp = _rotl(a, 5) + ((b & c) | (b & d) | (c & d)) + e + np.uint32(0x8F1BBCDC) + w[t]
-            e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
+            a, b, c, d, e = _sha1_round(a, b, c, d, e, (b & c) | (b & d) | (c & d), 0x8F1BBCDC, w[t])
         for t in range(60, 80):
-            tmp = _rotl(a, 5) + (b ^ c ^ d) + e + np.uint32(0xCA62C1D6) + w[t]
-            e, d, c, b, a = d, c, _rotl(b, 30), a, np.uint32(tmp)
+            a, b, c, d, e = _sha1_round(a, b, c, d, e, b ^ c ^ d, 0xCA62C1D6, w[t])
         h = (np.uint32(0x67452301) + a, np.uint32(0xEFCDAB89) + b, np.uint32(0x98BADCFE) + c,
              np.uint32(0x10325476) + d, np.uint32(0xC3D2E1F0) + e)
         for i in range(5):
